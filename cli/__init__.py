@@ -1,0 +1,1 @@
+"""vitconv's click layer (installed as ``_vitconv_cli``): parse, call the library, print."""

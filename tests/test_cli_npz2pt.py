@@ -1,0 +1,80 @@
+"""``vitconv npz2pt`` through click's runner: outputs, summaries, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+import vitconv
+from _vitconv_cli.main import main
+from conftest import CASES, golden_expected, golden_input, golden_path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_default_output_is_beside_the_source_and_loads_weights_only(tmp_path):
+    src = tmp_path / "ViT-tiny.npz"
+    shutil.copy(golden_path("jax/tiny_prelogits_p8_32.npz"), src)
+    r = run("npz2pt", src)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "ViT-tiny.pt"
+    assert out.exists() and f"wrote   {out}" in r.output
+    assert "pre_logits 48" in r.output and "50,986" in r.output
+    payload = torch.load(out, weights_only=True)
+    assert payload["format"] == "vitconv" and payload["config"]["representation_size"] == 48
+    case = CASES["tiny_prelogits_p8_32"]
+    with torch.no_grad():
+        logits = vitconv.load(out)(golden_input(case)).numpy()
+    assert np.abs(logits - golden_expected(case, "logits")).max() <= 2e-5
+
+
+def test_safetensors_output_with_resize(tmp_path):
+    out = tmp_path / "vit48.safetensors"
+    r = run("npz2pt", golden_path("jax/tiny_token_p8_32.npz"), "--image-size", 48, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "4x4 -> 6x6" in r.output
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and json.loads(meta["vitconv_config"])["image_size"] == 48
+    case = CASES["tiny_token_p8_32_to_48"]
+    with torch.no_grad():
+        logits = vitconv.load(out)(golden_input(case)).numpy()
+    assert np.abs(logits - golden_expected(case, "logits")).max() <= 2e-5
+
+
+def test_python_dash_m_is_the_same_cli():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vitconv", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "npz2pt" in r.stdout
+
+
+def test_bad_image_size_is_one_line_exit_2(tmp_path):
+    out = tmp_path / "x.pt"
+    r = run("npz2pt", golden_path("jax/tiny_token_p8_32.npz"), "--image-size", 50, "-o", out)
+    assert r.exit_code == 2
+    assert r.output.count("\n") == 1 and "tiny_token_p8_32.npz" in r.output and "stride 8" in r.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_non_checkpoint_inputs(tmp_path):
+    r = run("npz2pt", tmp_path / "nope.npz")
+    assert r.exit_code == 2 and "no such file" in r.output
+    txt = tmp_path / "notes.npz"
+    txt.write_text("hello")
+    r = run("npz2pt", txt)
+    assert r.exit_code == 2 and "notes.npz" in r.output and "Traceback" not in r.output
+
+
+def test_quiet_prints_nothing(tmp_path):
+    r = run("-q", "npz2pt", golden_path("jax/tiny_gap_p8_32.npz"), "-o", tmp_path / "g.pt")
+    assert r.exit_code == 0 and r.output == ""

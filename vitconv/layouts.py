@@ -1,0 +1,132 @@
+"""Registry of foreign layouts: how to recognise one, infer its architecture, and map
+it to and from the canonical state dict. Each layout is one rule table (``rules/``)
+plus the few lines here that read the architecture off its shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import ViTConfig
+from .errors import MappingError
+from .formats.base import TensorSource
+from .rules.base import Rule, audit, expand_rules, map_from_canonical, map_to_canonical
+
+Shapes = Dict[str, Tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One foreign layout. ``detect`` looks at key names/shapes only; ``infer`` returns the
+    config; ``table`` (or ``table_for(cfg)``) is the rule table in both directions.
+    ``strip`` removes a container prefix (``opt/target/``) and says which keys it ignored."""
+
+    name: str
+    description: str
+    detect: Callable[[Shapes], bool]
+    infer: Callable[[Shapes, Optional[str]], ViTConfig]
+    table_for: Callable[[ViTConfig], Sequence[Rule]]
+    strip: Optional[Callable[[Sequence[str], Optional[str]], str]] = None
+
+
+LAYOUTS: Dict[str, Layout] = {}
+
+
+def register(layout: Layout) -> Layout:
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
+def _google() -> Layout:
+    from .rules import google
+
+    return Layout(
+        name="google",
+        description="Google vit_jax .npz (HWIO kernels, per-head q/k/v)",
+        detect=lambda shapes: any(k.endswith("embedding/kernel") for k in shapes)
+        and any("encoderblock_" in k for k in shapes),
+        infer=google.infer_config,
+        table_for=lambda cfg: google.TABLE,
+        strip=google.find_prefix,
+    )
+
+
+def _canonical() -> Layout:
+    from .rules.canonical import TABLE, infer_config, detect
+
+    return Layout(name="canonical", description="vitconv canonical state dict",
+                  detect=detect, infer=infer_config, table_for=lambda cfg: TABLE)
+
+
+register(_google())
+register(_canonical())
+
+
+def detect_layout(source: TensorSource) -> Layout:
+    """The one layout whose ``detect`` accepts the source's keys; a clear error naming the
+    candidates when none or several do. A vitconv config in the metadata means canonical."""
+    if "vitconv_config" in source.metadata:
+        return LAYOUTS["canonical"]
+    shapes = {k: source.shape(k) for k in source.keys()}
+    hits = [l for l in LAYOUTS.values() if l.name != "canonical" and l.detect(shapes)]
+    if not hits and LAYOUTS["canonical"].detect(shapes):
+        hits = [LAYOUTS["canonical"]]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise MappingError("not a ViT checkpoint in any known layout (known: "
+                           + ", ".join(sorted(LAYOUTS)) + ")", source.path)
+    raise MappingError("ambiguous layout: matches " + ", ".join(l.name for l in hits)
+                       + "; pass the layout explicitly", source.path)
+
+
+@dataclass
+class ReadResult:
+    """A source mapped onto the canonical model, not yet read: ``tensors()`` streams it."""
+
+    layout: Layout
+    config: ViTConfig
+    source: TensorSource
+    prefix: str
+    rules: List
+    ignored: List[str]
+
+    def tensors(self, check_finite: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
+        from .model import expected_shapes
+
+        get = (lambda k: self.source.get(self.prefix + k))
+        for name, t in map_to_canonical(self.rules, get, self.config, expected_shapes(self.config),
+                                        self.source.path):
+            if not np.issubdtype(t.dtype, np.floating):
+                raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.source.path)
+            if check_finite and not np.isfinite(t).all():
+                raise MappingError(f"{name} contains NaN or Inf values", self.source.path)
+            yield name, t
+
+
+def read_layout(source: TensorSource, layout: Optional[Layout] = None,
+                config: Optional[ViTConfig] = None) -> ReadResult:
+    """Recognise ``source``, infer its architecture and audit its keys strictly: every key
+    consumed exactly once, every canonical tensor produced exactly once."""
+    layout = layout or detect_layout(source)
+    keys = source.keys()
+    prefix = layout.strip(keys, source.path) if layout.strip else ""
+    inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    ignored = [k for k in keys if not k.startswith(prefix)]
+    if config is None:
+        if layout.name == "canonical" and "vitconv_config" in source.metadata:
+            import json
+
+            config = ViTConfig.from_dict(json.loads(source.metadata["vitconv_config"]))
+        else:
+            config = layout.infer({k: source.shape(prefix + k) for k in inner}, source.path)
+    rules = expand_rules(layout.table_for(config), config)
+    audit(rules, inner, source.path)
+    return ReadResult(layout, config, source, prefix, rules, ignored)
+
+
+def write_layout(state: Mapping[str, np.ndarray], config: ViTConfig, layout: Layout) -> Dict[str, np.ndarray]:
+    """Canonical state -> ``layout``'s ``{key: array}`` through the same table, inverted."""
+    return map_from_canonical(expand_rules(layout.table_for(config), config), state, config)

@@ -1,0 +1,300 @@
+"""The one canonical ViT (and the hybrid ResNet stem), in PyTorch, with Google's semantics.
+
+Every choice that moves the numbers follows ``vit_jax/models_vit.py`` and
+``vit_jax/models_resnet.py`` unless the :class:`~vitconv.config.ViTConfig` says
+otherwise; each is named where it is made. Nothing here knows about file formats.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ViTConfig
+from .ops import resize_pos_embed_torch
+
+
+def _activation(name: str):
+    if name == "gelu_tanh":  # flax nn.gelu(approximate=True): Google's form
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":  # erf form: PyTorch nn.GELU(), timm, Hugging Face "gelu"
+        return F.gelu
+    if name == "quick_gelu":  # x * sigmoid(1.702 x), OpenAI CLIP
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# --------------------------------------------------------------------------- stem
+def tf_same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """Pad NCHW ``x`` as TensorFlow/XLA ``SAME`` does: total ``max((ceil(n/s)-1)*s + k - n, 0)``,
+    the smaller half before and the larger after. For stride 2 this is asymmetric, which
+    PyTorch's symmetric ``padding=`` cannot express; timm's hybrid defaults differ here."""
+    pads = []
+    for n in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+        total = max((-(-n // stride) - 1) * stride + kernel - n, 0)
+        pads += [total // 2, total - total // 2]
+    if any(pads):
+        x = F.pad(x, pads, value=value)
+    return x
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised convolution, as Google's ``StdConv``.
+
+    The kernel is normalised per output channel over (in, kh, kw) with the population
+    std and ``eps`` *added to the std* (``w / (std + eps)``), not inside the square root as
+    timm's ``StdConv2d`` does. Padding is TF ``SAME``. The stored weight stays the raw
+    checkpoint kernel so conversions round-trip bit for bit.
+
+    The standardisation is computed in float64 and rounded once: it is weight-only work,
+    and doing it in float32 adds rounding that grows through the stem (on the golden
+    hybrid it moves the logits 1.1e-5 further from Google's, past the 2e-5 bar).
+    In inference the result is cached; exporters fold it into a plain conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, eps: float = 1e-5):
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0, bias=False)
+        self.eps = eps
+        self._cache: Tuple = (None, None)
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if w.requires_grad and torch.is_grad_enabled():
+            return self._standardize(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._cache[0] != key:
+            self._cache = (key, self._standardize(w.detach()))
+        return self._cache[1]
+
+    def _standardize(self, w: torch.Tensor) -> torch.Tensor:
+        w64 = w.double()
+        mean = w64.mean(dim=(1, 2, 3), keepdim=True)
+        std = w64.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return ((w64 - mean) / (std + self.eps)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = tf_same_pad(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, self.standardized_weight(), None, self.stride)
+
+
+class ResidualUnit(nn.Module):
+    """Google's bottleneck unit (``models_resnet.ResidualUnit``): stride on the 3x3 conv,
+    projection when the shape changes, ReLU after the residual sum."""
+
+    def __init__(self, in_ch: int, features: int, stride: int, cfg: ViTConfig):
+        super().__init__()
+        out_ch = features * 4
+        g, eps, ws = cfg.resnet_groups, cfg.resnet_gn_eps, cfg.resnet_ws_eps
+        self.needs_projection = in_ch != out_ch or stride != 1
+        if self.needs_projection:
+            self.conv_proj = StdConv2d(in_ch, out_ch, 1, stride, eps=ws)
+            self.gn_proj = nn.GroupNorm(g, out_ch, eps=eps)
+        self.conv1 = StdConv2d(in_ch, features, 1, eps=ws)
+        self.gn1 = nn.GroupNorm(g, features, eps=eps)
+        self.conv2 = StdConv2d(features, features, 3, stride, eps=ws)
+        self.gn2 = nn.GroupNorm(g, features, eps=eps)
+        self.conv3 = StdConv2d(features, out_ch, 1, eps=ws)
+        self.gn3 = nn.GroupNorm(g, out_ch, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.gn_proj(self.conv_proj(x)) if self.needs_projection else x
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = F.relu(self.gn2(self.conv2(y)))
+        y = self.gn3(self.conv3(y))
+        return F.relu(residual + y)
+
+
+class ResNetStem(nn.Module):
+    """The hybrid's ResNet root and stages (``R50+ViT-B_16``: stages (3, 4, 9), width 64)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        assert cfg.resnet_layers is not None
+        w = cfg.resnet_width
+        self.conv_root = StdConv2d(cfg.in_chans, w, 7, 2, eps=cfg.resnet_ws_eps)
+        self.gn_root = nn.GroupNorm(cfg.resnet_groups, w, eps=cfg.resnet_gn_eps)
+        stages: List[nn.Module] = []
+        in_ch = w
+        for i, units in enumerate(cfg.resnet_layers):
+            features = w * 2 ** i
+            blocks = []
+            for j in range(units):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(ResidualUnit(in_ch, features, stride, cfg))
+                in_ch = features * 4
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn_root(self.conv_root(x)))
+        # flax nn.max_pool(padding='SAME') pads with -inf: padded cells never win.
+        x = F.max_pool2d(tf_same_pad(x, 3, 2, value=float("-inf")), 3, 2)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+# --------------------------------------------------------------------------- encoder
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and PyTorch SDPA.
+
+    Rows of ``qkv.weight`` are ``[q; k; v]``, each ``(num_heads * head_dim)`` rows ordered
+    head-major, which is what Google's ``(D, heads, head_dim)`` kernels flatten to.
+    Scaling is ``1/sqrt(head_dim)`` as in flax."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.attn_dim, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.act = _activation(cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block (``Encoder1DBlock``): x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.norm1(x))
+        return x, x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[1]
+
+
+class VisionTransformer(nn.Module):
+    """The canonical ViT. ``forward`` takes NCHW float32 images and returns logits.
+
+    ``forward_stages`` returns every intermediate the verifier compares (see
+    :data:`STAGES`); ``pooled`` and ``head_input`` are reachable there and through
+    :meth:`forward_head`. Inputs whose grid differs from the config's get their position
+    embeddings resized on the fly with the same semantics as ``npz2pt --image-size``.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.stem = ResNetStem(cfg) if cfg.resnet_layers is not None else None
+        self.patch_embed = nn.Conv2d(cfg.embed_in_chans, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.classifier == "token" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm != "none" else None
+        if cfg.representation_size:
+            self.pre_logits = nn.Linear(cfg.width, cfg.representation_size)
+        else:
+            self.pre_logits = None
+        self.head = nn.Linear(cfg.head_in_dim, cfg.num_classes) if cfg.num_classes else None
+
+    # -- pieces ---------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> tokens entering block 0 (patches, class token, position embedding)."""
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch_embed(x)
+        gh, gw = x.shape[-2], x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed_for(gh, gw)
+
+    def pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+        g = self.config.grid_size
+        if isinstance(gh, int) and isinstance(gw, int) and (gh, gw) == (g, g):
+            return self.pos_embed
+        return resize_pos_embed_torch(self.pos_embed, (gh, gw), self.config.num_prefix_tokens)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``token``: the class token; ``gap``: mean over all tokens (Google pools after the
+        encoder norm; with ``final_norm='pooled'`` the norm is applied after pooling)."""
+        pooled = tokens[:, 0] if self.config.classifier == "token" else tokens.mean(dim=1)
+        if self.config.final_norm == "pooled":
+            pooled = self.norm(pooled)
+        return pooled
+
+    def head_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Google's ``pre_logits``: ``tanh(Dense(pooled))`` when a representation layer exists."""
+        return torch.tanh(self.pre_logits(pooled)) if self.pre_logits is not None else pooled
+
+    def forward_head(self, head_in: torch.Tensor) -> torch.Tensor:
+        return self.head(head_in) if self.head is not None else head_in
+
+    # -- whole passes ---------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block and (Google's) encoder norm."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        if self.config.final_norm == "encoder":
+            x = self.norm(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.head_input(self.pool(self.forward_features(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Every intermediate, in order: see :data:`STAGES` (``blocks.{i}.attn`` is the
+        residual stream after the attention half of block i, ``blocks.{i}.mlp`` after the
+        whole block)."""
+        out: Dict[str, torch.Tensor] = {}
+        if self.stem is not None:
+            out["stem"] = self.stem(x)
+        x = self.embed(x)
+        out["embed"] = x
+        for i, blk in enumerate(self.blocks):
+            a, x = blk.forward_stages(x)
+            out[f"blocks.{i}.attn"] = a
+            out[f"blocks.{i}.mlp"] = x
+        if self.config.final_norm == "encoder":
+            x = self.norm(x)
+        out["encoded"] = x
+        out["pooled"] = self.pool(x)
+        out["head_input"] = self.head_input(out["pooled"])
+        out["logits"] = self.forward_head(out["head_input"])
+        return out
+
+
+def stage_names(cfg: ViTConfig) -> List[str]:
+    """Names ``forward_stages`` returns for ``cfg``, in execution order."""
+    names = ["stem"] if cfg.resnet_layers is not None else []
+    names.append("embed")
+    for i in range(cfg.depth):
+        names += [f"blocks.{i}.attn", f"blocks.{i}.mlp"]
+    return names + ["encoded", "pooled", "head_input", "logits"]
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def expected_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
+    """Canonical ``{name: shape}`` for ``cfg``, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

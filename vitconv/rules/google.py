@@ -1,0 +1,162 @@
+"""Google ``vit_jax`` ``.npz`` layout <-> canonical: the table, and architecture inference.
+
+Key names are those ``flax.traverse_util.flatten_dict(params, sep='/')`` gives for
+``vit_jax/models_vit.py`` (e.g. ``Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel``)
+and, for the hybrid, ``vit_jax/models_resnet.py`` (``block2/unit1/conv_proj/kernel``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..config import ViTConfig, stem_stride
+from ..errors import MappingError
+from .base import Rule
+from .layout import ATTN_OUT, CONV, DENSE, GN, IDENTITY, QKV_BIAS, QKV_KERNEL
+
+_B = "Transformer/encoderblock_{i}/"
+_A = _B + "MultiHeadDotProductAttention_1/"
+_U = "block{s1}/unit{u1}/"
+_C = "stem.stages.{s}.{u}."
+
+# canonical name                       Google key(s)                                  op          scope    when
+TABLE: Tuple[Rule, ...] = (
+    Rule("stem.conv_root.weight",       ("conv_root/kernel",),                         CONV,       "model", "hybrid"),
+    Rule("stem.gn_root.weight",         ("gn_root/scale",),                            GN,         "model", "hybrid"),
+    Rule("stem.gn_root.bias",           ("gn_root/bias",),                             GN,         "model", "hybrid"),
+    *(Rule(_C + f"conv{n}.weight",       (_U + f"conv{n}/kernel",),                     CONV,       "unit") for n in (1, 2, 3)),
+    *(Rule(_C + f"gn{n}.{p}",            (_U + f"gn{n}/{g}",),                          GN,         "unit")
+      for n in (1, 2, 3) for p, g in (("weight", "scale"), ("bias", "bias"))),
+    Rule(_C + "conv_proj.weight",       (_U + "conv_proj/kernel",),                    CONV,       "proj"),
+    Rule(_C + "gn_proj.weight",         (_U + "gn_proj/scale",),                       GN,         "proj"),
+    Rule(_C + "gn_proj.bias",           (_U + "gn_proj/bias",),                        GN,         "proj"),
+    Rule("patch_embed.weight",          ("embedding/kernel",),                         CONV),
+    Rule("patch_embed.bias",            ("embedding/bias",),                           IDENTITY),
+    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", "token"),
+    Rule("pos_embed",                   ("Transformer/posembed_input/pos_embedding",), IDENTITY),
+    Rule("blocks.{i}.norm1.weight",     (_B + "LayerNorm_0/scale",),                   IDENTITY,   "block"),
+    Rule("blocks.{i}.norm1.bias",       (_B + "LayerNorm_0/bias",),                    IDENTITY,   "block"),
+    Rule("blocks.{i}.attn.qkv.weight",  tuple(_A + f"{n}/kernel" for n in ("query", "key", "value")),
+                                                                                       QKV_KERNEL, "block"),
+    Rule("blocks.{i}.attn.qkv.bias",    tuple(_A + f"{n}/bias" for n in ("query", "key", "value")),
+                                                                                       QKV_BIAS,   "block", "qkv_bias"),
+    Rule("blocks.{i}.attn.proj.weight", (_A + "out/kernel",),                          ATTN_OUT,   "block"),
+    Rule("blocks.{i}.attn.proj.bias",   (_A + "out/bias",),                            IDENTITY,   "block"),
+    Rule("blocks.{i}.norm2.weight",     (_B + "LayerNorm_2/scale",),                   IDENTITY,   "block"),
+    Rule("blocks.{i}.norm2.bias",       (_B + "LayerNorm_2/bias",),                    IDENTITY,   "block"),
+    Rule("blocks.{i}.mlp.fc1.weight",   (_B + "MlpBlock_3/Dense_0/kernel",),           DENSE,      "block"),
+    Rule("blocks.{i}.mlp.fc1.bias",     (_B + "MlpBlock_3/Dense_0/bias",),             IDENTITY,   "block"),
+    Rule("blocks.{i}.mlp.fc2.weight",   (_B + "MlpBlock_3/Dense_1/kernel",),           DENSE,      "block"),
+    Rule("blocks.{i}.mlp.fc2.bias",     (_B + "MlpBlock_3/Dense_1/bias",),             IDENTITY,   "block"),
+    Rule("norm.weight",                 ("Transformer/encoder_norm/scale",),           IDENTITY,   "model", "final_norm"),
+    Rule("norm.bias",                   ("Transformer/encoder_norm/bias",),            IDENTITY,   "model", "final_norm"),
+    Rule("pre_logits.weight",           ("pre_logits/kernel",),                        DENSE,      "model", "pre_logits"),
+    Rule("pre_logits.bias",             ("pre_logits/bias",),                          IDENTITY,   "model", "pre_logits"),
+    Rule("head.weight",                 ("head/kernel",),                              DENSE,      "model", "head"),
+    Rule("head.bias",                   ("head/bias",),                                IDENTITY,   "model", "head"),
+)
+
+#: Prefixes under which Google's and big_vision's savers nest the parameters.
+PREFIXES = ("", "opt/target/", "params/")
+_BLOCK_RE = re.compile(r"^Transformer/encoderblock_(\d+)/")
+_UNIT_RE = re.compile(r"^block(\d+)/unit(\d+)/")
+
+
+def find_prefix(keys: Sequence[str], path: Optional[str] = None) -> str:
+    """The prefix under which the model lives (``''``, ``opt/target/`` or ``params/``)."""
+    for p in PREFIXES:
+        if f"{p}embedding/kernel" in keys:
+            return p
+    raise MappingError("not a Google ViT checkpoint: no 'embedding/kernel' (nor under "
+                       "'opt/target/' or 'params/')", path)
+
+
+def block_sort_key(key: str) -> Tuple:
+    """Sort ``encoderblock_10`` after ``encoderblock_2`` (files list them lexically)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
+
+
+def infer_config(shapes: Dict[str, Tuple[int, ...]], path: Optional[str] = None) -> ViTConfig:
+    """Read the architecture off the tensors' shapes alone (prefix already stripped).
+
+    Every value comes from one named tensor; :func:`inference_sources` says which."""
+    def need(key: str) -> Tuple[int, ...]:
+        if key not in shapes:
+            raise MappingError(f"not a Google ViT checkpoint: missing {key!r}", path)
+        return shapes[key]
+
+    blocks = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k))})
+    if not blocks:
+        raise MappingError("no Transformer/encoderblock_N tensors: not a ViT checkpoint", path)
+    if blocks != list(range(len(blocks))):
+        raise MappingError(f"encoder blocks are not numbered 0..N-1 (found {blocks})", path)
+
+    emb = need("embedding/kernel")
+    if len(emb) != 4 or emb[0] != emb[1]:
+        raise MappingError(f"embedding/kernel must be a square (k, k, in, out) kernel, got {emb}", path)
+    q = need(_A.format(i=0) + "query/kernel")
+    if len(q) != 3:
+        raise MappingError(f"query kernel must be (D, heads, head_dim), got {q}", path)
+    width = emb[3]
+    mlp = need(_B.format(i=0) + "MlpBlock_3/Dense_0/kernel")
+    pos = need("Transformer/posembed_input/pos_embedding")
+    classifier = "token" if "cls" in shapes else "gap"
+    rep = shapes["pre_logits/kernel"][1] if "pre_logits/kernel" in shapes else None
+    head = shapes.get("head/kernel")
+
+    resnet_layers = None
+    resnet_width = 64
+    in_chans = emb[2]
+    if "conv_root/kernel" in shapes:
+        root = shapes["conv_root/kernel"]
+        resnet_width, in_chans = root[3], root[2]
+        units: Dict[int, List[int]] = {}
+        for k in shapes:
+            if m := _UNIT_RE.match(k):
+                units.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+        stages = sorted(units)
+        if stages != list(range(1, len(stages) + 1)):
+            raise MappingError(f"ResNet stages are not numbered block1..blockN (found {stages})", path)
+        resnet_layers = tuple(max(units[s]) for s in stages)
+
+    prefix = 1 if classifier == "token" else 0
+    n_grid = pos[1] - prefix
+    g = int(round(n_grid ** 0.5))
+    if len(pos) != 3 or g * g != n_grid or n_grid <= 0:
+        raise MappingError(f"position embedding {pos} does not hold a square grid", path)
+    cfg_kwargs = dict(
+        patch_size=emb[0], in_chans=in_chans, width=width, depth=len(blocks), num_heads=q[1],
+        head_dim=q[2], mlp_dim=mlp[1], classifier=classifier, representation_size=rep,
+        num_classes=head[1] if head else 0,
+        qkv_bias=(_A.format(i=0) + "query/bias") in shapes,
+        final_norm="encoder" if "Transformer/encoder_norm/scale" in shapes else "none",
+        resnet_layers=resnet_layers, resnet_width=resnet_width)
+    stride = emb[0] * stem_stride(resnet_layers)
+    try:
+        return ViTConfig(image_size=g * stride, **cfg_kwargs)
+    except ValueError as e:
+        raise MappingError(f"inconsistent architecture: {e}", path) from None
+
+
+def inference_sources(cfg: ViTConfig) -> Dict[str, str]:
+    """Which tensor (and axis) each inferred value was read from, for ``inspect``."""
+    a0, b0 = _A.format(i=0), _B.format(i=0)
+    src = {
+        "depth": "count of Transformer/encoderblock_N",
+        "width": "embedding/kernel [3]",
+        "patch_size": "embedding/kernel [0]",
+        "in_chans": "conv_root/kernel [2]" if cfg.resnet_layers else "embedding/kernel [2]",
+        "num_heads": a0 + "query/kernel [1]",
+        "head_dim": a0 + "query/kernel [2]",
+        "mlp_dim": b0 + "MlpBlock_3/Dense_0/kernel [1]",
+        "classifier": "presence of cls",
+        "representation_size": "pre_logits/kernel [1]" if cfg.representation_size else "no pre_logits",
+        "num_classes": "head/kernel [1]" if cfg.num_classes else "no head",
+        "image_size": "Transformer/posembed_input/pos_embedding [1] (grid x stride)",
+        "qkv_bias": "presence of " + a0 + "query/bias",
+    }
+    if cfg.resnet_layers:
+        src["resnet_layers"] = "count of block{s}/unit{u}"
+        src["resnet_width"] = "conv_root/kernel [3]"
+    return src

@@ -1,0 +1,96 @@
+"""Invertible layout operations between foreign tensors and canonical (PyTorch) tensors.
+
+Each op is a pair ``to_canonical(arrays, cfg) -> array`` / ``from_canonical(array, cfg)
+-> arrays`` and is exact (transposes, reshapes, concatenations): a round trip is bitwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import numpy as np
+
+from ..config import ViTConfig
+
+Arrays = Sequence[np.ndarray]
+
+
+@dataclass(frozen=True)
+class LayoutOp:
+    name: str
+    to_canonical: Callable[[Arrays, ViTConfig], np.ndarray]
+    from_canonical: Callable[[np.ndarray, ViTConfig], List[np.ndarray]]
+    arity: int = 1
+
+
+def _one(f):
+    return lambda arrays, cfg: f(arrays[0])
+
+
+# -- single-tensor ops -------------------------------------------------------
+def hwio_to_oihw(w: np.ndarray) -> np.ndarray:
+    """Flax/TF conv kernel ``(kh, kw, in, out)`` -> PyTorch ``(out, in, kh, kw)``."""
+    return np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+
+
+def oihw_to_hwio(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def dense_to_linear(w: np.ndarray) -> np.ndarray:
+    """Flax ``Dense`` kernel ``(in, out)`` -> ``nn.Linear.weight`` ``(out, in)``."""
+    return np.ascontiguousarray(w.T)
+
+
+def linear_to_dense(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)
+
+
+def gn_to_vector(w: np.ndarray) -> np.ndarray:
+    """GroupNorm scale/bias: published files store ``(1, 1, 1, C)``, newer flax ``(C,)``."""
+    return np.ascontiguousarray(w.reshape(-1))
+
+
+def vector_to_gn(w: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`gn_to_vector`, writing the published ``(1, 1, 1, C)`` layout."""
+    return np.ascontiguousarray(w.reshape(1, 1, 1, -1))
+
+
+# -- attention ---------------------------------------------------------------
+def merge_qkv_kernels(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Three ``(D, heads, head_dim)`` DenseGeneral kernels -> fused ``(3*heads*head_dim, D)``."""
+    return np.ascontiguousarray(np.concatenate([x.reshape(x.shape[0], -1).T for x in (q, k, v)], 0))
+
+
+def split_qkv_kernel(w: np.ndarray, cfg: ViTConfig) -> List[np.ndarray]:
+    return [np.ascontiguousarray(p.T.reshape(-1, cfg.num_heads, cfg.head_dim))
+            for p in np.split(w, 3, axis=0)]
+
+
+def merge_qkv_biases(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Three ``(heads, head_dim)`` biases -> fused ``(3*heads*head_dim,)``."""
+    return np.ascontiguousarray(np.concatenate([x.reshape(-1) for x in (q, k, v)]))
+
+
+def split_qkv_bias(b: np.ndarray, cfg: ViTConfig) -> List[np.ndarray]:
+    return [np.ascontiguousarray(p.reshape(cfg.num_heads, cfg.head_dim)) for p in np.split(b, 3)]
+
+
+def heads_out_to_linear(w: np.ndarray) -> np.ndarray:
+    """Attention output kernel ``(heads, head_dim, D)`` -> ``nn.Linear.weight`` ``(D, heads*head_dim)``."""
+    return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+
+
+def linear_to_heads_out(w: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    return np.ascontiguousarray(w.T.reshape(cfg.num_heads, cfg.head_dim, -1))
+
+
+IDENTITY = LayoutOp("identity", _one(np.ascontiguousarray), lambda a, cfg: [np.ascontiguousarray(a)])
+CONV = LayoutOp("hwio_to_oihw", _one(hwio_to_oihw), lambda a, cfg: [oihw_to_hwio(a)])
+DENSE = LayoutOp("dense_to_linear", _one(dense_to_linear), lambda a, cfg: [linear_to_dense(a)])
+GN = LayoutOp("gn_to_vector", _one(gn_to_vector), lambda a, cfg: [vector_to_gn(a)])
+QKV_KERNEL = LayoutOp("merge_qkv_kernels", lambda a, cfg: merge_qkv_kernels(*a), split_qkv_kernel, 3)
+QKV_BIAS = LayoutOp("merge_qkv_biases", lambda a, cfg: merge_qkv_biases(*a), split_qkv_bias, 3)
+ATTN_OUT = LayoutOp("heads_out_to_linear", _one(heads_out_to_linear),
+                    lambda a, cfg: [linear_to_heads_out(a, cfg)])
