@@ -3,12 +3,47 @@
 Every problem with a user's input surfaces as a :class:`VitconvError` carrying the
 file it concerns, so the CLI can print one line (``vitconv: error: FILE: problem``)
 and exit with a stable code instead of a traceback.
+
+Messages quote text that comes from hostile files (key names, library messages); a key
+named ``"a\\nb"`` or holding terminal escapes must not break the one-line promise or
+repaint the user's terminal, so :func:`one_line` escapes control characters and caps
+the length.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Optional
+
+#: Longest message the CLI prints; key lists are already shortened, this is the backstop.
+MAX_MESSAGE = 1500
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` with newlines, tabs and other control characters escaped, cut at ``limit``."""
+    out = []
+    for ch in str(text):
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append(" ")
+        elif (ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000
+              or ch in "\u2028\u2029"):  # controls, undecodable bytes (surrogates)
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    s = "".join(out)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of a library exception's message (or its type name)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return one_line(line.strip(), limit)
+    return type(exc).__name__
 
 
 class VitconvError(Exception):
@@ -22,7 +57,8 @@ class VitconvError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        return one_line(text)
 
 
 class BadInputError(VitconvError):
@@ -42,6 +78,8 @@ class VerificationError(VitconvError):
 
 
 class OutputError(VitconvError):
-    """The output cannot be written (unwritable directory, full disk) (exit 1)."""
+    """The output cannot be written (unwritable or missing directory, full disk) (exit 1).
+
+    Not exit 2: the input was fine; retrying with another ``-o`` or more space works."""
 
     exit_code = 1

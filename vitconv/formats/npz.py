@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import zipfile
-from pathlib import Path
 from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, first_line
 from .atomic import atomic_output
 from .base import TensorSource
 
@@ -28,13 +27,17 @@ class NpzSource(TensorSource):
         self.metadata = {}
         try:
             self._zip = zipfile.ZipFile(self.path)
-            members = [m for m in self._zip.namelist() if not m.endswith("/")]
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise BadInputError(f"corrupt .npz archive ({e})", self.path) from None
-        self._members: Dict[str, str] = {}
-        for m in members:
+            infos = [i for i in self._zip.infolist() if not i.filename.endswith("/")]
+        except Exception as e:  # BadZipFile, NotImplementedError, OSError ... all mean "corrupt"
+            raise BadInputError(f"corrupt or truncated .npz archive ({first_line(e)})", self.path) from None
+        self._members: Dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            m = info.filename
             key = m[:-4] if m.endswith(".npy") else m
-            self._members[key] = m
+            if key in self._members:  # a zip may list a name twice; which one is "the" tensor?
+                self.close()
+                raise BadInputError(f"member {key!r} appears twice in the archive", self.path)
+            self._members[key] = info
         self._headers: Dict[str, Tuple[Tuple[int, ...], np.dtype, bool]] = {}
 
     def keys(self) -> List[str]:
@@ -49,14 +52,24 @@ class NpzSource(TensorSource):
                         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
                     else:
                         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    header_len = f.tell()
             except KeyError:
                 raise
             except Exception as e:  # zlib/zip/format errors all mean the same to the user
-                raise BadInputError(f"member {key!r} is not a valid .npy array ({e})", self.path) from None
+                raise BadInputError(f"member {key!r} is not a valid .npy array ({first_line(e)})",
+                                    self.path) from None
             if dtype.hasobject:
                 raise BadInputError(f"member {key!r} holds Python objects (a pickle); refusing to "
-                                    "load it", self.path)
-            self._headers[key] = (tuple(int(s) for s in shape), dtype, fortran)
+                                    "load it (allow_pickle=False)", self.path)
+            shape = tuple(int(s) for s in shape)
+            # The header is the file's word; check it against the member's size before
+            # allocating, so a forged shape cannot ask for terabytes.
+            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            have = self._members[key].file_size - header_len
+            if need != have:
+                raise BadInputError(f"member {key!r} declares {dtype}{shape} ({need:,} bytes) but "
+                                    f"holds {have:,} bytes", self.path)
+            self._headers[key] = (shape, dtype, fortran)
         return self._headers[key]
 
     def shape(self, key: str) -> Tuple[int, ...]:
@@ -69,12 +82,17 @@ class NpzSource(TensorSource):
         self._header(key)
         try:
             with self._zip.open(self._members[key]) as f:
-                return np.lib.format.read_array(f, allow_pickle=False)
-        except Exception as e:
-            raise BadInputError(f"member {key!r} could not be read ({e})", self.path) from None
+                a = np.lib.format.read_array(f, allow_pickle=False)
+        except Exception as e:  # CRC mismatch, truncated deflate stream, short read ...
+            raise BadInputError(f"member {key!r} could not be read ({first_line(e)})", self.path) from None
+        if not a.dtype.isnative:  # torch refuses big-endian arrays; the values are fine
+            a = a.astype(a.dtype.newbyteorder("="))
+        return a
 
     def close(self) -> None:
-        self._zip.close()
+        zf = getattr(self, "_zip", None)
+        if zf is not None:
+            zf.close()
 
 
 def write_npz(arrays: Mapping[str, np.ndarray], path: os.PathLike | str, compress: bool = False) -> None:

@@ -2,23 +2,24 @@
 
 A ``.pth`` is a pickle, and unpickling can run arbitrary code; ``weights_only=True``
 restricts the unpickler to tensors and plain containers, and we never fall back to
-the unrestricted loader. vitconv's own ``.pt`` is ``{"format": "vitconv",
+the unrestricted loader (the error says so and names the global the pickle asked for,
+rather than suggesting ``weights_only=False`` as torch's own message does). vitconv's own ``.pt`` is ``{"format": "vitconv",
 "format_version": 1, "config": {...}, "state_dict": {...}}``: plain types only, so it
 loads under the same restriction.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-from typing import Any, Dict, Mapping, Optional
+import re
+import warnings
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, OutputError, first_line, one_line
 from .atomic import atomic_output
-from .base import DictSource
+from .base import DictSource, parse_vitconv_config, tensor_to_numpy
 
 FORMAT_NAME = "vitconv"
 FORMAT_VERSION = 1
@@ -26,28 +27,40 @@ FORMAT_VERSION = 1
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net", "params")
 
 
-def _to_numpy(t) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-        t = t.float()
-    return t.numpy()
+def _weights_only_reason(e: Exception) -> Tuple[Optional[str], str]:
+    """(the global the pickle asked for, or None; the informative line) from torch's long
+    ``weights_only`` message, whose wording changes between releases."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation",
+              "In PyTorch 2.6", "Re-running", "(1)", "(2)", "This file can still")
+    lines = [l.strip().replace("WeightsUnpickler error:", "").strip() for l in text.splitlines()]
+    useful = [l for l in lines if l and not l.startswith(boiler)]
+    return (m.group(1) if m else None), one_line(useful[0] if useful else type(e).__name__, 200)
 
 
 def load_torch_file(path: os.PathLike | str) -> Any:
-    """``torch.load(path, weights_only=True)`` with every failure as a one-line error."""
+    """``torch.load(path, weights_only=True)`` with every failure as a one-line error.
+    There is deliberately no fallback to ``weights_only=False``."""
     import torch
 
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 250": a second line
+            warnings.simplefilter("ignore")
+            return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
-        raise BadInputError("refusing to unpickle: the file holds objects other than tensors and "
-                            f"plain containers, which could run code ({first[:200]})", path) from None
+        name, reason = _weights_only_reason(e)
+        if name:
+            raise BadInputError(f"refusing to unpickle: the pickle calls {name}, which could run "
+                                "code; torch.load(weights_only=True) allows only tensors and plain "
+                                "containers", path) from None
+        raise BadInputError(f"not a readable PyTorch checkpoint (weights_only unpickler: {reason})",
+                            path) from None
+    except MemoryError:
+        raise BadInputError("not a readable PyTorch checkpoint (declares more data than fits in "
+                            "memory)", path) from None
     except Exception as e:  # truncated zips, bad magic, wrong storage sizes ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"not a readable PyTorch checkpoint ({msg[:200]})", path) from None
+        raise BadInputError(f"not a readable PyTorch checkpoint ({first_line(e)})", path) from None
 
 
 def flatten_state_dict(obj: Any, path: Optional[str] = None) -> Dict[str, Any]:
@@ -62,6 +75,9 @@ def flatten_state_dict(obj: Any, path: Optional[str] = None) -> Dict[str, Any]:
                 if any(isinstance(v, torch.Tensor) for v in inner.values()):
                     return flatten_state_dict(inner, path)
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        bad = [k for k in tensors if not isinstance(k, str)]
+        if bad:
+            raise BadInputError(f"state dict has non-string key(s): {one_line(repr(bad[:3]), 120)}", path)
         if tensors:
             if all(k.startswith("module.") for k in tensors):
                 tensors = {k[len("module."):]: v for k, v in tensors.items()}
@@ -73,12 +89,13 @@ def open_torch(path: os.PathLike | str) -> DictSource:
     obj = load_torch_file(path)
     meta: Dict[str, str] = {}
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
-        meta["vitconv_config"] = json.dumps(obj.get("config"))
+        meta["vitconv_config"] = parse_vitconv_config(obj.get("config"), path)
         for k in ("source_sha256", "source"):
             if k in obj:
                 meta[k] = str(obj[k])
     tensors = flatten_state_dict(obj, os.fspath(path))
-    return DictSource({k: _to_numpy(v) for k, v in tensors.items()}, path=os.fspath(path), metadata=meta)
+    return DictSource({k: tensor_to_numpy(v, k, path) for k, v in tensors.items()},
+                      path=os.fspath(path), metadata=meta)
 
 
 def save_vitconv_pt(state_dict: Mapping[str, Any], config: dict, path: os.PathLike | str,
@@ -90,4 +107,9 @@ def save_vitconv_pt(state_dict: Mapping[str, Any], config: dict, path: os.PathLi
                "state_dict": {k: torch.as_tensor(v).contiguous() for k, v in state_dict.items()}}
     payload.update(dict(extra or {}))
     with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:
+            # torch's zip writer reports ENOSPC and friends as RuntimeError ("unexpected
+            # pos", "file write failed"), never as OSError; the temp file goes either way.
+            raise OutputError(f"writing failed ({first_line(e)}); is the disk full?", path) from None

@@ -81,9 +81,11 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], path: Optional[str] = None)
     """Read the architecture off the tensors' shapes alone (prefix already stripped).
 
     Every value comes from one named tensor; :func:`inference_sources` says which."""
-    def need(key: str) -> Tuple[int, ...]:
+    def need(key: str, ndim: int) -> Tuple[int, ...]:
         if key not in shapes:
             raise MappingError(f"not a Google ViT checkpoint: missing {key!r}", path)
+        if len(shapes[key]) != ndim:  # checked before indexing: files are untrusted
+            raise MappingError(f"{key} must have {ndim} dimensions, got shape {shapes[key]}", path)
         return shapes[key]
 
     blocks = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k))})
@@ -92,24 +94,24 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], path: Optional[str] = None)
     if blocks != list(range(len(blocks))):
         raise MappingError(f"encoder blocks are not numbered 0..N-1 (found {blocks})", path)
 
-    emb = need("embedding/kernel")
+    emb = need("embedding/kernel", 4)
     if len(emb) != 4 or emb[0] != emb[1]:
         raise MappingError(f"embedding/kernel must be a square (k, k, in, out) kernel, got {emb}", path)
-    q = need(_A.format(i=0) + "query/kernel")
+    q = need(_A.format(i=0) + "query/kernel", 3)
     if len(q) != 3:
         raise MappingError(f"query kernel must be (D, heads, head_dim), got {q}", path)
     width = emb[3]
-    mlp = need(_B.format(i=0) + "MlpBlock_3/Dense_0/kernel")
-    pos = need("Transformer/posembed_input/pos_embedding")
+    mlp = need(_B.format(i=0) + "MlpBlock_3/Dense_0/kernel", 2)
+    pos = need("Transformer/posembed_input/pos_embedding", 3)
     classifier = "token" if "cls" in shapes else "gap"
-    rep = shapes["pre_logits/kernel"][1] if "pre_logits/kernel" in shapes else None
-    head = shapes.get("head/kernel")
+    rep = need("pre_logits/kernel", 2)[1] if "pre_logits/kernel" in shapes else None
+    head = need("head/kernel", 2) if "head/kernel" in shapes else None
 
     resnet_layers = None
     resnet_width = 64
     in_chans = emb[2]
     if "conv_root/kernel" in shapes:
-        root = shapes["conv_root/kernel"]
+        root = need("conv_root/kernel", 4)
         resnet_width, in_chans = root[3], root[2]
         units: Dict[int, List[int]] = {}
         for k in shapes:
