@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+import contextlib
+from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import click
 
@@ -18,3 +19,27 @@ def summary(ctx: click.Context, rows: Iterable[Tuple[str, str]]) -> None:
     width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:
         say(ctx, f"{k.ljust(width)}  {v}")
+
+
+@contextlib.contextmanager
+def progress_bar(ctx: click.Context, label: str) -> Iterator[Optional[Callable[[int, int, str], None]]]:
+    """A ``progress(done, total, item)`` callback drawing a bar on stderr, created on the
+    first call so quick jobs print nothing; None under ``--quiet`` or when stderr is no
+    terminal (logs and CI stay clean)."""
+    if (ctx.obj or {}).get("quiet") or not click.get_text_stream("stderr").isatty():
+        yield None
+        return
+    bar = None
+
+    def update(done: int, total: int, item: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=click.get_text_stream("stderr"))
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)

@@ -7,22 +7,42 @@ with ``--debug`` to see the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
 from vitconv import __version__
-from vitconv.errors import VitconvError
+from vitconv.errors import VitconvError, first_line, one_line
 
 #: (module in this package, command object name). Each command lives in its own module.
 COMMANDS = (
     ("npz2pt", "npz2pt"),
+    ("export", "export"),
+    ("inspect", "inspect"),
+    ("verify", "verify"), ("golden", "golden"),
+    ("bench", "bench"),
+    ("convert", "convert"),
 )
 
 
 class VitconvGroup(click.Group):
+    """Turns every failure into one line on stderr and an exit code: a
+    :class:`VitconvError` its own code (2 bad input, 1 unwritable output, 3 verification),
+    anything else 1 as an internal error. ``--debug`` re-raises for the traceback.
+
+    SIGTERM is turned into an exception while a command runs, so writers unwind and
+    remove their temporary files as they do on Ctrl-C (SIGKILL cannot be caught; see
+    :mod:`vitconv.formats.atomic` for how its leftovers are cleaned)."""
+
     def invoke(self, ctx: click.Context):
+        with _sigterm_unwinds():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except VitconvError as e:
@@ -30,18 +50,56 @@ class VitconvGroup(click.Group):
                 raise
             click.secho(f"vitconv: error: {e}", fg="red", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:  # bad arguments are bad input too: one line, exit 2
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f"{e.ctx.command_path} --help" if e.ctx else "vitconv --help"
+            click.secho(f"vitconv: error: {one_line(e.format_message())} (see {where})",
+                        fg="red", err=True)
+            ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except _Terminated:
+            click.secho("vitconv: terminated", fg="red", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
             click.secho("vitconv: interrupted", fg="red", err=True)
             ctx.exit(130)
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.secho("vitconv: error: out of memory", fg="red", err=True)
+            ctx.exit(1)
         except Exception as e:  # a bug in vitconv, not the user's fault: still one line
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.secho(f"vitconv: internal error: {type(e).__name__}: {msg} "
+            click.secho(f"vitconv: internal error: {type(e).__name__}: {first_line(e, 300)} "
                         "(run with --debug for a traceback)", fg="red", err=True)
             ctx.exit(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so ``finally`` blocks and context managers run."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except (ValueError, OSError):  # not allowed here (embedded interpreter): leave it be
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=VitconvGroup, context_settings={"help_option_names": ["-h", "--help"]})

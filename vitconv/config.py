@@ -62,6 +62,9 @@ class ViTConfig:
     #: Weight standardisation epsilon, added to the std (not inside the sqrt) as in
     #: ``vit_jax/models_resnet.py::weight_standardize``.
     resnet_ws_eps: float = 1e-5
+    #: LayerNorms before and after the patch projection (vit-pytorch's ``to_patch_embedding``):
+    #: LN over each flattened patch, the projection, LN over the width. Google has none.
+    patch_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIERS:
@@ -70,6 +73,11 @@ class ViTConfig:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.final_norm not in FINAL_NORMS:
             raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r}")
+        if self.resnet_layers is not None and self.resnet_width % self.resnet_groups:
+            raise ValueError(f"hybrid stem width {self.resnet_width} is not a multiple of GroupNorm's "
+                             f"{self.resnet_groups} groups")
+        if self.patch_norm and self.resnet_layers is not None:
+            raise ValueError("patch_norm is not supported with a hybrid ResNet stem")
         if self.resnet_layers is not None:
             object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
         for name in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads",
@@ -153,6 +161,8 @@ class ViTConfig:
         extras = [self.classifier]
         if self.representation_size:
             extras.append(f"pre_logits {self.representation_size}")
+        if self.patch_norm:
+            extras.append("patch norms")
         return (f"{kind} depth {self.depth} width {self.width} heads {self.num_heads}x{self.head_dim} "
                 f"mlp {self.mlp_dim} patch {self.patch_size} @{self.image_size}px "
                 f"({', '.join(extras)}), {self.num_classes} classes")

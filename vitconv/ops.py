@@ -17,11 +17,12 @@ exported at a resolution other than its own. Tests hold the two to each other.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported lazily; see resize_pos_embed_torch
+    import torch
 
 
 def split_pos_embed(posemb: np.ndarray, num_prefix_tokens: int) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -55,11 +56,14 @@ def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
     return np.concatenate([prefix, zoomed.reshape(1, gh * gw, -1)], axis=1).astype(posemb.dtype)
 
 
-def resize_pos_embed_torch(posemb: torch.Tensor, new_grid: Tuple[int, int],
-                           num_prefix_tokens: int) -> torch.Tensor:
+def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
+                           num_prefix_tokens: int) -> "torch.Tensor":
     """Traceable twin of :func:`resize_pos_embed` (bilinear, ``align_corners=True``).
 
     ``new_grid`` may hold symbolic sizes (ONNX / torch.export dynamic resolution)."""
+    import torch  # imported here so reading and error paths never pay for torch
+    import torch.nn.functional as F
+
     n = posemb.shape[1] - num_prefix_tokens
     g = math.isqrt(n)
     prefix = posemb[:, :num_prefix_tokens]
