@@ -29,6 +29,9 @@ class Layout:
     infer: Callable[[Shapes, Optional[str]], ViTConfig]
     table_for: Callable[[ViTConfig], Sequence[Rule]]
     strip: Optional[Callable[[Sequence[str], Optional[str]], str]] = None
+    #: Inference that also sees the source's metadata (a Hugging Face ``config.json``);
+    #: used instead of ``infer`` when set.
+    infer_meta: Optional[Callable[[Shapes, Dict[str, str], Optional[str]], ViTConfig]] = None
 
 
 LAYOUTS: Dict[str, Layout] = {}
@@ -62,6 +65,33 @@ def _canonical() -> Layout:
 
 register(_google())
 register(_canonical())
+
+
+def _pytorch_layouts() -> List[Layout]:
+    """timm, Hugging Face, jeonsworld and vit-pytorch: one rule table each (``rules/``)."""
+    from .rules import hf, jeonsworld, lucidrains, timm
+
+    return [
+        Layout("timm", "timm VisionTransformer state dict", timm.detect("timm"), timm.infer("timm"),
+               timm.table_for("timm")),
+        Layout("timm_posembs", "timm-derived ViT with a PositionEmbs wrapper (pos_embedding.pos_embedding)",
+               timm.detect("timm_posembs"), timm.infer("timm_posembs"), timm.table_for("timm_posembs")),
+        Layout("hf", "Hugging Face ViTForImageClassification", hf.detect("hf"), hf.infer("hf"),
+               hf.table_for("hf"), infer_meta=hf.infer_with_meta("hf")),
+        Layout("hf_model", "Hugging Face ViTModel (no classifier)", hf.detect("hf_model"), hf.infer("hf_model"),
+               hf.table_for("hf_model"), infer_meta=hf.infer_with_meta("hf_model")),
+        Layout("jeonsworld", "jeonsworld ViT-pytorch (separate q/k/v Linears)", jeonsworld.detect,
+               jeonsworld.infer_config, lambda cfg: jeonsworld.TABLE),
+        Layout("lucidrains", "vit-pytorch ViT (patch LayerNorms, final norm)", lucidrains.detect("lucidrains"),
+               lucidrains.infer("lucidrains"), lucidrains.table_for("lucidrains")),
+        Layout("lucidrains_prenorm", "older vit-pytorch ViT (PreNorm wrappers, LayerNorm in mlp_head)",
+               lucidrains.detect("lucidrains_prenorm"), lucidrains.infer("lucidrains_prenorm"),
+               lucidrains.table_for("lucidrains_prenorm")),
+    ]
+
+
+for _layout in _pytorch_layouts():
+    register(_layout)
 
 
 def detect_layout(source: TensorSource) -> Layout:
@@ -121,7 +151,11 @@ def read_layout(source: TensorSource, layout: Optional[Layout] = None,
 
             config = ViTConfig.from_dict(json.loads(source.metadata["vitconv_config"]))
         else:
-            config = layout.infer({k: source.shape(prefix + k) for k in inner}, source.path)
+            shapes = {k: source.shape(prefix + k) for k in inner}
+            if layout.infer_meta is not None:
+                config = layout.infer_meta(shapes, source.metadata, source.path)
+            else:
+                config = layout.infer(shapes, source.path)
     rules = expand_rules(layout.table_for(config), config)
     audit(rules, inner, source.path)
     return ReadResult(layout, config, source, prefix, rules, ignored)

@@ -202,6 +202,10 @@ class VisionTransformer(nn.Module):
         self.config = cfg
         self.stem = ResNetStem(cfg) if cfg.resnet_layers is not None else None
         self.patch_embed = nn.Conv2d(cfg.embed_in_chans, cfg.width, cfg.patch_size, cfg.patch_size)
+        if cfg.patch_norm:  # vit-pytorch: LN(patch) -> Linear -> LN(width)
+            patch_dim = cfg.embed_in_chans * cfg.patch_size ** 2
+            self.patch_norm_pre = nn.LayerNorm(patch_dim, eps=cfg.norm_eps)
+            self.patch_norm_post = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.classifier == "token" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -217,12 +221,26 @@ class VisionTransformer(nn.Module):
         """Images -> tokens entering block 0 (patches, class token, position embedding)."""
         if self.stem is not None:
             x = self.stem(x)
-        x = self.patch_embed(x)
-        gh, gw = x.shape[-2], x.shape[-1]
-        x = x.flatten(2).transpose(1, 2)
+        if self.config.patch_norm:
+            x, gh, gw = self._embed_normed_patches(x)
+        else:
+            x = self.patch_embed(x)
+            gh, gw = x.shape[-2], x.shape[-1]
+            x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed_for(gh, gw)
+
+    def _embed_normed_patches(self, x: torch.Tensor):
+        """Patch embedding with LayerNorms around it: the per-patch LN needs the flattened
+        patch, so the conv is run as a matmul over ``unfold``'s ``(c, p1, p2)``-ordered
+        patches (the order of a conv kernel row; ``patch_norm_pre`` is stored in it)."""
+        p = self.config.patch_size
+        gh, gw = x.shape[-2] // p, x.shape[-1] // p
+        patches = F.unfold(x, p, stride=p).transpose(1, 2)  # (B, N, c*p*p)
+        w = self.patch_embed.weight.reshape(self.patch_embed.weight.shape[0], -1)
+        x = F.linear(self.patch_norm_pre(patches), w, self.patch_embed.bias)
+        return self.patch_norm_post(x), gh, gw
 
     def pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
         g = self.config.grid_size

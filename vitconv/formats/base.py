@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, first_line
 
 
 class TensorSource:
@@ -82,6 +83,68 @@ def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+#: What each ViTConfig annotation admits in JSON. Unlisted annotations go unchecked here
+#: (``ViTConfig`` still validates what it knows).
+_JSON_TYPES = {
+    "int": _is_int,
+    "Optional[int]": lambda v: v is None or _is_int(v),
+    "bool": lambda v: type(v) is bool,
+    "float": lambda v: type(v) in (int, float),
+    "str": lambda v: type(v) is str,
+    "Optional[str]": lambda v: v is None or type(v) is str,
+    "Optional[Tuple[int, ...]]": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
+}
+
+
+def parse_vitconv_config(raw: Any, path: Optional[os.PathLike | str]) -> str:
+    """Validate the config a vitconv ``.pt``/``.safetensors`` carries (a dict or its JSON)
+    and return it as JSON. Files are untrusted: a config that is not a valid
+    :class:`~vitconv.config.ViTConfig`, down to each field's type, is a bad input here
+    rather than a crash deep inside model construction."""
+    import dataclasses
+
+    from ..config import ViTConfig
+
+    try:
+        d = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except (ValueError, RecursionError) as e:
+        raise BadInputError(f"vitconv_config metadata is not valid JSON ({first_line(e)})", path) from None
+    if isinstance(d, dict) and isinstance(d.get("resnet_layers"), tuple):
+        d = {**d, "resnet_layers": list(d["resnet_layers"])}
+    if not isinstance(d, dict):
+        raise BadInputError(f"vitconv_config must be a JSON object, got {type(d).__name__}", path)
+    bad = [f.name for f in dataclasses.fields(ViTConfig)
+           if f.name in d and not _JSON_TYPES.get(str(f.type), lambda v: True)(d[f.name])]
+    if bad:
+        raise BadInputError(f"vitconv_config field(s) of the wrong type: {', '.join(bad)}", path)
+    try:
+        cfg = ViTConfig.from_dict(d)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadInputError(f"invalid vitconv_config ({first_line(e)})", path) from None
+    return cfg.to_json()
+
+
+def tensor_to_numpy(t: Any, key: str, path: Optional[os.PathLike | str]) -> np.ndarray:
+    """A torch tensor as a numpy array; dtypes numpy lacks (bfloat16, float8) widen to
+    float32, which holds them exactly. Sparse, quantized or otherwise exotic tensors
+    are a bad input with the key named."""
+    import torch
+
+    try:
+        t = t.detach().cpu()
+        if t.layout != torch.strided:
+            raise TypeError(f"{t.layout} layout")
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()
+        return t.numpy()
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise BadInputError(f"tensor {key!r} cannot be read as an array ({first_line(e)})", path) from None
+
+
 def sniff(path: Path) -> str:
     """Format of ``path`` by its first bytes: ``zip`` (npz or torch zip), ``safetensors``,
     ``pickle`` (legacy torch), ``onnx``, ``dir``; raises :class:`BadInputError` otherwise."""
@@ -89,6 +152,8 @@ def sniff(path: Path) -> str:
         return "dir"
     if not path.exists():
         raise BadInputError("no such file", path)
+    if not path.is_file():  # FIFOs and devices would block or never end
+        raise BadInputError("not a regular file", path)
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -118,8 +183,8 @@ def open_source(path: os.PathLike | str) -> TensorSource:
         try:
             with zipfile.ZipFile(p) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise BadInputError(f"corrupt zip archive ({e})", p) from None
+        except Exception as e:  # BadZipFile, NotImplementedError ("zip file version 10.9"), ...
+            raise BadInputError(f"corrupt or truncated zip archive ({first_line(e)})", p) from None
         if any(n.endswith(".npy") for n in names) and not any(n.endswith("data.pkl") for n in names):
             from .npz import NpzSource
 
@@ -136,5 +201,7 @@ def open_source(path: os.PathLike | str) -> TensorSource:
 
         return SafetensorsSource(p)
     if kind == "dir":
-        raise BadInputError("is a directory; expected a checkpoint file", p)
+        from .hf_dir import open_hf_dir  # a Hugging Face model directory
+
+        return open_hf_dir(p)
     raise BadInputError(f"{kind} files hold no weights vitconv converts", p)

@@ -28,6 +28,7 @@ WHEN: Dict[str, Callable[[ViTConfig], bool]] = {
     "pre_logits": lambda c: bool(c.representation_size),
     "head": lambda c: c.num_classes > 0,
     "hybrid": lambda c: c.resnet_layers is not None,
+    "patch_norm": lambda c: c.patch_norm,
 }
 
 
@@ -74,9 +75,9 @@ def expand_rules(table: Sequence[Rule], cfg: ViTConfig) -> List[ExpandedRule]:
     return out
 
 
-def audit(rules: Sequence[ExpandedRule], source_keys: Sequence[str], path: Optional[str]) -> None:
-    """Strict audit: every source key consumed exactly once, every rule's keys present.
-    Lists the offending keys in the error."""
+def audit_report(rules: Sequence[ExpandedRule], source_keys: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``(missing, unused)`` source keys, sorted, without raising: what ``inspect`` reports
+    and what :func:`audit` turns into an error."""
     needed: Dict[str, str] = {}
     for r in rules:
         for k in r.source:
@@ -84,8 +85,13 @@ def audit(rules: Sequence[ExpandedRule], source_keys: Sequence[str], path: Optio
                 raise AssertionError(f"rule table consumes {k!r} twice ({needed[k]}, {r.canonical})")
             needed[k] = r.canonical
     have = set(source_keys)
-    missing = sorted(set(needed) - have)
-    unused = sorted(have - set(needed))
+    return sorted(set(needed) - have), sorted(have - set(needed))
+
+
+def audit(rules: Sequence[ExpandedRule], source_keys: Sequence[str], path: Optional[str]) -> None:
+    """Strict audit: every source key consumed exactly once, every rule's keys present.
+    Lists the offending keys in the error."""
+    missing, unused = audit_report(rules, source_keys)
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} key(s): {_short(missing)}")

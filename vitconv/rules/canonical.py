@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Dict, Optional, Tuple
 
 from ..config import ViTConfig
@@ -13,7 +12,9 @@ from .layout import IDENTITY
 
 #: The canonical tensor names, with the same scopes and conditions as Google's table.
 TABLE: Tuple[Rule, ...] = tuple(Rule(r.canonical, (r.canonical,), IDENTITY, r.scope, r.when)
-                                for r in google.TABLE)
+                                for r in google.TABLE) + tuple(
+    Rule(n, (n,), IDENTITY, "model", "patch_norm")  # vit-pytorch's patch LayerNorms
+    for n in ("patch_norm_pre.weight", "patch_norm_pre.bias", "patch_norm_post.weight", "patch_norm_post.bias"))
 
 
 def detect(shapes: Dict[str, Tuple[int, ...]]) -> bool:

@@ -94,3 +94,69 @@ QKV_KERNEL = LayoutOp("merge_qkv_kernels", lambda a, cfg: merge_qkv_kernels(*a),
 QKV_BIAS = LayoutOp("merge_qkv_biases", lambda a, cfg: merge_qkv_biases(*a), split_qkv_bias, 3)
 ATTN_OUT = LayoutOp("heads_out_to_linear", _one(heads_out_to_linear),
                     lambda a, cfg: [linear_to_heads_out(a, cfg)])
+
+
+# -- PyTorch layouts (timm, Hugging Face, jeonsworld, vit-pytorch) -------------
+def concat_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Separate q/k/v ``nn.Linear`` weights ``(A, D)`` (or biases ``(A,)``) -> fused rows ``[q; k; v]``."""
+    return np.ascontiguousarray(np.concatenate([q, k, v], axis=0))
+
+
+def split_qkv(w: np.ndarray) -> List[np.ndarray]:
+    return [np.ascontiguousarray(p) for p in np.split(w, 3, axis=0)]
+
+
+def patch_linear_to_conv(w: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    """vit-pytorch's patch ``nn.Linear`` ``(out, p1*p2*c)`` over ``(p1 p2 c)``-ordered patches
+    -> the equivalent ``Conv2d`` kernel ``(out, c, p1, p2)``."""
+    p, c = cfg.patch_size, cfg.embed_in_chans
+    if w.ndim != 2 or w.shape[1] != p * p * c:
+        raise ValueError(f"expected (out, {p * p * c}), got {w.shape}")
+    return np.ascontiguousarray(w.reshape(w.shape[0], p, p, c).transpose(0, 3, 1, 2))
+
+
+def conv_to_patch_linear(w: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1))
+
+
+def patch_vector_to_canonical(v: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    """A per-element vector over a ``(p1 p2 c)``-ordered patch (vit-pytorch's patch LayerNorm)
+    -> the canonical ``(c p1 p2)`` order, the order of a flattened conv kernel row."""
+    p, c = cfg.patch_size, cfg.embed_in_chans
+    if v.shape != (p * p * c,):
+        raise ValueError(f"expected ({p * p * c},), got {v.shape}")
+    return np.ascontiguousarray(v.reshape(p, p, c).transpose(2, 0, 1).reshape(-1))
+
+
+def canonical_to_patch_vector(v: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    p, c = cfg.patch_size, cfg.embed_in_chans
+    return np.ascontiguousarray(v.reshape(c, p, p).transpose(1, 2, 0).reshape(-1))
+
+
+def add_batch_axis(a: np.ndarray) -> np.ndarray:
+    """vit-pytorch stores ``pos_embedding`` ``(N, D)`` and ``cls_token`` ``(1, D)`` without the batch axis."""
+    return np.ascontiguousarray(a[None])
+
+
+def drop_batch_axis(a: np.ndarray) -> np.ndarray:
+    if a.shape[0] != 1:
+        raise ValueError(f"expected a leading axis of 1, got {a.shape}")
+    return np.ascontiguousarray(a[0])
+
+
+def pos_with_empty_cls(pos: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """vit-pytorch ``pool='mean'`` keeps a ``cls_token`` of shape ``(0, D)``: nothing to map,
+    but consumed here (and written back) so the audit stays strict and the round trip exact."""
+    if cls.size != 0:
+        raise ValueError(f"expected an empty (0, D) cls_token, got {cls.shape}")
+    return add_batch_axis(pos)
+
+
+QKV_CONCAT = LayoutOp("concat_qkv", lambda a, cfg: concat_qkv(*a), lambda a, cfg: split_qkv(a), 3)
+PATCH_LINEAR = LayoutOp("patch_linear_to_conv", lambda a, cfg: patch_linear_to_conv(a[0], cfg),
+                        lambda a, cfg: [conv_to_patch_linear(a, cfg)])
+PATCH_VECTOR = LayoutOp("patch_vector_to_canonical", lambda a, cfg: patch_vector_to_canonical(a[0], cfg),
+                        lambda a, cfg: [canonical_to_patch_vector(a, cfg)])
+BATCH_AXIS = LayoutOp("add_batch_axis", _one(add_batch_axis), lambda a, cfg: [drop_batch_axis(a)])
+POS_EMPTY_CLS = LayoutOp("pos_with_empty_cls", lambda a, cfg: pos_with_empty_cls(*a),
+                         lambda a, cfg: [drop_batch_axis(a), np.zeros((0, a.shape[-1]), a.dtype)], 2)

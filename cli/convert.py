@@ -1,0 +1,35 @@
+"""``vitconv convert SRC DST [--to LAYOUT] [--num-heads N] [--image-size N]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vitconv.targets import TARGETS, convert as convert_any
+
+from .common import summary
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(TARGETS), help="Target layout (default from DST: .npz -> "
+              "Google, a directory -> hf, .pt/.safetensors -> canonical).")
+@click.option("--num-heads", type=int, help="Heads, where the source's shapes cannot say "
+              "(fused or per-matrix q/k/v; default assumes 64-dim heads).")
+@click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
+              "as Google's fine-tuning does.")
+@click.pass_context
+def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
+            image_size: int | None) -> None:
+    """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
+    jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
+
+    \b
+      vitconv convert ViT-B_16.npz vit_hf                 # Hugging Face directory
+      vitconv convert vit_hf vit_timm.pth --to timm
+      vitconv convert vit_timm.pth back.npz               # Google .npz
+    """
+    report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size)
+    summary(ctx, report.rows())

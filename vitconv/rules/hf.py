@@ -1,0 +1,193 @@
+"""Hugging Face ``ViTForImageClassification`` / ``ViTModel`` <-> canonical.
+
+Keys are the ones ``save_pretrained`` writes (transformers 4.x and 5.x alike; 5.x renames
+modules internally but saves these): ``vit.embeddings.*``, ``vit.encoder.layer.{i}.attention
+.attention.query/key/value``, ``attention.output.dense``, ``intermediate.dense``,
+``output.dense``, ``layernorm_before/after``, ``vit.layernorm``, ``classifier``; a bare
+``ViTModel`` has the same names without ``vit.`` and may carry ``pooler.dense``.
+
+Semantics come from ``config.json`` (``layer_norm_eps``, ``hidden_act``, heads, ``qkv_bias``);
+without one, Hugging Face's own defaults (eps 1e-12, exact GELU) apply and the report says so.
+``ViTForImageClassification`` classifies ``layernorm(x)[:, 0]`` directly: it never applies the
+pooler, so Google's ``pre_logits`` (tanh Dense) fits only a bare ``ViTModel``, whose
+``pooler_output`` is exactly ``tanh(Dense(layernorm(x)[:, 0]))``. Not expressible, refused:
+a classifier on top of pre_logits, ``gap`` pooling, a hybrid stem, a final norm other than
+the encoder one, patch LayerNorms, an attention width other than the hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Dict, List, Optional, Tuple
+
+from ..config import ViTConfig
+from ..errors import MappingError
+from .base import Rule
+from .layout import IDENTITY, QKV_CONCAT
+from .pytorch_infer import final_norm_is, HEADS_NOTE, Shapes, count_blocks, grid_from_tokens, heads_from_attn_dim, need
+
+#: layout name -> prefix of the ViTModel inside the checkpoint.
+PREFIX = {"hf": "vit.", "hf_model": ""}
+#: canonical act -> transformers ``hidden_act`` (``gelu_pytorch_tanh`` is F.gelu(approximate='tanh')).
+ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "relu": "relu"}
+HF_TO_ACT = {**{v: k for k, v in ACT_TO_HF.items()}, "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+@lru_cache(maxsize=None)
+def _table(prefix: str) -> Tuple[Rule, ...]:
+    e, b = prefix + "embeddings.", prefix + "encoder.layer.{i}."
+    a = b + "attention.attention."
+    rows = [
+        Rule("patch_embed.weight", (e + "patch_embeddings.projection.weight",), IDENTITY),
+        Rule("patch_embed.bias", (e + "patch_embeddings.projection.bias",), IDENTITY),
+        Rule("cls_token", (e + "cls_token",), IDENTITY, "model", "token"),
+        Rule("pos_embed", (e + "position_embeddings",), IDENTITY),
+        Rule("blocks.{i}.norm1.weight", (b + "layernorm_before.weight",), IDENTITY, "block"),
+        Rule("blocks.{i}.norm1.bias", (b + "layernorm_before.bias",), IDENTITY, "block"),
+        Rule("blocks.{i}.attn.qkv.weight", tuple(a + f"{n}.weight" for n in ("query", "key", "value")),
+             QKV_CONCAT, "block"),
+        Rule("blocks.{i}.attn.qkv.bias", tuple(a + f"{n}.bias" for n in ("query", "key", "value")),
+             QKV_CONCAT, "block", "qkv_bias"),
+        Rule("blocks.{i}.attn.proj.weight", (b + "attention.output.dense.weight",), IDENTITY, "block"),
+        Rule("blocks.{i}.attn.proj.bias", (b + "attention.output.dense.bias",), IDENTITY, "block"),
+        Rule("blocks.{i}.norm2.weight", (b + "layernorm_after.weight",), IDENTITY, "block"),
+        Rule("blocks.{i}.norm2.bias", (b + "layernorm_after.bias",), IDENTITY, "block"),
+        Rule("blocks.{i}.mlp.fc1.weight", (b + "intermediate.dense.weight",), IDENTITY, "block"),
+        Rule("blocks.{i}.mlp.fc1.bias", (b + "intermediate.dense.bias",), IDENTITY, "block"),
+        Rule("blocks.{i}.mlp.fc2.weight", (b + "output.dense.weight",), IDENTITY, "block"),
+        Rule("blocks.{i}.mlp.fc2.bias", (b + "output.dense.bias",), IDENTITY, "block"),
+        Rule("norm.weight", (prefix + "layernorm.weight",), IDENTITY, "model", "final_norm"),
+        Rule("norm.bias", (prefix + "layernorm.bias",), IDENTITY, "model", "final_norm"),
+        Rule("pre_logits.weight", (prefix + "pooler.dense.weight",), IDENTITY, "model", "pre_logits"),
+        Rule("pre_logits.bias", (prefix + "pooler.dense.bias",), IDENTITY, "model", "pre_logits"),
+    ]
+    if prefix:  # only ViTForImageClassification has a classifier
+        rows += [Rule("head.weight", ("classifier.weight",), IDENTITY, "model", "head"),
+                 Rule("head.bias", ("classifier.bias",), IDENTITY, "model", "head")]
+    return tuple(rows)
+
+
+def table_for(layout: str):
+    return lambda cfg: _table(PREFIX[layout])
+
+
+def detect(layout: str):
+    key = PREFIX[layout] + "embeddings.patch_embeddings.projection.weight"
+    return lambda shapes: key in shapes
+
+
+def infer(layout: str):
+    def infer_config(shapes: Shapes, path: Optional[str] = None, hf_config: Optional[dict] = None) -> ViTConfig:
+        p = PREFIX[layout]
+        hc = dict(hf_config or {})
+        if hc.get("model_type", "vit") != "vit":
+            raise MappingError(f"config.json model_type {hc.get('model_type')!r} is not 'vit'", path)
+        depth = count_blocks(shapes, r"^" + p.replace(".", r"\.") + r"encoder\.layer\.(\d+)\.",
+                             p + "encoder.layer.N", path)
+        emb = need(shapes, p + "embeddings.patch_embeddings.projection.weight", layout, path)
+        width, in_chans, patch = emb[0], emb[1], emb[2]
+        q = need(shapes, p + "encoder.layer.0.attention.attention.query.weight", layout, path)
+        if "num_attention_heads" in hc:
+            heads = int(hc["num_attention_heads"])
+            if q[0] % heads:
+                raise MappingError(f"num_attention_heads {heads} does not divide the attention width {q[0]}", path)
+            head_dim = q[0] // heads
+        else:
+            heads, head_dim = heads_from_attn_dim(q[0], path)
+        pos = need(shapes, p + "embeddings.position_embeddings", layout, path)
+        if p + "embeddings.cls_token" not in shapes:
+            raise MappingError("no embeddings.cls_token: Hugging Face ViT always has one", path)
+        g = grid_from_tokens(pos[1], 1, p + "embeddings.position_embeddings", path)
+        act = str(hc.get("hidden_act", "gelu"))
+        if act not in HF_TO_ACT:
+            raise MappingError(f"hidden_act {act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})", path)
+        pooler = p + "pooler.dense.weight"
+        rep = shapes[pooler][0] if pooler in shapes else None
+        if rep and str(hc.get("pooler_act", "tanh")) != "tanh":
+            raise MappingError(f"pooler_act {hc.get('pooler_act')!r}: only tanh (Google's pre_logits) is supported", path)
+        head = shapes.get("classifier.weight") if p else None
+        if rep and head:
+            raise MappingError("a checkpoint with both pooler and classifier: ViTForImageClassification "
+                               "ignores the pooler, which vitconv will not guess", path)
+        try:
+            return ViTConfig(image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
+                             depth=depth, num_heads=heads, head_dim=head_dim,
+                             mlp_dim=need(shapes, p + "encoder.layer.0.intermediate.dense.weight", layout, path)[0],
+                             classifier="token", representation_size=rep, num_classes=head[0] if head else 0,
+                             qkv_bias=(p + "encoder.layer.0.attention.attention.query.bias") in shapes,
+                             norm_eps=float(hc.get("layer_norm_eps", 1e-12)), act=HF_TO_ACT[act],
+                             final_norm="encoder" if (p + "layernorm.weight") in shapes else "none")
+        except ValueError as e:
+            raise MappingError(f"inconsistent architecture: {e}", path) from None
+    return infer_config
+
+
+def infer_with_meta(layout: str):
+    """Inference that also reads the ``config.json`` a Hugging Face directory carries
+    (``hf_config`` metadata from :mod:`vitconv.formats.hf_dir`)."""
+    base = infer(layout)
+
+    def run(shapes: Shapes, metadata: Dict[str, str], path: Optional[str] = None) -> ViTConfig:
+        hc = json.loads(metadata["hf_config"]) if "hf_config" in metadata else None
+        return base(shapes, path, hc)
+    return run
+
+
+def read_notes(cfg: ViTConfig, metadata: Dict[str, str]) -> List[str]:
+    if "hf_config" in metadata:
+        return []
+    return ["no config.json: Hugging Face defaults assumed (layer_norm_eps 1e-12, hidden_act 'gelu')",
+            HEADS_NOTE.format(h=cfg.num_heads, d=cfg.head_dim)]
+
+
+def target_layout(cfg: ViTConfig) -> str:
+    """``hf`` (ViTForImageClassification) when there is a classifier, else ``hf_model``."""
+    return "hf" if cfg.num_classes else "hf_model"
+
+
+def write_problems(cfg: ViTConfig) -> List[str]:
+    out = []
+    if cfg.classifier != "token":
+        out.append("'gap' pooling (Hugging Face ViT always classifies the class token)")
+    if cfg.representation_size and cfg.num_classes:
+        out.append("pre_logits under a classifier (ViTForImageClassification never applies the "
+                   "pooler; only a bare ViTModel's pooler_output computes tanh(Dense))")
+    if cfg.resnet_layers is not None:
+        out.append("hybrid ResNet stem (ViTHybrid differs from Google's and is deprecated)")
+    if cfg.patch_norm:
+        out.append("LayerNorms around the patch projection")
+    if cfg.attn_dim != cfg.width:
+        out.append(f"attention width {cfg.attn_dim} != hidden size {cfg.width}")
+    if not final_norm_is(cfg, "encoder"):
+        out.append(f"final_norm={cfg.final_norm!r} (Hugging Face always normalises every token)")
+    return out
+
+
+def hf_config(cfg: ViTConfig) -> dict:
+    """The ``config.json`` under which transformers computes what the canonical model does."""
+    arch = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
+    d = {"architectures": [arch], "model_type": "vit", "hidden_size": cfg.width,
+         "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+         "intermediate_size": cfg.mlp_dim, "hidden_act": ACT_TO_HF[cfg.act],
+         "layer_norm_eps": cfg.norm_eps, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+         "num_channels": cfg.in_chans, "qkv_bias": cfg.qkv_bias, "hidden_dropout_prob": 0.0,
+         "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+         "encoder_stride": cfg.patch_size, "dtype": "float32"}
+    if cfg.num_classes:
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_classes)}
+    if cfg.representation_size:
+        d["pooler_output_size"] = cfg.representation_size
+        d["pooler_act"] = "tanh"
+    return d
+
+
+def write_notes(cfg: ViTConfig) -> List[str]:
+    notes = [f"config.json: hidden_act {ACT_TO_HF[cfg.act]!r}, layer_norm_eps {cfg.norm_eps:g} "
+             "(Hugging Face's defaults are 'gelu' and 1e-12)"]
+    if not cfg.num_classes:
+        notes.append("no classifier: written as a ViTModel" + (
+            " whose pooler_output is Google's pre_logits (load with ViTModel, add_pooling_layer=True)"
+            if cfg.representation_size else " (load with ViTModel.from_pretrained(dir, add_pooling_layer=False))"))
+    return notes
