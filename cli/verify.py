@@ -1,0 +1,47 @@
+"""``vitconv verify SRC.npz [CONVERTED] [--tolerance X] [--json] [--batch N] [--seed S] [--image-size N]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vitconv.errors import VerificationError
+from vitconv.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
+
+from .common import say
+
+
+@click.command("verify")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("converted", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+              help="Per stage: max abs error <= TOLERANCE x max(1, rms of the reference stage).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@click.option("--batch", type=int, default=DEFAULT_BATCH, show_default=True, help="Seeded images.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+              help="numpy.random.default_rng seed of the images.")
+@click.option("--image-size", type=int, help="Resolution to test at (default: the converted "
+              "model's; the reference resizes position embeddings as Google does).")
+@click.pass_context
+def verify(ctx: click.Context, src: Path, converted: Path | None, tolerance: float, as_json: bool,
+           batch: int, seed: int, image_size: int | None) -> None:
+    """Check CONVERTED against Google's SRC .npz, stage by stage, with an independent NumPy
+    reference; name the first stage past tolerance. Exit 0 when within tolerance, 3 if not.
+
+    CONVERTED: a .pt/.safetensors written by vitconv (omitted: SRC is converted now), or an
+    .onnx / TorchScript export (then only the logits can be compared).
+
+    \b
+      vitconv verify ViT-B_16.npz ViT-B_16.pt
+      vitconv verify ViT-B_16.npz --image-size 384 --json
+    """
+    report = run_verify(src, converted, tolerance=tolerance, batch=batch, seed=seed,
+                        image_size=image_size)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        for line in report.lines():
+            say(ctx, line, **({} if report.ok or not line.startswith("FAILED") else {"fg": "red"}))
+    if not report.ok:
+        raise VerificationError(report.verdict(), converted or src)

@@ -1,0 +1,361 @@
+"""Prove a conversion: run Google's checkpoint through the independent NumPy reference
+(:mod:`vitconv.reference`) and the converted model on the same seeded images, stage by stage.
+
+Why stage by stage: a wrong logit says *that* a conversion is broken; the first stage that
+leaves tolerance says *where* (a swapped head shows up in that block's attention, a wrong
+activation in the first MLP, a mis-aligned position-table resize in the patch embedding).
+Stages are compared in execution order and the first one past tolerance is named in words.
+
+Tolerance (default :data:`DEFAULT_TOLERANCE` = 1e-4): a stage passes when
+``max|converted - reference| <= tolerance * max(1, rms(reference))``, i.e. an absolute bound
+for stages of order one and a relative one for large activations (the residual stream grows
+block by block, to hundreds in a real ViT-B, and float32 rounding grows with it). The scale is
+the stage's RMS, not its max: a residual stream's few outlier channels would otherwise loosen
+the bound for every other element (with max-scaling, exact-GELU-instead-of-tanh passes block 0
+of the tiny golden models unnoticed). ``max rel`` in the report is ``max abs / rms(reference)``
+(element-wise ratios explode near zero). The converted model runs in float32 and the reference
+in float64: a correct conversion of a golden case stays below 1e-5 x RMS on every stage (15x
+margin or more), while the known semantic faults (exact vs tanh GELU, a swapped head, a
+mis-transposed kernel, a half-pixel position resize, a dropped ``pre_logits``) land 3x to
+10^5x beyond the bound at the stage where they happen.
+
+CONVERTED may be a canonical checkpoint (``.pt``/``.safetensors`` written by vitconv), omitted
+(SRC converted on the fly with :func:`vitconv.load`), an in-memory canonical model, or an
+exported artifact: ONNX (run with onnxruntime) or TorchScript (``torch.jit.load``; loading runs
+the artifact's TorchScript code, so verify only artifacts you would run anyway). Exported
+artifacts expose only their final output, so only logits are compared and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+from .errors import BadInputError
+from .reference import GoogleViTReference, load_npz
+
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_TOLERANCE = 1e-4
+DEFAULT_BATCH = 2
+DEFAULT_SEED = 0
+
+
+def describe_stage(name: str) -> str:
+    """``blocks.7.attn`` -> ``block 7 attention`` and so on: what a user reads."""
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) == 3:
+        return f"block {parts[1]} " + {"attn": "attention", "mlp": "MLP"}.get(parts[2], parts[2])
+    return {"stem": "ResNet stem", "embed": "patch embedding", "encoded": "final norm",
+            "pooled": "pooling", "head_input": "pre_logits", "logits": "head"}.get(name, name)
+
+
+@dataclass
+class StageResult:
+    name: str
+    what: str
+    max_abs: float
+    max_rel: float
+    ref_rms: float
+    bound: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    source: str
+    converted: str
+    kind: str  # 'canonical' | 'onnx' | 'torchscript'
+    image_size: int
+    batch: int
+    seed: Optional[int]
+    tolerance: float
+    reference_dtype: str
+    stages: List[StageResult] = field(default_factory=list)
+    only_final: bool = False
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.stages) and all(s.ok for s in self.stages)
+
+    @property
+    def first_failure(self) -> Optional[StageResult]:
+        return next((s for s in self.stages if not s.ok), None)
+
+    def verdict(self) -> str:
+        bad = self.first_failure
+        if bad is None:
+            worst = max(self.stages, key=lambda s: s.max_abs / s.bound)
+            return (f"OK: {len(self.stages)} stage(s) within tolerance "
+                    f"(closest: {worst.what}, max abs {worst.max_abs:.2g} <= {worst.bound:.2g})")
+        detail = bad.note or f"max abs {bad.max_abs:.3g} > {bad.bound:.3g}"
+        return f"FAILED: first stage past tolerance is {bad.what} ({bad.name}): {detail}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        bad = self.first_failure
+        d["first_failure"] = None if bad is None else {"stage": bad.name, "what": bad.what}
+        d["verdict"] = self.verdict()
+        for s in d["stages"]:  # JSON has no inf/nan
+            for k in ("max_abs", "max_rel", "ref_rms", "bound"):
+                if not math.isfinite(s[k]):
+                    s[k] = None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def lines(self) -> List[str]:
+        """The human report: header, per-stage table, verdict."""
+        out = [f"source     {self.source} (Google .npz, NumPy {self.reference_dtype} reference)",
+               f"converted  {self.converted} ({self.kind})",
+               f"inputs     {self.batch} x {self.image_size}x{self.image_size} NHWC"
+               + (f", uniform[-1, 1], seed {self.seed}" if self.seed is not None else ", given"),
+               f"tolerance  max abs <= {self.tolerance:g} x max(1, rms(reference)) per stage; "
+               "max rel = max abs / rms(reference)"]
+        if self.note:
+            out.append(f"note       {self.note}")
+        w = max([len(s.name) for s in self.stages] + [5])
+        ww = max([len(s.what) for s in self.stages] + [4])
+        out.append("")
+        out.append(f"{'stage'.ljust(w)}  {'what'.ljust(ww)}  {'max abs':>9}  {'max rel':>9}  result")
+        for s in self.stages:
+            res = "ok" if s.ok else ("FAIL " + s.note if s.note else "FAIL")
+            out.append(f"{s.name.ljust(w)}  {s.what.ljust(ww)}  {s.max_abs:9.2e}  {s.max_rel:9.2e}  {res}")
+        out.append("")
+        out.append(self.verdict())
+        return out
+
+
+# --------------------------------------------------------------------------- comparing
+def compare_stage(name: str, got: Optional[np.ndarray], ref: Optional[np.ndarray],
+                  tolerance: float) -> StageResult:
+    what = describe_stage(name)
+    if got is None or ref is None:
+        missing = "converted model" if got is None else "reference"
+        return StageResult(name, what, math.inf, math.inf, math.nan, tolerance, False,
+                           f"stage missing from the {missing}")
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        return StageResult(name, what, math.inf, math.inf, math.nan, tolerance, False,
+                           f"shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    rms = float(np.sqrt(np.mean(ref ** 2))) if ref.size else 0.0
+    diff = np.abs(got - ref)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if not np.isfinite(got).all():
+        max_abs = math.inf
+    bound = tolerance * max(1.0, rms)
+    max_rel = max_abs / rms if rms > 0 else (0.0 if max_abs == 0 else math.inf)
+    return StageResult(name, what, max_abs, max_rel, rms, bound, max_abs <= bound)
+
+
+def seeded_images(batch: int, image_size: int, channels: int = 3, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """``(batch, size, size, channels)`` float32 NHWC, uniform in [-1, 1] (the range Google's
+    input pipeline feeds), from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1.0, 1.0, size=(batch, image_size, image_size, channels)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- running artifacts
+def artifact_kind(path: PathLike) -> str:
+    """``onnx``, ``torchscript`` or ``canonical`` (anything :func:`vitconv.load` reads)."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError("no such file", p)
+    if p.suffix.lower() == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise BadInputError(f"corrupt zip archive ({e})", p) from None
+        # TorchScript archives carry their compiled code; torch.save archives do not.
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+    return "canonical"
+
+
+class _OnnxRunner:
+    def __init__(self, path: Path):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise BadInputError(f"verifying ONNX needs onnxruntime ({e})", path) from None
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInputError(f"not a loadable ONNX model ({msg[:200]})", path) from None
+        inputs = self.session.get_inputs()
+        if not inputs:
+            raise BadInputError("ONNX model has no inputs", path)
+        # Hugging Face-style exports name the image input 'pixel_values'; otherwise the first.
+        self.input = next((i for i in inputs if i.name == "pixel_values"), inputs[0])
+        self.input_name = self.input.name
+
+    def static_size(self) -> Optional[int]:
+        shape = self.input.shape
+        if len(shape) == 4 and isinstance(shape[2], int) and shape[2] == shape[3]:
+            return shape[2]
+        return None
+
+    def __call__(self, nchw: np.ndarray) -> np.ndarray:
+        step = self.input.shape[0] if self.input.shape and isinstance(self.input.shape[0], int) else len(nchw)
+        if step <= 0 or len(nchw) % step:  # a static batch that does not divide ours: one at a time
+            step = 1
+        # An export with a static batch size (often 1) is run chunk by chunk.
+        outs = [self.session.run(None, {self.input_name: nchw[i:i + step]})[0]
+                for i in range(0, len(nchw), step)]
+        return np.concatenate([np.asarray(o) for o in outs], axis=0)
+
+
+class _TorchRunner:
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, nchw: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(torch.from_numpy(nchw))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if isinstance(out, dict):
+            out = out.get("logits", next(iter(out.values())))
+        return out.detach().float().numpy()
+
+
+def _load_torchscript(path: Path):
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch 2.9+ marks jit deprecated; artifacts still exist
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(os.fspath(path), map_location="cpu").eval()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"not a loadable TorchScript module ({msg[:200]})", path) from None
+
+
+def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
+    p = Path(src)
+    if not p.exists():
+        raise BadInputError("no such file", p)
+    try:
+        params = load_npz(p)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise BadInputError(f"not a readable .npz ({str(e).splitlines()[0][:200]})", p) from None
+    except KeyError as e:
+        raise BadInputError(f"not a Google ViT checkpoint: {e.args[0]}", p) from None
+    try:
+        return GoogleViTReference(params, dtype=dtype)
+    except (KeyError, ValueError) as e:
+        raise BadInputError(f"not a Google ViT checkpoint the reference understands "
+                            f"({type(e).__name__}: {e})", p) from None
+
+
+# --------------------------------------------------------------------------- the entry point
+def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
+           tolerance: float = DEFAULT_TOLERANCE, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
+           image_size: Optional[int] = None, inputs: Optional[np.ndarray] = None,
+           reference_dtype=np.float64) -> VerifyReport:
+    """Compare Google's ``src`` (``.npz``) through the NumPy reference with ``converted``.
+
+    ``converted``: ``None`` (convert ``src`` now, at ``image_size`` if given), a path
+    (vitconv ``.pt``/``.safetensors``, ``.onnx``, TorchScript), or an in-memory model
+    (a canonical ``VisionTransformer`` is compared stage by stage; any other module on its
+    output only). ``inputs`` (NHWC float) replaces the seeded images. Returns the report;
+    it does not raise on disagreement (see :func:`check`)."""
+    if not (tolerance > 0):
+        raise BadInputError(f"tolerance must be positive, got {tolerance}")
+    if batch <= 0:
+        raise BadInputError(f"batch must be positive, got {batch}")
+    ref = _open_reference(src, reference_dtype)
+    model, runner, kind, label = None, None, "canonical", "in-memory model"
+    if converted is None:
+        import vitconv
+
+        model = vitconv.load(src, image_size=image_size)
+        label = f"{src} converted on the fly"
+    elif isinstance(converted, (str, os.PathLike)):
+        label = os.fspath(converted)
+        kind = artifact_kind(converted)
+        if kind == "onnx":
+            runner = _OnnxRunner(Path(converted))
+        elif kind == "torchscript":
+            runner = _TorchRunner(_load_torchscript(Path(converted)))
+        else:
+            import vitconv
+
+            model = vitconv.load(converted)
+    elif hasattr(converted, "forward_stages"):
+        model = converted
+    else:
+        runner, kind = _TorchRunner(converted), "torch module"
+    if model is not None:
+        kind = "canonical vitconv model"
+
+    if inputs is not None:
+        images = np.asarray(inputs, dtype=np.float32)
+        if images.ndim != 4:
+            raise BadInputError(f"inputs must be NHWC (4-D), got shape {images.shape}")
+        size, used_seed = images.shape[1], None
+    else:
+        size = image_size
+        if size is None and model is not None:
+            size = model.config.image_size
+        if size is None and isinstance(runner, _OnnxRunner):
+            size = runner.static_size()
+        size = size or ref.arch.image_size
+        if size % ref.arch.stride:
+            raise BadInputError(f"image size {size} is not a multiple of the model's stride "
+                                f"{ref.arch.stride}", src)
+        channels = ref.raw["conv_root/kernel" if ref.arch.resnet_units else "embedding/kernel"].shape[2]
+        images = seeded_images(batch, size, channels, seed)
+        used_seed = seed
+    nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    want = ref.forward_stages(images)
+
+    report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
+                          batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
+                          reference_dtype=np.dtype(reference_dtype).name)
+    if model is not None:
+        import torch
+
+        with torch.no_grad():
+            got = {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(nchw)).items()}
+        names = list(want) + [k for k in got if k not in want]
+        report.stages = [compare_stage(n, got.get(n), want.get(n), tolerance) for n in names]
+    else:
+        final = "logits" if "logits" in want else "head_input"
+        report.stages = [compare_stage(final, runner(nchw), want[final], tolerance)]
+        report.only_final = True
+        pretty = {"onnx": "ONNX", "torchscript": "TorchScript"}.get(kind, kind)
+        report.note = (f"{pretty} artifacts expose only their final output: only {final} compared, "
+                       "a failure cannot be localised to a stage")
+    return report
+
+
+def check(src: PathLike, converted: Union[PathLike, Any, None] = None, **kwargs) -> VerifyReport:
+    """:func:`verify`, raising :class:`~vitconv.errors.VerificationError` (exit 3) on failure."""
+    from .errors import VerificationError
+
+    report = verify(src, converted, **kwargs)
+    if not report.ok:
+        where = converted if isinstance(converted, (str, os.PathLike)) else src
+        raise VerificationError(report.verdict(), where)
+    return report
