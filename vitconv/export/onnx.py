@@ -1,0 +1,207 @@
+"""ONNX export through ``torch.onnx.export(..., dynamo=True)``, verified in onnxruntime (CPU).
+
+Why these choices:
+
+* **Exporter.** The dynamo exporter (``torch.export`` underneath) is the supported path in
+  torch 2.x; the TorchScript-based one is deprecated. It is handed a batch of
+  :data:`~vitconv.export.EXAMPLE_BATCH` (2): with a batch of 1 as example, ``torch.export``
+  may specialise the dimension to the constant 1.
+* **Dynamic shapes.** Batch is ``batch_size``; with ``dynamic_size`` height and width are
+  declared as ``stride * height`` / ``stride * width`` (a multiple of the model's total
+  stride, so the patch grid and the hybrid stem's SAME padding stay exact integers). The
+  model resizes its position table with bilinear ``align_corners=True`` whenever the grid is
+  symbolic, which is what ``npz2pt --image-size`` computes with scipy's zoom; at the native
+  grid the resize is the identity, so nothing size-specific is baked into the graph.
+* **Opset.** Default 20, torch 2.13's own default. onnxruntime 1.31 CPU runs 18, 20 and 23
+  alike on these models (measured, all within 1e-5 of PyTorch). 18 has no ``Gelu`` op (the
+  tanh GELU becomes Pow/Tanh arithmetic); 20 has ``Gelu(approximate='tanh')`` and still
+  spells attention as MatMul/Softmax, which every ONNX runtime executes; 23 maps SDPA to the
+  fused ``Attention`` op, which only recent runtimes implement. Pass ``--opset 23`` for
+  those, ``--opset 18`` for older ones.
+* **One file.** Tensors are stored inline (the exporter's default is an external ``.data``
+  file) unless the model exceeds protobuf's 2 GB limit.
+* **fp16.** ``onnxruntime.transformers.float16.convert_float_to_float16`` with
+  ``keep_io_types`` (float32 in and out) and LayerNormalization, Softmax, reductions, Pow and
+  Resize on the block list, so normalisation statistics, attention weights and the position
+  table stay float32. Before converting, stale ``value_info`` from the exporter is dropped
+  (the converter's shape inference otherwise conflicts with it); after, nodes are
+  re-sorted with ``onnx_ir`` because the converter appends its input casts at the end.
+* **Metadata.** ``metadata_props`` carry the vitconv config JSON, preprocessing, resolution,
+  opset, which axes are dynamic and the source file's sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..formats.atomic import atomic_output
+from . import (EXAMPLE_BATCH, Check, ExportResult, PathLike, Reference, Timer, export_ready,
+               raise_if_failed, verify)
+
+DEFAULT_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+#: protobuf cannot serialise a message over 2 GiB; above this, tensors go to ``OUT.data``.
+INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2
+#: Ops kept in float32 in ``--fp16`` exports: normalisation statistics, softmax, reductions,
+#: x**3 of the tanh GELU (opset < 20) and the position-table resize.
+FP16_KEEP_FP32 = ["LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax",
+                  "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "Pow", "Resize", "Sqrt"]
+
+
+def dynamic_shapes(stride: int, batch: Optional[int], dynamic_size: bool):
+    """``torch.export`` dynamic-shape spec for the single input (``None``: fully static)."""
+    from torch.export import Dim
+
+    spec = {}
+    if batch is None:
+        spec[0] = Dim("batch_size", min=1)
+    if dynamic_size:
+        spec[2] = stride * Dim("height", min=1)
+        spec[3] = stride * Dim("width", min=1)
+    return (spec,) if spec else None
+
+
+def example_input(cfg, batch: Optional[int]):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(batch or EXAMPLE_BATCH, cfg.in_chans, cfg.image_size, cfg.image_size,
+                      generator=g) * 2 - 1
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The dynamo exporter prints progress to stdout and warns about torchvision; keep the
+    CLI's output to vitconv's own report."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def preprocessing_for(layout: Optional[str]) -> Dict[str, object]:
+    """Google's ViT checkpoints expect RGB in [0, 1] normalised with mean = std = 0.5, i.e.
+    pixels scaled to [-1, 1] (``vit_jax``: ``x / 127.5 - 1``). Other layouts do not say."""
+    if layout == "google":
+        return {"layout": "NCHW", "channels": "RGB", "scale": "pixels / 255 -> [0, 1]",
+                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                "note": "(x - 0.5) / 0.5: inputs in [-1, 1], as Google's vit_jax input pipeline"}
+    return {"layout": "NCHW", "channels": "RGB", "mean": None, "std": None,
+            "note": "unknown for this source layout; use the original model's preprocessing"}
+
+
+def to_fp16(proto):
+    """float32 -> float16 graph with float32 I/O and :data:`FP16_KEEP_FP32` ops kept float32."""
+    import onnx_ir
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    del proto.graph.value_info[:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(proto, keep_io_types=True,
+                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_FP32)
+    model = onnx_ir.from_proto(half)
+    model.graph.sort()
+    return onnx_ir.to_proto(model)
+
+
+def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
+                opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
+                dynamic_size: bool = False, fp16: bool = False, source_sha256: str = "",
+                source: Optional[PathLike] = None, layout: Optional[str] = None,
+                atol: Optional[float] = None) -> ExportResult:
+    """Export ``model`` to one ``.onnx`` at ``path``, check it with ``onnx.checker``
+    (``full_check``), run it in onnxruntime on ``checks`` against ``reference`` and only then
+    move it into place. Raises :class:`VerificationError` past tolerance."""
+    import onnx
+    import torch
+
+    from . import FP32_ATOL
+
+    cfg = model.config
+    if layout is None and source is not None:
+        layout = _layout_of(source)
+    ready = export_ready(model)
+    x = example_input(cfg, batch)
+    with Timer() as t_export:
+        with quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                ready, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes(cfg.total_stride, batch, dynamic_size))
+        proto = program.model_proto
+        meta = {
+            "vitconv_config": cfg.to_json(),
+            "preprocessing": json.dumps(preprocessing_for(layout)),
+            "image_size": str(cfg.image_size),
+            "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
+                                        "size_multiple_of": cfg.total_stride}),
+            "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
+            "opset": str(opset),
+            "source_sha256": source_sha256,
+        }
+        if source is not None:
+            meta["source_file"] = Path(source).name
+        onnx.helper.set_model_props(proto, meta)
+        proto.doc_string = "vitconv export: canonical ViT, pixel_values (NCHW float32) -> logits"
+        if fp16:
+            proto = to_fp16(proto)
+        large = _params_bytes(ready) // (2 if fp16 else 1) > INLINE_LIMIT
+    notes: List[str] = []
+    final = Path(path)
+    with atomic_output(final, suffix=".onnx") as tmp:
+        with Timer() as t_save:
+            if large:
+                onnx.save_model(proto, os.fspath(tmp), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=final.name + ".data")
+                notes.append(f"tensors in {final.name}.data (model above protobuf's 2 GB limit)")
+            else:
+                onnx.save_model(proto, os.fspath(tmp))
+        with Timer() as t_verify:
+            onnx.checker.check_model(os.fspath(tmp), full_check=True)
+            notes.append(f"opset {opset}; onnx.checker full_check passed; onnxruntime CPU")
+            run = _ort_runner(tmp)
+            parity = verify(run, reference, checks, cfg.in_chans, fp16=fp16,
+                            atol=FP32_ATOL if atol is None else atol)
+        result = ExportResult("onnx" + (" fp16" if fp16 else ""), [final], t_export.s + t_save.s,
+                              t_verify.s, parity, notes, fp16)
+        raise_if_failed(result, final)
+    return result
+
+
+def _ort_runner(path: PathLike):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def _params_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _layout_of(source: PathLike) -> Optional[str]:
+    from ..checkpoint import read_canonical
+
+    try:
+        c = read_canonical(source)
+        c.read.source.close()
+        return c.info.get("layout")
+    except Exception:  # metadata only: never fail an export over it
+        return None

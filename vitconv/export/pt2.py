@@ -1,0 +1,67 @@
+"""``.pt2``: ``torch.export`` and, by default, an AOTInductor package, verified by loading it
+back (``torch._inductor.aoti_load_package``; ``torch.export.load`` for the program-only form).
+
+An AOTInductor package is compiled ahead of time to native code (gcc on CPU) and runs
+without Python model code; compiling it is the slow step (tens of seconds for a tiny model on
+a small CPU, longer for a real ViT). ``aoti=False`` writes the ``ExportedProgram`` itself
+(``torch.export.save``): seconds, portable, and what other compilers consume. Both keep the
+dynamic batch (and, with ``dynamic_size``, height/width as multiples of the stride) declared
+for :mod:`vitconv.export.onnx`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..formats.atomic import atomic_output
+from . import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
+               verify)
+
+
+def export_pt2(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
+               batch: Optional[int] = None, dynamic_size: bool = False,
+               aoti: bool = True) -> ExportResult:
+    """Export with ``torch.export``; with ``aoti`` compile an AOTInductor package. Load the
+    written file back, verify on ``checks``, rename into place only if it agrees."""
+    import torch
+
+    from .onnx import dynamic_shapes, example_input
+
+    cfg = model.config
+    ready = export_ready(model)
+    x = example_input(cfg, batch)
+    final = Path(path)
+    with atomic_output(final, suffix=".pt2") as tmp:
+        with Timer() as t_export, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                program = torch.export.export(
+                    ready, (x,), dynamic_shapes=dynamic_shapes(cfg.total_stride, batch, dynamic_size))
+            if aoti:
+                from torch._inductor import aoti_compile_and_package
+
+                os.unlink(tmp)  # the packager writes the file itself
+                aoti_compile_and_package(program, package_path=os.fspath(tmp))
+            else:
+                torch.export.save(program, os.fspath(tmp))
+        with Timer() as t_verify:
+            if aoti:
+                from torch._inductor import aoti_load_package
+
+                loaded = aoti_load_package(os.fspath(tmp))
+            else:
+                loaded = torch.export.load(os.fspath(tmp)).module()
+
+            def run(a):
+                with torch.no_grad():
+                    return loaded(torch.from_numpy(a)).numpy()
+
+            parity = verify(run, reference, checks, cfg.in_chans)
+        note = ("AOTInductor package (aoti_load_package)" if aoti
+                else "ExportedProgram (torch.export.save / torch.export.load)")
+        result = ExportResult("pt2", [final], t_export.s, t_verify.s, parity, [note])
+        raise_if_failed(result, final)
+    return result
