@@ -8,7 +8,7 @@ import click
 
 from vitconv.convert import convert_file
 
-from .common import summary
+from .common import progress_bar, summary
 
 
 @click.command("npz2pt")
@@ -28,5 +28,7 @@ def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int |
       vitconv npz2pt imagenet21k_ViT-B_16.npz --image-size 384 -o vit384.safetensors
     """
     out = output or src.with_suffix(".pt")
-    report = convert_file(src, out, image_size=image_size, require_layout="google")
+    with progress_bar(ctx, "converting") as progress:
+        report = convert_file(src, out, image_size=image_size, require_layout="google",
+                              progress=progress)
     summary(ctx, report.rows())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
-from .checkpoint import param_count, read_canonical, save_canonical
+from .checkpoint import output_kind, param_count, read_canonical, save_canonical
 from .config import ViTConfig
 from .errors import BadInputError, OutputError
+from .formats.atomic import check_writable
 from .formats.base import sha256_file
 
 
@@ -39,17 +40,28 @@ class ConversionReport:
 
 
 def convert_file(src: os.PathLike | str, dst: os.PathLike | str, image_size: Optional[int] = None,
-                 require_layout: Optional[str] = None) -> ConversionReport:
+                 require_layout: Optional[str] = None,
+                 progress: Optional[Callable[[int, int, str], None]] = None) -> ConversionReport:
     """Read ``src`` (any layout vitconv knows), map it onto the canonical ViT and write
-    ``dst`` (``.pt``/``.safetensors`` canonical, ``.npz`` Google layout), atomically."""
+    ``dst`` (``.pt``/``.safetensors`` canonical, ``.npz`` Google layout), atomically.
+
+    Canonical outputs stream (:func:`vitconv.stream.stream_convert`): one tensor read,
+    mapped and written at a time, so memory stays flat whatever the model's size.
+    ``progress(done, total, name)`` is called after each tensor there."""
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve() if dst.exists() else False:
+    check_writable(dst)  # fail before reading a multi-GB source, not after
+    if output_kind(dst) in ("pt", "safetensors"):
+        from .stream import stream_convert
+
+        return stream_convert(src, dst, image_size=image_size, require_layout=require_layout,
+                              progress=progress)
+    if dst.exists() and src.resolve() == dst.resolve():
         raise OutputError("output would overwrite the source", dst)
     c = read_canonical(src, image_size=image_size)
-    if require_layout and c.read.layout.name != require_layout:
-        raise BadInputError(f"expected a {require_layout} checkpoint, found the "
-                            f"{c.read.layout.name} layout", src)
     try:
+        if require_layout and c.read.layout.name != require_layout:
+            raise BadInputError(f"expected a {require_layout} checkpoint, found the "
+                                f"{c.read.layout.name} layout", src)
         state = c.state_dict()
     finally:
         c.read.source.close()

@@ -1,0 +1,98 @@
+"""``vitconv bench MODEL`` (runtimes) and ``vitconv bench --convert SRC|PRESET ...`` (conversion)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import List
+
+import click
+
+from vitconv.bench import RUNTIMES, bench_convert, bench_runtimes
+
+from .common import say
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--runtime", "runtimes", default="torch,onnxruntime", show_default=True,
+              help="Comma-separated: " + ", ".join(RUNTIMES) + ".")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--image-size", type=int, help="Benchmark at this resolution (position grid resized).")
+@click.option("--threads", type=int, help="Threads for every runtime (default: torch's default).")
+@click.option("--iters", type=int, default=10, show_default=True, help="Timed iterations per runtime.")
+@click.option("--convert", "convert", is_flag=True,
+              help="Benchmark conversion instead: MODELS are .npz files or presets (B/16, L/16, H/14 ...) "
+                   "generated as synthetic checkpoints; stream_convert vs the read+write I/O floor.")
+@click.option("--to", "output_kind", type=click.Choice(["safetensors", "pt"]), default="safetensors",
+              show_default=True, help="With --convert: output format.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="With --convert: runs of each.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --convert: where synthetic files and outputs go (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.pass_context
+def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int,
+          convert: bool, output_kind: str, repeats: int, workdir, as_json: bool) -> None:
+    """Measure inference per runtime, or conversion cost (--convert), side by side in one run.
+
+    \b
+      vitconv bench golden/jax/tiny_token_p8_32.npz --runtime torch,onnxruntime --batch 1,8
+      vitconv bench --convert B/16 L/16 --repeats 3
+    """
+    if convert:
+        _convert(ctx, models, output_kind, repeats, workdir, as_json)
+        return
+    if len(models) != 1:
+        raise click.UsageError("give one MODEL (or --convert for several)")
+    res = bench_runtimes(models[0], [r.strip() for r in runtimes.split(",") if r.strip()],
+                         _ints(batches), image_size=image_size, threads=threads, iters=iters)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    say(ctx, f"{res.model} @{res.image_size}px, {res.threads} thread(s), median of {iters}")
+    say(ctx, f"{'runtime':22} {'batch':>5} {'ms/batch':>10} {'p90 ms':>9} {'img/s':>9} {'vs torch':>9} {'max|diff|':>10}")
+    for r in res.results:
+        if r.error:
+            say(ctx, f"{r.runtime:22} {r.batch:>5}  unavailable: {r.error}")
+            continue
+        ratio = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-"
+        say(ctx, f"{r.runtime:22} {r.batch:>5} {r.latency_ms:>10.2f} {r.latency_p90_ms:>9.2f} "
+                 f"{r.images_per_s:>9.1f} {ratio:>9} {r.max_abs_diff_vs_torch:>10.2e}")
+
+
+def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool) -> None:
+    from vitconv.synthetic import make_synthetic, preset
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="vitconv-bench-", dir=workdir) as tmp:
+        for m in models:
+            path = Path(m)
+            if not path.exists():
+                try:
+                    preset(m)
+                except KeyError as e:
+                    raise click.BadParameter(f"{m}: neither a file nor a preset ({e.args[0]})") from None
+                path = Path(tmp) / (m.replace("/", "_").replace("+", "_") + ".npz")
+                say(ctx, f"generating synthetic {m} -> {path}", err=True)
+                make_synthetic(m, path)
+            res = bench_convert(path, output_kind, repeats=repeats, workdir=tmp)
+            if path.parent == Path(tmp):
+                path.unlink()
+            s = res.summary()
+            s["model"] = m
+            out.append(res.to_dict() | {"model": m})
+            if not as_json:
+                say(ctx, f"{m}: {s['source_mib']:.0f} MiB -> {output_kind}, median of {repeats}: "
+                         f"stream {s['stream_wall_s']:.2f} s vs floor {s['floor_wall_s']:.2f} s "
+                         f"({s['wall_ratio']:.2f}x); peak RSS stream {s['stream_peak_rss_mib']:.0f} MiB "
+                         f"(after imports {s['stream_base_rss_mib']:.0f}), floor {s['floor_peak_rss_mib']:.0f} MiB")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))

@@ -1,0 +1,50 @@
+"""The benchmark harness returns well-formed results. No timing is asserted: timings on
+a shared machine are noise; the numbers that can be checked are checked (outputs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from click.testing import CliRunner
+
+from conftest import golden_path
+from vitconv.bench import bench_convert, bench_runtimes
+
+
+def test_bench_runtimes_torch_and_ort():
+    res = bench_runtimes(golden_path("jax/tiny_token_p8_32.npz"), ["torch", "onnxruntime"],
+                         batches=[1, 2], threads=1, iters=1, warmup=1)
+    assert [(r.runtime, r.batch) for r in res.results] == [
+        ("torch", 1), ("onnxruntime", 1), ("torch", 2), ("onnxruntime", 2)]
+    for r in res.results:
+        assert r.error is None and r.iters == 1 and r.threads == 1
+        assert r.latency_ms > 0 and math.isclose(r.images_per_s, r.batch / (r.latency_ms / 1e3))
+        # the exported graph computes the same logits (golden tolerance)
+        assert r.max_abs_diff_vs_torch < 2e-5
+    assert all(r.speedup_vs_torch == 1.0 for r in res.results if r.runtime == "torch")
+    assert json.loads(json.dumps(res.to_dict()))["image_size"] == 32
+
+
+def test_bench_convert_measures_both(tmp_path):
+    src = golden_path("jax/tiny_gap_p8_32.npz")
+    res = bench_convert(src, "safetensors", repeats=1, workdir=tmp_path, warmup=False)
+    modes = sorted(m.mode for m in res.measurements)
+    assert modes == ["floor", "stream"]
+    data_bytes = sum(np.load(src)[k].nbytes for k in np.load(src).files)
+    floor = next(m for m in res.measurements if m.mode == "floor")
+    assert floor.bytes == data_bytes  # the floor wrote every member's bytes once
+    s = res.summary()
+    assert s["stream_peak_rss_mib"] >= s["stream_base_rss_mib"] > 0
+    assert list(tmp_path.iterdir()) == []  # outputs cleaned up
+
+
+def test_cli_bench_json():
+    from _vitconv_cli.main import main
+
+    r = CliRunner().invoke(main, ["bench", str(golden_path("jax/tiny_gap_p8_32.npz")), "--runtime",
+                                  "torch", "--batch", "2", "--iters", "1", "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert [(x["runtime"], x["batch"]) for x in out["results"]] == [("torch", 2)]

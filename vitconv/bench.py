@@ -1,0 +1,310 @@
+"""Benchmarks: inference throughput per runtime, and conversion cost against the I/O floor.
+
+Two questions, each answered by comparison inside one run, never against numbers taken
+on another day or machine:
+
+* **Runtimes** (:func:`bench_runtimes`): images/s and latency of the canonical model in
+  torch eager and in onnxruntime (several graph-optimisation settings), same input, same
+  thread count. Iterations are interleaved round-robin across runtimes so that load from
+  other processes on a shared machine hits every runtime alike; ratios are against torch
+  eager at the same batch size. Each row also reports the max abs difference of its
+  logits from torch's, so a "fast" setting that changes the numbers shows it.
+* **Conversion** (:func:`bench_convert`): wall time and peak RSS of :func:`vitconv.stream.
+  stream_convert` against the I/O floor, reading every source member once and writing
+  its bytes once with nothing else, alternated in fresh child processes (peak RSS is the
+  child's ``VmHWM``; one process per measurement, so peaks do not carry over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import BadInputError
+
+#: Runtime names ``bench_runtimes`` understands. ``onnxruntime`` is ORT_ENABLE_ALL, its
+#: default; ``onnxruntime-vit`` adds onnxruntime's transformer optimizer (``model_type='vit'``).
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-basic", "onnxruntime-disabled", "onnxruntime-vit")
+
+
+@dataclass
+class RuntimeResult:
+    runtime: str
+    batch: int
+    threads: int
+    iters: int
+    latency_ms: float  # median over iterations, one batch
+    latency_p90_ms: float
+    images_per_s: float
+    speedup_vs_torch: Optional[float] = None  # images/s ratio, same batch, same run
+    max_abs_diff_vs_torch: Optional[float] = None
+    error: Optional[str] = None  # set when the runtime could not run this model
+
+
+@dataclass
+class RuntimeBench:
+    model: str
+    image_size: int
+    threads: int
+    results: List[RuntimeResult] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "image_size": self.image_size, "threads": self.threads,
+                "results": [asdict(r) for r in self.results], "notes": list(self.notes)}
+
+
+# ----------------------------------------------------------------------------- runtimes
+def _export_onnx(model, example, path: Path) -> None:
+    """ONNX with a dynamic batch axis: vitconv.export where it exists, else torch.onnx."""
+    try:
+        from .export import export_onnx  # type: ignore[attr-defined]
+    except ImportError:
+        export_onnx = None
+    if export_onnx is not None:
+        try:
+            export_onnx(model, path)
+            return
+        except TypeError:
+            pass  # a different signature: fall back to exporting here
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["pixels"],
+                      output_names=["logits"], dynamic_shapes={"x": {0: batch}}, verbose=False)
+
+
+def _ort_session(onnx_path: Path, variant: str, threads: int, workdir: Path, cfg):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    level = {"onnxruntime": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+             "onnxruntime-basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+             "onnxruntime-disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+             "onnxruntime-vit": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[variant]
+    opts.graph_optimization_level = level
+    path = onnx_path
+    if variant == "onnxruntime-vit":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(str(onnx_path), model_type="vit", opt_level=0,
+                             num_heads=cfg.num_heads, hidden_size=cfg.width)
+        path = workdir / "model.vit-opt.onnx"
+        opt.save_model_to_file(str(path))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("torch", "onnxruntime"),
+                   batches: Sequence[int] = (1, 8), image_size: Optional[int] = None,
+                   threads: Optional[int] = None, iters: int = 10, warmup: int = 2,
+                   seed: int = 0) -> RuntimeBench:
+    """Time ``model_path`` in each runtime at each batch size; see the module docstring."""
+    import torch
+
+    from .checkpoint import load
+
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise BadInputError(f"unknown runtime(s) {', '.join(unknown)} (known: {', '.join(RUNTIMES)})")
+    if iters < 1 or any(b < 1 for b in batches):
+        raise BadInputError("--iters and every --batch must be at least 1")
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = load(model_path, image_size=image_size)
+    cfg = model.config
+    size = cfg.image_size
+    in_chans = cfg.in_chans
+    bench = RuntimeBench(str(model_path), size, threads)
+
+    def torch_fn(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    fns: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    errors: Dict[str, str] = {}
+    ort_wanted = [r for r in runtimes if r.startswith("onnxruntime")]
+    with tempfile.TemporaryDirectory(prefix="vitconv-bench-") as tmp:
+        work = Path(tmp)
+        if ort_wanted:
+            onnx_path = work / "model.onnx"
+            try:
+                _export_onnx(model, torch.zeros(1, in_chans, size, size), onnx_path)
+            except Exception as e:  # report per runtime rather than abort the torch numbers
+                for r in ort_wanted:
+                    errors[r] = f"ONNX export failed: {_first_line(e)}"
+        for r in runtimes:
+            if r == "torch":
+                fns[r] = torch_fn
+            elif r not in errors:
+                try:
+                    fns[r] = _ort_session(onnx_path, r, threads, work, cfg)
+                except Exception as e:
+                    errors[r] = f"{_first_line(e)}"
+        rng = np.random.default_rng(seed)
+        for b in batches:
+            x = rng.standard_normal((b, in_chans, size, size), dtype=np.float32)
+            ref = torch_fn(x)
+            times: Dict[str, List[float]] = {r: [] for r in fns}
+            outs: Dict[str, np.ndarray] = {}
+            for r, fn in fns.items():
+                for _ in range(warmup):
+                    outs[r] = fn(x)
+            for _ in range(iters):  # round-robin: shared-machine noise hits every runtime alike
+                for r, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times[r].append(time.perf_counter() - t0)
+            base = b / statistics.median(times["torch"]) if "torch" in times else None
+            for r in runtimes:
+                if r in errors:
+                    bench.results.append(RuntimeResult(r, b, threads, 0, float("nan"), float("nan"),
+                                                       float("nan"), error=errors[r]))
+                    continue
+                med = statistics.median(times[r])
+                p90 = float(np.percentile(times[r], 90))
+                ips = b / med
+                bench.results.append(RuntimeResult(
+                    r, b, threads, iters, med * 1e3, p90 * 1e3, ips,
+                    speedup_vs_torch=(ips / base) if base else None,
+                    max_abs_diff_vs_torch=float(np.abs(outs[r] - ref).max())))
+    return bench
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
+
+
+# --------------------------------------------------------------------------- conversion
+@dataclass
+class ConvertMeasurement:
+    mode: str  # "stream" or "floor"
+    wall_s: float
+    peak_rss_mib: float  # VmHWM of the child process
+    base_rss_mib: float  # VmRSS after imports, before any work
+    bytes: int
+
+
+@dataclass
+class ConvertBench:
+    source: str
+    source_bytes: int
+    output_kind: str
+    repeats: int
+    measurements: List[ConvertMeasurement] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def med(mode: str, attr: str) -> float:
+            return statistics.median(getattr(m, attr) for m in self.measurements if m.mode == mode)
+
+        s = {"source": self.source, "source_mib": self.source_bytes / 2**20, "output": self.output_kind,
+             "repeats": self.repeats}
+        for mode in ("floor", "stream"):
+            s[f"{mode}_wall_s"] = med(mode, "wall_s")
+            s[f"{mode}_peak_rss_mib"] = max(m.peak_rss_mib for m in self.measurements if m.mode == mode)
+            s[f"{mode}_base_rss_mib"] = med(mode, "base_rss_mib")
+        s["wall_ratio"] = s["stream_wall_s"] / s["floor_wall_s"]
+        return s
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "measurements": [asdict(m) for m in self.measurements]}
+
+
+def _rss_mib(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _floor(src: Path, dst: Path) -> int:
+    """Read every member once (the reader conversion uses) and write its bytes once."""
+    from .formats.atomic import atomic_output
+    from .formats.npz import NpzSource
+
+    total = 0
+    with NpzSource(src) as s, atomic_output(dst) as tmp, open(tmp, "wb") as f:
+        for k in s.keys():
+            a = s.get(k)
+            f.write(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B"))
+            total += a.nbytes
+            del a
+    return total
+
+
+def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
+    if mode == "stream":
+        from .stream import stream_convert  # imports torch: counted in the baseline, not the work
+        import torch  # noqa: F401
+    base = _rss_mib("VmRSS")
+    t0 = time.perf_counter()
+    if mode == "stream":
+        stream_convert(src, dst, hash_source=hash_source)
+        n = os.path.getsize(dst)
+    else:
+        n = _floor(Path(src), Path(dst))
+    wall = time.perf_counter() - t0
+    return {"mode": mode, "wall_s": wall, "peak_rss_mib": _rss_mib("VmHWM"), "base_rss_mib": base,
+            "bytes": n}
+
+
+def measure_child(mode: str, src: os.PathLike | str, dst: os.PathLike | str,
+                  hash_source: bool = False) -> ConvertMeasurement:
+    """Run one measurement in a fresh interpreter and return what it reports."""
+    cmd = [sys.executable, "-m", "vitconv.bench", "--child", mode, os.fspath(src), os.fspath(dst),
+           "1" if hash_source else "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"benchmark child ({mode}) failed: {tail}")
+    return ConvertMeasurement(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repeats: int = 3,
+                  workdir: Optional[os.PathLike | str] = None, hash_source: bool = False,
+                  warmup: bool = True,
+                  progress: Optional[Callable[[ConvertMeasurement], None]] = None) -> ConvertBench:
+    """Time ``stream_convert`` of ``src`` and the I/O floor, alternating, ``repeats`` times
+    each after one untimed warm-up of each (so both see the source in the page cache)."""
+    src = Path(src)
+    work = Path(workdir) if workdir else src.parent
+    out = work / f".vitconv-bench-{os.getpid()}.{output_kind}"
+    floor_out = work / f".vitconv-bench-{os.getpid()}.floor"
+    bench = ConvertBench(str(src), src.stat().st_size, output_kind, repeats)
+    try:
+        first = 0 if warmup else 1
+        for i in range(first, repeats + 1):
+            for mode, dst in (("floor", floor_out), ("stream", out)):
+                m = measure_child(mode, src, dst, hash_source)
+                if i > 0:
+                    bench.measurements.append(m)
+                    if progress:
+                        progress(m)
+    finally:
+        for p in (out, floor_out):
+            if p.exists():
+                p.unlink()
+    return bench
+
+
+if __name__ == "__main__":  # child entry point for measure_child
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")))
+    else:
+        sys.exit("usage: python -m vitconv.bench --child {stream,floor} SRC DST HASH")

@@ -1,0 +1,113 @@
+"""Conversion that never holds the model twice: read one source tensor, map it, write it, drop it.
+
+The ordinary path (:func:`vitconv.convert.convert_file`) builds the whole canonical state
+dict and hands it to a writer; ``safetensors``' writer then copies every tensor into a
+``bytes`` object, so a 2.5 GB ViT-H/14 needs about 5 GB of RAM. Here the output's layout
+is computed from shapes alone (:func:`vitconv.model.expected_shapes` for the canonical
+shapes, the source members' headers for dtypes), the header is written first and each
+tensor streams from :meth:`vitconv.layouts.ReadResult.tensors` straight into its slot.
+Peak memory is the interpreter plus the largest rule's inputs and output (three q/k/v
+kernels and their fused result), whatever the model size.
+
+The bytes are the same as the ordinary path's: tensors are produced by the same rule
+table and laid out in the order ``safetensors`` itself uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from .checkpoint import Canonical, output_kind, read_canonical
+from .convert import ConversionReport
+from .errors import BadInputError, OutputError
+from .formats.base import sha256_file
+from .formats.safetensors_io import CONFIG_KEY
+from .formats.safetensors_stream import SafetensorsStreamWriter, TensorSpec, safetensors_order
+
+#: Hugging Face's default shard limit (``max_shard_size="5GB"``, decimal units).
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+#: ``progress(done_bytes, total_bytes, tensor_name)``, called after each tensor is written.
+Progress = Callable[[int, int, str], None]
+
+
+def tensor_specs(c: Canonical) -> List[TensorSpec]:
+    """Name, dtype and shape of every output tensor, in production (rule) order, before a
+    byte of weight data is read: shapes from the target config, dtypes from the source
+    members' headers (a rule's output has the common type of its inputs)."""
+    from .model import expected_shapes
+
+    shapes = expected_shapes(c.config)
+    src, prefix = c.read.source, c.read.prefix
+    specs = []
+    for r in c.read.rules:
+        dtypes = [np.dtype(src.dtype(prefix + k)) for k in r.source]
+        specs.append(TensorSpec(r.canonical, np.result_type(*dtypes), tuple(shapes[r.canonical])))
+    return specs
+
+
+def _reordered(c: Canonical, names: List[str]) -> Canonical:
+    """``c`` with its rules in the order of ``names`` (zip members are random access)."""
+    by_name = {r.canonical: r for r in c.read.rules}
+    return dataclasses.replace(c, read=dataclasses.replace(c.read, rules=[by_name[n] for n in names]))
+
+
+def stream_convert(src: os.PathLike | str, dst: os.PathLike | str, image_size: Optional[int] = None,
+                   shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES, progress: Optional[Progress] = None,
+                   require_layout: Optional[str] = None, hash_source: bool = True) -> ConversionReport:
+    """Convert ``src`` to a canonical ``.safetensors`` or ``.pt`` at ``dst``, streaming.
+
+    Same checks, metadata and tensors as :func:`vitconv.convert.convert_file`; the output
+    appears only when complete. ``.safetensors`` above ``shard_bytes`` (None: never) is
+    sharded with a ``.safetensors.index.json`` (the report's ``output`` is then the index).
+    ``.pt`` is never sharded. ``hash_source=False`` skips the source's SHA-256 (one more
+    read of the file) and leaves it out of the metadata.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise OutputError("output would overwrite the source", dst)
+    kind = output_kind(dst)
+    if kind not in ("safetensors", "pt"):
+        raise BadInputError("streaming conversion writes .safetensors or .pt; use convert_file "
+                            "for a Google .npz", dst)
+    c = read_canonical(src, image_size=image_size)
+    try:
+        if require_layout and c.read.layout.name != require_layout:
+            raise BadInputError(f"expected a {require_layout} checkpoint, found the "
+                                f"{c.read.layout.name} layout", src)
+        specs = tensor_specs(c)
+        digest = sha256_file(src) if hash_source else ""
+        extra = {"source_sha256": digest, "source": src.name} if hash_source else {}
+        if kind == "safetensors":
+            specs = safetensors_order(specs)
+            meta = {"format": "pt", CONFIG_KEY: c.config.to_json(), **extra}
+            writer = SafetensorsStreamWriter(dst, specs, meta, shard_bytes=shard_bytes)
+        else:
+            from .formats.torch_pt_stream import PtStreamWriter
+
+            writer = PtStreamWriter(dst, specs, c.config.to_dict(), extra)
+        c = _reordered(c, [s.name for s in specs])
+        done, total = 0, sum(s.nbytes for s in specs)
+        with writer:
+            for (name, t), spec in zip(c.tensors(), specs):
+                writer.write(name, t)
+                done += spec.nbytes
+                del t
+                if progress is not None:
+                    progress(done, total, name)
+    finally:
+        c.read.source.close()
+    notes = [c.info["ignored"]] if "ignored" in c.info else []
+    output = writer.outputs[-1]
+    if len(writer.outputs) > 1:
+        notes.append(f"sharded into {len(writer.outputs) - 1} files of at most {shard_bytes:,} bytes "
+                     f"({', '.join(p.name for p in writer.outputs[:-1])})")
+    resized = (c.resized_from, c.config.grid_size) if c.resized_from is not None else None
+    num_params = int(sum(int(np.prod(s.shape, dtype=np.int64)) for s in specs))
+    return ConversionReport(str(src), c.read.layout.name, digest, c.config, num_params, str(output),
+                            kind, resized, notes)

@@ -1,0 +1,106 @@
+"""Full-size Google-layout ``.npz`` checkpoints with seeded random weights, for benchmarks.
+
+Real checkpoints are hundreds of MB to GB and cannot ship with the project, but
+conversion speed and memory depend only on the shapes and the container. The files
+written here have Google's key names, shapes and member order (sorted keys, as
+``np.savez`` of the flattened params gives) and are written member by member into the
+zip, so generating ViT-H/14 (2.5 GB) never holds more than one tensor.
+
+The keys and shapes come from the Google rule table run backwards on the canonical
+shapes, so the generator cannot drift from what the converter reads.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from .config import ViTConfig
+from .formats.atomic import atomic_output
+
+#: Google's published ImageNet models (``vit_jax/configs/models.py``), 224 px, 1000 classes.
+PRESETS: Dict[str, ViTConfig] = {
+    "Ti/16": ViTConfig(width=192, depth=12, num_heads=3, head_dim=64, mlp_dim=768, patch_size=16),
+    "S/16": ViTConfig(width=384, depth=12, num_heads=6, head_dim=64, mlp_dim=1536, patch_size=16),
+    "B/16": ViTConfig(width=768, depth=12, num_heads=12, head_dim=64, mlp_dim=3072, patch_size=16),
+    "L/16": ViTConfig(width=1024, depth=24, num_heads=16, head_dim=64, mlp_dim=4096, patch_size=16),
+    "H/14": ViTConfig(width=1280, depth=32, num_heads=16, head_dim=80, mlp_dim=5120, patch_size=14),
+    # R50+ViT-B/16: ResNet-50 stem with stages (3, 4, 9), then 1x1 "patches" on its /16 grid.
+    "R50+B/16": ViTConfig(width=768, depth=12, num_heads=12, head_dim=64, mlp_dim=3072, patch_size=1,
+                          resnet_layers=(3, 4, 9), resnet_width=64),
+}
+
+
+def preset(name: str) -> ViTConfig:
+    """The config of a named preset (``B/16``, ``ViT-B/16``, ``vit-b16`` all work)."""
+    key = name.upper().replace("VIT-", "").replace("VIT", "").replace("_", "/").lstrip("-")
+    for k, cfg in PRESETS.items():
+        if key in (k.upper(), k.upper().replace("/", "")):
+            return cfg
+    raise KeyError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+
+
+def google_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
+    """Google key -> shape for ``cfg``, from the rule table's inverse applied to the
+    canonical shapes (on zero-stride views: nothing is allocated but the outputs)."""
+    from .layouts import LAYOUTS
+    from .model import expected_shapes
+    from .rules.base import expand_rules
+
+    canon = expected_shapes(cfg)
+    out: Dict[str, Tuple[int, ...]] = {}
+    for r in expand_rules(LAYOUTS["google"].table_for(cfg), cfg):
+        # a 1-element array broadcast to the shape: the op's transposes/reshapes only need shapes
+        probe = np.broadcast_to(np.zeros(1, np.float32), canon[r.canonical])
+        parts = r.op.from_canonical(probe, cfg)
+        for k, a in zip(r.source, parts):
+            out[k] = tuple(a.shape)
+    return out
+
+
+def _values(key: str, shape: Tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Plausible magnitudes: norms' scales near 1, biases and embeddings small, kernels
+    scaled like a fan-in initialisation. Only shapes matter for the benchmarks."""
+    leaf = key.rsplit("/", 1)[-1]
+    if leaf == "scale":
+        return (1.0 + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    if leaf == "bias" or "pos_embedding" in key or key == "cls":
+        return 0.02 * rng.standard_normal(shape, dtype=np.float32)
+    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32(1.0 / np.sqrt(max(fan_in, 1)))
+    return w
+
+
+def iter_arrays(cfg: ViTConfig, seed: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
+    """``(google key, array)`` in sorted key order, one array alive at a time."""
+    rng = np.random.default_rng(seed)
+    for key, shape in sorted(google_shapes(cfg).items()):
+        yield key, _values(key, shape, rng)
+
+
+def write_synthetic_npz(path: os.PathLike | str, cfg: ViTConfig, seed: int = 0,
+                        prefix: str = "") -> int:
+    """Write a Google-layout ``.npz`` for ``cfg`` at ``path``, streaming; returns bytes of
+    tensor data written. ``prefix`` nests keys (``opt/target/`` as in older checkpoints)."""
+    total = 0
+    with atomic_output(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, a in iter_arrays(cfg, seed):
+                with zf.open(prefix + key + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, a, allow_pickle=False)
+                total += a.nbytes
+    return total
+
+
+def make_synthetic(name_or_cfg: "str | ViTConfig", path: os.PathLike | str, seed: int = 0,
+                   image_size: Optional[int] = None, num_classes: Optional[int] = None) -> ViTConfig:
+    """Write a synthetic checkpoint for a preset name or a config; returns the config."""
+    cfg = preset(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    changes = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes)) if v is not None}
+    cfg = cfg.replace(**changes) if changes else cfg
+    write_synthetic_npz(path, cfg, seed)
+    return cfg
