@@ -1,0 +1,66 @@
+"""``vitconv inspect SRC [--json] [--plot-posembed OUT.png]``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_bytes
+
+from .common import say
+
+#: Hashing runs at roughly 0.5-1 GB/s; below this a bar would only flicker.
+_BAR_BYTES = 256 << 20
+
+
+@click.command("inspect")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@click.option("--plot-posembed", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="OUT.png", help="Also draw the cosine similarity of every patch's position "
+              "embedding with every other (ViT paper, figure 7). Needs matplotlib "
+              "(pip install 'vitconv[plot]').")
+@click.pass_context
+def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | None) -> None:
+    """Show what a checkpoint or ONNX file holds, without converting it.
+
+    Layout, architecture (and the tensor each value was read from), parameters, dtypes,
+    size, sha256 and the key audit; for .onnx: inputs, outputs, opsets, metadata, ops.
+    A checkpoint that would not convert is reported, not refused.
+
+    \b
+      vitconv inspect ViT-B_16.npz
+      vitconv inspect vit.onnx --json
+      vitconv inspect ViT-B_16.npz --plot-posembed posembed.png
+    """
+    quiet = (ctx.obj or {}).get("quiet")
+    if plot_posembed is not None:
+        from vitconv.plot import require_matplotlib
+
+        require_matplotlib()  # fail before any work, not after
+    err = sys.stderr
+    size = total_bytes(src) if src.exists() else 0
+    show = size >= _BAR_BYTES and not quiet and err.isatty()  # never litter logs or pipes
+    bar = click.progressbar(length=size, label="sha256", file=err) if show else contextlib.nullcontext()
+    with bar as b:
+        report = inspect_path(src, progress=b.update if b is not None else None)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in format_text(report):
+            say(ctx, line)
+    if plot_posembed is not None:
+        from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid
+
+        pe, cfg, layout = read_pos_embed(src)
+        sim = posembed_cosine_grid(pe, cfg.num_prefix_tokens)
+        g = sim.shape[0]
+        plot_posembed_similarity(sim, plot_posembed, title=f"{src.name}: position embedding "
+                                 f"similarity ({g}x{g} patches)")
+        if not quiet:  # with --json, stdout holds only the JSON document
+            click.echo(f"wrote {plot_posembed} ({g}x{g} grid of {g}x{g} cosine-similarity maps)",
+                       err=as_json)

@@ -1,0 +1,456 @@
+"""What is in a checkpoint or ONNX file, without converting it: ``vitconv inspect``.
+
+For weights (``.npz``, ``.pt``, ``.safetensors``, and whatever else ``open_source``
+reads) the report names the detected layout, the inferred architecture with the tensor
+each value was read from, the parameter count, dtypes, size and sha256, and the key
+audit. Conversion stops at the first unmapped key; inspect instead *reports* missing
+and unused keys, because "which keys are wrong" is exactly what a user with a file
+that does not convert needs to see. For ``.onnx`` it lists inputs (with symbolic dims),
+outputs, opsets, metadata and the op mix, reading only the graph
+(``load_external_data=False``), so a multi-gigabyte model is inspected in a moment.
+
+Nothing here needs click; :func:`format_text` renders the report for the CLI.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import ViTConfig
+from .errors import BadInputError, MappingError
+
+#: Version of the ``--json`` document; bump when a field changes meaning or disappears.
+SCHEMA = "vitconv.inspect/1"
+
+Progress = Optional[Callable[[int], None]]
+
+#: Config fields shown for every model, in display order; hybrid-stem fields follow when present.
+_FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "head_dim",
+           "mlp_dim", "classifier", "representation_size", "num_classes", "qkv_bias",
+           "final_norm", "norm_eps", "act")
+_HYBRID_FIELDS = ("resnet_layers", "resnet_width", "resnet_groups", "resnet_gn_eps", "resnet_ws_eps")
+
+#: safetensors header dtype codes -> numpy-style names (bfloat16 kept: numpy has no name for it).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclass
+class FileEntry:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class Audit:
+    """Key audit against the layout's rule table. ``ok`` means the file converts as is."""
+
+    ok: bool
+    missing: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)  # outside the model prefix (optimizer state)
+    error: Optional[str] = None
+
+
+@dataclass
+class CheckpointReport:
+    path: str
+    format: str
+    files: List[FileEntry]
+    num_tensors: int
+    num_params: int
+    dtypes: Dict[str, int]
+    layout: Optional[str]
+    audit: Audit
+    config: Optional[ViTConfig] = None
+    architecture: List[Tuple[str, Any, str]] = field(default_factory=list)  # (field, value, read from)
+    prefix: str = ""
+    kind: str = "checkpoint"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "schema": SCHEMA, "kind": self.kind, "path": self.path, "format": self.format,
+            **_file_fields(self.files),
+            "layout": self.layout, "prefix": self.prefix,
+            "num_tensors": self.num_tensors, "num_params": self.num_params, "dtypes": self.dtypes,
+            "config": self.config.to_dict() if self.config else None,
+            "architecture": [{"name": n, "value": _jsonable(v), "source": s}
+                             for n, v, s in self.architecture],
+            "audit": {"ok": self.audit.ok, "missing": self.audit.missing, "unused": self.audit.unused,
+                      "ignored": self.audit.ignored, "error": self.audit.error},
+        }
+
+
+@dataclass
+class OnnxReport:
+    path: str
+    files: List[FileEntry]
+    ir_version: int
+    producer: str
+    opsets: Dict[str, int]
+    inputs: List[Dict[str, Any]]
+    outputs: List[Dict[str, Any]]
+    metadata: Dict[str, str]
+    num_nodes: int
+    num_functions: int
+    op_types: List[Tuple[str, int]]
+    num_initializers: int
+    num_params: int
+    dtypes: Dict[str, int]
+    external_data: bool
+    format: str = "onnx"
+    kind: str = "onnx"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "schema": SCHEMA, "kind": self.kind, "path": self.path, "format": self.format,
+            **_file_fields(self.files),
+            "ir_version": self.ir_version, "producer": self.producer, "opsets": self.opsets,
+            "inputs": self.inputs, "outputs": self.outputs, "metadata": self.metadata,
+            "num_nodes": self.num_nodes, "num_functions": self.num_functions,
+            "op_types": [{"op": o, "count": c} for o, c in self.op_types],
+            "num_initializers": self.num_initializers, "num_params": self.num_params,
+            "dtypes": self.dtypes, "external_data": self.external_data,
+        }
+
+
+def inspect_path(path: os.PathLike | str, progress: Progress = None):
+    """Inspect ``path``: an :class:`OnnxReport` for ``.onnx``, else a :class:`CheckpointReport`.
+
+    ``progress(n)`` is called with the number of bytes hashed as hashing advances (the
+    only step that reads a large file end to end). Unreadable files raise
+    :class:`BadInputError`; a checkpoint that would fail conversion does not raise."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError("no such file or directory", p)
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        return inspect_onnx(p, progress)
+    return inspect_checkpoint(p, progress)
+
+
+def total_bytes(path: os.PathLike | str) -> int:
+    """Bytes :func:`inspect_path` will hash (for a progress bar's length)."""
+    return sum(f.stat().st_size for f in _files_of(Path(path)))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> CheckpointReport:
+    from .formats.base import open_source, sniff
+    from .layouts import read_layout
+
+    p = Path(path)
+    kind = sniff(p)
+    source = open_source(p)
+    try:
+        keys = source.keys()
+        shapes = {k: tuple(source.shape(k)) for k in keys}
+        dtypes = _dtypes(source, p, kind)
+        layout, cfg, prefix, audit = None, None, "", None
+        try:
+            rr = read_layout(source)
+            layout, cfg, prefix = rr.layout, rr.config, rr.prefix
+            audit = Audit(ok=True, ignored=sorted(rr.ignored))
+        except MappingError as e:
+            layout, cfg, prefix, audit = _partial_audit(source, keys, e)
+        model_keys = [k for k in keys if k.startswith(prefix)]
+        num_params = int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in model_keys))
+        arch = architecture_rows(cfg, layout, source) if cfg is not None else []
+        fmt = {"zip": "npz" if type(source).__name__ == "NpzSource" else "pt", "pickle": "pt",
+               "safetensors": "safetensors", "dir": "directory"}.get(kind, kind)
+    finally:
+        source.close()
+    files = _hash_files(p, progress)
+    return CheckpointReport(str(p), fmt, files, len(keys), num_params,
+                            dict(sorted(collections.Counter(dtypes.values()).items())),
+                            layout.name if layout else None, audit, cfg, arch, prefix)
+
+
+def _partial_audit(source, keys: Sequence[str], error: MappingError):
+    """Redo ``read_layout``'s steps one by one, keeping whatever succeeds, so the report can
+    list the missing and unused keys instead of only the first complaint."""
+    from .layouts import detect_layout
+    from .rules.base import audit_report, expand_rules
+
+    layout = cfg = None
+    prefix = ""
+    try:
+        layout = detect_layout(source)
+        prefix = layout.strip(keys, source.path) if layout.strip else ""
+        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        ignored = sorted(k for k in keys if not k.startswith(prefix))
+        shapes = {k: source.shape(prefix + k) for k in inner}
+        infer_meta = getattr(layout, "infer_meta", None)  # layouts with a config.json
+        cfg = (infer_meta(shapes, source.metadata, source.path) if infer_meta is not None
+               else layout.infer(shapes, source.path))
+        missing, unused = audit_report(expand_rules(layout.table_for(cfg), cfg), inner)
+        return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message)
+    except MappingError as e:
+        return layout, cfg, prefix, Audit(False, error=e.message)
+
+
+def architecture_rows(cfg: ViTConfig, layout, source=None) -> List[Tuple[str, Any, str]]:
+    """``(field, value, where it came from)`` for every config field that matters.
+
+    Sources come from the layout's own ``inference_sources(cfg)`` (``rules/<layout>.py``)
+    when it has one; a config stored in the file's metadata is named as such; anything
+    else is a convention of the layout, not a value read from the file."""
+    meta = getattr(source, "metadata", {}) or {}
+    if layout is not None and layout.name == "canonical" and "vitconv_config" in meta:
+        sources: Dict[str, str] = {}
+        fallback = "vitconv_config metadata"
+    else:
+        sources = _layout_sources(layout, cfg)
+        fallback = f"{layout.name} layout convention (not stored in the file)" if layout else "?"
+        if sources is None:
+            from_meta = getattr(layout, "infer_meta", None) is not None and bool(meta)
+            sources = {}
+            fallback = ("config metadata" if from_meta
+                        else f"{layout.name} layout: inferred from tensor shapes")
+    names = list(_FIELDS) + (list(_HYBRID_FIELDS) if cfg.resnet_layers is not None else [])
+    rows = [(n, getattr(cfg, n), sources.get(n, fallback)) for n in names]
+    rows.append(("grid_size", cfg.grid_size, f"image_size / stride {cfg.total_stride}"))
+    return rows
+
+
+def _layout_sources(layout, cfg: ViTConfig) -> Optional[Dict[str, str]]:
+    if layout is None:
+        return None
+    own = getattr(layout, "sources", None)
+    if callable(own):
+        return dict(own(cfg))
+    if isinstance(own, dict):
+        return dict(own)
+    # The module that infers the layout's config is the one that knows where values come from.
+    name = getattr(layout.infer, "__module__", None) or f"vitconv.rules.{layout.name}"
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    fn = getattr(module, "inference_sources", None)
+    if fn is None:
+        return None
+    src = dict(fn(cfg))
+    if layout.name == "google":
+        src.setdefault("final_norm", "presence of Transformer/encoder_norm/scale")
+    return src
+
+
+def _dtypes(source, path: Path, kind: str) -> Dict[str, str]:
+    """dtype name per key. safetensors: from the header, so bfloat16 stays bfloat16 and no
+    tensor is read; otherwise what the reader reports (a ``.pt``'s bfloat16 arrives as float32)."""
+    if kind == "safetensors":
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        return {k: _ST_DTYPES.get(v["dtype"], v["dtype"].lower())
+                for k, v in header.items() if k != "__metadata__"}
+    return {k: str(np.dtype(source.dtype(k))) for k in source.keys()}
+
+
+# ---------------------------------------------------------------------------- onnx
+_ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "FLOAT16": "float16", "BFLOAT16": "bfloat16",
+                "INT64": "int64", "INT32": "int32", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+def inspect_onnx(path: os.PathLike | str, progress: Progress = None, top: int = 10) -> OnnxReport:
+    """Graph-level facts of an ONNX model; weights stored outside the file are not read."""
+    import onnx
+
+    p = Path(path)
+    try:
+        model = onnx.load(os.fspath(p), load_external_data=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"not a readable ONNX model ({msg[:200]})", p) from None
+    g = model.graph
+    init_names = {t.name for t in g.initializer}
+
+    def value_info(v) -> Dict[str, Any]:
+        t = v.type.tensor_type
+        shape = None
+        if t.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in t.shape.dim]
+        return {"name": v.name, "dtype": _onnx_dtype(t.elem_type), "shape": shape}
+
+    params, dtypes, external = 0, collections.Counter(), False
+    for t in g.initializer:
+        params += int(np.prod(list(t.dims), dtype=np.int64))
+        dtypes[_onnx_dtype(t.data_type)] += 1
+        external |= t.data_location == onnx.TensorProto.EXTERNAL
+    ops = collections.Counter(n.op_type for n in g.node)
+    files = _hash_files(p, progress)
+    return OnnxReport(
+        path=str(p), files=files, ir_version=int(model.ir_version),
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        opsets={(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import},
+        inputs=[value_info(v) for v in g.input if v.name not in init_names],
+        outputs=[value_info(v) for v in g.output],
+        metadata={m.key: m.value for m in model.metadata_props},
+        num_nodes=len(g.node), num_functions=len(model.functions),
+        op_types=sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))[:top],
+        num_initializers=len(g.initializer), num_params=params,
+        dtypes=dict(sorted(dtypes.items())), external_data=bool(external))
+
+
+def _onnx_dtype(code: int) -> str:
+    import onnx
+
+    try:
+        name = onnx.TensorProto.DataType.Name(code)
+    except ValueError:
+        return f"type{code}"
+    return _ONNX_DTYPES.get(name, name.lower())
+
+
+# ---------------------------------------------------------------------------- files
+def _files_of(p: Path) -> List[Path]:
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [p]
+
+
+def _hash_files(p: Path, progress: Progress) -> List[FileEntry]:
+    out = []
+    for f in _files_of(p):
+        h = hashlib.sha256()
+        try:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+                    if progress:
+                        progress(len(block))
+        except OSError as e:
+            raise BadInputError(f"cannot read: {e.strerror or e}", f) from None
+        name = f.name if f == p else os.fspath(f.relative_to(p))
+        out.append(FileEntry(name, f.stat().st_size, h.hexdigest()))
+    return out
+
+
+def _file_fields(files: List[FileEntry]) -> Dict[str, Any]:
+    single = len(files) == 1
+    return {"file_size": sum(f.size for f in files),
+            "sha256": files[0].sha256 if single else None,
+            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in files]}
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# ---------------------------------------------------------------------------- posembed
+def read_pos_embed(path: os.PathLike | str) -> Tuple[np.ndarray, ViTConfig, str]:
+    """The canonical ``(1, N, D)`` position table, the config and the layout name, read
+    through the layout's own rule (only that tensor is loaded). Works on a file whose
+    audit fails elsewhere, as long as the layout, architecture and this tensor are there."""
+    from .formats.base import open_source
+    from .layouts import read_layout
+    from .rules.base import expand_rules
+
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        raise BadInputError("position-embedding plot needs a checkpoint (.npz, .pt, "
+                            ".safetensors), not an ONNX graph", p)
+    source = open_source(p)
+    try:
+        try:
+            rr = read_layout(source)
+            layout, cfg, prefix, rules = rr.layout, rr.config, rr.prefix, rr.rules
+        except MappingError as e:
+            layout, cfg, prefix, _ = _partial_audit(source, source.keys(), e)
+            if cfg is None:
+                raise
+            rules = expand_rules(layout.table_for(cfg), cfg)
+        rule = next((r for r in rules if r.canonical == "pos_embed"), None)
+        keys = [prefix + k for k in rule.source] if rule else []
+        if rule is None or any(k not in source for k in keys):
+            raise BadInputError("no position embedding in this checkpoint", p)
+        pe = rule.op.to_canonical([source.get(k) for k in keys], cfg)
+    finally:
+        source.close()
+    return np.asarray(pe), cfg, layout.name
+
+
+# ---------------------------------------------------------------------------- text
+def format_text(report) -> List[str]:
+    """Human-readable lines for a report (what ``vitconv inspect`` prints without ``--json``)."""
+    d = report.to_dict()
+    rows: List[Tuple[str, str]] = [("file", d["path"]), ("format", d["format"])]
+    size = f"{d['file_size']:,} bytes"
+    rows.append(("size", size + (f" in {len(d['files'])} files" if len(d["files"]) > 1 else "")))
+    if d["sha256"]:
+        rows.append(("sha256", d["sha256"]))
+    if isinstance(report, OnnxReport):
+        return _lines(rows + _onnx_rows(d))
+    rows.append(("layout", (d["layout"] or "unknown")
+                 + (f" (model under '{d['prefix']}')" if d["prefix"] else "")))
+    if report.config is not None:
+        rows.append(("model", report.config.describe()))
+    rows += [("tensors", f"{d['num_tensors']:,}"), ("params", f"{d['num_params']:,}"),
+             ("dtypes", _counts(d["dtypes"]))]
+    a = report.audit
+    if a.ok:
+        rows.append(("audit", "ok: every key mapped exactly once, nothing missing"
+                     + (f" ({len(a.ignored)} keys outside the model ignored)" if a.ignored else "")))
+    else:
+        rows.append(("audit", f"FAILED: {a.error}"))
+        rows += [("  missing", k) for k in a.missing] + [("  unused", k) for k in a.unused]
+    lines = _lines(rows)
+    if report.architecture:
+        lines += ["", *_table(("field", "value", "read from"),
+                              [(n, _show(v), s) for n, v, s in report.architecture])]
+    return lines
+
+
+def _onnx_rows(d: Dict[str, Any]) -> List[Tuple[str, str]]:
+    def io(v):
+        shape = "?" if v["shape"] is None else "[" + ", ".join(
+            "?" if s is None else str(s) for s in v["shape"]) + "]"
+        return f"{v['name']}: {v['dtype']} {shape}"
+
+    rows = [("producer", f"{d['producer']} (IR {d['ir_version']})"),
+            ("opsets", ", ".join(f"{k} {v}" for k, v in d["opsets"].items()))]
+    rows += [("input", io(v)) for v in d["inputs"]] + [("output", io(v)) for v in d["outputs"]]
+    rows += [("metadata", f"{k} = {v}") for k, v in d["metadata"].items()]
+    rows += [("nodes", f"{d['num_nodes']:,}" + (f" (+{d['num_functions']} functions)"
+                                               if d["num_functions"] else "")),
+             ("top ops", ", ".join(f"{o['op']} {o['count']}" for o in d["op_types"])),
+             ("weights", f"{d['num_params']:,} in {d['num_initializers']} initializers"
+                         + (" (external data, not read)" if d["external_data"] else "")),
+             ("dtypes", _counts(d["dtypes"]) or "-")]
+    return rows
+
+
+def _counts(c: Dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in c.items())
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(str, v)) + ")"
+    return str(v)
+
+
+def _lines(rows: List[Tuple[str, str]]) -> List[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"{k.ljust(width)}  {v}" for k, v in rows]
+
+
+def _table(header: Tuple[str, ...], rows: List[Tuple[str, ...]]) -> List[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return [fmt(header), fmt(tuple("-" * w for w in widths)), *[fmt(r) for r in rows]]
