@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
 from .config import ViTConfig
-from .errors import BadInputError, MappingError
-from .formats.base import TensorSource, open_source, sha256_file
+from .errors import BadInputError
+from .formats.base import TensorSource, open_source
 from .layouts import LAYOUTS, ReadResult, read_layout, write_layout
 from .ops import resize_pos_embed
 
