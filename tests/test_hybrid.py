@@ -82,3 +82,20 @@ def test_tf_same_padding_is_asymmetric_for_stride_two():
     padded = tf_same_pad(marker, 7, 2)
     assert padded[0, 0, 2, 2] == 1  # two rows/cols before, three after
     assert tf_same_pad(torch.zeros(1, 1, 31, 31), 7, 2).shape[-1] == 31 + 6  # odd: 3 + 3
+
+
+def test_real_stage_layout_agrees_with_the_independent_numpy_reference(tmp_path):
+    """The golden hybrid has one unit per stage; here (3, 4, 9) exercises the identity-residual
+    units too, checked against the NumPy reference that reads Google's keys directly."""
+    from vitconv.reference import reference_forward
+
+    src = tmp_path / "r50.npz"
+    synthetic_npz(R50_SMALL_VIT, src, seed=7)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    ref = reference_forward(src, x)
+    with torch.no_grad():
+        got = vitconv.load(src).forward_stages(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    for stage in ("embed", "encoded", "logits"):
+        scale = max(1.0, float(np.sqrt(np.mean(np.square(ref[stage])))))
+        err = float(np.abs(got[stage].double().numpy() - ref[stage]).max())
+        assert err <= 1e-4 * scale, f"{stage}: {err:.3g}"
