@@ -44,20 +44,31 @@ class Canonical:
 
 
 def read_canonical(path: PathLike, image_size: Optional[int] = None,
-                   source: Optional[TensorSource] = None) -> Canonical:
-    """Open ``path``, recognise its layout, infer and audit; optionally retarget the
-    resolution (``image_size``), resizing position embeddings as Google's
-    ``load_pretrained`` does. Nothing is read beyond headers until ``tensors()``."""
+                   source: Optional[TensorSource] = None,
+                   require_layout: Optional[str] = None) -> Canonical:
+    """Open ``path``, recognise its layout (which must be ``require_layout`` when given),
+    infer and audit; optionally retarget the resolution (``image_size``), resizing position
+    embeddings as Google's ``load_pretrained`` does. Nothing is read beyond headers until
+    ``tensors()``. A source opened here is closed again when any of this fails."""
+    opened = source is None
     source = source or open_source(path)
-    read = read_layout(source)
-    cfg = read.config
-    resized_from = None
-    if image_size is not None and image_size != cfg.image_size:
-        if image_size <= 0 or image_size % cfg.total_stride:
-            raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
-                                f"model's stride {cfg.total_stride}", path)
-        resized_from = cfg.grid_size
-        cfg = cfg.replace(image_size=image_size)
+    try:
+        read = read_layout(source)
+        if require_layout and read.layout.name != require_layout:
+            raise BadInputError(f"expected a {require_layout} checkpoint, found the "
+                                f"{read.layout.name} layout", path)
+        cfg = read.config
+        resized_from = None
+        if image_size is not None and image_size != cfg.image_size:
+            if image_size <= 0 or image_size % cfg.total_stride:
+                raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
+                                    f"model's stride {cfg.total_stride}", path)
+            resized_from = cfg.grid_size
+            cfg = cfg.replace(image_size=image_size)
+    except BaseException:
+        if opened:
+            source.close()
+        raise
     info = {"layout": read.layout.name, "source": os.fspath(path)}
     if read.ignored:
         info["ignored"] = f"{len(read.ignored)} keys outside '{read.prefix}' (optimizer state)"

@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Tuple
 
 from .checkpoint import output_kind, param_count, read_canonical, save_canonical
 from .config import ViTConfig
-from .errors import BadInputError, OutputError
+from .errors import OutputError
 from .formats.atomic import check_writable
 from .formats.base import sha256_file
 
@@ -39,6 +39,12 @@ class ConversionReport:
         return rows
 
 
+def refuse_overwrite(src: Path, dst: Path) -> None:
+    """Writing onto the file being read would destroy the source mid-read."""
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise OutputError("output would overwrite the source", dst)
+
+
 def convert_file(src: os.PathLike | str, dst: os.PathLike | str, image_size: Optional[int] = None,
                  require_layout: Optional[str] = None,
                  progress: Optional[Callable[[int, int, str], None]] = None) -> ConversionReport:
@@ -55,13 +61,9 @@ def convert_file(src: os.PathLike | str, dst: os.PathLike | str, image_size: Opt
 
         return stream_convert(src, dst, image_size=image_size, require_layout=require_layout,
                               progress=progress)
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise OutputError("output would overwrite the source", dst)
-    c = read_canonical(src, image_size=image_size)
+    refuse_overwrite(src, dst)
+    c = read_canonical(src, image_size=image_size, require_layout=require_layout)
     try:
-        if require_layout and c.read.layout.name != require_layout:
-            raise BadInputError(f"expected a {require_layout} checkpoint, found the "
-                                f"{c.read.layout.name} layout", src)
         state = c.state_dict()
     finally:
         c.read.source.close()

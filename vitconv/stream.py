@@ -23,8 +23,8 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .checkpoint import Canonical, output_kind, read_canonical
-from .convert import ConversionReport
-from .errors import BadInputError, OutputError
+from .convert import ConversionReport, refuse_overwrite
+from .errors import BadInputError
 from .formats.base import sha256_file
 from .formats.safetensors_io import CONFIG_KEY
 from .formats.safetensors_stream import SafetensorsStreamWriter, TensorSpec, safetensors_order
@@ -69,17 +69,13 @@ def stream_convert(src: os.PathLike | str, dst: os.PathLike | str, image_size: O
     read of the file) and leaves it out of the metadata.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise OutputError("output would overwrite the source", dst)
+    refuse_overwrite(src, dst)
     kind = output_kind(dst)
     if kind not in ("safetensors", "pt"):
         raise BadInputError("streaming conversion writes .safetensors or .pt; use convert_file "
                             "for a Google .npz", dst)
-    c = read_canonical(src, image_size=image_size)
+    c = read_canonical(src, image_size=image_size, require_layout=require_layout)
     try:
-        if require_layout and c.read.layout.name != require_layout:
-            raise BadInputError(f"expected a {require_layout} checkpoint, found the "
-                                f"{c.read.layout.name} layout", src)
         specs = tensor_specs(c)
         digest = sha256_file(src) if hash_source else ""
         extra = {"source_sha256": digest, "source": src.name} if hash_source else {}
