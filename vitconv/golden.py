@@ -26,7 +26,7 @@ from typing import List, Mapping, Optional, Union
 
 import numpy as np
 
-from .errors import BadInputError, VerificationError
+from .errors import BadInputError, VerificationError, first_line
 from .formats.atomic import atomic_output
 from .formats.base import sha256_file
 
@@ -123,10 +123,7 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
 
 # --------------------------------------------------------------------------- checking
 def _input_nhwc(path: Path) -> np.ndarray:
-    try:
-        x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"not a readable .npy array ({str(e).splitlines()[0][:200]})", path) from None
+    x = _load_expected(path)
     if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
         raise BadInputError(f"input must be a float NHWC batch (4-D), got {x.dtype} {x.shape}", path)
     return x.astype(np.float32)
@@ -136,7 +133,7 @@ def _load_expected(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise BadInputError(f"not a readable .npy array ({str(e).splitlines()[0][:200]})", path) from None
+        raise BadInputError(f"not a readable .npy array ({first_line(e)})", path) from None
 
 
 def _figure(engine: str, what: str, got: np.ndarray, want: np.ndarray, tol: float) -> Figure:

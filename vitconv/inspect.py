@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config import ViTConfig
-from .errors import BadInputError, MappingError
+from .errors import BadInputError, MappingError, first_line
 
 #: Version of the ``--json`` document; bump when a field changes meaning or disappears.
 SCHEMA = "vitconv.inspect/1"
@@ -272,8 +272,7 @@ def inspect_onnx(path: os.PathLike | str, progress: Progress = None, top: int = 
     try:
         model = onnx.load(os.fspath(p), load_external_data=False)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"not a readable ONNX model ({msg[:200]})", p) from None
+        raise BadInputError(f"not a readable ONNX model ({first_line(e)})", p) from None
     g = model.graph
     init_names = {t.name for t in g.initializer}
 

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 from .reference import GoogleViTReference, load_npz
 
 PathLike = Union[str, os.PathLike]
@@ -196,8 +196,7 @@ class _OnnxRunner:
         try:
             self.session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInputError(f"not a loadable ONNX model ({msg[:200]})", path) from None
+            raise BadInputError(f"not a loadable ONNX model ({first_line(e)})", path) from None
         inputs = self.session.get_inputs()
         if not inputs:
             raise BadInputError("ONNX model has no inputs", path)
@@ -247,8 +246,7 @@ def _load_torchscript(path: Path):
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(os.fspath(path), map_location="cpu").eval()
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"not a loadable TorchScript module ({msg[:200]})", path) from None
+        raise BadInputError(f"not a loadable TorchScript module ({first_line(e)})", path) from None
 
 
 def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
@@ -258,7 +256,7 @@ def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
     try:
         params = load_npz(p)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise BadInputError(f"not a readable .npz ({str(e).splitlines()[0][:200]})", p) from None
+        raise BadInputError(f"not a readable .npz ({first_line(e)})", p) from None
     except KeyError as e:
         raise BadInputError(f"not a Google ViT checkpoint: {e.args[0]}", p) from None
     try:
