@@ -31,3 +31,13 @@ def test_rejects_invalid(bad):
 def test_unknown_fields_rejected():
     with pytest.raises(ValueError, match="unknown"):
         ViTConfig.from_dict({"widht": 3})
+
+
+def test_distilled_config_counts_both_prefix_tokens_and_refuses_what_deit_lacks():
+    c = ViTConfig(image_size=32, patch_size=8, width=48, depth=1, num_heads=3, head_dim=16, mlp_dim=96,
+                  num_classes=10, distilled=True)
+    assert (c.num_prefix_tokens, c.num_tokens) == (2, 18)
+    assert ViTConfig.from_json(c.to_json()) == c
+    for bad in (dict(classifier="gap"), dict(representation_size=48)):
+        with pytest.raises(ValueError, match="distillation token"):
+            c.replace(**bad)

@@ -112,12 +112,12 @@ def test_hybrid_golden_round_trips_through_jeonsworld_bitwise(tmp_path):
         assert back[k].tobytes() == state[k].tobytes(), k
 
 
-def test_distillation_and_unknown_heads_are_refused(tmp_path):
+def test_inconsistent_distillation_and_unknown_heads_are_refused(tmp_path):
     m = TimmLikeViT()
     sd = m.state_dict()
-    sd["dist_token"] = torch.zeros(1, 1, 48)
+    sd["dist_token"] = torch.zeros(1, 1, 48)  # a DeiT token, but no position row for it
     torch.save(sd, tmp_path / "d.pth")
-    with pytest.raises(MappingError, match="dist_token"):
+    with pytest.raises(MappingError, match="17 rows, which is not 2 prefix token"):
         read_any(tmp_path / "d.pth", num_heads=3)
     torch.save(m.state_dict(), tmp_path / "t.pth")
     with pytest.raises(MappingError, match="--num-heads"):  # 48-wide attention: not 64-dim heads

@@ -45,19 +45,28 @@ class Canonical:
 
 def read_canonical(path: PathLike, image_size: Optional[int] = None,
                    source: Optional[TensorSource] = None,
-                   require_layout: Optional[str] = None) -> Canonical:
+                   require_layout: Optional[str] = None, num_heads: Optional[int] = None) -> Canonical:
     """Open ``path``, recognise its layout (which must be ``require_layout`` when given),
     infer and audit; optionally retarget the resolution (``image_size``), resizing position
     embeddings as Google's ``load_pretrained`` does. Nothing is read beyond headers until
-    ``tensors()``. A source opened here is closed again when any of this fails."""
+    ``tensors()``. A source opened here is closed again when any of this fails.
+
+    ``num_heads`` is for PyTorch layouts whose shapes do not record the head count (64-dim
+    heads are assumed otherwise); for layouts that record it, it must agree."""
+    from .rules.pytorch_infer import given_heads
+
     opened = source is None
     source = source or open_source(path)
     try:
-        read = read_layout(source)
+        with given_heads(num_heads):
+            read = read_layout(source)
         if require_layout and read.layout.name != require_layout:
             raise BadInputError(f"expected a {require_layout} checkpoint, found the "
                                 f"{read.layout.name} layout", path)
         cfg = read.config
+        if num_heads is not None and cfg.num_heads != num_heads:
+            raise BadInputError(f"num_heads={num_heads}, but the {read.layout.name} checkpoint "
+                                f"records {cfg.num_heads} heads", path)
         resized_from = None
         if image_size is not None and image_size != cfg.image_size:
             if image_size <= 0 or image_size % cfg.total_stride:
@@ -88,13 +97,14 @@ def build_model(config: ViTConfig, state: Dict[str, np.ndarray]):
     return model.eval()
 
 
-def load(path: PathLike, image_size: Optional[int] = None):
-    """Load any checkpoint vitconv reads as the eval-mode canonical ViT.
+def load(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None):
+    """Load any checkpoint vitconv reads as the eval-mode canonical ViT. ``num_heads``
+    overrides the 64-dim-head assumption of layouts that do not record the head count.
 
     >>> model = vitconv.load("golden/jax/tiny_token_p8_32.npz")   # doctest: +SKIP
     >>> logits = model(images_nchw)                                # doctest: +SKIP
     """
-    c = read_canonical(path, image_size=image_size)
+    c = read_canonical(path, image_size=image_size, num_heads=num_heads)
     try:
         return build_model(c.config, c.state_dict())
     finally:

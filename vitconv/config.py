@@ -65,6 +65,10 @@ class ViTConfig:
     #: LayerNorms before and after the patch projection (vit-pytorch's ``to_patch_embedding``):
     #: LN over each flattened patch, the projection, LN over the width. Google has none.
     patch_norm: bool = False
+    #: DeiT's distillation token: a second prefix token (after the class token) with its own
+    #: head, ``head_dist``. In inference the logits are the mean of the two heads' outputs,
+    #: which is what timm's ``VisionTransformerDistilled`` returns in eval mode.
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIERS:
@@ -78,6 +82,10 @@ class ViTConfig:
                              f"{self.resnet_groups} groups")
         if self.patch_norm and self.resnet_layers is not None:
             raise ValueError("patch_norm is not supported with a hybrid ResNet stem")
+        if self.distilled and (self.classifier != "token" or self.representation_size
+                               or self.final_norm == "pooled"):
+            raise ValueError("a distillation token needs a class-token model without pre_logits "
+                             "whose norm is applied before pooling (as in DeiT)")
         if self.resnet_layers is not None:
             object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
         for name in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads",
@@ -110,7 +118,8 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.classifier == "token" else 0
+        """Tokens before the patches: the class token, then DeiT's distillation token."""
+        return (1 if self.classifier == "token" else 0) + (1 if self.distilled else 0)
 
     @property
     def num_tokens(self) -> int:
@@ -163,6 +172,8 @@ class ViTConfig:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:
             extras.append("patch norms")
+        if self.distilled:
+            extras.append("distillation token")
         return (f"{kind} depth {self.depth} width {self.width} heads {self.num_heads}x{self.head_dim} "
                 f"mlp {self.mlp_dim} patch {self.patch_size} @{self.image_size}px "
                 f"({', '.join(extras)}), {self.num_classes} classes")

@@ -13,6 +13,7 @@ from .config import ViTConfig
 from .errors import MappingError
 from .formats.base import TensorSource
 from .rules.base import Rule, audit, expand_rules, map_from_canonical, map_to_canonical
+from .rules.layout import all_finite
 
 Shapes = Dict[str, Tuple[int, ...]]
 
@@ -73,7 +74,7 @@ def _pytorch_layouts() -> List[Layout]:
 
     return [
         Layout("timm", "timm VisionTransformer state dict", timm.detect("timm"), timm.infer("timm"),
-               timm.table_for("timm")),
+               timm.table_for("timm"), infer_meta=timm.infer_with_meta("timm")),
         Layout("timm_posembs", "timm-derived ViT with a PositionEmbs wrapper (pos_embedding.pos_embedding)",
                timm.detect("timm_posembs"), timm.infer("timm_posembs"), timm.table_for("timm_posembs")),
         Layout("hf", "Hugging Face ViTForImageClassification", hf.detect("hf"), hf.infer("hf"),
@@ -131,7 +132,7 @@ class ReadResult:
                                         self.source.path):
             if not np.issubdtype(t.dtype, np.floating):
                 raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.source.path)
-            if check_finite and not np.isfinite(t).all():
+            if check_finite and not all_finite(t):
                 raise MappingError(f"{name} contains NaN or Inf values", self.source.path)
             yield name, t
 

@@ -207,6 +207,7 @@ class VisionTransformer(nn.Module):
             self.patch_norm_pre = nn.LayerNorm(patch_dim, eps=cfg.norm_eps)
             self.patch_norm_post = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.classifier == "token" else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm != "none" else None
@@ -215,6 +216,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pre_logits = None
         self.head = nn.Linear(cfg.head_in_dim, cfg.num_classes) if cfg.num_classes else None
+        self.head_dist = nn.Linear(cfg.width, cfg.num_classes) if cfg.distilled and cfg.num_classes else None
 
     # -- pieces ---------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +229,9 @@ class VisionTransformer(nn.Module):
             x = self.patch_embed(x)
             gh, gw = x.shape[-2], x.shape[-1]
             x = x.flatten(2).transpose(1, 2)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
         return x + self.pos_embed_for(gh, gw)
 
     def _embed_normed_patches(self, x: torch.Tensor):
@@ -250,7 +253,10 @@ class VisionTransformer(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``token``: the class token; ``gap``: mean over all tokens (Google pools after the
-        encoder norm; with ``final_norm='pooled'`` the norm is applied after pooling)."""
+        encoder norm; with ``final_norm='pooled'`` the norm is applied after pooling). A
+        distilled model pools both prefix tokens, ``(B, 2, width)``: one per head."""
+        if self.config.distilled:
+            return tokens[:, :2]
         pooled = tokens[:, 0] if self.config.classifier == "token" else tokens.mean(dim=1)
         if self.config.final_norm == "pooled":
             pooled = self.norm(pooled)
@@ -261,6 +267,8 @@ class VisionTransformer(nn.Module):
         return torch.tanh(self.pre_logits(pooled)) if self.pre_logits is not None else pooled
 
     def forward_head(self, head_in: torch.Tensor) -> torch.Tensor:
+        if self.head_dist is not None:  # DeiT at inference: the mean of both heads
+            return (self.head(head_in[:, 0]) + self.head_dist(head_in[:, 1])) / 2
         return self.head(head_in) if self.head is not None else head_in
 
     # -- whole passes ---------------------------------------------------------

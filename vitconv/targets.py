@@ -63,7 +63,18 @@ def google_problems(cfg: ViTConfig) -> List[str]:
     return out
 
 
+#: Targets that hold DeiT's distillation token and second head.
+_DISTILLED_TARGETS = ("canonical", "timm", "timm_posembs")
+
+
 def _problems(target: str, cfg: ViTConfig) -> List[str]:
+    if cfg.distilled and target not in _DISTILLED_TARGETS:
+        return ["DeiT distillation token and head_dist (written only as canonical or timm)"] + \
+            _target_problems(target, cfg)
+    return _target_problems(target, cfg)
+
+
+def _target_problems(target: str, cfg: ViTConfig) -> List[str]:
     if target == "npz":
         return google_problems(cfg)
     if target in ("timm", "timm_posembs"):
@@ -91,7 +102,7 @@ def _write_notes(target: str, cfg: ViTConfig) -> List[str]:
 
 def _read_notes(layout: str, cfg: ViTConfig, metadata: Dict[str, str]) -> List[str]:
     notes = []
-    if layout in _HEADS_ASSUMED:
+    if layout in _HEADS_ASSUMED and not (layout == "timm" and timm.config_records_heads(metadata)):
         notes.append(HEADS_NOTE.format(h=cfg.num_heads, d=cfg.head_dim))
     if layout in ("hf", "hf_model"):
         notes += hf.read_notes(cfg, metadata)
@@ -116,8 +127,10 @@ def to_layout(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str) -> Tupl
 
 
 def write_target(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str, dst: os.PathLike | str,
-                 extra: Optional[Dict[str, str]] = None) -> Tuple[str, List[str]]:
-    """Write ``target`` to ``dst`` atomically; returns (what was written, notes)."""
+                 extra: Optional[Dict[str, str]] = None,
+                 source_layout: Optional[str] = None) -> Tuple[str, List[str]]:
+    """Write ``target`` to ``dst`` atomically; returns (what was written, notes).
+    ``source_layout`` lets a timm directory record Google's preprocessing."""
     dst = Path(dst)
     suffix = dst.suffix.lower()
     if target == "canonical":
@@ -135,6 +148,12 @@ def write_target(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str, dst:
             raise BadInputError("a Hugging Face model is a directory: give a name without an extension", dst)
         write_hf_dir(dst, arrays, hf.hf_config(cfg))
         return f"Hugging Face {'ViTForImageClassification' if name == 'hf' else 'ViTModel'} directory", notes
+    if target == "timm" and not suffix:
+        from .formats.hf_dir import write_hf_dir
+
+        write_hf_dir(dst, arrays, timm.timm_config(cfg, source_layout))
+        return ("timm model directory (config.json + model.safetensors; "
+                "timm.create_model('local-dir:" + str(dst) + "', pretrained=True))"), notes
     if target == "npz":
         from .formats.npz import write_npz
 
@@ -149,7 +168,8 @@ def write_target(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str, dst:
     elif suffix in (".pt", ".pth", ".bin"):
         _save_plain_torch(arrays, dst)
     else:
-        raise BadInputError(f"{target} state dicts are written as .pth/.pt/.bin or .safetensors", dst)
+        raise BadInputError(f"{target} state dicts are written as .pth/.pt/.bin or .safetensors"
+                            + (" (or a directory: a name without an extension)" if target == "timm" else ""), dst)
     return f"{target} state dict ({suffix[1:]})", notes
 
 
@@ -212,6 +232,7 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, to: Optional[str] = 
         raise BadInputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     layout, cfg, state, notes, _meta, weights = read_any(src, num_heads, image_size)
     digest = sha256_file(weights or src)
-    kind, wnotes = write_target(state, cfg, target, dst, extra={"source_sha256": digest, "source": src.name})
+    kind, wnotes = write_target(state, cfg, target, dst, extra={"source_sha256": digest, "source": src.name},
+                                source_layout=layout)
     n = int(sum(int(np.prod(a.shape)) for a in state.values()))
     return ConversionReport(str(src), layout, digest, cfg, n, str(dst), kind, None, notes + wnotes)

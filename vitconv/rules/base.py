@@ -29,6 +29,8 @@ WHEN: Dict[str, Callable[[ViTConfig], bool]] = {
     "head": lambda c: c.num_classes > 0,
     "hybrid": lambda c: c.resnet_layers is not None,
     "patch_norm": lambda c: c.patch_norm,
+    "distilled": lambda c: c.distilled,
+    "distilled_head": lambda c: c.distilled and c.num_classes > 0,
 }
 
 

@@ -14,7 +14,10 @@ from .layout import IDENTITY
 TABLE: Tuple[Rule, ...] = tuple(Rule(r.canonical, (r.canonical,), IDENTITY, r.scope, r.when)
                                 for r in google.TABLE) + tuple(
     Rule(n, (n,), IDENTITY, "model", "patch_norm")  # vit-pytorch's patch LayerNorms
-    for n in ("patch_norm_pre.weight", "patch_norm_pre.bias", "patch_norm_post.weight", "patch_norm_post.bias"))
+    for n in ("patch_norm_pre.weight", "patch_norm_pre.bias", "patch_norm_post.weight", "patch_norm_post.bias")
+) + (Rule("dist_token", ("dist_token",), IDENTITY, "model", "distilled"),  # DeiT
+     Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled_head"),
+     Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled_head"))
 
 
 def detect(shapes: Dict[str, Tuple[int, ...]]) -> bool:

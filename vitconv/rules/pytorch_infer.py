@@ -47,6 +47,11 @@ def given_heads(num_heads: Optional[int]) -> Iterator[None]:
         _HEADS.reset(token)
 
 
+def heads_given() -> Optional[int]:
+    """The head count a caller passed with :func:`given_heads`, if any."""
+    return _HEADS.get()
+
+
 def heads_from_attn_dim(attn_dim: int, path: Optional[str]) -> Tuple[int, int]:
     given = _HEADS.get()
     if given is not None:
@@ -64,7 +69,7 @@ def grid_from_tokens(n_tokens: int, prefix: int, key: str, path: Optional[str]) 
     n = n_tokens - prefix
     g = int(round(max(n, 0) ** 0.5))
     if n <= 0 or g * g != n:
-        raise MappingError(f"{key} has {n_tokens} rows, which is not {prefix} class token(s) plus "
+        raise MappingError(f"{key} has {n_tokens} rows, which is not {prefix} prefix token(s) plus "
                            "a square grid", path)
     return g
 
