@@ -3,7 +3,9 @@
 Names: ``transformer.embeddings.{patch_embeddings,position_embeddings,cls_token}``, separate
 ``attn.query/key/value/out`` Linears per block (``transformer.encoder.layer.{i}``),
 ``attention_norm``/``ffn_norm``, ``ffn.fc1/fc2``, ``transformer.encoder.encoder_norm``, ``head``;
-the hybrid's ResNet under ``transformer.embeddings.hybrid_model.{root,body}``.
+the hybrid's ResNet under ``transformer.embeddings.hybrid_model.{root,body}``
+(``root.conv``/``root.gn``, ``body.block{s}.unit{u}.conv1..3``/``gn1..3``, ``downsample``,
+``gn_proj``: checked against the repository's ``models/modeling_resnet.py``).
 
 Semantics (read direction): exact-erf GELU (``torch.nn.functional.gelu``), LayerNorm eps
 1e-6, always the class token, no pre_logits. Its hybrid ResNet is a port of Google's that
