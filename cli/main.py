@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -65,6 +66,10 @@ class VitconvGroup(click.Group):
         except KeyboardInterrupt:
             click.secho("vitconv: interrupted", fg="red", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `vitconv inspect … | head`: the reader left; say nothing more
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush cannot fail again
+            ctx.exit(141)
         except MemoryError:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

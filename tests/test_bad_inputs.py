@@ -453,3 +453,16 @@ def test_hybrid_width_not_divisible_by_groups(tmp_path):
     assert r.exit_code == 2, r.stderr
     assert "not a multiple of GroupNorm's 32 groups" in r.stderr and "r50_w40.npz" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "m.pt").exists()
+
+
+def test_closed_stdout_exits_quietly():
+    """``vitconv inspect … | head``: when the reader has gone, no 'internal error' line and
+    no traceback, exit 141 (128 + SIGPIPE, what a shell reports for such a pipeline)."""
+    proc = subprocess.Popen([sys.executable, "-m", "_vitconv_cli.main", "inspect",
+                             str(golden_path("jax/tiny_token_p8_32.npz"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 141
+    assert err == b""

@@ -147,7 +147,7 @@ def tensor_to_numpy(t: Any, key: str, path: Optional[os.PathLike | str]) -> np.n
 
 def sniff(path: Path) -> str:
     """Format of ``path`` by its first bytes: ``zip`` (npz or torch zip), ``safetensors``,
-    ``pickle`` (legacy torch), ``onnx``, ``dir``; raises :class:`BadInputError` otherwise."""
+    ``pickle`` (legacy torch), ``onnx``, ``dir``, ``index`` (a shard index); raises :class:`BadInputError` otherwise."""
     if path.is_dir():
         return "dir"
     if not path.exists():
@@ -163,6 +163,8 @@ def sniff(path: Path) -> str:
         raise BadInputError("file is empty", path)
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return "zip"
+    if path.name.endswith(".index.json"):
+        return "index"
     if head[:1] == b"\x80":
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -170,7 +172,7 @@ def sniff(path: Path) -> str:
     if path.suffix == ".onnx":
         return "onnx"
     raise BadInputError("not a checkpoint vitconv can read (expected .npz, .pt/.pth/.bin, "
-                        ".safetensors)", path)
+                        ".safetensors, a shard index .index.json)", path)
 
 
 def open_source(path: os.PathLike | str) -> TensorSource:
@@ -200,6 +202,10 @@ def open_source(path: os.PathLike | str) -> TensorSource:
         from .safetensors_io import SafetensorsSource
 
         return SafetensorsSource(p)
+    if kind == "index":
+        from .sharded import ShardedSource  # Hugging Face's sharded convention
+
+        return ShardedSource(p)
     if kind == "dir":
         from .hf_dir import open_hf_dir  # a Hugging Face model directory
 

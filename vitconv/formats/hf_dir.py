@@ -3,8 +3,8 @@
 
 The weights file is opened by the ordinary readers; ``config.json`` travels as the
 ``hf_config`` metadata string, which the Hugging Face layout reads for what shapes cannot
-say (heads, ``layer_norm_eps``, ``hidden_act``). Sharded checkpoints (``*.index.json``) are
-refused by name rather than half-read.
+say (heads, ``layer_norm_eps``, ``hidden_act``). Sharded weights are read through their
+``*.index.json`` (:mod:`vitconv.formats.sharded`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from ..errors import BadInputError, OutputError
 from .base import TensorSource
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Sharded weights (``save_pretrained`` above ``max_shard_size``): read through the index.
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def open_hf_dir(path: os.PathLike | str) -> TensorSource:
     d = Path(path)
-    if any((d / n).exists() for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")):
-        raise BadInputError("sharded Hugging Face checkpoint (*.index.json): not supported", d)
-    weights = next((d / n for n in WEIGHT_FILES if (d / n).is_file()), None)
+    weights = next((d / n for n in WEIGHT_FILES + INDEX_FILES if (d / n).is_file()), None)
     if weights is None:
         raise BadInputError("is a directory without model.safetensors or pytorch_model.bin "
-                            "(not a Hugging Face model directory)", d)
+                            "(or their shard index): not a Hugging Face model directory", d)
     cfg_text = None
     if (d / "config.json").is_file():
         try:
