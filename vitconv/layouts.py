@@ -18,6 +18,10 @@ from .rules.layout import all_finite
 Shapes = Dict[str, Tuple[int, ...]]
 
 
+def _nothing(*args) -> List[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Layout:
     """One foreign layout. ``detect`` looks at key names/shapes only; ``infer`` returns the
@@ -33,6 +37,17 @@ class Layout:
     #: Inference that also sees the source's metadata (a Hugging Face ``config.json``);
     #: used instead of ``infer`` when set.
     infer_meta: Optional[Callable[[Shapes, Dict[str, str], Optional[str]], ViTConfig]] = None
+    #: Writing: what the layout cannot express for a config (the conversion stops, naming
+    #: each item), and what its code needs to compute the same function (report notes).
+    write_problems: Callable[[ViTConfig], List[str]] = _nothing
+    write_notes: Callable[[ViTConfig], List[str]] = _nothing
+    #: Reading: what was assumed or changes the numbers (report notes), given the metadata.
+    read_notes: Callable[[ViTConfig, Dict[str, str]], List[str]] = _nothing
+    #: Whether the head count is in the shapes (Google's per-head kernels) or the file's own
+    #: config; where it is not, 64-dim heads are assumed and ``--num-heads`` may override.
+    heads_recorded: Callable[[Dict[str, str]], bool] = lambda metadata: True
+    #: Whether the layout holds DeiT's distillation token and second head.
+    holds_distillation: bool = False
 
 
 LAYOUTS: Dict[str, Layout] = {}
@@ -54,6 +69,7 @@ def _google() -> Layout:
         infer=google.infer_config,
         table_for=lambda cfg: google.TABLE,
         strip=google.find_prefix,
+        write_problems=google.write_problems,
     )
 
 
@@ -61,7 +77,7 @@ def _canonical() -> Layout:
     from .rules.canonical import TABLE, infer_config, detect
 
     return Layout(name="canonical", description="vitconv canonical state dict",
-                  detect=detect, infer=infer_config, table_for=lambda cfg: TABLE)
+                  detect=detect, infer=infer_config, table_for=lambda cfg: TABLE, holds_distillation=True)
 
 
 register(_google())
@@ -72,22 +88,35 @@ def _pytorch_layouts() -> List[Layout]:
     """timm, Hugging Face, jeonsworld and vit-pytorch: one rule table each (``rules/``)."""
     from .rules import hf, jeonsworld, lucidrains, timm
 
+    def unrecorded(metadata: Dict[str, str]) -> bool:
+        return False
+
+    timm_like = dict(write_problems=timm.write_problems, write_notes=timm.write_notes, holds_distillation=True)
+    hf_like = dict(write_problems=hf.write_problems, write_notes=hf.write_notes, read_notes=hf.read_notes)
+
+    def vit_pytorch(name: str, description: str) -> Layout:
+        return Layout(name, description, lucidrains.detect(name), lucidrains.infer(name), lucidrains.table_for(name),
+                      write_problems=lambda cfg: lucidrains.write_problems(name, cfg),
+                      write_notes=lucidrains.write_notes,
+                      read_notes=lambda cfg, metadata: lucidrains.read_notes(name, cfg), heads_recorded=unrecorded)
+
     return [
         Layout("timm", "timm VisionTransformer state dict", timm.detect("timm"), timm.infer("timm"),
-               timm.table_for("timm"), infer_meta=timm.infer_with_meta("timm")),
+               timm.table_for("timm"), infer_meta=timm.infer_with_meta("timm"),
+               heads_recorded=timm.config_records_heads, **timm_like),
         Layout("timm_posembs", "timm-derived ViT with a PositionEmbs wrapper (pos_embedding.pos_embedding)",
-               timm.detect("timm_posembs"), timm.infer("timm_posembs"), timm.table_for("timm_posembs")),
+               timm.detect("timm_posembs"), timm.infer("timm_posembs"), timm.table_for("timm_posembs"),
+               heads_recorded=unrecorded, **timm_like),
         Layout("hf", "Hugging Face ViTForImageClassification", hf.detect("hf"), hf.infer("hf"),
-               hf.table_for("hf"), infer_meta=hf.infer_with_meta("hf")),
+               hf.table_for("hf"), infer_meta=hf.infer_with_meta("hf"), **hf_like),
         Layout("hf_model", "Hugging Face ViTModel (no classifier)", hf.detect("hf_model"), hf.infer("hf_model"),
-               hf.table_for("hf_model"), infer_meta=hf.infer_with_meta("hf_model")),
+               hf.table_for("hf_model"), infer_meta=hf.infer_with_meta("hf_model"), **hf_like),
         Layout("jeonsworld", "jeonsworld ViT-pytorch (separate q/k/v Linears)", jeonsworld.detect,
-               jeonsworld.infer_config, lambda cfg: jeonsworld.TABLE),
-        Layout("lucidrains", "vit-pytorch ViT (patch LayerNorms, final norm)", lucidrains.detect("lucidrains"),
-               lucidrains.infer("lucidrains"), lucidrains.table_for("lucidrains")),
-        Layout("lucidrains_prenorm", "older vit-pytorch ViT (PreNorm wrappers, LayerNorm in mlp_head)",
-               lucidrains.detect("lucidrains_prenorm"), lucidrains.infer("lucidrains_prenorm"),
-               lucidrains.table_for("lucidrains_prenorm")),
+               jeonsworld.infer_config, lambda cfg: jeonsworld.TABLE,
+               write_problems=jeonsworld.write_problems, write_notes=jeonsworld.write_notes,
+               read_notes=lambda cfg, metadata: jeonsworld.read_notes(cfg), heads_recorded=unrecorded),
+        vit_pytorch("lucidrains", "vit-pytorch ViT (patch LayerNorms, final norm)"),
+        vit_pytorch("lucidrains_prenorm", "older vit-pytorch ViT (PreNorm wrappers, LayerNorm in mlp_head)"),
     ]
 
 

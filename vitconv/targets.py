@@ -23,13 +23,11 @@ from .errors import BadInputError, MappingError, OutputError
 from .formats.base import open_source, sha256_file
 from .layouts import LAYOUTS, read_layout, write_layout
 from .ops import resize_pos_embed
-from .rules import hf, jeonsworld, lucidrains, timm
-from .rules.pytorch_infer import HEADS_NOTE, final_norm_is, given_heads
+from .rules import hf, timm
+from .rules.pytorch_infer import HEADS_NOTE, given_heads
 
 #: ``--to`` names -> the layout written ("hf" picks ViTForImageClassification or ViTModel).
 TARGETS = ("canonical", "npz", "timm", "timm_posembs", "hf", "jeonsworld", "lucidrains", "lucidrains_prenorm")
-#: Layouts whose attention shapes do not record the number of heads.
-_HEADS_ASSUMED = {"timm", "timm_posembs", "jeonsworld", "lucidrains", "lucidrains_prenorm"}
 
 
 def default_target(dst: os.PathLike | str) -> str:
@@ -47,70 +45,23 @@ def default_target(dst: os.PathLike | str) -> str:
                         f"({', '.join(TARGETS)})", dst)
 
 
-def google_problems(cfg: ViTConfig) -> List[str]:
-    """A Google ``.npz`` records no activation, epsilon or norm placement: it always means
-    Google's semantics. A model with other semantics would compute something else when read
-    back, so it is refused."""
-    out = []
-    if cfg.act != "gelu_tanh":
-        out.append(f"act={cfg.act!r} (an .npz always means Google's tanh GELU)")
-    if cfg.norm_eps != 1e-6:
-        out.append(f"LayerNorm eps {cfg.norm_eps:g} (an .npz always means 1e-6)")
-    if not final_norm_is(cfg, "encoder") and cfg.final_norm != "none":
-        out.append(f"final_norm={cfg.final_norm!r} (Google normalises tokens before pooling)")
-    if cfg.patch_norm:
-        out.append("LayerNorms around the patch projection")
-    return out
-
-
-#: Targets that hold DeiT's distillation token and second head.
-_DISTILLED_TARGETS = ("canonical", "timm", "timm_posembs")
+def _layout_for(target: str, cfg: ViTConfig):
+    """The layout a ``--to`` name writes ("npz" is Google's; "hf" picks by the classifier)."""
+    return LAYOUTS[{"npz": "google", "hf": hf.target_layout(cfg)}.get(target, target)]
 
 
 def _problems(target: str, cfg: ViTConfig) -> List[str]:
-    if cfg.distilled and target not in _DISTILLED_TARGETS:
-        return ["DeiT distillation token and head_dist (written only as canonical or timm)"] + \
-            _target_problems(target, cfg)
-    return _target_problems(target, cfg)
-
-
-def _target_problems(target: str, cfg: ViTConfig) -> List[str]:
-    if target == "npz":
-        return google_problems(cfg)
-    if target in ("timm", "timm_posembs"):
-        return timm.write_problems(cfg)
-    if target == "hf":
-        return hf.write_problems(cfg)
-    if target == "jeonsworld":
-        return jeonsworld.write_problems(cfg)
-    if target in ("lucidrains", "lucidrains_prenorm"):
-        return lucidrains.write_problems(target, cfg)
-    return []
-
-
-def _write_notes(target: str, cfg: ViTConfig) -> List[str]:
-    if target in ("timm", "timm_posembs"):
-        return timm.write_notes(cfg)
-    if target == "hf":
-        return hf.write_notes(cfg)
-    if target == "jeonsworld":
-        return jeonsworld.write_notes(cfg)
-    if target in ("lucidrains", "lucidrains_prenorm"):
-        return lucidrains.write_notes(cfg)
-    return []
+    layout = _layout_for(target, cfg)
+    out = []
+    if cfg.distilled and not layout.holds_distillation:
+        out.append("DeiT distillation token and head_dist (written only as canonical or timm)")
+    return out + layout.write_problems(cfg)
 
 
 def _read_notes(layout: str, cfg: ViTConfig, metadata: Dict[str, str]) -> List[str]:
-    notes = []
-    if layout in _HEADS_ASSUMED and not (layout == "timm" and timm.config_records_heads(metadata)):
-        notes.append(HEADS_NOTE.format(h=cfg.num_heads, d=cfg.head_dim))
-    if layout in ("hf", "hf_model"):
-        notes += hf.read_notes(cfg, metadata)
-    if layout == "jeonsworld":
-        notes += jeonsworld.read_notes(cfg)
-    if layout in ("lucidrains", "lucidrains_prenorm"):
-        notes += lucidrains.read_notes(layout, cfg)
-    return notes
+    read = LAYOUTS[layout]
+    notes = [] if read.heads_recorded(metadata) else [HEADS_NOTE.format(h=cfg.num_heads, d=cfg.head_dim)]
+    return notes + read.read_notes(cfg, metadata)
 
 
 def to_layout(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str) -> Tuple[str, Dict[str, np.ndarray]]:
@@ -121,9 +72,9 @@ def to_layout(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str) -> Tupl
     problems = _problems(target, cfg)
     if problems:
         raise MappingError(f"the {target} layout cannot express this model: " + "; ".join(problems))
-    name = {"npz": "google", "hf": hf.target_layout(cfg)}.get(target, target)
-    arrays = write_layout(state, cfg, LAYOUTS[name])
-    return name, {k: arrays[k] for k in sorted(arrays)}
+    layout = _layout_for(target, cfg)
+    arrays = write_layout(state, cfg, layout)
+    return layout.name, {k: arrays[k] for k in sorted(arrays)}
 
 
 def write_target(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str, dst: os.PathLike | str,
@@ -140,7 +91,7 @@ def write_target(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str, dst:
             raise BadInputError("a canonical checkpoint needs .pt, .pth, .bin or .safetensors", dst)
         return f"canonical {save_canonical(state, cfg, dst, extra=extra)}", []
     name, arrays = to_layout(state, cfg, target)
-    notes = _write_notes(target, cfg)
+    notes = LAYOUTS[name].write_notes(cfg)
     if target == "hf":
         from .formats.hf_dir import write_hf_dir
 
@@ -197,7 +148,7 @@ def read_any(src: os.PathLike | str, num_heads: Optional[int] = None, image_size
         with given_heads(num_heads):
             read = read_layout(source)
         cfg = read.config
-        if num_heads is not None and read.layout.name not in _HEADS_ASSUMED | {"hf", "hf_model"}:
+        if num_heads is not None and read.layout.name in ("google", "canonical"):
             raise BadInputError(f"--num-heads: the {read.layout.name} layout records the heads", src)
         state = dict(read.tensors())
         notes = _read_notes(read.layout.name, cfg, source.metadata)

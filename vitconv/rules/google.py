@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..config import ViTConfig, stem_stride
 from ..errors import MappingError
 from .base import Rule
+from .pytorch_infer import final_norm_is
 from .layout import ATTN_OUT, CONV, DENSE, GN, IDENTITY, QKV_BIAS, QKV_KERNEL
 
 _B = "Transformer/encoderblock_{i}/"
@@ -162,3 +163,19 @@ def inference_sources(cfg: ViTConfig) -> Dict[str, str]:
         src["resnet_layers"] = "count of block{s}/unit{u}"
         src["resnet_width"] = "conv_root/kernel [3]"
     return src
+
+
+def write_problems(cfg: ViTConfig) -> List[str]:
+    """A Google ``.npz`` records no activation, epsilon or norm placement: it always means
+    Google's semantics. A model with other semantics would compute something else when read
+    back, so it is refused."""
+    out = []
+    if cfg.act != "gelu_tanh":
+        out.append(f"act={cfg.act!r} (an .npz always means Google's tanh GELU)")
+    if cfg.norm_eps != 1e-6:
+        out.append(f"LayerNorm eps {cfg.norm_eps:g} (an .npz always means 1e-6)")
+    if not final_norm_is(cfg, "encoder") and cfg.final_norm != "none":
+        out.append(f"final_norm={cfg.final_norm!r} (Google normalises tokens before pooling)")
+    if cfg.patch_norm:
+        out.append("LayerNorms around the patch projection")
+    return out
