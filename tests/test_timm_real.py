@@ -153,3 +153,19 @@ def test_deit_refused_by_layouts_without_a_distillation_token(to, tmp_path):
     with pytest.raises(MappingError, match="distillation"):
         convert(tmp_path / "deit.safetensors", dst, to=to, num_heads=2)
     assert not dst.exists()
+
+
+def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
+    """A bare timm state dict does not record heads or activation: inspect says they are
+    assumed; a timm directory's config.json does, and inspect names it."""
+    from vitconv.inspect import inspect_checkpoint
+
+    model = _randomize(VisionTransformer(**SMALL))
+    _save(model, tmp_path / "t.safetensors")
+    bare = {a["name"]: a for a in inspect_checkpoint(tmp_path / "t.safetensors").to_dict()["architecture"]}
+    assert bare["num_heads"]["source"].startswith("assumed: 64-dim heads")
+    assert bare["act"]["source"].startswith("timm layout convention")
+    convert(golden_path(CASES["tiny_token_p8_32"]["checkpoint"]), tmp_path / "tdir", to="timm")
+    rows = {a["name"]: a for a in inspect_checkpoint(tmp_path / "tdir").to_dict()["architecture"]}
+    assert rows["num_heads"]["value"] == 3 and rows["num_heads"]["source"] == "config.json beside the weights"
+    assert rows["act"]["value"] == "gelu_tanh"

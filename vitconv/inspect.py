@@ -37,7 +37,7 @@ Progress = Optional[Callable[[int], None]]
 #: Config fields shown for every model, in display order; hybrid-stem fields follow when present.
 _FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "head_dim",
            "mlp_dim", "classifier", "representation_size", "num_classes", "qkv_bias",
-           "final_norm", "norm_eps", "act")
+           "final_norm", "norm_eps", "act", "distilled", "patch_norm")
 _HYBRID_FIELDS = ("resnet_layers", "resnet_width", "resnet_groups", "resnet_gn_eps", "resnet_ws_eps")
 
 #: safetensors header dtype codes -> numpy-style names (bfloat16 kept: numpy has no name for it).
@@ -214,10 +214,16 @@ def architecture_rows(cfg: ViTConfig, layout, source=None) -> List[Tuple[str, An
         sources = _layout_sources(layout, cfg)
         fallback = f"{layout.name} layout convention (not stored in the file)" if layout else "?"
         if sources is None:
-            from_meta = getattr(layout, "infer_meta", None) is not None and bool(meta)
+            from_meta = getattr(layout, "infer_meta", None) is not None and "hf_config" in meta
             sources = {}
-            fallback = ("config metadata" if from_meta
+            fallback = ("config.json beside the weights" if from_meta
                         else f"{layout.name} layout: inferred from tensor shapes")
+            convention = f"{layout.name} layout convention (not stored in the file)"
+            if not from_meta:  # what no shape says: the layout's code fixes it
+                sources.update(act=convention, norm_eps=convention)
+            if not layout.heads_recorded(meta):
+                sources.update(num_heads="assumed: 64-dim heads (not stored in the file; --num-heads)",
+                               head_dim="assumed: 64-dim heads (not stored in the file; --num-heads)")
     names = list(_FIELDS) + (list(_HYBRID_FIELDS) if cfg.resnet_layers is not None else [])
     rows = [(n, getattr(cfg, n), sources.get(n, fallback)) for n in names]
     rows.append(("grid_size", cfg.grid_size, f"image_size / stride {cfg.total_stride}"))
