@@ -4,12 +4,20 @@
 without its data; reading headers straight from the zip lets architecture inference
 look at every shape without touching a single weight. Pickled (object) members are
 refused: ``allow_pickle=False`` everywhere.
+
+Stored (uncompressed) members, what ``np.savez`` writes, are read with ``preadv`` straight
+into the array's own buffer, and their CRC-32 checked as ``zipfile`` would check it.
+``np.lib.format.read_array`` on a zip member instead reads 256 KiB ``bytes`` chunks and
+copies each into the array: twice the copying and a fresh allocation per chunk, which is
+a third of the time of a streaming conversion's reads.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
+import zlib
 from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
@@ -39,6 +47,7 @@ class NpzSource(TensorSource):
                 raise BadInputError(f"member {key!r} appears twice in the archive", self.path)
             self._members[key] = info
         self._headers: Dict[str, Tuple[Tuple[int, ...], np.dtype, bool]] = {}
+        self._header_len: Dict[str, int] = {}
 
     def keys(self) -> List[str]:
         return list(self._members)
@@ -70,6 +79,7 @@ class NpzSource(TensorSource):
                 raise BadInputError(f"member {key!r} declares {dtype}{shape} ({need:,} bytes) but "
                                     f"holds {have:,} bytes", self.path)
             self._headers[key] = (shape, dtype, fortran)
+            self._header_len[key] = header_len
         return self._headers[key]
 
     def shape(self, key: str) -> Tuple[int, ...]:
@@ -79,15 +89,47 @@ class NpzSource(TensorSource):
         return self._header(key)[1]
 
     def get(self, key: str) -> np.ndarray:
-        self._header(key)
+        shape, dtype, fortran = self._header(key)
+        info = self._members[key]
         try:
-            with self._zip.open(self._members[key]) as f:
-                a = np.lib.format.read_array(f, allow_pickle=False)
+            if (info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1  # not encrypted
+                    and hasattr(os, "preadv")):
+                a = self._read_stored(key, info, shape, dtype, fortran)
+            else:
+                with self._zip.open(info) as f:
+                    a = np.lib.format.read_array(f, allow_pickle=False)
+        except BadInputError:
+            raise
         except Exception as e:  # CRC mismatch, truncated deflate stream, short read ...
             raise BadInputError(f"member {key!r} could not be read ({first_line(e)})", self.path) from None
         if not a.dtype.isnative:  # torch refuses big-endian arrays; the values are fine
             a = a.astype(a.dtype.newbyteorder("="))
         return a
+
+    def _read_stored(self, key: str, info: zipfile.ZipInfo, shape: Tuple[int, ...], dtype: np.dtype,
+                     fortran: bool) -> np.ndarray:
+        """One ``preadv`` into a fresh array; the zip's CRC-32 covers the ``.npy`` header too.
+        ``pread`` leaves the shared file position alone, so ``zipfile`` is not disturbed."""
+        fd = self._zip.fp.fileno()
+        local = os.pread(fd, 30, info.header_offset)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise BadInputError(f"member {key!r}: bad local file header", self.path)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        header_len = self._header_len[key]
+        head = os.pread(fd, header_len, start)
+        a = np.empty(shape[::-1] if fortran else shape, dtype)  # Fortran order: read its transpose
+        buf = memoryview(a.reshape(-1)).cast("B")
+        got, offset = 0, start + header_len
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n <= 0:
+                raise BadInputError(f"member {key!r} could not be read (truncated: {got:,} of "
+                                    f"{len(buf):,} bytes)", self.path)
+            got += n
+        if zlib.crc32(buf, zlib.crc32(head)) != info.CRC:
+            raise BadInputError(f"member {key!r} could not be read (Bad CRC-32)", self.path)
+        return a.T if fortran else a
 
     def close(self) -> None:
         zf = getattr(self, "_zip", None)
