@@ -35,7 +35,7 @@ def _ints(text: str) -> List[int]:
 @click.option("--to", "output_kind", type=click.Choice(["safetensors", "pt"]), default="safetensors",
               show_default=True, help="With --convert: output format.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="With --convert: runs of each.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="With --convert: where synthetic files and outputs go (default: a temp dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.pass_context
