@@ -58,14 +58,15 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
     say(ctx, f"{res.model} @{res.image_size}px, {res.threads} thread(s), median of {iters}")
-    say(ctx, f"{'runtime':22} {'batch':>5} {'ms/batch':>10} {'p90 ms':>9} {'img/s':>9} {'vs torch':>9} {'max|diff|':>10}")
+    say(ctx, f"{'runtime':22} {'batch':>5} {'ms/batch':>10} {'p90 ms':>9} {'cpu ms':>9} {'img/s':>9} "
+             f"{'vs torch':>9} {'max|diff|':>10}")
     for r in res.results:
         if r.error:
             say(ctx, f"{r.runtime:22} {r.batch:>5}  unavailable: {r.error}")
             continue
         ratio = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-"
         say(ctx, f"{r.runtime:22} {r.batch:>5} {r.latency_ms:>10.2f} {r.latency_p90_ms:>9.2f} "
-                 f"{r.images_per_s:>9.1f} {ratio:>9} {r.max_abs_diff_vs_torch:>10.2e}")
+                 f"{r.cpu_ms:>9.2f} {r.images_per_s:>9.1f} {ratio:>9} {r.max_abs_diff_vs_torch:>10.2e}")
 
 
 def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool) -> None:
