@@ -29,6 +29,9 @@ def _ints(text: str) -> List[int]:
 @click.option("--image-size", type=int, help="Benchmark at this resolution (position grid resized).")
 @click.option("--threads", type=int, help="Threads for every runtime (default: torch's default).")
 @click.option("--iters", type=int, default=10, show_default=True, help="Timed iterations per runtime.")
+@click.option("--peak-tflops", type=float,
+              help="The device's dense peak TFLOP/s for the precision run: adds MFU (model FLOPs from "
+                   "the config, e.g. ViT-B/16 @224 = 35.1 GFLOP/image).")
 @click.option("--convert", "convert", is_flag=True,
               help="Benchmark conversion instead: MODELS are .npz files or presets (B/16, L/16, H/14 ...) "
                    "generated as synthetic checkpoints; stream_convert vs the read+write I/O floor.")
@@ -39,7 +42,7 @@ def _ints(text: str) -> List[int]:
               help="With --convert: where synthetic files and outputs go (default: a temp dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.pass_context
-def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int,
+def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int, peak_tflops,
           convert: bool, output_kind: str, repeats: int, workdir, as_json: bool) -> None:
     """Measure inference per runtime, or conversion cost (--convert), side by side in one run.
 
@@ -53,20 +56,23 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
     if len(models) != 1:
         raise click.UsageError("give one MODEL (or --convert for several)")
     res = bench_runtimes(models[0], [r.strip() for r in runtimes.split(",") if r.strip()],
-                         _ints(batches), image_size=image_size, threads=threads, iters=iters)
+                         _ints(batches), image_size=image_size, threads=threads, iters=iters,
+                         peak_tflops=peak_tflops)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
     say(ctx, f"{res.model} @{res.image_size}px, {res.threads} thread(s), median of {iters}")
     say(ctx, f"{'runtime':22} {'batch':>5} {'ms/batch':>10} {'p90 ms':>9} {'cpu ms':>9} {'img/s':>9} "
-             f"{'vs torch':>9} {'max|diff|':>10}")
+             f"{'GFLOP/s':>9} {'MFU':>6} {'vs torch':>9} {'max|diff|':>10}")
     for r in res.results:
         if r.error:
             say(ctx, f"{r.runtime:22} {r.batch:>5}  unavailable: {r.error}")
             continue
         ratio = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-"
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         say(ctx, f"{r.runtime:22} {r.batch:>5} {r.latency_ms:>10.2f} {r.latency_p90_ms:>9.2f} "
-                 f"{r.cpu_ms:>9.2f} {r.images_per_s:>9.1f} {ratio:>9} {r.max_abs_diff_vs_torch:>10.2e}")
+                 f"{r.cpu_ms:>9.2f} {r.images_per_s:>9.1f} {r.gflops_per_s:>9.1f} {mfu:>6} {ratio:>9} "
+                 f"{r.max_abs_diff_vs_torch:>10.2e}")
 
 
 def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool) -> None:

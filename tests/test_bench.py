@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from conftest import golden_path
@@ -48,3 +49,20 @@ def test_cli_bench_json():
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert [(x["runtime"], x["batch"]) for x in out["results"]] == [("torch", 2)]
+
+
+def test_runtime_rows_report_model_flops_and_mfu():
+    from vitconv.bench import bench_runtimes
+    from vitconv.errors import BadInputError
+
+    path = golden_path("jax/tiny_token_p8_32.npz")
+    res = bench_runtimes(path, ["torch"], [2], threads=1, iters=1, warmup=0, peak_tflops=0.5)
+    row = res.results[0]
+    # tiny_token_p8_32: 16 patches + class token, width 48, mlp 96, depth 2, 10 classes;
+    # MACs written out by hand: patch 16*48*192, per block qkv 3*17*48*48, q@k^T and attn@v
+    # 2*17*17*48, out 17*48*48, mlp 2*17*48*96; head 48*10
+    macs = 16 * 48 * 192 + 2 * (3 * 17 * 48 * 48 + 2 * 17 * 17 * 48 + 17 * 48 * 48 + 2 * 17 * 48 * 96) + 480
+    assert row.gflops_per_s == pytest.approx(2 * macs * row.images_per_s / 1e9)
+    assert row.mfu == pytest.approx(row.gflops_per_s / 500)
+    with pytest.raises(BadInputError, match="peak-tflops"):
+        bench_runtimes(path, ["torch"], [1], iters=1, peak_tflops=0)

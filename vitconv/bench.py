@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import BadInputError, first_line
+from .flops import flops_per_image
 
 #: Runtime names ``bench_runtimes`` understands. ``onnxruntime`` is ORT_ENABLE_ALL, its
 #: default; ``-basic``/``-disabled`` lower the graph-optimisation level. ``onnxruntime-vit``
@@ -55,6 +56,10 @@ class RuntimeResult:
     latency_p90_ms: float
     images_per_s: float
     cpu_ms: float  # median process CPU time per batch (all threads), same iterations
+    #: model GFLOP/s achieved (:mod:`vitconv.flops`: analytic count x images/s) and, when the
+    #: device's peak is given, MFU = achieved / peak
+    gflops_per_s: float = float("nan")
+    mfu: Optional[float] = None
     speedup_vs_torch: Optional[float] = None  # images/s ratio, same batch, same run
     max_abs_diff_vs_torch: Optional[float] = None
     error: Optional[str] = None  # set when the runtime could not run this model
@@ -154,8 +159,9 @@ def _ort_session(onnx_path: Path, variant: str, threads: int, workdir: Path, cfg
 def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("torch", "onnxruntime"),
                    batches: Sequence[int] = (1, 8), image_size: Optional[int] = None,
                    threads: Optional[int] = None, iters: int = 10, warmup: int = 2,
-                   seed: int = 0) -> RuntimeBench:
-    """Time ``model_path`` in each runtime at each batch size; see the module docstring."""
+                   seed: int = 0, peak_tflops: Optional[float] = None) -> RuntimeBench:
+    """Time ``model_path`` in each runtime at each batch size; see the module docstring.
+    ``peak_tflops`` (the device's dense peak for the precision run) adds MFU to each row."""
     import torch
 
     from .checkpoint import load
@@ -165,6 +171,8 @@ def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("to
         raise BadInputError(f"unknown runtime(s) {', '.join(unknown)} (known: {', '.join(RUNTIMES)})")
     if iters < 1 or any(b < 1 for b in batches):
         raise BadInputError("--iters and every --batch must be at least 1")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise BadInputError("--peak-tflops must be positive")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     model = load(model_path, image_size=image_size)
@@ -210,7 +218,7 @@ def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("to
             for _ in range(iters):  # round-robin: shared-machine noise hits every runtime alike
                 for r, fn in fns.items():
                     c0, t0 = time.process_time(), time.perf_counter()
-                    fn(x)
+                    outs[r] = fn(x)
                     times[r].append(time.perf_counter() - t0)
                     cpu[r].append(time.process_time() - c0)
             base = b / statistics.median(times["torch"]) if "torch" in times else None
@@ -222,8 +230,10 @@ def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("to
                 med = statistics.median(times[r])
                 p90 = float(np.percentile(times[r], 90))
                 ips = b / med
+                achieved = flops_per_image(cfg) * ips
                 bench.results.append(RuntimeResult(
                     r, b, threads, iters, med * 1e3, p90 * 1e3, ips, statistics.median(cpu[r]) * 1e3,
+                    gflops_per_s=achieved / 1e9, mfu=achieved / (peak_tflops * 1e12) if peak_tflops else None,
                     speedup_vs_torch=(ips / base) if base else None,
                     max_abs_diff_vs_torch=float(np.abs(outs[r] - ref).max())))
     return bench
