@@ -1,8 +1,8 @@
 """timm, timm-derived (PositionEmbs), jeonsworld and old vit-pytorch layouts: each read onto the
 canonical model computes what an independent implementation of that layout computes, and
-source -> canonical -> source is bitwise. (timm itself cannot be installed here: it imports
-torchvision, whose only wheel on this machine's index needs CUDA torch; the timm checks run
-against ``layout_refs.TimmLikeViT``, written from timm's semantics.)"""
+source -> canonical -> source is bitwise. The timm checks here run against
+``layout_refs.TimmLikeViT``, written from timm's semantics; ``test_timm_real.py`` repeats them
+against the real timm, which needs a torchvision placeholder to import here."""
 
 from __future__ import annotations
 
@@ -122,3 +122,20 @@ def test_inconsistent_distillation_and_unknown_heads_are_refused(tmp_path):
     torch.save(m.state_dict(), tmp_path / "t.pth")
     with pytest.raises(MappingError, match="--num-heads"):  # 48-wide attention: not 64-dim heads
         read_any(tmp_path / "t.pth")
+
+
+def test_num_heads_is_refused_where_the_file_records_the_heads(tmp_path):
+    """convert and load share one rule: Google and canonical files record the heads in their
+    shapes or config, so --num-heads is refused; a Hugging Face config.json that says
+    otherwise is a contradiction, not something to note over."""
+    from vitconv.checkpoint import load
+    from vitconv.errors import BadInputError
+    from vitconv.targets import convert
+
+    npz = golden_path("jax/tiny_token_p8_32.npz")
+    for read in (lambda p, h: read_any(p, num_heads=h), lambda p, h: load(p, num_heads=h)):
+        with pytest.raises(BadInputError, match="google layout records the heads"):
+            read(npz, 3)
+    convert(npz, tmp_path / "hf")
+    with pytest.raises(BadInputError, match="num_heads=1, but the hf checkpoint records 3 heads"):
+        read_any(tmp_path / "hf", num_heads=1)

@@ -52,7 +52,8 @@ def read_canonical(path: PathLike, image_size: Optional[int] = None,
     ``tensors()``. A source opened here is closed again when any of this fails.
 
     ``num_heads`` is for PyTorch layouts whose shapes do not record the head count (64-dim
-    heads are assumed otherwise); for layouts that record it, it must agree."""
+    heads are assumed otherwise). Google and canonical files refuse it (their shapes or
+    config record the heads); a file's own config (Hugging Face) must agree with it."""
     from .rules.pytorch_infer import given_heads
 
     opened = source is None
@@ -64,6 +65,8 @@ def read_canonical(path: PathLike, image_size: Optional[int] = None,
             raise BadInputError(f"expected a {require_layout} checkpoint, found the "
                                 f"{read.layout.name} layout", path)
         cfg = read.config
+        if num_heads is not None and read.layout.name in ("google", "canonical"):
+            raise BadInputError(f"--num-heads: the {read.layout.name} layout records the heads", path)
         if num_heads is not None and cfg.num_heads != num_heads:
             raise BadInputError(f"num_heads={num_heads}, but the {read.layout.name} checkpoint "
                                 f"records {cfg.num_heads} heads", path)

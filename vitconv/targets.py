@@ -17,14 +17,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .checkpoint import read_canonical, save_canonical
 from .config import ViTConfig
 from .convert import ConversionReport
 from .errors import BadInputError, MappingError, OutputError
-from .formats.base import open_source, sha256_file
-from .layouts import LAYOUTS, read_layout, write_layout
-from .ops import resize_pos_embed
+from .formats.base import sha256_file
+from .layouts import LAYOUTS, write_layout
 from .rules import hf, timm
-from .rules.pytorch_infer import HEADS_NOTE, given_heads
+from .rules.pytorch_infer import HEADS_NOTE
 
 #: ``--to`` names -> the layout written ("hf" picks ViTForImageClassification or ViTModel).
 TARGETS = ("canonical", "npz", "timm", "timm_posembs", "hf", "jeonsworld", "lucidrains", "lucidrains_prenorm")
@@ -85,8 +85,6 @@ def write_target(state: Dict[str, np.ndarray], cfg: ViTConfig, target: str, dst:
     dst = Path(dst)
     suffix = dst.suffix.lower()
     if target == "canonical":
-        from .checkpoint import save_canonical
-
         if suffix not in (".pt", ".pth", ".bin", ".safetensors"):
             raise BadInputError("a canonical checkpoint needs .pt, .pth, .bin or .safetensors", dst)
         return f"canonical {save_canonical(state, cfg, dst, extra=extra)}", []
@@ -143,29 +141,20 @@ def read_any(src: os.PathLike | str, num_heads: Optional[int] = None, image_size
     """Read ``src`` in any layout onto the canonical model: ``(layout name, config, state,
     notes, source metadata, weights file)``. ``num_heads`` overrides an assumed head count;
     ``image_size`` resizes the position table as Google's fine-tuning does."""
-    source = open_source(src)
+    c = read_canonical(src, image_size=image_size, num_heads=num_heads)
+    source, read = c.read.source, c.read
     try:
-        with given_heads(num_heads):
-            read = read_layout(source)
-        cfg = read.config
-        if num_heads is not None and read.layout.name in ("google", "canonical"):
-            raise BadInputError(f"--num-heads: the {read.layout.name} layout records the heads", src)
-        state = dict(read.tensors())
-        notes = _read_notes(read.layout.name, cfg, source.metadata)
+        state = c.state_dict()
+        notes = _read_notes(read.layout.name, read.config, source.metadata)
         if num_heads is not None:
             notes = [n for n in notes if not n.startswith("heads:")] + [f"heads: {num_heads} (given)"]
         if read.ignored:
             notes.append(f"{len(read.ignored)} keys outside '{read.prefix}' ignored (optimizer state)")
-        if image_size is not None and image_size != cfg.image_size:
-            if image_size <= 0 or image_size % cfg.total_stride:
-                raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
-                                    f"model's stride {cfg.total_stride}", src)
-            new = cfg.replace(image_size=image_size)
-            state["pos_embed"] = resize_pos_embed(state["pos_embed"], new.grid_size, cfg.num_prefix_tokens)
-            notes.append(f"position embeddings resized {cfg.grid_size}x{cfg.grid_size} -> "
-                         f"{new.grid_size}x{new.grid_size} (Google's order-1 zoom)")
-            cfg = new
-        return read.layout.name, cfg, state, notes, dict(source.metadata), source.path
+        if c.resized_from is not None:
+            g = c.config.grid_size
+            notes.append(f"position embeddings resized {c.resized_from}x{c.resized_from} -> {g}x{g} "
+                         "(Google's order-1 zoom)")
+        return read.layout.name, c.config, state, notes, dict(source.metadata), source.path
     finally:
         source.close()
 
