@@ -24,7 +24,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import ViTConfig
+from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from .base import Rule
 from .layout import IDENTITY
@@ -138,9 +138,6 @@ def write_problems(cfg: ViTConfig) -> List[str]:
     return out
 
 
-#: timm's names for the canonical activations (``timm.layers.create_act``).
-_TIMM_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
-
 
 def architecture(cfg: ViTConfig) -> str:
     """A registered timm model name whose class is the right one; ``model_args`` override
@@ -156,7 +153,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     kw: Dict[str, Any] = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes, embed_dim=cfg.width, depth=cfg.depth,
                               num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width,
-                              qkv_bias=cfg.qkv_bias, act_layer=_TIMM_ACT[cfg.act])
+                              qkv_bias=cfg.qkv_bias, act_layer=cfg.act)
     if cfg.classifier == "gap":
         kw.update(class_token=False, global_pool="avg", fc_norm=cfg.final_norm == "pooled")
     else:
@@ -178,7 +175,7 @@ def write_notes(cfg: ViTConfig) -> List[str]:
         call += f", norm_layer=partial(nn.LayerNorm, eps={cfg.norm_eps:g})"
     notes = [f"timm: {cls}({call}) computes the same function"]
     if cfg.act != "gelu":
-        notes.append(f"timm's default act is exact GELU; without act_layer={_TIMM_ACT[cfg.act]!r} timm "
+        notes.append(f"timm's default act is exact GELU; without act_layer={cfg.act!r} timm "
                      "computes something else (up to ~1e-3 per activation)")
     if cfg.norm_eps != 1e-6:
         notes.append(f"LayerNorm eps {cfg.norm_eps:g}: timm's default is 1e-6; pass norm_layer as above")
@@ -241,11 +238,10 @@ def infer_with_meta(layout: str):
             cfg = base(shapes, path)
         act = args.get("act_layer")
         if act is not None:
-            acts = {v: k for k, v in _TIMM_ACT.items()}
-            if act not in acts:
+            if act not in ACTIVATIONS:  # timm's act_layer names are the canonical ones
                 raise MappingError(f"config.json: act_layer {act!r} is not one vitconv maps "
-                                   f"({', '.join(sorted(acts))})", path)
-            cfg = cfg.replace(act=acts[act])
+                                   f"({', '.join(sorted(ACTIVATIONS))})", path)
+            cfg = cfg.replace(act=act)
         if args.get("final_norm") is False and cfg.final_norm != "none":
             raise MappingError("config.json says final_norm=False but the weights have a final norm", path)
         return cfg
