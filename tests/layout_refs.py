@@ -1,7 +1,7 @@
 """Independent reference models for layouts whose own code cannot run here, written for these
 tests from the layouts' published semantics (not from vitconv.model): timm's
-``VisionTransformer`` (timm itself needs torchvision, which has no CPU build on this
-machine's index), the timm-derived ``PositionEmbs`` variant, jeonsworld's ``ViT-pytorch``
+``VisionTransformer`` (a second reference beside the real timm of ``test_timm_real.py``,
+which imports only with a torchvision placeholder), the timm-derived ``PositionEmbs`` variant, jeonsworld's ``ViT-pytorch``
 and the older vit-pytorch ``PreNorm`` ViT. Parameter names follow each layout so that
 ``load_state_dict(strict=True)`` checks the key names too. Attention is spelled out
 (softmax(q k^T / sqrt(d)) v), not SDPA."""

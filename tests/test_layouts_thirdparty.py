@@ -14,7 +14,7 @@ import torch
 from vitconv.checkpoint import build_model, read_canonical
 from vitconv.errors import MappingError
 from vitconv.targets import convert, read_any, to_layout
-from conftest import CASES, golden_expected, golden_input, golden_path
+from conftest import CASES, golden_expected, golden_input, golden_path, skip_unless_installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -34,7 +34,7 @@ def _vit_pytorch_vit():
     pytest.importorskip("einops", reason="vit-pytorch needs einops (test extra)")
     spec = importlib.util.find_spec("vit_pytorch")
     if spec is None:
-        pytest.skip("vit-pytorch not installed (test extra)")
+        skip_unless_installed("vit-pytorch not installed (pip install --no-deps vit-pytorch, as .ci/run does)")
     path = os.path.join(spec.submodule_search_locations[0], "vit.py")
     mspec = importlib.util.spec_from_file_location("_vit_pytorch_vit", path)
     mod = importlib.util.module_from_spec(mspec)

@@ -16,7 +16,7 @@ import importlib.util
 import sys
 import types
 
-import pytest
+from conftest import skip_unless_installed
 
 
 class _Named(type):
@@ -60,7 +60,7 @@ def import_timm():
     if "timm" in sys.modules:
         return sys.modules["timm"]
     if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm not installed (pip install --no-deps timm, as .ci/run does)", allow_module_level=True)
+        skip_unless_installed("timm not installed (pip install --no-deps timm==1.0.31, as .ci/run does)")
     if importlib.util.find_spec("torchvision") is not None:
         import timm
 
