@@ -274,6 +274,13 @@ class ConvertBench:
             s[f"{mode}_peak_rss_mib"] = max(m.peak_rss_mib for m in self.measurements if m.mode == mode)
             s[f"{mode}_base_rss_mib"] = med(mode, "base_rss_mib")
         s["wall_ratio"] = s["stream_wall_s"] / s["floor_wall_s"]
+        # Floor and stream alternate, so each repeat's pair saw the same machine load: the
+        # spread of per-pair ratios says how much of the median ratio is noise.
+        floors = [m.wall_s for m in self.measurements if m.mode == "floor"]
+        streams = [m.wall_s for m in self.measurements if m.mode == "stream"]
+        pairs = [b / a for a, b in zip(floors, streams)]
+        s["pair_ratios"] = pairs
+        s["pair_ratio_median"] = statistics.median(pairs)
         return s
 
     def to_dict(self) -> dict:
@@ -305,8 +312,7 @@ def _floor(src: Path, dst: Path) -> int:
 
 def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
     if mode == "stream":
-        from .stream import stream_convert  # imports torch: counted in the baseline, not the work
-        import torch  # noqa: F401
+        from .stream import stream_convert  # what `vitconv npz2pt` imports (no torch: vitconv.shapes)
     base = _rss_mib("VmRSS")
     t0 = time.perf_counter()
     if mode == "stream":

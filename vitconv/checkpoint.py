@@ -31,10 +31,11 @@ class Canonical:
     resized_from: Optional[int] = None  # source grid size when position embeddings were resized
     info: Dict[str, str] = field(default_factory=dict)
 
-    def tensors(self) -> Iterator[Tuple[str, np.ndarray]]:
-        """Stream ``(name, array)``, each source tensor read once and resized if asked."""
+    def tensors(self, read_ahead: bool = False) -> Iterator[Tuple[str, np.ndarray]]:
+        """Stream ``(name, array)``, each source tensor read once and resized if asked
+        (``read_ahead``: see :meth:`vitconv.layouts.ReadResult.tensors`)."""
         src_cfg = self.read.config
-        for name, t in self.read.tensors():
+        for name, t in self.read.tensors(read_ahead=read_ahead):
             if name == "pos_embed" and self.resized_from is not None:
                 t = resize_pos_embed(t, self.config.grid_size, src_cfg.num_prefix_tokens)
             yield name, t

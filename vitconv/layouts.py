@@ -4,6 +4,8 @@ plus the few lines here that read the architecture off its shapes."""
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -153,17 +155,33 @@ class ReadResult:
     rules: List
     ignored: List[str]
 
-    def tensors(self, check_finite: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
-        from .model import expected_shapes
+    def tensors(self, check_finite: bool = True, read_ahead: bool = False) -> Iterator[Tuple[str, np.ndarray]]:
+        """Stream ``(canonical name, array)`` in rule order. ``read_ahead`` reads the next
+        rules' sources on a background thread while this one is mapped, when the source
+        allows concurrent reads (:mod:`vitconv.readahead`; flat memory, same bytes)."""
+        from .shapes import expected_shapes
 
-        get = (lambda k: self.source.get(self.prefix + k))
-        for name, t in map_to_canonical(self.rules, get, self.config, expected_shapes(self.config),
-                                        self.source.path):
-            if not np.issubdtype(t.dtype, np.floating):
-                raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.source.path)
-            if check_finite and not all_finite(t):
-                raise MappingError(f"{name} contains NaN or Inf values", self.source.path)
-            yield name, t
+        with contextlib.ExitStack() as stack:
+            get = (lambda k: self.source.get(self.prefix + k))
+            if read_ahead and self.source.concurrent_reads:
+                get = stack.enter_context(self._read_ahead()).get
+            for name, t in map_to_canonical(self.rules, get, self.config, expected_shapes(self.config),
+                                            self.source.path):
+                if not np.issubdtype(t.dtype, np.floating):
+                    raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.source.path)
+                if check_finite and not all_finite(t):
+                    raise MappingError(f"{name} contains NaN or Inf values", self.source.path)
+                yield name, t
+
+    def _read_ahead(self):
+        from .readahead import ReadAhead
+
+        src, prefix = self.source, self.prefix
+
+        def nbytes(k: str) -> int:
+            return int(np.prod(src.shape(prefix + k), dtype=np.int64)) * np.dtype(src.dtype(prefix + k)).itemsize
+
+        return ReadAhead(lambda k: src.get(prefix + k), [k for r in self.rules for k in r.source], nbytes)
 
 
 def read_layout(source: TensorSource, layout: Optional[Layout] = None,

@@ -7,7 +7,6 @@ otherwise; each is named where it is made. Nothing here knows about file formats
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Tuple
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from .config import ViTConfig
 from .ops import resize_pos_embed_torch
+from .shapes import expected_shapes  # noqa: F401  (re-exported: the model's state_dict shapes)
 
 
 def _activation(name: str):
@@ -320,15 +320,3 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def expected_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
-    """Canonical ``{name: shape}`` for ``cfg``, computed on the meta device (no memory).
-    Cached per config: building even a meta ViT-B runs every initialiser (~70 ms), and a
-    streaming conversion asks twice (output header, then shape checks while mapping)."""
-    return dict(_expected_shapes(cfg))
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
-    with torch.device("meta"):
-        model = VisionTransformer(cfg)
-    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())

@@ -3,7 +3,7 @@
 The ordinary path (:func:`vitconv.convert.convert_file`) builds the whole canonical state
 dict and hands it to a writer; ``safetensors``' writer then copies every tensor into a
 ``bytes`` object, so a 2.5 GB ViT-H/14 needs about 5 GB of RAM. Here the output's layout
-is computed from shapes alone (:func:`vitconv.model.expected_shapes` for the canonical
+is computed from shapes alone (:func:`vitconv.shapes.expected_shapes` for the canonical
 shapes, the source members' headers for dtypes), the header is written first and each
 tensor streams from :meth:`vitconv.layouts.ReadResult.tensors` straight into its slot.
 Peak memory is the interpreter plus the largest rule's inputs and output (three q/k/v
@@ -47,7 +47,7 @@ def tensor_specs(c: Canonical) -> List[TensorSpec]:
     """Name, dtype and shape of every output tensor, in production (rule) order, before a
     byte of weight data is read: shapes from the target config, dtypes from the source
     members' headers (a rule's output has the common type of its inputs)."""
-    from .model import expected_shapes
+    from .shapes import expected_shapes
 
     shapes = expected_shapes(c.config)
     src, prefix = c.read.source, c.read.prefix
@@ -141,7 +141,7 @@ def stream_convert(src: os.PathLike | str, dst: os.PathLike | str, image_size: O
             writer = PtStreamWriter(dst, specs, c.config.to_dict(), extra)
         c = _reordered(c, [s.name for s in specs])
         with writer, _Pipelined(writer, sum(s.nbytes for s in specs), progress) as out:
-            for (name, t), spec in zip(c.tensors(), specs):
+            for (name, t), spec in zip(c.tensors(read_ahead=True), specs):
                 out.write(name, t, spec.nbytes)
                 del t
     finally:

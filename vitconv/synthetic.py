@@ -47,7 +47,7 @@ def google_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
     """Google key -> shape for ``cfg``, from the rule table's inverse applied to the
     canonical shapes (on zero-stride views: nothing is allocated but the outputs)."""
     from .layouts import LAYOUTS
-    from .model import expected_shapes
+    from .shapes import expected_shapes
     from .rules.base import expand_rules
 
     canon = expected_shapes(cfg)

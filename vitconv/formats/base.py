@@ -21,6 +21,10 @@ class TensorSource:
 
     path: Optional[str] = None
     metadata: Dict[str, str]
+    #: ``get`` may run on another thread while this one calls ``get`` too (positional
+    #: reads, nothing shared moves); streaming conversion then reads ahead
+    #: (:mod:`vitconv.readahead`).
+    concurrent_reads: bool = False
 
     def keys(self) -> List[str]:
         raise NotImplementedError

@@ -30,6 +30,8 @@ from .base import TensorSource
 class NpzSource(TensorSource):
     """A ``.npz`` file as a lazy tensor source; keys are the member names without ``.npy``."""
 
+    concurrent_reads = True  # preadv, or zipfile's own locked reader for deflated members
+
     def __init__(self, path: os.PathLike | str):
         self.path = os.fspath(path)
         self.metadata = {}
