@@ -39,6 +39,7 @@ class Canonical:
             if name == "pos_embed" and self.resized_from is not None:
                 t = resize_pos_embed(t, self.config.grid_size, src_cfg.num_prefix_tokens)
             yield name, t
+            del t
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return dict(self.tensors())

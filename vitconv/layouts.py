@@ -172,6 +172,7 @@ class ReadResult:
                 if check_finite and not all_finite(t):
                     raise MappingError(f"{name} contains NaN or Inf values", self.source.path)
                 yield name, t
+                del t  # not kept alive while the next one is read and mapped
 
     def _read_ahead(self):
         from .readahead import ReadAhead

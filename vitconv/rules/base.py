@@ -126,7 +126,11 @@ def map_to_canonical(rules: Sequence[ExpandedRule], get: Callable[[str], np.ndar
             shapes = ", ".join(f"{k} {tuple(a.shape)}" for k, a in zip(r.source, arrays))
             raise MappingError(f"{shapes} gives {r.canonical} shape {tuple(t.shape)}, but the "
                                f"inferred architecture needs {tuple(expected[r.canonical])}", path)
+        # Drop the inputs now: held across the yield they would still be alive while the
+        # next rule's inputs are read, one more rule's worth of peak memory when streaming.
+        del arrays
         yield r.canonical, t
+        del t
 
 
 def map_from_canonical(rules: Sequence[ExpandedRule], state: Mapping[str, np.ndarray],
