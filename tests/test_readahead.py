@@ -34,13 +34,22 @@ class Recorder:
         return np.full(self.size // 4, int(k[1:]), np.float32)
 
 
-def test_values_are_the_direct_reads_in_order():
+def test_values_are_the_direct_reads_and_each_key_is_read_once():
     src = Recorder()
     with ReadAhead(src.read, KEYS, lambda k: 1000) as ra:
         got = [ra.get(k) for k in KEYS]
+    assert sorted(k for k, _ in src.reads) == sorted(KEYS)  # by whichever thread got there first
     for k, a in zip(KEYS, got):
         np.testing.assert_array_equal(a, src.read(k))
-    assert [k for k, t in src.reads if t == "vitconv-read"] == KEYS  # each read once, ahead
+
+
+def test_a_slow_caller_finds_everything_read_ahead():
+    src = Recorder()
+    with ReadAhead(src.read, KEYS, lambda k: 1000) as ra:
+        time.sleep(0.2)
+        for k in KEYS:
+            ra.get(k)
+    assert [k for k, t in src.reads if t == "vitconv-read"] == KEYS
 
 
 def test_reader_holds_at_most_the_budget():
@@ -83,6 +92,23 @@ def test_keys_outside_the_plan_are_read_directly():
         assert ra.get("k7")[0] == 7
         assert ra.get("k1")[0] == 1 and ra.get("k0")[0] == 0  # out of order still answers
         assert ra.get("k0")[0] == 0  # asked twice: the second comes straight from the source
+
+
+def test_out_of_order_caller_does_not_wait_on_the_budget():
+    """The reader holds k0 and may not read k1 (budget: one tensor); a caller asking for k1
+    first must read it itself rather than wait for a reader that waits for it."""
+    got = []
+
+    def caller():
+        with ReadAhead(lambda k: np.full(1, int(k[1:])), KEYS[:3], lambda k: 1000, budget=1000) as ra:
+            time.sleep(0.1)  # the reader has read k0 and is waiting on the budget
+            got.extend(int(ra.get(k)[0]) for k in ("k1", "k0", "k2"))
+
+    t = threading.Thread(target=caller, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "deadlock: get() waited for a read the budget forbade"
+    assert got == [1, 0, 2]
 
 
 def test_leaving_early_stops_the_reader():

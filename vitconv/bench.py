@@ -314,7 +314,7 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
     if mode == "stream":
         # What `vitconv npz2pt` imports. A .safetensors stream needs no torch (vitconv.shapes);
         # the .pt writer does (torch.save writes its pickle skeleton), so for .pt torch's
-        # import (~170 MiB, about a second) is part of the baseline, not of the work timed.
+        # import (~185 MiB, about a second) is part of the baseline, not of the work timed.
         from .stream import stream_convert
         if dst.endswith(".pt"):
             import torch  # noqa: F401

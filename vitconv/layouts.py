@@ -5,7 +5,6 @@ plus the few lines here that read the architecture off its shapes."""
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 

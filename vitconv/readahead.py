@@ -4,7 +4,7 @@ Why: a streaming conversion does three kinds of work per tensor — read it (``p
 plus a CRC-32 check), map it (mostly Dense-kernel transposes) and write it — and all three
 spend their time in calls that release the GIL. The writer already runs on its own thread
 (:class:`vitconv.stream._Pipelined`); without read-ahead, reading and mapping still take
-turns on the caller's thread, so on a ViT-L/16 about a third of the wall time is reads
+turns on the caller's thread, so on a ViT-L/16 about a quarter of the wall time is reads
 that a second core could have done meanwhile.
 
 Memory stays flat: the reader holds at most ``budget`` bytes of tensors the caller has not
@@ -31,19 +31,20 @@ class ReadAhead:
 
     ``read(key)`` must be safe to call from another thread (positional reads are; see
     :attr:`vitconv.formats.base.TensorSource.concurrent_reads`). ``nbytes(key)`` sizes a key
-    before it is read. A key outside the plan, or asked for after the reader stopped, is
-    read directly on the caller's thread, so a caller that strays gets the right answer,
-    only without overlap. Use as a context manager: leaving stops and joins the reader."""
+    before it is read. A key the reader has not started on when it is asked for is read
+    on the caller's thread and skipped by the reader: a caller that outruns the reader, or
+    asks out of order, or for a key outside the plan, gets the right answer and never waits
+    on the budget. Use as a context manager: leaving stops and joins the reader."""
 
     def __init__(self, read: Callable[[str], np.ndarray], order: Iterable[str],
                  nbytes: Callable[[str], int], budget: int = DEFAULT_BUDGET):
         self._read, self._nbytes, self._budget = read, nbytes, budget
         self._order = list(order)
-        self._planned = set(self._order)
+        self._planned = set(self._order)  # keys nobody has started to read yet
+        self._reading: Optional[str] = None
         self._ready: Dict[str, Tuple[bool, object]] = {}
         self._held = 0
         self._stop = False
-        self._done = False
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
 
@@ -61,39 +62,38 @@ class ReadAhead:
             self._thread.join()
 
     def _run(self) -> None:
-        try:
-            for key in self._order:
-                n = self._nbytes(key)
-                with self._cond:
-                    self._cond.wait_for(lambda: self._stop or self._held == 0
-                                        or self._held + n <= self._budget)
-                    if self._stop:
-                        return
-                    self._held += n
-                try:
-                    value, ok = self._read(key), True
-                except BaseException as e:  # handed to the caller's get(key), in order
-                    value, ok = e, False
-                with self._cond:
-                    self._ready[key] = (ok, value)
-                    self._cond.notify_all()
-                if not ok:
-                    return
-        finally:
+        for key in self._order:
+            n = self._nbytes(key)
             with self._cond:
-                self._done = True
+                self._cond.wait_for(lambda: self._stop or self._held == 0
+                                    or self._held + n <= self._budget)
+                if self._stop:
+                    return
+                if key not in self._planned:  # the caller got there first
+                    continue
+                self._planned.discard(key)
+                self._reading = key
+                self._held += n
+            try:
+                value, ok = self._read(key), True
+            except BaseException as e:  # handed to the caller's get(key), in order
+                value, ok = e, False
+            with self._cond:
+                self._ready[key] = (ok, value)
+                self._reading = None
                 self._cond.notify_all()
+            if not ok:
+                return
 
     def get(self, key: str) -> np.ndarray:
         with self._cond:
-            if key in self._planned:
-                self._planned.discard(key)
-                self._cond.wait_for(lambda: key in self._ready or self._done)
-                entry = self._ready.pop(key, None)
-                if entry is not None:
-                    self._held -= self._nbytes(key)
-                    self._cond.notify_all()
+            if key in self._ready or key == self._reading:
+                self._cond.wait_for(lambda: key in self._ready)
+                entry = self._ready.pop(key)
+                self._held -= self._nbytes(key)
+                self._cond.notify_all()
             else:
+                self._planned.discard(key)  # the reader will skip it
                 entry = None
         if entry is None:
             return self._read(key)

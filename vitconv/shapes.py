@@ -1,7 +1,7 @@
 """Canonical tensor names and shapes, computed from a :class:`ViTConfig` without torch.
 
 Why not build the model on torch's meta device: a streaming conversion needs only these
-shapes, and importing torch for them costs ~170 MiB of resident memory, most of the
+shapes, and importing torch for them costs ~185 MiB of resident memory, most of the
 conversion's footprint (it moves nothing else). The table below follows
 :class:`vitconv.model.VisionTransformer`'s module tree in ``state_dict`` order; the test
 suite checks it against the real module's ``state_dict`` across every architecture
