@@ -177,11 +177,8 @@ class ReadResult:
         from .readahead import ReadAhead
 
         src, prefix = self.source, self.prefix
-
-        def nbytes(k: str) -> int:
-            return int(np.prod(src.shape(prefix + k), dtype=np.int64)) * np.dtype(src.dtype(prefix + k)).itemsize
-
-        return ReadAhead(lambda k: src.get(prefix + k), [k for r in self.rules for k in r.source], nbytes)
+        return ReadAhead(lambda k: src.get(prefix + k), [k for r in self.rules for k in r.source],
+                         lambda k: src.nbytes(prefix + k))
 
 
 def read_layout(source: TensorSource, layout: Optional[Layout] = None,

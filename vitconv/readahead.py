@@ -42,7 +42,7 @@ class ReadAhead:
         self._order = list(order)
         self._planned = set(self._order)  # keys nobody has started to read yet
         self._reading: Optional[str] = None
-        self._ready: Dict[str, Tuple[bool, object]] = {}
+        self._ready: Dict[str, Tuple[bool, object, int]] = {}  # ok, array or error, bytes held
         self._held = 0
         self._stop = False
         self._cond = threading.Condition()
@@ -79,7 +79,7 @@ class ReadAhead:
             except BaseException as e:  # handed to the caller's get(key), in order
                 value, ok = e, False
             with self._cond:
-                self._ready[key] = (ok, value)
+                self._ready[key] = (ok, value, n)
                 self._reading = None
                 self._cond.notify_all()
             if not ok:
@@ -90,14 +90,14 @@ class ReadAhead:
             if key in self._ready or key == self._reading:
                 self._cond.wait_for(lambda: key in self._ready)
                 entry = self._ready.pop(key)
-                self._held -= self._nbytes(key)
+                self._held -= entry[2]
                 self._cond.notify_all()
             else:
                 self._planned.discard(key)  # the reader will skip it
                 entry = None
         if entry is None:
             return self._read(key)
-        ok, value = entry
+        ok, value, _ = entry
         if not ok:
             raise value  # type: ignore[misc]
         return value  # type: ignore[return-value]

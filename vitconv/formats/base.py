@@ -38,6 +38,10 @@ class TensorSource:
     def get(self, key: str) -> np.ndarray:
         raise NotImplementedError
 
+    def nbytes(self, key: str) -> int:
+        """Size of ``key``'s data, from its header alone (nothing is read)."""
+        return int(np.prod(self.shape(key), dtype=np.int64)) * np.dtype(self.dtype(key)).itemsize
+
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
