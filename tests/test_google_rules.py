@@ -201,18 +201,21 @@ def test_expected_shapes_are_the_model_state_dict(cfg):
     assert [(k, tuple(v.shape)) for k, v in m.state_dict().items()] == list(expected_shapes(cfg).items())
 
 
-def test_streaming_conversion_does_not_import_torch(tmp_path):
-    """The point of vitconv.shapes: a .npz -> .safetensors stream runs without torch's
-    ~170 MiB. Checked in a fresh interpreter, where nothing imported torch before."""
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_streaming_conversion_does_not_import_torch(tmp_path, suffix):
+    """The point of vitconv.shapes and vitconv.formats.torch_pickle: a .npz ->
+    .safetensors or .pt stream runs without torch's ~185 MiB. Checked in a fresh
+    interpreter, where nothing imported torch before."""
     import subprocess
     import sys
 
     src = tmp_path / "m.npz"
     write_npz(to_google_npz({k: np.zeros(s, np.float32) for k, s in expected_shapes(_SMALL).items()}, _SMALL),
               src)
+    out_path = tmp_path / f"o{suffix}"
     code = ("import sys; from vitconv.stream import stream_convert; "
-            f"stream_convert({str(src)!r}, {str(tmp_path / 'o.safetensors')!r}); "
+            f"stream_convert({str(src)!r}, {str(out_path)!r}); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    assert (tmp_path / "o.safetensors").stat().st_size > 0
+    assert out_path.stat().st_size > 0

@@ -165,11 +165,11 @@ def test_failure_while_setting_up_a_streamed_pt_leaves_no_file(tmp_path, monkeyp
     from vitconv.formats import torch_pt_stream
     from vitconv.stream import stream_convert
 
-    def broken_skeleton(path, *a, **k):
-        path.write_bytes(b"partial skeleton")
+    def broken_pickle(*a, **k):
         raise RuntimeError("disk went away")
 
-    monkeypatch.setattr(torch_pt_stream, "_skeleton", broken_skeleton)
+    # data.pkl is the first record: the temporary and its zip writer exist by then.
+    monkeypatch.setattr(torch_pt_stream, "dumps", broken_pickle)
     out = tmp_path / "out.pt"
     with pytest.raises(RuntimeError, match="disk went away"):
         stream_convert(golden_path("jax/tiny_token_p8_32.npz"), out)

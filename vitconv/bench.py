@@ -312,12 +312,9 @@ def _floor(src: Path, dst: Path) -> int:
 
 def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
     if mode == "stream":
-        # What `vitconv npz2pt` imports. A .safetensors stream needs no torch (vitconv.shapes);
-        # the .pt writer does (torch.save writes its pickle skeleton), so for .pt torch's
-        # import (~185 MiB, about a second) is part of the baseline, not of the work timed.
+        # What `vitconv npz2pt` imports; neither output format needs torch (vitconv.shapes,
+        # vitconv.formats.torch_pickle).
         from .stream import stream_convert
-        if dst.endswith(".pt"):
-            import torch  # noqa: F401
     base = _rss_mib("VmRSS")
     t0 = time.perf_counter()
     if mode == "stream":

@@ -1,72 +1,46 @@
-"""vitconv's ``.pt`` written one tensor at a time, without holding the state dict.
+"""vitconv's ``.pt`` written one tensor at a time, without torch and without holding the
+state dict.
 
-``torch.save`` pickles a whole object, so it needs every tensor in memory. But its
-zip format stores each storage as its own uncompressed record, and since torch 2.5
-``torch.serialization.skip_data`` saves the *skeleton* of an object (pickle, record
-headers, space for the bytes) without touching tensor data, so the state dict can be
-made of uninitialised tensors whose pages are never touched. We save that skeleton, find where each
-storage's record lies in the file, write each tensor's bytes there as it is produced,
-and fill in the CRC-32s torch left blank. The result is the same ``{"format":
-"vitconv", "config", "state_dict"}`` payload :func:`~vitconv.formats.torch_pt.save_vitconv_pt`
-writes, loadable with ``torch.load(weights_only=True)`` (and a valid zip: ``zipfile``
-checks every CRC).
+A ``torch.save`` file is a zip archive: ``data.pkl`` (the pickled object, whose tensors
+refer to storages by key), one uncompressed ``data/<key>`` record per storage, and a few
+small records (``version``, ``byteorder``, ``.format_version``, ``.storage_alignment``).
+Everything in ``data.pkl`` follows from the tensors' names, dtypes and shapes
+(:mod:`vitconv.formats.torch_pickle`), so it is written first and each tensor's bytes
+are appended as the caller produces them; ``zipfile`` computes every CRC-32 on the way
+and writes the central directory at the end. Records start on 64-byte boundaries as
+torch's own writer places them (so ``torch.load(..., mmap=True)`` maps aligned data).
 
-Storage records are numbered in the order the pickler meets the tensors, which for a
-dict is insertion order; every record's size is checked against its tensor before a
-byte is written, so a torch that numbered differently fails here, not at load time.
+The payload is the ``{"format": "vitconv", "config", "state_dict"}`` dict
+:func:`~vitconv.formats.torch_pt.save_vitconv_pt` writes, loadable with
+``torch.load(weights_only=True)``. Not importing torch saves ~185 MiB of resident memory,
+more than the rest of a streaming conversion uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import struct
 import sys
 import zipfile
-import zlib
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import OutputError, first_line
+from ..errors import OutputError
 from .atomic import atomic_output
 from .safetensors_stream import TensorSpec
+from .torch_pickle import StoredTensor, dumps
 from .torch_pt import FORMAT_NAME, FORMAT_VERSION
 
-_RECORD = re.compile(r"^[^/]+/data/(\d+)$")
-
-
-def _skeleton(path: Path, specs: Sequence[TensorSpec], config: dict, extra: Mapping[str, str]) -> None:
-    import torch
-    from torch.utils.serialization import config as ser_config
-
-    # ``torch.empty`` reserves address space but touches no page (large blocks come from
-    # mmap), and under ``skip_data`` torch.save never reads them: resident memory stays
-    # flat. (FakeTensors would do too, but importing their machinery costs ~2 s and ~100 MB.)
-    state = {s.name: torch.empty(tuple(s.shape), dtype=torch.from_numpy(np.zeros(0, s.dtype)).dtype)
-             for s in specs}
-    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": dict(config),
-               "state_dict": state}
-    payload.update(dict(extra))
-    old = ser_config.save.compute_crc32
-    ser_config.save.compute_crc32 = False  # the bytes are not there yet; CRCs are filled in at the end
-    try:
-        with torch.serialization.skip_data():
-            torch.save(payload, path)
-    except RuntimeError as e:  # how torch's zip writer reports a full disk or a write error
-        raise OutputError(f"writing failed ({first_line(e)})", path) from None
-    finally:
-        ser_config.save.compute_crc32 = old
-
-
-class _Record:
-    def __init__(self, info: zipfile.ZipInfo, data_offset: int):
-        self.info = info
-        self.data_offset = data_offset
-        self.crc = 0
-        self.written = 0
+#: The archive's top folder. torch.load accepts any one name; torch itself uses "archive"
+#: when it has no file name to go by.
+ARCHIVE = "archive"
+#: torch's record alignment (what it writes into ``.storage_alignment``).
+ALIGNMENT = 64
+#: The ``extra`` field id torch's writer pads local headers with.
+_PAD_FIELD = 0x4246
 
 
 class PtStreamWriter:
@@ -83,12 +57,23 @@ class PtStreamWriter:
         self._stack = contextlib.ExitStack()
         self._pos = 0
 
+    def payload_pickle(self) -> bytes:
+        """``data.pkl``: storage keys are the tensors' positions, in state-dict order."""
+        state = {s.name: StoredTensor(str(i), np.dtype(s.dtype), tuple(s.shape))
+                 for i, s in enumerate(self.specs)}
+        payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                   "config": dict(self.config), "state_dict": state}
+        payload.update(self.extra)
+        return dumps(payload)
+
     def __enter__(self) -> "PtStreamWriter":
         try:
-            self._tmp = self._stack.enter_context(atomic_output(self.path))
-            _skeleton(self._tmp, self.specs, self.config, self.extra)
-            self._records = self._locate()
-            self._f = self._stack.enter_context(open(self._tmp, "r+b"))
+            tmp = self._stack.enter_context(atomic_output(self.path))
+            self._zip = self._stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
+            self._record("data.pkl", self.payload_pickle())
+            self._record(".format_version", b"1")
+            self._record(".storage_alignment", str(ALIGNMENT).encode())
+            self._record("byteorder", sys.byteorder.encode())
         except BaseException:
             # Unwind *with* the exception: atomic_output then deletes its temporary. A plain
             # close() would exit it as a success and rename a partial file into place.
@@ -96,91 +81,37 @@ class PtStreamWriter:
                 raise
         return self
 
-    def _locate(self) -> List[_Record]:
-        with zipfile.ZipFile(self._tmp) as zf, open(self._tmp, "rb") as raw:
-            found: Dict[int, zipfile.ZipInfo] = {}
-            for info in zf.infolist():
-                m = _RECORD.match(info.filename)
-                if m:
-                    found[int(m.group(1))] = info
-            if sorted(found) != list(range(len(self.specs))):
-                raise OutputError(f"torch.save wrote {len(found)} storage records for "
-                                  f"{len(self.specs)} tensors", self.path)
-            records = []
-            for i, spec in enumerate(self.specs):
-                info = found[i]
-                if info.compress_type != zipfile.ZIP_STORED or info.file_size != spec.nbytes:
-                    raise OutputError(f"storage record {i} ({info.file_size} bytes) does not match "
-                                      f"{spec.name} ({spec.nbytes} bytes)", self.path)
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                records.append(_Record(info, info.header_offset + 30 + name_len + extra_len))
-            self._central = zf.start_dir
-            # torch.save wrote every CRC as 0 (compute_crc32=False): the small records
-            # (pickle, version ...) are complete already, so their CRCs are computed now.
-            storage = {id(info) for info in found.values()}
-            self._others = []
-            for info in zf.infolist():
-                if id(info) in storage:
-                    continue
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                rec = _Record(info, info.header_offset + 30 + name_len + extra_len)
-                raw.seek(rec.data_offset)
-                rec.crc = zlib.crc32(raw.read(info.compress_size))
-                self._others.append(rec)
-        return records
+    def _record(self, name: str, data) -> None:
+        """One stored record, its data starting on an ``ALIGNMENT`` boundary."""
+        buf = memoryview(data).cast("B")
+        info = zipfile.ZipInfo(f"{ARCHIVE}/{name}")
+        info.compress_type = zipfile.ZIP_STORED
+        info.file_size = buf.nbytes
+        info.CRC = info.compress_size = 0  # zipfile fills both in; FileHeader() reads them
+        zip64 = buf.nbytes * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule, stated up front
+        # The header is written where the central directory would start; pad its extra
+        # field so the data after it is aligned. FileHeader() is the exact bytes zipfile
+        # writes, so its length (with a 4-byte pad field) fixes the padding.
+        info.extra = struct.pack("<HH", _PAD_FIELD, 0)
+        start = self._zip.start_dir + len(info.FileHeader(zip64))
+        pad = -start % ALIGNMENT
+        info.extra = struct.pack("<HH", _PAD_FIELD, pad) + b"Z" * pad
+        with self._zip.open(info, "w", force_zip64=zip64) as f:
+            if self._zip.fp.tell() % ALIGNMENT:
+                raise OutputError(f"record {name} would start unaligned", self.path)
+            f.write(buf)
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self._pos >= len(self.specs):
             raise OutputError(f"unexpected extra tensor {name!r}", self.path)
-        spec, rec = self.specs[self._pos], self._records[self._pos]
+        spec = self.specs[self._pos]
         a = np.asarray(array)
         if name != spec.name or a.dtype != np.dtype(spec.dtype) or tuple(a.shape) != tuple(spec.shape):
             raise OutputError(f"tensor {name!r} {a.dtype}{tuple(a.shape)} does not match the "
-                              f"skeleton entry {spec.name!r}", self.path)
-        buf = memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B")
-        self._f.seek(rec.data_offset)
-        self._f.write(buf)
-        rec.crc = zlib.crc32(buf)
+                              f"declared {spec.name!r} {np.dtype(spec.dtype)}{tuple(spec.shape)}",
+                              self.path)
+        self._record(f"data/{self._pos}", np.ascontiguousarray(a).reshape(-1))
         self._pos += 1
-
-    def _fill_crcs(self) -> None:
-        """Write each record's CRC-32 where the zip keeps it: the data descriptor after the
-        data (torch's writer sets flag bit 3) or else the local header, and the central
-        directory entry."""
-        f = self._f
-        everything = self._records + self._others
-        by_offset = {r.info.header_offset: r for r in everything}
-        for r in everything:
-            crc = struct.pack("<I", r.crc)
-            if r.info.flag_bits & 0x08:
-                f.seek(r.data_offset + r.info.compress_size)
-                sig = f.read(4)
-                f.seek(r.data_offset + r.info.compress_size + (4 if sig == b"PK\x07\x08" else 0))
-            else:
-                f.seek(r.info.header_offset + 14)
-            f.write(crc)
-        pos = self._central
-        f.seek(0, os.SEEK_END)
-        end = f.tell()
-        while pos + 46 <= end:
-            f.seek(pos)
-            entry = f.read(46)
-            if entry[:4] != b"PK\x01\x02":
-                break
-            n, m, k = struct.unpack("<HHH", entry[28:34])
-            offset = struct.unpack("<I", entry[42:46])[0]
-            if offset == 0xFFFFFFFF:  # zip64: the real offset is in the extra field
-                f.seek(pos + 46 + n)
-                offset = _zip64_offset(f.read(m), entry)
-            r = by_offset.get(offset)
-            if r is not None:
-                f.seek(pos + 16)
-                f.write(struct.pack("<I", r.crc))
-            pos += 46 + n + m + k
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -188,23 +119,8 @@ class PtStreamWriter:
                 if self._pos != len(self.specs):
                     raise OutputError(f"{len(self.specs) - self._pos} tensor(s) never written "
                                       f"(first: {self.specs[self._pos].name!r})", self.path)
-                self._fill_crcs()
+                self._record("version", b"3\n")
             except BaseException as e:
                 self._stack.__exit__(type(e), e, e.__traceback__)
                 raise
         self._stack.__exit__(exc_type, exc, tb)
-
-
-def _zip64_offset(extra: bytes, entry: bytes) -> int:
-    """The local-header offset from a zip64 extra field: the 8-byte fields appear only for
-    the 32-bit fields set to 0xFFFFFFFF, in the order usize, csize, offset."""
-    csize, usize = struct.unpack("<II", entry[20:28])
-    i = 0
-    while i + 4 <= len(extra):
-        tag, size = struct.unpack("<HH", extra[i:i + 4])
-        if tag == 0x0001:
-            body = extra[i + 4:i + 4 + size]
-            skip = 8 * ((usize == 0xFFFFFFFF) + (csize == 0xFFFFFFFF))
-            return struct.unpack("<Q", body[skip:skip + 8])[0]
-        i += 4 + size
-    raise OutputError("zip64 entry without an offset in its extra field")
