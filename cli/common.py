@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import click
@@ -26,7 +27,7 @@ def progress_bar(ctx: click.Context, label: str) -> Iterator[Optional[Callable[[
     """A ``progress(done, total, item)`` callback drawing a bar on stderr, created on the
     first call so quick jobs print nothing; None under ``--quiet`` or when stderr is no
     terminal (logs and CI stay clean)."""
-    if (ctx.obj or {}).get("quiet") or not click.get_text_stream("stderr").isatty():
+    if (ctx.obj or {}).get("quiet") or not sys.stderr.isatty():
         yield None
         return
     bar = None
@@ -34,7 +35,7 @@ def progress_bar(ctx: click.Context, label: str) -> Iterator[Optional[Callable[[
     def update(done: int, total: int, item: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = click.progressbar(length=total, label=label, file=click.get_text_stream("stderr"))
+            bar = click.progressbar(length=total, label=label, file=sys.stderr)
             bar.__enter__()
         bar.update(done - bar.pos)
 
