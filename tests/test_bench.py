@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -38,6 +39,11 @@ def test_bench_convert_measures_both(tmp_path):
     assert floor.bytes == data_bytes  # the floor wrote every member's bytes once
     s = res.summary()
     assert s["stream_peak_rss_mib"] >= s["stream_base_rss_mib"] > 0
+    # CPU time of the work only (imports excluded): positive, and no more than wall time
+    # on every thread of this machine
+    for m in res.measurements:
+        assert 0 < m.cpu_s <= m.wall_s * (os.cpu_count() or 1) + 0.05, m
+    assert math.isclose(s["cpu_ratio"], s["stream_cpu_s"] / s["floor_cpu_s"])
     assert list(tmp_path.iterdir()) == []  # outputs cleaned up
 
 

@@ -253,6 +253,7 @@ class ConvertMeasurement:
     peak_rss_mib: float  # VmHWM of the child process
     base_rss_mib: float  # VmRSS after imports, before any work
     bytes: int
+    cpu_s: float = float("nan")  # user + system time of the child's threads during the work
 
 
 @dataclass
@@ -273,7 +274,11 @@ class ConvertBench:
             s[f"{mode}_wall_s"] = med(mode, "wall_s")
             s[f"{mode}_peak_rss_mib"] = max(m.peak_rss_mib for m in self.measurements if m.mode == mode)
             s[f"{mode}_base_rss_mib"] = med(mode, "base_rss_mib")
+            s[f"{mode}_cpu_s"] = med(mode, "cpu_s")
         s["wall_ratio"] = s["stream_wall_s"] / s["floor_wall_s"]
+        # CPU time (all threads) says how much work the stream adds to the floor's, apart
+        # from waiting on the disk; wall time also shows how well that work overlaps.
+        s["cpu_ratio"] = s["stream_cpu_s"] / s["floor_cpu_s"]
         # Floor and stream alternate, so each repeat's pair saw the same machine load: the
         # spread of per-pair ratios says how much of the median ratio is noise.
         floors = [m.wall_s for m in self.measurements if m.mode == "floor"]
@@ -316,6 +321,7 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
         # vitconv.formats.torch_pickle).
         from .stream import stream_convert
     base = _rss_mib("VmRSS")
+    c0 = time.process_time()  # every thread's user + system time, ns resolution
     t0 = time.perf_counter()
     if mode == "stream":
         stream_convert(src, dst, hash_source=hash_source)
@@ -324,7 +330,7 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
         n = _floor(Path(src), Path(dst))
     wall = time.perf_counter() - t0
     return {"mode": mode, "wall_s": wall, "peak_rss_mib": _rss_mib("VmHWM"), "base_rss_mib": base,
-            "bytes": n}
+            "bytes": n, "cpu_s": time.process_time() - c0}
 
 
 def measure_child(mode: str, src: os.PathLike | str, dst: os.PathLike | str,
@@ -344,7 +350,12 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
                   warmup: bool = True,
                   progress: Optional[Callable[[ConvertMeasurement], None]] = None) -> ConvertBench:
     """Time ``stream_convert`` of ``src`` and the I/O floor, alternating, ``repeats`` times
-    each after one untimed warm-up of each (so both see the source in the page cache)."""
+    each after one untimed warm-up of each (so both see the source in the page cache).
+
+    Before each run the previous output is deleted and dirty pages are flushed
+    (``os.sync``), outside the timing: otherwise a run would pay for dropping the last
+    run's gigabyte of page cache when its rename replaces that file, work that belongs
+    to neither side."""
     src = Path(src)
     work = Path(workdir) if workdir else src.parent
     out = work / f".vitconv-bench-{os.getpid()}.{output_kind}"
@@ -354,6 +365,9 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
         first = 0 if warmup else 1
         for i in range(first, repeats + 1):
             for mode, dst in (("floor", floor_out), ("stream", out)):
+                if dst.exists():
+                    dst.unlink()
+                os.sync()
                 m = measure_child(mode, src, dst, hash_source)
                 if i > 0:
                     bench.measurements.append(m)
