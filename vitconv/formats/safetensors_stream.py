@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
+from .writeback import Writeback
 
 #: numpy dtype -> safetensors dtype tag (the formats' common ground; bf16 has no numpy dtype).
 DTYPE_TAGS: Dict[np.dtype, str] = {
@@ -131,6 +132,7 @@ class SafetensorsStreamWriter:
                                                      for s in group]
         self._pos = 0
         self._handles: List = []
+        self._writeback: List[Writeback] = []
         self._index_tmp: Optional[Path] = None
 
     # -- context management: temporaries renamed into place only on success -----------
@@ -143,6 +145,7 @@ class SafetensorsStreamWriter:
                 f = self._stack.enter_context(open(tmp, "wb"))
                 f.write(build_header(group, self.metadata))
                 self._handles.append(f)
+                self._writeback.append(Writeback(f))
         except BaseException:
             # Unwind *with* the exception: atomic_output then deletes its temporary. A plain
             # close() would exit it as a success and rename a partial file into place.
@@ -162,6 +165,7 @@ class SafetensorsStreamWriter:
             a = a.astype(a.dtype.newbyteorder("<"))  # safetensors is little-endian
         a = np.ascontiguousarray(a)
         self._handles[shard].write(memoryview(a.reshape(-1)).cast("B"))
+        self._writeback[shard].advance()
         self._pos += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

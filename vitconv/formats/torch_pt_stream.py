@@ -33,6 +33,7 @@ from .atomic import atomic_output
 from .safetensors_stream import TensorSpec
 from .torch_pickle import StoredTensor, dumps
 from .torch_pt import FORMAT_NAME, FORMAT_VERSION
+from .writeback import Writeback
 
 #: The archive's top folder. torch.load accepts any one name; torch itself uses "archive"
 #: when it has no file name to go by.
@@ -70,6 +71,7 @@ class PtStreamWriter:
         try:
             tmp = self._stack.enter_context(atomic_output(self.path))
             self._zip = self._stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
+            self._writeback = Writeback(self._zip.fp)
             self._record("data.pkl", self.payload_pickle())
             self._record(".format_version", b"1")
             self._record(".storage_alignment", str(ALIGNMENT).encode())
@@ -100,6 +102,7 @@ class PtStreamWriter:
             if self._zip.fp.tell() % ALIGNMENT:
                 raise OutputError(f"record {name} would start unaligned", self.path)
             f.write(buf)
+        self._writeback.advance()  # after zipfile has rewritten the header and moved to the end
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self._pos >= len(self.specs):
