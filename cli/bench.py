@@ -100,7 +100,8 @@ def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool
                 pairs = ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
                 say(ctx, f"{m}: {s['source_mib']:.0f} MiB -> {output_kind}, median of {repeats}: "
                          f"stream {s['stream_wall_s']:.2f} s vs floor {s['floor_wall_s']:.2f} s "
-                         f"({s['wall_ratio']:.2f}x; per pair {pairs}); CPU {s['stream_cpu_s']:.2f} s vs "
+                         f"({s['wall_ratio']:.2f}x; per pair {pairs}); best {s['stream_best_s']:.2f} s vs "
+                         f"{s['floor_best_s']:.2f} s ({s['best_ratio']:.2f}x); CPU {s['stream_cpu_s']:.2f} s vs "
                          f"{s['floor_cpu_s']:.2f} s ({s['cpu_ratio']:.2f}x); peak RSS stream "
                          f"{s['stream_peak_rss_mib']:.0f} MiB (after imports {s['stream_base_rss_mib']:.0f}), "
                          f"floor {s['floor_peak_rss_mib']:.0f} MiB")

@@ -44,6 +44,8 @@ def test_bench_convert_measures_both(tmp_path):
     for m in res.measurements:
         assert 0 < m.cpu_s <= m.wall_s * (os.cpu_count() or 1) + 0.05, m
     assert math.isclose(s["cpu_ratio"], s["stream_cpu_s"] / s["floor_cpu_s"])
+    walls = {m.mode: m.wall_s for m in res.measurements}
+    assert math.isclose(s["best_ratio"], walls["stream"] / walls["floor"])
     assert list(tmp_path.iterdir()) == []  # outputs cleaned up
 
 
