@@ -360,8 +360,9 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
                   workdir: Optional[os.PathLike | str] = None, hash_source: bool = False,
                   warmup: bool = True,
                   progress: Optional[Callable[[ConvertMeasurement], None]] = None) -> ConvertBench:
-    """Time ``stream_convert`` of ``src`` and the I/O floor, alternating, ``repeats`` times
-    each after one untimed warm-up of each (so both see the source in the page cache).
+    """Time ``stream_convert`` of ``src`` and the I/O floor, alternating (and alternating
+    which goes first), ``repeats`` times each after one untimed warm-up of each (so both
+    see the source in the page cache).
 
     Before each run the previous output is deleted and dirty pages are flushed
     (``os.sync``), outside the timing: otherwise a run would pay for dropping the last
@@ -375,7 +376,11 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
     try:
         first = 0 if warmup else 1
         for i in range(first, repeats + 1):
-            for mode, dst in (("floor", floor_out), ("stream", out)):
+            # Which side goes first alternates: on this VM the second run of a pair was
+            # systematically slower (up to 4x on L/16, whichever side it was), and a fixed
+            # order would hand that penalty to one side every time.
+            order = [("floor", floor_out), ("stream", out)]
+            for mode, dst in (order if i % 2 else order[::-1]):
                 if dst.exists():
                     dst.unlink()
                 os.sync()
