@@ -16,7 +16,9 @@ Writing tensor *i* overlaps producing tensor *i + 1* (one writer thread, at most
 in flight): the writer spends its time in ``write`` and ``zlib.crc32`` (``.pt``), which
 release the GIL, so reading and transposing no longer wait for the disk. It costs no
 memory: the generator chain already keeps the previous tensor alive while it reads the
-next one's sources (measured peak RSS went down, not up).
+next one's sources (measured peak RSS went down, not up). Both writers also start the
+disk write-out of each finished 8 MiB (:mod:`vitconv.formats.writeback`), so the final
+fsync does not find the whole file still waiting.
 """
 
 from __future__ import annotations
