@@ -49,6 +49,17 @@ class TensorSpec:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
+    def check(self, name: str, array: np.ndarray, path: os.PathLike | str) -> np.ndarray:
+        """``array`` as an ndarray if it is the tensor this spec promised (name, dtype,
+        shape); otherwise :class:`OutputError`. Streaming writers lay out bytes from specs
+        before the data exists, so a producer that disagrees must fail here, not leave a
+        file whose header or pickle lies about what follows."""
+        a = np.asarray(array)
+        if name != self.name or a.dtype != np.dtype(self.dtype) or tuple(a.shape) != tuple(self.shape):
+            raise OutputError(f"tensor {name!r} {a.dtype}{tuple(a.shape)} does not match the declared "
+                              f"{self.name!r} {np.dtype(self.dtype)}{tuple(self.shape)}", path)
+        return a
+
 
 def safetensors_order(specs: Sequence[TensorSpec]) -> List[TensorSpec]:
     """The order ``safetensors``' own writer lays tensors out in: widest dtype first, then
@@ -157,10 +168,7 @@ class SafetensorsStreamWriter:
         if self._pos >= len(self._queue):
             raise OutputError(f"unexpected extra tensor {name!r}", self.path)
         shard, spec = self._queue[self._pos]
-        a = np.asarray(array)
-        if name != spec.name or a.dtype != np.dtype(spec.dtype) or tuple(a.shape) != tuple(spec.shape):
-            raise OutputError(f"tensor {name!r} {a.dtype}{tuple(a.shape)} does not match the header "
-                              f"entry {spec.name!r} {np.dtype(spec.dtype)}{tuple(spec.shape)}", self.path)
+        a = spec.check(name, array, self.path)
         if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
             a = a.astype(a.dtype.newbyteorder("<"))  # safetensors is little-endian
         a = np.ascontiguousarray(a)

@@ -54,7 +54,6 @@ class PtStreamWriter:
         self.config = config
         self.extra = dict(extra or {})
         self.outputs: List[Path] = [self.path]
-        self.total_bytes = sum(s.nbytes for s in self.specs)
         self._stack = contextlib.ExitStack()
         self._pos = 0
 
@@ -107,12 +106,7 @@ class PtStreamWriter:
     def write(self, name: str, array: np.ndarray) -> None:
         if self._pos >= len(self.specs):
             raise OutputError(f"unexpected extra tensor {name!r}", self.path)
-        spec = self.specs[self._pos]
-        a = np.asarray(array)
-        if name != spec.name or a.dtype != np.dtype(spec.dtype) or tuple(a.shape) != tuple(spec.shape):
-            raise OutputError(f"tensor {name!r} {a.dtype}{tuple(a.shape)} does not match the "
-                              f"declared {spec.name!r} {np.dtype(spec.dtype)}{tuple(spec.shape)}",
-                              self.path)
+        a = self.specs[self._pos].check(name, array, self.path)
         self._record(f"data/{self._pos}", np.ascontiguousarray(a).reshape(-1))
         self._pos += 1
 
