@@ -265,31 +265,28 @@ class ConvertBench:
     measurements: List[ConvertMeasurement] = field(default_factory=list)
 
     def summary(self) -> dict:
-        def med(mode: str, attr: str) -> float:
-            return statistics.median(getattr(m, attr) for m in self.measurements if m.mode == mode)
-
         s = {"source": self.source, "source_mib": self.source_bytes / 2**20, "output": self.output_kind,
              "repeats": self.repeats}
+        walls = {}
         for mode in ("floor", "stream"):
-            s[f"{mode}_wall_s"] = med(mode, "wall_s")
-            s[f"{mode}_peak_rss_mib"] = max(m.peak_rss_mib for m in self.measurements if m.mode == mode)
-            s[f"{mode}_base_rss_mib"] = med(mode, "base_rss_mib")
-            s[f"{mode}_cpu_s"] = med(mode, "cpu_s")
+            ms = [m for m in self.measurements if m.mode == mode]
+            walls[mode] = [m.wall_s for m in ms]
+            s[f"{mode}_wall_s"] = statistics.median(walls[mode])
+            # The fastest run is the one least disturbed by the machine (on a VM, writing
+            # into fresh page-cache pages costs 1x to 4x from one run to the next): its
+            # ratio is the other estimate worth reading beside the medians'.
+            s[f"{mode}_best_s"] = min(walls[mode])
+            s[f"{mode}_peak_rss_mib"] = max(m.peak_rss_mib for m in ms)
+            s[f"{mode}_base_rss_mib"] = statistics.median(m.base_rss_mib for m in ms)
+            s[f"{mode}_cpu_s"] = statistics.median(m.cpu_s for m in ms)
         s["wall_ratio"] = s["stream_wall_s"] / s["floor_wall_s"]
-        # The fastest run of each side is the one least disturbed by the machine (on a VM,
-        # writing into fresh page-cache pages costs 1x to 4x from one run to the next):
-        # its ratio is the other estimate worth reading beside the medians'.
-        for mode in ("floor", "stream"):
-            s[f"{mode}_best_s"] = min(m.wall_s for m in self.measurements if m.mode == mode)
         s["best_ratio"] = s["stream_best_s"] / s["floor_best_s"]
         # CPU time (all threads) says how much work the stream adds to the floor's, apart
         # from waiting on the disk; wall time also shows how well that work overlaps.
         s["cpu_ratio"] = s["stream_cpu_s"] / s["floor_cpu_s"]
         # Floor and stream alternate, so each repeat's pair saw the same machine load: the
         # spread of per-pair ratios says how much of the median ratio is noise.
-        floors = [m.wall_s for m in self.measurements if m.mode == "floor"]
-        streams = [m.wall_s for m in self.measurements if m.mode == "stream"]
-        pairs = [b / a for a, b in zip(floors, streams)]
+        pairs = [b / a for a, b in zip(walls["floor"], walls["stream"])]
         s["pair_ratios"] = pairs
         s["pair_ratio_median"] = statistics.median(pairs)
         return s
