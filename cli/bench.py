@@ -10,6 +10,7 @@ from typing import List
 import click
 
 from vitconv.bench import RUNTIMES, bench_convert, bench_runtimes
+from vitconv.synthetic import make_synthetic, preset
 
 from .common import say
 
@@ -76,8 +77,6 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
 
 
 def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool) -> None:
-    from vitconv.synthetic import make_synthetic, preset
-
     out = []
     with tempfile.TemporaryDirectory(prefix="vitconv-bench-", dir=workdir) as tmp:
         for m in models:

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import click
 
-from vitconv.targets import TARGETS, convert as convert_any
+from vitconv.pipeline import convert as convert_any
+from vitconv.targets import target_names
 
-from .common import summary
+from .common import progress_bar, summary
 
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(TARGETS), help="Target layout (default from DST: .npz -> "
+@click.option("--to", "to", type=click.Choice(target_names()), help="Target layout (default from DST: .npz -> "
               "Google, a directory -> hf, .pt/.safetensors -> canonical).")
 @click.option("--num-heads", type=int, help="Heads, where the source's shapes cannot say "
               "(fused or per-matrix q/k/v; default assumes 64-dim heads).")
@@ -31,5 +32,6 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
       vitconv convert vit_hf vit_timm.pth --to timm
       vitconv convert vit_timm.pth back.npz               # Google .npz
     """
-    report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size)
+    with progress_bar(ctx, "converting") as progress:
+        report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress)
     summary(ctx, report.rows())

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_bytes
+from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
 
 from .common import say
 
@@ -39,8 +40,6 @@ def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | 
     """
     quiet = (ctx.obj or {}).get("quiet")
     if plot_posembed is not None:
-        from vitconv.plot import require_matplotlib
-
         require_matplotlib()  # fail before any work, not after
     err = sys.stderr
     size = total_bytes(src) if src.exists() else 0
@@ -54,8 +53,6 @@ def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | 
         for line in format_text(report):
             say(ctx, line)
     if plot_posembed is not None:
-        from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid
-
         pe, cfg, layout = read_pos_embed(src)
         sim = posembed_cosine_grid(pe, cfg.num_prefix_tokens)
         g = sim.shape[0]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vitconv.convert import convert_file
+from vitconv.pipeline import convert
 
 from .common import progress_bar, summary
 
@@ -29,6 +29,5 @@ def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int |
     """
     out = output or src.with_suffix(".pt")
     with progress_bar(ctx, "converting") as progress:
-        report = convert_file(src, out, image_size=image_size, require_layout="google",
-                              progress=progress)
+        report = convert(src, out, image_size=image_size, require_layout="google", progress=progress)
     summary(ctx, report.rows())

@@ -1,13 +1,33 @@
-"""Shared fixtures: the golden manifest and helpers to run cases. Nothing touches the network."""
+"""Shared fixtures: the golden manifest and helpers to run cases. Nothing touches the network,
+and nothing is written outside temporary directories (hypothesis included)."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import configuration as _hypothesis_configuration
+from hypothesis import settings
+
+# hypothesis keeps its example database and state under .hypothesis/ in the working directory;
+# send it to a temporary directory that goes with the session, and keep no database.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="vitconv-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, True)
+_hypothesis_configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+settings.register_profile("vitconv", database=None)
+settings.load_profile("vitconv")
+
+#: The installed ``vitconv`` command: the one beside this interpreter (a virtual environment's
+#: bin/ need not be on PATH).
+VITCONV = str(Path(sys.executable).with_name("vitconv"))
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
@@ -42,3 +62,11 @@ def skip_unless_installed(what: str) -> None:
     if os.environ.get("VITCONV_REQUIRE_REFERENCES") == "1":
         pytest.fail(f"{what} (VITCONV_REQUIRE_REFERENCES=1)", pytrace=False)
     pytest.skip(what, allow_module_level=True)
+
+
+def read(path, **kwargs):
+    """``(layout name, config, canonical state, notes)`` of a checkpoint, through the one path."""
+    from vitconv.pipeline import open_checkpoint
+
+    with open_checkpoint(path, **kwargs) as c:
+        return c.layout.name, c.config, c.state_dict(), c.notes

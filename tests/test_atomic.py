@@ -85,10 +85,8 @@ def test_sigterm_unwinds_and_cleans_up(tmp_path):
         "        tmp.write_bytes(b'partial')\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "        time.sleep(30)\n"
-        "import vitconv.convert as c\n"
-        "c.convert_file = slow\n"
         "import _vitconv_cli.npz2pt as n\n"
-        "n.convert_file = slow\n"
+        "n.convert = slow\n"
         "m.main(['npz2pt', sys.argv[2], '-o', sys.argv[1]])\n")
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.pt"),

@@ -400,47 +400,21 @@ def test_disk_full_in_process_leaves_nothing(tmp_path, monkeypatch):
     assert _listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".npz"])
-def test_writers_report_disk_full_and_remove_the_temp(tmp_path, monkeypatch, suffix):
-    """Each library writer fails the way a full disk makes it fail: torch's zip writer
-    with ``RuntimeError``, safetensors with ``SafetensorError``, numpy with ``OSError``,
-    after writing part of the file."""
-    from vitconv.checkpoint import save_canonical
-    from vitconv.config import ViTConfig
-    from vitconv.errors import OutputError
-
-    cfg = ViTConfig(image_size=16, patch_size=8, width=8, depth=1, num_heads=2, head_dim=4,
-                    mlp_dim=16, num_classes=3)
-    from vitconv.model import expected_shapes
-
-    state = {k: np.zeros(s, np.float32) for k, s in expected_shapes(cfg).items()}
-
-    def partial_then(exc):
-        def write(*args, **kw):
-            target = next(a for a in list(args) + list(kw.values())
-                          if isinstance(a, (str, os.PathLike)) or hasattr(a, "write"))
-            if hasattr(target, "write"):
-                target.write(b"partial")
-            else:
-                Path(target).write_bytes(b"partial")
-            raise exc
-        return write
-
-    if suffix == ".pt":
-        monkeypatch.setattr(torch, "save", partial_then(RuntimeError(
-            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")))
-    elif suffix == ".safetensors":
-        import safetensors.torch
-        from safetensors import SafetensorError
-
-        monkeypatch.setattr(safetensors.torch, "save_file", partial_then(SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)")))
-    else:
-        monkeypatch.setattr(np, "savez", partial_then(OSError(errno.ENOSPC, "No space left on device")))
-    out = tmp_path / f"m{suffix}"
-    with pytest.raises(OutputError) as e:
-        save_canonical(state, cfg, out)
-    assert str(out) in str(e.value) and "writing failed" in str(e.value)
+@pytest.mark.parametrize("dst", ["m.pt", "m.safetensors", "m.npz", "m_hf"])
+def test_writers_report_a_full_disk_and_remove_the_temp(tmp_path, dst):
+    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the kernel refuse a write part
+    way through the output, as a full disk does: every writer reports it in one line, exit 1,
+    and leaves no temporary file or directory."""
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+              "import _vitconv_cli.main as m\n"
+              "m.main(['convert', sys.argv[1], sys.argv[2]])\n")
+    r = subprocess.run([sys.executable, "-c", script, str(golden_path("jax/tiny_token_p8_32.npz")),
+                        str(tmp_path / dst)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and "writing failed: file too large" in r.stderr, r.stderr
+    assert str(tmp_path / dst) in r.stderr
     assert _listing(tmp_path) == []
 
 

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from vitconv.errors import VitconvError
 from vitconv.formats import open_source
+from vitconv.formats.base import DictSource
+from vitconv.pipeline import open_checkpoint
 from conftest import golden_path
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -142,16 +144,11 @@ def test_safetensors_arbitrary_header(header, declared, tail):
 def test_mutated_google_checkpoint_through_conversion(ops):
     """Past the readers: layout detection, inference, the audit and the mapping see the
     mutated file too (a flipped header byte changes a shape, not just a CRC)."""
-    from vitconv.checkpoint import read_canonical
-
     p = _DIR / "google.npz"
     p.write_bytes(mutate(golden_path("jax/tiny_token_p8_32.npz").read_bytes(), ops))
     try:
-        c = read_canonical(p)
-        try:
+        with open_checkpoint(p) as c:
             c.state_dict()
-        finally:
-            c.read.source.close()
     except VitconvError as e:
         assert str(e).startswith(str(p)) and "\n" not in str(e)
 
@@ -164,9 +161,6 @@ def test_mutated_google_checkpoint_through_conversion(ops):
 def test_structurally_mutated_google_arrays(edits):
     """Byte flips mostly hit CRCs; this edits the arrays themselves (a dimension, the rank,
     a missing or renamed key), the way a wrong or hand-edited checkpoint goes wrong."""
-    from vitconv.checkpoint import read_canonical
-    from vitconv.formats.base import DictSource
-
     with np.load(golden_path("jax/tiny_token_p8_32.npz")) as z:
         a = {k: z[k] for k in z.files}
     keys = sorted(a)
@@ -189,7 +183,6 @@ def test_structurally_mutated_google_arrays(edits):
             continue
         a[k] = np.zeros(s, np.float32)
     try:
-        c = read_canonical("edited.npz", source=DictSource(a, path="edited.npz"))
-        c.state_dict()
+        open_checkpoint("edited.npz", source=DictSource(a, path="edited.npz")).state_dict()
     except VitconvError as e:
         assert str(e).startswith("edited.npz: ") and "\n" not in str(e)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import vitconv
 from _vitconv_cli.main import main
 from vitconv.config import ViTConfig
-from vitconv.formats.npz import NpzSource, write_npz
+from vitconv.formats.npz import NpzSource
 from conftest import CASES, golden_expected, golden_input, golden_path
 from test_google_rules import google_shapes
 
@@ -27,7 +27,7 @@ def synthetic_npz(cfg: ViTConfig, path, seed=0, gn_vectors=False):
         if gn_vectors and ("/gn" in k or k.startswith("gn_root")):
             a = a.reshape(-1)  # newer flax stores GroupNorm params as (C,)
         arrays[k] = a
-    write_npz(arrays, path)
+    np.savez(path, **arrays)
     return arrays
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vitconv.checkpoint import build_model, read_canonical
+from vitconv.checkpoint import build_model
 from vitconv.errors import MappingError
-from vitconv.targets import read_any, to_layout
-from conftest import CASES, golden_expected, golden_input, golden_path
+from vitconv.pipeline import open_checkpoint, to_layout
+from conftest import CASES, golden_expected, golden_input, golden_path, read
 from layout_refs import JeonsworldViT, PrenormViT, TimmLikeViT
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -34,7 +34,7 @@ def _save(model, path):
 
 
 def _check(model, path, layout, heads, expect_cfg=None):
-    name, cfg, state, _notes, _meta, _ = read_any(path, num_heads=heads)
+    name, cfg, state, _notes = read(path, num_heads=heads)
     assert name == layout
     for k, v in (expect_cfg or {}).items():
         assert getattr(cfg, k) == v, k
@@ -44,7 +44,7 @@ def _check(model, path, layout, heads, expect_cfg=None):
     assert np.abs(got - ref).max() <= 1e-5
     # source -> canonical -> source, bitwise
     target = "lucidrains_prenorm" if layout == "lucidrains_prenorm" else layout
-    _, back = to_layout(state, cfg, target)
+    _, back = to_layout(state, cfg, target, "pt")
     src = {k: v.numpy() for k, v in model.state_dict().items()}
     assert sorted(back) == sorted(src)
     for k in src:
@@ -77,7 +77,7 @@ def test_jeonsworld_matches_reference_and_round_trips(tmp_path):
 def test_lucidrains_prenorm_matches_reference_and_round_trips(tmp_path):
     m = _randomize(PrenormViT(), 4)  # inner dim 2*64 = 128 != width 40: heads inferable
     cfg = _check(m, _save(m, tmp_path / "l.pth"), "lucidrains_prenorm", None,
-                 dict(num_heads=2, head_dim=64, width=40, qkv_bias=False, norm_eps=1e-5, final_norm="pooled"))
+                 dict(num_heads=2, head_dim=64, width=40, qkv_bias=False, norm_eps=1e-5, final_norm="encoder"))
     assert cfg.attn_dim != cfg.width
 
 
@@ -85,8 +85,8 @@ def test_google_golden_written_as_timm_runs_in_timm_with_tanh_gelu(tmp_path):
     """Golden .npz -> timm keys; the timm model built with act_layer tanh-GELU (as the convert
     report says) reproduces Google's own logits."""
     case = CASES["tiny_token_p8_32"]
-    c = read_canonical(golden_path(case["checkpoint"]))
-    _, arrays = to_layout(c.state_dict(), c.config, "timm")
+    with open_checkpoint(golden_path(case["checkpoint"])) as c:
+        _, arrays = to_layout(c.state_dict(), c.config, "timm")
     m = TimmLikeViT(act="gelu_tanh").eval()
     m.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
     with torch.no_grad():
@@ -100,13 +100,13 @@ def test_google_golden_written_as_timm_runs_in_timm_with_tanh_gelu(tmp_path):
 
 def test_hybrid_golden_round_trips_through_jeonsworld_bitwise(tmp_path):
     case = CASES["tiny_r50_32"]
-    c = read_canonical(golden_path(case["checkpoint"]))
-    state = c.state_dict()
-    _, arrays = to_layout(state, c.config, "jeonsworld")
+    with open_checkpoint(golden_path(case["checkpoint"])) as c:
+        state, config = c.state_dict(), c.config
+    _, arrays = to_layout(state, config, "jeonsworld", "pt")
     assert "transformer.embeddings.hybrid_model.body.block1.unit1.downsample.weight" in arrays
     torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp_path / "r.pth")
-    _, cfg, back, notes, _, _ = read_any(tmp_path / "r.pth", num_heads=c.config.num_heads)
-    assert cfg.resnet_layers == c.config.resnet_layers
+    _, cfg, back, notes = read(tmp_path / "r.pth", num_heads=config.num_heads)
+    assert cfg.resnet_layers == config.resnet_layers
     assert any("Google's ResNet stem" in n for n in notes)
     for k in state:
         assert back[k].tobytes() == state[k].tobytes(), k
@@ -118,10 +118,10 @@ def test_inconsistent_distillation_and_unknown_heads_are_refused(tmp_path):
     sd["dist_token"] = torch.zeros(1, 1, 48)  # a DeiT token, but no position row for it
     torch.save(sd, tmp_path / "d.pth")
     with pytest.raises(MappingError, match="17 rows, which is not 2 prefix token"):
-        read_any(tmp_path / "d.pth", num_heads=3)
+        read(tmp_path / "d.pth", num_heads=3)
     torch.save(m.state_dict(), tmp_path / "t.pth")
     with pytest.raises(MappingError, match="--num-heads"):  # 48-wide attention: not 64-dim heads
-        read_any(tmp_path / "t.pth")
+        read(tmp_path / "t.pth")
 
 
 def test_num_heads_is_refused_where_the_file_records_the_heads(tmp_path):
@@ -130,12 +130,12 @@ def test_num_heads_is_refused_where_the_file_records_the_heads(tmp_path):
     otherwise is a contradiction, not something to note over."""
     from vitconv.checkpoint import load
     from vitconv.errors import BadInputError
-    from vitconv.targets import convert
+    from vitconv.pipeline import convert
 
     npz = golden_path("jax/tiny_token_p8_32.npz")
-    for read in (lambda p, h: read_any(p, num_heads=h), lambda p, h: load(p, num_heads=h)):
+    for reader in (lambda p, h: read(p, num_heads=h), lambda p, h: load(p, num_heads=h)):
         with pytest.raises(BadInputError, match="google layout records the heads"):
-            read(npz, 3)
+            reader(npz, 3)
     convert(npz, tmp_path / "hf")
-    with pytest.raises(BadInputError, match="num_heads=1, but the hf checkpoint records 3 heads"):
-        read_any(tmp_path / "hf", num_heads=1)
+    with pytest.raises(BadInputError, match="num_heads=1, but the checkpoint records 3 heads"):
+        read(tmp_path / "hf", num_heads=1)

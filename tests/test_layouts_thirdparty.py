@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from vitconv.checkpoint import build_model, read_canonical
+from vitconv.checkpoint import build_model
 from vitconv.errors import MappingError
-from vitconv.targets import convert, read_any, to_layout
-from conftest import CASES, golden_expected, golden_input, golden_path, skip_unless_installed
+from vitconv.pipeline import convert, to_layout
+from conftest import CASES, golden_expected, golden_input, golden_path, read, skip_unless_installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -62,8 +62,7 @@ def test_golden_npz_to_hf_dir_runs_in_transformers(tmp_path):
 
 
 def _state(path):
-    c = read_canonical(path)
-    return c.config, c.state_dict()
+    return read(path)[1:3]
 
 
 @pytest.mark.parametrize("act,eps", [("gelu", 1e-12), ("gelu_pytorch_tanh", 1e-6)])
@@ -73,7 +72,7 @@ def test_transformers_model_reads_exactly_and_round_trips(tmp_path, act, eps):
                                  hidden_act=act, layer_norm_eps=eps)
     m = _randomize(transformers.ViTForImageClassification(cfg), 1)
     m.save_pretrained(tmp_path / "src")
-    name, c, state, _, _, _ = read_any(tmp_path / "src")
+    name, c, state, _ = read(tmp_path / "src")
     assert name == "hf" and c.num_heads == 3 and c.norm_eps == eps
     with torch.no_grad():
         ref = m(pixel_values=X).logits.numpy()
@@ -82,7 +81,7 @@ def test_transformers_model_reads_exactly_and_round_trips(tmp_path, act, eps):
     from safetensors.numpy import load_file
 
     src = load_file(str(tmp_path / "src" / "model.safetensors"))
-    _, back = to_layout(state, c, "hf")
+    _, back = to_layout(state, c, "hf", "dir")
     assert sorted(back) == sorted(src)
     assert all(back[k].tobytes() == src[k].tobytes() for k in src)
 
@@ -93,7 +92,7 @@ def test_vitmodel_pooler_is_googles_pre_logits(tmp_path):
                                  intermediate_size=96, image_size=32, patch_size=8)
     m = _randomize(transformers.ViTModel(cfg, add_pooling_layer=True), 2)
     m.save_pretrained(tmp_path / "m")
-    name, c, state, _, _, _ = read_any(tmp_path / "m")
+    name, c, state, _ = read(tmp_path / "m")
     assert name == "hf_model" and c.representation_size == 48 and c.num_classes == 0
     with torch.no_grad():
         ref = m(pixel_values=X).pooler_output.numpy()
@@ -116,14 +115,14 @@ def test_vit_pytorch_matches_and_round_trips(tmp_path, pool):
     m = _randomize(ViT(image_size=32, patch_size=8, num_classes=7, dim=40, depth=2, heads=2,
                        dim_head=64, mlp_dim=80, pool=pool), 3)
     torch.save(m.state_dict(), tmp_path / "v.pth")
-    name, c, state, _, _, _ = read_any(tmp_path / "v.pth")
+    name, c, state, _ = read(tmp_path / "v.pth")
     assert name == "lucidrains" and c.patch_norm and c.attn_dim == 128 and c.width == 40
     assert c.classifier == ("token" if pool == "cls" else "gap")
     with torch.no_grad():
         ref = m(X).numpy()
         got = build_model(c, state)(X).numpy()
     assert np.abs(got - ref).max() <= 1e-5
-    _, back = to_layout(state, c, "lucidrains")
+    _, back = to_layout(state, c, "lucidrains", "pt")
     src = {k: v.numpy() for k, v in m.state_dict().items()}
     assert sorted(back) == sorted(src)
     assert all(back[k].shape == src[k].shape and back[k].tobytes() == src[k].tobytes() for k in src)

@@ -12,7 +12,7 @@ import pytest
 from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError
 from vitconv.readahead import ReadAhead
-from vitconv.stream import stream_convert
+from vitconv.pipeline import convert
 from vitconv.synthetic import make_synthetic
 
 KEYS = [f"k{i}" for i in range(20)]
@@ -135,9 +135,9 @@ def test_stream_with_read_ahead_equals_without(tmp_path, monkeypatch):
 
     src = tmp_path / "m.npz"
     make_synthetic(MEDIUM, src)
-    stream_convert(src, tmp_path / "on.safetensors", hash_source=False)
+    convert(src, tmp_path / "on.safetensors", hash_source=False)
     monkeypatch.setattr(NpzSource, "concurrent_reads", False)
-    stream_convert(src, tmp_path / "off.safetensors", hash_source=False)
+    convert(src, tmp_path / "off.safetensors", hash_source=False)
     assert (tmp_path / "on.safetensors").read_bytes() == (tmp_path / "off.safetensors").read_bytes()
 
 
@@ -152,5 +152,5 @@ def test_corrupt_member_mid_stream_is_named_and_leaves_nothing(tmp_path):
     raw[info.header_offset + 30 + len(key) + 200] ^= 0x10  # a data byte, past the .npy header
     src.write_bytes(bytes(raw))
     with pytest.raises(BadInputError, match="Dense_0/kernel.*CRC"):
-        stream_convert(src, tmp_path / "out.safetensors", hash_source=False)
+        convert(src, tmp_path / "out.safetensors", hash_source=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]

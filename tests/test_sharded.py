@@ -14,15 +14,14 @@ from conftest import CASES, golden_expected, golden_input, golden_path
 from vitconv.checkpoint import load
 from vitconv.errors import BadInputError
 from vitconv.formats.npz import NpzSource
-from vitconv.stream import stream_convert
-from vitconv.targets import convert
+from vitconv.pipeline import convert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _sharded(tmp_path):
     case = CASES["tiny_token_p8_32"]
-    stream_convert(golden_path(case["checkpoint"]), tmp_path / "model.safetensors", shard_bytes=20_000)
+    convert(golden_path(case["checkpoint"]), tmp_path / "model.safetensors", shard_bytes=20_000)
     index = tmp_path / "model.safetensors.index.json"
     assert len(set(json.loads(index.read_text())["weight_map"].values())) > 2
     return case, index

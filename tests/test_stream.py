@@ -1,9 +1,11 @@
-"""Streaming conversion, its writers and the synthetic generator.
+"""The one conversion path's writers, each against an independent writer of the same format:
+``safetensors.torch.save_file`` (byte for byte, header included), ``torch.save`` (what
+``torch.load`` returns, key order included), ``np.savez`` (every member's bytes, Google's
+member order); and the synthetic generator against timm's published parameter counts.
 
-References are independent of the code under test: the non-streaming path
-(``convert_file`` -> ``safetensors.torch.save_file`` / ``torch.save``), files read back
-with ``safetensors.safe_open``, ``torch.load`` and ``zipfile`` CRC checks, and timm's
-published parameter counts for the presets.
+The tensors handed to the reference writers come from ``open_checkpoint(...).state_dict()``
+and the layout's table; whether that mapping is right is the golden tests' business (Google's
+logits). What is checked here is that streaming, ordering and headers change nothing.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import CASES, golden_path
+from vitconv.checkpoint import build_model
 from vitconv.config import ViTConfig
-from vitconv.convert import convert_file
 from vitconv.errors import OutputError
-from vitconv.formats.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 from vitconv.formats import open_source
-from vitconv.layouts import read_layout
-from vitconv.stream import stream_convert
+from vitconv.formats.base import TensorSpec
+from vitconv.formats.safetensors_stream import SafetensorsStreamWriter
+from vitconv.pipeline import LAYOUTS, convert, map_state, open_checkpoint
 from vitconv.synthetic import PRESETS, google_shapes, make_synthetic, preset
 
 CKPTS = sorted({c["checkpoint"] for c in CASES.values()})
@@ -36,42 +39,96 @@ def _split(path):
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
+def _torch_state(arrays):
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
 @pytest.mark.parametrize("ckpt", CKPTS)
-def test_streamed_safetensors_equals_save_file(ckpt, tmp_path):
+def test_canonical_safetensors_equals_save_file(ckpt, tmp_path):
     src = golden_path(ckpt)
-    convert_file(src, tmp_path / "a.safetensors")
-    report = stream_convert(src, tmp_path / "b.safetensors")
-    head_a, data_a = _split(tmp_path / "a.safetensors")
-    head_b, data_b = _split(tmp_path / "b.safetensors")
-    assert head_b == head_a            # same dtypes, shapes, offsets and metadata
-    assert data_b == data_a            # byte-identical tensor data, same layout
-    with safe_open(tmp_path / "a.safetensors", "np") as fa, safe_open(tmp_path / "b.safetensors", "np") as fb:
-        assert sorted(fb.keys()) == sorted(fa.keys())
-        for k in fa.keys():
-            np.testing.assert_array_equal(fb.get_tensor(k), fa.get_tensor(k))
-    assert report.num_params == sum(int(np.prod(v["shape"])) for k, v in head_a.items()
-                                    if k != "__metadata__")
+    report = convert(src, tmp_path / "b.safetensors")
+    with open_checkpoint(src) as c:
+        meta = {"format": "pt", "vitconv_config": c.config.to_json(), "source_sha256": report.source_sha256,
+                "source": src.name}
+        save_file(_torch_state(c.state_dict()), str(tmp_path / "a.safetensors"), metadata=meta)
+    # save_file orders __metadata__ keys at random (a Rust HashMap): compare the parsed header,
+    # whose data_offsets fix every tensor's place, and the data section byte for byte.
+    head, data = _split(tmp_path / "a.safetensors")
+    assert _split(tmp_path / "b.safetensors") == (head, data)
+    assert (tmp_path / "b.safetensors").stat().st_size == (tmp_path / "a.safetensors").stat().st_size
+    assert report.num_params == sum(int(np.prod(v["shape"])) for k, v in head.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("to,dst", [("timm", "t.safetensors"), ("hf", "hf_dir")])
+def test_foreign_safetensors_equal_save_file(to, dst, tmp_path):
+    src = golden_path("jax/tiny_prelogits_p8_32.npz" if to == "timm" else "jax/tiny_token_p8_32.npz")
+    report = convert(src, tmp_path / dst, to=to)
+    out = tmp_path / dst / "model.safetensors" if to == "hf" else tmp_path / dst
+    with open_checkpoint(src) as c:
+        arrays = map_state(c.state_dict(), c.config, LAYOUTS[report.target_layout])
+    save_file(_torch_state(arrays), str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("ckpt", ["jax/tiny_token_p8_32.npz", "jax/tiny_r50_32.npz"])
-def test_streamed_pt_equals_torch_save(ckpt, tmp_path):
+def test_canonical_pt_loads_as_torch_save_would_write_it(ckpt, tmp_path):
     src = golden_path(ckpt)
-    convert_file(src, tmp_path / "a.pt", image_size=48 if "p8_32" in ckpt else None)
-    stream_convert(src, tmp_path / "b.pt", image_size=48 if "p8_32" in ckpt else None)
+    size = 48 if "p8_32" in ckpt else None
+    report = convert(src, tmp_path / "b.pt", image_size=size)
+    with open_checkpoint(src, image_size=size) as c:  # the torch module's own state_dict order
+        ref = {"format": "vitconv", "format_version": 1, "config": c.config.to_dict(),
+               "state_dict": build_model(c.config, c.state_dict()).state_dict(),
+               "source_sha256": report.source_sha256, "source": src.name}
+    torch.save(ref, tmp_path / "a.pt")
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert list(b) == list(a)
     assert {k: v for k, v in b.items() if k != "state_dict"} == {k: v for k, v in a.items() if k != "state_dict"}
-    assert list(b["state_dict"]) == list(a["state_dict"])
+    assert list(b["state_dict"]) == list(a["state_dict"])  # state-dict order
     for k, t in a["state_dict"].items():
         assert b["state_dict"][k].dtype == t.dtype and torch.equal(b["state_dict"][k], t), k
     with zipfile.ZipFile(tmp_path / "b.pt") as zf:
         assert zf.testzip() is None  # every CRC-32 filled in and correct
 
 
+def test_foreign_pt_is_a_bare_state_dict_in_sorted_order(tmp_path):
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    convert(src, tmp_path / "j.pth", to="jeonsworld")
+    with open_checkpoint(src) as c:
+        ref = map_state(c.state_dict(), c.config, LAYOUTS["jeonsworld"])
+    got = torch.load(tmp_path / "j.pth", weights_only=True)
+    assert list(got) == sorted(ref)
+    for k, v in ref.items():
+        assert got[k].numpy().tobytes() == v.tobytes(), k
+
+
+@pytest.mark.parametrize("ckpt", CKPTS)
+def test_npz_equals_np_savez_member_for_member(ckpt, tmp_path):
+    """Written from the canonical .safetensors back to .npz: every member as np.savez writes it
+    (same .npy bytes, Google's sorted member order), so the source comes back bit for bit."""
+    src = golden_path(ckpt)
+    convert(src, tmp_path / "c.safetensors")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.npz")
+    with np.load(src, allow_pickle=False) as z:
+        np.savez(tmp_path / "ref.npz", **{k: z[k] for k in sorted(z.files)})
+    with zipfile.ZipFile(tmp_path / "back.npz") as got, zipfile.ZipFile(tmp_path / "ref.npz") as ref:
+        assert got.namelist() == ref.namelist()
+        for name in ref.namelist():
+            assert got.read(name) == ref.read(name), name
+        assert got.testzip() is None
+
+
+def test_npz_output_is_reproducible(tmp_path):
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    convert(src, tmp_path / "a.npz")
+    convert(src, tmp_path / "b.npz")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
 def test_sharding_and_index(tmp_path):
     src = golden_path("jax/tiny_gap_p8_32.npz")
-    convert_file(src, tmp_path / "ref.safetensors")
-    report = stream_convert(src, tmp_path / "model.safetensors", shard_bytes=20_000)
+    convert(src, tmp_path / "ref.safetensors")
+    report = convert(src, tmp_path / "model.safetensors", shard_bytes=20_000)
     index_path = tmp_path / "model.safetensors.index.json"
     assert report.output == str(index_path)
     assert not (tmp_path / "model.safetensors").exists()
@@ -79,6 +136,7 @@ def test_sharding_and_index(tmp_path):
     shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert sorted(set(index["weight_map"].values())) == shards
+    assert [os.path.basename(f) for f in report.files] == shards + [index_path.name]
     with safe_open(tmp_path / "ref.safetensors", "np") as ref:
         ref_keys = sorted(ref.keys())
         assert sorted(index["weight_map"]) == ref_keys
@@ -109,14 +167,29 @@ def test_writer_refuses_mismatch_and_leaves_nothing(tmp_path):
 
 def test_progress_reports_every_tensor(tmp_path):
     calls = []
-    stream_convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "o.safetensors",
-                   progress=lambda done, total, name: calls.append((done, total, name)))
+    convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "o.safetensors",
+            progress=lambda done, total, name: calls.append((done, total, name)))
     with safe_open(tmp_path / "o.safetensors", "np") as f:
         keys = list(f.keys())
         nbytes = sum(f.get_tensor(k).nbytes for k in keys)
     assert sorted(c[2] for c in calls) == sorted(keys)
     assert calls[-1][:2] == (nbytes, nbytes)
     assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_a_failed_check_before_commit_leaves_nothing(tmp_path):
+    """before_commit sees the finished temporaries; raising there renames nothing into place."""
+    seen = []
+
+    def refuse(paths):
+        seen.extend(paths)
+        assert all(p.is_file() for p in paths)
+        raise RuntimeError("no")
+
+    for dst in ("x.safetensors", "x.pt", "x.npz", "xdir"):
+        with pytest.raises(RuntimeError, match="no"):
+            convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / dst, before_commit=refuse)
+    assert seen and list(tmp_path.iterdir()) == []
 
 
 # timm's published parameter counts (vit_*_patch16_224 / vit_huge_patch14_224, 1000 classes).
@@ -143,8 +216,8 @@ def test_presets_have_published_sizes(name):
 def test_synthetic_is_inferred_as_its_config(cfg, tmp_path):
     path = tmp_path / "syn.npz"
     make_synthetic(cfg, path, seed=3)
-    with open_source(path) as src:
-        assert read_layout(src).config == cfg
+    with open_checkpoint(path) as c:
+        assert c.config == cfg
     with np.load(path, allow_pickle=False) as z:
         names = list(z.files)
         assert names == sorted(names)  # Google's member order
@@ -163,7 +236,6 @@ def test_failure_while_setting_up_a_streamed_pt_leaves_no_file(tmp_path, monkeyp
     """A writer that fails after its temporary exists must not rename it into place
     (regression: unwinding the ExitStack with close() exited atomic_output as a success)."""
     from vitconv.formats import torch_pt_stream
-    from vitconv.stream import stream_convert
 
     def broken_pickle(*a, **k):
         raise RuntimeError("disk went away")
@@ -172,5 +244,5 @@ def test_failure_while_setting_up_a_streamed_pt_leaves_no_file(tmp_path, monkeyp
     monkeypatch.setattr(torch_pt_stream, "dumps", broken_pickle)
     out = tmp_path / "out.pt"
     with pytest.raises(RuntimeError, match="disk went away"):
-        stream_convert(golden_path("jax/tiny_token_p8_32.npz"), out)
+        convert(golden_path("jax/tiny_token_p8_32.npz"), out)
     assert os.listdir(tmp_path) == []

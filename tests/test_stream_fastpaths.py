@@ -20,7 +20,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError, OutputError
 from vitconv.formats.npz import NpzSource
 from vitconv.rules import layout as L
-from vitconv.stream import stream_convert
+from vitconv.pipeline import convert
 from vitconv.synthetic import make_synthetic
 
 RNG = np.random.default_rng(7)
@@ -129,7 +129,7 @@ def test_streamed_medium_model_matches_google_arrays(tmp_path):
     numpy: the banded transposes and the fused q/k/v write put every value in place."""
     src = tmp_path / "m.npz"
     make_synthetic(MEDIUM, src)
-    stream_convert(src, tmp_path / "m.safetensors", hash_source=False)
+    convert(src, tmp_path / "m.safetensors", hash_source=False)
     g = np.load(src, allow_pickle=False)
     blk = "Transformer/encoderblock_1/"
     attn = blk + "MultiHeadDotProductAttention_1/"
@@ -163,6 +163,6 @@ def test_writer_failure_mid_stream_surfaces_and_leaves_nothing(tmp_path, monkeyp
 
     monkeypatch.setattr(safetensors_stream.SafetensorsStreamWriter, "write", failing)
     with pytest.raises(OutputError, match="no space left"):
-        stream_convert(src, tmp_path / "out.safetensors", hash_source=False)
+        convert(src, tmp_path / "out.safetensors", hash_source=False)
     assert len(calls) in (5, 6)  # stopped at the failure (at most one more was handed over)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]

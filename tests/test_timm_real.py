@@ -17,7 +17,7 @@ from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
 from vitconv.formats.npz import NpzSource
-from vitconv.targets import convert
+from vitconv.pipeline import convert
 
 timm = import_timm()
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
@@ -67,7 +67,7 @@ def test_timm_directory_loads_with_create_model_and_keeps_heads(tmp_path):
     case = CASES["tiny_token_p8_32"]
     src = golden_path(case["checkpoint"])
     report = convert(src, tmp_path / "tdir", to="timm")
-    assert "local-dir" in report.output_kind
+    assert f"timm.create_model('local-dir:{tmp_path / 'tdir'}', pretrained=True)" in " ".join(report.notes)
     cfg = json.loads((tmp_path / "tdir" / "config.json").read_text())
     assert cfg["model_args"]["act_layer"] == "gelu_tanh" and cfg["pretrained_cfg"]["mean"] == [0.5] * 3
     model = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
@@ -164,8 +164,9 @@ def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
     _save(model, tmp_path / "t.safetensors")
     bare = {a["name"]: a for a in inspect_checkpoint(tmp_path / "t.safetensors").to_dict()["architecture"]}
     assert bare["num_heads"]["source"].startswith("assumed: 64-dim heads")
-    assert bare["act"]["source"].startswith("timm layout convention")
+    assert bare["act"]["source"].startswith("assumed: timm default (not stored in the file; act_layer)")
     convert(golden_path(CASES["tiny_token_p8_32"]["checkpoint"]), tmp_path / "tdir", to="timm")
     rows = {a["name"]: a for a in inspect_checkpoint(tmp_path / "tdir").to_dict()["architecture"]}
-    assert rows["num_heads"]["value"] == 3 and rows["num_heads"]["source"] == "config.json beside the weights"
+    assert rows["num_heads"]["value"] == 3 and rows["num_heads"]["source"] == "config.json model_args.num_heads"
+    assert rows["act"]["source"] == "config.json model_args.act_layer"
     assert rows["act"]["value"] == "gelu_tanh"

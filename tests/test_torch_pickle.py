@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitconv.formats.safetensors_stream import TensorSpec
+from vitconv.formats.base import TensorSpec
 from vitconv.formats.torch_pickle import STORAGE_TYPES, StoredTensor, dumps
-from vitconv.formats.torch_pt_stream import ALIGNMENT, PtStreamWriter
+from vitconv.formats.torch_pt_stream import ALIGNMENT, PtStreamWriter, vitconv_payload
 
 _RNG = np.random.default_rng(0)
 #: every dtype the writer names a storage for, in awkward shapes: 0-d, empty, size-1 dims.
@@ -40,7 +40,7 @@ CONFIG = {"width": 768, "big": 2**40, "neg": -5, "wide": 70000, "neg_big": -2**4
 
 def _write(path, arrays, config, extra=None):
     specs = [TensorSpec(k, v.dtype, v.shape) for k, v in arrays.items()]
-    with PtStreamWriter(path, specs, config, extra) as w:
+    with PtStreamWriter(path, specs, vitconv_payload(config, extra)) as w:
         for k, v in arrays.items():
             w.write(k, v)
 

@@ -13,16 +13,14 @@ from click.testing import CliRunner
 
 from _vitconv_cli.main import main
 from conftest import golden_path
-from vitconv.checkpoint import build_model, read_canonical
+from vitconv.checkpoint import build_model
+from vitconv.pipeline import open_checkpoint
 from vitconv.verify import DEFAULT_TOLERANCE, describe_stage, verify
 
 
 def canonical(name: str, **kw):
-    c = read_canonical(golden_path(f"jax/{name}.npz"), **kw)
-    try:
+    with open_checkpoint(golden_path(f"jax/{name}.npz"), **kw) as c:
         return c.config, c.state_dict()
-    finally:
-        c.read.source.close()
 
 
 def src(name: str):
@@ -124,12 +122,11 @@ def test_corrupt_stem_is_the_resnet_stem():
 
 
 def test_broken_pt_through_the_cli_exits_3_with_json(tmp_path):
-    from vitconv.checkpoint import save_canonical
-
     cfg, sd = canonical("tiny_token_p8_32")
     sd["blocks.0.attn.proj.weight"] = sd["blocks.0.attn.proj.weight"].T.copy()  # square: 48x48
-    bad = tmp_path / "bad.pt"
-    save_canonical(sd, cfg, bad)
+    bad = tmp_path / "bad.pt"  # vitconv's .pt format, written by torch.save
+    torch.save({"format": "vitconv", "format_version": 1, "config": cfg.to_dict(),
+                "state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, bad)
     r = CliRunner().invoke(main, ["verify", str(src("tiny_token_p8_32")), str(bad), "--json"])
     assert r.exit_code == 3
     report = json.loads(r.stdout)

@@ -2,23 +2,29 @@
 runtimes, proven exact against reference outputs.
 
 >>> import vitconv
->>> model = vitconv.load("golden/jax/tiny_token_p8_32.npz")   # doctest: +SKIP
+>>> model = vitconv.load("golden/jax/tiny_token_p8_32.npz")          # doctest: +SKIP
+>>> vitconv.convert("golden/jax/tiny_token_p8_32.npz", "tiny_hf")    # doctest: +SKIP
 """
 
 from .config import ViTConfig
 from .errors import BadInputError, MappingError, VerificationError, VitconvError
 
 __version__ = "0.1.0"
-__all__ = ["ViTConfig", "load", "read_canonical", "save_canonical", "VisionTransformer",
-           "VitconvError", "BadInputError", "MappingError", "VerificationError", "__version__"]
+__all__ = ["ViTConfig", "load", "convert", "open_checkpoint", "VisionTransformer", "VitconvError",
+           "BadInputError", "MappingError", "VerificationError", "__version__"]
 
 
 def __getattr__(name):
-    # torch-heavy pieces load on first use, so `import vitconv` stays cheap.
-    if name in ("load", "read_canonical", "save_canonical"):
-        from . import checkpoint
+    # The pipeline and torch load on first use: `import vitconv.reference` stays free of the
+    # converter's mapping code, and `import vitconv` (and the CLI) start without torch.
+    if name in ("convert", "open_checkpoint"):
+        from . import pipeline
 
-        return getattr(checkpoint, name)
+        return getattr(pipeline, name)
+    if name == "load":
+        from .checkpoint import load
+
+        return load
     if name == "VisionTransformer":
         from .model import VisionTransformer
 

@@ -5,12 +5,19 @@ from a Google checkpoint needs no flags to compute what Google's Flax code compu
 Fields that other layouts need (timm's exact GELU, Hugging Face's epsilon, lucidrains'
 bias-free qkv and inner attention width) are explicit here so that no layout's
 default can silently leak into another.
+
+A layout carries a field either through its tensors' shapes (:data:`SHAPE_FIELDS`, which
+every layout's tensors hold) or through a row of its table
+(:class:`vitconv.rules.base.Carry`); a field a layout has no row for can only hold the
+default here, so a new field needs no change to the layouts that cannot express it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from typing import Any, Optional, Tuple
 
 #: Activation forms. Flax's ``nn.gelu`` defaults to ``approximate=True``, the tanh
@@ -20,8 +27,21 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu", "relu")
 CLASSIFIERS = ("token", "gap")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector
-#: ("pooled", timm's ``fc_norm``).
+#: ("pooled", timm's ``fc_norm``). For a class-token model the two are the same function
+#: (a LayerNorm acts on each token alone), and the config says "encoder" for both.
 FINAL_NORMS = ("encoder", "pooled", "none")
+#: Fields every layout carries in its tensors' shapes (sizes and counts).
+SHAPE_FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "num_classes")
+
+
+def _field(default: Any, what: str) -> Any:
+    """A config field with its meaning in a few words (said when a layout cannot hold it)."""
+    return dataclasses.field(default=default, metadata={"what": what})
+
+
+def describe_field(name: str) -> str:
+    """What a config field means, in a few words (empty for the shape fields)."""
+    return ViTConfig.__dataclass_fields__[name].metadata.get("what", "")
 
 
 def stem_stride(resnet_layers: Optional[Tuple[int, ...]]) -> int:
@@ -41,34 +61,34 @@ class ViTConfig:
     in_chans: int = 3
     width: int = 768
     depth: int = 12
-    num_heads: int = 12
-    head_dim: int = 64
+    num_heads: int = _field(12, "attention heads")
+    head_dim: int = _field(64, "attention head size")
     mlp_dim: int = 3072
-    classifier: str = "token"
-    representation_size: Optional[int] = None
+    classifier: str = _field("token", "pooling: the class token, or the mean of all tokens")
+    representation_size: Optional[int] = _field(None, "pre_logits layer (Dense + tanh before the head)")
     num_classes: int = 1000
-    qkv_bias: bool = True
+    qkv_bias: bool = _field(True, "q/k/v biases")
     #: Flax ``nn.LayerNorm`` default epsilon (PyTorch: 1e-5, Hugging Face ViT: 1e-12).
-    norm_eps: float = 1e-6
-    act: str = "gelu_tanh"
-    final_norm: str = "encoder"
+    norm_eps: float = _field(1e-6, "LayerNorm epsilon")
+    act: str = _field("gelu_tanh", "MLP activation")
+    final_norm: str = _field("encoder", "where the final LayerNorm sits")
     #: Hybrid ResNet stem (``R50+ViT-B_16``): units per stage, e.g. (3, 4, 9); None = pure ViT.
-    resnet_layers: Optional[Tuple[int, ...]] = None
+    resnet_layers: Optional[Tuple[int, ...]] = _field(None, "hybrid ResNet stem")
     #: Width of the stem root conv: ``int(64 * resnet.width_factor)`` in Google's code.
-    resnet_width: int = 64
+    resnet_width: int = _field(64, "hybrid stem width")
     #: Flax ``nn.GroupNorm`` defaults: 32 groups, epsilon 1e-6.
-    resnet_groups: int = 32
-    resnet_gn_eps: float = 1e-6
+    resnet_groups: int = _field(32, "hybrid stem GroupNorm groups")
+    resnet_gn_eps: float = _field(1e-6, "hybrid stem GroupNorm epsilon")
     #: Weight standardisation epsilon, added to the std (not inside the sqrt) as in
     #: ``vit_jax/models_resnet.py::weight_standardize``.
-    resnet_ws_eps: float = 1e-5
+    resnet_ws_eps: float = _field(1e-5, "hybrid stem weight-standardisation epsilon")
     #: LayerNorms before and after the patch projection (vit-pytorch's ``to_patch_embedding``):
     #: LN over each flattened patch, the projection, LN over the width. Google has none.
-    patch_norm: bool = False
+    patch_norm: bool = _field(False, "LayerNorms around the patch projection")
     #: DeiT's distillation token: a second prefix token (after the class token) with its own
     #: head, ``head_dist``. In inference the logits are the mean of the two heads' outputs,
     #: which is what timm's ``VisionTransformerDistilled`` returns in eval mode.
-    distilled: bool = False
+    distilled: bool = _field(False, "DeiT distillation token and head_dist")
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIERS:
@@ -77,15 +97,16 @@ class ViTConfig:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.final_norm not in FINAL_NORMS:
             raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r}")
+        if self.final_norm == "pooled" and self.classifier == "token":
+            object.__setattr__(self, "final_norm", "encoder")  # the same function; one spelling
         if self.resnet_layers is not None and self.resnet_width % self.resnet_groups:
             raise ValueError(f"hybrid stem width {self.resnet_width} is not a multiple of GroupNorm's "
                              f"{self.resnet_groups} groups")
         if self.patch_norm and self.resnet_layers is not None:
             raise ValueError("patch_norm is not supported with a hybrid ResNet stem")
-        if self.distilled and (self.classifier != "token" or self.representation_size
-                               or self.final_norm == "pooled"):
+        if self.distilled and (self.classifier != "token" or self.representation_size):
             raise ValueError("a distillation token needs a class-token model without pre_logits "
-                             "whose norm is applied before pooling (as in DeiT)")
+                             "(as in DeiT)")
         if self.resnet_layers is not None:
             object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
         for name in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads",
@@ -140,6 +161,10 @@ class ViTConfig:
     def replace(self, **changes: Any) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
 
+    def changed_fields(self) -> Tuple[str, ...]:
+        """Fields whose value differs from the default (Google's semantics)."""
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
+
     # ---- serialisation ------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -148,12 +173,23 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+    def from_dict(cls, d: Any) -> "ViTConfig":
+        """Build from a JSON object, checking every value's type first: files are untrusted,
+        and a wrong type should be named here, not fail deep inside model construction.
+        Raises ``ValueError`` naming the fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = set(d) - set(hints)
         if unknown:
-            raise ValueError(f"unknown ViTConfig fields: {sorted(unknown)}")
-        return cls(**d)
+            raise ValueError(f"unknown ViTConfig fields: {sorted(map(str, unknown))}")
+        bad = [k for k, v in d.items() if not _json_fits(v, hints[k])]
+        if bad:
+            raise ValueError(f"field(s) of the wrong type: {', '.join(sorted(bad))}")
+        try:
+            return cls(**d)
+        except (TypeError, OverflowError) as e:
+            raise ValueError(str(e)) from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -177,3 +213,23 @@ class ViTConfig:
         return (f"{kind} depth {self.depth} width {self.width} heads {self.num_heads}x{self.head_dim} "
                 f"mlp {self.mlp_dim} patch {self.patch_size} @{self.image_size}px "
                 f"({', '.join(extras)}), {self.num_classes} classes")
+
+
+def _json_fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a field annotated ``hint`` (bool is not an int here)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_json_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list):
+        return isinstance(value, (list, tuple)) and all(_json_fits(v, args[0]) for v in value)
+    if hint is bool:
+        return type(value) is bool
+    if hint is int:
+        return type(value) is int
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if hint is str:
+        return type(value) is str
+    return False

@@ -1,69 +1,53 @@
-"""Multiply-accumulates of one forward pass, counted from the config alone.
+"""Model FLOPs of one forward pass, counted on the canonical model itself.
 
-Why analytic: MFU (model FLOPs utilisation) compares what the model must compute with what
-the hardware could compute; it should not depend on how a runtime happens to schedule or
-fuse the work, so the count comes from the architecture, not from a profiler. Convention
-(the one behind the published "ViT-B/16 at 224 px = 17.56 GMAC = 35.1 GFLOP"): every
-matrix product and convolution is counted (attention's two token-by-token products
-included); normalisation, activations, softmax and additions are not (they are a fraction of
-a percent). One MAC is two FLOPs.
+Why from the model: MFU (model FLOPs utilisation) compares what the model must compute with
+what the hardware could compute, so the count must follow the architecture exactly, and a
+module added to the model must be counted without a second description of it here. The
+model runs on the ``meta`` device (shapes only, no arithmetic) under torch's
+``FlopCounterMode``, which counts every matrix product and convolution (attention's two
+token-by-token products included) and nothing else: normalisation, activations, softmax and
+additions are a fraction of a percent. That is the convention behind the published
+"ViT-B/16 at 224 px = 17.56 GMAC = 35.1 GFLOP". One MAC is two FLOPs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from .config import ViTConfig
+from .model import VisionTransformer
 
 
-def _tf_same_out(size: int, stride: int) -> int:
-    return -(-size // stride)  # TF SAME: ceil(size / stride)
-
-
-def stem_macs(cfg: ViTConfig, image_size: int) -> int:
-    """The hybrid ResNet stem: root 7x7/2 conv, 3x3/2 max-pool (no MACs), then pre-activation
-    bottleneck units (1x1, 3x3 with the stage's stride on the first unit, 1x1, and a 1x1
-    projection on each stage's first unit)."""
-    if cfg.resnet_layers is None:
-        return 0
-    w = cfg.resnet_width
-    h = _tf_same_out(image_size, 2)
-    macs = h * h * w * cfg.in_chans * 7 * 7
-    h = _tf_same_out(h, 2)  # max-pool
-    cin = w
-    for s, units in enumerate(cfg.resnet_layers):
-        mid, out = w * 2 ** s, w * 4 * 2 ** s
-        for u in range(units):
-            stride = 2 if (u == 0 and s > 0) else 1
-            h_out = _tf_same_out(h, stride)
-            macs += h * h * cin * mid             # conv1 1x1 at the input resolution
-            macs += h_out * h_out * mid * mid * 9  # conv2 3x3 (strided)
-            macs += h_out * h_out * mid * out      # conv3 1x1
-            if u == 0:
-                macs += h_out * h_out * cin * out  # projection
-            h, cin = h_out, out
-    return macs
+@functools.lru_cache(maxsize=32)
+def _module_flops(cfg: ViTConfig, image_size: int) -> Dict[str, int]:
+    with torch.device("meta"):
+        model = VisionTransformer(cfg).eval()
+        x = torch.empty(1, cfg.in_chans, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
 
 
 def macs_per_image(cfg: ViTConfig, image_size: Optional[int] = None) -> Dict[str, int]:
     """MACs per image by part: ``stem``, ``patch_embed``, ``attention`` (qkv, q@k^T, attn@v,
-    output projection), ``mlp``, ``head`` (pre_logits and classifier) and ``total``."""
-    size = image_size or cfg.image_size
-    grid = size // cfg.total_stride
-    patches = grid * grid
-    n = patches + cfg.num_prefix_tokens
-    d, a, m = cfg.width, cfg.attn_dim, cfg.mlp_dim
-    heads_out = 2 if cfg.distilled else 1
-    out = {
-        "stem": stem_macs(cfg, size),
-        "patch_embed": patches * d * cfg.embed_in_chans * cfg.patch_size ** 2,
-        "attention": cfg.depth * (3 * n * d * a + 2 * n * n * a + n * a * d),
-        "mlp": cfg.depth * 2 * n * d * m,
-        "head": (d * cfg.representation_size if cfg.representation_size else 0)
-        + heads_out * cfg.head_in_dim * cfg.num_classes,
+    output projection), ``mlp``, ``head`` (everything after the encoder: pre_logits,
+    classifiers) and ``total``."""
+    flops = _module_flops(cfg, image_size or cfg.image_size)
+    root = "VisionTransformer"
+    blocks = [f"{root}.blocks.{i}" for i in range(cfg.depth)]
+    parts = {
+        "stem": flops.get(f"{root}.stem", 0),
+        "patch_embed": flops.get(f"{root}.patch_embed", 0),
+        "attention": sum(flops.get(f"{b}.attn", 0) for b in blocks),
+        "mlp": sum(flops.get(f"{b}.mlp", 0) for b in blocks),
     }
-    out["total"] = sum(out.values())
-    return out
+    parts["head"] = flops.get("Global", 0) - sum(parts.values())
+    parts["total"] = flops.get("Global", 0)
+    return {k: v // 2 for k, v in parts.items()}
 
 
 def flops_per_image(cfg: ViTConfig, image_size: Optional[int] = None) -> int:

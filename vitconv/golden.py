@@ -29,6 +29,8 @@ import numpy as np
 from .errors import BadInputError, VerificationError, first_line
 from .formats.atomic import atomic_output
 from .formats.base import sha256_file
+from .pipeline import open_checkpoint
+from .reference import GoogleViTReference
 
 PathLike = Union[str, os.PathLike]
 
@@ -147,9 +149,7 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
     """Run one manifest case; relative paths resolve against ``directory``."""
     import torch
 
-    import vitconv
-
-    from .reference import GoogleViTReference
+    from .checkpoint import load  # torch
 
     base = Path(directory)
     res = CaseResult(str(case.get("name")))
@@ -168,15 +168,20 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
         raise BadInputError(f"case {res.name}: only NHWC inputs are supported", base / MANIFEST)
     expected = {k: _load_expected(base / rel) for k, rel in case["expected"].items()}
 
-    model = vitconv.load(ckpt, image_size=case.get("image_size"))
+    model = load(ckpt, image_size=case.get("image_size"))
     with torch.no_grad():
         got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).items()}
-    try:
-        ref = GoogleViTReference.from_npz(ckpt)
-    except (KeyError, ValueError, OSError):
-        ref = None  # not a Google .npz: the reference does not apply
-    want_ref = ref.forward_stages(x) if ref is not None else None
-    grid = x.shape[1] // ref.arch.stride if ref is not None else None
+    with open_checkpoint(ckpt) as c:
+        has_reference = c.layout.name == "google"  # the NumPy reference reads Google's layout
+    ref = want_ref = grid = None
+    if has_reference:
+        try:  # a reference that cannot run is a failure of the case, never a missing figure
+            ref = GoogleViTReference.from_npz(ckpt)
+            want_ref = ref.forward_stages(x)
+            grid = x.shape[1] // ref.arch.stride
+        except Exception as e:
+            res.problems.append(f"the NumPy reference failed ({type(e).__name__}: {first_line(e)})")
+            return res
     for what, arr in expected.items():
         if what in OUTPUT_STAGES:
             res.figures.append(_figure("converted", what, got[OUTPUT_STAGES[what]], arr, tol))
@@ -273,9 +278,9 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
             with atomic_output(dest) as tmp:
                 shutil.copyfile(srcs[k], tmp)
 
-    import vitconv
+    from .checkpoint import load  # torch
 
-    model = vitconv.load(directory / rel["checkpoint"], image_size=image_size)
+    model = load(directory / rel["checkpoint"], image_size=image_size)
     logits = np.load(directory / rel["logits"], allow_pickle=False)
     case = {
         "name": name,

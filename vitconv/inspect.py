@@ -15,8 +15,8 @@ Nothing here needs click; :func:`format_text` renders the report for the CLI.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import struct
@@ -28,16 +28,19 @@ import numpy as np
 
 from .config import ViTConfig
 from .errors import BadInputError, MappingError, first_line
+from .formats.base import TensorSource
+from .formats.open import open_source, sniff
+from .pipeline import open_checkpoint
+from .rules import Layout, Probe, detect_layout
+from .rules.base import audit_report
+from .rules.canonical import CONFIG_KEY
 
 #: Version of the ``--json`` document; bump when a field changes meaning or disappears.
 SCHEMA = "vitconv.inspect/1"
 
 Progress = Optional[Callable[[int], None]]
 
-#: Config fields shown for every model, in display order; hybrid-stem fields follow when present.
-_FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "head_dim",
-           "mlp_dim", "classifier", "representation_size", "num_classes", "qkv_bias",
-           "final_norm", "norm_eps", "act", "distilled", "patch_norm")
+#: Config fields shown only for hybrid models (they mean nothing without a ResNet stem).
 _HYBRID_FIELDS = ("resnet_layers", "resnet_width", "resnet_groups", "resnet_gn_eps", "resnet_ws_eps")
 
 #: safetensors header dtype codes -> numpy-style names (bfloat16 kept: numpy has no name for it).
@@ -147,9 +150,6 @@ def total_bytes(path: os.PathLike | str) -> int:
 
 # ---------------------------------------------------------------------------- checkpoints
 def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> CheckpointReport:
-    from .formats.base import open_source, sniff
-    from .layouts import read_layout
-
     p = Path(path)
     kind = sniff(p)
     source = open_source(p)
@@ -157,16 +157,11 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> Ch
         keys = source.keys()
         shapes = {k: tuple(source.shape(k)) for k in keys}
         dtypes = _dtypes(source, p, kind)
-        layout, cfg, prefix, audit = None, None, "", None
-        try:
-            rr = read_layout(source)
-            layout, cfg, prefix = rr.layout, rr.config, rr.prefix
-            audit = Audit(ok=True, ignored=sorted(rr.ignored))
-        except MappingError as e:
-            layout, cfg, prefix, audit = _partial_audit(source, keys, e)
+        layout, cfg, prefix, audit = _read(source, keys, shapes)
         model_keys = [k for k in keys if k.startswith(prefix)]
         num_params = int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in model_keys))
-        arch = architecture_rows(cfg, layout, source) if cfg is not None else []
+        probe = Probe({k[len(prefix):]: shapes[k] for k in model_keys}, dict(source.metadata), source.path)
+        arch = architecture_rows(cfg, layout, probe) if cfg is not None else []
         fmt = {"zip": "npz" if type(source).__name__ == "NpzSource" else "pt", "pickle": "pt",
                "safetensors": "safetensors", "dir": "directory"}.get(kind, kind)
     finally:
@@ -177,80 +172,64 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> Ch
                             layout.name if layout else None, audit, cfg, arch, prefix)
 
 
-def _partial_audit(source, keys: Sequence[str], error: MappingError):
-    """Redo ``read_layout``'s steps one by one, keeping whatever succeeds, so the report can
-    list the missing and unused keys instead of only the first complaint."""
-    from .layouts import detect_layout
-    from .rules.base import audit_report, expand_rules
-
-    layout = cfg = None
-    prefix = ""
+def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int, ...]]):
+    """``(layout, config, prefix, audit)`` through the conversion's own reader; where that
+    fails, its steps one by one, keeping whatever succeeds, so the report can list the
+    missing and unused keys instead of only the first complaint."""
     try:
-        layout = detect_layout(source)
-        prefix = layout.strip(keys, source.path) if layout.strip else ""
-        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-        ignored = sorted(k for k in keys if not k.startswith(prefix))
-        shapes = {k: source.shape(prefix + k) for k in inner}
-        infer_meta = getattr(layout, "infer_meta", None)  # layouts with a config.json
-        cfg = (infer_meta(shapes, source.metadata, source.path) if infer_meta is not None
-               else layout.infer(shapes, source.path))
-        missing, unused = audit_report(expand_rules(layout.table_for(cfg), cfg), inner)
-        return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message)
-    except MappingError as e:
-        return layout, cfg, prefix, Audit(False, error=e.message)
+        with open_checkpoint(source.path, source=source) as ckpt:
+            return ckpt.layout, ckpt.source_config, ckpt.prefix, Audit(ok=True, ignored=sorted(ckpt.ignored))
+    except MappingError as error:
+        layout = cfg = None
+        prefix = ""
+        try:
+            layout = detect_layout(Probe(shapes, dict(source.metadata), source.path))
+            prefix = layout.prefix(keys, source.path)
+            inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+            ignored = sorted(k for k in keys if not k.startswith(prefix))
+            cfg = layout.infer(Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), source.path))
+            missing, unused = audit_report(layout.rules(cfg), inner)
+            return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message)
+        except MappingError as e:
+            return layout, cfg, prefix, Audit(False, error=e.message)
 
 
-def architecture_rows(cfg: ViTConfig, layout, source=None) -> List[Tuple[str, Any, str]]:
-    """``(field, value, where it came from)`` for every config field that matters.
+def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tuple[str, Any, str]]:
+    """``(field, value, where it came from)`` for every config field.
 
-    Sources come from the layout's own ``inference_sources(cfg)`` (``rules/<layout>.py``)
-    when it has one; a config stored in the file's metadata is named as such; anything
-    else is a convention of the layout, not a value read from the file."""
-    meta = getattr(source, "metadata", {}) or {}
-    if layout is not None and layout.name == "canonical" and "vitconv_config" in meta:
+    A config stored in the file is named as such; otherwise the layout's ``sources`` (the
+    tensor each shape-read value came from), its carries (a ``config.json`` key, or a
+    convention of its code that the file does not record), and for every other field the
+    layout's fixed meaning."""
+    if CONFIG_KEY in probe.metadata:
         sources: Dict[str, str] = {}
-        fallback = "vitconv_config metadata"
+        fallback = f"{CONFIG_KEY} metadata"
     else:
-        sources = _layout_sources(layout, cfg)
-        fallback = f"{layout.name} layout convention (not stored in the file)" if layout else "?"
-        if sources is None:
-            from_meta = getattr(layout, "infer_meta", None) is not None and "hf_config" in meta
-            sources = {}
-            fallback = ("config.json beside the weights" if from_meta
-                        else f"{layout.name} layout: inferred from tensor shapes")
-            convention = f"{layout.name} layout convention (not stored in the file)"
-            if not from_meta:  # what no shape says: the layout's code fixes it
-                sources.update(act=convention, norm_eps=convention)
-            if not layout.heads_recorded(meta):
-                sources.update(num_heads="assumed: 64-dim heads (not stored in the file; --num-heads)",
-                               head_dim="assumed: 64-dim heads (not stored in the file; --num-heads)")
-    names = list(_FIELDS) + (list(_HYBRID_FIELDS) if cfg.resnet_layers is not None else [])
+        sources = dict(layout.sources(cfg))
+        fallback = f"{layout.name} layout: inferred from tensor shapes"
+        assumed = layout.assumed(cfg, probe)
+        for c in layout.carries:
+            if c.field in sources:
+                continue
+            if c.field in assumed:
+                sources[c.field] = (f"assumed: {'64-dim heads' if c.field == 'num_heads' else layout.name + ' default'}"
+                                    f" (not stored in the file; {'--num-heads' if c.field == 'num_heads' else c.argument})")
+            elif c.key is not None:
+                sources[c.field] = f"config.json {c.key}"
+        fixed = {c.field for c in layout.carries if c.values is not None and len(c.values) == 1}
+        carried = {c.field for c in layout.carries} - fixed
+        for f in dataclasses.fields(ViTConfig):
+            if f.name not in carried and f.name not in sources:
+                sources[f.name] = f"{layout.name} layout convention (not stored in the file)"
+        if "num_heads" in assumed:
+            sources.setdefault("head_dim", sources["num_heads"])
+            if sources["head_dim"] == fallback:
+                sources["head_dim"] = sources["num_heads"]
+    names = [f.name for f in dataclasses.fields(ViTConfig)
+             if cfg.resnet_layers is not None or f.name not in _HYBRID_FIELDS]
     rows = [(n, getattr(cfg, n), sources.get(n, fallback)) for n in names]
     rows.append(("grid_size", cfg.grid_size, f"image_size / stride {cfg.total_stride}"))
     return rows
-
-
-def _layout_sources(layout, cfg: ViTConfig) -> Optional[Dict[str, str]]:
-    if layout is None:
-        return None
-    own = getattr(layout, "sources", None)
-    if callable(own):
-        return dict(own(cfg))
-    if isinstance(own, dict):
-        return dict(own)
-    # The module that infers the layout's config is the one that knows where values come from.
-    name = getattr(layout.infer, "__module__", None) or f"vitconv.rules.{layout.name}"
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        return None
-    fn = getattr(module, "inference_sources", None)
-    if fn is None:
-        return None
-    src = dict(fn(cfg))
-    if layout.name == "google":
-        src.setdefault("final_norm", "presence of Transformer/encoder_norm/scale")
-    return src
 
 
 def _dtypes(source, path: Path, kind: str) -> Dict[str, str]:
@@ -360,25 +339,17 @@ def read_pos_embed(path: os.PathLike | str) -> Tuple[np.ndarray, ViTConfig, str]
     """The canonical ``(1, N, D)`` position table, the config and the layout name, read
     through the layout's own rule (only that tensor is loaded). Works on a file whose
     audit fails elsewhere, as long as the layout, architecture and this tensor are there."""
-    from .formats.base import open_source
-    from .layouts import read_layout
-    from .rules.base import expand_rules
-
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".onnx":
         raise BadInputError("position-embedding plot needs a checkpoint (.npz, .pt, "
                             ".safetensors), not an ONNX graph", p)
     source = open_source(p)
     try:
-        try:
-            rr = read_layout(source)
-            layout, cfg, prefix, rules = rr.layout, rr.config, rr.prefix, rr.rules
-        except MappingError as e:
-            layout, cfg, prefix, _ = _partial_audit(source, source.keys(), e)
-            if cfg is None:
-                raise
-            rules = expand_rules(layout.table_for(cfg), cfg)
-        rule = next((r for r in rules if r.canonical == "pos_embed"), None)
+        keys = source.keys()
+        layout, cfg, prefix, _ = _read(source, keys, {k: tuple(source.shape(k)) for k in keys})
+        if cfg is None:
+            raise BadInputError("no architecture could be read from this checkpoint", p)
+        rule = next((r for r in layout.rules(cfg) if r.canonical == "pos_embed"), None)
         keys = [prefix + k for k in rule.source] if rule else []
         if rule is None or any(k not in source for k in keys):
             raise BadInputError("no position embedding in this checkpoint", p)

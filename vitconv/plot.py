@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import BadInputError, VitconvError
+from .formats.atomic import atomic_output
 
 #: Output image size: fixed inches at a fixed dpi (no ``bbox_inches="tight"``) so the PNG's
 #: pixel size does not depend on label widths: 900 x 800 px, multiplied by an integer
@@ -97,8 +98,6 @@ def plot_posembed_similarity(sim: np.ndarray, path: os.PathLike | str,
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from .formats.atomic import atomic_output
 
     if sim.ndim != 4 or len(set(sim.shape)) != 1:
         raise BadInputError(f"similarity grid must be (g, g, g, g), got {sim.shape}", path)

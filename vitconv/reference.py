@@ -33,6 +33,8 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from .formats.npz import NpzSource
+
 Params = Mapping[str, np.ndarray]
 
 LN_EPS = 1e-6  # flax nn.LayerNorm default
@@ -43,18 +45,27 @@ WS_EPS = 1e-5  # models_resnet.weight_standardize: added to the std
 
 # --------------------------------------------------------------------------- loading
 def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
-    """Google's ``.npz`` as ``{key: array}`` (never unpickles). A common prefix before the
-    model's keys (``opt/target/`` in checkpoints saved with optimizer state) is stripped."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return strip_prefix(arrays)
+    """Google's ``.npz`` as ``{key: array}`` of the model's tensors, read through vitconv's
+    safe ``.npz`` reader (headers checked against member sizes, pickles refused, duplicate
+    members refused): bytes, not mapping, so the reference stays independent of the
+    converter's tables. A common prefix before the model's keys (``opt/target/`` in
+    checkpoints saved with optimizer state) is stripped, and keys outside it (optimizer
+    state) are never read."""
+    with NpzSource(path) as src:
+        keys = src.keys()
+        prefix = _prefix(keys)
+        return {k[len(prefix):]: src.get(k) for k in keys if k.startswith(prefix)}
+
+
+def _prefix(keys) -> str:
+    anchor = [k for k in keys if k == "embedding/kernel" or k.endswith("/embedding/kernel")]
+    if len(anchor) != 1:
+        raise KeyError("no unique 'embedding/kernel' key: not a Google ViT checkpoint")
+    return anchor[0][: -len("embedding/kernel")]
 
 
 def strip_prefix(params: Params) -> Dict[str, np.ndarray]:
-    anchor = [k for k in params if k == "embedding/kernel" or k.endswith("/embedding/kernel")]
-    if len(anchor) != 1:
-        raise KeyError("no unique 'embedding/kernel' key: not a Google ViT checkpoint")
-    prefix = anchor[0][: -len("embedding/kernel")]
+    prefix = _prefix(list(params))
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 

@@ -6,20 +6,23 @@ written here have Google's key names, shapes and member order (sorted keys, as
 ``np.savez`` of the flattened params gives) and are written member by member into the
 zip, so generating ViT-H/14 (2.5 GB) never holds more than one tensor.
 
-The keys and shapes come from the Google rule table run backwards on the canonical
+The keys and shapes come from the Google rule table run backwards on the model's own
 shapes, so the generator cannot drift from what the converter reads.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from .config import ViTConfig
-from .formats.atomic import atomic_output
+from .formats.base import TensorSpec
+from .formats.npz import NpzStreamWriter
+from .pipeline import parameter_shapes
+from .rules import LAYOUTS
+from .rules.base import foreign_shapes
 
 #: Google's published ImageNet models (``vit_jax/configs/models.py``), 224 px, 1000 classes.
 PRESETS: Dict[str, ViTConfig] = {
@@ -44,21 +47,8 @@ def preset(name: str) -> ViTConfig:
 
 
 def google_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
-    """Google key -> shape for ``cfg``, from the rule table's inverse applied to the
-    canonical shapes (on zero-stride views: nothing is allocated but the outputs)."""
-    from .layouts import LAYOUTS
-    from .shapes import expected_shapes
-    from .rules.base import expand_rules
-
-    canon = expected_shapes(cfg)
-    out: Dict[str, Tuple[int, ...]] = {}
-    for r in expand_rules(LAYOUTS["google"].table_for(cfg), cfg):
-        # a 1-element array broadcast to the shape: the op's transposes/reshapes only need shapes
-        probe = np.broadcast_to(np.zeros(1, np.float32), canon[r.canonical])
-        parts = r.op.from_canonical(probe, cfg)
-        for k, a in zip(r.source, parts):
-            out[k] = tuple(a.shape)
-    return out
+    """Google key -> shape for ``cfg``: the Google table's inverse on the model's shapes."""
+    return foreign_shapes(LAYOUTS["google"].rules(cfg), parameter_shapes(cfg), cfg)
 
 
 def _values(key: str, shape: Tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -87,12 +77,11 @@ def write_synthetic_npz(path: os.PathLike | str, cfg: ViTConfig, seed: int = 0,
     """Write a Google-layout ``.npz`` for ``cfg`` at ``path``, streaming; returns bytes of
     tensor data written. ``prefix`` nests keys (``opt/target/`` as in older checkpoints)."""
     total = 0
-    with atomic_output(path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, a in iter_arrays(cfg, seed):
-                with zf.open(prefix + key + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, a, allow_pickle=False)
-                total += a.nbytes
+    specs = [TensorSpec(prefix + k, np.dtype(np.float32), s) for k, s in sorted(google_shapes(cfg).items())]
+    with NpzStreamWriter(path, specs) as w:
+        for key, a in iter_arrays(cfg, seed):
+            w.write(prefix + key, a)
+            total += a.nbytes
     return total
 
 

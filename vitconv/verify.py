@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from .errors import BadInputError, first_line
+from .errors import BadInputError, VerificationError, first_line
 from .reference import GoogleViTReference, load_npz
 
 PathLike = Union[str, os.PathLike]
@@ -284,10 +284,10 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         raise BadInputError(f"batch must be positive, got {batch}")
     ref = _open_reference(src, reference_dtype)
     model, runner, kind, label = None, None, "canonical", "in-memory model"
-    if converted is None:
-        import vitconv
+    from .checkpoint import load  # torch
 
-        model = vitconv.load(src, image_size=image_size)
+    if converted is None:
+        model = load(src, image_size=image_size)
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
         label = os.fspath(converted)
@@ -297,9 +297,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         elif kind == "torchscript":
             runner = _TorchRunner(_load_torchscript(Path(converted)))
         else:
-            import vitconv
-
-            model = vitconv.load(converted)
+            model = load(converted)
     elif hasattr(converted, "forward_stages"):
         model = converted
     else:
@@ -350,8 +348,6 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
 
 def check(src: PathLike, converted: Union[PathLike, Any, None] = None, **kwargs) -> VerifyReport:
     """:func:`verify`, raising :class:`~vitconv.errors.VerificationError` (exit 3) on failure."""
-    from .errors import VerificationError
-
     report = verify(src, converted, **kwargs)
     if not report.ok:
         where = converted if isinstance(converted, (str, os.PathLike)) else src

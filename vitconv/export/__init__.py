@@ -1,202 +1,37 @@
 """Export the canonical ViT to deployment runtimes, and prove each artifact in its runtime.
 
-Every exporter here follows the same contract: write to a temporary file beside the
-target, load that file back in the runtime that will serve it (onnxruntime,
-``torch.jit.load``, ``aoti_load_package``, ``safetensors`` + :func:`vitconv.load`), run it on
-seeded inputs next to the PyTorch model, and only then rename it into place. An artifact
+Every exporter follows the same contract: write to a temporary file beside the target, load
+that file back in the runtime that will serve it (onnxruntime, ``torch.jit.load``,
+``aoti_load_package``, safetensors through :func:`vitconv.pipeline.open_checkpoint`), run it
+on seeded inputs next to the PyTorch model, and only then rename it into place. An artifact
 that disagrees past tolerance never appears under its final name and the figures travel in
-the :class:`~vitconv.errors.VerificationError` (CLI exit 3).
-
-Shared pieces live in this module: :func:`export_ready` (the model as exporters should see
-it: the hybrid stem's weight standardisation folded into plain convolutions, so no float64
-op reaches a graph; TensorRT has no double), :func:`check_plan` (which batch sizes and
-resolutions to verify), :class:`Parity` (the figures) and :func:`run_export` (the driver
-behind ``vitconv export``).
+the :class:`~vitconv.errors.VerificationError` (CLI exit 3). Shared pieces are in
+:mod:`vitconv.export.common`; :func:`run_export` is the driver behind ``vitconv export``.
 """
 
 from __future__ import annotations
 
-import copy
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional
 
 import numpy as np
 
-from ..errors import VerificationError
+from ..errors import BadInputError, VerificationError
+from ..formats.base import sha256_file
+from ..formats.safetensors_stream import DEFAULT_SHARD_BYTES
+from ..pipeline import open_checkpoint
+from .common import (Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready,
+                     seeded_input)
+from .onnx import DEFAULT_OPSET, export_onnx
+from .pt2 import export_pt2
+from .safetensors import export_safetensors
+from .torchscript import export_torchscript
 
-PathLike = Union[str, os.PathLike]
-
-#: fp32 artifacts must reproduce the PyTorch logits to this max abs difference.
-FP32_ATOL = 1e-4
-#: fp16 artifacts: every top-1 class equal and cosine similarity of logits at least this.
-FP16_MIN_COSINE = 0.9999
-#: The example batch handed to exporters when the batch dimension is dynamic: a batch of 1
-#: lets torch.export specialise the dimension to the constant 1.
-EXAMPLE_BATCH = 2
-#: Seeded verification inputs: uniform in [-1, 1], the range Google's preprocessing
-#: (``x / 127.5 - 1``) produces.
-SEED = 0
-
-
-@dataclass
-class Check:
-    """One verification input: ``batch`` images of ``size`` x ``size``."""
-
-    batch: int
-    size: int
+__all__ = ["ExportPlan", "ExportResult", "Parity", "Check", "run_export", "default_output", "check_plan",
+           "export_ready"]
 
 
-@dataclass
-class Parity:
-    """Figures of one artifact on one input against the PyTorch reference."""
-
-    batch: int
-    size: int
-    max_abs: float
-    top1_agree: float
-    min_cosine: float
-    ok: bool
-
-    def describe(self, fp16: bool) -> str:
-        s = f"b{self.batch} {self.size}px max|diff| {self.max_abs:.2e}"
-        if fp16:
-            s += f", top-1 {self.top1_agree:.0%}, cos {self.min_cosine:.6f}"
-        return s + ("" if self.ok else "  FAIL")
-
-
-@dataclass
-class ExportResult:
-    """What one exporter wrote and how it verified."""
-
-    kind: str
-    paths: List[Path]
-    export_s: float
-    verify_s: float
-    parity: List[Parity] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    fp16: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.parity) and all(p.ok for p in self.parity)
-
-    def rows(self) -> List[Tuple[str, str]]:
-        size = sum(p.stat().st_size for p in self.paths if p.exists())
-        rows = [(self.kind, f"{self.paths[0]}" + (f" (+{len(self.paths) - 1} files)" if len(self.paths) > 1 else "")
-                 + f", {size / 1e6:.2f} MB, export {self.export_s:.1f} s, verify {self.verify_s:.1f} s")]
-        rows += [("", p.describe(self.fp16)) for p in self.parity]
-        rows += [("", n) for n in self.notes]
-        return rows
-
-
-# --------------------------------------------------------------------------- model prep
-def export_ready(model):
-    """A copy of ``model`` with every ``StdConv2d`` replaced by a plain convolution whose
-    weight is the standardised kernel (computed once, in float64, rounded to float32 exactly
-    as the eager model does). Exported graphs then hold no float64 ops and no per-call
-    weight arithmetic; the numbers are identical to the eager model's."""
-    import torch
-    from torch import nn
-
-    from ..model import StdConv2d, tf_same_pad
-
-    class FoldedStdConv(nn.Conv2d):
-        """TF-SAME padded conv with a pre-standardised kernel (export form of StdConv2d)."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = tf_same_pad(x, self.kernel_size[0], self.stride[0])
-            return torch.nn.functional.conv2d(x, self.weight, None, self.stride)
-
-    model = copy.deepcopy(model).eval()
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, StdConv2d):
-            with torch.no_grad():
-                w = mod.standardized_weight().detach().clone()
-            folded = FoldedStdConv(mod.in_channels, mod.out_channels, mod.kernel_size[0],
-                                   stride=mod.stride[0], bias=False)
-            folded.weight = nn.Parameter(w, requires_grad=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, folded)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-# --------------------------------------------------------------------------- verification
-def check_plan(image_size: int, stride: int, batch: Optional[int], dynamic_size: bool) -> List[Check]:
-    """Inputs every artifact is verified on: batch 1 and 3 when the batch is dynamic (the
-    export example uses 2, so both are unseen), the static batch otherwise; with dynamic
-    resolution also ``image_size + stride`` and ``image_size + 3 * stride``, sizes the
-    exporter never saw."""
-    batches = [batch] if batch else [1, 3]
-    checks = [Check(b, image_size) for b in batches]
-    if dynamic_size:
-        b = batch or 2
-        checks += [Check(b, image_size + stride), Check(b, image_size + 3 * stride)]
-    return checks
-
-
-def seeded_input(batch: int, size: int, in_chans: int = 3, seed: int = SEED) -> np.ndarray:
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 100003 + batch * 1009 + size)
-    return (torch.rand(batch, in_chans, size, size, generator=g) * 2 - 1).numpy()
-
-
-def compare(ref: np.ndarray, got: np.ndarray, batch: int, size: int, fp16: bool,
-            atol: float = FP32_ATOL) -> Parity:
-    """fp32: max abs diff within ``atol``. fp16: every top-1 equal and cosine >= 0.9999."""
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got, np.float64)
-    if ref.shape != got.shape:
-        return Parity(batch, size, float("inf"), 0.0, 0.0, False)
-    max_abs = float(np.abs(ref - got).max())
-    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
-    denom = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
-    cos = float(np.min((ref * got).sum(-1) / np.maximum(denom, 1e-30)))
-    ok = (top1 == 1.0 and cos >= FP16_MIN_COSINE) if fp16 else max_abs <= atol
-    return Parity(batch, size, max_abs, top1, cos, bool(np.isfinite(max_abs) and ok))
-
-
-#: ``reference(batch, size) -> logits``: the PyTorch model's output on the seeded input.
-Reference = Callable[[int, int], np.ndarray]
-
-
-def verify(run: Callable[[np.ndarray], np.ndarray], reference: Reference,
-           checks: Sequence[Check], in_chans: int, fp16: bool = False,
-           atol: float = FP32_ATOL) -> List[Parity]:
-    """Run an artifact (``run``) and the reference on each check's seeded input."""
-    out = []
-    for c in checks:
-        x = seeded_input(c.batch, c.size, in_chans)
-        out.append(compare(reference(c.batch, c.size), run(x), c.batch, c.size, fp16, atol))
-    return out
-
-
-def raise_if_failed(result: ExportResult, path: PathLike) -> None:
-    """Raise (inside the exporter's ``atomic_output``, so nothing is renamed into place) when
-    any check failed; the error carries ``result`` so callers can still print the figures."""
-    if not result.ok:
-        figures = "; ".join(p.describe(result.fp16) for p in result.parity if not p.ok)
-        err = VerificationError(f"{result.kind} export disagrees with the PyTorch model past "
-                                f"tolerance ({figures}); nothing written", path)
-        err.results = [result]  # type: ignore[attr-defined]
-        raise err
-
-
-class Timer:
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.s = time.perf_counter() - self.t0
-
-
-# --------------------------------------------------------------------------- driver
 @dataclass
 class ExportPlan:
     """Targets and options of one ``vitconv export`` run (``None`` target: not asked)."""
@@ -205,12 +40,12 @@ class ExportPlan:
     torchscript: Optional[Path] = None
     pt2: Optional[Path] = None
     safetensors: Optional[Path] = None
-    opset: int = 20  # vitconv.export.onnx.DEFAULT_OPSET (not imported here: keeps onnx lazy)
+    opset: int = DEFAULT_OPSET
     batch: Optional[int] = None
     dynamic_size: bool = False
     fp16: bool = False
     image_size: Optional[int] = None
-    shard_bytes: int = 5 * 10**9
+    shard_bytes: int = DEFAULT_SHARD_BYTES
     aoti: bool = True
 
 
@@ -229,7 +64,7 @@ def make_reference(src: PathLike, model, image_size: int) -> Reference:
     are held to what ``npz2pt --image-size`` computes, not to the on-the-fly resize they embed."""
     import torch
 
-    from ..checkpoint import load
+    from ..checkpoint import load  # torch
 
     models = {image_size: model}
 
@@ -247,16 +82,15 @@ def run_export(src: PathLike, plan: ExportPlan,
     """Load ``src`` (anything :func:`vitconv.load` reads), write each requested artifact and
     verify it in its runtime. Raises :class:`VerificationError` after all targets ran if any
     disagreed (those were not written); its ``results`` attribute holds every target's figures."""
-    from ..checkpoint import load
-    from ..errors import BadInputError
-    from ..formats.base import sha256_file
+    from ..checkpoint import build_model  # torch
 
     if plan.fp16 and (plan.torchscript or plan.pt2):
         raise BadInputError("--fp16 applies to --onnx and --safetensors only (TorchScript and "
                             ".pt2 are written in float32)", src)
     if plan.batch is not None and plan.batch <= 0:
         raise BadInputError(f"--batch must be positive, got {plan.batch}", src)
-    model = load(src, image_size=plan.image_size)
+    with open_checkpoint(src, image_size=plan.image_size) as ckpt:
+        model, layout = build_model(ckpt.config, ckpt.state_dict()), ckpt.layout.name
     cfg = model.config
     say = progress or (lambda s: None)
     reference = make_reference(src, model, cfg.image_size)
@@ -273,31 +107,24 @@ def run_export(src: PathLike, plan: ExportPlan,
             results.extend(getattr(e, "results", []))
 
     if plan.onnx:
-        from .onnx import export_onnx
-
         say(f"onnx -> {plan.onnx}")
         attempt(lambda: export_onnx(model, plan.onnx, reference, checks, opset=plan.opset,
                                     batch=plan.batch, dynamic_size=plan.dynamic_size,
-                                    fp16=plan.fp16, source_sha256=source_sha, source=src))
+                                    fp16=plan.fp16, source_sha256=source_sha, source=src,
+                                    layout=layout))
     if plan.torchscript:
-        from .torchscript import export_torchscript
-
         say(f"torchscript -> {plan.torchscript}")
         attempt(lambda: export_torchscript(model, plan.torchscript, reference, checks,
                                            batch=plan.batch))
     if plan.pt2:
-        from .pt2 import export_pt2
-
         say(f"pt2 -> {plan.pt2}" + (" (AOTInductor compile: minutes on a small CPU)" if plan.aoti else ""))
         attempt(lambda: export_pt2(model, plan.pt2, reference, checks, batch=plan.batch,
                                    dynamic_size=plan.dynamic_size, aoti=plan.aoti))
     if plan.safetensors:
-        from .safetensors import export_safetensors
-
         say(f"safetensors -> {plan.safetensors}")
-        attempt(lambda: export_safetensors(model, plan.safetensors, reference, checks,
-                                           fp16=plan.fp16, shard_bytes=plan.shard_bytes,
-                                           source_sha256=source_sha))
+        attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
+                                           image_size=plan.image_size, fp16=plan.fp16,
+                                           shard_bytes=plan.shard_bytes))
     if failures:
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]

@@ -44,8 +44,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..formats.atomic import atomic_output
-from . import (EXAMPLE_BATCH, Check, ExportResult, PathLike, Reference, Timer, export_ready,
-               raise_if_failed, verify)
+from .common import (EXAMPLE_BATCH, FP32_ATOL, Check, ExportResult, PathLike, Reference, Timer, export_ready,
+                     raise_if_failed, verify)
 
 DEFAULT_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
@@ -130,11 +130,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     import onnx
     import torch
 
-    from . import FP32_ATOL
-
     cfg = model.config
-    if layout is None and source is not None:
-        layout = _layout_of(source)
     ready = export_ready(model)
     x = example_input(cfg, batch)
     with Timer() as t_export:
@@ -194,14 +190,3 @@ def _ort_runner(path: PathLike):
 
 def _params_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _layout_of(source: PathLike) -> Optional[str]:
-    from ..checkpoint import read_canonical
-
-    try:
-        c = read_canonical(source)
-        c.read.source.close()
-        return c.info.get("layout")
-    except Exception:  # metadata only: never fail an export over it
-        return None

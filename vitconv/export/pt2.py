@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..formats.atomic import atomic_output
-from . import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
-               verify)
+from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
+                     verify)
+from .onnx import dynamic_shapes, example_input
 
 
 def export_pt2(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
@@ -27,8 +28,6 @@ def export_pt2(model, path: PathLike, reference: Reference, checks: Sequence[Che
     """Export with ``torch.export``; with ``aoti`` compile an AOTInductor package. Load the
     written file back, verify on ``checks``, rename into place only if it agrees."""
     import torch
-
-    from .onnx import dynamic_shapes, example_input
 
     cfg = model.config
     ready = export_ready(model)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..formats.atomic import atomic_output
-from . import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
-               verify)
+from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
+                     verify)
+from .onnx import example_input
 
 
 def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
@@ -28,8 +29,6 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
     """Trace ``model`` (stem folded, see :func:`~vitconv.export.export_ready`), save it,
     ``torch.jit.load`` it back, verify on ``checks``; renamed into place only if it agrees."""
     import torch
-
-    from .onnx import example_input
 
     ready = export_ready(model)
     x = example_input(model.config, batch)

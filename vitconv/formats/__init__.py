@@ -2,12 +2,15 @@
 
 Every reader is a :class:`TensorSource`: ``keys()``, ``shape(key)`` (cheap, no data read
 where the format allows) and ``get(key)`` (reads that one tensor). Conversion streams
-through it so a checkpoint is never held twice.
+through it so a checkpoint is never held twice. Writers take one tensor at a time, in an
+order declared up front by :class:`TensorSpec` s.
 """
 
 from __future__ import annotations
 
-from .base import TensorSource, DictSource, open_source, sha256_file
-from .atomic import atomic_output
+from .atomic import atomic_directory, atomic_output
+from .base import DictSource, TensorSource, TensorSpec, sha256_file
+from .open import open_source, sniff
 
-__all__ = ["TensorSource", "DictSource", "open_source", "sha256_file", "atomic_output"]
+__all__ = ["TensorSource", "TensorSpec", "DictSource", "open_source", "sniff", "sha256_file",
+           "atomic_output", "atomic_directory"]

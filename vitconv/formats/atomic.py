@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Iterator, List
 
 from ..errors import OutputError
 
@@ -106,27 +106,67 @@ def atomic_output(path: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
     Writers whose libraries report I/O failures as other exception types (``torch.save``:
     ``RuntimeError``; safetensors: ``SafetensorError``) translate them themselves."""
     final = Path(path)
-    directory = check_writable(final)
-    for old in stale_temporaries(final):
-        _remove(old)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}.",
-                                        suffix=suffix or _SUFFIX, dir=directory)
+
+    def create(prefix: str, directory: Path) -> str:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix or _SUFFIX, dir=directory)
         os.close(fd)
-        # mkstemp creates 0600; an output is an ordinary file, so give it the mode the
-        # user's umask would give any new file (0644 under the usual umask 022).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-    except OSError as e:
-        raise OutputError(f"cannot write here: {_explain(e)}", final) from None
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
+        return name
+
+    def commit(tmp: Path) -> None:
         if tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, final)
+
+    with _replaced(final, check_writable(final), create, 0o666, commit) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success rename it to ``path``
+    (an existing ``path`` must be an empty directory, which it replaces). On any exception
+    the temporary directory and everything in it are removed. Its name follows
+    :func:`atomic_output`'s pattern, so a killed writer's leftover is removed by the next
+    write to the same target."""
+    final = Path(path)
+    directory = final.parent if str(final.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"cannot write here: directory {directory} does not exist", final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise OutputError("exists and is not an empty directory; remove it or pick another name", final)
+
+    def create(prefix: str, where: Path) -> str:
+        return tempfile.mkdtemp(prefix=prefix, suffix=_SUFFIX, dir=where)
+
+    def commit(tmp: Path) -> None:
+        if final.exists():
+            final.rmdir()
+        os.rename(tmp, final)
+
+    with _replaced(final, directory, create, 0o777, commit) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _replaced(final: Path, directory: Path, create: Callable[[str, Path], str], mode: int,
+              commit: Callable[[Path], None]) -> Iterator[Path]:
+    """The skeleton both share: remove stale temporaries, ``create`` a hidden temporary with
+    the mode the user's umask gives any new file or directory (``mkstemp``/``mkdtemp`` make
+    0600/0700), yield it, ``commit`` it on success and fsync the directory; on any failure
+    remove it, an ``OSError`` becoming an :class:`OutputError` naming ``final``."""
+    for old in stale_temporaries(final):
+        _remove(old)
+    try:
+        tmp = Path(create(f"{_tmp_prefix(final)}{os.getpid()}.", directory))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, mode & ~umask)
+    except OSError as e:
+        raise OutputError(f"cannot write here: {_explain(e)}", final) from None
+    try:
+        yield tmp
+        commit(tmp)
     except OSError as e:
         _remove(tmp)
         raise OutputError(f"writing failed: {_explain(e)}", final) from None

@@ -1,16 +1,20 @@
-"""The reader interface and the dispatcher that picks a reader by content, not by name."""
+"""The reader interface (:class:`TensorSource`), the writers' tensor description
+(:class:`TensorSpec`), and small helpers every format shares. Picking a reader by content
+is :mod:`vitconv.formats.open`'s job."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import BadInputError, first_line
+from ..errors import BadInputError, OutputError, first_line
 
 
 class TensorSource:
@@ -28,6 +32,10 @@ class TensorSource:
 
     def keys(self) -> List[str]:
         raise NotImplementedError
+
+    def files(self) -> List[Path]:
+        """The files this source reads (an output must never replace one of them)."""
+        return [Path(self.path)] if self.path else []
 
     def shape(self, key: str) -> Tuple[int, ...]:
         raise NotImplementedError
@@ -91,51 +99,6 @@ def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _is_int(v: Any) -> bool:
-    return type(v) is int
-
-
-#: What each ViTConfig annotation admits in JSON. Unlisted annotations go unchecked here
-#: (``ViTConfig`` still validates what it knows).
-_JSON_TYPES = {
-    "int": _is_int,
-    "Optional[int]": lambda v: v is None or _is_int(v),
-    "bool": lambda v: type(v) is bool,
-    "float": lambda v: type(v) in (int, float),
-    "str": lambda v: type(v) is str,
-    "Optional[str]": lambda v: v is None or type(v) is str,
-    "Optional[Tuple[int, ...]]": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
-}
-
-
-def parse_vitconv_config(raw: Any, path: Optional[os.PathLike | str]) -> str:
-    """Validate the config a vitconv ``.pt``/``.safetensors`` carries (a dict or its JSON)
-    and return it as JSON. Files are untrusted: a config that is not a valid
-    :class:`~vitconv.config.ViTConfig`, down to each field's type, is a bad input here
-    rather than a crash deep inside model construction."""
-    import dataclasses
-
-    from ..config import ViTConfig
-
-    try:
-        d = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    except (ValueError, RecursionError) as e:
-        raise BadInputError(f"vitconv_config metadata is not valid JSON ({first_line(e)})", path) from None
-    if isinstance(d, dict) and isinstance(d.get("resnet_layers"), tuple):
-        d = {**d, "resnet_layers": list(d["resnet_layers"])}
-    if not isinstance(d, dict):
-        raise BadInputError(f"vitconv_config must be a JSON object, got {type(d).__name__}", path)
-    bad = [f.name for f in dataclasses.fields(ViTConfig)
-           if f.name in d and not _JSON_TYPES.get(str(f.type), lambda v: True)(d[f.name])]
-    if bad:
-        raise BadInputError(f"vitconv_config field(s) of the wrong type: {', '.join(bad)}", path)
-    try:
-        cfg = ViTConfig.from_dict(d)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise BadInputError(f"invalid vitconv_config ({first_line(e)})", path) from None
-    return cfg.to_json()
-
-
 def tensor_to_numpy(t: Any, key: str, path: Optional[os.PathLike | str]) -> np.ndarray:
     """A torch tensor as a numpy array; dtypes numpy lacks (bfloat16, float8) widen to
     float32, which holds them exactly. Sparse, quantized or otherwise exotic tensors
@@ -153,69 +116,94 @@ def tensor_to_numpy(t: Any, key: str, path: Optional[os.PathLike | str]) -> np.n
         raise BadInputError(f"tensor {key!r} cannot be read as an array ({first_line(e)})", path) from None
 
 
-def sniff(path: Path) -> str:
-    """Format of ``path`` by its first bytes: ``zip`` (npz or torch zip), ``safetensors``,
-    ``pickle`` (legacy torch), ``onnx``, ``dir``, ``index`` (a shard index); raises :class:`BadInputError` otherwise."""
-    if path.is_dir():
-        return "dir"
-    if not path.exists():
-        raise BadInputError("no such file", path)
-    if not path.is_file():  # FIFOs and devices would block or never end
-        raise BadInputError("not a regular file", path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise BadInputError(f"cannot read: {e.strerror or e}", path) from None
-    if not head:
-        raise BadInputError("file is empty", path)
-    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
-        return "zip"
-    if path.name.endswith(".index.json"):
-        return "index"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    if path.suffix == ".onnx":
-        return "onnx"
-    raise BadInputError("not a checkpoint vitconv can read (expected .npz, .pt/.pth/.bin, "
-                        ".safetensors, a shard index .index.json)", path)
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a streaming writer needs to know about a tensor before its data exists."""
+
+    name: str
+    dtype: np.dtype
+    shape: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def check(self, name: str, array: np.ndarray, path: os.PathLike | str) -> np.ndarray:
+        """``array`` as an ndarray if it is the tensor this spec promised (name, dtype,
+        shape); otherwise :class:`OutputError`. Streaming writers lay out bytes from specs
+        before the data exists, so a producer that disagrees must fail here, not leave a
+        file whose header or pickle lies about what follows."""
+        a = np.asarray(array)
+        if name != self.name or a.dtype != np.dtype(self.dtype) or tuple(a.shape) != tuple(self.shape):
+            raise OutputError(f"tensor {name!r} {a.dtype}{tuple(a.shape)} does not match the declared "
+                              f"{self.name!r} {np.dtype(self.dtype)}{tuple(self.shape)}", path)
+        return a
 
 
-def open_source(path: os.PathLike | str) -> TensorSource:
-    """Open any supported checkpoint file as a lazy :class:`TensorSource`."""
-    p = Path(path)
-    kind = sniff(p)
-    if kind == "zip":
-        import zipfile
+class StreamWriter:
+    """The contract every streaming writer keeps: a ``with`` block opens the temporaries,
+    ``write`` takes each tensor in the order of ``specs`` (checked against its spec), and
+    leaving the block renames the finished files into place, or removes them on an error.
+    ``temporaries()`` finishes the files early and returns their still-unrenamed paths, so a
+    caller can check them first; ``outputs`` lists the final paths.
 
+    Subclasses enter their temporaries on the given ``ExitStack`` in ``_open`` (so unwinding
+    it with an exception removes them), write one tensor in ``_write`` and complete the files
+    in ``_finish``."""
+
+    def __init__(self, path: os.PathLike | str, specs: Sequence[TensorSpec]):
+        self.path = Path(path)
+        self.specs = list(specs)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in specs")
+        self.outputs: List[Path] = [self.path]
+        self._stack = contextlib.ExitStack()
+        self._pos = 0
+        self._done: Optional[List[Path]] = None
+
+    def _open(self, stack: contextlib.ExitStack) -> None:
+        raise NotImplementedError
+
+    def _write(self, index: int, array: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> List[Path]:
+        raise NotImplementedError
+
+    def __enter__(self) -> "StreamWriter":
         try:
-            with zipfile.ZipFile(p) as zf:
-                names = zf.namelist()
-        except Exception as e:  # BadZipFile, NotImplementedError ("zip file version 10.9"), ...
-            raise BadInputError(f"corrupt or truncated zip archive ({first_line(e)})", p) from None
-        if any(n.endswith(".npy") for n in names) and not any(n.endswith("data.pkl") for n in names):
-            from .npz import NpzSource
+            self._open(self._stack)
+        except BaseException:
+            # Unwind *with* the exception: atomic_output then deletes its temporary. A plain
+            # close() would exit it as a success and rename a partial file into place.
+            if not self._stack.__exit__(*sys.exc_info()):
+                raise
+        return self
 
-            return NpzSource(p)
-        from .torch_pt import open_torch
+    def write(self, name: str, array: np.ndarray) -> None:
+        if self._pos >= len(self.specs):
+            raise OutputError(f"unexpected extra tensor {name!r}", self.path)
+        self._write(self._pos, self.specs[self._pos].check(name, array, self.path))
+        self._pos += 1
 
-        return open_torch(p)
-    if kind == "pickle":
-        from .torch_pt import open_torch
+    def temporaries(self) -> List[Path]:
+        if self._done is None:
+            if self._pos != len(self.specs):
+                raise OutputError(f"{len(self.specs) - self._pos} tensor(s) never written "
+                                  f"(first: {self.specs[self._pos].name!r})", self.path)
+            self._done = self._finish()
+        return self._done
 
-        return open_torch(p)
-    if kind == "safetensors":
-        from .safetensors_io import SafetensorsSource
-
-        return SafetensorsSource(p)
-    if kind == "index":
-        from .sharded import ShardedSource  # Hugging Face's sharded convention
-
-        return ShardedSource(p)
-    if kind == "dir":
-        from .hf_dir import open_hf_dir  # a Hugging Face model directory
-
-        return open_hf_dir(p)
-    raise BadInputError(f"{kind} files hold no weights vitconv converts", p)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.temporaries()
+            except BaseException as e:
+                self._stack.__exit__(type(e), e, e.__traceback__)
+                raise
+        self._stack.__exit__(exc_type, exc, tb)

@@ -1,5 +1,6 @@
 """Hugging Face model directories: ``config.json`` beside ``model.safetensors`` (or a
-``pytorch_model.bin``, read with ``weights_only=True``), and writing one atomically.
+``pytorch_model.bin``, read with ``weights_only=True``). Writing one is the pipeline's job
+(:func:`vitconv.formats.atomic.atomic_directory` plus the ordinary writers).
 
 The weights file is opened by the ordinary readers; ``config.json`` travels as the
 ``hf_config`` metadata string, which the Hugging Face layout reads for what shapes cannot
@@ -11,14 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, List
 
-import numpy as np
-
-from ..errors import BadInputError, OutputError
+from ..errors import BadInputError
 from .base import TensorSource
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -26,7 +23,38 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def open_hf_dir(path: os.PathLike | str) -> TensorSource:
+class _DirSource(TensorSource):
+    """The weights file's source, with ``config.json`` as the ``hf_config`` metadata string."""
+
+    def __init__(self, inner: TensorSource, directory: Path, config_text: str | None):
+        self._inner, self.path, self._dir = inner, os.fspath(directory), directory
+        self.metadata = dict(inner.metadata)
+        if config_text is not None:
+            self.metadata["hf_config"] = config_text
+        self.concurrent_reads = inner.concurrent_reads
+
+    def keys(self) -> List[str]:
+        return self._inner.keys()
+
+    def files(self) -> List[Path]:
+        cfg = self._dir / "config.json"
+        return self._inner.files() + ([cfg] if cfg.is_file() else [])
+
+    def shape(self, key: str):
+        return self._inner.shape(key)
+
+    def dtype(self, key: str):
+        return self._inner.dtype(key)
+
+    def get(self, key: str):
+        return self._inner.get(key)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def open_hf_dir(path: os.PathLike | str, open_weights: Callable[[Path], TensorSource]) -> TensorSource:
+    """``open_weights`` opens the weights file (:func:`vitconv.formats.open.open_source`)."""
     d = Path(path)
     weights = next((d / n for n in WEIGHT_FILES + INDEX_FILES if (d / n).is_file()), None)
     if weights is None:
@@ -40,41 +68,4 @@ def open_hf_dir(path: os.PathLike | str) -> TensorSource:
                 raise ValueError("not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise BadInputError(f"config.json is not valid JSON ({e})", d / "config.json") from None
-    from .base import open_source
-
-    src = open_source(weights)
-    if cfg_text is not None:
-        src.metadata = dict(src.metadata)
-        src.metadata["hf_config"] = cfg_text
-    return src
-
-
-def write_hf_dir(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], config: dict) -> None:
-    """Write ``config.json`` + ``model.safetensors`` into a fresh directory beside ``path``
-    and rename it into place: never a half-written model directory under the final name.
-    An existing directory is replaced only if it is empty."""
-    import torch
-    from safetensors.torch import save_file
-
-    final = Path(path)
-    parent = final.parent if str(final.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write here: directory {parent} does not exist", final)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise OutputError("exists and is not an empty directory; remove it or pick another name", final)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=parent))
-    except OSError as e:
-        raise OutputError(f"cannot write here: {e.strerror or e}", final) from None
-    try:
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if final.exists():
-            final.rmdir()
-        os.rename(tmp, final)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OutputError):
-            raise
-        raise OutputError(f"cannot write the model directory ({e})", final) from None
+    return _DirSource(open_weights(weights), d, cfg_text)

@@ -1,4 +1,4 @@
-"""Google ``.npz`` checkpoints, read lazily one member at a time and written in Google's layout.
+"""Google ``.npz`` checkpoints, read lazily one member at a time and written one member at a time.
 
 ``np.load`` would also work lazily, but it offers no way to read a member's header
 without its data; reading headers straight from the zip lets architecture inference
@@ -14,17 +14,20 @@ a third of the time of a streaming conversion's reads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zipfile
 import zlib
-from typing import Dict, List, Mapping, Tuple
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from ..errors import BadInputError, first_line
 from .atomic import atomic_output
-from .base import TensorSource
+from .base import StreamWriter, TensorSource
+from .writeback import Writeback
 
 
 class NpzSource(TensorSource):
@@ -139,9 +142,34 @@ class NpzSource(TensorSource):
             zf.close()
 
 
-def write_npz(arrays: Mapping[str, np.ndarray], path: os.PathLike | str, compress: bool = False) -> None:
-    """Write ``arrays`` as a ``.npz`` (the layout ``np.savez`` gives), atomically."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **{k: np.ascontiguousarray(v)
-                                                                   for k, v in arrays.items()})
+#: Member timestamps. ``np.savez`` stamps the current time, so two conversions of the same
+#: checkpoint differed; a fixed stamp (the zip epoch) makes the output reproducible.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class NpzStreamWriter(StreamWriter):
+    """Write a ``.npz`` one member at a time, in the order of ``specs`` (Google's saver:
+    sorted keys).
+
+    Members are what ``np.savez`` writes (stored, zip64-capable, ``.npy`` v1 headers) with a
+    fixed timestamp, so ``np.load`` and every ``.npz`` reader read them; the archive appears
+    under its final name only when every member is in (:func:`atomic_output`).
+    """
+
+    def _open(self, stack: contextlib.ExitStack) -> None:
+        tmp = stack.enter_context(atomic_output(self.path))
+        self._zip = stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True))
+        self._writeback = Writeback(self._zip.fp)
+
+    def _write(self, index: int, array: np.ndarray) -> None:
+        info = zipfile.ZipInfo(self.specs[index].name + ".npy", date_time=ZIP_EPOCH)
+        info.compress_type = zipfile.ZIP_STORED
+        info.external_attr = 0o600 << 16  # what zipfile gives a member opened by name
+        with self._zip.open(info, "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        self._writeback.advance()
+
+    def _finish(self) -> List[Path]:
+        """The central directory: the archive's temporary path."""
+        self._zip.close()
+        return [Path(self._zip.filename)]

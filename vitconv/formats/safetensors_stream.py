@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,7 +25,12 @@ import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
+from .base import StreamWriter, TensorSpec
 from .writeback import Writeback
+
+#: Shard above this many bytes of tensor data: Hugging Face's ``max_shard_size="5GB"`` default
+#: (decimal units), used by every writer of sharded outputs.
+DEFAULT_SHARD_BYTES = 5 * 10**9
 
 #: numpy dtype -> safetensors dtype tag (the formats' common ground; bf16 has no numpy dtype).
 DTYPE_TAGS: Dict[np.dtype, str] = {
@@ -35,30 +38,6 @@ DTYPE_TAGS: Dict[np.dtype, str] = {
     np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
     np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What the header needs to know about a tensor before its data exists."""
-
-    name: str
-    dtype: np.dtype
-    shape: Tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-    def check(self, name: str, array: np.ndarray, path: os.PathLike | str) -> np.ndarray:
-        """``array`` as an ndarray if it is the tensor this spec promised (name, dtype,
-        shape); otherwise :class:`OutputError`. Streaming writers lay out bytes from specs
-        before the data exists, so a producer that disagrees must fail here, not leave a
-        file whose header or pickle lies about what follows."""
-        a = np.asarray(array)
-        if name != self.name or a.dtype != np.dtype(self.dtype) or tuple(a.shape) != tuple(self.shape):
-            raise OutputError(f"tensor {name!r} {a.dtype}{tuple(a.shape)} does not match the declared "
-                              f"{self.name!r} {np.dtype(self.dtype)}{tuple(self.shape)}", path)
-        return a
 
 
 def safetensors_order(specs: Sequence[TensorSpec]) -> List[TensorSpec]:
@@ -113,7 +92,7 @@ def index_path(path: Path) -> Path:
     return path.with_name(path.name + ".index.json")
 
 
-class SafetensorsStreamWriter:
+class SafetensorsStreamWriter(StreamWriter):
     """Write tensors one at a time into ``path`` (or its shards), in the order of ``specs``.
 
     >>> with SafetensorsStreamWriter(path, specs, {"format": "pt"}) as w:   # doctest: +SKIP
@@ -127,64 +106,43 @@ class SafetensorsStreamWriter:
 
     def __init__(self, path: os.PathLike | str, specs: Sequence[TensorSpec],
                  metadata: Optional[Mapping[str, str]] = None, shard_bytes: Optional[int] = None):
-        self.path = Path(path)
-        self.specs = list(specs)
-        names = [s.name for s in self.specs]
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate tensor names in specs")
+        super().__init__(path, specs)
         self.metadata = dict(metadata or {})
         self.shards = plan_shards(self.specs, shard_bytes)
         self.sharded = len(self.shards) > 1
         self.files = shard_names(self.path, len(self.shards)) if self.sharded else [self.path]
-        self.outputs: List[Path] = list(self.files) + ([index_path(self.path)] if self.sharded else [])
+        self.outputs = list(self.files) + ([index_path(self.path)] if self.sharded else [])
         self.total_bytes = sum(s.nbytes for s in self.specs)
-        self._stack = contextlib.ExitStack()
-        self._queue: List[Tuple[int, TensorSpec]] = [(i, s) for i, group in enumerate(self.shards)
-                                                     for s in group]
-        self._pos = 0
+        self._shard_of = [i for i, group in enumerate(self.shards) for _ in group]
         self._handles: List = []
         self._writeback: List[Writeback] = []
         self._index_tmp: Optional[Path] = None
 
-    # -- context management: temporaries renamed into place only on success -----------
-    def __enter__(self) -> "SafetensorsStreamWriter":
-        try:
-            if self.sharded:  # entered first, so renamed last: the index appears only when all shards have
-                self._index_tmp = self._stack.enter_context(atomic_output(index_path(self.path)))
-            for final, group in zip(self.files, self.shards):
-                tmp = self._stack.enter_context(atomic_output(final))
-                f = self._stack.enter_context(open(tmp, "wb"))
-                f.write(build_header(group, self.metadata))
-                self._handles.append(f)
-                self._writeback.append(Writeback(f))
-        except BaseException:
-            # Unwind *with* the exception: atomic_output then deletes its temporary. A plain
-            # close() would exit it as a success and rename a partial file into place.
-            if not self._stack.__exit__(*sys.exc_info()):
-                raise
-        return self
+    def _open(self, stack: contextlib.ExitStack) -> None:
+        if self.sharded:  # entered first, so renamed last: the index appears only when all shards have
+            self._index_tmp = stack.enter_context(atomic_output(index_path(self.path)))
+        for final, group in zip(self.files, self.shards):
+            tmp = stack.enter_context(atomic_output(final))
+            f = stack.enter_context(open(tmp, "wb"))
+            f.write(build_header(group, self.metadata))
+            self._handles.append(f)
+            self._writeback.append(Writeback(f))
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        if self._pos >= len(self._queue):
-            raise OutputError(f"unexpected extra tensor {name!r}", self.path)
-        shard, spec = self._queue[self._pos]
-        a = spec.check(name, array, self.path)
+    def _write(self, index: int, a: np.ndarray) -> None:
         if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
             a = a.astype(a.dtype.newbyteorder("<"))  # safetensors is little-endian
         a = np.ascontiguousarray(a)
+        shard = self._shard_of[index]
         self._handles[shard].write(memoryview(a.reshape(-1)).cast("B"))
         self._writeback[shard].advance()
-        self._pos += 1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and self._pos != len(self._queue):
-            missing = [s.name for _, s in self._queue[self._pos:]]
-            exc = OutputError(f"{len(missing)} tensor(s) never written (first: {missing[0]!r})", self.path)
-            self._stack.__exit__(type(exc), exc, None)
-            raise exc
-        if exc_type is None and self.sharded:
+    def _finish(self) -> List[Path]:
+        """Data flushed, index written: temporary paths, data files first, the index last."""
+        for f in self._handles:
+            f.flush()
+        if self.sharded:
             self._write_index()
-        self._stack.__exit__(exc_type, exc, tb)
+        return [Path(f.name) for f in self._handles] + ([self._index_tmp] if self._index_tmp else [])
 
     def _write_index(self) -> None:
         weight_map = {s.name: self.files[i].name for i, group in enumerate(self.shards) for s in group}

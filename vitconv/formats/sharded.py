@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -24,9 +24,9 @@ from .base import TensorSource
 
 
 class ShardedSource(TensorSource):
-    def __init__(self, index: os.PathLike | str):
-        from .base import open_source
+    """``open_shard`` opens one shard file (:func:`vitconv.formats.open.open_source`)."""
 
+    def __init__(self, index: os.PathLike | str, open_shard: Callable[[Path], TensorSource]):
         self.path = os.fspath(index)
         idx = Path(index)
         try:
@@ -51,7 +51,7 @@ class ShardedSource(TensorSource):
                                 + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""), idx)
         try:
             for name in names:
-                src = open_source(idx.parent / name)
+                src = open_shard(idx.parent / name)
                 self._shards[name] = src
                 held = set(src.keys())
                 listed = {k for k, f in weight_map.items() if f == name}
@@ -72,6 +72,9 @@ class ShardedSource(TensorSource):
 
     def keys(self) -> List[str]:
         return list(self._where)
+
+    def files(self) -> List[Path]:
+        return [Path(self.path)] + [f for s in self._shards.values() for f in s.files()]
 
     def shape(self, key: str) -> Tuple[int, ...]:
         return self._shards[self._where[key]].shape(key)

@@ -5,11 +5,12 @@ restricts the unpickler to tensors and plain containers, and we never fall back 
 the unrestricted loader (the error says so and names the global the pickle asked for,
 rather than suggesting ``weights_only=False`` as torch's own message does). vitconv's own ``.pt`` is ``{"format": "vitconv",
 "format_version": 1, "config": {...}, "state_dict": {...}}``: plain types only, so it
-loads under the same restriction.
+loads under the same restriction (writing it: :mod:`vitconv.formats.torch_pt_stream`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -17,9 +18,8 @@ import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 
-from ..errors import BadInputError, OutputError, first_line, one_line
-from .atomic import atomic_output
-from .base import DictSource, parse_vitconv_config, tensor_to_numpy
+from ..errors import BadInputError, first_line, one_line
+from .base import DictSource, tensor_to_numpy
 
 FORMAT_NAME = "vitconv"
 FORMAT_VERSION = 1
@@ -89,27 +89,13 @@ def open_torch(path: os.PathLike | str) -> DictSource:
     obj = load_torch_file(path)
     meta: Dict[str, str] = {}
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
-        meta["vitconv_config"] = parse_vitconv_config(obj.get("config"), path)
+        try:  # handed on as JSON text, as safetensors metadata carries it; validated by the layout
+            meta["vitconv_config"] = json.dumps(obj.get("config"))
+        except (TypeError, ValueError, RecursionError) as e:
+            raise BadInputError(f"vitconv config is not plain data ({first_line(e)})", path) from None
         for k in ("source_sha256", "source"):
             if k in obj:
                 meta[k] = str(obj[k])
     tensors = flatten_state_dict(obj, os.fspath(path))
     return DictSource({k: tensor_to_numpy(v, k, path) for k, v in tensors.items()},
                       path=os.fspath(path), metadata=meta)
-
-
-def save_vitconv_pt(state_dict: Mapping[str, Any], config: dict, path: os.PathLike | str,
-                    extra: Optional[Mapping[str, str]] = None) -> None:
-    """Write vitconv's ``.pt`` (state dict + config), atomically."""
-    import torch
-
-    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": dict(config),
-               "state_dict": {k: torch.as_tensor(v).contiguous() for k, v in state_dict.items()}}
-    payload.update(dict(extra or {}))
-    with atomic_output(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as e:
-            # torch's zip writer reports ENOSPC and friends as RuntimeError ("unexpected
-            # pos", "file write failed"), never as OSError; the temp file goes either way.
-            raise OutputError(f"writing failed ({first_line(e)}); is the disk full?", path) from None

@@ -10,10 +10,9 @@ are appended as the caller produces them; ``zipfile`` computes every CRC-32 on t
 and writes the central directory at the end. Records start on 64-byte boundaries as
 torch's own writer places them (so ``torch.load(..., mmap=True)`` maps aligned data).
 
-The payload is the ``{"format": "vitconv", "config", "state_dict"}`` dict
-:func:`~vitconv.formats.torch_pt.save_vitconv_pt` writes, loadable with
-``torch.load(weights_only=True)``. Not importing torch saves ~185 MiB of resident memory,
-more than the rest of a streaming conversion uses.
+The payload is a bare state dict (a foreign layout, as ``torch.save(model.state_dict())``
+writes) or vitconv's ``{"format": "vitconv", "config", "state_dict"}`` wrapper
+(:func:`vitconv_payload`); both load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -24,13 +23,13 @@ import struct
 import sys
 import zipfile
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
-from .safetensors_stream import TensorSpec
+from .base import StreamWriter, TensorSpec
 from .torch_pickle import StoredTensor, dumps
 from .torch_pt import FORMAT_NAME, FORMAT_VERSION
 from .writeback import Writeback
@@ -44,43 +43,40 @@ ALIGNMENT = 64
 _PAD_FIELD = 0x4246
 
 
-class PtStreamWriter:
-    """Write vitconv's ``.pt`` tensor by tensor, in ``specs`` order (the state-dict order)."""
+def vitconv_payload(config: Dict[str, Any], extra: Optional[Mapping[str, str]] = None
+                    ) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """vitconv's ``.pt`` wrapper around a state dict: format, version, config, then ``extra``."""
+    def wrap(state: Dict[str, Any]) -> Dict[str, Any]:
+        payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": dict(config),
+                   "state_dict": state}
+        payload.update(dict(extra or {}))
+        return payload
+    return wrap
 
-    def __init__(self, path: os.PathLike | str, specs: Sequence[TensorSpec], config: dict,
-                 extra: Optional[Mapping[str, str]] = None):
-        self.path = Path(path)
-        self.specs = list(specs)
-        self.config = config
-        self.extra = dict(extra or {})
-        self.outputs: List[Path] = [self.path]
-        self._stack = contextlib.ExitStack()
-        self._pos = 0
+
+class PtStreamWriter(StreamWriter):
+    """Write a ``torch.save`` archive tensor by tensor, in ``specs`` order (the state dict's
+    order). ``wrap`` builds the pickled object around the state dict (None: the bare dict)."""
+
+    def __init__(self, path: os.PathLike | str, specs: Sequence[TensorSpec],
+                 wrap: Optional[Callable[[Dict[str, Any]], Any]] = None):
+        super().__init__(path, specs)
+        self.wrap = wrap or (lambda state: state)
 
     def payload_pickle(self) -> bytes:
         """``data.pkl``: storage keys are the tensors' positions, in state-dict order."""
         state = {s.name: StoredTensor(str(i), np.dtype(s.dtype), tuple(s.shape))
                  for i, s in enumerate(self.specs)}
-        payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                   "config": dict(self.config), "state_dict": state}
-        payload.update(self.extra)
-        return dumps(payload)
+        return dumps(self.wrap(state))
 
-    def __enter__(self) -> "PtStreamWriter":
-        try:
-            tmp = self._stack.enter_context(atomic_output(self.path))
-            self._zip = self._stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
-            self._writeback = Writeback(self._zip.fp)
-            self._record("data.pkl", self.payload_pickle())
-            self._record(".format_version", b"1")
-            self._record(".storage_alignment", str(ALIGNMENT).encode())
-            self._record("byteorder", sys.byteorder.encode())
-        except BaseException:
-            # Unwind *with* the exception: atomic_output then deletes its temporary. A plain
-            # close() would exit it as a success and rename a partial file into place.
-            if not self._stack.__exit__(*sys.exc_info()):
-                raise
-        return self
+    def _open(self, stack: contextlib.ExitStack) -> None:
+        tmp = stack.enter_context(atomic_output(self.path))
+        self._zip = stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
+        self._writeback = Writeback(self._zip.fp)
+        self._record("data.pkl", self.payload_pickle())
+        self._record(".format_version", b"1")
+        self._record(".storage_alignment", str(ALIGNMENT).encode())
+        self._record("byteorder", sys.byteorder.encode())
 
     def _record(self, name: str, data) -> None:
         """One stored record, its data starting on an ``ALIGNMENT`` boundary."""
@@ -103,21 +99,11 @@ class PtStreamWriter:
             f.write(buf)
         self._writeback.advance()  # after zipfile has rewritten the header and moved to the end
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        if self._pos >= len(self.specs):
-            raise OutputError(f"unexpected extra tensor {name!r}", self.path)
-        a = self.specs[self._pos].check(name, array, self.path)
-        self._record(f"data/{self._pos}", np.ascontiguousarray(a).reshape(-1))
-        self._pos += 1
+    def _write(self, index: int, a: np.ndarray) -> None:
+        self._record(f"data/{index}", np.ascontiguousarray(a).reshape(-1))
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                if self._pos != len(self.specs):
-                    raise OutputError(f"{len(self.specs) - self._pos} tensor(s) never written "
-                                      f"(first: {self.specs[self._pos].name!r})", self.path)
-                self._record("version", b"3\n")
-            except BaseException as e:
-                self._stack.__exit__(type(e), e, e.__traceback__)
-                raise
-        self._stack.__exit__(exc_type, exc, tb)
+    def _finish(self) -> List[Path]:
+        """The last record and the central directory: the archive's temporary path."""
+        self._record("version", b"3\n")
+        self._zip.close()
+        return [Path(self._zip.filename)]

@@ -1,6 +1,12 @@
 """Name maps and layout transforms as data: one table per foreign layout, each row
-invertible, so the same table reads and writes. Rules never open files."""
+invertible, so the same table reads and writes. Rules never open files.
 
-from .base import Rule, LayoutOp, expand_rules, map_to_canonical, map_from_canonical
+Importing this package registers every layout (each module calls
+:func:`~vitconv.rules.registry.register` for its own); :data:`LAYOUTS` then holds them all.
+"""
 
-__all__ = ["Rule", "LayoutOp", "expand_rules", "map_to_canonical", "map_from_canonical"]
+from . import canonical, google, hf, jeonsworld, lucidrains, timm  # noqa: F401  (registration)
+from .base import Carry, Rule, expand_rules
+from .registry import LAYOUTS, Layout, Probe, detect_layout, targets
+
+__all__ = ["Carry", "Rule", "expand_rules", "LAYOUTS", "Layout", "Probe", "detect_layout", "targets"]

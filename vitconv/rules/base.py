@@ -1,17 +1,27 @@
-"""Rule tables: one row per canonical tensor, read in both directions.
+"""Rule tables: one row per canonical tensor, read in both directions, and one row per
+config field a layout carries.
 
 A :class:`Rule` names a canonical parameter, the foreign key(s) it comes from and the
 :class:`~vitconv.rules.layout.LayoutOp` between them. Templates use ``{i}`` for the
 encoder block, ``{s}``/``{u}`` (and ``{s1}``/``{u1}``, one-based) for hybrid stem stages
-and units. ``when`` selects rows by architecture, so the expanded table for a config
-is exactly the set of tensors that model has: the strict audit compares key sets
-against it before a single weight is read.
+and units. ``when`` selects rows by architecture in the config's own words (see
+:func:`condition`), so the expanded table for a config is exactly the set of tensors that
+model has: the strict audit compares key sets against it before a single weight is read.
+
+A :class:`Carry` says how a layout holds one :class:`~vitconv.config.ViTConfig` field that
+tensor shapes alone do not (:data:`~vitconv.config.SHAPE_FIELDS` are held by every layout's
+shapes): which values it can hold, where its metadata records the field, or which
+constructor argument its code takes for it. A field with no row can only hold the
+config's default in that layout, which is how what a layout cannot express follows from
+its table (:func:`vitconv.rules.registry.Layout.problems`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,19 +29,7 @@ from ..config import ViTConfig
 from ..errors import MappingError
 from .layout import LayoutOp
 
-#: Row selectors: which architectures a rule applies to.
-WHEN: Dict[str, Callable[[ViTConfig], bool]] = {
-    "always": lambda c: True,
-    "token": lambda c: c.classifier == "token",
-    "qkv_bias": lambda c: c.qkv_bias,
-    "final_norm": lambda c: c.final_norm != "none",
-    "pre_logits": lambda c: bool(c.representation_size),
-    "head": lambda c: c.num_classes > 0,
-    "hybrid": lambda c: c.resnet_layers is not None,
-    "patch_norm": lambda c: c.patch_norm,
-    "distilled": lambda c: c.distilled,
-    "distilled_head": lambda c: c.distilled and c.num_classes > 0,
-}
+Shape = Tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,58 @@ class ExpandedRule:
     op: LayoutOp
 
 
+@dataclass(frozen=True)
+class Carry:
+    """How a layout carries the config field ``field``.
+
+    ``values``: the values it can hold (None: any). ``key``: where the layout's own metadata
+    (``config.json``) records it, when the container has such a file. ``argument``: the
+    constructor argument its code takes for it where nothing records it (a bare state dict);
+    its code then assumes ``default``, and a model with another value needs the argument
+    (not an identifier: what to do instead, for code that hard-codes the value).
+    ``holds``: a condition on the whole config the value must meet (Hugging Face: the
+    attention width is the hidden size). ``default`` may be a function of the config.
+    ``why``: one phrase said with a refusal (why the layout cannot hold other values)."""
+
+    field: str
+    values: Optional[Tuple[Any, ...]] = None
+    key: Optional[str] = None
+    argument: Optional[str] = None
+    default: Any = None
+    holds: Optional[Callable[[ViTConfig], bool]] = None
+    why: str = ""
+
+    def default_for(self, cfg: ViTConfig) -> Any:
+        return self.default(cfg) if callable(self.default) else self.default
+
+
+@functools.lru_cache(maxsize=None)
+def condition(when: str) -> Callable[[ViTConfig], bool]:
+    """A row selector in the config's own terms: ``always``; ``FIELD`` (true when the field
+    is truthy: ``qkv_bias``, ``representation_size``, ``num_classes``); ``FIELD=VALUE`` and
+    ``FIELD!=VALUE`` (compared as text: ``classifier=token``, ``final_norm!=none``); several
+    joined by ``&``. Unknown field names fail when the table is first used."""
+    if when == "always":
+        return lambda cfg: True
+    names = {f.name for f in dataclasses.fields(ViTConfig)}
+    tests = []
+    for part in when.split("&"):
+        part = part.strip()
+        if "!=" in part:
+            name, value = part.split("!=", 1)
+            test = (lambda n, v: lambda c: str(getattr(c, n)) != v)(name, value)
+        elif "=" in part:
+            name, value = part.split("=", 1)
+            test = (lambda n, v: lambda c: str(getattr(c, n)) == v)(name, value)
+        else:
+            name = part
+            test = (lambda n: lambda c: bool(getattr(c, n)))(name)
+        if name not in names:
+            raise ValueError(f"rule condition {when!r}: {name!r} is not a ViTConfig field")
+        tests.append(test)
+    return lambda cfg: all(t(cfg) for t in tests)
+
+
 def _units(cfg: ViTConfig, projection_only: bool) -> Iterator[Dict[str, int]]:
     for s, n in enumerate(cfg.resnet_layers or ()):
         for u in range(n):
@@ -62,7 +112,7 @@ def expand_rules(table: Sequence[Rule], cfg: ViTConfig) -> List[ExpandedRule]:
     """The concrete rows for ``cfg``: templates filled for every block and stem unit."""
     out: List[ExpandedRule] = []
     for r in table:
-        if not WHEN[r.when](cfg):
+        if not condition(r.when)(cfg):
             continue
         if r.scope == "model":
             envs: List[Dict[str, int]] = [{}]
@@ -96,21 +146,21 @@ def audit(rules: Sequence[ExpandedRule], source_keys: Sequence[str], path: Optio
     missing, unused = audit_report(rules, source_keys)
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} key(s): {_short(missing)}")
+        problems.append(f"missing {len(missing)} key(s): {short_list(missing)}")
     if unused:
-        problems.append(f"{len(unused)} unused key(s): {_short(unused)}")
+        problems.append(f"{len(unused)} unused key(s): {short_list(unused)}")
     if problems:
         raise MappingError("; ".join(problems), path)
 
 
-def _short(keys: Sequence[str], n: int = 8) -> str:
+def short_list(keys: Sequence[str], n: int = 8) -> str:
     s = ", ".join(keys[:n])
     return s + (f", … (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def map_to_canonical(rules: Sequence[ExpandedRule], get: Callable[[str], np.ndarray], cfg: ViTConfig,
-                     expected: Optional[Mapping[str, Tuple[int, ...]]] = None,
-                     path: Optional[str] = None) -> Iterator[Tuple[str, np.ndarray]]:
+                     expected: Mapping[str, Shape], path: Optional[str] = None
+                     ) -> Iterator[Tuple[str, np.ndarray]]:
     """Yield ``(canonical name, array)`` one at a time, reading each source key once.
 
     ``expected`` (canonical shapes of the model) turns a shape mismatch into an error
@@ -122,7 +172,7 @@ def map_to_canonical(rules: Sequence[ExpandedRule], get: Callable[[str], np.ndar
         except ValueError as e:
             shapes = ", ".join(f"{k} {tuple(a.shape)}" for k, a in zip(r.source, arrays))
             raise MappingError(f"cannot map {shapes} to {r.canonical} ({e})", path) from None
-        if expected is not None and tuple(t.shape) != tuple(expected[r.canonical]):
+        if tuple(t.shape) != tuple(expected[r.canonical]):
             shapes = ", ".join(f"{k} {tuple(a.shape)}" for k, a in zip(r.source, arrays))
             raise MappingError(f"{shapes} gives {r.canonical} shape {tuple(t.shape)}, but the "
                                f"inferred architecture needs {tuple(expected[r.canonical])}", path)
@@ -133,16 +183,16 @@ def map_to_canonical(rules: Sequence[ExpandedRule], get: Callable[[str], np.ndar
         del t
 
 
-def map_from_canonical(rules: Sequence[ExpandedRule], state: Mapping[str, np.ndarray],
-                       cfg: ViTConfig) -> Dict[str, np.ndarray]:
-    """Invert the table: canonical state dict -> foreign ``{key: array}``."""
-    have, want = set(state), {r.canonical for r in rules}
-    if have != want:
-        raise MappingError(f"canonical state does not match the layout: missing "
-                           f"{_short(sorted(want - have))}; unexpected {_short(sorted(have - want))}")
-    out: Dict[str, np.ndarray] = {}
+def map_from_canonical(rule: ExpandedRule, array: np.ndarray, cfg: ViTConfig) -> Dict[str, np.ndarray]:
+    """One row inverted: a canonical tensor -> its foreign ``{key: array}``."""
+    return dict(zip(rule.source, rule.op.from_canonical(np.asarray(array), cfg)))
+
+
+def foreign_shapes(rules: Sequence[ExpandedRule], canonical: Mapping[str, Shape],
+                   cfg: ViTConfig) -> Dict[str, Shape]:
+    """Foreign key -> shape, from canonical shapes alone (no tensor is read or made)."""
+    out: Dict[str, Shape] = {}
     for r in rules:
-        parts = r.op.from_canonical(np.asarray(state[r.canonical]), cfg)
-        for k, a in zip(r.source, parts):
-            out[k] = a
+        for k, s in zip(r.source, r.op.foreign_shapes(canonical[r.canonical], cfg)):
+            out[k] = s
     return out

@@ -1,33 +1,61 @@
-"""The canonical layout itself: identity rows, so a canonical file is audited like any other."""
+"""The canonical layout itself: one identity row per tensor of the canonical model, taken from
+the model's own ``state_dict`` (:func:`vitconv.model.parameter_shapes`), so a canonical file
+is audited like any other and a module added to the model needs no row written here.
+
+A canonical file carries its whole :class:`~vitconv.config.ViTConfig` as the
+``vitconv_config`` metadata string (safetensors ``__metadata__``, the ``config`` entry of a
+vitconv ``.pt``); that string is untrusted input and is validated field by field here.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import dataclasses
+import json
+from typing import Tuple
 
 from ..config import ViTConfig
-from ..errors import MappingError
-from . import google
-from .base import Rule
+from ..errors import BadInputError, MappingError, first_line
+from .base import Carry, Rule
 from .layout import IDENTITY
+from .registry import Layout, Probe, register
 
-#: The canonical tensor names, with the same scopes and conditions as Google's table.
-TABLE: Tuple[Rule, ...] = tuple(Rule(r.canonical, (r.canonical,), IDENTITY, r.scope, r.when)
-                                for r in google.TABLE) + tuple(
-    Rule(n, (n,), IDENTITY, "model", "patch_norm")  # vit-pytorch's patch LayerNorms
-    for n in ("patch_norm_pre.weight", "patch_norm_pre.bias", "patch_norm_post.weight", "patch_norm_post.bias")
-) + (Rule("dist_token", ("dist_token",), IDENTITY, "model", "distilled"),  # DeiT
-     Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled_head"),
-     Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled_head"))
+CONFIG_KEY = "vitconv_config"
 
 
-def detect(shapes: Dict[str, Tuple[int, ...]]) -> bool:
-    return "patch_embed.weight" in shapes and "blocks.0.attn.qkv.weight" in shapes and "pos_embed" in shapes
+def table(cfg: ViTConfig) -> Tuple[Rule, ...]:
+    from ..model import parameter_shapes  # torch: imported only when a table is asked for
+
+    return tuple(Rule(name, (name,), IDENTITY) for name in parameter_shapes(cfg))
 
 
-def infer_config(shapes: Dict[str, Tuple[int, ...]], path: Optional[str] = None) -> ViTConfig:
-    """A canonical state dict without its config: infer what shapes alone can tell.
+def parse_config(text: str, path=None) -> ViTConfig:
+    """The ``vitconv_config`` a file carries, checked down to each field's type and range."""
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise BadInputError(f"vitconv_config metadata is not valid JSON ({first_line(e)})", path) from None
+    try:
+        return ViTConfig.from_dict(d)
+    except ValueError as e:
+        raise BadInputError(f"invalid vitconv_config ({first_line(e)})", path) from None
 
-    Heads cannot be read off a fused qkv weight; files vitconv writes always carry the
-    config, so this path is only for bare state dicts and refuses to guess."""
+
+def detect(probe: Probe) -> bool:
+    s = probe.shapes
+    return "patch_embed.weight" in s and "blocks.0.attn.qkv.weight" in s and "pos_embed" in s
+
+
+def infer_config(probe: Probe) -> ViTConfig:
+    """The config the file carries. A bare canonical state dict has none, and the heads
+    cannot be read off a fused qkv weight: refused rather than guessed."""
+    if CONFIG_KEY in probe.metadata:
+        return parse_config(probe.metadata[CONFIG_KEY], probe.path)
     raise MappingError("canonical state dict without a vitconv config: the number of heads "
-                       "cannot be read off a fused qkv weight; use a file written by vitconv", path)
+                       "cannot be read off a fused qkv weight; use a file written by vitconv", probe.path)
+
+
+register(Layout(
+    name="canonical", description="vitconv canonical state dict (config in the metadata)",
+    table=table, detect=detect, infer=infer_config,
+    carries=tuple(Carry(f.name) for f in dataclasses.fields(ViTConfig)),  # all, in the metadata
+    sources=lambda cfg: {f.name: f"{CONFIG_KEY} metadata" for f in dataclasses.fields(ViTConfig)}))

@@ -3,6 +3,8 @@
 Key names are those ``flax.traverse_util.flatten_dict(params, sep='/')`` gives for
 ``vit_jax/models_vit.py`` (e.g. ``Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel``)
 and, for the hybrid, ``vit_jax/models_resnet.py`` (``block2/unit1/conv_proj/kernel``).
+An ``.npz`` records no activation, epsilon or norm placement: it always means Google's
+semantics, which are the canonical defaults, so the table carries only what the tensors say.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..config import ViTConfig, stem_stride
+from ..config import stem_stride
 from ..errors import MappingError
-from .base import Rule
-from .pytorch_infer import final_norm_is
+from .base import Carry, Rule
 from .layout import ATTN_OUT, CONV, DENSE, GN, IDENTITY, QKV_BIAS, QKV_KERNEL
+from .inference import build
+from .registry import Layout, Probe, register
 
 _B = "Transformer/encoderblock_{i}/"
 _A = _B + "MultiHeadDotProductAttention_1/"
@@ -23,9 +26,9 @@ _C = "stem.stages.{s}.{u}."
 
 # canonical name                       Google key(s)                                  op          scope    when
 TABLE: Tuple[Rule, ...] = (
-    Rule("stem.conv_root.weight",       ("conv_root/kernel",),                         CONV,       "model", "hybrid"),
-    Rule("stem.gn_root.weight",         ("gn_root/scale",),                            GN,         "model", "hybrid"),
-    Rule("stem.gn_root.bias",           ("gn_root/bias",),                             GN,         "model", "hybrid"),
+    Rule("stem.conv_root.weight",       ("conv_root/kernel",),                         CONV,       "model", "resnet_layers"),
+    Rule("stem.gn_root.weight",         ("gn_root/scale",),                            GN,         "model", "resnet_layers"),
+    Rule("stem.gn_root.bias",           ("gn_root/bias",),                             GN,         "model", "resnet_layers"),
     *(Rule(_C + f"conv{n}.weight",       (_U + f"conv{n}/kernel",),                     CONV,       "unit") for n in (1, 2, 3)),
     *(Rule(_C + f"gn{n}.{p}",            (_U + f"gn{n}/{g}",),                          GN,         "unit")
       for n in (1, 2, 3) for p, g in (("weight", "scale"), ("bias", "bias"))),
@@ -34,7 +37,7 @@ TABLE: Tuple[Rule, ...] = (
     Rule(_C + "gn_proj.bias",           (_U + "gn_proj/bias",),                        GN,         "proj"),
     Rule("patch_embed.weight",          ("embedding/kernel",),                         CONV),
     Rule("patch_embed.bias",            ("embedding/bias",),                           IDENTITY),
-    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", "token"),
+    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", "classifier=token"),
     Rule("pos_embed",                   ("Transformer/posembed_input/pos_embedding",), IDENTITY),
     Rule("blocks.{i}.norm1.weight",     (_B + "LayerNorm_0/scale",),                   IDENTITY,   "block"),
     Rule("blocks.{i}.norm1.bias",       (_B + "LayerNorm_0/bias",),                    IDENTITY,   "block"),
@@ -50,12 +53,12 @@ TABLE: Tuple[Rule, ...] = (
     Rule("blocks.{i}.mlp.fc1.bias",     (_B + "MlpBlock_3/Dense_0/bias",),             IDENTITY,   "block"),
     Rule("blocks.{i}.mlp.fc2.weight",   (_B + "MlpBlock_3/Dense_1/kernel",),           DENSE,      "block"),
     Rule("blocks.{i}.mlp.fc2.bias",     (_B + "MlpBlock_3/Dense_1/bias",),             IDENTITY,   "block"),
-    Rule("norm.weight",                 ("Transformer/encoder_norm/scale",),           IDENTITY,   "model", "final_norm"),
-    Rule("norm.bias",                   ("Transformer/encoder_norm/bias",),            IDENTITY,   "model", "final_norm"),
-    Rule("pre_logits.weight",           ("pre_logits/kernel",),                        DENSE,      "model", "pre_logits"),
-    Rule("pre_logits.bias",             ("pre_logits/bias",),                          IDENTITY,   "model", "pre_logits"),
-    Rule("head.weight",                 ("head/kernel",),                              DENSE,      "model", "head"),
-    Rule("head.bias",                   ("head/bias",),                                IDENTITY,   "model", "head"),
+    Rule("norm.weight",                 ("Transformer/encoder_norm/scale",),           IDENTITY,   "model", "final_norm!=none"),
+    Rule("norm.bias",                   ("Transformer/encoder_norm/bias",),            IDENTITY,   "model", "final_norm!=none"),
+    Rule("pre_logits.weight",           ("pre_logits/kernel",),                        DENSE,      "model", "representation_size"),
+    Rule("pre_logits.bias",             ("pre_logits/bias",),                          IDENTITY,   "model", "representation_size"),
+    Rule("head.weight",                 ("head/kernel",),                              DENSE,      "model", "num_classes"),
+    Rule("head.bias",                   ("head/bias",),                                IDENTITY,   "model", "num_classes"),
 )
 
 #: Prefixes under which Google's and big_vision's savers nest the parameters.
@@ -78,10 +81,12 @@ def block_sort_key(key: str) -> Tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
 
 
-def infer_config(shapes: Dict[str, Tuple[int, ...]], path: Optional[str] = None) -> ViTConfig:
+def infer_config(probe: Probe):
     """Read the architecture off the tensors' shapes alone (prefix already stripped).
 
     Every value comes from one named tensor; :func:`inference_sources` says which."""
+    shapes, path = probe.shapes, probe.path
+
     def need(key: str, ndim: int) -> Tuple[int, ...]:
         if key not in shapes:
             raise MappingError(f"not a Google ViT checkpoint: missing {key!r}", path)
@@ -135,14 +140,10 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], path: Optional[str] = None)
         qkv_bias=(_A.format(i=0) + "query/bias") in shapes,
         final_norm="encoder" if "Transformer/encoder_norm/scale" in shapes else "none",
         resnet_layers=resnet_layers, resnet_width=resnet_width)
-    stride = emb[0] * stem_stride(resnet_layers)
-    try:
-        return ViTConfig(image_size=g * stride, **cfg_kwargs)
-    except ValueError as e:
-        raise MappingError(f"inconsistent architecture: {e}", path) from None
+    return build(probe, image_size=g * emb[0] * stem_stride(resnet_layers), **cfg_kwargs)
 
 
-def inference_sources(cfg: ViTConfig) -> Dict[str, str]:
+def inference_sources(cfg) -> Dict[str, str]:
     """Which tensor (and axis) each inferred value was read from, for ``inspect``."""
     a0, b0 = _A.format(i=0), _B.format(i=0)
     src = {
@@ -162,20 +163,27 @@ def inference_sources(cfg: ViTConfig) -> Dict[str, str]:
     if cfg.resnet_layers:
         src["resnet_layers"] = "count of block{s}/unit{u}"
         src["resnet_width"] = "conv_root/kernel [3]"
+    src["final_norm"] = "presence of Transformer/encoder_norm/scale"
     return src
 
 
-def write_problems(cfg: ViTConfig) -> List[str]:
-    """A Google ``.npz`` records no activation, epsilon or norm placement: it always means
-    Google's semantics. A model with other semantics would compute something else when read
-    back, so it is refused."""
-    out = []
-    if cfg.act != "gelu_tanh":
-        out.append(f"act={cfg.act!r} (an .npz always means Google's tanh GELU)")
-    if cfg.norm_eps != 1e-6:
-        out.append(f"LayerNorm eps {cfg.norm_eps:g} (an .npz always means 1e-6)")
-    if not final_norm_is(cfg, "encoder") and cfg.final_norm != "none":
-        out.append(f"final_norm={cfg.final_norm!r} (Google normalises tokens before pooling)")
-    if cfg.patch_norm:
-        out.append("LayerNorms around the patch projection")
-    return out
+#: What the tensors carry beyond their shapes; every other field holds Google's default.
+CARRIES = (
+    Carry("num_heads"), Carry("head_dim"),  # DenseGeneral kernels are (D, heads, head_dim)
+    Carry("classifier"), Carry("representation_size"), Carry("qkv_bias"),
+    Carry("final_norm", values=("encoder", "none"), why="Google normalises every token before pooling"),
+    Carry("resnet_layers"), Carry("resnet_width"),
+    Carry("act", values=("gelu_tanh",), why="an .npz always means Flax's tanh GELU"),
+    Carry("norm_eps", values=(1e-6,), why="an .npz always means Flax's LayerNorm epsilon 1e-6"),
+)
+
+
+def detect(probe: Probe) -> bool:
+    return (any(k.endswith("embedding/kernel") for k in probe.shapes)
+            and any("encoderblock_" in k for k in probe.shapes))
+
+
+register(Layout(
+    name="google", target="npz", description="Google vit_jax .npz (HWIO kernels, per-head q/k/v)",
+    table=lambda cfg: TABLE, detect=detect, infer=infer_config, carries=CARRIES,
+    containers=("npz",), prefix=find_prefix, sources=inference_sources))

@@ -17,15 +17,15 @@ the encoder one, patch LayerNorms, an attention width other than the hidden size
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
-from .base import Rule
+from .base import Carry, Rule
 from .layout import IDENTITY, QKV_CONCAT
-from .pytorch_infer import final_norm_is, HEADS_NOTE, Shapes, count_blocks, grid_from_tokens, heads_from_attn_dim, need
+from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .registry import Layout, Probe, register
 
 #: layout name -> prefix of the ViTModel inside the checkpoint.
 PREFIX = {"hf": "vit.", "hf_model": ""}
@@ -41,7 +41,7 @@ def _table(prefix: str) -> Tuple[Rule, ...]:
     rows = [
         Rule("patch_embed.weight", (e + "patch_embeddings.projection.weight",), IDENTITY),
         Rule("patch_embed.bias", (e + "patch_embeddings.projection.bias",), IDENTITY),
-        Rule("cls_token", (e + "cls_token",), IDENTITY, "model", "token"),
+        Rule("cls_token", (e + "cls_token",), IDENTITY),
         Rule("pos_embed", (e + "position_embeddings",), IDENTITY),
         Rule("blocks.{i}.norm1.weight", (b + "layernorm_before.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm1.bias", (b + "layernorm_before.bias",), IDENTITY, "block"),
@@ -57,30 +57,45 @@ def _table(prefix: str) -> Tuple[Rule, ...]:
         Rule("blocks.{i}.mlp.fc1.bias", (b + "intermediate.dense.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.weight", (b + "output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.bias", (b + "output.dense.bias",), IDENTITY, "block"),
-        Rule("norm.weight", (prefix + "layernorm.weight",), IDENTITY, "model", "final_norm"),
-        Rule("norm.bias", (prefix + "layernorm.bias",), IDENTITY, "model", "final_norm"),
-        Rule("pre_logits.weight", (prefix + "pooler.dense.weight",), IDENTITY, "model", "pre_logits"),
-        Rule("pre_logits.bias", (prefix + "pooler.dense.bias",), IDENTITY, "model", "pre_logits"),
+        Rule("norm.weight", (prefix + "layernorm.weight",), IDENTITY, "model", "final_norm!=none"),
+        Rule("norm.bias", (prefix + "layernorm.bias",), IDENTITY, "model", "final_norm!=none"),
     ]
-    if prefix:  # only ViTForImageClassification has a classifier
-        rows += [Rule("head.weight", ("classifier.weight",), IDENTITY, "model", "head"),
-                 Rule("head.bias", ("classifier.bias",), IDENTITY, "model", "head")]
+    if prefix:  # ViTForImageClassification: always a classifier, never the pooler
+        rows += [Rule("head.weight", ("classifier.weight",), IDENTITY),
+                 Rule("head.bias", ("classifier.bias",), IDENTITY)]
+    else:  # ViTModel: the pooler is Google's pre_logits (Dense + tanh), no classifier
+        rows += [Rule("pre_logits.weight", ("pooler.dense.weight",), IDENTITY, "model", "representation_size"),
+                 Rule("pre_logits.bias", ("pooler.dense.bias",), IDENTITY, "model", "representation_size")]
     return tuple(rows)
 
 
-def table_for(layout: str):
-    return lambda cfg: _table(PREFIX[layout])
+def carries(layout: str) -> Tuple[Carry, ...]:
+    """config.json records the semantics; a weights file without one gets Hugging Face's
+    defaults (``argument`` here: the config.json key transformers reads)."""
+    rep = (Carry("representation_size") if layout == "hf_model" else
+           Carry("representation_size", values=(None,), why="ViTForImageClassification never applies "
+                 "the pooler; only a bare ViTModel's pooler_output computes tanh(Dense)"))
+    return (
+        heads_carry("num_attention_heads", "num_attention_heads"),
+        Carry("head_dim", holds=lambda c: c.attn_dim == c.width,
+              why="Hugging Face's attention width is the hidden size"),
+        Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="gelu"),
+        Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-12),
+        Carry("qkv_bias"), rep,
+        Carry("classifier", values=("token",), why="Hugging Face ViT always classifies the class token"),
+        Carry("resnet_layers", values=(None,), why="ViTHybrid differs from Google's stem and is deprecated"),
+    )
 
 
 def detect(layout: str):
     key = PREFIX[layout] + "embeddings.patch_embeddings.projection.weight"
-    return lambda shapes: key in shapes
+    return lambda probe: key in probe.shapes
 
 
 def infer(layout: str):
-    def infer_config(shapes: Shapes, path: Optional[str] = None, hf_config: Optional[dict] = None) -> ViTConfig:
-        p = PREFIX[layout]
-        hc = dict(hf_config or {})
+    def infer_config(probe: Probe) -> ViTConfig:
+        shapes, path, p = probe.shapes, probe.path, PREFIX[layout]
+        hc = config_json(probe)
         if hc.get("model_type", "vit") != "vit":
             raise MappingError(f"config.json model_type {hc.get('model_type')!r} is not 'vit'", path)
         depth = count_blocks(shapes, r"^" + p.replace(".", r"\.") + r"encoder\.layer\.(\d+)\.",
@@ -88,20 +103,20 @@ def infer(layout: str):
         emb = need(shapes, p + "embeddings.patch_embeddings.projection.weight", layout, path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, p + "encoder.layer.0.attention.attention.query.weight", layout, path)
-        if "num_attention_heads" in hc:
-            heads = int(hc["num_attention_heads"])
-            if q[0] % heads:
-                raise MappingError(f"num_attention_heads {heads} does not divide the attention width {q[0]}", path)
-            head_dim = q[0] // heads
-        else:
-            heads, head_dim = heads_from_attn_dim(q[0], path)
+        recorded = hc.get("num_attention_heads")
+        if recorded is not None and type(recorded) is not int:
+            raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", path)
+        heads, head_dim = heads_from_attn_dim(q[0], probe, recorded)
         pos = need(shapes, p + "embeddings.position_embeddings", layout, path)
         if p + "embeddings.cls_token" not in shapes:
             raise MappingError("no embeddings.cls_token: Hugging Face ViT always has one", path)
         g = grid_from_tokens(pos[1], 1, p + "embeddings.position_embeddings", path)
-        act = str(hc.get("hidden_act", "gelu"))
+        act = hc.get("hidden_act", "gelu")
         if act not in HF_TO_ACT:
             raise MappingError(f"hidden_act {act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})", path)
+        eps = hc.get("layer_norm_eps", 1e-12)
+        if type(eps) not in (int, float) or not 0 <= eps < 1:
+            raise MappingError(f"config.json: layer_norm_eps {eps!r} is not a small non-negative number", path)
         pooler = p + "pooler.dense.weight"
         rep = shapes[pooler][0] if pooler in shapes else None
         if rep and str(hc.get("pooler_act", "tanh")) != "tanh":
@@ -110,61 +125,17 @@ def infer(layout: str):
         if rep and head:
             raise MappingError("a checkpoint with both pooler and classifier: ViTForImageClassification "
                                "ignores the pooler, which vitconv will not guess", path)
-        try:
-            return ViTConfig(image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
-                             depth=depth, num_heads=heads, head_dim=head_dim,
-                             mlp_dim=need(shapes, p + "encoder.layer.0.intermediate.dense.weight", layout, path)[0],
-                             classifier="token", representation_size=rep, num_classes=head[0] if head else 0,
-                             qkv_bias=(p + "encoder.layer.0.attention.attention.query.bias") in shapes,
-                             norm_eps=float(hc.get("layer_norm_eps", 1e-12)), act=HF_TO_ACT[act],
-                             final_norm="encoder" if (p + "layernorm.weight") in shapes else "none")
-        except ValueError as e:
-            raise MappingError(f"inconsistent architecture: {e}", path) from None
+        return build(probe, image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
+                     depth=depth, num_heads=heads, head_dim=head_dim,
+                     mlp_dim=need(shapes, p + "encoder.layer.0.intermediate.dense.weight", layout, path)[0],
+                     classifier="token", representation_size=rep, num_classes=head[0] if head else 0,
+                     qkv_bias=(p + "encoder.layer.0.attention.attention.query.bias") in shapes,
+                     norm_eps=float(eps), act=HF_TO_ACT[act],
+                     final_norm="encoder" if (p + "layernorm.weight") in shapes else "none")
     return infer_config
 
 
-def infer_with_meta(layout: str):
-    """Inference that also reads the ``config.json`` a Hugging Face directory carries
-    (``hf_config`` metadata from :mod:`vitconv.formats.hf_dir`)."""
-    base = infer(layout)
-
-    def run(shapes: Shapes, metadata: Dict[str, str], path: Optional[str] = None) -> ViTConfig:
-        hc = json.loads(metadata["hf_config"]) if "hf_config" in metadata else None
-        return base(shapes, path, hc)
-    return run
-
-
-def read_notes(cfg: ViTConfig, metadata: Dict[str, str]) -> List[str]:
-    if "hf_config" in metadata:
-        return []
-    return ["no config.json: Hugging Face defaults assumed (layer_norm_eps 1e-12, hidden_act 'gelu')",
-            HEADS_NOTE.format(h=cfg.num_heads, d=cfg.head_dim)]
-
-
-def target_layout(cfg: ViTConfig) -> str:
-    """``hf`` (ViTForImageClassification) when there is a classifier, else ``hf_model``."""
-    return "hf" if cfg.num_classes else "hf_model"
-
-
-def write_problems(cfg: ViTConfig) -> List[str]:
-    out = []
-    if cfg.classifier != "token":
-        out.append("'gap' pooling (Hugging Face ViT always classifies the class token)")
-    if cfg.representation_size and cfg.num_classes:
-        out.append("pre_logits under a classifier (ViTForImageClassification never applies the "
-                   "pooler; only a bare ViTModel's pooler_output computes tanh(Dense))")
-    if cfg.resnet_layers is not None:
-        out.append("hybrid ResNet stem (ViTHybrid differs from Google's and is deprecated)")
-    if cfg.patch_norm:
-        out.append("LayerNorms around the patch projection")
-    if cfg.attn_dim != cfg.width:
-        out.append(f"attention width {cfg.attn_dim} != hidden size {cfg.width}")
-    if not final_norm_is(cfg, "encoder"):
-        out.append(f"final_norm={cfg.final_norm!r} (Hugging Face always normalises every token)")
-    return out
-
-
-def hf_config(cfg: ViTConfig) -> dict:
+def hf_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> dict:
     """The ``config.json`` under which transformers computes what the canonical model does."""
     arch = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
     d = {"architectures": [arch], "model_type": "vit", "hidden_size": cfg.width,
@@ -191,3 +162,11 @@ def write_notes(cfg: ViTConfig) -> List[str]:
             " whose pooler_output is Google's pre_logits (load with ViTModel, add_pooling_layer=True)"
             if cfg.representation_size else " (load with ViTModel.from_pretrained(dir, add_pooling_layer=False))"))
     return notes
+
+
+for _name, _description, _class in (("hf", "Hugging Face ViTForImageClassification", "ViTForImageClassification"),
+                                    ("hf_model", "Hugging Face ViTModel (no classifier)", "ViTModel")):
+    register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, p=PREFIX[_name]: _table(p),
+                    detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
+                    directory_config=hf_config, write_notes=write_notes,
+                    loads_with={"dir": f"transformers.{_class}.from_pretrained('{{path}}')"}))

@@ -16,13 +16,15 @@ Google's stem, the one they were trained with, and the report says so.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import re
+from typing import List, Tuple
 
-from ..config import ViTConfig
+from ..config import ViTConfig, stem_stride
 from ..errors import MappingError
-from .base import Rule
+from .base import Carry, Rule
 from .layout import IDENTITY, QKV_CONCAT
-from .pytorch_infer import final_norm_is, Shapes, count_blocks, grid_from_tokens, heads_from_attn_dim, need
+from .inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .registry import Layout, Probe, register
 
 _E = "transformer.embeddings."
 _B = "transformer.encoder.layer.{i}."
@@ -31,9 +33,9 @@ _U = _H + "body.block{s1}.unit{u1}."
 _C = "stem.stages.{s}.{u}."
 
 TABLE: Tuple[Rule, ...] = (
-    Rule("stem.conv_root.weight", (_H + "root.conv.weight",), IDENTITY, "model", "hybrid"),
-    Rule("stem.gn_root.weight", (_H + "root.gn.weight",), IDENTITY, "model", "hybrid"),
-    Rule("stem.gn_root.bias", (_H + "root.gn.bias",), IDENTITY, "model", "hybrid"),
+    Rule("stem.conv_root.weight", (_H + "root.conv.weight",), IDENTITY, "model", "resnet_layers"),
+    Rule("stem.gn_root.weight", (_H + "root.gn.weight",), IDENTITY, "model", "resnet_layers"),
+    Rule("stem.gn_root.bias", (_H + "root.gn.bias",), IDENTITY, "model", "resnet_layers"),
     *(Rule(_C + f"conv{n}.weight", (_U + f"conv{n}.weight",), IDENTITY, "unit") for n in (1, 2, 3)),
     *(Rule(_C + f"gn{n}.{p}", (_U + f"gn{n}.{p}",), IDENTITY, "unit") for n in (1, 2, 3) for p in ("weight", "bias")),
     Rule(_C + "conv_proj.weight", (_U + "downsample.weight",), IDENTITY, "proj"),
@@ -41,7 +43,7 @@ TABLE: Tuple[Rule, ...] = (
     Rule(_C + "gn_proj.bias", (_U + "gn_proj.bias",), IDENTITY, "proj"),
     Rule("patch_embed.weight", (_E + "patch_embeddings.weight",), IDENTITY),
     Rule("patch_embed.bias", (_E + "patch_embeddings.bias",), IDENTITY),
-    Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", "token"),
+    Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", "classifier=token"),
     Rule("pos_embed", (_E + "position_embeddings",), IDENTITY),
     Rule("blocks.{i}.norm1.weight", (_B + "attention_norm.weight",), IDENTITY, "block"),
     Rule("blocks.{i}.norm1.bias", (_B + "attention_norm.bias",), IDENTITY, "block"),
@@ -57,25 +59,36 @@ TABLE: Tuple[Rule, ...] = (
     Rule("blocks.{i}.mlp.fc1.bias", (_B + "ffn.fc1.bias",), IDENTITY, "block"),
     Rule("blocks.{i}.mlp.fc2.weight", (_B + "ffn.fc2.weight",), IDENTITY, "block"),
     Rule("blocks.{i}.mlp.fc2.bias", (_B + "ffn.fc2.bias",), IDENTITY, "block"),
-    Rule("norm.weight", ("transformer.encoder.encoder_norm.weight",), IDENTITY, "model", "final_norm"),
-    Rule("norm.bias", ("transformer.encoder.encoder_norm.bias",), IDENTITY, "model", "final_norm"),
-    Rule("head.weight", ("head.weight",), IDENTITY, "model", "head"),
-    Rule("head.bias", ("head.bias",), IDENTITY, "model", "head"),
+    Rule("norm.weight", ("transformer.encoder.encoder_norm.weight",), IDENTITY, "model", "final_norm!=none"),
+    Rule("norm.bias", ("transformer.encoder.encoder_norm.bias",), IDENTITY, "model", "final_norm!=none"),
+    Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
+    Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes"),
 )
 
 
-def detect(shapes: Shapes) -> bool:
-    return (_E + "patch_embeddings.weight") in shapes and "transformer.encoder.layer.0.attn.query.weight" in shapes
+CARRIES = (
+    heads_carry("num_heads"),  # CONFIGS[...].transformer["num_heads"]
+    Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="jeonsworld's attention width is the hidden size"),
+    Carry("act", argument="its Mlp hard-codes exact GELU (ACT2FN['gelu']): patch models/modeling.py",
+          default="gelu"),
+    Carry("norm_eps", argument="its LayerNorms hard-code eps 1e-6: patch models/modeling.py", default=1e-6),
+    Carry("classifier", values=("token",), why="jeonsworld always classifies the class token"),
+    Carry("qkv_bias"), Carry("resnet_layers"), Carry("resnet_width"),
+)
 
 
-def infer_config(shapes: Shapes, path: Optional[str] = None) -> ViTConfig:
-    import re
+def detect(probe: Probe) -> bool:
+    return ((_E + "patch_embeddings.weight") in probe.shapes
+            and "transformer.encoder.layer.0.attn.query.weight" in probe.shapes)
 
+
+def infer_config(probe: Probe) -> ViTConfig:
+    shapes, path = probe.shapes, probe.path
     depth = count_blocks(shapes, r"^transformer\.encoder\.layer\.(\d+)\.", "transformer.encoder.layer.N", path)
     emb = need(shapes, _E + "patch_embeddings.weight", "jeonsworld", path)
     width, patch = emb[0], emb[2]
     q = need(shapes, "transformer.encoder.layer.0.attn.query.weight", "jeonsworld", path)
-    heads, head_dim = heads_from_attn_dim(q[0], path)
+    heads, head_dim = heads_from_attn_dim(q[0], probe)
     resnet_layers, resnet_width, in_chans = None, 64, emb[1]
     if (_H + "root.conv.weight") in shapes:
         root = shapes[_H + "root.conv.weight"]
@@ -92,20 +105,16 @@ def infer_config(shapes: Shapes, path: Optional[str] = None) -> ViTConfig:
     pos = need(shapes, _E + "position_embeddings", "jeonsworld", path)
     g = grid_from_tokens(pos[1], 1, _E + "position_embeddings", path)
     head = shapes.get("head.weight")
-    try:
-        cfg = ViTConfig(patch_size=patch, in_chans=in_chans, width=width, depth=depth, num_heads=heads,
-                        head_dim=head_dim, mlp_dim=need(shapes, _B.format(i=0) + "ffn.fc1.weight", "jeonsworld", path)[0],
-                        classifier="token", num_classes=head[0] if head else 0,
-                        qkv_bias=(_B.format(i=0) + "attn.query.bias") in shapes, norm_eps=1e-6, act="gelu",
-                        final_norm="encoder" if "transformer.encoder.encoder_norm.weight" in shapes else "none",
-                        resnet_layers=resnet_layers, resnet_width=resnet_width,
-                        image_size=g * patch * (4 * 2 ** max(len(resnet_layers) - 1, 0) if resnet_layers else 1))
-    except ValueError as e:
-        raise MappingError(f"inconsistent architecture: {e}", path) from None
-    return cfg
+    return build(probe, patch_size=patch, in_chans=in_chans, width=width, depth=depth, num_heads=heads,
+                 head_dim=head_dim, mlp_dim=need(shapes, _B.format(i=0) + "ffn.fc1.weight", "jeonsworld", path)[0],
+                 classifier="token", num_classes=head[0] if head else 0,
+                 qkv_bias=(_B.format(i=0) + "attn.query.bias") in shapes, norm_eps=1e-6, act="gelu",
+                 final_norm="encoder" if "transformer.encoder.encoder_norm.weight" in shapes else "none",
+                 resnet_layers=resnet_layers, resnet_width=resnet_width,
+                 image_size=g * patch * stem_stride(resnet_layers))
 
 
-def read_notes(cfg: ViTConfig) -> List[str]:
+def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
     if cfg.resnet_layers is None:
         return []
     return ["hybrid: weights mapped by name; vitconv computes Google's ResNet stem (TF SAME padding, "
@@ -113,26 +122,12 @@ def read_notes(cfg: ViTConfig) -> List[str]:
             "jeonsworld's port approximates: its own logits differ from these"]
 
 
-def write_problems(cfg: ViTConfig) -> List[str]:
-    out = []
-    if cfg.classifier != "token":
-        out.append("'gap' pooling (jeonsworld always classifies the class token)")
-    if cfg.representation_size:
-        out.append("pre_logits (jeonsworld's model has none)")
-    if cfg.patch_norm:
-        out.append("LayerNorms around the patch projection")
-    if cfg.attn_dim != cfg.width:
-        out.append(f"attention width {cfg.attn_dim} != hidden size {cfg.width}")
-    if not final_norm_is(cfg, "encoder"):
-        out.append(f"final_norm={cfg.final_norm!r} (jeonsworld always has encoder_norm)")
-    return out
-
-
 def write_notes(cfg: ViTConfig) -> List[str]:
-    notes = []
-    if cfg.act != "gelu" or cfg.norm_eps != 1e-6:
-        notes.append(f"jeonsworld's code hard-codes exact GELU and LayerNorm eps 1e-6; this model uses "
-                     f"act={cfg.act!r}, eps={cfg.norm_eps:g}: its numbers differ unless those are patched")
-    if cfg.resnet_layers is not None:
-        notes.append("hybrid: jeonsworld's ResNet port computes a slightly different stem than Google's")
-    return notes
+    if cfg.resnet_layers is None:
+        return []
+    return ["hybrid: jeonsworld's ResNet port computes a slightly different stem than Google's"]
+
+
+register(Layout(name="jeonsworld", description="jeonsworld ViT-pytorch (separate q/k/v Linears)",
+                table=lambda cfg: TABLE, detect=detect, infer=infer_config, carries=CARRIES,
+                read_notes=read_notes, write_notes=write_notes))

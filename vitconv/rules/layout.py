@@ -2,12 +2,14 @@
 
 Each op is a pair ``to_canonical(arrays, cfg) -> array`` / ``from_canonical(array, cfg)
 -> arrays`` and is exact (transposes, reshapes, concatenations): a round trip is bitwise.
+``foreign_shapes(shape, cfg)`` gives ``from_canonical``'s output shapes without data, so a
+streaming writer can lay out its header before any tensor exists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,12 +18,20 @@ from ..config import ViTConfig
 Arrays = Sequence[np.ndarray]
 
 
+Shape = Tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class LayoutOp:
     name: str
     to_canonical: Callable[[Arrays, ViTConfig], np.ndarray]
     from_canonical: Callable[[np.ndarray, ViTConfig], List[np.ndarray]]
     arity: int = 1
+    #: canonical shape -> the foreign shapes ``from_canonical`` returns (None: same shape).
+    shapes: Optional[Callable[[Shape, ViTConfig], List[Shape]]] = None
+
+    def foreign_shapes(self, shape: Shape, cfg: ViTConfig) -> List[Shape]:
+        return [tuple(shape)] * self.arity if self.shapes is None else [tuple(s) for s in self.shapes(tuple(shape), cfg)]
 
 
 def _one(f):
@@ -153,14 +163,28 @@ def linear_to_heads_out(w: np.ndarray, cfg: ViTConfig) -> np.ndarray:
         cfg.num_heads, cfg.head_dim, -1)
 
 
+def _t(shape: Shape) -> Shape:
+    return tuple(reversed(shape))
+
+
+def _qkv_kernel_shapes(shape: Shape, cfg: ViTConfig) -> List[Shape]:
+    return [(shape[1], cfg.num_heads, cfg.head_dim)] * 3
+
+
 IDENTITY = LayoutOp("identity", _one(np.ascontiguousarray), lambda a, cfg: [np.ascontiguousarray(a)])
-CONV = LayoutOp("hwio_to_oihw", _one(hwio_to_oihw), lambda a, cfg: [oihw_to_hwio(a)])
-DENSE = LayoutOp("dense_to_linear", _one(dense_to_linear), lambda a, cfg: [linear_to_dense(a)])
-GN = LayoutOp("gn_to_vector", _one(gn_to_vector), lambda a, cfg: [vector_to_gn(a)])
-QKV_KERNEL = LayoutOp("merge_qkv_kernels", lambda a, cfg: merge_qkv_kernels(*a), split_qkv_kernel, 3)
-QKV_BIAS = LayoutOp("merge_qkv_biases", lambda a, cfg: merge_qkv_biases(*a), split_qkv_bias, 3)
+CONV = LayoutOp("hwio_to_oihw", _one(hwio_to_oihw), lambda a, cfg: [oihw_to_hwio(a)],
+                shapes=lambda s, cfg: [(s[2], s[3], s[1], s[0])])
+DENSE = LayoutOp("dense_to_linear", _one(dense_to_linear), lambda a, cfg: [linear_to_dense(a)],
+                 shapes=lambda s, cfg: [_t(s)])
+GN = LayoutOp("gn_to_vector", _one(gn_to_vector), lambda a, cfg: [vector_to_gn(a)],
+              shapes=lambda s, cfg: [(1, 1, 1, s[0])])
+QKV_KERNEL = LayoutOp("merge_qkv_kernels", lambda a, cfg: merge_qkv_kernels(*a), split_qkv_kernel, 3,
+                      shapes=_qkv_kernel_shapes)
+QKV_BIAS = LayoutOp("merge_qkv_biases", lambda a, cfg: merge_qkv_biases(*a), split_qkv_bias, 3,
+                    shapes=lambda s, cfg: [(cfg.num_heads, cfg.head_dim)] * 3)
 ATTN_OUT = LayoutOp("heads_out_to_linear", _one(heads_out_to_linear),
-                    lambda a, cfg: [linear_to_heads_out(a, cfg)])
+                    lambda a, cfg: [linear_to_heads_out(a, cfg)],
+                    shapes=lambda s, cfg: [(cfg.num_heads, cfg.head_dim, s[0])])
 
 
 # -- PyTorch layouts (timm, Hugging Face, jeonsworld, vit-pytorch) -------------
@@ -219,11 +243,15 @@ def pos_with_empty_cls(pos: np.ndarray, cls: np.ndarray) -> np.ndarray:
     return add_batch_axis(pos)
 
 
-QKV_CONCAT = LayoutOp("concat_qkv", lambda a, cfg: concat_qkv(*a), lambda a, cfg: split_qkv(a), 3)
+QKV_CONCAT = LayoutOp("concat_qkv", lambda a, cfg: concat_qkv(*a), lambda a, cfg: split_qkv(a), 3,
+                      shapes=lambda s, cfg: [(s[0] // 3,) + tuple(s[1:])] * 3)
 PATCH_LINEAR = LayoutOp("patch_linear_to_conv", lambda a, cfg: patch_linear_to_conv(a[0], cfg),
-                        lambda a, cfg: [conv_to_patch_linear(a, cfg)])
+                        lambda a, cfg: [conv_to_patch_linear(a, cfg)],
+                        shapes=lambda s, cfg: [(s[0], s[1] * s[2] * s[3])])
 PATCH_VECTOR = LayoutOp("patch_vector_to_canonical", lambda a, cfg: patch_vector_to_canonical(a[0], cfg),
                         lambda a, cfg: [canonical_to_patch_vector(a, cfg)])
-BATCH_AXIS = LayoutOp("add_batch_axis", _one(add_batch_axis), lambda a, cfg: [drop_batch_axis(a)])
+BATCH_AXIS = LayoutOp("add_batch_axis", _one(add_batch_axis), lambda a, cfg: [drop_batch_axis(a)],
+                      shapes=lambda s, cfg: [tuple(s[1:])])
 POS_EMPTY_CLS = LayoutOp("pos_with_empty_cls", lambda a, cfg: pos_with_empty_cls(*a),
-                         lambda a, cfg: [drop_batch_axis(a), np.zeros((0, a.shape[-1]), a.dtype)], 2)
+                         lambda a, cfg: [drop_batch_axis(a), np.zeros((0, a.shape[-1]), a.dtype)], 2,
+                         shapes=lambda s, cfg: [tuple(s[1:]), (0, s[-1])])

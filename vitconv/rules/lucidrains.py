@@ -22,13 +22,14 @@ with ``dim_head == dim`` (``to_out`` is an Identity there, no weights).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
-from .base import Rule
+from .base import Carry, Rule
 from .layout import BATCH_AXIS, IDENTITY, PATCH_LINEAR, PATCH_VECTOR, POS_EMPTY_CLS
-from .pytorch_infer import Shapes, final_norm_is, count_blocks, grid_from_tokens, heads_from_attn_dim, need
+from .inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .registry import Layout, Probe, register
 
 _L = "transformer.layers.{i}."
 
@@ -58,8 +59,8 @@ def _current(token: bool) -> Tuple[Rule, ...]:
         Rule("blocks.{i}.mlp.fc2.bias", (_L + "1.net.4.bias",), IDENTITY, "block"),
         Rule("norm.weight", ("transformer.norm.weight",), IDENTITY),
         Rule("norm.bias", ("transformer.norm.bias",), IDENTITY),
-        Rule("head.weight", ("mlp_head.weight",), IDENTITY, "model", "head"),
-        Rule("head.bias", ("mlp_head.bias",), IDENTITY, "model", "head"),
+        Rule("head.weight", ("mlp_head.weight",), IDENTITY, "model", "num_classes"),
+        Rule("head.bias", ("mlp_head.bias",), IDENTITY, "model", "num_classes"),
     )
 
 
@@ -92,16 +93,32 @@ def table_for(layout: str):
     return lambda cfg: PRENORM_TABLE
 
 
+def carries(layout: str) -> Tuple[Carry, ...]:
+    """vit-pytorch's ``ViT(...)`` arguments name heads, dim_head and pool; its code hard-codes
+    exact GELU, PyTorch's LayerNorm epsilon and a bias-free ``to_qkv``."""
+    hard = "hard-coded in vit_pytorch/vit.py: patch it"
+    common = (heads_carry("heads"), Carry("head_dim"),
+              Carry("act", argument=f"nn.GELU() is {hard}", default="gelu"),
+              Carry("norm_eps", argument=f"nn.LayerNorm's eps 1e-5 is {hard}", default=1e-5),
+              Carry("qkv_bias", values=(False,), why="vit-pytorch's to_qkv has no bias"))
+    if layout == "lucidrains":
+        return common + (Carry("classifier"), Carry("patch_norm", values=(True,), why=(
+            "current vit-pytorch has LayerNorms around the patch projection; use --to lucidrains_prenorm "
+            "for the older layout")))
+    return common + (Carry("classifier", values=("token",), why="old vit-pytorch always has a class token"),)
+
+
 def detect(layout: str):
     if layout == "lucidrains":
-        return lambda s: "transformer.layers.0.0.to_qkv.weight" in s and "to_patch_embedding.2.weight" in s
-    return lambda s: "transformer.layers.0.0.fn.to_qkv.weight" in s and "to_patch_embedding.1.weight" in s
+        return lambda p: "transformer.layers.0.0.to_qkv.weight" in p.shapes and "to_patch_embedding.2.weight" in p.shapes
+    return lambda p: "transformer.layers.0.0.fn.to_qkv.weight" in p.shapes and "to_patch_embedding.1.weight" in p.shapes
 
 
 def infer(layout: str):
     prenorm = layout == "lucidrains_prenorm"
 
-    def infer_config(shapes: Shapes, path: Optional[str] = None) -> ViTConfig:
+    def infer_config(probe: Probe) -> ViTConfig:
+        shapes, path = probe.shapes, probe.path
         depth = count_blocks(shapes, r"^transformer\.layers\.(\d+)\.", "transformer.layers.N", path)
         f = "fn." if prenorm else ""
         lin = need(shapes, "to_patch_embedding.1.weight" if prenorm else "to_patch_embedding.2.weight", layout, path)
@@ -110,7 +127,7 @@ def infer(layout: str):
         if f"transformer.layers.0.0.{f}to_out.0.weight" not in shapes:
             raise MappingError("attention without to_out (vit-pytorch heads=1, dim_head=dim: an Identity "
                                "output projection); not supported", path)
-        heads, head_dim = heads_from_attn_dim(qkv[0] // 3, path)
+        heads, head_dim = heads_from_attn_dim(qkv[0] // 3, probe)
         cls = need(shapes, "cls_token", layout, path)
         token = prenorm or cls[0] == 1
         pos = need(shapes, "pos_embedding", layout, path)
@@ -126,51 +143,23 @@ def infer(layout: str):
             raise MappingError(f"patch projection input {patch_dim} is not p*p*channels for 1, 3 or 4 channels", path)
         head = shapes.get("mlp_head.1.weight" if prenorm else "mlp_head.weight")
         mlp = need(shapes, f"transformer.layers.0.1.{f}net.{0 if prenorm else 1}.weight", layout, path)
-        try:
-            return ViTConfig(image_size=g * p, patch_size=p, in_chans=c, width=width, depth=depth,
-                             num_heads=heads, head_dim=head_dim, mlp_dim=mlp[0],
-                             classifier="token" if token else "gap", num_classes=head[0] if head else 0,
-                             qkv_bias=False, norm_eps=1e-5, act="gelu",
-                             final_norm="pooled" if prenorm else "encoder", patch_norm=not prenorm)
-        except ValueError as e:
-            raise MappingError(f"inconsistent architecture: {e}", path) from None
+        return build(probe, image_size=g * p, patch_size=p, in_chans=c, width=width, depth=depth,
+                     num_heads=heads, head_dim=head_dim, mlp_dim=mlp[0],
+                     classifier="token" if token else "gap", num_classes=head[0] if head else 0,
+                     qkv_bias=False, norm_eps=1e-5, act="gelu",
+                     final_norm="pooled" if prenorm else "encoder", patch_norm=not prenorm)
     return infer_config
 
 
-def read_notes(layout: str, cfg: ViTConfig) -> List[str]:
-    notes = [f"patch: {cfg.patch_size}x{cfg.patch_size}x{cfg.in_chans} read off a {cfg.patch_size ** 2 * cfg.in_chans}-wide "
-             "patch projection (3 channels tried first)"]
-    if layout == "lucidrains_prenorm":
-        notes.append("pool='cls' assumed: this vit-pytorch generation does not record pool='mean' "
-                     "(which also averaged the class token, not supported)")
+def read_notes(layout: str):
+    def notes(cfg: ViTConfig, probe: Probe) -> List[str]:
+        out = [f"patch: {cfg.patch_size}x{cfg.patch_size}x{cfg.in_chans} read off a "
+               f"{cfg.patch_size ** 2 * cfg.in_chans}-wide patch projection (3 channels tried first)"]
+        if layout == "lucidrains_prenorm":
+            out.append("pool='cls' assumed: this vit-pytorch generation does not record pool='mean' "
+                       "(which also averaged the class token, not supported)")
+        return out
     return notes
-
-
-def write_problems(layout: str, cfg: ViTConfig) -> List[str]:
-    out = []
-    if cfg.qkv_bias:
-        out.append("qkv bias (vit-pytorch's to_qkv has none)")
-    if cfg.representation_size:
-        out.append("pre_logits")
-    if cfg.resnet_layers is not None:
-        out.append("hybrid ResNet stem")
-    if cfg.num_classes == 0 and layout == "lucidrains_prenorm":
-        out.append("no head (old vit-pytorch always has mlp_head)")
-    if layout == "lucidrains":
-        if not cfg.patch_norm:
-            out.append("no LayerNorms around the patch projection (current vit-pytorch has them; "
-                       "use --to lucidrains_prenorm for the older layout)")
-        if not final_norm_is(cfg, "encoder"):
-            out.append(f"final_norm={cfg.final_norm!r} (current vit-pytorch normalises every token)")
-    else:
-        if cfg.patch_norm:
-            out.append("LayerNorms around the patch projection (only current vit-pytorch has them)")
-        if cfg.classifier != "token":
-            out.append("'gap' without a class token (old vit-pytorch always has one)")
-        if not final_norm_is(cfg, "pooled"):
-            out.append(f"final_norm={cfg.final_norm!r} (old vit-pytorch normalises the pooled vector "
-                       "in mlp_head)")
-    return out
 
 
 def write_notes(cfg: ViTConfig) -> List[str]:
@@ -178,8 +167,12 @@ def write_notes(cfg: ViTConfig) -> List[str]:
           f"dim={cfg.width}", f"depth={cfg.depth}", f"heads={cfg.num_heads}", f"dim_head={cfg.head_dim}",
           f"mlp_dim={cfg.mlp_dim}", f"channels={cfg.in_chans}",
           f"pool={'cls' if cfg.classifier == 'token' else 'mean'!r}"]
-    notes = ["vit-pytorch: ViT(" + ", ".join(kw) + ")"]
-    if cfg.act != "gelu" or cfg.norm_eps != 1e-5:
-        notes.append(f"vit-pytorch hard-codes exact GELU and LayerNorm eps 1e-5; this model uses "
-                     f"act={cfg.act!r}, eps={cfg.norm_eps:g}: vit-pytorch computes something else")
-    return notes
+    return ["vit-pytorch: ViT(" + ", ".join(kw) + ")"]
+
+
+for _name, _description in (
+        ("lucidrains", "vit-pytorch ViT (patch LayerNorms, final norm)"),
+        ("lucidrains_prenorm", "older vit-pytorch ViT (PreNorm wrappers, LayerNorm in mlp_head)")):
+    register(Layout(name=_name, description=_description, table=table_for(_name), detect=detect(_name),
+                    infer=infer(_name), carries=carries(_name), read_notes=read_notes(_name),
+                    write_notes=write_notes))

@@ -13,10 +13,12 @@ DeiT (``VisionTransformerDistilled``): ``dist_token`` follows the class token, t
 table has rows for both, and in eval mode the logits are the mean of ``head`` on the class
 token and ``head_dist`` on the distillation token (canonical ``distilled=True``).
 
-Refused, naming the reason: class-token models that average-pool
+Refused on reading, naming the reason: class-token models that average-pool
 (MAE-style ``fc_norm`` with a class token: timm excludes the class token from the mean),
 position tables without the class token (``no_embed_class``), hybrid backbones, and
 anything else the strict audit finds unused (layer scale, register tokens, ``attn_pool``).
+A bare state dict does not record the heads, the activation or the epsilon: they are
+constructor arguments (the carries below), which a timm directory's ``config.json`` keeps.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
-from .base import Rule
+from .base import Carry, Rule
 from .layout import IDENTITY
-from .pytorch_infer import Shapes, count_blocks, grid_from_tokens, heads_from_attn_dim, need
+from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .registry import Layout, Probe, register
 
 POS_KEYS = {"timm": "pos_embed", "timm_posembs": "pos_embedding.pos_embedding"}
 _B = "blocks.{i}."
@@ -39,49 +42,77 @@ def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
     """One table for both directions; ``norm_key`` is ``norm`` or timm's ``fc_norm``."""
     rows = [Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
             Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY),
-            Rule("cls_token", ("cls_token",), IDENTITY, "model", "token"),
+            Rule("cls_token", ("cls_token",), IDENTITY, "model", "classifier=token"),
             Rule("dist_token", ("dist_token",), IDENTITY, "model", "distilled"),
             Rule("pos_embed", (pos_key,), IDENTITY)]
-    for canon, src, when in (("norm1.weight", "norm1.weight", "always"), ("norm1.bias", "norm1.bias", "always"),
-                             ("attn.qkv.weight", "attn.qkv.weight", "always"),
-                             ("attn.qkv.bias", "attn.qkv.bias", "qkv_bias"),
-                             ("attn.proj.weight", "attn.proj.weight", "always"),
-                             ("attn.proj.bias", "attn.proj.bias", "always"),
-                             ("norm2.weight", "norm2.weight", "always"), ("norm2.bias", "norm2.bias", "always"),
-                             ("mlp.fc1.weight", "mlp.fc1.weight", "always"), ("mlp.fc1.bias", "mlp.fc1.bias", "always"),
-                             ("mlp.fc2.weight", "mlp.fc2.weight", "always"), ("mlp.fc2.bias", "mlp.fc2.bias", "always")):
-        rows.append(Rule("blocks.{i}." + canon, (_B + src,), IDENTITY, "block", when))
-    rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm"),
-             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm"),
-             Rule("pre_logits.weight", ("pre_logits.fc.weight",), IDENTITY, "model", "pre_logits"),
-             Rule("pre_logits.bias", ("pre_logits.fc.bias",), IDENTITY, "model", "pre_logits"),
-             Rule("head.weight", ("head.weight",), IDENTITY, "model", "head"),
-             Rule("head.bias", ("head.bias",), IDENTITY, "model", "head"),
-             Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled_head"),
-             Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled_head")]
+    for name, when in (("norm1.weight", "always"), ("norm1.bias", "always"),
+                       ("attn.qkv.weight", "always"), ("attn.qkv.bias", "qkv_bias"),
+                       ("attn.proj.weight", "always"), ("attn.proj.bias", "always"),
+                       ("norm2.weight", "always"), ("norm2.bias", "always"),
+                       ("mlp.fc1.weight", "always"), ("mlp.fc1.bias", "always"),
+                       ("mlp.fc2.weight", "always"), ("mlp.fc2.bias", "always")):
+        rows.append(Rule(_B + name, (_B + name,), IDENTITY, "block", when))
+    rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
+             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
+             Rule("pre_logits.weight", ("pre_logits.fc.weight",), IDENTITY, "model", "representation_size"),
+             Rule("pre_logits.bias", ("pre_logits.fc.bias",), IDENTITY, "model", "representation_size"),
+             Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
+             Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes"),
+             Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled&num_classes"),
+             Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled&num_classes")]
     return tuple(rows)
 
 
 def table_for(layout: str):
     def table(cfg: ViTConfig) -> Tuple[Rule, ...]:
-        # a class-token model's pooled norm is timm's `norm` (same values); only avg-pool uses fc_norm
-        pooled = cfg.final_norm == "pooled" and cfg.classifier == "gap"
-        return _table(POS_KEYS[layout], "fc_norm" if pooled else "norm")
+        # timm normalises the pooled vector with fc_norm only in avg-pool models
+        return _table(POS_KEYS[layout], "fc_norm" if cfg.final_norm == "pooled" else "norm")
     return table
+
+
+def carries(layout: str) -> Tuple[Carry, ...]:
+    """What a timm ``VisionTransformer`` holds; ``key``: where a timm directory's config.json
+    records a constructor argument (``model_args``); the timm-derived variant has none."""
+    def key(name: str) -> Optional[str]:
+        return f"model_args.{name}" if layout == "timm" else None
+
+    return (
+        heads_carry("num_heads", key("num_heads")),
+        Carry("head_dim", holds=lambda c: c.attn_dim == c.width,
+              why="timm's attention width is the embedding width"),
+        Carry("act", values=ACTIVATIONS, key=key("act_layer"), argument="act_layer", default="gelu"),
+        Carry("norm_eps", argument="norm_layer", default=1e-6),
+        Carry("classifier"), Carry("final_norm"), Carry("representation_size"), Carry("qkv_bias"),
+        Carry("distilled"),
+        Carry("resnet_layers", values=(None,), why="timm's hybrid backbone has other names and semantics"),
+    )
 
 
 def detect(layout: str):
     pos = POS_KEYS[layout]
-    return lambda shapes: ("patch_embed.proj.weight" in shapes and "blocks.0.attn.qkv.weight" in shapes
-                           and pos in shapes)
+    return lambda probe: ("patch_embed.proj.weight" in probe.shapes
+                          and "blocks.0.attn.qkv.weight" in probe.shapes and pos in probe.shapes)
+
+
+def _model_args(probe: Probe) -> Dict[str, Any]:
+    """``model_args`` of a timm directory's ``config.json``; empty for a bare state dict."""
+    d = config_json(probe)
+    if "architecture" not in d:
+        return {}
+    args = d.get("model_args", {})
+    if not isinstance(args, dict):
+        raise MappingError("config.json: model_args is not an object", probe.path)
+    return args
 
 
 def infer(layout: str):
-    def infer_config(shapes: Shapes, path: Optional[str] = None) -> ViTConfig:
+    def infer_config(probe: Probe) -> ViTConfig:
+        shapes, path = probe.shapes, probe.path
         pos_key = POS_KEYS[layout]
         if any(k.startswith("patch_embed.backbone.") for k in shapes):
             raise MappingError("timm hybrid (patch_embed.backbone.*): timm's ResNet stem differs from "
                                "Google's; convert the Google .npz instead", path)
+        args = _model_args(probe)
         depth = count_blocks(shapes, r"^blocks\.(\d+)\.", "blocks.N", path)
         emb = need(shapes, "patch_embed.proj.weight", layout, path)
         if len(emb) != 4 or emb[2] != emb[3]:
@@ -91,7 +122,10 @@ def infer(layout: str):
         if qkv[0] != 3 * width:
             raise MappingError(f"attn.qkv.weight {qkv}: timm's attention width must equal the "
                                f"embedding width {width}", path)
-        heads, head_dim = heads_from_attn_dim(qkv[0] // 3, path)
+        recorded = args.get("num_heads")
+        if recorded is not None and (type(recorded) is not int):
+            raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+        heads, head_dim = heads_from_attn_dim(qkv[0] // 3, probe, recorded)
         token = "cls_token" in shapes
         distilled = "dist_token" in shapes
         if distilled and not token:
@@ -113,30 +147,20 @@ def infer(layout: str):
         rep = shapes["pre_logits.fc.weight"][0] if "pre_logits.fc.weight" in shapes else None
         head = shapes.get("head.weight")
         final = "pooled" if pooled else ("encoder" if "norm.weight" in shapes else "none")
-        try:
-            return ViTConfig(image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
-                             depth=depth, num_heads=heads, head_dim=head_dim,
-                             mlp_dim=need(shapes, _B.format(i=0) + "mlp.fc1.weight", layout, path)[0],
-                             classifier="token" if token else "gap", representation_size=rep,
-                             num_classes=head[0] if head else 0,
-                             qkv_bias=(_B.format(i=0) + "attn.qkv.bias") in shapes,
-                             norm_eps=1e-6, act="gelu", final_norm=final, distilled=distilled)
-        except ValueError as e:
-            raise MappingError(f"inconsistent architecture: {e}", path) from None
+        if args.get("final_norm") is False and final != "none":
+            raise MappingError("config.json says final_norm=False but the weights have a final norm", path)
+        act = args.get("act_layer") or "gelu"
+        if act not in ACTIVATIONS:  # timm's act_layer names are the canonical ones
+            raise MappingError(f"config.json: act_layer {act!r} is not one vitconv maps "
+                               f"({', '.join(sorted(ACTIVATIONS))})", path)
+        return build(probe, image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
+                     depth=depth, num_heads=heads, head_dim=head_dim,
+                     mlp_dim=need(shapes, _B.format(i=0) + "mlp.fc1.weight", layout, path)[0],
+                     classifier="token" if token else "gap", representation_size=rep,
+                     num_classes=head[0] if head else 0,
+                     qkv_bias=(_B.format(i=0) + "attn.qkv.bias") in shapes,
+                     norm_eps=1e-6, act=act, final_norm=final, distilled=distilled)
     return infer_config
-
-
-def write_problems(cfg: ViTConfig) -> List[str]:
-    """What a timm ``VisionTransformer`` cannot hold."""
-    out = []
-    if cfg.resnet_layers is not None:
-        out.append("hybrid ResNet stem (timm's hybrid backbone uses other names and semantics)")
-    if cfg.patch_norm:
-        out.append("LayerNorms around the patch projection (vit-pytorch)")
-    if cfg.attn_dim != cfg.width:
-        out.append(f"attention width {cfg.attn_dim} != embedding width {cfg.width}")
-    return out
-
 
 
 def architecture(cfg: ViTConfig) -> str:
@@ -147,9 +171,8 @@ def architecture(cfg: ViTConfig) -> str:
 
 def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     """Keyword arguments under which timm's constructor computes what the canonical model
-    does (timm >= 1.0: ``final_norm`` needs it). ``norm_eps`` other than timm's 1e-6 has no
-    JSON-expressible argument and is returned as ``None`` under ``"norm_eps"`` for callers
-    to report (see :func:`write_notes`)."""
+    does (timm >= 1.0: ``final_norm`` needs it). An epsilon other than timm's 1e-6 needs
+    ``norm_layer``, which JSON cannot hold: the write notes say so."""
     kw: Dict[str, Any] = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes, embed_dim=cfg.width, depth=cfg.depth,
                               num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width,
@@ -174,11 +197,6 @@ def write_notes(cfg: ViTConfig) -> List[str]:
     if cfg.norm_eps != 1e-6:
         call += f", norm_layer=partial(nn.LayerNorm, eps={cfg.norm_eps:g})"
     notes = [f"timm: {cls}({call}) computes the same function"]
-    if cfg.act != "gelu":
-        notes.append(f"timm's default act is exact GELU; without act_layer={cfg.act!r} timm "
-                     "computes something else (up to ~1e-3 per activation)")
-    if cfg.norm_eps != 1e-6:
-        notes.append(f"LayerNorm eps {cfg.norm_eps:g}: timm's default is 1e-6; pass norm_layer as above")
     if cfg.final_norm == "none":
         notes.append("no final LayerNorm: timm >= 1.0 needs final_norm=False")
     if cfg.distilled:
@@ -205,51 +223,14 @@ def timm_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> Dict[str
             "num_features": cfg.width, "model_args": model_args(cfg), "pretrained_cfg": pretrained}
 
 
-def _config_args(metadata: Dict[str, str], path: Optional[str]) -> Dict[str, Any]:
-    """``model_args`` of a timm directory's ``config.json`` (carried as the ``hf_config``
-    metadata string by the directory reader); empty for a bare state dict."""
-    import json
-
-    text = metadata.get("hf_config")
-    if not text:
-        return {}
-    d = json.loads(text)
-    args = d.get("model_args") if isinstance(d, dict) and "architecture" in d else None
-    if args is None:
-        return {}
-    if not isinstance(args, dict):
-        raise MappingError("config.json: model_args is not an object", path)
-    return args
 
 
-def infer_with_meta(layout: str):
-    """Shape inference, corrected by a timm ``config.json`` where one came with the weights:
-    the head count and the activation are not in any shape."""
-    from .pytorch_infer import given_heads, heads_given
-
-    base = infer(layout)
-
-    def infer_config(shapes: Shapes, metadata: Dict[str, str], path: Optional[str] = None) -> ViTConfig:
-        args = _config_args(metadata, path)
-        heads = args.get("num_heads") if heads_given() is None else None
-        if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)):
-            raise MappingError(f"config.json: num_heads {heads!r} is not an integer", path)
-        with given_heads(heads if heads is not None else heads_given()):
-            cfg = base(shapes, path)
-        act = args.get("act_layer")
-        if act is not None:
-            if act not in ACTIVATIONS:  # timm's act_layer names are the canonical ones
-                raise MappingError(f"config.json: act_layer {act!r} is not one vitconv maps "
-                                   f"({', '.join(sorted(ACTIVATIONS))})", path)
-            cfg = cfg.replace(act=act)
-        if args.get("final_norm") is False and cfg.final_norm != "none":
-            raise MappingError("config.json says final_norm=False but the weights have a final norm", path)
-        return cfg
-    return infer_config
+def _register(layout: str, description: str, **extra: Any) -> None:
+    register(Layout(name=layout, description=description, table=table_for(layout), detect=detect(layout),
+                    infer=infer(layout), carries=carries(layout), write_notes=write_notes, **extra))
 
 
-def config_records_heads(metadata: Dict[str, str]) -> bool:
-    try:
-        return "num_heads" in _config_args(metadata, None)
-    except (ValueError, MappingError):
-        return False
+_register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"),
+          directory_config=timm_config,
+          loads_with={"dir": "timm.create_model('local-dir:{path}', pretrained=True)"})
+_register("timm_posembs", "timm-derived ViT with a PositionEmbs wrapper (pos_embedding.pos_embedding)")

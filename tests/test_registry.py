@@ -1,0 +1,127 @@
+"""The layout registry: what a layout says it can express is exactly what survives a trip
+through it, and what it cannot express is refused naming the field.
+
+For every layout, container and architecture variant where :meth:`Layout.problems` finds
+nothing, the tensors the layout's table writes (their shapes, from the model's own shapes)
+plus the ``config.json`` a model directory would hold are read back by the layout's own
+detection and inference: the config must come back, except for the fields a bare file does
+not record (the layout's constructor arguments), which come back as the layout's defaults and
+are named in the write notes. Nothing here reads a weight: inference works on shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from vitconv.config import ViTConfig
+from vitconv.model import parameter_shapes
+from vitconv.rules import LAYOUTS, Probe, detect_layout
+from vitconv.rules.base import foreign_shapes
+
+_SMALL = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=96,
+                   num_classes=10)
+VARIANTS = {
+    "token": _SMALL,
+    "gap+fc_norm": _SMALL.replace(classifier="gap", final_norm="pooled"),
+    "gap, no norm": _SMALL.replace(classifier="gap", final_norm="none"),
+    "pre_logits": _SMALL.replace(representation_size=48),
+    "no head": _SMALL.replace(num_classes=0),
+    "no qkv bias": _SMALL.replace(qkv_bias=False),
+    "attn_dim != width": _SMALL.replace(num_heads=3, head_dim=16),
+    "patch_norm": _SMALL.replace(patch_norm=True, in_chans=1),
+    "deit": _SMALL.replace(distilled=True),
+    "deit, no head": _SMALL.replace(distilled=True, num_classes=0),
+    "hybrid r26": _SMALL.replace(image_size=64, patch_size=1, resnet_layers=(2, 2, 2, 2)),
+    "hybrid r50-like": _SMALL.replace(image_size=64, patch_size=1, resnet_layers=(3, 4, 9)),
+    "hybrid stem only": _SMALL.replace(image_size=64, patch_size=2, resnet_layers=(), resnet_width=32),
+}
+
+
+VARIANTS.update({
+    "exact gelu": _SMALL.replace(act="gelu"),
+    "hf defaults": _SMALL.replace(act="gelu", norm_eps=1e-12),
+    "pytorch eps": _SMALL.replace(norm_eps=1e-5),
+    "quick_gelu": _SMALL.replace(act="quick_gelu"),
+    "vit-pytorch": _SMALL.replace(act="gelu", norm_eps=1e-5, qkv_bias=False, patch_norm=True, num_heads=2,
+                                  head_dim=64),
+    "old vit-pytorch": _SMALL.replace(act="gelu", norm_eps=1e-5, qkv_bias=False, num_heads=2, head_dim=64),
+    "timm gap": _SMALL.replace(act="gelu", classifier="gap", final_norm="pooled"),
+})
+CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
+         for name in VARIANTS]
+
+
+def _written(layout, cfg: ViTConfig, container: str):
+    """Shapes and metadata of what ``layout`` writes for ``cfg`` in ``container``."""
+    shapes = foreign_shapes(layout.rules(cfg), parameter_shapes(cfg), cfg)
+    meta = {}
+    if container == "dir":
+        meta["hf_config"] = json.dumps(layout.directory_config(cfg, None))
+    if layout.name == "canonical":
+        meta["vitconv_config"] = cfg.to_json()
+    return shapes, meta
+
+
+@pytest.mark.parametrize("layout,container,variant", CASES, ids=["-".join(c) for c in CASES])
+def test_what_a_layout_accepts_reads_back_as_the_same_model(layout, container, variant):
+    layout, cfg = LAYOUTS[layout], VARIANTS[variant]
+    recorded = container == "dir"
+    problems = layout.problems(cfg, parameter_shapes(cfg), recorded)
+    if problems:  # refused: every reason names a field or a tensor, and says why
+        assert all(("=" in p or "row" in p or "always has" in p) for p in problems), problems
+        return
+    shapes, meta = _written(layout, cfg, container)
+    heads = layout.carry("num_heads")
+    given = cfg.num_heads if heads.argument is not None and not (recorded and heads.key) else None
+    assert detect_layout(Probe(shapes, meta)) is layout
+    got = layout.infer(Probe(shapes, meta, None, given))
+    # a bare file does not record the layout's constructor arguments: its code's defaults return
+    want = cfg
+    for c in layout.carries:
+        if c.argument is not None and c.field != "num_heads" and not (recorded and c.key):
+            want = want.replace(**{c.field: c.default_for(cfg)})
+    assert got == want
+    notes = layout.argument_notes(cfg, recorded)
+    lost = [f.name for f in dataclasses.fields(ViTConfig) if getattr(cfg, f.name) != getattr(want, f.name)]
+    assert sorted(n.split("=")[0] for n in notes if not n.startswith("num_heads")) == sorted(lost)
+
+
+def test_every_layout_can_hold_some_variant():
+    held = {layout: [] for layout in LAYOUTS}
+    for layout, container, variant in CASES:
+        cfg = VARIANTS[variant]
+        if not LAYOUTS[layout].problems(cfg, parameter_shapes(cfg), container == "dir"):
+            held[layout].append(variant)
+    assert all(held.values()), held
+
+
+@pytest.mark.parametrize("layout,cfg,says", [
+    ("google", _SMALL.replace(act="gelu"), "act='gelu' (an .npz always means Flax's tanh GELU)"),
+    ("google", _SMALL.replace(norm_eps=1e-5), "norm_eps=1e-05 (an .npz always means Flax's LayerNorm epsilon"),
+    ("google", _SMALL.replace(patch_norm=True), "patch_norm=True (LayerNorms around the patch projection; the "
+                                                "google layout has no place for it: it always means False)"),
+    ("hf", _SMALL.replace(classifier="gap"), "classifier='gap' (Hugging Face ViT always classifies"),
+    ("hf", _SMALL.replace(distilled=True), "distilled=True (DeiT distillation token and head_dist; the hf layout"),
+    ("hf", _SMALL.replace(representation_size=48), "never applies the pooler"),
+    ("hf_model", _SMALL, "no hf_model row for head.weight, head.bias"),
+    ("timm", _SMALL.replace(num_heads=4, head_dim=8), "timm's attention width is the embedding width"),
+    ("timm", _SMALL.replace(resnet_layers=(1,), patch_size=1, image_size=64), "hybrid backbone"),
+    ("lucidrains", _SMALL, "qkv_bias=True (vit-pytorch's to_qkv has no bias)"),
+    ("lucidrains_prenorm", _SMALL.replace(qkv_bias=False, classifier="gap"), "old vit-pytorch always has a class"),
+    ("jeonsworld", _SMALL.replace(classifier="gap"), "jeonsworld always classifies the class token"),
+])
+def test_refusals_name_the_field_and_the_reason(layout, cfg, says):
+    problems = LAYOUTS[layout].problems(cfg, parameter_shapes(cfg), recorded=True)
+    assert any(says in p for p in problems), problems
+
+
+def test_fields_only_config_json_records_need_a_directory():
+    """Hugging Face's epsilon lives in config.json: a bare weights file could not carry it."""
+    cfg = _SMALL.replace(norm_eps=1e-6, act="gelu")
+    hf = LAYOUTS["hf"]
+    assert hf.problems(cfg, parameter_shapes(cfg), recorded=True) == []
+    assert "hf" in [l.name for l in LAYOUTS.values() if "dir" in l.containers]
+    assert LAYOUTS["hf"].containers == ("dir",)

@@ -1,0 +1,458 @@
+"""The one conversion path: read -> map onto the canonical model -> (resample) -> ask the target
+whether it can express the model -> write. ``npz2pt``, ``convert``, the weight outputs of
+``export`` and :func:`vitconv.load` all come through here, so two commands cannot disagree.
+
+Reading (:func:`open_checkpoint`) recognises the layout, infers the architecture and audits
+the keys strictly (every source key consumed exactly once, every canonical tensor produced
+exactly once) without reading a weight. :meth:`Checkpoint.tensors` then streams canonical
+tensors, each source tensor read once, optionally on a read-ahead thread.
+
+Writing (:func:`convert`) first asks the target layout what it cannot express
+(:meth:`vitconv.rules.registry.Layout.problems`) and refuses, naming each field, before a byte
+is written. Every output streams: the writer's header (or pickle, or zip members) is laid out
+from shapes alone (:func:`vitconv.rules.base.foreign_shapes`), then each tensor is mapped,
+written and dropped, so memory stays flat in the model's size. A second thread writes
+tensor *i* while tensor *i + 1* is read and mapped (:class:`_Pipelined`). Outputs appear under
+their final names only when complete (:mod:`vitconv.formats.atomic`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .config import ViTConfig
+from .errors import BadInputError, MappingError, OutputError
+from .formats.atomic import atomic_directory, atomic_output, check_writable
+from .formats.base import TensorSource, TensorSpec, sha256_file
+from .formats.npz import NpzStreamWriter
+from .formats.open import open_source
+from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
+from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
+from .ops import resize_pos_embed
+from .readahead import ReadAhead
+from .rules import LAYOUTS, Layout, Probe, detect_layout
+from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical
+from .rules.canonical import CONFIG_KEY
+from .rules.inference import DEFAULT_HEAD_DIM
+from .rules.layout import all_finite
+from .targets import candidates
+
+PathLike = Union[str, os.PathLike]
+#: ``progress(done_bytes, total_bytes, tensor_name)``, called after each tensor is written.
+Progress = Callable[[int, int, str], None]
+#: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
+DTYPES = ("float32", "float16")
+
+
+def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
+    """The canonical model's tensor shapes (:func:`vitconv.model.parameter_shapes`)."""
+    from .model import parameter_shapes as shapes  # torch: only once a model is mapped
+
+    return shapes(cfg)
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class Checkpoint:
+    """A source mapped onto the canonical model: the config plus a lazy tensor stream.
+    Close it (or use it as a context manager) to release the source."""
+
+    path: str
+    layout: Layout
+    source_config: ViTConfig  # as the source holds it
+    config: ViTConfig  # as it will be written (resized when asked)
+    source: TensorSource
+    prefix: str
+    rules: List[ExpandedRule]
+    ignored: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    resized_from: Optional[int] = None  # source grid size when the position table is resized
+    dtype: Optional[np.dtype] = None  # cast every tensor to this (None: keep the source's)
+    owns_source: bool = True  # opened here, so closed here; a source handed in stays open
+
+    def specs(self) -> List[TensorSpec]:
+        """Name, dtype and shape of every canonical tensor, in state-dict order, before a byte
+        of weight data is read: shapes from the model, dtypes from the source's headers (a
+        rule's output has the common type of its inputs)."""
+        shapes = parameter_shapes(self.config)
+        out = []
+        for r in self.rules:
+            dtype = self.dtype or np.result_type(*[np.dtype(self.source.dtype(self.prefix + k)) for k in r.source])
+            out.append(TensorSpec(r.canonical, np.dtype(dtype), tuple(shapes[r.canonical])))
+        return out
+
+    def tensors(self, order: Optional[Sequence[str]] = None, read_ahead: bool = False,
+                check_finite: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
+        """Stream ``(canonical name, array)`` in ``order`` (default: state-dict order), each
+        source tensor read once. ``read_ahead`` reads the next rules' sources on a background
+        thread while this one is mapped, when the source allows concurrent reads
+        (:mod:`vitconv.readahead`: flat memory, same bytes)."""
+        by_name = {r.canonical: r for r in self.rules}
+        rules = self.rules if order is None else [by_name[n] for n in order]
+        src, prefix = self.source, self.prefix
+        with contextlib.ExitStack() as stack:
+            get: Callable[[str], np.ndarray] = lambda k: src.get(prefix + k)
+            if read_ahead and src.concurrent_reads:
+                get = stack.enter_context(ReadAhead(get, [k for r in rules for k in r.source],
+                                                    lambda k: src.nbytes(prefix + k))).get
+            for name, t in map_to_canonical(rules, get, self.source_config,
+                                            parameter_shapes(self.source_config), self.path):
+                if not np.issubdtype(t.dtype, np.floating):
+                    raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.path)
+                if check_finite and not all_finite(t):
+                    raise MappingError(f"{name} contains NaN or Inf values", self.path)
+                if name == "pos_embed" and self.resized_from is not None:
+                    t = resize_pos_embed(t, self.config.grid_size, self.source_config.num_prefix_tokens)
+                if self.dtype is not None and t.dtype != self.dtype:
+                    t = t.astype(self.dtype)
+                yield name, t
+                del t  # not kept alive while the next one is read and mapped
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Every canonical tensor, in the model's own ``state_dict`` order."""
+        return dict(self.tensors(order=list(parameter_shapes(self.source_config))))
+
+    def close(self) -> None:
+        if self.owns_source:
+            self.source.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
+                    require_layout: Optional[str] = None, dtype: Optional[str] = None,
+                    source: Optional[TensorSource] = None) -> Checkpoint:
+    """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
+    ``require_layout`` when given), infer the architecture and audit the keys; optionally
+    retarget the resolution (``image_size``: the position table resized as Google's
+    ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read.
+
+    ``num_heads`` is for layouts whose files do not record the head count (64-dim heads are
+    assumed otherwise); layouts that record it refuse it, and a file's own record must agree."""
+    if dtype is not None and dtype not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    opened = source is None
+    source = source or open_source(path)
+    try:
+        where = source.path or os.fspath(path)
+        keys = source.keys()
+        shapes = {k: tuple(source.shape(k)) for k in keys}
+        layout = detect_layout(Probe(shapes, dict(source.metadata), where))
+        heads = layout.carry("num_heads")
+        if num_heads is not None and (heads is None or heads.argument is None):
+            raise BadInputError(f"--num-heads: the {layout.name} layout records the heads", path)
+        prefix = layout.prefix(keys, where)
+        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
+        cfg = layout.infer(probe)  # a corrupt file is named as such before a layout complaint
+        if require_layout and layout.name != require_layout:
+            raise BadInputError(f"expected a {require_layout} checkpoint, found the {layout.name} layout", path)
+        rules = layout.rules(cfg)
+        audit(rules, inner, where)
+        ckpt = Checkpoint(where, layout, cfg, cfg, source, prefix, rules,
+                          ignored=[k for k in keys if not k.startswith(prefix)],
+                          dtype=np.dtype(dtype) if dtype else None, owns_source=opened)
+        if image_size is not None and image_size != cfg.image_size:
+            if image_size <= 0 or image_size % cfg.total_stride:
+                raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
+                                    f"model's stride {cfg.total_stride}", path)
+            ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
+        ckpt.notes = _read_notes(ckpt, probe)
+    except BaseException:
+        if opened:
+            source.close()
+        raise
+    return ckpt
+
+
+def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
+    """What a user must know about this read: assumptions, what was left out, resizing."""
+    cfg, layout = ckpt.source_config, ckpt.layout
+    notes = []
+    assumed = layout.assumed(cfg, probe)
+    if "num_heads" in assumed:
+        notes.append(f"heads: {cfg.num_heads} x {cfg.head_dim} assumed ({DEFAULT_HEAD_DIM}-dim heads, the "
+                     "timm/Google/vit-pytorch default; the weights do not record it); override with --num-heads")
+    if probe.num_heads is not None:
+        notes.append(f"heads: {probe.num_heads} (given)")
+    rest = [f"{f}={getattr(cfg, f)!r}" for f in assumed if f != "num_heads"]
+    if rest:
+        notes.append(f"{', '.join(rest)} assumed: the {layout.name} code's defaults, which the file "
+                     "does not record")
+    notes += layout.read_notes(cfg, probe)
+    if ckpt.ignored:
+        notes.append(f"{len(ckpt.ignored)} keys outside '{ckpt.prefix}' ignored (optimizer state)")
+    if ckpt.resized_from is not None:
+        a, b = ckpt.resized_from, ckpt.config.grid_size
+        notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} (Google's order-1 zoom, "
+                     "class token kept)")
+    return notes
+
+
+# --------------------------------------------------------------------------- choosing a target
+def choose_layout(layouts: Sequence[Layout], cfg: ViTConfig, container: str, target: str,
+                  dst: Optional[PathLike] = None) -> Layout:
+    """The first of ``layouts`` that can express ``cfg`` in ``container``; otherwise a
+    :class:`MappingError` naming every reason (per layout when there are several)."""
+    names = list(parameter_shapes(cfg))
+    found = []
+    for layout in layouts:
+        problems = layout.problems(cfg, names, recorded=container == "dir")
+        if not problems:
+            return layout
+        found.append((layout.name, problems))
+    if len(found) == 1:
+        detail = "; ".join(found[0][1])
+    else:
+        detail = " | ".join(f"{name}: {'; '.join(p)}" for name, p in found)
+    raise MappingError(f"the {target} layout cannot express this model: {detail}", dst)
+
+
+def map_state(state: Dict[str, np.ndarray], cfg: ViTConfig, layout: Layout) -> Dict[str, np.ndarray]:
+    """A canonical state dict in memory -> ``layout``'s ``{key: array}`` (sorted keys),
+    through the same table that reads it."""
+    rules = layout.rules(cfg)
+    have, want = set(state), {r.canonical for r in rules}
+    if have != want:
+        raise MappingError(f"canonical state does not match the {layout.name} table: missing "
+                           f"{sorted(want - have)[:8]}; unexpected {sorted(have - want)[:8]}")
+    out: Dict[str, np.ndarray] = {}
+    for r in rules:
+        out.update(map_from_canonical(r, state[r.canonical], cfg))
+    return {k: out[k] for k in sorted(out)}
+
+
+def to_layout(state: Dict[str, np.ndarray], cfg: ViTConfig, to: str, container: str = "safetensors"
+              ) -> Tuple[str, Dict[str, np.ndarray]]:
+    """``(layout name, {key: array})`` of ``to`` for a canonical state dict in memory, refusing
+    as :func:`convert` does when the target cannot express the model."""
+    suffix = {"dir": "", "npz": ".npz", "pt": ".pt", "safetensors": ".safetensors"}[container]
+    name, container, layouts = candidates(Path("out" + suffix), to)
+    layout = choose_layout(layouts, cfg, container, name)
+    return layout.name, map_state(state, cfg, layout)
+
+
+# --------------------------------------------------------------------------- writing
+@dataclass
+class ConversionReport:
+    source: str
+    layout: str
+    source_sha256: str
+    config: ViTConfig
+    num_params: int
+    output: str
+    output_kind: str
+    target_layout: str = "canonical"
+    resized: Optional[Tuple[int, int]] = None
+    notes: List[str] = field(default_factory=list)
+    #: Every path written (shards, then their index; or the directory).
+    files: List[str] = field(default_factory=list)
+
+    def rows(self) -> List[Tuple[str, str]]:
+        digest = f", sha256 {self.source_sha256[:12]}…" if self.source_sha256 else ""
+        rows = [("read", f"{self.source} ({self.layout} layout{digest})"),
+                ("model", self.config.describe()),
+                ("params", f"{self.num_params:,}")]
+        rows += [("note", n) for n in self.notes]
+        rows.append(("wrote", f"{self.output} ({self.output_kind})"))
+        return rows
+
+
+class _Pipelined:
+    """``writer.write`` on one background thread, at most one call in flight.
+
+    Why: the writer spends its time in ``write`` and ``zlib.crc32`` (``.pt``), which release
+    the GIL, so reading and transposing need not wait for the disk; it costs no memory, as
+    the generator chain already keeps the previous tensor alive while it reads the next.
+    ``write`` returns as soon as the tensor is handed over, once the previous write has
+    finished; its errors surface on the next ``write`` or on leaving the ``with`` block.
+    Leaving always waits for the thread, so the writer's own ``__exit__`` (which renames
+    or deletes the temporaries) never runs under a write. ``progress`` is called in
+    the caller's thread, in order, once each tensor's write has returned."""
+
+    def __init__(self, writer, total: int, progress: Optional[Progress]):
+        self.writer, self.total, self.progress = writer, total, progress
+        self.done = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vitconv-write")
+        self._pending: Optional[Future] = None
+        self._pending_info: Optional[tuple] = None
+
+    def __enter__(self) -> "_Pipelined":
+        return self
+
+    def _finish(self) -> None:
+        if self._pending is None:
+            return
+        fut, (name, nbytes) = self._pending, self._pending_info
+        self._pending = self._pending_info = None
+        fut.result()  # re-raises the writer's error here, in the caller's thread
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
+
+    def write(self, name: str, array: np.ndarray, nbytes: int) -> None:
+        self._finish()
+        self._pending = self._pool.submit(self.writer.write, name, array)
+        self._pending_info = (name, nbytes)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+            elif self._pending is not None:
+                self._pending.exception()  # wait; the error already on its way wins
+                self._pending = None
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _foreign_stream(ckpt: Checkpoint, rules: Sequence[ExpandedRule], order: Sequence[str]
+                    ) -> Iterator[Tuple[str, np.ndarray]]:
+    """``(foreign key, array)`` in the writer's ``order``. Canonical tensors are produced in
+    the order their keys are first needed; a row with several outputs (q/k/v) keeps its other
+    outputs until their turn, which in sorted key orders is within the same block."""
+    rule_of = {k: r for r in rules for k in r.source}
+    canonical_order = list(dict.fromkeys(rule_of[k].canonical for k in order))
+    by_name = {r.canonical: r for r in rules}
+    stream = ckpt.tensors(order=canonical_order, read_ahead=True)
+    pending: Dict[str, np.ndarray] = {}
+    for key in order:
+        if key not in pending:
+            name, t = next(stream)
+            pending.update(map_from_canonical(by_name[name], t, ckpt.config))
+            del t
+        yield key, pending.pop(key)
+    for _ in stream:  # nothing may be left: every canonical tensor was asked for
+        raise AssertionError("canonical tensors left over after the last foreign key")
+
+
+def _order(specs: List[TensorSpec], container: str, canonical: bool) -> List[TensorSpec]:
+    """The order each container lays tensors out in. safetensors: ``save_file``'s own (widest
+    dtype, then name), so the bytes equal its output; ``.npz``: sorted keys, as Google's saver
+    writes; a canonical ``.pt``: state-dict order; a foreign ``.pt``: sorted keys."""
+    if container in ("safetensors", "dir"):
+        return safetensors_order(specs)
+    if container == "pt" and canonical:
+        return specs
+    return sorted(specs, key=lambda s: s.name)
+
+
+def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
+          extra: Optional[Dict[str, str]] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
+          progress: Optional[Progress] = None,
+          before_commit: Optional[Callable[[List[Path]], None]] = None) -> List[Path]:
+    """Stream ``ckpt`` into ``dst`` in ``layout`` and ``container``; returns the final paths
+    (a sharded file's index last; a directory's path). ``extra``: metadata for a canonical
+    file (source hash and name). ``before_commit(temporary paths)`` runs once every byte is
+    written and before anything is renamed into place: an exception there leaves nothing."""
+    cfg, canonical = ckpt.config, layout.name == "canonical"
+    canon = {s.name: s for s in ckpt.specs()}
+    rules = layout.rules(cfg)
+    shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
+    specs = _order([TensorSpec(k, canon[r.canonical].dtype, shapes[k]) for r in rules for k in r.source],
+                   container, canonical)
+    dst = Path(dst)
+    with contextlib.ExitStack() as stack:
+        if container == "dir":
+            folder = stack.enter_context(atomic_directory(dst))
+            stack.enter_context(_named_as(dst, folder))
+            with atomic_output(folder / "config.json") as tmp:
+                tmp.write_text(json.dumps(layout.directory_config(cfg, ckpt.layout.name), indent=2,
+                                          sort_keys=True) + "\n", encoding="utf-8")
+            writer = SafetensorsStreamWriter(folder / "model.safetensors", specs, {"format": "pt"},
+                                             shard_bytes=shard_bytes)
+        elif container == "safetensors":
+            meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json(), **(extra or {})} if canonical else {})}
+            writer = SafetensorsStreamWriter(dst, specs, meta, shard_bytes=shard_bytes)
+        elif container == "pt":
+            writer = PtStreamWriter(dst, specs, vitconv_payload(cfg.to_dict(), extra) if canonical else None)
+        else:
+            writer = NpzStreamWriter(dst, specs)
+        with writer:
+            with _Pipelined(writer, sum(s.nbytes for s in specs), progress) as out:
+                for (key, array), spec in zip(_foreign_stream(ckpt, rules, [s.name for s in specs]), specs):
+                    out.write(key, array, spec.nbytes)
+                    del array
+            if before_commit is not None:
+                before_commit(writer.temporaries())
+        outputs = [dst] if container == "dir" else list(writer.outputs)
+    return outputs
+
+
+@contextlib.contextmanager
+def _named_as(final: Path, folder: Path) -> Iterator[None]:
+    """Errors about files inside a directory's temporary folder name the directory the user asked for."""
+    try:
+        yield
+    except OutputError as e:
+        if e.path is not None and Path(e.path).is_relative_to(folder):
+            raise OutputError(e.message, final) from None
+        raise
+
+
+def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
+    """An output must never replace a file the conversion reads (a weights file inside the
+    source directory included): the source would be destroyed mid-read."""
+    if not dst.exists():
+        return
+    target = dst.resolve()
+    for f in ckpt.source.files():
+        if f.resolve() == target:
+            raise OutputError("output would overwrite the source", dst)
+
+
+def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
+            num_heads: Optional[int] = None, require_layout: Optional[str] = None,
+            dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
+            progress: Optional[Progress] = None, hash_source: bool = True,
+            before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
+    """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
+    from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
+    a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
+    (one more read of the file). Above ``shard_bytes`` a ``.safetensors`` output is sharded
+    with a ``.index.json`` (the report's ``output`` is then the index).
+
+    >>> vitconv.convert("ViT-B_16.npz", "vit_hf")   # doctest: +SKIP
+    """
+    src, dst = Path(src), Path(dst)
+    target, container, layouts = candidates(dst, to)
+    if container != "dir":
+        check_writable(dst)  # fail before reading a multi-GB source, not after
+    with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
+                         dtype=dtype) as ckpt:
+        _refuse_overwrite(ckpt, dst)
+        layout = choose_layout(layouts, ckpt.config, container, target, dst)
+        digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""
+        extra = {"source_sha256": digest, "source": src.name} if hash_source else {}
+        specs = ckpt.specs()
+        outputs = write(ckpt, layout, container, dst, extra=extra, shard_bytes=shard_bytes,
+                        progress=progress, before_commit=before_commit)
+    notes = list(ckpt.notes) + layout.argument_notes(ckpt.config, recorded=container == "dir")
+    notes += layout.write_notes(ckpt.config)
+    if container != "dir" and len(outputs) > 1:
+        notes.append(f"sharded into {len(outputs) - 1} files of at most {shard_bytes:,} bytes "
+                     f"({', '.join(p.name for p in outputs[:-1])})")
+    kind = f"{layout.name} layout: {layout.description}"
+    if container in layout.loads_with:
+        notes.append("load with " + layout.loads_with[container].format(path=dst))
+    if dtype is not None:
+        notes.append(f"weights written as {dtype}")
+    resized = (ckpt.resized_from, ckpt.config.grid_size) if ckpt.resized_from is not None else None
+    return ConversionReport(str(src), ckpt.layout.name, digest, ckpt.config, sum(s.numel for s in specs),
+                            str(outputs[-1]), kind, layout.name, resized, notes, [str(p) for p in outputs])
+
+
+__all__ = ["Checkpoint", "ConversionReport", "open_checkpoint", "convert", "write", "choose_layout",
+           "map_state", "to_layout", "DEFAULT_SHARD_BYTES", "LAYOUTS"]

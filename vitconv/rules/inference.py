@@ -1,0 +1,98 @@
+"""Shape-reading helpers the layouts share.
+
+PyTorch layouts store attention as ``(heads * head_dim, width)`` matrices, so the number of
+heads is not in any shape. Every one of these code bases defaults to 64-dimensional heads
+(timm's and Google's ViT-Ti/S/B/L/H, jeonsworld's configs, vit-pytorch's ``dim_head=64``);
+:func:`heads_from_attn_dim` assumes that, the layout's ``num_heads`` carry names the
+argument, and the conversion report says so. Callers that know better pass ``num_heads``
+(``vitconv convert --num-heads``), which arrives in the :class:`~.registry.Probe`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Dict, Optional, Tuple
+
+from ..config import ViTConfig
+from ..errors import MappingError
+from .base import Carry
+from .registry import Probe
+
+Shapes = Dict[str, Tuple[int, ...]]
+#: The head size every supported PyTorch code base uses by default.
+DEFAULT_HEAD_DIM = 64
+
+
+def heads_carry(argument: Optional[str], key: Optional[str] = None) -> Carry:
+    """``num_heads`` where the weights do not record it: 64-dim heads assumed."""
+    return Carry("num_heads", key=key, argument=argument,
+                 default=lambda cfg: cfg.attn_dim // DEFAULT_HEAD_DIM if cfg.attn_dim % DEFAULT_HEAD_DIM == 0 else None)
+
+
+def count_blocks(shapes: Shapes, pattern: str, what: str, path: Optional[str]) -> int:
+    """Number of encoder blocks, requiring them to be numbered ``0..N-1``."""
+    rx = re.compile(pattern)
+    idx = sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+    if not idx:
+        raise MappingError(f"no {what} tensors: not a ViT checkpoint in this layout", path)
+    if idx != list(range(len(idx))):
+        raise MappingError(f"encoder blocks are not numbered 0..N-1 (found {idx[:8]}…)", path)
+    return len(idx)
+
+
+def heads_from_attn_dim(attn_dim: int, probe: Probe, recorded: Optional[int] = None) -> Tuple[int, int]:
+    """``(heads, head_dim)`` for an attention width: the file's own record (``recorded``,
+    e.g. a config.json), else the caller's ``--num-heads``, else 64-dim heads. A given count
+    that contradicts the file's record is an error, not something to note over."""
+    given = probe.num_heads
+    if recorded is not None:
+        if given is not None and given != recorded:
+            raise MappingError(f"num_heads={given}, but the checkpoint records {recorded} heads", probe.path)
+        given = recorded
+    if given is not None:
+        if given <= 0 or attn_dim % given:
+            raise MappingError(f"{given} heads do not divide the attention width {attn_dim}", probe.path)
+        return given, attn_dim // given
+    if attn_dim % DEFAULT_HEAD_DIM:
+        raise MappingError(f"attention width {attn_dim} is not a multiple of 64, so the number of "
+                           "heads cannot be assumed; pass --num-heads", probe.path)
+    return attn_dim // DEFAULT_HEAD_DIM, DEFAULT_HEAD_DIM
+
+
+def grid_from_tokens(n_tokens: int, prefix: int, key: str, path: Optional[str]) -> int:
+    """Side of the square patch grid held by a position table of ``n_tokens`` rows."""
+    n = n_tokens - prefix
+    g = int(round(max(n, 0) ** 0.5))
+    if n <= 0 or g * g != n:
+        raise MappingError(f"{key} has {n_tokens} rows, which is not {prefix} prefix token(s) plus "
+                           "a square grid", path)
+    return g
+
+
+def need(shapes: Shapes, key: str, layout: str, path: Optional[str]) -> Tuple[int, ...]:
+    if key not in shapes:
+        raise MappingError(f"not a {layout} checkpoint: missing {key!r}", path)
+    return shapes[key]
+
+
+def config_json(probe: Probe) -> Dict[str, Any]:
+    """The ``config.json`` that came with the weights (a model directory), or ``{}``."""
+    text = probe.metadata.get("hf_config")
+    if not text:
+        return {}
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise MappingError(f"config.json is not valid JSON ({e})", probe.path) from None
+    if not isinstance(d, dict):
+        raise MappingError("config.json is not a JSON object", probe.path)
+    return d
+
+
+def build(probe: Probe, **kwargs: Any) -> ViTConfig:
+    """``ViTConfig(**kwargs)``, a contradiction among the inferred values named as a mapping error."""
+    try:
+        return ViTConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise MappingError(f"inconsistent architecture: {e}", probe.path) from None

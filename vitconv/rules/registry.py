@@ -1,0 +1,204 @@
+"""The layout registry: every foreign layout declares itself here, with one signature.
+
+A :class:`Layout` is a rule table (tensors, both directions), the :class:`~.base.Carry`
+rows for the config fields it holds, how to recognise it (``detect``) and how to read
+its architecture (``infer``), plus the notes it owes a user. Each ``rules/<family>.py``
+module registers its layouts when imported; :mod:`vitconv.rules` imports them all.
+
+What a layout cannot express is not a hand-kept list: :meth:`Layout.problems` walks the
+config's fields against the layout's carries (a field without a row holds only its
+default there) and the model's tensors against the table's rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ..config import SHAPE_FIELDS, ViTConfig, describe_field
+from ..errors import MappingError
+from .base import Carry, ExpandedRule, Rule, expand_rules, short_list
+
+Shape = Tuple[int, ...]
+
+#: Containers a layout can be written as: one file of either kind, a Google ``.npz``, or a
+#: model directory (``config.json`` beside ``model.safetensors``).
+CONTAINERS = ("safetensors", "pt", "npz", "dir")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What recognition and inference see: tensor shapes (model prefix stripped for
+    ``infer``), the source's metadata strings (a ``config.json`` arrives as ``hf_config``),
+    its path for messages, and a head count the caller gave (``--num-heads``)."""
+
+    shapes: Dict[str, Shape]
+    metadata: Dict[str, str] = field(default_factory=dict)
+    path: Optional[str] = None
+    num_heads: Optional[int] = None
+
+
+def _nothing(*args) -> List[str]:
+    return []
+
+
+def _no_prefix(keys: Sequence[str], path: Optional[str]) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One layout. ``table(cfg)`` gives its rows for a config; ``carries`` how it holds
+    each config field beyond the shapes; ``containers`` what it can be written as;
+    ``target`` the ``--to`` name that selects it (several layouts may share one: the first
+    that can express the model is written)."""
+
+    name: str
+    description: str
+    table: Callable[[ViTConfig], Sequence[Rule]]
+    detect: Callable[[Probe], bool]
+    infer: Callable[[Probe], ViTConfig]
+    carries: Tuple[Carry, ...] = ()
+    containers: Tuple[str, ...] = ("safetensors", "pt")
+    target: Optional[str] = None
+    #: The model's prefix among the keys (Google's ``opt/target/``), or a MappingError.
+    prefix: Callable[[Sequence[str], Optional[str]], str] = _no_prefix
+    #: ``config.json`` of a model directory in this layout: ``(cfg, source layout name)``.
+    directory_config: Optional[Callable[[ViTConfig, Optional[str]], dict]] = None
+    #: What a user must know when reading (assumptions) or writing (how to run it) this layout.
+    read_notes: Callable[[ViTConfig, Probe], List[str]] = _nothing
+    write_notes: Callable[[ViTConfig], List[str]] = _nothing
+    #: For ``inspect``: config field -> the tensor (or convention) its value was read from.
+    sources: Callable[[ViTConfig], Dict[str, str]] = lambda cfg: {}
+    #: container -> the call that loads a written output in the layout's own code (``{path}``).
+    loads_with: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target_name(self) -> str:
+        return self.target or self.name
+
+    def rules(self, cfg: ViTConfig) -> List[ExpandedRule]:
+        return expand_rules(self.table(cfg), cfg)
+
+    def carry(self, name: str) -> Optional[Carry]:
+        return next((c for c in self.carries if c.field == name), None)
+
+    def problems(self, cfg: ViTConfig, canonical: Iterable[str], recorded: bool) -> List[str]:
+        """What this layout cannot express of ``cfg`` (a model with tensors ``canonical``),
+        each naming the field and value; empty when it can. ``recorded``: the container
+        keeps this layout's ``config.json`` (a model directory), so fields carried only
+        there survive."""
+        out = []
+        for f in dataclasses.fields(ViTConfig):
+            if f.name in SHAPE_FIELDS:
+                continue
+            value, c = getattr(cfg, f.name), self.carry(f.name)
+            if c is None:
+                if value != f.default:
+                    out.append(f"{f.name}={value!r} ({describe_field(f.name)}; the {self.name} layout has "
+                               f"no place for it: it always means {f.default!r})")
+            elif c.values is not None and value not in c.values:
+                out.append(f"{f.name}={value!r} ({c.why or 'it holds ' + ', '.join(map(repr, c.values))})")
+            elif c.holds is not None and not c.holds(cfg):
+                out.append(f"{f.name}={value!r} ({c.why})")
+            elif (c.key is not None and c.argument is None and not recorded
+                  and value != c.default_for(cfg)):
+                out.append(f"{f.name}={value!r} (recorded only in config.json: write a model directory)")
+        if out:
+            return out
+        rows = {r.canonical for r in self.rules(cfg)}
+        names = list(canonical)
+        missing = [n for n in names if n not in rows]
+        extra = sorted(rows - set(names))
+        if missing:
+            out.append(f"no {self.name} row for {short_list(missing)}")
+        if extra:
+            out.append(f"the {self.name} layout always has {short_list(extra)}, which this model lacks")
+        return out
+
+    def argument_notes(self, cfg: ViTConfig, recorded: bool) -> List[str]:
+        """Constructor arguments the layout's code needs for this model, where the file does
+        not record them (a bare state dict): the value and the argument that sets it."""
+        out = []
+        for c in self.carries:
+            if c.argument is None or (recorded and c.key is not None):
+                continue
+            value, default = getattr(cfg, c.field), c.default_for(cfg)
+            if value != default:
+                how = f"pass {c.argument}={value!r}" if c.argument.isidentifier() else c.argument
+                if c.field == "num_heads":  # vitconv itself assumes 64-dim heads when reading
+                    how += f", and --num-heads {value} when vitconv reads the file"
+                out.append(f"{c.field}={value!r} is not recorded in a bare {self.name} state dict: {how}")
+        return out
+
+    def assumed(self, cfg: ViTConfig, probe: Probe) -> List[str]:
+        """Fields a read took from the layout's conventions because the source does not
+        record them (no config.json key, no head count given)."""
+        out = []
+        for c in self.carries:
+            if c.argument is None:
+                continue
+            if c.key is not None and _has_key(probe.metadata, c.key):
+                continue
+            if c.field == "num_heads" and probe.num_heads is not None:
+                continue
+            out.append(c.field)
+        return out
+
+
+def _has_key(metadata: Dict[str, str], key: str) -> bool:
+    """Whether the ``config.json`` a source carries holds ``key`` (dotted: ``model_args.x``)."""
+    import json
+
+    text = metadata.get("hf_config")
+    if not text:
+        return False
+    try:
+        node = json.loads(text)
+    except ValueError:
+        return False
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+LAYOUTS: Dict[str, Layout] = {}
+
+
+def register(layout: Layout) -> Layout:
+    if layout.name in LAYOUTS:
+        raise ValueError(f"layout {layout.name!r} registered twice")
+    for c in layout.containers:
+        if c not in CONTAINERS:
+            raise ValueError(f"layout {layout.name!r}: unknown container {c!r}")
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
+def targets() -> Dict[str, List[Layout]]:
+    """``--to`` name -> the layouts it may write, in registration order."""
+    out: Dict[str, List[Layout]] = {}
+    for layout in LAYOUTS.values():
+        out.setdefault(layout.target_name, []).append(layout)
+    return out
+
+
+def detect_layout(probe: Probe) -> Layout:
+    """The one layout whose ``detect`` accepts the source's keys; a clear error naming the
+    candidates when none or several do. The canonical layout (a vitconv config in the
+    metadata, or bare canonical names) is tried last: foreign tables win a tie."""
+    canonical = LAYOUTS.get("canonical")
+    if canonical is not None and "vitconv_config" in probe.metadata:
+        return canonical
+    hits = [l for l in LAYOUTS.values() if l is not canonical and l.detect(probe)]
+    if not hits and canonical is not None and canonical.detect(probe):
+        hits = [canonical]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise MappingError("not a ViT checkpoint in any known layout (known: "
+                           + ", ".join(sorted(LAYOUTS)) + ")", probe.path)
+    raise MappingError("ambiguous layout: matches " + ", ".join(l.name for l in hits), probe.path)
