@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, VITCONV
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", README, re.S)
@@ -35,7 +35,9 @@ def test_readme_has_the_two_setup_commands_first():
 
 def test_every_readme_example_runs(tmp_path):
     (tmp_path / "golden").symlink_to(ROOT / "golden")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the examples call `vitconv`: the one installed beside this interpreter, PATH or not
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PATH=os.path.dirname(VITCONV) + os.pathsep + os.environ.get("PATH", ""))
     ran = 0
     for lang, body in commands():
         if lang == "python":
