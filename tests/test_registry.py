@@ -49,6 +49,7 @@ VARIANTS.update({
                                   head_dim=64),
     "old vit-pytorch": _SMALL.replace(act="gelu", norm_eps=1e-5, qkv_bias=False, num_heads=2, head_dim=64),
     "timm gap": _SMALL.replace(act="gelu", classifier="gap", final_norm="pooled"),
+    "layer scale": _SMALL.replace(act="gelu", layer_scale=True),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
          for name in VARIANTS]

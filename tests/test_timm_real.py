@@ -170,3 +170,45 @@ def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
     assert rows["num_heads"]["value"] == 3 and rows["num_heads"]["source"] == "config.json model_args.num_heads"
     assert rows["act"]["source"] == "config.json model_args.act_layer"
     assert rows["act"]["value"] == "gelu_tanh"
+
+
+def _spread_layer_scales(model, seed=3):
+    """LayerScale gammas log-uniform over 2e-4 .. 11, the range trained DINOv2 models show,
+    so each block's branches move the output far above float32 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.copy_(torch.exp(torch.empty(p.shape).uniform_(float(np.log(2e-4)), float(np.log(11.0)),
+                                                                generator=g)))
+    return model
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(class_token=False, global_pool="avg", fc_norm=True)],
+                         ids=["token", "avg_fc_norm"])
+def test_layer_scale_reads_writes_and_matches_timm(kw, tmp_path):
+    """timm's init_values (DeiT-3, DINOv2): ls1/ls2.gamma read onto the canonical LayerScale
+    give timm's logits; back to timm they load strictly and bit for bit; a timm directory
+    rebuilds with create_model; layouts without LayerScale refuse it by name."""
+    model = _spread_layer_scales(_randomize(VisionTransformer(**SMALL, init_values=1e-5, **kw)))
+    _save(model, tmp_path / "ls.safetensors")
+    report = convert(tmp_path / "ls.safetensors", tmp_path / "c.safetensors", num_heads=2)
+    assert report.config.layer_scale
+    ours = load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        want = model(_x())
+        assert (ours(_x()) - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+        flat = VisionTransformer(**SMALL, **kw).eval()  # the same weights without the scales
+        flat.load_state_dict({k: v for k, v in model.state_dict().items() if ".ls" not in k})
+        assert (flat(_x()) - want).abs().max().item() > 1e-2
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    a, b = load_file(tmp_path / "ls.safetensors"), load_file(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    VisionTransformer(**SMALL, init_values=1e-5, **kw).load_state_dict(b, strict=True)
+    convert(tmp_path / "c.safetensors", tmp_path / "ldir", to="timm")
+    built = timm.create_model(f"local-dir:{tmp_path / 'ldir'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert (built(_x()) - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    for to, dst in (("npz", "x.npz"), ("hf", "xhf"), ("jeonsworld", "x.pth")):
+        with pytest.raises(MappingError, match="layer_scale=True"):
+            convert(tmp_path / "c.safetensors", tmp_path / dst, to=to)

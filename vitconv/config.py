@@ -89,6 +89,9 @@ class ViTConfig:
     #: head, ``head_dist``. In inference the logits are the mean of the two heads' outputs,
     #: which is what timm's ``VisionTransformerDistilled`` returns in eval mode.
     distilled: bool = _field(False, "DeiT distillation token and head_dist")
+    #: LayerScale (CaiT, DeiT-3, DINOv2): each residual branch is multiplied by a learned
+    #: per-channel vector before it is added, ``x + ls1 * attn(norm1(x))`` and likewise ls2.
+    layer_scale: bool = _field(False, "LayerScale: a learned per-channel scale on each residual branch")
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIERS:

@@ -171,19 +171,33 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (``gamma``, as timm and DINOv2 name it)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm encoder block (``Encoder1DBlock``): x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm encoder block (``Encoder1DBlock``): x + attn(ln(x)), then x + mlp(ln(x));
+    with LayerScale each branch is scaled per channel before it is added."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
+        self.ls1 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
+        self.ls2 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.norm1(x))
-        return x, x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x, x + self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[1]

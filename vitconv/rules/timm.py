@@ -48,9 +48,11 @@ def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
     for name, when in (("norm1.weight", "always"), ("norm1.bias", "always"),
                        ("attn.qkv.weight", "always"), ("attn.qkv.bias", "qkv_bias"),
                        ("attn.proj.weight", "always"), ("attn.proj.bias", "always"),
+                       ("ls1.gamma", "layer_scale"),  # DeiT-3, DINOv2 (init_values)
                        ("norm2.weight", "always"), ("norm2.bias", "always"),
                        ("mlp.fc1.weight", "always"), ("mlp.fc1.bias", "always"),
-                       ("mlp.fc2.weight", "always"), ("mlp.fc2.bias", "always")):
+                       ("mlp.fc2.weight", "always"), ("mlp.fc2.bias", "always"),
+                       ("ls2.gamma", "layer_scale")):
         rows.append(Rule(_B + name, (_B + name,), IDENTITY, "block", when))
     rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
              Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
@@ -83,7 +85,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("act", values=ACTIVATIONS, key=key("act_layer"), argument="act_layer", default="gelu"),
         Carry("norm_eps", argument="norm_layer", default=1e-6),
         Carry("classifier"), Carry("final_norm"), Carry("representation_size"), Carry("qkv_bias"),
-        Carry("distilled"),
+        Carry("distilled"), Carry("layer_scale"),
         Carry("resnet_layers", values=(None,), why="timm's hybrid backbone has other names and semantics"),
     )
 
@@ -159,7 +161,8 @@ def infer(layout: str):
                      classifier="token" if token else "gap", representation_size=rep,
                      num_classes=head[0] if head else 0,
                      qkv_bias=(_B.format(i=0) + "attn.qkv.bias") in shapes,
-                     norm_eps=1e-6, act=act, final_norm=final, distilled=distilled)
+                     norm_eps=1e-6, act=act, final_norm=final, distilled=distilled,
+                     layer_scale=(_B.format(i=0) + "ls1.gamma") in shapes)
     return infer_config
 
 
@@ -183,6 +186,8 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
         kw.update(global_pool="token")
     if cfg.final_norm == "none":
         kw["final_norm"] = False
+    if cfg.layer_scale:  # any value creates ls1/ls2; the weights hold the trained scales
+        kw["init_values"] = 1e-5
     return kw
 
 
