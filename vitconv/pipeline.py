@@ -338,14 +338,15 @@ def _foreign_stream(ckpt: Checkpoint, rules: Sequence[ExpandedRule], order: Sequ
         raise AssertionError("canonical tensors left over after the last foreign key")
 
 
-def _order(specs: List[TensorSpec], container: str, canonical: bool) -> List[TensorSpec]:
+def _order(specs: List[TensorSpec], container: str) -> List[TensorSpec]:
     """The order each container lays tensors out in. safetensors: ``save_file``'s own (widest
     dtype, then name), so the bytes equal its output; ``.npz``: sorted keys, as Google's saver
-    writes; a canonical ``.pt``: state-dict order; a foreign ``.pt``: sorted keys."""
-    if container in ("safetensors", "dir"):
+    writes. A ``.pt``'s records take the safetensors order too, while its state dict keeps the
+    layout's own order (:func:`write`): small tensors between the large ones keep fewer MLP
+    kernels alive at once (ViT-H/14: 290 MiB peak, against 327-345 MiB in the source table's
+    order, whose runs of 26 MB kernels fill reader, mapper and writer together)."""
+    if container in ("safetensors", "dir", "pt"):
         return safetensors_order(specs)
-    if container == "pt" and canonical:
-        return specs
     return sorted(specs, key=lambda s: s.name)
 
 
@@ -362,7 +363,9 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
     rules = layout.rules(cfg)
     shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
     specs = _order([TensorSpec(k, canon[r.canonical].dtype, shapes[k]) for r in rules for k in r.source],
-                   container, canonical)
+                   container)
+    # a .pt's state dict: the model's own order for a canonical file, sorted keys otherwise
+    state_order = [k for r in rules for k in r.source] if canonical else sorted(s.name for s in specs)
     dst = Path(dst)
     with contextlib.ExitStack() as stack:
         if container == "dir":
@@ -377,7 +380,8 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
             meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json(), **(extra or {})} if canonical else {})}
             writer = SafetensorsStreamWriter(dst, specs, meta, shard_bytes=shard_bytes)
         elif container == "pt":
-            writer = PtStreamWriter(dst, specs, vitconv_payload(cfg.to_dict(), extra) if canonical else None)
+            writer = PtStreamWriter(dst, specs, vitconv_payload(cfg.to_dict(), extra) if canonical else None,
+                                    state_order)
         else:
             writer = NpzStreamWriter(dst, specs)
         with writer:

@@ -55,18 +55,26 @@ def vitconv_payload(config: Dict[str, Any], extra: Optional[Mapping[str, str]] =
 
 
 class PtStreamWriter(StreamWriter):
-    """Write a ``torch.save`` archive tensor by tensor, in ``specs`` order (the state dict's
-    order). ``wrap`` builds the pickled object around the state dict (None: the bare dict)."""
+    """Write a ``torch.save`` archive tensor by tensor, in ``specs`` order. ``state_order``
+    (default: the same) is the order of the state dict ``torch.load`` returns: ``torch.load``
+    finds each record by its key, so the records may be written in whatever order the
+    producer makes them fastest. ``wrap`` builds the pickled object around the state dict
+    (None: the bare dict)."""
 
     def __init__(self, path: os.PathLike | str, specs: Sequence[TensorSpec],
-                 wrap: Optional[Callable[[Dict[str, Any]], Any]] = None):
+                 wrap: Optional[Callable[[Dict[str, Any]], Any]] = None,
+                 state_order: Optional[Sequence[str]] = None):
         super().__init__(path, specs)
         self.wrap = wrap or (lambda state: state)
+        self.state_order = list(state_order) if state_order is not None else [s.name for s in self.specs]
+        if sorted(self.state_order) != sorted(s.name for s in self.specs):
+            raise ValueError("state_order must name every tensor of specs once")
 
     def payload_pickle(self) -> bytes:
-        """``data.pkl``: storage keys are the tensors' positions, in state-dict order."""
-        state = {s.name: StoredTensor(str(i), np.dtype(s.dtype), tuple(s.shape))
-                 for i, s in enumerate(self.specs)}
+        """``data.pkl``: each tensor's storage key is its position in the write order."""
+        key = {s.name: (str(i), s) for i, s in enumerate(self.specs)}
+        state = {n: StoredTensor(key[n][0], np.dtype(key[n][1].dtype), tuple(key[n][1].shape))
+                 for n in self.state_order}
         return dumps(self.wrap(state))
 
     def _open(self, stack: contextlib.ExitStack) -> None:
