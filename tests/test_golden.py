@@ -65,3 +65,19 @@ def test_dynamic_resolution_forward_equals_converted_at_that_size():
         on_the_fly = native(x).numpy()
     err = float(np.abs(on_the_fly - golden_expected(case, "logits")).max())
     assert err <= 2e-5, err
+
+
+def test_a_reference_that_fails_fails_the_case(monkeypatch):
+    """The NumPy reference is half of what `golden check` holds: if it cannot run on a Google
+    case, the case fails with the reason, rather than passing on the converter's figures alone."""
+    from vitconv import golden
+
+    def broken(*args, **kwargs):
+        raise KeyError("Transformer/encoder_norm/scale")
+
+    monkeypatch.setattr(golden.GoogleViTReference, "from_npz", broken)
+    report = golden.check(golden_path(""), ["tiny_token_p8_32"])
+    assert not report.ok
+    (case,) = report.cases
+    assert case.problems == ["the NumPy reference failed (KeyError: 'Transformer/encoder_norm/scale')"]
+    assert any("FAIL the NumPy reference failed" in line for line in report.lines())
