@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import click
 
@@ -44,3 +45,18 @@ def progress_bar(ctx: click.Context, label: str) -> Iterator[Optional[Callable[[
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+
+
+def parse_overrides(items: Iterable[str]) -> Dict[str, object]:
+    """``("act=quick_gelu", "norm_eps=1e-5")`` -> ``{"act": "quick_gelu", "norm_eps": 1e-05}``;
+    a value that reads as JSON (a number, true/false) is taken as such, otherwise as text."""
+    out: Dict[str, object] = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
+        try:
+            out[field.strip()] = json.loads(value)
+        except ValueError:
+            out[field.strip()] = value
+    return out

@@ -9,7 +9,7 @@ import click
 from vitconv.pipeline import convert as convert_any
 from vitconv.targets import target_names
 
-from .common import progress_bar, summary
+from .common import parse_overrides, progress_bar, summary
 
 
 @click.command("convert")
@@ -19,11 +19,14 @@ from .common import progress_bar, summary
               "Google, a directory -> hf, .pt/.safetensors -> canonical).")
 @click.option("--num-heads", type=int, help="Heads, where the source's shapes cannot say "
               "(fused or per-matrix q/k/v; default assumes 64-dim heads).")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="A config field the source does not record, e.g. --set act=quick_gelu --set "
+              "norm_eps=1e-5 for a bare OpenAI-CLIP-style timm state dict (repeatable).")
 @click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
-              "as Google's fine-tuning does.")
+              "the way the source's library does.")
 @click.pass_context
 def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
-            image_size: int | None) -> None:
+            overrides: tuple, image_size: int | None) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -33,5 +36,6 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
       vitconv convert vit_timm.pth back.npz               # Google .npz
     """
     with progress_bar(ctx, "converting") as progress:
-        report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress)
+        report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
+                             overrides=parse_overrides(overrides))
     summary(ctx, report.rows())

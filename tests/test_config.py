@@ -7,7 +7,7 @@ from vitconv.config import ViTConfig
 
 @pytest.mark.parametrize("cfg", [
     ViTConfig(),
-    ViTConfig(classifier="gap", act="gelu", norm_eps=1e-12, qkv_bias=False, final_norm="pooled"),
+    ViTConfig(classifier="gap", class_token=False, act="gelu", norm_eps=1e-12, qkv_bias=False, final_norm="pooled"),
     ViTConfig(image_size=384, patch_size=1, resnet_layers=(3, 4, 9), representation_size=768,
               num_classes=21843),
 ])
@@ -18,7 +18,7 @@ def test_json_round_trip(cfg):
 def test_derived_sizes():
     assert ViTConfig().num_tokens == 197
     assert ViTConfig(image_size=384, patch_size=1, resnet_layers=(3, 4, 9)).grid_size == 24
-    assert ViTConfig(classifier="gap").num_tokens == 196
+    assert ViTConfig(classifier="gap", class_token=False).num_tokens == 196
 
 
 @pytest.mark.parametrize("bad", [dict(classifier="mean"), dict(act="swish"), dict(image_size=230),
@@ -38,6 +38,6 @@ def test_distilled_config_counts_both_prefix_tokens_and_refuses_what_deit_lacks(
                   num_classes=10, distilled=True)
     assert (c.num_prefix_tokens, c.num_tokens) == (2, 18)
     assert ViTConfig.from_json(c.to_json()) == c
-    for bad in (dict(classifier="gap"), dict(representation_size=48)):
+    for bad in (dict(classifier="gap", class_token=False), dict(representation_size=48)):
         with pytest.raises(ValueError, match="distillation token"):
             c.replace(**bad)

@@ -68,7 +68,7 @@ REAL = {
     "ViT-B/16-in21k": ViTConfig(representation_size=768, num_classes=21843),
     "ViT-S/32@384": ViTConfig(image_size=384, patch_size=32, width=384, num_heads=6, mlp_dim=1536),
     "ViT-L/16": ViTConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "ViT-S/16-gap": ViTConfig(width=384, num_heads=6, mlp_dim=1536, classifier="gap"),
+    "ViT-S/16-gap": ViTConfig(width=384, num_heads=6, mlp_dim=1536, classifier="gap", class_token=False),
     "R50+ViT-B/16@384": ViTConfig(image_size=384, patch_size=1, resnet_layers=(3, 4, 9)),
 }
 

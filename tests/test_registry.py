@@ -25,8 +25,9 @@ _SMALL = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, 
                    num_classes=10)
 VARIANTS = {
     "token": _SMALL,
-    "gap+fc_norm": _SMALL.replace(classifier="gap", final_norm="pooled"),
-    "gap, no norm": _SMALL.replace(classifier="gap", final_norm="none"),
+    "gap+fc_norm": _SMALL.replace(classifier="gap", class_token=False, final_norm="pooled"),
+    "mae: class token, gap, fc_norm": _SMALL.replace(act="gelu", classifier="gap", final_norm="pooled"),
+    "gap, no norm": _SMALL.replace(classifier="gap", class_token=False, final_norm="none"),
     "pre_logits": _SMALL.replace(representation_size=48),
     "no head": _SMALL.replace(num_classes=0),
     "no qkv bias": _SMALL.replace(qkv_bias=False),
@@ -48,7 +49,7 @@ VARIANTS.update({
     "vit-pytorch": _SMALL.replace(act="gelu", norm_eps=1e-5, qkv_bias=False, patch_norm=True, num_heads=2,
                                   head_dim=64),
     "old vit-pytorch": _SMALL.replace(act="gelu", norm_eps=1e-5, qkv_bias=False, num_heads=2, head_dim=64),
-    "timm gap": _SMALL.replace(act="gelu", classifier="gap", final_norm="pooled"),
+    "timm gap": _SMALL.replace(act="gelu", classifier="gap", class_token=False, final_norm="pooled"),
     "layer scale": _SMALL.replace(act="gelu", layer_scale=True),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
@@ -76,13 +77,13 @@ def test_what_a_layout_accepts_reads_back_as_the_same_model(layout, container, v
         return
     shapes, meta = _written(layout, cfg, container)
     heads = layout.carry("num_heads")
-    given = cfg.num_heads if heads.argument is not None and not (recorded and heads.key) else None
+    given = cfg.num_heads if heads.argument is not None and not heads.recorded(cfg, recorded) else None
     assert detect_layout(Probe(shapes, meta)) is layout
     got = layout.infer(Probe(shapes, meta, None, given))
     # a bare file does not record the layout's constructor arguments: its code's defaults return
     want = cfg
     for c in layout.carries:
-        if c.argument is not None and c.field != "num_heads" and not (recorded and c.key):
+        if c.argument is not None and c.field != "num_heads" and not c.recorded(cfg, recorded):
             want = want.replace(**{c.field: c.default_for(cfg)})
     assert got == want
     notes = layout.argument_notes(cfg, recorded)
@@ -104,15 +105,15 @@ def test_every_layout_can_hold_some_variant():
     ("google", _SMALL.replace(norm_eps=1e-5), "norm_eps=1e-05 (an .npz always means Flax's LayerNorm epsilon"),
     ("google", _SMALL.replace(patch_norm=True), "patch_norm=True (LayerNorms around the patch projection; the "
                                                 "google layout has no place for it: it always means False)"),
-    ("hf", _SMALL.replace(classifier="gap"), "classifier='gap' (Hugging Face ViT always classifies"),
+    ("hf", _SMALL.replace(classifier="gap", class_token=False), "classifier='gap' (Hugging Face ViT always classifies"),
     ("hf", _SMALL.replace(distilled=True), "distilled=True (DeiT distillation token and head_dist; the hf layout"),
     ("hf", _SMALL.replace(representation_size=48), "never applies the pooler"),
     ("hf_model", _SMALL, "no hf_model row for head.weight, head.bias"),
     ("timm", _SMALL.replace(num_heads=4, head_dim=8), "timm's attention width is the embedding width"),
     ("timm", _SMALL.replace(resnet_layers=(1,), patch_size=1, image_size=64), "hybrid backbone"),
     ("lucidrains", _SMALL, "qkv_bias=True (vit-pytorch's to_qkv has no bias)"),
-    ("lucidrains_prenorm", _SMALL.replace(qkv_bias=False, classifier="gap"), "old vit-pytorch always has a class"),
-    ("jeonsworld", _SMALL.replace(classifier="gap"), "jeonsworld always classifies the class token"),
+    ("lucidrains_prenorm", _SMALL.replace(qkv_bias=False, classifier="gap", class_token=False), "old vit-pytorch always has a class"),
+    ("jeonsworld", _SMALL.replace(classifier="gap", class_token=False), "jeonsworld always classifies the class token"),
 ])
 def test_refusals_name_the_field_and_the_reason(layout, cfg, says):
     problems = LAYOUTS[layout].problems(cfg, parameter_shapes(cfg), recorded=True)

@@ -209,7 +209,7 @@ def test_presets_have_published_sizes(name):
     ViTConfig(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, head_dim=16, mlp_dim=64,
               num_classes=10),
     ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, head_dim=8, mlp_dim=48,
-              num_classes=5, classifier="gap", representation_size=24),
+              num_classes=5, classifier="gap", class_token=False, representation_size=24),
     ViTConfig(image_size=32, patch_size=1, width=32, depth=1, num_heads=2, head_dim=16, mlp_dim=64,
               num_classes=7, resnet_layers=(1, 1), resnet_width=32),
 ], ids=["token", "gap_prelogits", "hybrid"])

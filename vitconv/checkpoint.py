@@ -25,13 +25,15 @@ def build_model(config: ViTConfig, state: Dict[str, np.ndarray]) -> VisionTransf
     return model.eval()
 
 
-def load(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None) -> VisionTransformer:
+def load(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None,
+         **overrides: object) -> VisionTransformer:
     """Load any checkpoint vitconv reads as the eval-mode canonical ViT. ``image_size``
     resizes the position table as Google's fine-tuning does; ``num_heads`` overrides the
-    64-dim-head assumption of layouts that do not record the head count.
+    64-dim-head assumption of layouts that do not record the head count; ``overrides`` set
+    other fields such a file leaves to its code (``act="quick_gelu"``, ``norm_eps=1e-5``).
 
     >>> model = vitconv.load("golden/jax/tiny_token_p8_32.npz")   # doctest: +SKIP
     >>> logits = model(images_nchw)                                # doctest: +SKIP
     """
-    with open_checkpoint(path, image_size=image_size, num_heads=num_heads) as ckpt:
+    with open_checkpoint(path, image_size=image_size, num_heads=num_heads, overrides=overrides) as ckpt:
         return build_model(ckpt.config, ckpt.state_dict())

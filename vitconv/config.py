@@ -23,8 +23,25 @@ from typing import Any, Optional, Tuple
 #: Activation forms. Flax's ``nn.gelu`` defaults to ``approximate=True``, the tanh
 #: form, which is what every Google ViT was trained with; PyTorch's ``nn.GELU()`` and
 #: timm default to the exact erf form. The two differ by up to ~1e-3 per activation.
-ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu", "relu")
-CLASSIFIERS = ("token", "gap")
+ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu", "relu", "silu")
+#: Pooling. "token": the class token. "gap": the mean of the patch tokens (prefix tokens left
+#: out, as timm's and OpenCLIP's 'avg'; Google's gap models have none). "map": an attention-
+#: pooling head (SigLIP's MAPHead, timm's ``attn_pool``): a learned probe attends over every
+#: token, then ``x + mlp(norm(x))``.
+CLASSIFIERS = ("token", "gap", "map")
+#: Which prefix tokens have rows in the position table. "all": every one (Google, DeiT,
+#: timm's default); "class": only the class token, registers are inserted after the table is
+#: added (DINOv2); "none": the table covers the patches, prefix tokens are concatenated after
+#: it is added (timm ``no_embed_class``, DeiT-3, big_vision).
+POS_EMBED_PREFIXES = ("all", "class", "none")
+#: How a source family resizes its position table for another resolution; the converted model
+#: follows its source's. "zoom": Google's ``scipy.ndimage.zoom(order=1)`` (bilinear, corners
+#: aligned). "bicubic": ``F.interpolate(size=, mode='bicubic', align_corners=False)``
+#: (Hugging Face ViT, DINOv2, CLIP, SigLIP). "bicubic_aa": the same with ``antialias=True``
+#: (timm, OpenCLIP, DINOv2 with registers). "dinov2": the original DINOv2's
+#: ``scale_factor=((g + 0.1) / M)``, bicubic, no antialias. Prefix rows are always kept.
+POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2")
+MLPS = ("mlp", "swiglu")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector
 #: ("pooled", timm's ``fc_norm``). For a class-token model the two are the same function
@@ -64,7 +81,8 @@ class ViTConfig:
     num_heads: int = _field(12, "attention heads")
     head_dim: int = _field(64, "attention head size")
     mlp_dim: int = 3072
-    classifier: str = _field("token", "pooling: the class token, or the mean of all tokens")
+    classifier: str = _field("token", "pooling: the class token, the mean of the patch tokens, or an "
+                                      "attention-pooling head")
     representation_size: Optional[int] = _field(None, "pre_logits layer (Dense + tanh before the head)")
     num_classes: int = 1000
     qkv_bias: bool = _field(True, "q/k/v biases")
@@ -92,28 +110,53 @@ class ViTConfig:
     #: LayerScale (CaiT, DeiT-3, DINOv2): each residual branch is multiplied by a learned
     #: per-channel vector before it is added, ``x + ls1 * attn(norm1(x))`` and likewise ls2.
     layer_scale: bool = _field(False, "LayerScale: a learned per-channel scale on each residual branch")
+    class_token: bool = _field(True, "class token")
+    #: Register tokens (DINOv2 and timm ``reg_tokens``): learned prefix tokens after the class token.
+    num_reg_tokens: int = _field(0, "register tokens")
+    pos_embed_prefix: str = _field("all", "which prefix tokens have rows in the position table")
+    #: A LayerNorm after the embedding, before block 0 (CLIP's ``ln_pre``, timm ``pre_norm``).
+    norm_pre: bool = _field(False, "LayerNorm before the first block (CLIP ln_pre)")
+    patch_bias: bool = _field(True, "patch projection bias")
+    #: CLIP's projection ``x @ proj`` is a bias-free head.
+    head_bias: bool = _field(True, "head bias")
+    #: "swiglu": ``fc1`` holds [gate; up] (2 x mlp_dim rows) and the MLP is ``fc2(act(gate) * up)``
+    #: (DINOv2 ViT-g, timm ``SwiGLUPacked``), with ``act`` the gate's activation (SiLU).
+    mlp: str = _field("mlp", "MLP form (SwiGLU: act(gate) * up)")
+    #: DINOv2's ``mask_token``: used only by masked training, kept so conversions round-trip.
+    mask_token: bool = _field(False, "mask token (training only)")
+    pos_resize: str = _field("zoom", "how the position table is resized for another resolution")
 
     def __post_init__(self) -> None:
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
-        if self.final_norm not in FINAL_NORMS:
-            raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r}")
+        for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
+                              ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
+                              ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.classifier == "token" and not self.class_token:
+            raise ValueError("classifier 'token' needs a class token")
         if self.final_norm == "pooled" and self.classifier == "token":
             object.__setattr__(self, "final_norm", "encoder")  # the same function; one spelling
+        if self.final_norm == "pooled" and self.classifier == "map":
+            raise ValueError("an attention-pooling head reads normalised tokens: final_norm 'pooled' "
+                             "has no meaning there")
+        if self.num_reg_tokens < 0:
+            raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
+        if self.pos_embed_prefix == "class" and not self.class_token:
+            raise ValueError("pos_embed_prefix 'class' needs a class token")
+        if self.pos_embed_prefix != "all" and self.num_prefix_tokens == int(self.pos_embed_prefix == "class"):
+            object.__setattr__(self, "pos_embed_prefix", "all")  # the same table either way; one spelling
         if self.resnet_layers is not None and self.resnet_width % self.resnet_groups:
             raise ValueError(f"hybrid stem width {self.resnet_width} is not a multiple of GroupNorm's "
                              f"{self.resnet_groups} groups")
         if self.patch_norm and self.resnet_layers is not None:
             raise ValueError("patch_norm is not supported with a hybrid ResNet stem")
-        if self.distilled and (self.classifier != "token" or self.representation_size):
-            raise ValueError("a distillation token needs a class-token model without pre_logits "
-                             "(as in DeiT)")
+        if self.distilled and (self.classifier != "token" or self.representation_size or self.num_reg_tokens):
+            raise ValueError("a distillation token needs a class-token model without pre_logits or "
+                             "registers (as in DeiT)")
         if self.resnet_layers is not None:
             object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
         for name in ("image_size", "patch_size", "in_chans", "width", "depth", "num_heads",
-                     "head_dim", "mlp_dim"):
+                     "head_dim", "mlp_dim", "resnet_width", "resnet_groups"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_size % self.total_stride:
@@ -142,12 +185,28 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: the class token, then DeiT's distillation token."""
-        return (1 if self.classifier == "token" else 0) + (1 if self.distilled else 0)
+        """Tokens before the patches: the class token, DeiT's distillation token, registers."""
+        return int(self.class_token) + int(self.distilled) + self.num_reg_tokens
+
+    @property
+    def num_pos_prefix(self) -> int:
+        """Prefix rows of the position table (see :data:`POS_EMBED_PREFIXES`)."""
+        return {"all": self.num_prefix_tokens, "class": 1, "none": 0}[self.pos_embed_prefix]
 
     @property
     def num_tokens(self) -> int:
+        """Tokens entering block 0."""
         return self.grid_size ** 2 + self.num_prefix_tokens
+
+    @property
+    def num_pos_rows(self) -> int:
+        """Rows of the position table."""
+        return self.grid_size ** 2 + self.num_pos_prefix
+
+    @property
+    def mlp_in_dim(self) -> int:
+        """Rows of ``fc1``: ``mlp_dim``, or gate and up halves for SwiGLU."""
+        return 2 * self.mlp_dim if self.mlp == "swiglu" else self.mlp_dim
 
     @property
     def head_in_dim(self) -> int:
@@ -182,6 +241,8 @@ class ViTConfig:
         Raises ``ValueError`` naming the fields."""
         if not isinstance(d, dict):
             raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        if "class_token" not in d and "classifier" in d:  # written before the field existed,
+            d = {**d, "class_token": d["classifier"] == "token"}  # when 'gap' meant no class token
         hints = typing.get_type_hints(cls)
         unknown = set(d) - set(hints)
         if unknown:
@@ -206,7 +267,15 @@ class ViTConfig:
         kind = "ViT"
         if self.resnet_layers is not None:
             kind = f"R{'+'.join(str(n) for n in self.resnet_layers)}(w{self.resnet_width})+ViT"
-        extras = [self.classifier]
+        extras = [self.classifier + ("" if self.class_token or self.classifier == "token" else ", no class token")]
+        if self.class_token and self.classifier != "token":
+            extras[0] += " (class token not pooled)"
+        if self.num_reg_tokens:
+            extras.append(f"{self.num_reg_tokens} registers")
+        if self.layer_scale:
+            extras.append("LayerScale")
+        if self.mlp != "mlp":
+            extras.append(self.mlp)
         if self.representation_size:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:

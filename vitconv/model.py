@@ -27,6 +27,8 @@ def _activation(name: str):
         return lambda x: x * torch.sigmoid(1.702 * x)
     if name == "relu":
         return F.relu
+    if name == "silu":  # SwiGLU's gate
+        return F.silu
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -161,14 +163,50 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """``fc2(act(fc1(x)))``; SwiGLU: ``fc1`` holds [gate; up] and the hidden is ``act(gate) * up``
+    (DINOv2's ``w12``, timm's ``SwiGLUPacked``: the first half is the activated gate)."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_in_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
         self.act = _activation(cfg.act)
+        self.glu = cfg.mlp == "swiglu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(self.act(gate) * up)
+        return self.fc2(self.act(h))
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling (big_vision's ``MAPHead``, timm's ``AttentionPoolLatent``, Hugging Face
+    SigLIP's head): a learned probe attends over every token (``qkv`` rows are [q; k; v], the
+    probe makes the query, the tokens the keys and values), the output projection follows, then
+    ``x + mlp(norm(x))``: a residual around the MLP only."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.width
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.replace(mlp="mlp") if cfg.mlp != "mlp" else cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        w_q, w_kv = self.qkv.weight[:d], self.qkv.weight[d:]
+        b_q, b_kv = self.qkv.bias[:d], self.qkv.bias[d:]
+        q = F.linear(self.latent.expand(b, -1, -1), w_q, b_q).reshape(b, 1, self.num_heads, self.head_dim)
+        kv = F.linear(x, w_kv, b_kv).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
+        out = self.proj(out.transpose(1, 2).reshape(b, 1, d))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
 
 
 class LayerScale(nn.Module):
@@ -209,33 +247,41 @@ class VisionTransformer(nn.Module):
     ``forward_stages`` returns every intermediate the verifier compares (see
     :data:`STAGES`); ``pooled`` and ``head_input`` are reachable there and through
     :meth:`forward_head`. Inputs whose grid differs from the config's get their position
-    embeddings resized on the fly with the same semantics as ``npz2pt --image-size``.
+    embeddings resized on the fly in the source family's way (``config.pos_resize``), as
+    ``npz2pt --image-size`` does.
     """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
+        d = cfg.width
         self.stem = ResNetStem(cfg) if cfg.resnet_layers is not None else None
-        self.patch_embed = nn.Conv2d(cfg.embed_in_chans, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.patch_embed = nn.Conv2d(cfg.embed_in_chans, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         if cfg.patch_norm:  # vit-pytorch: LN(patch) -> Linear -> LN(width)
             patch_dim = cfg.embed_in_chans * cfg.patch_size ** 2
             self.patch_norm_pre = nn.LayerNorm(patch_dim, eps=cfg.norm_eps)
-            self.patch_norm_post = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.classifier == "token" else None
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
+            self.patch_norm_post = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, d)) if cfg.num_reg_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None  # training only
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d))
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm != "none" else None
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm != "none" else None
+        self.attn_pool = AttentionPool(cfg) if cfg.classifier == "map" else None
         if cfg.representation_size:
-            self.pre_logits = nn.Linear(cfg.width, cfg.representation_size)
+            self.pre_logits = nn.Linear(d, cfg.representation_size)
         else:
             self.pre_logits = None
-        self.head = nn.Linear(cfg.head_in_dim, cfg.num_classes) if cfg.num_classes else None
-        self.head_dist = nn.Linear(cfg.width, cfg.num_classes) if cfg.distilled and cfg.num_classes else None
+        self.head = nn.Linear(cfg.head_in_dim, cfg.num_classes, bias=cfg.head_bias) if cfg.num_classes else None
+        self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.distilled and cfg.num_classes else None
 
     # -- pieces ---------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> tokens entering block 0 (patches, class token, position embedding)."""
+        """Images -> tokens entering block 0: patches, prefix tokens (class, distillation,
+        registers, in that order) and the position table, added to the tokens it has rows for
+        (``config.pos_embed_prefix``), then ``norm_pre``."""
         if self.stem is not None:
             x = self.stem(x)
         if self.config.patch_norm:
@@ -244,10 +290,18 @@ class VisionTransformer(nn.Module):
             x = self.patch_embed(x)
             gh, gw = x.shape[-2], x.shape[-1]
             x = x.flatten(2).transpose(1, 2)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
-        if prefix:
-            x = torch.cat(prefix + [x], dim=1)
-        return x + self.pos_embed_for(gh, gw)
+        b = x.shape[0]
+        pos = self.pos_embed_for(gh, gw)
+        tokens = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        mode = self.config.pos_embed_prefix
+        if mode == "all":
+            x = torch.cat(tokens + [x], dim=1) + pos
+        elif mode == "none":
+            x = torch.cat(tokens + [x + pos], dim=1)
+        else:  # "class": the class token and the patches take the table; registers go in after
+            x = torch.cat([tokens[0], x], dim=1) + pos
+            x = torch.cat([x[:, :1]] + tokens[1:] + [x[:, 1:]], dim=1)
+        return self.norm_pre(x) if self.norm_pre is not None else x
 
     def _embed_normed_patches(self, x: torch.Tensor):
         """Patch embedding with LayerNorms around it: the per-patch LN needs the flattened
@@ -264,16 +318,24 @@ class VisionTransformer(nn.Module):
         g = self.config.grid_size
         if isinstance(gh, int) and isinstance(gw, int) and (gh, gw) == (g, g):
             return self.pos_embed
-        return resize_pos_embed_torch(self.pos_embed, (gh, gw), self.config.num_prefix_tokens)
+        return resize_pos_embed_torch(self.pos_embed, (gh, gw), self.config.num_pos_prefix,
+                                      self.config.pos_resize)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``token``: the class token; ``gap``: mean over all tokens (Google pools after the
-        encoder norm; with ``final_norm='pooled'`` the norm is applied after pooling). A
-        distilled model pools both prefix tokens, ``(B, 2, width)``: one per head."""
-        if self.config.distilled:
+        """``token``: the class token; ``gap``: the mean of the patch tokens (Google pools after
+        the encoder norm; with ``final_norm='pooled'`` the norm is applied after pooling);
+        ``map``: the attention-pooling head over every token. A distilled model pools both
+        prefix tokens, ``(B, 2, width)``: one per head."""
+        cfg = self.config
+        if cfg.distilled:
             return tokens[:, :2]
-        pooled = tokens[:, 0] if self.config.classifier == "token" else tokens.mean(dim=1)
-        if self.config.final_norm == "pooled":
+        if cfg.classifier == "token":
+            pooled = tokens[:, 0]
+        elif cfg.classifier == "gap":
+            pooled = tokens[:, cfg.num_prefix_tokens:].mean(dim=1)
+        else:
+            pooled = self.attn_pool(tokens)
+        if cfg.final_norm == "pooled":
             pooled = self.norm(pooled)
         return pooled
 

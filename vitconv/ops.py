@@ -1,17 +1,21 @@
-"""Lossy operations: position-embedding resizing.
+"""Lossy operations: position-embedding resizing, in each source family's own way.
 
 Google fine-tunes at a higher resolution by ``vit_jax.checkpoint.load_pretrained``:
 keep the class-token row, reshape the rest to its square grid, and resample it with
 ``scipy.ndimage.zoom(grid, (new/old, new/old, 1), order=1)``. Order-1 zoom with scipy's
 default ``grid_mode=False`` maps output index ``o`` to input ``o * (old-1)/(new-1)``:
-bilinear interpolation with the corner samples aligned. timm instead resizes with
-``align_corners=False`` bicubic (and antialiasing when shrinking), which gives a
-different table; that is one of the silent differences this project exists to avoid.
+bilinear interpolation with the corner samples aligned. Other families resize otherwise
+(:data:`vitconv.config.POS_RESIZES`): timm and OpenCLIP bicubic with antialiasing, Hugging
+Face bicubic without, the original DINOv2 bicubic with a ``+0.1`` on the scale factor. The
+same table resized two ways differs by far more than rounding, so the converted model
+records its source's mode and every resize (``--image-size``, a run or an export at another
+resolution) uses it.
 
-:func:`resize_pos_embed` is the converter's route (literally scipy's zoom, as Google);
-:func:`resize_pos_embed_torch` is the same arithmetic in traceable torch ops
-(``F.interpolate(mode='bilinear', align_corners=True)``), used when a model runs or is
-exported at a resolution other than its own. Tests hold the two to each other.
+:func:`resize_pos_embed` is the converter's route (for "zoom" literally scipy's zoom, as
+Google); :func:`resize_pos_embed_torch` is the same arithmetic in traceable torch ops
+(zoom: ``F.interpolate(mode='bilinear', align_corners=True)``), used when a model runs or is
+exported at a resolution other than its own. Tests hold the two to each other, and each
+mode to its family's own code.
 """
 
 from __future__ import annotations
@@ -37,19 +41,25 @@ def split_pos_embed(posemb: np.ndarray, num_prefix_tokens: int) -> Tuple[np.ndar
 
 
 def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
-                     num_prefix_tokens: int) -> np.ndarray:
-    """Resize a ``(1, prefix + g*g, D)`` table to ``new_grid`` exactly as Google's
-    ``load_pretrained`` does (class-token row kept, ``scipy.ndimage.zoom`` order 1).
+                     num_prefix_tokens: int, mode: str = "zoom") -> np.ndarray:
+    """Resize a ``(1, prefix + g*g, D)`` table to ``new_grid``, keeping the prefix rows, the way
+    ``mode`` says (:data:`vitconv.config.POS_RESIZES`; "zoom" is Google's ``load_pretrained``).
 
     >>> resize_pos_embed(np.zeros((1, 1 + 4, 8), np.float32), 3, 1).shape
     (1, 10, 8)
     """
-    import scipy.ndimage  # imported here: only conversion with resizing needs scipy
-
     gh, gw = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
     prefix, grid, g = split_pos_embed(np.asarray(posemb), num_prefix_tokens)
     if (gh, gw) == (g, g):
         return np.asarray(posemb)
+    if mode != "zoom":
+        import torch  # the bicubic modes are torch's F.interpolate, as in their families' code
+
+        out = resize_pos_embed_torch(torch.from_numpy(np.ascontiguousarray(posemb)), (gh, gw),
+                                     num_prefix_tokens, mode)
+        return out.numpy().astype(posemb.dtype)
+    import scipy.ndimage  # imported here: only conversion with resizing needs scipy
+
     zoomed = scipy.ndimage.zoom(grid, (gh / g, gw / g, 1), order=1)
     if zoomed.shape[:2] != (gh, gw):  # zoom rounds the output size; never silently off by one
         raise ValueError(f"zoom produced grid {zoomed.shape[:2]}, wanted {(gh, gw)}")
@@ -57,17 +67,26 @@ def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
 
 
 def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
-                           num_prefix_tokens: int) -> "torch.Tensor":
-    """Traceable twin of :func:`resize_pos_embed` (bilinear, ``align_corners=True``).
-
-    ``new_grid`` may hold symbolic sizes (ONNX / torch.export dynamic resolution)."""
+                           num_prefix_tokens: int, mode: str = "zoom") -> "torch.Tensor":
+    """Traceable twin of :func:`resize_pos_embed`, computed in float32 and cast back (as timm,
+    DINOv2 and Hugging Face's DINOv2 do). ``new_grid`` may hold symbolic sizes (ONNX /
+    torch.export dynamic resolution)."""
     import torch  # imported here so reading and error paths never pay for torch
     import torch.nn.functional as F
 
     n = posemb.shape[1] - num_prefix_tokens
     g = math.isqrt(n)
     prefix = posemb[:, :num_prefix_tokens]
-    grid = posemb[:, num_prefix_tokens:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, posemb.shape[-1])
+    grid = posemb[:, num_prefix_tokens:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    if mode == "zoom":
+        grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=True)
+    elif mode in ("bicubic", "bicubic_aa"):
+        grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False,
+                             antialias=mode == "bicubic_aa")
+    elif mode == "dinov2":  # dinov2/models/vision_transformer.py: interpolate_offset 0.1
+        grid = F.interpolate(grid, scale_factor=((new_grid[0] + 0.1) / g, (new_grid[1] + 0.1) / g),
+                             mode="bicubic", antialias=False)
+    else:
+        raise ValueError(f"unknown position-table resize {mode!r}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, posemb.shape[-1]).to(posemb.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -77,6 +77,7 @@ class Checkpoint:
     resized_from: Optional[int] = None  # source grid size when the position table is resized
     dtype: Optional[np.dtype] = None  # cast every tensor to this (None: keep the source's)
     owns_source: bool = True  # opened here, so closed here; a source handed in stays open
+    overridden: Tuple[str, ...] = ()  # fields the caller set (--set)
 
     def specs(self) -> List[TensorSpec]:
         """Name, dtype and shape of every canonical tensor, in state-dict order, before a byte
@@ -133,6 +134,7 @@ class Checkpoint:
 
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
                     require_layout: Optional[str] = None, dtype: Optional[str] = None,
+                    overrides: Optional[Dict[str, object]] = None,
                     source: Optional[TensorSource] = None) -> Checkpoint:
     """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
     ``require_layout`` when given), infer the architecture and audit the keys; optionally
@@ -140,7 +142,10 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read.
 
     ``num_heads`` is for layouts whose files do not record the head count (64-dim heads are
-    assumed otherwise); layouts that record it refuse it, and a file's own record must agree."""
+    assumed otherwise); layouts that record it refuse it, and a file's own record must agree.
+    ``overrides`` (``--set act=quick_gelu``) likewise sets config fields the source does not
+    record, the constructor arguments of its layout (timm's ``act_layer``, ``norm_layer``):
+    only those, and not where a ``config.json`` records them."""
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     opened = source is None
@@ -156,7 +161,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         prefix = layout.prefix(keys, where)
         inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
         probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
-        cfg = layout.infer(probe)  # a corrupt file is named as such before a layout complaint
+        cfg = _override(layout.infer(probe), layout, probe, dict(overrides or {}), path)
+        # (a corrupt file is named as such above, before a layout complaint below)
         if require_layout and layout.name != require_layout:
             raise BadInputError(f"expected a {require_layout} checkpoint, found the {layout.name} layout", path)
         rules = layout.rules(cfg)
@@ -169,12 +175,31 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
                 raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
                                     f"model's stride {cfg.total_stride}", path)
             ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
+        ckpt.overridden = tuple(overrides or ())
         ckpt.notes = _read_notes(ckpt, probe)
     except BaseException:
         if opened:
             source.close()
         raise
     return ckpt
+
+
+def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str, object],
+              path: PathLike) -> ViTConfig:
+    """``cfg`` with the given fields set; each must be one the source leaves to its code's
+    constructor (an assumed value), so an override can never contradict what the file says."""
+    if not overrides:
+        return cfg
+    assumed = set(layout.assumed(cfg, probe)) - {"num_heads"}
+    bad = sorted(set(overrides) - assumed)
+    if bad:
+        say = ", ".join(sorted(assumed)) or "none"
+        raise BadInputError(f"--set {', '.join(bad)}: the {layout.name} layout reads it from the file "
+                            f"(fields this file leaves open: {say})", path)
+    try:
+        return cfg.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"--set: {e}", path) from None
 
 
 def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
@@ -187,7 +212,10 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
                      "timm/Google/vit-pytorch default; the weights do not record it); override with --num-heads")
     if probe.num_heads is not None:
         notes.append(f"heads: {probe.num_heads} (given)")
-    rest = [f"{f}={getattr(cfg, f)!r}" for f in assumed if f != "num_heads"]
+    given = set(ckpt.overridden)
+    rest = [f"{f}={getattr(cfg, f)!r}" for f in assumed if f != "num_heads" and f not in given]
+    if given:
+        notes.append(", ".join(f"{f}={getattr(cfg, f)!r}" for f in sorted(given)) + " (given)")
     if rest:
         notes.append(f"{', '.join(rest)} assumed: the {layout.name} code's defaults, which the file "
                      "does not record")
@@ -418,7 +446,8 @@ def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
 
 
 def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
-            num_heads: Optional[int] = None, require_layout: Optional[str] = None,
+            num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
+            require_layout: Optional[str] = None,
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
             before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
@@ -435,7 +464,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
-                         dtype=dtype) as ckpt:
+                         dtype=dtype, overrides=overrides) as ckpt:
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""

@@ -68,9 +68,17 @@ class Carry:
     default: Any = None
     holds: Optional[Callable[[ViTConfig], bool]] = None
     why: str = ""
+    #: The values ``key`` can record (None: any); others stay the argument's to set.
+    records: Optional[Tuple[Any, ...]] = None
 
     def default_for(self, cfg: ViTConfig) -> Any:
         return self.default(cfg) if callable(self.default) else self.default
+
+    def recorded(self, cfg: ViTConfig, has_config: bool) -> bool:
+        """Whether a container with (``has_config``) or without the layout's config.json keeps
+        this field's value for ``cfg``."""
+        return (has_config and self.key is not None
+                and (self.records is None or getattr(cfg, self.field) in self.records))
 
 
 @functools.lru_cache(maxsize=None)

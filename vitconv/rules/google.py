@@ -37,7 +37,7 @@ TABLE: Tuple[Rule, ...] = (
     Rule(_C + "gn_proj.bias",           (_U + "gn_proj/bias",),                        GN,         "proj"),
     Rule("patch_embed.weight",          ("embedding/kernel",),                         CONV),
     Rule("patch_embed.bias",            ("embedding/bias",),                           IDENTITY),
-    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", "classifier=token"),
+    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", "class_token"),
     Rule("pos_embed",                   ("Transformer/posembed_input/pos_embedding",), IDENTITY),
     Rule("blocks.{i}.norm1.weight",     (_B + "LayerNorm_0/scale",),                   IDENTITY,   "block"),
     Rule("blocks.{i}.norm1.bias",       (_B + "LayerNorm_0/bias",),                    IDENTITY,   "block"),
@@ -135,7 +135,8 @@ def infer_config(probe: Probe):
         raise MappingError(f"position embedding {pos} does not hold a square grid", path)
     cfg_kwargs = dict(
         patch_size=emb[0], in_chans=in_chans, width=width, depth=len(blocks), num_heads=q[1],
-        head_dim=q[2], mlp_dim=mlp[1], classifier=classifier, representation_size=rep,
+        head_dim=q[2], mlp_dim=mlp[1], classifier=classifier, class_token=classifier == "token",
+        representation_size=rep,
         num_classes=head[1] if head else 0,
         qkv_bias=(_A.format(i=0) + "query/bias") in shapes,
         final_norm="encoder" if "Transformer/encoder_norm/scale" in shapes else "none",
@@ -155,6 +156,7 @@ def inference_sources(cfg) -> Dict[str, str]:
         "head_dim": a0 + "query/kernel [2]",
         "mlp_dim": b0 + "MlpBlock_3/Dense_0/kernel [1]",
         "classifier": "presence of cls",
+        "class_token": "presence of cls",
         "representation_size": "pre_logits/kernel [1]" if cfg.representation_size else "no pre_logits",
         "num_classes": "head/kernel [1]" if cfg.num_classes else "no head",
         "image_size": "Transformer/posembed_input/pos_embedding [1] (grid x stride)",
@@ -170,10 +172,15 @@ def inference_sources(cfg) -> Dict[str, str]:
 #: What the tensors carry beyond their shapes; every other field holds Google's default.
 CARRIES = (
     Carry("num_heads"), Carry("head_dim"),  # DenseGeneral kernels are (D, heads, head_dim)
-    Carry("classifier"), Carry("representation_size"), Carry("qkv_bias"),
+    Carry("classifier", values=("token", "gap"), why="vit_jax pools the class token or the mean of all tokens"),
+    Carry("class_token", holds=lambda c: c.class_token == (c.classifier == "token"),
+          why="vit_jax has a class token exactly when it pools it"),
+    Carry("representation_size"), Carry("qkv_bias"),
     Carry("final_norm", values=("encoder", "none"), why="Google normalises every token before pooling"),
     Carry("resnet_layers"), Carry("resnet_width"),
     Carry("act", values=("gelu_tanh",), why="an .npz always means Flax's tanh GELU"),
+    Carry("pos_resize", argument="vit_jax resizes position tables with its order-1 zoom (load_pretrained); "
+          "the native resolution is unaffected", default="zoom"),
     Carry("norm_eps", values=(1e-6,), why="an .npz always means Flax's LayerNorm epsilon 1e-6"),
 )
 

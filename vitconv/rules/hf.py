@@ -81,6 +81,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
               why="Hugging Face's attention width is the hidden size"),
         Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="gelu"),
         Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-12),
+        Carry("pos_resize", argument="transformers resizes position tables bicubic without antialiasing "
+              "(interpolate_pos_encoding=True); the native resolution is unaffected", default="bicubic"),
         Carry("qkv_bias"), rep,
         Carry("classifier", values=("token",), why="Hugging Face ViT always classifies the class token"),
         Carry("resnet_layers", values=(None,), why="ViTHybrid differs from Google's stem and is deprecated"),
@@ -130,7 +132,7 @@ def infer(layout: str):
                      mlp_dim=need(shapes, p + "encoder.layer.0.intermediate.dense.weight", layout, path)[0],
                      classifier="token", representation_size=rep, num_classes=head[0] if head else 0,
                      qkv_bias=(p + "encoder.layer.0.attention.attention.query.bias") in shapes,
-                     norm_eps=float(eps), act=HF_TO_ACT[act],
+                     norm_eps=float(eps), act=HF_TO_ACT[act], pos_resize="bicubic",
                      final_norm="encoder" if (p + "layernorm.weight") in shapes else "none")
     return infer_config
 

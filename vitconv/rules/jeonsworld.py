@@ -43,7 +43,7 @@ TABLE: Tuple[Rule, ...] = (
     Rule(_C + "gn_proj.bias", (_U + "gn_proj.bias",), IDENTITY, "proj"),
     Rule("patch_embed.weight", (_E + "patch_embeddings.weight",), IDENTITY),
     Rule("patch_embed.bias", (_E + "patch_embeddings.bias",), IDENTITY),
-    Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", "classifier=token"),
+    Rule("cls_token", (_E + "cls_token",), IDENTITY),
     Rule("pos_embed", (_E + "position_embeddings",), IDENTITY),
     Rule("blocks.{i}.norm1.weight", (_B + "attention_norm.weight",), IDENTITY, "block"),
     Rule("blocks.{i}.norm1.bias", (_B + "attention_norm.bias",), IDENTITY, "block"),
@@ -74,6 +74,8 @@ CARRIES = (
     Carry("norm_eps", argument="its LayerNorms hard-code eps 1e-6: patch models/modeling.py", default=1e-6),
     Carry("classifier", values=("token",), why="jeonsworld always classifies the class token"),
     Carry("qkv_bias"), Carry("resnet_layers"), Carry("resnet_width"),
+    Carry("pos_resize", argument="jeonsworld resizes position tables with Google's order-1 zoom (load_from); "
+          "the native resolution is unaffected", default="zoom"),
 )
 
 

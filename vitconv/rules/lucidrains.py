@@ -89,7 +89,7 @@ PRENORM_TABLE: Tuple[Rule, ...] = (
 
 def table_for(layout: str):
     if layout == "lucidrains":
-        return lambda cfg: _current(cfg.classifier == "token")
+        return lambda cfg: _current(cfg.class_token)
     return lambda cfg: PRENORM_TABLE
 
 
@@ -100,9 +100,15 @@ def carries(layout: str) -> Tuple[Carry, ...]:
     common = (heads_carry("heads"), Carry("head_dim"),
               Carry("act", argument=f"nn.GELU() is {hard}", default="gelu"),
               Carry("norm_eps", argument=f"nn.LayerNorm's eps 1e-5 is {hard}", default=1e-5),
-              Carry("qkv_bias", values=(False,), why="vit-pytorch's to_qkv has no bias"))
+              Carry("qkv_bias", values=(False,), why="vit-pytorch's to_qkv has no bias"),
+              Carry("pos_resize", argument="vit-pytorch never resizes its position table: it runs at its own "
+                    "resolution only", default="zoom"))
     if layout == "lucidrains":
-        return common + (Carry("classifier"), Carry("patch_norm", values=(True,), why=(
+        return common + (Carry("classifier", values=("token", "gap"), why="vit-pytorch pools the class token or "
+                               "the mean"),
+                         Carry("class_token", holds=lambda c: c.class_token == (c.classifier == "token"),
+                               why="vit-pytorch keeps a class token exactly when it pools it (pool='cls')"),
+                         Carry("patch_norm", values=(True,), why=(
             "current vit-pytorch has LayerNorms around the patch projection; use --to lucidrains_prenorm "
             "for the older layout")))
     return common + (Carry("classifier", values=("token",), why="old vit-pytorch always has a class token"),)
@@ -145,7 +151,8 @@ def infer(layout: str):
         mlp = need(shapes, f"transformer.layers.0.1.{f}net.{0 if prenorm else 1}.weight", layout, path)
         return build(probe, image_size=g * p, patch_size=p, in_chans=c, width=width, depth=depth,
                      num_heads=heads, head_dim=head_dim, mlp_dim=mlp[0],
-                     classifier="token" if token else "gap", num_classes=head[0] if head else 0,
+                     classifier="token" if token else "gap", class_token=token,
+                     num_classes=head[0] if head else 0,
                      qkv_bias=False, norm_eps=1e-5, act="gelu",
                      final_norm="pooled" if prenorm else "encoder", patch_norm=not prenorm)
     return infer_config

@@ -102,7 +102,7 @@ class Layout:
                 out.append(f"{f.name}={value!r} ({c.why or 'it holds ' + ', '.join(map(repr, c.values))})")
             elif c.holds is not None and not c.holds(cfg):
                 out.append(f"{f.name}={value!r} ({c.why})")
-            elif (c.key is not None and c.argument is None and not recorded
+            elif (c.key is not None and c.argument is None and not c.recorded(cfg, recorded)
                   and value != c.default_for(cfg)):
                 out.append(f"{f.name}={value!r} (recorded only in config.json: write a model directory)")
         if out:
@@ -122,14 +122,18 @@ class Layout:
         not record them (a bare state dict): the value and the argument that sets it."""
         out = []
         for c in self.carries:
-            if c.argument is None or (recorded and c.key is not None):
+            if c.argument is None or c.recorded(cfg, recorded):
                 continue
             value, default = getattr(cfg, c.field), c.default_for(cfg)
-            if value != default:
-                how = f"pass {c.argument}={value!r}" if c.argument.isidentifier() else c.argument
-                if c.field == "num_heads":  # vitconv itself assumes 64-dim heads when reading
-                    how += f", and --num-heads {value} when vitconv reads the file"
-                out.append(f"{c.field}={value!r} is not recorded in a bare {self.name} state dict: {how}")
+            if value == default:
+                continue
+            if not c.argument.isidentifier():  # code that fixes the value: what to do about it
+                out.append(f"{c.field}={value!r}, but the {self.name} code assumes {default!r}: {c.argument}")
+                continue
+            how = f"pass {c.argument}={value!r}"
+            if c.field == "num_heads":  # vitconv itself assumes 64-dim heads when reading
+                how += f", and --num-heads {value} when vitconv reads the file"
+            out.append(f"{c.field}={value!r} is not recorded in a bare {self.name} state dict: {how}")
         return out
 
     def assumed(self, cfg: ViTConfig, probe: Probe) -> List[str]:
@@ -137,7 +141,7 @@ class Layout:
         record them (no config.json key, no head count given)."""
         out = []
         for c in self.carries:
-            if c.argument is None:
+            if c.argument is None or not c.argument.isidentifier():  # not per model: the code fixes it
                 continue
             if c.key is not None and _has_key(probe.metadata, c.key):
                 continue

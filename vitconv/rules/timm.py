@@ -1,50 +1,53 @@
 """timm ``VisionTransformer`` state dicts <-> canonical, and the timm-derived variant whose
 position table sits in a ``PositionEmbs`` wrapper (``pos_embedding.pos_embedding``).
 
-timm semantics (read direction): exact-erf GELU (``nn.GELU``), LayerNorm eps 1e-6, fused
-``attn.qkv`` rows ``[q; k; v]`` head-major (the canonical order: identity rows). Pooling:
-``global_pool='token'`` takes the class token after ``norm``; ``'avg'`` models without a
-class token pool first and then apply ``fc_norm`` (canonical ``final_norm='pooled'``), or
-apply ``norm`` to every token first when ``fc_norm=False``. timm < 0.9 (and the derived
-variant) had ``pre_logits.fc`` (Linear + Tanh) = Google's ``pre_logits``; current timm has no
-such layer, so such files load only into the old code.
+One table for every flag of timm's ``VisionTransformer`` that vitconv models: ``class_token``,
+``reg_tokens`` (``reg_token``, after the class token), ``no_embed_class`` (a position table
+without prefix rows, the prefix tokens concatenated after it is added), ``pre_norm``
+(``norm_pre``, and then no patch bias: timm ties ``bias = not pre_norm``), ``init_values``
+(``ls1``/``ls2.gamma``), ``mlp_layer=SwiGLUPacked`` (``fc1`` = [gate; up], the gate SiLU'd),
+``global_pool`` 'token' / 'avg' (the mean of the patch tokens, registers and class token left
+out, normalised after pooling with ``fc_norm``, or before it with ``fc_norm=False``) / 'map'
+(``attn_pool``: ``latent``, ``q`` and ``kv`` ([k; v]) that the canonical ``qkv`` holds as
+[q; k; v], ``proj``, ``norm``, ``mlp``), DeiT's ``dist_token`` and ``head_dist`` (logits are
+the mean of both heads in eval mode), and the ``pre_logits.fc`` (Linear + Tanh) of timm < 0.9.
 
-DeiT (``VisionTransformerDistilled``): ``dist_token`` follows the class token, the position
-table has rows for both, and in eval mode the logits are the mean of ``head`` on the class
-token and ``head_dist`` on the distillation token (canonical ``distilled=True``).
-
-Refused on reading, naming the reason: class-token models that average-pool
-(MAE-style ``fc_norm`` with a class token: timm excludes the class token from the mean),
-position tables without the class token (``no_embed_class``), hybrid backbones, and
-anything else the strict audit finds unused (layer scale, register tokens, ``attn_pool``).
-A bare state dict does not record the heads, the activation or the epsilon: they are
-constructor arguments (the carries below), which a timm directory's ``config.json`` keeps.
+A bare state dict records none of the constructor's semantic arguments: the heads, the
+activation, the epsilon and how the table is resized at another resolution (timm: bicubic
+with antialiasing) are the carries' arguments, which a timm directory's ``config.json`` keeps
+(``model_args``). Refused on reading, naming the reason: timm's hybrid backbones.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule
-from .layout import IDENTITY
-from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
+from .layout import IDENTITY, Q_KV_CONCAT
 from .registry import Layout, Probe, register
 
 POS_KEYS = {"timm": "pos_embed", "timm_posembs": "pos_embedding.pos_embedding"}
 _B = "blocks.{i}."
+_P = "attn_pool."
 
 
 @lru_cache(maxsize=None)
 def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
     """One table for both directions; ``norm_key`` is ``norm`` or timm's ``fc_norm``."""
     rows = [Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
-            Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY),
-            Rule("cls_token", ("cls_token",), IDENTITY, "model", "classifier=token"),
+            Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY, "model", "patch_bias"),
+            Rule("cls_token", ("cls_token",), IDENTITY, "model", "class_token"),
             Rule("dist_token", ("dist_token",), IDENTITY, "model", "distilled"),
-            Rule("pos_embed", (pos_key,), IDENTITY)]
+            Rule("reg_token", ("reg_token",), IDENTITY, "model", "num_reg_tokens"),
+            Rule("pos_embed", (pos_key,), IDENTITY),
+            Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", "norm_pre"),
+            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", "norm_pre")]
     for name, when in (("norm1.weight", "always"), ("norm1.bias", "always"),
                        ("attn.qkv.weight", "always"), ("attn.qkv.bias", "qkv_bias"),
                        ("attn.proj.weight", "always"), ("attn.proj.bias", "always"),
@@ -56,10 +59,17 @@ def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
         rows.append(Rule(_B + name, (_B + name,), IDENTITY, "block", when))
     rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
              Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
+             # SigLIP (global_pool='map')
+             Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", "classifier=map"),
+             Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", "classifier=map"),
+             Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", "classifier=map"),
+             *(Rule(_P + n, (_P + n,), IDENTITY, "model", "classifier=map")
+               for n in ("proj.weight", "proj.bias", "norm.weight", "norm.bias", "mlp.fc1.weight",
+                         "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")),
              Rule("pre_logits.weight", ("pre_logits.fc.weight",), IDENTITY, "model", "representation_size"),
              Rule("pre_logits.bias", ("pre_logits.fc.bias",), IDENTITY, "model", "representation_size"),
              Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
-             Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes"),
+             Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes&head_bias"),
              Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled&num_classes"),
              Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled&num_classes")]
     return tuple(rows)
@@ -82,29 +92,58 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         heads_carry("num_heads", key("num_heads")),
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width,
               why="timm's attention width is the embedding width"),
-        Carry("act", values=ACTIVATIONS, key=key("act_layer"), argument="act_layer", default="gelu"),
-        Carry("norm_eps", argument="norm_layer", default=1e-6),
-        Carry("classifier"), Carry("final_norm"), Carry("representation_size"), Carry("qkv_bias"),
-        Carry("distilled"), Carry("layer_scale"),
+        Carry("act", values=ACTIVATIONS, key=key("act_layer"), argument="act_layer",
+              default=lambda c: "silu" if c.mlp == "swiglu" else "gelu"),
+        # a directory records 1e-5 or 1e-6 through its architecture's norm_layer (architecture())
+        Carry("norm_eps", key="architecture" if layout == "timm" else None, records=(1e-6, 1e-5),
+              argument="norm_layer", default=1e-6),
+        Carry("pos_resize", argument="timm resizes position tables bicubic with antialiasing "
+              "(resample_abs_pos_embed): the native resolution is unaffected", default="bicubic_aa"),
+        Carry("classifier"), Carry("class_token"), Carry("final_norm"), Carry("representation_size"),
+        Carry("qkv_bias"), Carry("distilled"), Carry("layer_scale"), Carry("num_reg_tokens"),
+        Carry("pos_embed_prefix", values=("all", "none"),
+              why="timm's position table has rows for every prefix token or none (no_embed_class)"),
+        Carry("norm_pre"), Carry("mlp"),
+        Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
+              why="timm ties the patch bias to pre_norm (bias = not pre_norm)"),
+        Carry("head_bias", values=(True,), why="timm's head always has a bias"),
         Carry("resnet_layers", values=(None,), why="timm's hybrid backbone has other names and semantics"),
     )
 
 
 def detect(layout: str):
     pos = POS_KEYS[layout]
-    return lambda probe: ("patch_embed.proj.weight" in probe.shapes
+    return lambda probe: ("patch_embed.proj.weight" in probe.shapes and "mask_token" not in probe.shapes
                           and "blocks.0.attn.qkv.weight" in probe.shapes and pos in probe.shapes)
 
 
+#: What a timm architecture's name implies that its weights do not show: the hub's
+#: ``config.json`` names the architecture and seldom its arguments. ``norm_eps`` stands for
+#: the architecture's ``norm_layer``. Checked against timm 1.0.31's model definitions.
+ARCH_DEFAULTS = (
+    (re.compile(r"_clip_quickgelu_"), {"act_layer": "quick_gelu", "norm_eps": 1e-5}),  # OpenAI CLIP
+    (re.compile(r"_clip_"), {"norm_eps": 1e-5}),  # OpenCLIP / LAION (exact GELU)
+)
+
+
 def _model_args(probe: Probe) -> Dict[str, Any]:
-    """``model_args`` of a timm directory's ``config.json``; empty for a bare state dict."""
+    """``model_args`` of a timm directory's ``config.json`` over its architecture's defaults
+    (:data:`ARCH_DEFAULTS`); empty for a bare state dict."""
     d = config_json(probe)
     if "architecture" not in d:
         return {}
     args = d.get("model_args", {})
     if not isinstance(args, dict):
         raise MappingError("config.json: model_args is not an object", probe.path)
-    return args
+    implied: Dict[str, Any] = {}
+    for pattern, defaults in ARCH_DEFAULTS:
+        if isinstance(d["architecture"], str) and pattern.search(d["architecture"]):
+            implied = {**defaults, **implied}
+    return {**implied, **args}
+
+
+def _square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def infer(layout: str):
@@ -130,46 +169,66 @@ def infer(layout: str):
         heads, head_dim = heads_from_attn_dim(qkv[0] // 3, probe, recorded)
         token = "cls_token" in shapes
         distilled = "dist_token" in shapes
+        regs = shapes["reg_token"][1] if "reg_token" in shapes and len(shapes["reg_token"]) == 3 else 0
         if distilled and not token:
             raise MappingError("dist_token without cls_token: DeiT has both", path)
         if "head_dist.weight" in shapes and not distilled:
             raise MappingError("head_dist without dist_token", path)
-        pooled = "fc_norm.weight" in shapes
-        if token and pooled:
-            raise MappingError("class token with fc_norm (timm global_pool='avg' over patch tokens "
-                               "only, MAE-style): the canonical 'gap' pools models without a class "
-                               "token; not supported", path)
+        fc_norm, attn_pool = "fc_norm.weight" in shapes, _P + "latent" in shapes
+        if attn_pool:
+            classifier = "map"
+        elif fc_norm or not token or args.get("global_pool") == "avg":
+            classifier = "gap"  # timm 'avg': the patch tokens' mean
+        else:
+            classifier = "token"
         pos = need(shapes, pos_key, layout, path)
-        prefix = int(token) + int(distilled)
-        n_grid = pos[1] - prefix
-        if token and int(round(pos[1] ** 0.5)) ** 2 == pos[1] and int(round(n_grid ** 0.5)) ** 2 != n_grid:
-            raise MappingError(f"{pos_key} {pos} has no rows for the prefix tokens (timm "
-                               "no_embed_class=True); not supported", path)
-        g = grid_from_tokens(pos[1], prefix, pos_key, path)
+        prefix = int(token) + int(distilled) + regs
+        if len(pos) != 3 or pos[0] != 1:
+            raise MappingError(f"{pos_key} must be (1, tokens, width), got {pos}", path)
+        no_embed_class = args.get("no_embed_class")
+        if no_embed_class is None:  # rows for every prefix token, or none (no_embed_class)
+            no_embed_class = not _square(pos[1] - prefix) and _square(pos[1])
+        rows = pos[1] - (0 if no_embed_class else prefix)
+        if not _square(rows):
+            raise MappingError(f"{pos_key} {pos} holds neither {prefix} prefix row(s) plus a square "
+                               "grid nor a square grid alone (no_embed_class)", path)
+        fc1 = need(shapes, _B.format(i=0) + "mlp.fc1.weight", layout, path)
+        fc2 = need(shapes, _B.format(i=0) + "mlp.fc2.weight", layout, path)
+        swiglu = fc1[0] == 2 * fc2[1]
+        if not swiglu and fc1[0] != fc2[1]:
+            raise MappingError(f"mlp.fc1 {fc1} and mlp.fc2 {fc2} are neither an MLP nor a packed SwiGLU", path)
         rep = shapes["pre_logits.fc.weight"][0] if "pre_logits.fc.weight" in shapes else None
         head = shapes.get("head.weight")
-        final = "pooled" if pooled else ("encoder" if "norm.weight" in shapes else "none")
+        final = "pooled" if fc_norm else ("encoder" if "norm.weight" in shapes else "none")
         if args.get("final_norm") is False and final != "none":
             raise MappingError("config.json says final_norm=False but the weights have a final norm", path)
-        act = args.get("act_layer") or "gelu"
+        act = args.get("act_layer") or ("silu" if swiglu else "gelu")
         if act not in ACTIVATIONS:  # timm's act_layer names are the canonical ones
             raise MappingError(f"config.json: act_layer {act!r} is not one vitconv maps "
                                f"({', '.join(sorted(ACTIVATIONS))})", path)
-        return build(probe, image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
-                     depth=depth, num_heads=heads, head_dim=head_dim,
-                     mlp_dim=need(shapes, _B.format(i=0) + "mlp.fc1.weight", layout, path)[0],
-                     classifier="token" if token else "gap", representation_size=rep,
+        return build(probe, image_size=math.isqrt(rows) * patch, patch_size=patch, in_chans=in_chans,
+                     width=width, depth=depth, num_heads=heads, head_dim=head_dim, mlp_dim=fc2[1],
+                     classifier=classifier, class_token=token, representation_size=rep,
                      num_classes=head[0] if head else 0,
                      qkv_bias=(_B.format(i=0) + "attn.qkv.bias") in shapes,
-                     norm_eps=1e-6, act=act, final_norm=final, distilled=distilled,
-                     layer_scale=(_B.format(i=0) + "ls1.gamma") in shapes)
+                     norm_eps=float(args.get("norm_eps", 1e-6)), act=act, final_norm=final, distilled=distilled,
+                     layer_scale=(_B.format(i=0) + "ls1.gamma") in shapes, num_reg_tokens=regs,
+                     pos_embed_prefix="none" if no_embed_class else "all",
+                     norm_pre="norm_pre.weight" in shapes, patch_bias="patch_embed.proj.bias" in shapes,
+                     mlp="swiglu" if swiglu else "mlp", head_bias=not head or "head.bias" in shapes,
+                     pos_resize="bicubic_aa")
     return infer_config
 
 
 def architecture(cfg: ViTConfig) -> str:
-    """A registered timm model name whose class is the right one; ``model_args`` override
-    every size, so the name only selects ``VisionTransformer`` or DeiT's distilled class."""
-    return "deit_base_distilled_patch16_224" if cfg.distilled else "vit_base_patch16_224"
+    """A registered timm model name whose defaults hold what JSON cannot say; ``model_args``
+    override every size and flag. DeiT's distilled class; the SwiGLU MLP layer (DINOv2
+    ViT-g's ``SwiGLUPacked``); a LayerNorm epsilon of 1e-5 (the CLIP models' ``norm_layer``)."""
+    if cfg.distilled:
+        return "deit_base_distilled_patch16_224"
+    if cfg.mlp == "swiglu":
+        return "vit_giant_patch14_dinov2"
+    return "vit_base_patch16_clip_224" if cfg.norm_eps == 1e-5 else "vit_base_patch16_224"
 
 
 def model_args(cfg: ViTConfig) -> Dict[str, Any]:
@@ -178,16 +237,23 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     ``norm_layer``, which JSON cannot hold: the write notes say so."""
     kw: Dict[str, Any] = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes, embed_dim=cfg.width, depth=cfg.depth,
-                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width,
+                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_in_dim / cfg.width,
                               qkv_bias=cfg.qkv_bias, act_layer=cfg.act)
+    kw["global_pool"] = {"token": "token", "gap": "avg", "map": "map"}[cfg.classifier]
+    if not cfg.class_token:
+        kw["class_token"] = False
     if cfg.classifier == "gap":
-        kw.update(class_token=False, global_pool="avg", fc_norm=cfg.final_norm == "pooled")
-    else:
-        kw.update(global_pool="token")
+        kw["fc_norm"] = cfg.final_norm == "pooled"
+    if cfg.num_reg_tokens:
+        kw["reg_tokens"] = cfg.num_reg_tokens
+    if cfg.pos_embed_prefix == "none":
+        kw["no_embed_class"] = True
+    kw["pre_norm"] = cfg.norm_pre  # explicit: the CLIP architectures default to True
     if cfg.final_norm == "none":
         kw["final_norm"] = False
-    if cfg.layer_scale:  # any value creates ls1/ls2; the weights hold the trained scales
-        kw["init_values"] = 1e-5
+    # any value creates ls1/ls2 (the weights hold the trained scales); explicit None, as the
+    # DINOv2 architecture defaults to LayerScale
+    kw["init_values"] = 1e-5 if cfg.layer_scale else None
     return kw
 
 
@@ -202,6 +268,9 @@ def write_notes(cfg: ViTConfig) -> List[str]:
     if cfg.norm_eps != 1e-6:
         call += f", norm_layer=partial(nn.LayerNorm, eps={cfg.norm_eps:g})"
     notes = [f"timm: {cls}({call}) computes the same function"]
+    if cfg.norm_eps not in (1e-6, 1e-5) or (cfg.norm_eps == 1e-5 and cfg.mlp == "swiglu"):
+        notes.append(f"LayerNorm eps {cfg.norm_eps:g}: no timm architecture's default; a timm directory's "
+                     "config.json cannot say it, so build the model with the norm_layer above")
     if cfg.final_norm == "none":
         notes.append("no final LayerNorm: timm >= 1.0 needs final_norm=False")
     if cfg.distilled:

@@ -1,0 +1,115 @@
+"""The timm families of the modern-ViT issue, against the real timm 1.0.31: DINOv2 (± registers,
+SwiGLU), DeiT-3, the gap/reg models, CLIP (± QuickGELU), SigLIP (MAP head, So400m's MLP width)
+and MAE-style average pooling with a class token. Each model is built by timm at small width
+with every parameter seeded far from its init (LayerScale gammas log-uniform over 2e-4..11,
+the range of trained DINOv2 scales); its own forward is the reference. Read onto the canonical
+model it gives timm's output; written back it loads strictly and bit for bit; a timm directory
+rebuilds it with ``create_model``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from timm_import import import_timm
+from vitconv.checkpoint import load
+from vitconv.pipeline import convert, open_checkpoint
+
+timm = import_timm()
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2)
+# name -> (extra create_model arguments, fields a bare state dict cannot say, what must be read)
+FAMILIES = {
+    "vit_small_patch14_dinov2": (dict(), {}, dict(layer_scale=True, classifier="token")),
+    "vit_small_patch14_reg4_dinov2": (dict(), {}, dict(num_reg_tokens=4, pos_embed_prefix="none")),
+    "vit_giant_patch14_dinov2": (dict(), {}, dict(mlp="swiglu", act="silu", layer_scale=True)),
+    "deit3_small_patch16_224": (dict(num_classes=10), {}, dict(pos_embed_prefix="none", layer_scale=True)),
+    "vit_medium_patch16_gap_256": (dict(num_classes=10), {}, dict(class_token=False, classifier="gap",
+                                                                  final_norm="encoder", qkv_bias=False)),
+    "vit_little_patch16_reg4_gap_256": (dict(num_classes=10), {}, dict(
+        class_token=False, num_reg_tokens=4, classifier="gap", final_norm="pooled", pos_embed_prefix="none")),
+    "vit_base_patch16_clip_224": (dict(num_classes=16), dict(norm_eps=1e-5), dict(norm_pre=True, patch_bias=False)),
+    "vit_base_patch16_clip_quickgelu_224": (dict(num_classes=16), dict(norm_eps=1e-5, act="quick_gelu"),
+                                            dict(norm_pre=True, act="quick_gelu")),
+    "vit_base_patch16_siglip_224": (dict(), {}, dict(classifier="map", class_token=False)),
+    "vit_so400m_patch14_siglip_224": (dict(), {}, dict(classifier="map", mlp_dim=478)),
+    "vit_base_patch16_224 avg": (dict(global_pool="avg", num_classes=10), {}, dict(
+        class_token=True, classifier="gap", final_norm="pooled")),
+}
+
+
+def _build(name: str, extra: dict):
+    arch = name.split(" ")[0]
+    model = timm.create_model(arch, pretrained=False, **SMALL, **extra)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(".gamma"):
+                lo, hi = float(np.log(2e-4)), float(np.log(11.0))
+                p.copy_(torch.exp(torch.empty(p.shape).uniform_(lo, hi, generator=g)))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _x(size=32):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _close(got, want):
+    scale = max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= 1e-5 * scale, (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_timm_family_reads_writes_and_rebuilds(name, tmp_path):
+    extra, unsaid, expect = FAMILIES[name]
+    model = _build(name, extra)
+    src = tmp_path / "src.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    report = convert(src, tmp_path / "c.safetensors", overrides=unsaid)
+    for field, value in expect.items():
+        assert getattr(report.config, field) == value, field
+    with torch.no_grad():
+        want = model(_x())
+        _close(load(tmp_path / "c.safetensors")(_x()), want)
+    # back to timm: strict, bit for bit
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    a, b = load_file(src), load_file(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timm.create_model(name.split(" ")[0], pretrained=False, **SMALL, **extra).load_state_dict(b, strict=True)
+    # a timm directory: create_model rebuilds the same function from config.json alone
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
+    with torch.no_grad():
+        _close(built(_x()), want)
+    with open_checkpoint(tmp_path / "tdir") as again:
+        assert again.config == report.config
+
+
+def test_bare_clip_state_dict_needs_its_epsilon_and_says_so(tmp_path):
+    """A bare timm CLIP state dict does not record LayerNorm eps 1e-5 or QuickGELU: read as is,
+    the model is timm's default one (eps 1e-6, exact GELU) and the notes say both were assumed;
+    the output then differs from timm's CLIP by far more than rounding."""
+    extra, unsaid, _ = FAMILIES["vit_base_patch16_clip_quickgelu_224"]
+    model = _build("vit_base_patch16_clip_quickgelu_224", extra)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    with open_checkpoint(tmp_path / "clip.safetensors") as c:
+        assert (c.config.act, c.config.norm_eps) == ("gelu", 1e-6)
+        assert any("act='gelu', norm_eps=1e-06 assumed" in n for n in c.notes), c.notes
+    with torch.no_grad():
+        wrong = load(tmp_path / "clip.safetensors")(_x())
+        assert (wrong - model(_x())).abs().max().item() > 1e-3
+        right = load(tmp_path / "clip.safetensors", **unsaid)(_x())
+        _close(right, model(_x()))
+
+
+def test_set_refuses_fields_the_file_records(tmp_path):
+    from vitconv.errors import BadInputError
+
+    model = _build("vit_small_patch14_dinov2", {})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(BadInputError, match="--set layer_scale: the timm layout reads it from the file"):
+        open_checkpoint(tmp_path / "d.safetensors", overrides={"layer_scale": False})
