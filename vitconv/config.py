@@ -51,14 +51,21 @@ FINAL_NORMS = ("encoder", "pooled", "none")
 SHAPE_FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "num_classes")
 
 
-def _field(default: Any, what: str) -> Any:
-    """A config field with its meaning in a few words (said when a layout cannot hold it)."""
-    return dataclasses.field(default=default, metadata={"what": what})
+def _field(default: Any, what: str, training_only: Tuple[str, ...] = ()) -> Any:
+    """A config field with its meaning in a few words (said when a layout cannot hold it).
+    ``training_only``: the canonical tensors of a field that inference never reads; a layout
+    without a place for them leaves them out (with a note) rather than refusing the model."""
+    return dataclasses.field(default=default, metadata={"what": what, "training_only": training_only})
 
 
 def describe_field(name: str) -> str:
     """What a config field means, in a few words (empty for the shape fields)."""
     return ViTConfig.__dataclass_fields__[name].metadata.get("what", "")
+
+
+def training_only(name: str) -> Tuple[str, ...]:
+    """The canonical tensors of field ``name`` that inference never reads (see :func:`_field`)."""
+    return ViTConfig.__dataclass_fields__[name].metadata.get("training_only", ())
 
 
 def stem_stride(resnet_layers: Optional[Tuple[int, ...]]) -> int:
@@ -123,7 +130,7 @@ class ViTConfig:
     #: (DINOv2 ViT-g, timm ``SwiGLUPacked``), with ``act`` the gate's activation (SiLU).
     mlp: str = _field("mlp", "MLP form (SwiGLU: act(gate) * up)")
     #: DINOv2's ``mask_token``: used only by masked training, kept so conversions round-trip.
-    mask_token: bool = _field(False, "mask token (training only)")
+    mask_token: bool = _field(False, "mask token (training only)", training_only=("mask_token",))
     pos_resize: str = _field("zoom", "how the position table is resized for another resolution")
 
     def __post_init__(self) -> None:
@@ -139,6 +146,8 @@ class ViTConfig:
         if self.final_norm == "pooled" and self.classifier == "map":
             raise ValueError("an attention-pooling head reads normalised tokens: final_norm 'pooled' "
                              "has no meaning there")
+        if not self.num_classes and not self.head_bias:
+            object.__setattr__(self, "head_bias", True)  # no head, no bias to leave out; one spelling
         if self.num_reg_tokens < 0:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
         if self.pos_embed_prefix == "class" and not self.class_token:

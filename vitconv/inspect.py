@@ -185,8 +185,9 @@ def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int
         try:
             layout = detect_layout(Probe(shapes, dict(source.metadata), source.path))
             prefix = layout.prefix(keys, source.path)
-            inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-            ignored = sorted(k for k in keys if not k.startswith(prefix))
+            kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
+            inner = [k[len(prefix):] for k in kept]
+            ignored = sorted(set(keys) - set(kept))
             cfg = layout.infer(Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), source.path))
             missing, unused = audit_report(layout.rules(cfg), inner)
             return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message)

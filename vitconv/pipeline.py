@@ -48,6 +48,9 @@ from .targets import candidates
 PathLike = Union[str, os.PathLike]
 #: ``progress(done_bytes, total_bytes, tensor_name)``, called after each tensor is written.
 Progress = Callable[[int, int, str], None]
+#: How each ``pos_resize`` mode is said in a report.
+RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transformers",
+                "bicubic_aa": "bicubic with antialiasing, as timm", "dinov2": "bicubic with DINOv2's +0.1 offset"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
 DTYPES = ("float32", "float16")
 
@@ -110,8 +113,9 @@ class Checkpoint:
                     raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.path)
                 if check_finite and not all_finite(t):
                     raise MappingError(f"{name} contains NaN or Inf values", self.path)
-                if name == "pos_embed" and self.resized_from is not None:
-                    t = resize_pos_embed(t, self.config.grid_size, self.source_config.num_prefix_tokens)
+                if name == "pos_embed" and self.resized_from is not None:  # the source family's own way
+                    t = resize_pos_embed(t, self.config.grid_size, self.source_config.num_pos_prefix,
+                                         self.source_config.pos_resize)
                 if self.dtype is not None and t.dtype != self.dtype:
                     t = t.astype(self.dtype)
                 yield name, t
@@ -159,7 +163,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         if num_heads is not None and (heads is None or heads.argument is None):
             raise BadInputError(f"--num-heads: the {layout.name} layout records the heads", path)
         prefix = layout.prefix(keys, where)
-        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
+        inner = [k[len(prefix):] for k in kept]
         probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
         cfg = _override(layout.infer(probe), layout, probe, dict(overrides or {}), path)
         # (a corrupt file is named as such above, before a layout complaint below)
@@ -168,7 +173,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         rules = layout.rules(cfg)
         audit(rules, inner, where)
         ckpt = Checkpoint(where, layout, cfg, cfg, source, prefix, rules,
-                          ignored=[k for k in keys if not k.startswith(prefix)],
+                          ignored=sorted(set(keys) - set(kept)),
                           dtype=np.dtype(dtype) if dtype else None, owns_source=opened)
         if image_size is not None and image_size != cfg.image_size:
             if image_size <= 0 or image_size % cfg.total_stride:
@@ -221,11 +226,11 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
                      "does not record")
     notes += layout.read_notes(cfg, probe)
     if ckpt.ignored:
-        notes.append(f"{len(ckpt.ignored)} keys outside '{ckpt.prefix}' ignored (optimizer state)")
+        notes.append(f"{len(ckpt.ignored)} keys outside the model left out ({layout.ignored_what})")
     if ckpt.resized_from is not None:
         a, b = ckpt.resized_from, ckpt.config.grid_size
-        notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} (Google's order-1 zoom, "
-                     "class token kept)")
+        notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} ({RESIZE_WORDS[cfg.pos_resize]}, "
+                     "prefix rows kept)")
     return notes
 
 
@@ -243,8 +248,10 @@ def choose_layout(layouts: Sequence[Layout], cfg: ViTConfig, container: str, tar
         found.append((layout.name, problems))
     if len(found) == 1:
         detail = "; ".join(found[0][1])
-    else:
-        detail = " | ".join(f"{name}: {'; '.join(p)}" for name, p in found)
+    else:  # the nearest of the target's layouts, and which others were tried
+        name, problems = min(found, key=lambda f: len(f[1]))
+        others = ", ".join(n for n, _ in found if n != name)
+        detail = f"nearest, {name}: {'; '.join(problems)} (also tried: {others})"
     raise MappingError(f"the {target} layout cannot express this model: {detail}", dst)
 
 
@@ -252,13 +259,14 @@ def map_state(state: Dict[str, np.ndarray], cfg: ViTConfig, layout: Layout) -> D
     """A canonical state dict in memory -> ``layout``'s ``{key: array}`` (sorted keys),
     through the same table that reads it."""
     rules = layout.rules(cfg)
-    have, want = set(state), {r.canonical for r in rules}
+    have, want = set(state) - set(layout.dropped(cfg)), {r.canonical for r in rules if r.canonical}
     if have != want:
         raise MappingError(f"canonical state does not match the {layout.name} table: missing "
                            f"{sorted(want - have)[:8]}; unexpected {sorted(have - want)[:8]}")
+    dtype = next(iter(state.values())).dtype
     out: Dict[str, np.ndarray] = {}
     for r in rules:
-        out.update(map_from_canonical(r, state[r.canonical], cfg))
+        out.update(map_from_canonical(r, state[r.canonical] if r.canonical else np.zeros((), dtype), cfg))
     return {k: out[k] for k in sorted(out)}
 
 
@@ -352,15 +360,19 @@ def _foreign_stream(ckpt: Checkpoint, rules: Sequence[ExpandedRule], order: Sequ
     the order their keys are first needed; a row with several outputs (q/k/v) keeps its other
     outputs until their turn, which in sorted key orders is within the same block."""
     rule_of = {k: r for r in rules for k in r.source}
-    canonical_order = list(dict.fromkeys(rule_of[k].canonical for k in order))
+    canonical_order = list(dict.fromkeys(rule_of[k].canonical for k in order if rule_of[k].canonical))
     by_name = {r.canonical: r for r in rules}
     stream = ckpt.tensors(order=canonical_order, read_ahead=True)
     pending: Dict[str, np.ndarray] = {}
+    dtype = ckpt.specs()[0].dtype
     for key in order:
         if key not in pending:
-            name, t = next(stream)
-            pending.update(map_from_canonical(by_name[name], t, ckpt.config))
-            del t
+            if rule_of[key].canonical:
+                name, t = next(stream)
+                pending.update(map_from_canonical(by_name[name], t, ckpt.config))
+                del t
+            else:  # a fill row: zeros in the model's dtype
+                pending.update(map_from_canonical(rule_of[key], np.zeros((), dtype), ckpt.config))
         yield key, pending.pop(key)
     for _ in stream:  # nothing may be left: every canonical tensor was asked for
         raise AssertionError("canonical tensors left over after the last foreign key")
@@ -390,8 +402,9 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
     canon = {s.name: s for s in ckpt.specs()}
     rules = layout.rules(cfg)
     shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
-    specs = _order([TensorSpec(k, canon[r.canonical].dtype, shapes[k]) for r in rules for k in r.source],
-                   container)
+    fill_dtype = next(iter(canon.values())).dtype
+    specs = _order([TensorSpec(k, canon[r.canonical].dtype if r.canonical else fill_dtype, shapes[k])
+                    for r in rules for k in r.source], container)
     # a .pt's state dict: the model's own order for a canonical file, sorted keys otherwise
     state_order = [k for r in rules for k in r.source] if canonical else sorted(s.name for s in specs)
     dst = Path(dst)
@@ -473,6 +486,8 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         outputs = write(ckpt, layout, container, dst, extra=extra, shard_bytes=shard_bytes,
                         progress=progress, before_commit=before_commit)
     notes = list(ckpt.notes) + layout.argument_notes(ckpt.config, recorded=container == "dir")
+    notes += [f"{t} left out: the {layout.name} layout has none, and only training reads it"
+              for t in layout.dropped(ckpt.config)]
     notes += layout.write_notes(ckpt.config)
     if container != "dir" and len(outputs) > 1:
         notes.append(f"sharded into {len(outputs) - 1} files of at most {shard_bytes:,} bytes "

@@ -41,6 +41,16 @@ class Rule:
     when: str = "always"
 
 
+def fill(key: str, shape: Callable[[ViTConfig], Tuple[int, ...]], when: str, scope: str = "model") -> Rule:
+    """A write-only row: a tensor the layout's code always has and the canonical model does not,
+    written as zeros where zeros compute the same function (a zero bias; a mask token that
+    only masked training reads). It has no canonical name, is never read, and is active only
+    when the canonical model lacks the tensor (``when``)."""
+    zeros = LayoutOp("zeros", lambda a, cfg: None, lambda a, cfg: [np.zeros(shape(cfg), a.dtype)], 1,
+                     shapes=lambda s, cfg: [shape(cfg)])
+    return Rule("", (key,), zeros, scope, when)
+
+
 @dataclass(frozen=True)
 class ExpandedRule:
     canonical: str
@@ -140,6 +150,8 @@ def audit_report(rules: Sequence[ExpandedRule], source_keys: Sequence[str]) -> T
     and what :func:`audit` turns into an error."""
     needed: Dict[str, str] = {}
     for r in rules:
+        if not r.canonical:  # a fill: written, never read
+            continue
         for k in r.source:
             if k in needed:
                 raise AssertionError(f"rule table consumes {k!r} twice ({needed[k]}, {r.canonical})")
@@ -174,6 +186,8 @@ def map_to_canonical(rules: Sequence[ExpandedRule], get: Callable[[str], np.ndar
     ``expected`` (canonical shapes of the model) turns a shape mismatch into an error
     naming the source key instead of a failure deep inside ``load_state_dict``."""
     for r in rules:
+        if not r.canonical:  # a fill: written, never read
+            continue
         arrays = [get(k) for k in r.source]
         try:
             t = r.op.to_canonical(arrays, cfg)
@@ -201,6 +215,6 @@ def foreign_shapes(rules: Sequence[ExpandedRule], canonical: Mapping[str, Shape]
     """Foreign key -> shape, from canonical shapes alone (no tensor is read or made)."""
     out: Dict[str, Shape] = {}
     for r in rules:
-        for k, s in zip(r.source, r.op.foreign_shapes(canonical[r.canonical], cfg)):
+        for k, s in zip(r.source, r.op.foreign_shapes(canonical.get(r.canonical, ()), cfg)):
             out[k] = s
     return out

@@ -30,7 +30,8 @@ from .registry import Layout, Probe, register
 #: layout name -> prefix of the ViTModel inside the checkpoint.
 PREFIX = {"hf": "vit.", "hf_model": ""}
 #: canonical act -> transformers ``hidden_act`` (``gelu_pytorch_tanh`` is F.gelu(approximate='tanh')).
-ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "relu": "relu"}
+ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "relu": "relu",
+             "silu": "silu"}
 HF_TO_ACT = {**{v: k for k, v in ACT_TO_HF.items()}, "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
@@ -91,7 +92,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
 
 def detect(layout: str):
     key = PREFIX[layout] + "embeddings.patch_embeddings.projection.weight"
-    return lambda probe: key in probe.shapes
+    block = PREFIX[layout] + "encoder.layer.0.layernorm_before.weight"  # DINOv2 shares the embeddings
+    return lambda probe: key in probe.shapes and block in probe.shapes
 
 
 def infer(layout: str):

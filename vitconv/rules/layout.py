@@ -245,6 +245,9 @@ def pos_with_empty_cls(pos: np.ndarray, cls: np.ndarray) -> np.ndarray:
 
 QKV_CONCAT = LayoutOp("concat_qkv", lambda a, cfg: concat_qkv(*a), lambda a, cfg: split_qkv(a), 3,
                       shapes=lambda s, cfg: [(s[0] // 3,) + tuple(s[1:])] * 3)
+VECTOR_TOKEN = LayoutOp("vector_to_token", lambda a, cfg: np.ascontiguousarray(a[0].reshape(1, 1, -1)),
+                        lambda a, cfg: [np.ascontiguousarray(a.reshape(-1))],
+                        shapes=lambda s, cfg: [(s[-1],)])  # CLIP's class_embedding (D,)
 Q_KV_CONCAT = LayoutOp("concat_q_kv", lambda a, cfg: np.ascontiguousarray(np.concatenate(a, axis=0)),
                        lambda a, cfg: [np.ascontiguousarray(a[:cfg.width]), np.ascontiguousarray(a[cfg.width:])], 2,
                        shapes=lambda s, cfg: [(cfg.width,) + tuple(s[1:]), (s[0] - cfg.width,) + tuple(s[1:])])

@@ -13,10 +13,11 @@ default there) and the model's tensors against the table's rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..config import SHAPE_FIELDS, ViTConfig, describe_field
+from ..config import SHAPE_FIELDS, ViTConfig, describe_field, training_only
 from ..errors import MappingError
 from .base import Carry, ExpandedRule, Rule, expand_rules, short_list
 
@@ -62,8 +63,12 @@ class Layout:
     carries: Tuple[Carry, ...] = ()
     containers: Tuple[str, ...] = ("safetensors", "pt")
     target: Optional[str] = None
-    #: The model's prefix among the keys (Google's ``opt/target/``), or a MappingError.
+    #: The model's prefix among the keys (Google's ``opt/target/``), or a MappingError; keys
+    #: outside it, and keys starting with one of ``ignore``, are left out (what they are:
+    #: ``ignored_what``, said in the notes).
     prefix: Callable[[Sequence[str], Optional[str]], str] = _no_prefix
+    ignore: Tuple[str, ...] = ()
+    ignored_what: str = "optimizer state"
     #: ``config.json`` of a model directory in this layout: ``(cfg, source layout name)``.
     directory_config: Optional[Callable[[ViTConfig, Optional[str]], dict]] = None
     #: What a user must know when reading (assumptions) or writing (how to run it) this layout.
@@ -94,6 +99,8 @@ class Layout:
             if f.name in SHAPE_FIELDS:
                 continue
             value, c = getattr(cfg, f.name), self.carry(f.name)
+            if c is None and training_only(f.name):
+                continue  # left out when written (dropped(): a note), never a refusal
             if c is None:
                 if value != f.default:
                     out.append(f"{f.name}={value!r} ({describe_field(f.name)}; the {self.name} layout has "
@@ -107,15 +114,22 @@ class Layout:
                 out.append(f"{f.name}={value!r} (recorded only in config.json: write a model directory)")
         if out:
             return out
-        rows = {r.canonical for r in self.rules(cfg)}
+        rows = {r.canonical for r in self.rules(cfg) if r.canonical}  # fills are not model tensors
         names = list(canonical)
-        missing = [n for n in names if n not in rows]
+        dropped = set(self.dropped(cfg))
+        missing = [n for n in names if n not in rows and n not in dropped]
         extra = sorted(rows - set(names))
         if missing:
             out.append(f"no {self.name} row for {short_list(missing)}")
         if extra:
             out.append(f"the {self.name} layout always has {short_list(extra)}, which this model lacks")
         return out
+
+    def dropped(self, cfg: ViTConfig) -> List[str]:
+        """Training-only canonical tensors of ``cfg`` this layout has no place for: left out
+        when it is written (inference never reads them)."""
+        return [t for f in dataclasses.fields(ViTConfig) if getattr(cfg, f.name) and self.carry(f.name) is None
+                for t in training_only(f.name)]
 
     def argument_notes(self, cfg: ViTConfig, recorded: bool) -> List[str]:
         """Constructor arguments the layout's code needs for this model, where the file does
@@ -152,21 +166,24 @@ class Layout:
 
 
 def _has_key(metadata: Dict[str, str], key: str) -> bool:
-    """Whether the ``config.json`` a source carries holds ``key`` (dotted: ``model_args.x``)."""
-    import json
-
+    """Whether the ``config.json`` a source carries holds ``key`` (dotted: ``model_args.x``;
+    alternatives joined by ``|``: ``hidden_act|vision_config.hidden_act``)."""
     text = metadata.get("hf_config")
     if not text:
         return False
     try:
-        node = json.loads(text)
-    except ValueError:
+        root = json.loads(text)
+    except (ValueError, RecursionError):
         return False
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    for alternative in key.split("|"):
+        node = root
+        for part in alternative.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return True
+    return False
 
 
 LAYOUTS: Dict[str, Layout] = {}

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
-from .base import Carry, Rule
+from .base import Carry, Rule, fill
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
 from .layout import IDENTITY, Q_KV_CONCAT
 from .registry import Layout, Probe, register
@@ -70,6 +70,7 @@ def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
              Rule("pre_logits.bias", ("pre_logits.fc.bias",), IDENTITY, "model", "representation_size"),
              Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
              Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes&head_bias"),
+             fill("head.bias", lambda c: (c.num_classes,), "num_classes&head_bias=False"),  # CLIP's proj
              Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled&num_classes"),
              Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled&num_classes")]
     return tuple(rows)
@@ -106,7 +107,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("norm_pre"), Carry("mlp"),
         Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
               why="timm ties the patch bias to pre_norm (bias = not pre_norm)"),
-        Carry("head_bias", values=(True,), why="timm's head always has a bias"),
+        Carry("head_bias", argument="timm's head always has a bias: a bias-free head (CLIP's proj) is "
+              "written with a zero one, the same function", default=True),
         Carry("resnet_layers", values=(None,), why="timm's hybrid backbone has other names and semantics"),
     )
 
