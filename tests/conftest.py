@@ -70,3 +70,22 @@ def read(path, **kwargs):
 
     with open_checkpoint(path, **kwargs) as c:
         return c.layout.name, c.config, c.state_dict(), c.notes
+
+
+#: Trained DINOv2 LayerScale values run from about 2e-4 to 11: seeded scales span that range.
+LAYER_SCALE_RANGE = (2e-4, 11.0)
+
+
+def seeded(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Every parameter far from its init, so each feature moves the output well above float32
+    rounding: weights, norms and biases N(0, scale^2); LayerScale vectors (``.gamma``, HF's
+    ``lambda1``) log-uniform over :data:`LAYER_SCALE_RANGE`. Returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (float(np.log(v)) for v in LAYER_SCALE_RANGE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma") or name.endswith("lambda1"):
+                p.copy_(torch.exp(torch.empty(p.shape).uniform_(lo, hi, generator=g)))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()

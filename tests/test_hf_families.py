@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import golden_path
+from conftest import golden_path, seeded
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
 from vitconv.pipeline import convert, open_checkpoint
@@ -30,18 +29,6 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               patch_size=8)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
 DINO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-
-
-def _seeded(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lambda1" in name:
-                p.copy_(torch.exp(torch.empty(p.shape).uniform_(float(np.log(2e-4)), float(np.log(11.0)),
-                                                                generator=g)))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
 
 
 def _x(size):
@@ -78,7 +65,7 @@ FAMILIES = {
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_hf_family_reads_resizes_and_writes_back(name, tmp_path):
     make, output, flag, layout, expect = FAMILIES[name]
-    model = _seeded(make())
+    model = seeded(make())
     model.save_pretrained(tmp_path / "src")
     report = convert(tmp_path / "src", tmp_path / "c.safetensors")
     assert report.layout == layout
@@ -108,7 +95,7 @@ def test_a_two_tower_checkpoint_converts_its_vision_tower(two_tower, tmp_path):
                                                                projection_dim=24))
     else:
         model = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
-    _seeded(model).save_pretrained(tmp_path / "full")
+    seeded(model).save_pretrained(tmp_path / "full")
     report = convert(tmp_path / "full", tmp_path / "v.safetensors")
     assert any("left out (the text tower)" in n for n in report.notes), report.notes
     assert not any("assumed" in n for n in report.notes), report.notes  # vision_config records them
@@ -124,7 +111,7 @@ def test_timm_and_hf_siglip_convert_into_each_other(tmp_path):
     from timm_import import import_timm
 
     timm = import_timm()
-    model = _seeded(timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, patch_size=8,
+    model = seeded(timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, patch_size=8,
                                       embed_dim=128, depth=2, num_heads=2))
     from safetensors.torch import save_file
 

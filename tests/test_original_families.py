@@ -15,13 +15,12 @@ import os
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import skip_unless_installed
-from timm_import import _Finder, import_timm
+from conftest import seeded, skip_unless_installed
+from timm_import import import_timm, torchvision_placeholder
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
 from vitconv.pipeline import convert, open_checkpoint
@@ -50,14 +49,8 @@ def _openclip_transformer():
     pkg = types.ModuleType("open_clip")
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules.setdefault("open_clip", pkg)
-    finder = _Finder()
-    sys.meta_path.insert(0, finder)
-    try:
+    with torchvision_placeholder():
         import open_clip.transformer as transformer
-    finally:
-        sys.meta_path.remove(finder)
-        for n in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[n]
     return transformer
 
 
@@ -74,18 +67,6 @@ def _dinov2(**kw):
                                  block_chunks=0, block_fn=partial(Block, attn_class=MemEffAttention), **kw)
 
 
-def _seeded(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".gamma"):
-                p.copy_(torch.exp(torch.empty(p.shape).uniform_(float(np.log(2e-4)), float(np.log(11.0)),
-                                                                generator=g)))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 def _x(size):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
 
@@ -100,7 +81,7 @@ def _close(got, want):
 def test_dinov2_hub_reads_resizes_its_own_way_and_writes_back(ffn, tmp_path):
     """At another resolution the original DINOv2 resizes with scale_factor (g + 0.1) / M: the
     converted model follows it; timm's and transformers' resize give another table."""
-    model = _seeded(_dinov2(ffn_layer=ffn))
+    model = seeded(_dinov2(ffn_layer=ffn))
     torch.save(model.state_dict(), tmp_path / "d.pth")
     report = convert(tmp_path / "d.pth", tmp_path / "c.safetensors")
     assert report.layout == "dinov2" and report.config.pos_resize == "dinov2" and report.config.mask_token
@@ -118,7 +99,7 @@ def test_dinov2_hub_reads_resizes_its_own_way_and_writes_back(ffn, tmp_path):
 
 def test_dinov2_resize_differs_from_the_other_families(tmp_path):
     """The reason pos_resize exists: at 48 px the original DINOv2's table is not timm's."""
-    model = _seeded(_dinov2())
+    model = seeded(_dinov2())
     torch.save(model.state_dict(), tmp_path / "d.pth")
     convert(tmp_path / "d.pth", tmp_path / "t.safetensors", to="timm")
     timm = import_timm()
@@ -132,7 +113,7 @@ def test_dinov2_resize_differs_from_the_other_families(tmp_path):
 
 def test_dinov2_hub_to_hugging_face_and_timm(tmp_path):
     transformers = pytest.importorskip("transformers")
-    model = _seeded(_dinov2())
+    model = seeded(_dinov2())
     torch.save(model.state_dict(), tmp_path / "d.pth")
     report = convert(tmp_path / "d.pth", tmp_path / "hf")
     assert report.target_layout == "hf_dinov2"
@@ -152,7 +133,7 @@ def test_dinov2_with_registers_needs_class_only_rows_which_timm_lacks(tmp_path):
     """DINOv2's registers have no position rows but its class token has one; timm holds either
     rows for every prefix token or none (its own converter folds the class row into the token).
     vitconv does not fold: the refusal names the field."""
-    model = _seeded(_dinov2())
+    model = seeded(_dinov2())
     sd = model.state_dict()
     sd["register_tokens"] = torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(3))
     torch.save(sd, tmp_path / "reg.pth")
@@ -171,7 +152,7 @@ def _openai_clip(**kw):
 
 
 def test_openai_clip_full_checkpoint_reads_its_visual_tower(tmp_path):
-    model = _seeded(_openai_clip())
+    model = seeded(_openai_clip())
     full = {"visual." + k: v for k, v in model.state_dict().items()}
     full.update({"positional_embedding": torch.zeros(77, 32), "transformer.resblocks.0.ln_1.weight": torch.ones(32),
                  "text_projection": torch.zeros(32, 24), "logit_scale": torch.tensor(4.6)})  # a text tower
@@ -192,7 +173,7 @@ def test_openai_clip_to_timm_and_hugging_face(tmp_path):
     """timm's head has a bias: written as zeros (as timm's own converter does); timm's QuickGELU
     CLIP architecture (eps 1e-5) computes OpenAI's function; so does HF's CLIPVisionModelWithProjection."""
     transformers = pytest.importorskip("transformers")
-    model = _seeded(_openai_clip())
+    model = seeded(_openai_clip())
     torch.save(model.state_dict(), tmp_path / "clip.pt")
     report = convert(tmp_path / "clip.pt", tmp_path / "tdir", to="timm")
     assert any("written with a zero one" in n for n in report.notes), report.notes
@@ -213,7 +194,7 @@ def test_openclip_tower_with_layer_scale_and_exact_gelu(pool, tmp_path):
     """OpenCLIP's default: exact GELU, which no weight records (--set act=gelu); 'avg' pools the
     patch tokens' mean after ln_post (--set classifier=gap); LayerScale as ls_1/ls_2."""
     oct = _openclip_transformer()
-    model = _seeded(oct.VisionTransformer(image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=4.0,
+    model = seeded(oct.VisionTransformer(image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=4.0,
                                           output_dim=24, ls_init_value=0.5, pool_type=pool))
     torch.save(model.state_dict(), tmp_path / "oc.pt")
     overrides = {"act": "gelu", **({"classifier": "gap"} if pool == "avg" else {})}

@@ -8,11 +8,11 @@ rebuilds it with ``create_model``."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.pipeline import convert, open_checkpoint
@@ -42,16 +42,7 @@ FAMILIES = {
 
 def _build(name: str, extra: dict):
     arch = name.split(" ")[0]
-    model = timm.create_model(arch, pretrained=False, **SMALL, **extra)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith(".gamma"):
-                lo, hi = float(np.log(2e-4)), float(np.log(11.0))
-                p.copy_(torch.exp(torch.empty(p.shape).uniform_(lo, hi, generator=g)))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+    return seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra), scale=0.2)
 
 
 def _x(size=32):

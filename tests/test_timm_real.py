@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CASES, golden_expected, golden_input, golden_path
+from conftest import CASES, golden_expected, golden_input, golden_path, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
@@ -172,25 +172,13 @@ def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
     assert rows["act"]["value"] == "gelu_tanh"
 
 
-def _spread_layer_scales(model, seed=3):
-    """LayerScale gammas log-uniform over 2e-4 .. 11, the range trained DINOv2 models show,
-    so each block's branches move the output far above float32 rounding."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".gamma"):
-                p.copy_(torch.exp(torch.empty(p.shape).uniform_(float(np.log(2e-4)), float(np.log(11.0)),
-                                                                generator=g)))
-    return model
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(class_token=False, global_pool="avg", fc_norm=True)],
                          ids=["token", "avg_fc_norm"])
 def test_layer_scale_reads_writes_and_matches_timm(kw, tmp_path):
     """timm's init_values (DeiT-3, DINOv2): ls1/ls2.gamma read onto the canonical LayerScale
     give timm's logits; back to timm they load strictly and bit for bit; a timm directory
     rebuilds with create_model; layouts without LayerScale refuse it by name."""
-    model = _spread_layer_scales(_randomize(VisionTransformer(**SMALL, init_values=1e-5, **kw)))
+    model = seeded(VisionTransformer(**SMALL, init_values=1e-5, **kw), scale=0.2, seed=3)
     _save(model, tmp_path / "ls.safetensors")
     report = convert(tmp_path / "ls.safetensors", tmp_path / "c.safetensors", num_heads=2)
     assert report.config.layer_scale

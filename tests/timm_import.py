@@ -10,6 +10,7 @@ torchvision) never see them. Where a real torchvision is installed it is used as
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -55,22 +56,29 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+@contextlib.contextmanager
+def torchvision_placeholder():
+    """Within this block every ``torchvision`` import is answered by a placeholder (unless a
+    real torchvision is installed); afterwards the placeholders are gone again."""
+    if importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    finder = _Finder()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+
 def import_timm():
     """The real ``timm`` package, or a skip naming why (CI installs it with ``--no-deps``)."""
     if "timm" in sys.modules:
         return sys.modules["timm"]
     if importlib.util.find_spec("timm") is None:
         skip_unless_installed("timm not installed (pip install --no-deps timm==1.0.31, as .ci/run does)")
-    if importlib.util.find_spec("torchvision") is not None:
+    with torchvision_placeholder():
         import timm
-
-        return timm
-    finder = _Finder()
-    sys.meta_path.insert(0, finder)
-    try:
-        import timm
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
     return timm

@@ -96,6 +96,24 @@ def detect(layout: str):
     return lambda probe: key in probe.shapes and block in probe.shapes
 
 
+def semantics(hc: dict, probe: Probe, attn_dim: int, act: str, eps: float) -> Tuple[int, int, str, float]:
+    """``(heads, head_dim, act, norm_eps)`` from a transformers ``config.json`` (``hc``), each value
+    checked, with the model class's defaults (``act``, ``eps``) where it says nothing: what every
+    Hugging Face layout reads the same way."""
+    recorded = hc.get("num_attention_heads")
+    if recorded is not None and type(recorded) is not int:
+        raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", probe.path)
+    heads, head_dim = heads_from_attn_dim(attn_dim, probe, recorded)
+    hidden_act = hc.get("hidden_act", act)
+    if hidden_act not in HF_TO_ACT:
+        raise MappingError(f"hidden_act {hidden_act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})",
+                           probe.path)
+    eps = hc.get("layer_norm_eps", eps)
+    if type(eps) not in (int, float) or not 0 <= eps < 1:
+        raise MappingError(f"config.json: layer_norm_eps {eps!r} is not a small non-negative number", probe.path)
+    return heads, head_dim, HF_TO_ACT[hidden_act], float(eps)
+
+
 def infer(layout: str):
     def infer_config(probe: Probe) -> ViTConfig:
         shapes, path, p = probe.shapes, probe.path, PREFIX[layout]
@@ -107,20 +125,11 @@ def infer(layout: str):
         emb = need(shapes, p + "embeddings.patch_embeddings.projection.weight", layout, path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, p + "encoder.layer.0.attention.attention.query.weight", layout, path)
-        recorded = hc.get("num_attention_heads")
-        if recorded is not None and type(recorded) is not int:
-            raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", path)
-        heads, head_dim = heads_from_attn_dim(q[0], probe, recorded)
+        heads, head_dim, act, eps = semantics(hc, probe, q[0], "gelu", 1e-12)
         pos = need(shapes, p + "embeddings.position_embeddings", layout, path)
         if p + "embeddings.cls_token" not in shapes:
             raise MappingError("no embeddings.cls_token: Hugging Face ViT always has one", path)
         g = grid_from_tokens(pos[1], 1, p + "embeddings.position_embeddings", path)
-        act = hc.get("hidden_act", "gelu")
-        if act not in HF_TO_ACT:
-            raise MappingError(f"hidden_act {act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})", path)
-        eps = hc.get("layer_norm_eps", 1e-12)
-        if type(eps) not in (int, float) or not 0 <= eps < 1:
-            raise MappingError(f"config.json: layer_norm_eps {eps!r} is not a small non-negative number", path)
         pooler = p + "pooler.dense.weight"
         rep = shapes[pooler][0] if pooler in shapes else None
         if rep and str(hc.get("pooler_act", "tanh")) != "tanh":
@@ -134,7 +143,7 @@ def infer(layout: str):
                      mlp_dim=need(shapes, p + "encoder.layer.0.intermediate.dense.weight", layout, path)[0],
                      classifier="token", representation_size=rep, num_classes=head[0] if head else 0,
                      qkv_bias=(p + "encoder.layer.0.attention.attention.query.bias") in shapes,
-                     norm_eps=float(eps), act=HF_TO_ACT[act], pos_resize="bicubic",
+                     norm_eps=eps, act=act, pos_resize="bicubic",
                      final_norm="encoder" if (p + "layernorm.weight") in shapes else "none")
     return infer_config
 

@@ -27,8 +27,8 @@ from typing import Optional, Sequence, Tuple
 from ..config import ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule
-from .hf import ACT_TO_HF, HF_TO_ACT
-from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .hf import ACT_TO_HF, semantics
+from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from .layout import BATCH_AXIS, IDENTITY, QKV_CONCAT, VECTOR_TOKEN
 from .registry import Layout, Probe, register
 
@@ -148,23 +148,15 @@ def infer(layout: str):
         emb = need(shapes, e + "patch_embedding.weight", layout, path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, b + "self_attn.q_proj.weight", layout, path)
-        recorded = vc.get("num_attention_heads")
-        if recorded is not None and type(recorded) is not int:
-            raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", path)
-        heads, head_dim = heads_from_attn_dim(q[0], probe, recorded)
+        heads, head_dim, act, eps = semantics(vc, probe, q[0], "gelu_pytorch_tanh" if siglip else "quick_gelu",
+                                              1e-6 if siglip else 1e-5)
         pos = need(shapes, e + "position_embedding.weight", layout, path)
         g = grid_from_tokens(pos[0], 0 if siglip else 1, e + "position_embedding.weight", path)
-        act = vc.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
-        if act not in HF_TO_ACT:
-            raise MappingError(f"hidden_act {act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})", path)
-        eps = vc.get("layer_norm_eps", 1e-6 if siglip else 1e-5)
-        if type(eps) not in (int, float) or not 0 <= eps < 1:
-            raise MappingError(f"config.json: layer_norm_eps {eps!r} is not a small non-negative number", path)
         proj = shapes.get("visual_projection.weight") if layout == "hf_clip_proj" else None
         return build(probe, image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
                      num_heads=heads, head_dim=head_dim,
                      mlp_dim=need(shapes, b + "mlp.fc1.weight", layout, path)[0],
-                     num_classes=proj[0] if proj else 0, act=HF_TO_ACT[act], norm_eps=float(eps),
+                     num_classes=proj[0] if proj else 0, act=act, norm_eps=eps,
                      class_token=not siglip, classifier="map" if siglip else "token", norm_pre=not siglip,
                      patch_bias=e + "patch_embedding.bias" in shapes, head_bias=False if proj else True,
                      pos_resize="bicubic")

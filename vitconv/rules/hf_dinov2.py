@@ -26,8 +26,8 @@ from typing import Optional, Tuple
 from ..config import ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule, fill
-from .hf import ACT_TO_HF, HF_TO_ACT
-from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
+from .hf import ACT_TO_HF, semantics
+from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from .layout import IDENTITY, QKV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -129,25 +129,16 @@ def infer(layout: str):
         emb = need(shapes, _E + "patch_embeddings.projection.weight", layout, path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, _A.format(i=0) + "query.weight", layout, path)
-        recorded = hc.get("num_attention_heads")
-        if recorded is not None and type(recorded) is not int:
-            raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", path)
-        heads, head_dim = heads_from_attn_dim(q[0], probe, recorded)
+        heads, head_dim, act, eps = semantics(hc, probe, q[0], "gelu", 1e-6)
         swiglu = _B.format(i=0) + "mlp.weights_in.weight" in shapes
         fc2 = need(shapes, _B.format(i=0) + ("mlp.weights_out.weight" if swiglu else "mlp.fc2.weight"), layout, path)
         regs = shapes[_E + "register_tokens"][1] if _E + "register_tokens" in shapes else 0
         pos = need(shapes, _E + "position_embeddings", layout, path)
         g = grid_from_tokens(pos[1], 1, _E + "position_embeddings", path)
-        act = hc.get("hidden_act", "gelu")
-        if act not in HF_TO_ACT and act != "silu":
-            raise MappingError(f"hidden_act {act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})", path)
-        eps = hc.get("layer_norm_eps", 1e-6)
-        if type(eps) not in (int, float) or not 0 <= eps < 1:
-            raise MappingError(f"config.json: layer_norm_eps {eps!r} is not a small non-negative number", path)
         return build(probe, image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width,
                      depth=depth, num_heads=heads, head_dim=head_dim, mlp_dim=fc2[1], num_classes=0,
-                     qkv_bias=_A.format(i=0) + "query.bias" in shapes, norm_eps=float(eps),
-                     act="silu" if swiglu else HF_TO_ACT.get(act, act), layer_scale=True,
+                     qkv_bias=_A.format(i=0) + "query.bias" in shapes, norm_eps=eps,
+                     act="silu" if swiglu else act, layer_scale=True,
                      mask_token=_E + "mask_token" in shapes, num_reg_tokens=regs,
                      pos_embed_prefix="class" if regs else "all", mlp="swiglu" if swiglu else "mlp",
                      pos_resize="bicubic_aa" if layout == "hf_dinov2_reg" else "bicubic")
