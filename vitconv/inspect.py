@@ -26,13 +26,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ViTConfig
+from .config import SHAPE_FIELDS, ViTConfig
 from .errors import BadInputError, MappingError, first_line
 from .formats.base import TensorSource
 from .formats.open import open_source, sniff
 from .pipeline import open_checkpoint
-from .rules import Layout, Probe, detect_layout
-from .rules.base import audit_report
+from .rules import LAYOUTS, Layout, Probe, detect_layout
+from .rules.base import audit_report, condition
+from .rules.registry import has_key
 from .rules.canonical import CONFIG_KEY
 
 #: Version of the ``--json`` document; bump when a field changes meaning or disappears.
@@ -206,21 +207,23 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tupl
         sources: Dict[str, str] = {}
         fallback = f"{CONFIG_KEY} metadata"
     else:
-        sources = dict(layout.sources(cfg))
+        sources = {**_row_sources(layout, cfg), **layout.sources(cfg)}
         fallback = f"{layout.name} layout: inferred from tensor shapes"
         assumed = layout.assumed(cfg, probe)
         for c in layout.carries:
-            if c.field in sources:
-                continue
             if c.field in assumed:
                 sources[c.field] = (f"assumed: {'64-dim heads' if c.field == 'num_heads' else layout.name + ' default'}"
                                     f" (not stored in the file; {'--num-heads' if c.field == 'num_heads' else c.argument})")
-            elif c.key is not None:
-                sources[c.field] = f"config.json {c.key}"
+            elif c.field in sources:
+                continue
+            elif c.key is not None and c.recorded(cfg, True) and has_key(probe.metadata, c.key):
+                sources[c.field] = f"config.json {c.key.split('|')[0]}"
+            elif c.argument is not None and not c.argument.isidentifier():
+                sources[c.field] = f"{layout.name} code: {c.argument}"
         fixed = {c.field for c in layout.carries if c.values is not None and len(c.values) == 1}
         carried = {c.field for c in layout.carries} - fixed
         for f in dataclasses.fields(ViTConfig):
-            if f.name not in carried and f.name not in sources:
+            if f.name not in carried and f.name not in sources and f.name not in SHAPE_FIELDS:
                 sources[f.name] = f"{layout.name} layout convention (not stored in the file)"
         if "num_heads" in assumed:
             sources.setdefault("head_dim", sources["num_heads"])
@@ -231,6 +234,23 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tupl
     rows = [(n, getattr(cfg, n), sources.get(n, fallback)) for n in names]
     rows.append(("grid_size", cfg.grid_size, f"image_size / stride {cfg.total_stride}"))
     return rows
+
+
+def _row_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
+    """Where a feature was read from, for the fields a table's rows are conditioned on: the
+    presence (or absence) of the first key of the first such row (``layer_scale``: presence of
+    ``blocks.0.ls1.gamma``)."""
+    names = {f.name for f in dataclasses.fields(ViTConfig)}
+    out: Dict[str, str] = {}
+    for r in layout.table(cfg):
+        if r.when == "always" or not r.source or not r.canonical:
+            continue
+        key = r.source[0].format(i=0, s=0, u=0, s1=1, u1=1)
+        for part in r.when.split("&"):
+            name = part.split("!=")[0].split("=")[0].strip()
+            if name in names and name not in out:
+                out[name] = f"{'presence' if condition(r.when)(cfg) else 'absence'} of {key}"
+    return out
 
 
 def _dtypes(source, path: Path, kind: str) -> Dict[str, str]:
@@ -371,8 +391,9 @@ def format_text(report) -> List[str]:
         rows.append(("sha256", d["sha256"]))
     if isinstance(report, OnnxReport):
         return _lines(rows + _onnx_rows(d))
-    rows.append(("layout", (d["layout"] or "unknown")
-                 + (f" (model under '{d['prefix']}')" if d["prefix"] else "")))
+    described = f" ({LAYOUTS[d['layout']].description})" if d["layout"] in LAYOUTS else ""
+    rows.append(("layout", (d["layout"] or "unknown") + described
+                 + (f", model under '{d['prefix']}'" if d["prefix"] else "")))
     if report.config is not None:
         rows.append(("model", report.config.describe()))
     rows += [("tensors", f"{d['num_tensors']:,}"), ("params", f"{d['num_params']:,}"),

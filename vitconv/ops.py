@@ -84,9 +84,41 @@ def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
         grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False,
                              antialias=mode == "bicubic_aa")
     elif mode == "dinov2":  # dinov2/models/vision_transformer.py: interpolate_offset 0.1
-        grid = F.interpolate(grid, scale_factor=((new_grid[0] + 0.1) / g, (new_grid[1] + 0.1) / g),
-                             mode="bicubic", antialias=False)
+        # DINOv2 keeps its table when both sides equal the checkpoint's grid; the offset makes
+        # the resize no identity there, so the skip is arithmetic (scale 1 is the identity) and
+        # holds in a traced graph too, where the sizes are not Python numbers
+        gh, gw = (torch.as_tensor(n, dtype=torch.float64) for n in new_grid)
+        same = (gh == g) & (gw == g)
+        rows = _bicubic_matrix(g, new_grid[0], torch.where(same, 1.0, (gh + 0.1) / g))
+        cols = _bicubic_matrix(g, new_grid[1], torch.where(same, 1.0, (gw + 0.1) / g))
+        grid = torch.einsum("hi,bcij,wj->bchw", rows, grid, cols)
     else:
         raise ValueError(f"unknown position-table resize {mode!r}")
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, posemb.shape[-1]).to(posemb.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def _bicubic_matrix(n_in: int, n_out, scale_factor) -> "torch.Tensor":
+    """``(n_out, n_in)`` weights of PyTorch's bicubic resampling (``align_corners=False``) with
+    an explicit ``scale_factor``: ``F.interpolate(x, scale_factor=s, mode='bicubic')`` along one
+    axis is ``W @ x``. Why a matrix: the original DINOv2 passes ``scale_factor=(g + 0.1) / M``,
+    which no ``size=`` call reproduces, and a ``scale_factor`` computed from a symbolic size
+    does not trace (ONNX, torch.export, TorchScript); built from ``arange`` it does. Same taps as
+    ATen's ``upsample_bicubic2d``: source ``(dst + 0.5) / s - 0.5`` (not clamped), the cubic
+    convolution kernel with A = -0.75, neighbours clamped to the border."""
+    import torch
+
+    a = -0.75
+    # as ATen: the reciprocal of the scale in double, rounded to float, then float arithmetic
+    inverse = 1.0 / torch.as_tensor(scale_factor, dtype=torch.float64)
+    src = inverse.float() * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5
+    base = torch.floor(src)
+    t = src - base
+    # weights of the taps at base-1 .. base+2 (ATen's get_cubic_upsample_coefficients)
+    x1, x2 = t + 1, 1 - t
+    w = torch.stack([((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a,
+                     ((a + 2) * t - (a + 3)) * t * t + 1,
+                     ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
+                     ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a], dim=1)
+    taps = (base.long()[:, None] + torch.arange(-1, 3)[None, :]).clamp(0, n_in - 1)
+    return torch.zeros(n_out, n_in).scatter_add(1, taps, w)

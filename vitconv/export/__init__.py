@@ -90,6 +90,10 @@ def run_export(src: PathLike, plan: ExportPlan,
     if plan.batch is not None and plan.batch <= 0:
         raise BadInputError(f"--batch must be positive, got {plan.batch}", src)
     with open_checkpoint(src, image_size=plan.image_size) as ckpt:
+        if plan.dynamic_size and ckpt.config.pos_resize == "dinov2":
+            raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
+                                "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
+                                "symbolic sizes; export at a fixed resolution (--image-size N)", src)
         model, layout = build_model(ckpt.config, ckpt.state_dict()), ckpt.layout.name
     cfg = model.config
     say = progress or (lambda s: None)

@@ -157,7 +157,7 @@ class Layout:
         for c in self.carries:
             if c.argument is None or not c.argument.isidentifier():  # not per model: the code fixes it
                 continue
-            if c.key is not None and _has_key(probe.metadata, c.key):
+            if c.key is not None and has_key(probe.metadata, c.key):
                 continue
             if c.field == "num_heads" and probe.num_heads is not None:
                 continue
@@ -165,7 +165,7 @@ class Layout:
         return out
 
 
-def _has_key(metadata: Dict[str, str], key: str) -> bool:
+def has_key(metadata: Dict[str, str], key: str) -> bool:
     """Whether the ``config.json`` a source carries holds ``key`` (dotted: ``model_args.x``;
     alternatives joined by ``|``: ``hidden_act|vision_config.hidden_act``)."""
     text = metadata.get("hf_config")

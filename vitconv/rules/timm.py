@@ -301,9 +301,21 @@ def timm_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> Dict[str
 
 
 
+def sources(layout: str):
+    pos = POS_KEYS[layout]
+    return lambda cfg: {
+        "pos_embed_prefix": f"{pos} rows against the prefix tokens (no_embed_class: none)",
+        "mlp": "mlp.fc1 rows against mlp.fc2 columns (twice as many: packed SwiGLU)",
+        "classifier": "attn_pool (map), fc_norm or no cls_token (avg), else the class token",
+        "num_reg_tokens": "reg_token [1]", "image_size": f"{pos} [1] (grid x patch)",
+        "patch_size": "patch_embed.proj.weight [2]", "width": "patch_embed.proj.weight [0]",
+        "mlp_dim": "blocks.0.mlp.fc2.weight [1]"}
+
+
 def _register(layout: str, description: str, **extra: Any) -> None:
     register(Layout(name=layout, description=description, table=table_for(layout), detect=detect(layout),
-                    infer=infer(layout), carries=carries(layout), write_notes=write_notes, **extra))
+                    infer=infer(layout), carries=carries(layout), write_notes=write_notes,
+                    sources=sources(layout), **extra))
 
 
 _register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"),
