@@ -1,4 +1,4 @@
-"""``vitconv verify SRC.npz [CONVERTED] [--tolerance X] [--json] [--batch N] [--seed S] [--image-size N]``."""
+"""``vitconv verify SRC [CONVERTED] [--tolerance X] [--json] [--batch N] [--seed S] [--image-size N]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .common import say
 
 
 @click.command("verify")
-@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("src", type=click.Path(path_type=Path))
 @click.argument("converted", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
               help="Per stage: max abs error <= TOLERANCE x max(1, rms of the reference stage).")
@@ -22,19 +22,26 @@ from .common import say
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
               help="numpy.random.default_rng seed of the images.")
 @click.option("--image-size", type=int, help="Resolution to test at (default: the converted "
-              "model's; the reference resizes position embeddings as Google does).")
+              "model's; the reference resizes position embeddings its own way).")
 @click.pass_context
 def verify(ctx: click.Context, src: Path, converted: Path | None, tolerance: float, as_json: bool,
            batch: int, seed: int, image_size: int | None) -> None:
-    """Check CONVERTED against Google's SRC .npz, stage by stage, with an independent NumPy
-    reference; name the first stage past tolerance. Exit 0 when within tolerance, 3 if not.
+    """Check CONVERTED against SRC, stage by stage, and name the first stage past tolerance.
+    Exit 0 when within tolerance, 3 if not.
+
+    The reference: for Google's .npz, an independent NumPy implementation of vit_jax; for
+    Hugging Face and timm directories, the library's own model loaded from SRC alone; for bare
+    timm, DINOv2 and OpenAI CLIP state dicts, the library's class built with the arguments
+    vitconv read (the report says which). Library references expose the embedding, each
+    block's output and the final output.
 
     CONVERTED: a .pt/.safetensors written by vitconv (omitted: SRC is converted now), or an
-    .onnx / TorchScript export (then only the logits can be compared).
+    .onnx / TorchScript export (then only the final output can be compared).
 
     \b
       vitconv verify ViT-B_16.npz ViT-B_16.pt
       vitconv verify ViT-B_16.npz --image-size 384 --json
+      vitconv verify dinov2-small/ dinov2-small.safetensors
     """
     report = run_verify(src, converted, tolerance=tolerance, batch=batch, seed=seed,
                         image_size=image_size)

@@ -171,7 +171,7 @@ def test_bad_source_is_one_line_exit_2(tmp_path):
     notnpz = tmp_path / "x.npz"
     np.savez(notnpz, a=np.zeros(3))
     r = run("verify", notnpz)
-    assert r.exit_code == 2 and "not a Google ViT checkpoint" in r.output and r.output.count("\n") == 1
+    assert r.exit_code == 2 and "not a ViT checkpoint" in r.output and r.output.count("\n") == 1
 
 
 def test_stage_names_in_words():

@@ -225,6 +225,27 @@ class GoogleViTReference:
     def from_npz(cls, path: Union[str, os.PathLike], dtype=np.float64) -> "GoogleViTReference":
         return cls(load_npz(path), dtype=dtype)
 
+    # -- what verify asks of any reference -------------------------------------
+    @property
+    def description(self) -> str:
+        return f"Google .npz, NumPy {self.dtype.name} reference of vit_jax's models_vit.py"
+
+    @property
+    def reference_dtype(self) -> str:
+        return self.dtype.name
+
+    @property
+    def image_size(self) -> int:
+        return self.arch.image_size
+
+    @property
+    def stride(self) -> int:
+        return self.arch.stride
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.raw["conv_root/kernel" if self.arch.resnet_units else "embedding/kernel"].shape[2])
+
     # -- position table ------------------------------------------------------
     def pos_embed(self, grid: int) -> np.ndarray:
         """The position table for a ``grid`` x ``grid`` token grid (resized if needed)."""

@@ -1,5 +1,8 @@
-"""Prove a conversion: run Google's checkpoint through the independent NumPy reference
-(:mod:`vitconv.reference`) and the converted model on the same seeded images, stage by stage.
+"""Prove a conversion: run the source through a reference and the converted model on the same
+seeded images, stage by stage. The reference for Google's ``.npz`` is the independent NumPy
+implementation of vit_jax (:mod:`vitconv.reference`, every stage); for Hugging Face, timm, the
+original DINOv2 and OpenAI CLIP sources it is that library's own model
+(:mod:`vitconv.library_reference`: the embedding, each block's output, the final output).
 
 Why stage by stage: a wrong logit says *that* a conversion is broken; the first stage that
 leaves tolerance says *where* (a swapped head shows up in that block's attention, a wrong
@@ -39,6 +42,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from .errors import BadInputError, VerificationError, first_line
+from .library_reference import open_reference
+from .pipeline import open_checkpoint
 from .reference import GoogleViTReference, load_npz
 
 PathLike = Union[str, os.PathLike]
@@ -82,6 +87,7 @@ class VerifyReport:
     stages: List[StageResult] = field(default_factory=list)
     only_final: bool = False
     note: str = ""
+    reference: str = ""  # what computed the reference outputs
 
     @property
     def ok(self) -> bool:
@@ -117,7 +123,7 @@ class VerifyReport:
 
     def lines(self) -> List[str]:
         """The human report: header, per-stage table, verdict."""
-        out = [f"source     {self.source} (Google .npz, NumPy {self.reference_dtype} reference)",
+        out = [f"source     {self.source} ({self.reference})",
                f"converted  {self.converted} ({self.kind})",
                f"inputs     {self.batch} x {self.image_size}x{self.image_size} NHWC"
                + (f", uniform[-1, 1], seed {self.seed}" if self.seed is not None else ", given"),
@@ -271,7 +277,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
            tolerance: float = DEFAULT_TOLERANCE, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
            image_size: Optional[int] = None, inputs: Optional[np.ndarray] = None,
            reference_dtype=np.float64) -> VerifyReport:
-    """Compare Google's ``src`` (``.npz``) through the NumPy reference with ``converted``.
+    """Compare ``src`` through its reference (Google ``.npz``: the NumPy reference; a
+    library's layout: the library's model) with ``converted``.
 
     ``converted``: ``None`` (convert ``src`` now, at ``image_size`` if given), a path
     (vitconv ``.pt``/``.safetensors``, ``.onnx``, TorchScript), or an in-memory model
@@ -282,9 +289,14 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         raise BadInputError(f"tolerance must be positive, got {tolerance}")
     if batch <= 0:
         raise BadInputError(f"batch must be positive, got {batch}")
-    ref = _open_reference(src, reference_dtype)
-    model, runner, kind, label = None, None, "canonical", "in-memory model"
+    if isinstance(converted, (str, os.PathLike)) and not Path(converted).exists():
+        raise BadInputError("no such file", converted)  # before any work on the source
     from .checkpoint import load  # torch
+
+    with open_checkpoint(src) as source:  # the layout decides which reference applies
+        google = source.layout.name == "google"
+        ref = _open_reference(src, reference_dtype) if google else open_reference(src, source)
+    model, runner, kind, label = None, None, "canonical", "in-memory model"
 
     if converted is None:
         model = load(src, image_size=image_size)
@@ -316,25 +328,27 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
             size = model.config.image_size
         if size is None and isinstance(runner, _OnnxRunner):
             size = runner.static_size()
-        size = size or ref.arch.image_size
-        if size % ref.arch.stride:
-            raise BadInputError(f"image size {size} is not a multiple of the model's stride "
-                                f"{ref.arch.stride}", src)
-        channels = ref.raw["conv_root/kernel" if ref.arch.resnet_units else "embedding/kernel"].shape[2]
-        images = seeded_images(batch, size, channels, seed)
+        size = size or ref.image_size
+        if size != ref.image_size and getattr(ref, "fixed_size", False):
+            raise BadInputError(f"the reference ({ref.description}) runs at the checkpoint's {ref.image_size}px "
+                                f"only, not {size}", src)
+        if size % ref.stride:
+            raise BadInputError(f"image size {size} is not a multiple of the model's stride {ref.stride}", src)
+        images = seeded_images(batch, size, ref.in_chans, seed)
         used_seed = seed
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     want = ref.forward_stages(images)
 
     report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
-                          reference_dtype=np.dtype(reference_dtype).name)
+                          reference_dtype=ref.reference_dtype, reference=ref.description)
     if model is not None:
         import torch
 
         with torch.no_grad():
             got = {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(nchw)).items()}
-        names = list(want) + [k for k in got if k not in want]
+        # a library exposes some stages (embedding, block outputs, the output): those are compared
+        names = list(want) + ([k for k in got if k not in want] if google else [])
         report.stages = [compare_stage(n, got.get(n), want.get(n), tolerance) for n in names]
     else:
         final = "logits" if "logits" in want else "head_input"

@@ -1,0 +1,212 @@
+"""The source library's own model as ``verify``'s reference, for sources that are not Google
+``.npz`` files (those have the independent NumPy reference, :mod:`vitconv.reference`).
+
+A Hugging Face directory is loaded with ``transformers``' ``from_pretrained`` and a timm
+directory with ``timm.create_model('local-dir:…')``: both from the files alone, so nothing of
+vitconv's reading enters the reference. A bare state dict (timm, the original DINOv2, OpenAI
+CLIP / OpenCLIP) records no constructor arguments: the library's class is built with the
+arguments vitconv read off the file and loads it strictly, which checks every name and shape
+but takes the semantics the file does not record (activation, epsilon) from vitconv, as the
+report says.
+
+Stages, where the library exposes them: ``embed`` (the tokens entering block 0), each block's
+output (``blocks.{i}.mlp``) and the final output (``logits``: logits, or the embedding a
+headless model returns). The libraries are optional dependencies, imported here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+from .errors import BadInputError, first_line
+from .pipeline import Checkpoint
+from .rules.timm import architecture, model_args
+
+#: Hugging Face layout -> (transformers class, how its output gives the model's final output)
+HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTModel", "pooler"),
+              "hf_dinov2": ("Dinov2Model", "pooler_output"), "hf_dinov2_reg": ("Dinov2WithRegistersModel", "pooler_output"),
+              "hf_clip": ("CLIPVisionModel", "pooler_output"), "hf_clip_proj": ("CLIPVisionModelWithProjection",
+                                                                              "image_embeds"),
+              "hf_siglip": ("SiglipVisionModel", "pooler_output")}
+LAYOUTS = tuple(HF_CLASSES) + ("timm", "dinov2", "clip")
+
+
+class LibraryReference:
+    """``forward_stages(images_nhwc) -> {stage: array}`` through the library's model, float32."""
+
+    reference_dtype = "float32"
+
+    def __init__(self, description: str, cfg, run: Callable, fixed_size: bool = False):
+        self.description = description
+        self.image_size, self.stride, self.in_chans = cfg.image_size, cfg.total_stride, cfg.in_chans
+        self.fixed_size = fixed_size  # the library runs at the checkpoint's resolution only
+        self._run = run
+
+    def forward_stages(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
+        with torch.no_grad():
+            return {k: v.detach().float().numpy() for k, v in self._run(x).items()}
+
+
+def _import(name: str, path):
+    try:
+        return __import__(name)
+    except Exception as e:
+        raise BadInputError(f"verify needs the source's own library, {name}, as the reference and it is "
+                            f"not importable here ({first_line(e)}): pip install {name}", path) from None
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No loading progress bar on the user's terminal; the setting is restored after."""
+    logging = transformers.utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _capture(blocks: List, blocks_first: bool = False):
+    """Block outputs (and the input of the first block, the embedding) through hooks."""
+    out: Dict[str, object] = {}
+    handles = []
+
+    def keep(name, transpose):
+        return lambda module, args, result: out.__setitem__(name, result.transpose(0, 1) if transpose else result)
+
+    handles.append(blocks[0].register_forward_pre_hook(
+        lambda module, args: out.__setitem__("embed", args[0].transpose(0, 1) if blocks_first else args[0])))
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(keep(f"blocks.{i}.mlp", blocks_first)))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _load_strict(model, ckpt: Checkpoint, path):
+    """The file's tensors into the library's model, every name and shape checked."""
+    import torch
+
+    src, prefix = ckpt.source, ckpt.prefix
+    state = {k[len(prefix):]: torch.from_numpy(np.ascontiguousarray(src.get(k))) for k in src.keys()
+             if k.startswith(prefix) and k not in ckpt.ignored}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BadInputError(f"the library's model does not take this file as vitconv read it "
+                            f"({first_line(e)})", path) from None
+    return model.eval()
+
+
+def _hooked(model, blocks, final, blocks_first=False) -> Callable:
+    def run(x):
+        with _capture(blocks, blocks_first=blocks_first) as out:
+            out["logits"] = final(model, x)
+        return out
+    return run
+
+
+def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:
+    """The library model of ``src`` (already opened as ``ckpt``), or a one-line error saying why not."""
+    layout, cfg, path = ckpt.layout.name, ckpt.source_config, Path(src)
+    directory = path.is_dir() and (path / "config.json").is_file()
+    if layout in HF_CLASSES:
+        transformers = _import("transformers", src)
+        cls, output = HF_CLASSES[layout]
+        if not directory:
+            raise BadInputError(f"verify loads a Hugging Face source with {cls}.from_pretrained: give the "
+                                "model directory (config.json beside the weights)", src)
+        try:
+            with _quiet(transformers):
+                model = getattr(transformers, cls).from_pretrained(path).eval()
+        except Exception as e:  # the library's own loader refuses the directory
+            raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
+        own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to
+
+        def run(x):
+            resize = {} if layout.startswith("hf_dinov2") or x.shape[-1] == own else {"interpolate_pos_encoding": True}
+            o = model(pixel_values=x, output_hidden_states=True, **resize)
+            stages = {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])}}
+            if output == "pooler":  # ViTModel: its tanh pooler is Google's pre_logits, else the normed class token
+                stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state[:, 0]
+            else:
+                stages["logits"] = getattr(o, output)
+            return stages
+        return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run)
+    if layout == "timm":
+        timm = _import("timm", src)
+        if directory and "architecture" in json.loads((path / "config.json").read_text()):
+            try:
+                model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True)
+            except Exception as e:
+                raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
+            how = "timm.create_model('local-dir:…')"
+        else:
+            from functools import partial
+
+            import torch
+
+            kw = dict(model_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps), dynamic_img_size=True)
+            model = _load_strict(timm.create_model(architecture(cfg), pretrained=False, **kw), ckpt, src)
+            how = "timm, built with the arguments vitconv read (the file records none)"
+        model.eval()
+        return LibraryReference(how, cfg, _hooked(model, list(model.blocks), lambda m, x: m(x)))
+    if layout == "dinov2":
+        _import("dinov2", src)
+        from functools import partial
+
+        from dinov2.layers import MemEffAttention
+        from dinov2.layers import NestedTensorBlock as Block
+        from dinov2.models.vision_transformer import DinoVisionTransformer
+
+        kw = {"ffn_layer": "swiglufused"} if cfg.mlp == "swiglu" else {"mlp_ratio": cfg.mlp_dim / cfg.width}
+        if cfg.num_reg_tokens:  # releases after April 2023
+            import inspect
+
+            if "num_register_tokens" not in inspect.signature(DinoVisionTransformer).parameters:
+                raise BadInputError("verify runs the installed dinov2 code as the reference and it predates "
+                                    "register tokens: install DINOv2 from its repository", src)
+            kw.update(num_register_tokens=cfg.num_reg_tokens, interpolate_antialias=True, interpolate_offset=0.0)
+        model = DinoVisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
+                                      depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, init_values=1.0,
+                                      block_chunks=0, block_fn=partial(Block, attn_class=MemEffAttention), **kw)
+        _load_strict(model, ckpt, src)
+        return LibraryReference("the original DINOv2 DinoVisionTransformer, built with the arguments vitconv read",
+                                cfg, _hooked(model, list(model.blocks), lambda m, x: m(x)))
+    if layout == "clip":
+        if cfg.act != "quick_gelu" or cfg.layer_scale or not cfg.norm_pre or cfg.classifier != "token":
+            raise BadInputError("verify runs OpenAI's clip/model.py as the reference: it computes QuickGELU, "
+                                "ln_pre and class-token pooling only, which this model does not", src)
+        import importlib.util
+
+        spec = importlib.util.find_spec("clip")  # the model file alone: clip/__init__ needs torchvision
+        if spec is None or not cfg.num_classes:
+            raise BadInputError("verify runs OpenAI's clip/model.py (pip install clip-anytorch) as the "
+                                "reference, with its projection: not importable here, or no proj", src)
+        mspec = importlib.util.spec_from_file_location(
+            "_vitconv_openai_clip_model", os.path.join(spec.submodule_search_locations[0], "model.py"))
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+        model = module.VisionTransformer(input_resolution=cfg.image_size, patch_size=cfg.patch_size,
+                                         width=cfg.width, layers=cfg.depth, heads=cfg.num_heads,
+                                         output_dim=cfg.num_classes)
+        _load_strict(model, ckpt, src)
+        return LibraryReference("OpenAI's clip/model.py VisionTransformer, built with the arguments vitconv read", cfg,
+                                _hooked(model, list(model.transformer.resblocks), lambda m, x: m(x),
+                                        blocks_first=True), fixed_size=True)
+    raise BadInputError(f"verify has no reference for the {layout} layout (references: Google .npz files and "
+                        f"{', '.join(LAYOUTS)} sources)", src)
