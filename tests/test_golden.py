@@ -1,14 +1,16 @@
-"""Every golden case converted from Google's .npz reproduces Google's own Flax outputs."""
+"""Every golden case converted from Google's .npz reproduces Google's own Flax outputs; every
+case of the modern families (``golden/families``) reproduces its own library's output."""
 
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 
 import vitconv
-from conftest import CASES, golden_expected, golden_input, golden_path
+from conftest import CASES, FAMILY_CASES, golden_expected, golden_input, golden_path
 
 # Which model output each golden file holds (see golden/manifest.json "expected_semantics").
 OUTPUTS = {"logits": "logits", "pooled": "pooled", "prelogits": "head_input"}
@@ -35,6 +37,19 @@ def test_case_reproduces_google_outputs(case):
         err = float(np.abs(got - want).max())
         assert err <= tol, f"{case['name']} {what}: max abs diff {err:.3g} > {tol}"
     assert stages["logits"].argmax(-1).tolist() == case["top1"]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CASES))
+def test_family_case_reproduces_its_library(name):
+    """timm, OpenAI CLIP and the original DINOv2 computed these (golden/families/make.py); the
+    ``_to_48`` cases run at another resolution, where each library resizes its table its own way."""
+    case = FAMILY_CASES[name]
+    _, stages = run_case(case)
+    got, want = stages["logits"].numpy(), golden_expected(case, "logits")
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max())
+    assert err <= case["tolerance"]["max_abs"], f"{name}: max abs diff {err:.3g}"
+    assert float(np.abs(want).max()) > 0.1  # the outputs are not near zero, so the bound means something
 
 
 def test_case_parameter_count(case):
@@ -79,5 +94,5 @@ def test_a_reference_that_fails_fails_the_case(monkeypatch):
     report = golden.check(golden_path(""), ["tiny_token_p8_32"])
     assert not report.ok
     (case,) = report.cases
-    assert case.problems == ["the NumPy reference failed (KeyError: 'Transformer/encoder_norm/scale')"]
-    assert any("FAIL the NumPy reference failed" in line for line in report.lines())
+    assert case.problems == ["the reference failed (KeyError: 'Transformer/encoder_norm/scale')"]
+    assert any("FAIL the reference failed" in line for line in report.lines())

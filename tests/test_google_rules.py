@@ -12,9 +12,9 @@ from vitconv.formats.npz import NpzSource
 from vitconv.model import parameter_shapes
 from vitconv.pipeline import LAYOUTS, convert, map_state, open_checkpoint
 from vitconv.rules import Probe, google
-from conftest import CASES, golden_path
+from conftest import GOOGLE_CASES, golden_path
 
-CHECKPOINTS = sorted({c["checkpoint"] for c in CASES.values()})
+CHECKPOINTS = sorted({c["checkpoint"] for c in GOOGLE_CASES.values()})
 
 
 def google_shapes(cfg: ViTConfig) -> dict:

@@ -166,4 +166,4 @@ def test_no_reference_and_missing_library_are_one_line_errors(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "transformers", None)
     r = runner.invoke(cli, ["verify", str(tmp_path / "src"), str(tmp_path / "c.safetensors")])
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    assert "needs the source's own library, transformers" in r.output and "pip install transformers" in r.output
+    assert "the source's own library, transformers, and it is not importable" in r.output and "pip install transformers" in r.output

@@ -3,10 +3,13 @@
 ``golden/manifest.json`` lists cases (checkpoint, NHWC input, expected ``logits`` /
 ``pooled`` / ``prelogits`` and, for a resize case, ``posemb_resized``, a max-abs tolerance,
 sha256 of every file). :func:`check` runs every case twice, through the converter
-(:func:`vitconv.load` -> canonical model) and through the independent NumPy reference
-(:mod:`vitconv.reference`), because a regression in either is a regression: the converter is
-what users run, the reference is what ``verify`` trusts. The files' sha256 are checked first,
-so an edited expectation cannot pass silently.
+(:func:`vitconv.load` -> canonical model) and through ``verify``'s reference for the
+checkpoint's layout (Google ``.npz``: the independent NumPy reference, :mod:`vitconv.reference`;
+timm, Hugging Face, DINOv2, OpenAI CLIP: the library's own model,
+:mod:`vitconv.library_reference`, when it is installed; the report notes when it is not),
+because a regression in either is a regression: the converter is what users run, the reference
+is what ``verify`` trusts. The files' sha256 are checked first, so an edited expectation cannot
+pass silently.
 
 :func:`add_case` records a new case: it checks the files load and that vitconv reproduces
 them (a case that fails on arrival is a bug report, not a regression test), copies files not
@@ -29,6 +32,8 @@ import numpy as np
 from .errors import BadInputError, VerificationError, first_line
 from .formats.atomic import atomic_output
 from .formats.base import sha256_file
+from .library_reference import LAYOUTS as LIBRARY_LAYOUTS
+from .library_reference import LibraryMissing, open_reference
 from .pipeline import open_checkpoint
 from .reference import GoogleViTReference
 
@@ -56,6 +61,7 @@ class CaseResult:
     name: str
     figures: List[Figure] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +98,8 @@ class GoldenReport:
                 out.append(f"{c.name.ljust(w)}  {engine:9}  {cells}  {res}")
             for p in c.problems:
                 out.append(f"{c.name.ljust(w)}  FAIL {p}")
+            for n in c.notes:
+                out.append(f"{c.name.ljust(w)}  note {n}")
         failed = [c.name for c in self.cases if not c.ok]
         out.append("")
         out.append(f"OK: all {len(self.cases)} golden case(s) reproduced" if not failed
@@ -100,7 +108,7 @@ class GoldenReport:
 
     def to_dict(self) -> dict:
         return {"directory": self.directory, "ok": self.ok,
-                "cases": [{"name": c.name, "ok": c.ok, "problems": c.problems,
+                "cases": [{"name": c.name, "ok": c.ok, "problems": c.problems, "notes": c.notes,
                            "figures": [vars(f) for f in c.figures]} for c in self.cases]}
 
 
@@ -171,21 +179,24 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
     model = load(ckpt, image_size=case.get("image_size"))
     with torch.no_grad():
         got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).items()}
-    with open_checkpoint(ckpt) as c:
-        has_reference = c.layout.name == "google"  # the NumPy reference reads Google's layout
     ref = want_ref = grid = None
-    if has_reference:
-        try:  # a reference that cannot run is a failure of the case, never a missing figure
-            ref = GoogleViTReference.from_npz(ckpt)
-            want_ref = ref.forward_stages(x)
-            grid = x.shape[1] // ref.arch.stride
-        except Exception as e:
-            res.problems.append(f"the NumPy reference failed ({type(e).__name__}: {first_line(e)})")
-            return res
+    try:  # a reference that cannot run is a failure of the case, never a missing figure
+        with open_checkpoint(ckpt) as c:
+            if c.layout.name == "google":  # the NumPy reference reads Google's layout
+                ref = GoogleViTReference.from_npz(ckpt)
+                grid = x.shape[1] // ref.arch.stride
+                want_ref = ref.forward_stages(x)
+            elif c.layout.name in LIBRARY_LAYOUTS:
+                want_ref = open_reference(ckpt, c).forward_stages(x)
+    except LibraryMissing as e:  # an optional library: said, not failed
+        res.notes.append(f"reference not run: {e.message}")
+    except Exception as e:
+        res.problems.append(f"the reference failed ({type(e).__name__}: {first_line(e)})")
+        return res
     for what, arr in expected.items():
         if what in OUTPUT_STAGES:
             res.figures.append(_figure("converted", what, got[OUTPUT_STAGES[what]], arr, tol))
-            if want_ref is not None:
+            if want_ref is not None and OUTPUT_STAGES[what] in want_ref:
                 res.figures.append(_figure("reference", what, want_ref[OUTPUT_STAGES[what]], arr, tol))
         elif what == "posemb_resized":
             res.figures.append(_figure("converted", what, model.pos_embed.detach().numpy(), arr, tol))

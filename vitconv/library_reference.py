@@ -37,6 +37,10 @@ HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTMo
 LAYOUTS = tuple(HF_CLASSES) + ("timm", "dinov2", "clip")
 
 
+class LibraryMissing(BadInputError):
+    """The source's library is not installed: no reference can run (``golden`` notes it)."""
+
+
 class LibraryReference:
     """``forward_stages(images_nhwc) -> {stage: array}`` through the library's model, float32."""
 
@@ -60,8 +64,9 @@ def _import(name: str, path):
     try:
         return __import__(name)
     except Exception as e:
-        raise BadInputError(f"verify needs the source's own library, {name}, as the reference and it is "
-                            f"not importable here ({first_line(e)}): pip install {name}", path) from None
+        fix = f"pip install {name}" if getattr(e, "name", None) == name else "install what it needs"
+        raise LibraryMissing(f"the reference is the source's own library, {name}, and it is not importable "
+                             f"here ({first_line(e)}): {fix}", path) from None
 
 
 @contextlib.contextmanager
@@ -194,9 +199,12 @@ def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference
         import importlib.util
 
         spec = importlib.util.find_spec("clip")  # the model file alone: clip/__init__ needs torchvision
-        if spec is None or not cfg.num_classes:
-            raise BadInputError("verify runs OpenAI's clip/model.py (pip install clip-anytorch) as the "
-                                "reference, with its projection: not importable here, or no proj", src)
+        if not cfg.num_classes:
+            raise BadInputError("verify runs OpenAI's clip/model.py as the reference, which needs the "
+                                "tower's projection (proj): this file has none", src)
+        if spec is None:
+            raise LibraryMissing("the reference is OpenAI's clip/model.py and it is not importable here: "
+                                 "pip install clip-anytorch", src)
         mspec = importlib.util.spec_from_file_location(
             "_vitconv_openai_clip_model", os.path.join(spec.submodule_search_locations[0], "model.py"))
         module = importlib.util.module_from_spec(mspec)
