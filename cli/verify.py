@@ -1,4 +1,5 @@
-"""``vitconv verify SRC [CONVERTED] [--tolerance X] [--json] [--batch N] [--seed S] [--image-size N]``."""
+"""``vitconv verify SRC [CONVERTED] [--tolerance X] [--json] [--batch N] [--seed S] [--image-size N]
+[--num-heads N] [--set FIELD=VALUE]``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import click
 from vitconv.errors import VerificationError
 from vitconv.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
 
-from .common import say
+from .common import parse_overrides, say
 
 
 @click.command("verify")
@@ -23,16 +24,19 @@ from .common import say
               help="numpy.random.default_rng seed of the images.")
 @click.option("--image-size", type=int, help="Resolution to test at (default: the converted "
               "model's; the reference resizes position embeddings its own way).")
+@click.option("--num-heads", type=int, help="Heads, where a bare state dict cannot say (as for convert).")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="A config field a bare state dict does not record, as given to convert (repeatable).")
 @click.pass_context
 def verify(ctx: click.Context, src: Path, converted: Path | None, tolerance: float, as_json: bool,
-           batch: int, seed: int, image_size: int | None) -> None:
+           batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: tuple) -> None:
     """Check CONVERTED against SRC, stage by stage, and name the first stage past tolerance.
     Exit 0 when within tolerance, 3 if not.
 
     The reference: for Google's .npz, an independent NumPy implementation of vit_jax; for
     Hugging Face and timm directories, the library's own model loaded from SRC alone; for bare
-    timm, DINOv2 and OpenAI CLIP state dicts, the library's class built with the arguments
-    vitconv read (the report says which). Library references expose the embedding, each
+    timm, DINOv2, OpenAI CLIP and OpenCLIP state dicts, the library's class built with the
+    arguments vitconv read, with --set/--num-heads as given to convert (the report says which). Library references expose the embedding, each
     block's output and the final output.
 
     CONVERTED: a .pt/.safetensors written by vitconv (omitted: SRC is converted now), or an
@@ -43,8 +47,8 @@ def verify(ctx: click.Context, src: Path, converted: Path | None, tolerance: flo
       vitconv verify ViT-B_16.npz --image-size 384 --json
       vitconv verify dinov2-small/ dinov2-small.safetensors
     """
-    report = run_verify(src, converted, tolerance=tolerance, batch=batch, seed=seed,
-                        image_size=image_size)
+    report = run_verify(src, converted, tolerance=tolerance, batch=batch, seed=seed, image_size=image_size,
+                        num_heads=num_heads, overrides=parse_overrides(overrides))
     if as_json:
         click.echo(report.to_json())
     else:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from cli.main import main as cli
 from conftest import seeded
-from test_original_families import _dinov2, _openai_clip
+from test_original_families import _dinov2, _openai_clip, _openclip_transformer
 from timm_import import import_timm
 from vitconv.errors import BadInputError
 from vitconv.library_reference import open_reference
@@ -167,3 +167,27 @@ def test_no_reference_and_missing_library_are_one_line_errors(tmp_path, monkeypa
     r = runner.invoke(cli, ["verify", str(tmp_path / "src"), str(tmp_path / "c.safetensors")])
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert "the source's own library, transformers, and it is not importable" in r.output and "pip install transformers" in r.output
+
+
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_openclip_tower_needs_what_the_file_cannot_say(pool, tmp_path):
+    """OpenCLIP's exact GELU and mean pooling are in no weight: converted with --set, verified
+    with the same --set against OpenCLIP's own VisionTransformer; without it, vitconv's QuickGELU
+    assumption is what both sides compute, and the converted file (exact GELU) fails at block 0."""
+    oct = _openclip_transformer()
+    model = seeded(oct.VisionTransformer(image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=4.0,
+                                         output_dim=24, ls_init_value=0.5, pool_type=pool)).eval()
+    torch.save(model.state_dict(), tmp_path / "oc.pt")
+    overrides = {"act": "gelu", **({"classifier": "gap"} if pool == "avg" else {})}
+    convert(tmp_path / "oc.pt", tmp_path / "c.safetensors", overrides=overrides)
+    report = verify(tmp_path / "oc.pt", tmp_path / "c.safetensors", overrides=overrides)
+    assert report.ok and "OpenCLIP's VisionTransformer" in report.reference, report.lines()
+    with torch.no_grad():
+        want = model(_nchw(32)).numpy()
+    assert report.stages[-1].max_abs <= 1e-5 * max(1, np.abs(want).max())
+    if pool == "tok":
+        wrong = verify(tmp_path / "oc.pt", tmp_path / "c.safetensors")
+        assert wrong.first_failure.name == "blocks.0.mlp"
+        r = CliRunner().invoke(cli, ["verify", str(tmp_path / "oc.pt"), str(tmp_path / "c.safetensors"),
+                                     "--set", "act=gelu"])
+        assert r.exit_code == 0 and "OK: 4 stage(s)" in r.output, r.output

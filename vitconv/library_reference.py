@@ -17,8 +17,12 @@ headless model returns). The libraries are optional dependencies, imported here 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import inspect
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -60,11 +64,12 @@ class LibraryReference:
             return {k: v.detach().float().numpy() for k, v in self._run(x).items()}
 
 
-def _import(name: str, path):
+def _import(name: str, path, module: str = "", pip: str = ""):
+    """``module`` (default: the package ``name``), or :class:`LibraryMissing` naming the fix."""
     try:
-        return __import__(name)
+        return importlib.import_module(module or name)
     except Exception as e:
-        fix = f"pip install {name}" if getattr(e, "name", None) == name else "install what it needs"
+        fix = f"pip install {pip or name}" if getattr(e, "name", None) == name else "install what it needs"
         raise LibraryMissing(f"the reference is the source's own library, {name}, and it is not importable "
                              f"here ({first_line(e)}): {fix}", path) from None
 
@@ -117,91 +122,88 @@ def _load_strict(model, ckpt: Checkpoint, path):
     return model.eval()
 
 
-def _hooked(model, blocks, final, blocks_first=False) -> Callable:
+def _hooked(model, blocks, blocks_first=False) -> Callable:
+    """``model(x)`` as the final output, with the embedding and block outputs from hooks."""
     def run(x):
         with _capture(blocks, blocks_first=blocks_first) as out:
-            out["logits"] = final(model, x)
+            out["logits"] = model(x)
         return out
     return run
 
 
-def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:
-    """The library model of ``src`` (already opened as ``ckpt``), or a one-line error saying why not."""
-    layout, cfg, path = ckpt.layout.name, ckpt.source_config, Path(src)
-    directory = path.is_dir() and (path / "config.json").is_file()
-    if layout in HF_CLASSES:
-        transformers = _import("transformers", src)
-        cls, output = HF_CLASSES[layout]
-        if not directory:
-            raise BadInputError(f"verify loads a Hugging Face source with {cls}.from_pretrained: give the "
-                                "model directory (config.json beside the weights)", src)
-        try:
-            with _quiet(transformers):
-                model = getattr(transformers, cls).from_pretrained(path).eval()
-        except Exception as e:  # the library's own loader refuses the directory
-            raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
-        own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to
+def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    layout, cfg = ckpt.layout.name, ckpt.source_config
+    transformers = _import("transformers", src)
+    cls, output = HF_CLASSES[layout]
+    if not directory:
+        raise BadInputError(f"verify loads a Hugging Face source with {cls}.from_pretrained: give the "
+                            "model directory (config.json beside the weights)", src)
+    try:
+        with _quiet(transformers):
+            model = getattr(transformers, cls).from_pretrained(Path(src)).eval()
+    except Exception as e:  # the library's own loader refuses the directory
+        raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
+    own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to
 
-        def run(x):
-            resize = {} if layout.startswith("hf_dinov2") or x.shape[-1] == own else {"interpolate_pos_encoding": True}
-            o = model(pixel_values=x, output_hidden_states=True, **resize)
-            stages = {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])}}
-            if output == "pooler":  # ViTModel: its tanh pooler is Google's pre_logits, else the normed class token
-                stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state[:, 0]
-            else:
-                stages["logits"] = getattr(o, output)
-            return stages
-        return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run)
-    if layout == "timm":
-        timm = _import("timm", src)
-        if directory and "architecture" in json.loads((path / "config.json").read_text()):
-            try:
-                model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True)
-            except Exception as e:
-                raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
-            how = "timm.create_model('local-dir:…')"
+    def run(x):
+        resize = {} if layout.startswith("hf_dinov2") or x.shape[-1] == own else {"interpolate_pos_encoding": True}
+        o = model(pixel_values=x, output_hidden_states=True, **resize)
+        stages = {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])}}
+        if output == "pooler":  # ViTModel: its tanh pooler is Google's pre_logits, else the normed class token
+            stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state[:, 0]
         else:
-            from functools import partial
+            stages["logits"] = getattr(o, output)
+        return stages
+    return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run)
 
-            import torch
 
-            kw = dict(model_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps), dynamic_img_size=True)
-            model = _load_strict(timm.create_model(architecture(cfg), pretrained=False, **kw), ckpt, src)
-            how = "timm, built with the arguments vitconv read (the file records none)"
-        model.eval()
-        return LibraryReference(how, cfg, _hooked(model, list(model.blocks), lambda m, x: m(x)))
-    if layout == "dinov2":
-        _import("dinov2", src)
-        from functools import partial
+def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    cfg, path = ckpt.source_config, Path(src)
+    timm = _import("timm", src)
+    if directory and "architecture" in json.loads((path / "config.json").read_text()):
+        try:
+            model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True).eval()
+        except Exception as e:
+            raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
+        how = "timm.create_model('local-dir:…')"
+    else:
+        import torch
 
-        from dinov2.layers import MemEffAttention
-        from dinov2.layers import NestedTensorBlock as Block
-        from dinov2.models.vision_transformer import DinoVisionTransformer
+        kw = dict(model_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps), dynamic_img_size=True)
+        model = _load_strict(timm.create_model(architecture(cfg), pretrained=False, **kw), ckpt, src)
+        how = "timm, built with the arguments vitconv read (the file records none)"
+    return LibraryReference(how, cfg, _hooked(model, list(model.blocks)))
 
-        kw = {"ffn_layer": "swiglufused"} if cfg.mlp == "swiglu" else {"mlp_ratio": cfg.mlp_dim / cfg.width}
-        if cfg.num_reg_tokens:  # releases after April 2023
-            import inspect
 
-            if "num_register_tokens" not in inspect.signature(DinoVisionTransformer).parameters:
-                raise BadInputError("verify runs the installed dinov2 code as the reference and it predates "
-                                    "register tokens: install DINOv2 from its repository", src)
-            kw.update(num_register_tokens=cfg.num_reg_tokens, interpolate_antialias=True, interpolate_offset=0.0)
-        model = DinoVisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
-                                      depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, init_values=1.0,
-                                      block_chunks=0, block_fn=partial(Block, attn_class=MemEffAttention), **kw)
-        _load_strict(model, ckpt, src)
-        return LibraryReference("the original DINOv2 DinoVisionTransformer, built with the arguments vitconv read",
-                                cfg, _hooked(model, list(model.blocks), lambda m, x: m(x)))
-    if layout == "clip":
-        if cfg.act != "quick_gelu" or cfg.layer_scale or not cfg.norm_pre or cfg.classifier != "token":
-            raise BadInputError("verify runs OpenAI's clip/model.py as the reference: it computes QuickGELU, "
-                                "ln_pre and class-token pooling only, which this model does not", src)
-        import importlib.util
+def _dinov2(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    cfg = ckpt.source_config
+    _import("dinov2", src)
+    from dinov2.layers import MemEffAttention
+    from dinov2.layers import NestedTensorBlock as Block
+    from dinov2.models.vision_transformer import DinoVisionTransformer
 
+    kw = {"ffn_layer": "swiglufused"} if cfg.mlp == "swiglu" else {"mlp_ratio": cfg.mlp_dim / cfg.width}
+    if cfg.num_reg_tokens:  # releases after April 2023
+        if "num_register_tokens" not in inspect.signature(DinoVisionTransformer).parameters:
+            raise BadInputError("verify runs the installed dinov2 code as the reference and it predates "
+                                "register tokens: install DINOv2 from its repository", src)
+        kw.update(num_register_tokens=cfg.num_reg_tokens, interpolate_antialias=True, interpolate_offset=0.0)
+    model = DinoVisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
+                                  depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, init_values=1.0,
+                                  block_chunks=0, block_fn=partial(Block, attn_class=MemEffAttention), **kw)
+    _load_strict(model, ckpt, src)
+    return LibraryReference("the original DINOv2 DinoVisionTransformer, built with the arguments vitconv read",
+                            cfg, _hooked(model, list(model.blocks)))
+
+
+def _clip(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """OpenAI's ``clip/model.py`` where it computes the tower (QuickGELU, ``ln_pre``, class
+    token, no LayerScale), else OpenCLIP's ``VisionTransformer``. Neither resizes its table."""
+    cfg = ckpt.source_config
+    if not cfg.num_classes:
+        raise BadInputError("verify builds the CLIP tower with its projection (proj): this file has none", src)
+    if cfg.act == "quick_gelu" and not cfg.layer_scale and cfg.norm_pre and cfg.classifier == "token":
         spec = importlib.util.find_spec("clip")  # the model file alone: clip/__init__ needs torchvision
-        if not cfg.num_classes:
-            raise BadInputError("verify runs OpenAI's clip/model.py as the reference, which needs the "
-                                "tower's projection (proj): this file has none", src)
         if spec is None:
             raise LibraryMissing("the reference is OpenAI's clip/model.py and it is not importable here: "
                                  "pip install clip-anytorch", src)
@@ -213,8 +215,37 @@ def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference
                                          width=cfg.width, layers=cfg.depth, heads=cfg.num_heads,
                                          output_dim=cfg.num_classes)
         _load_strict(model, ckpt, src)
-        return LibraryReference("OpenAI's clip/model.py VisionTransformer, built with the arguments vitconv read", cfg,
-                                _hooked(model, list(model.transformer.resblocks), lambda m, x: m(x),
-                                        blocks_first=True), fixed_size=True)
-    raise BadInputError(f"verify has no reference for the {layout} layout (references: Google .npz files and "
-                        f"{', '.join(LAYOUTS)} sources)", src)
+        return LibraryReference("OpenAI's clip/model.py VisionTransformer, built with the arguments vitconv read",
+                                cfg, _hooked(model, list(model.transformer.resblocks), blocks_first=True),
+                                fixed_size=True)
+    oct = _import("open_clip", src, "open_clip.transformer", "open-clip-torch")
+    if cfg.act not in ("gelu", "quick_gelu") or cfg.classifier not in ("token", "gap"):
+        raise BadInputError(f"OpenCLIP's VisionTransformer computes GELU or QuickGELU with class-token or "
+                            f"mean pooling, not act={cfg.act!r} classifier={cfg.classifier!r}", src)
+    import torch
+
+    model = oct.VisionTransformer(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.depth,
+        heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, ls_init_value=1.0 if cfg.layer_scale else None,
+        output_dim=cfg.num_classes, no_ln_pre=not cfg.norm_pre, pool_type="tok" if cfg.classifier == "token" else "avg",
+        final_ln_after_pool=cfg.final_norm == "pooled",
+        act_layer=oct.QuickGELU if cfg.act == "quick_gelu" else torch.nn.GELU,
+        norm_layer=partial(oct.LayerNorm, eps=cfg.norm_eps))
+    _load_strict(model, ckpt, src)
+    blocks_first = not getattr(model.transformer, "batch_first", True)
+    return LibraryReference("OpenCLIP's VisionTransformer, built with the arguments vitconv read", cfg,
+                            _hooked(model, list(model.transformer.resblocks), blocks_first=blocks_first),
+                            fixed_size=True)
+
+
+_BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "timm": _timm, "dinov2": _dinov2, "clip": _clip}
+
+
+def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:
+    """The library model of ``src`` (already opened as ``ckpt``), or a one-line error saying why not."""
+    build = _BUILDERS.get(ckpt.layout.name)
+    if build is None:
+        raise BadInputError(f"verify has no reference for the {ckpt.layout.name} layout (references: Google "
+                            f".npz files and {', '.join(LAYOUTS)} sources)", src)
+    path = Path(src)
+    return build(src, ckpt, path.is_dir() and (path / "config.json").is_file())

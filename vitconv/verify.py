@@ -1,7 +1,7 @@
 """Prove a conversion: run the source through a reference and the converted model on the same
 seeded images, stage by stage. The reference for Google's ``.npz`` is the independent NumPy
 implementation of vit_jax (:mod:`vitconv.reference`, every stage); for Hugging Face, timm, the
-original DINOv2 and OpenAI CLIP sources it is that library's own model
+original DINOv2, OpenAI CLIP and OpenCLIP sources it is that library's own model
 (:mod:`vitconv.library_reference`: the embedding, each block's output, the final output).
 
 Why stage by stage: a wrong logit says *that* a conversion is broken; the first stage that
@@ -276,15 +276,18 @@ def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
 def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
            tolerance: float = DEFAULT_TOLERANCE, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
            image_size: Optional[int] = None, inputs: Optional[np.ndarray] = None,
-           reference_dtype=np.float64) -> VerifyReport:
+           reference_dtype=np.float64, num_heads: Optional[int] = None,
+           overrides: Optional[Dict[str, Any]] = None) -> VerifyReport:
     """Compare ``src`` through its reference (Google ``.npz``: the NumPy reference; a
     library's layout: the library's model) with ``converted``.
 
     ``converted``: ``None`` (convert ``src`` now, at ``image_size`` if given), a path
     (vitconv ``.pt``/``.safetensors``, ``.onnx``, TorchScript), or an in-memory model
     (a canonical ``VisionTransformer`` is compared stage by stage; any other module on its
-    output only). ``inputs`` (NHWC float) replaces the seeded images. Returns the report;
-    it does not raise on disagreement (see :func:`check`)."""
+    output only). ``inputs`` (NHWC float) replaces the seeded images. ``num_heads`` and
+    ``overrides`` say what a bare state dict does not record, as for ``convert`` (the library
+    reference is built with them). Returns the report; it does not raise on disagreement (see
+    :func:`check`)."""
     if not (tolerance > 0):
         raise BadInputError(f"tolerance must be positive, got {tolerance}")
     if batch <= 0:
@@ -293,13 +296,14 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         raise BadInputError("no such file", converted)  # before any work on the source
     from .checkpoint import load  # torch
 
-    with open_checkpoint(src) as source:  # the layout decides which reference applies
+    overrides = dict(overrides or {})
+    with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # the layout decides the reference
         google = source.layout.name == "google"
         ref = _open_reference(src, reference_dtype) if google else open_reference(src, source)
     model, runner, kind, label = None, None, "canonical", "in-memory model"
 
     if converted is None:
-        model = load(src, image_size=image_size)
+        model = load(src, image_size=image_size, num_heads=num_heads, **overrides)
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
         label = os.fspath(converted)
