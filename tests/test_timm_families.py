@@ -8,6 +8,8 @@ rebuilds it with ``create_model``."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
+from vitconv.errors import MappingError
 from vitconv.pipeline import convert, open_checkpoint
 
 timm = import_timm()
@@ -104,3 +107,20 @@ def test_set_refuses_fields_the_file_records(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "d.safetensors"))
     with pytest.raises(BadInputError, match="--set layer_scale: the timm layout reads it from the file"):
         open_checkpoint(tmp_path / "d.safetensors", overrides={"layer_scale": False})
+
+
+@pytest.mark.parametrize("arch,kw,feature", [
+    ("beit_base_patch16_224", {}, "relative position bias"),
+    ("eva02_tiny_patch14_224", {}, "rotary position embeddings with separate query/value biases"),
+    ("vit_base_patch16_rope_reg1_gap_256", {}, "rotary position embeddings"),
+    ("vit_base_patch16_224", dict(qk_norm=True), "qk-norm"),
+])
+def test_out_of_scope_features_are_refused_by_name(arch, kw, feature, tmp_path):
+    """The issue's out-of-scope list, built by the real timm: refused naming the feature, not as
+    unused keys or an unknown layout."""
+    model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,
+                              num_heads=2, **kw)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    with pytest.raises(MappingError, match=re.escape(feature)) as e:
+        convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")
+    assert "does not compute this feature yet" in str(e.value) and not (tmp_path / "c.safetensors").exists()

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..config import SHAPE_FIELDS, ViTConfig, describe_field, training_only
 from ..errors import MappingError
 from .base import Carry, ExpandedRule, Rule, expand_rules, short_list
+from .unsupported import unsupported_feature
 
 Shape = Tuple[int, ...]
 
@@ -214,6 +215,9 @@ def detect_layout(probe: Probe) -> Layout:
     canonical = LAYOUTS.get("canonical")
     if canonical is not None and "vitconv_config" in probe.metadata:
         return canonical
+    feature = unsupported_feature(probe.shapes)
+    if feature is not None:
+        raise MappingError(f"a ViT with {feature}: vitconv does not compute this feature yet", probe.path)
     hits = [l for l in LAYOUTS.values() if l is not canonical and l.detect(probe)]
     if not hits and canonical is not None and canonical.detect(probe):
         hits = [canonical]
