@@ -1,4 +1,4 @@
-"""``vitconv npz2pt SRC.npz [-o OUT] [--image-size N]``."""
+"""``vitconv npz2pt SRC.npz [-o OUT] [--image-size N] [--dtype D]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vitconv.pipeline import convert
+from vitconv.pipeline import DTYPES, convert
 
 from .common import progress_bar, summary
 
@@ -16,18 +16,24 @@ from .common import progress_bar, summary
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output path; .pt (default, beside SRC) or .safetensors by extension.")
 @click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
-              "as Google's fine-tuning does (order-1 zoom, class token kept).")
+              "as Google's fine-tuning does (order-1 zoom, class token kept; sincos2d: generated).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: as read; "
+              "bfloat16 files are read as float32, exactly).")
 @click.pass_context
-def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int | None) -> None:
-    """Convert a Google JAX/Flax ViT .npz into the canonical PyTorch ViT.
+def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int | None, dtype: str | None) -> None:
+    """Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into
+    the canonical PyTorch ViT.
 
-    The architecture is read off the tensors; no flags are needed.
+    The architecture is read off the tensors; no flags are needed (a big_vision sincos2d
+    file records no resolution: give --image-size).
 
     \b
       vitconv npz2pt ViT-B_16.npz
       vitconv npz2pt imagenet21k_ViT-B_16.npz --image-size 384 -o vit384.safetensors
+      vitconv npz2pt siglip_b16_224.npz -o siglip.safetensors
     """
     out = output or src.with_suffix(".pt")
     with progress_bar(ctx, "converting") as progress:
-        report = convert(src, out, image_size=image_size, require_layout="google", progress=progress)
+        report = convert(src, out, image_size=image_size, require_layout=("google", "big_vision"),
+                         progress=progress, dtype=dtype)
     summary(ctx, report.rows())

@@ -90,7 +90,7 @@ def test_a_reference_that_fails_fails_the_case(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("Transformer/encoder_norm/scale")
 
-    monkeypatch.setattr(golden.GoogleViTReference, "from_npz", broken)
+    monkeypatch.setattr(golden, "reference_for", broken)
     report = golden.check(golden_path(""), ["tiny_token_p8_32"])
     assert not report.ok
     (case,) = report.cases

@@ -39,8 +39,10 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: aligned). "bicubic": ``F.interpolate(size=, mode='bicubic', align_corners=False)``
 #: (Hugging Face ViT, DINOv2, CLIP, SigLIP). "bicubic_aa": the same with ``antialias=True``
 #: (timm, OpenCLIP, DINOv2 with registers). "dinov2": the original DINOv2's
-#: ``scale_factor=((g + 0.1) / M)``, bicubic, no antialias. Prefix rows are always kept.
-POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2")
+#: ``scale_factor=((g + 0.1) / M)``, bicubic, no antialias. "sincos2d": the table is no
+#: parameter but big_vision's fixed 2-D sin-cos function of the grid (``posemb='sincos2d'``),
+#: generated afresh for any grid. Prefix rows are always kept.
+POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d")
 MLPS = ("mlp", "swiglu")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector
@@ -51,11 +53,14 @@ FINAL_NORMS = ("encoder", "pooled", "none")
 SHAPE_FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "num_classes")
 
 
-def _field(default: Any, what: str, training_only: Tuple[str, ...] = ()) -> Any:
+def _field(default: Any, what: str, training_only: Tuple[str, ...] = (), storage: bool = False) -> Any:
     """A config field with its meaning in a few words (said when a layout cannot hold it).
     ``training_only``: the canonical tensors of a field that inference never reads; a layout
-    without a place for them leaves them out (with a note) rather than refusing the model."""
-    return dataclasses.field(default=default, metadata={"what": what, "training_only": training_only})
+    without a place for them leaves them out (with a note) rather than refusing the model.
+    ``storage``: how a layout lays the tensors out, not what the model computes; a layout
+    without a place for it writes its own way."""
+    return dataclasses.field(default=default, metadata={"what": what, "training_only": training_only,
+                                                        "storage": storage})
 
 
 def describe_field(name: str) -> str:
@@ -66,6 +71,11 @@ def describe_field(name: str) -> str:
 def training_only(name: str) -> Tuple[str, ...]:
     """The canonical tensors of field ``name`` that inference never reads (see :func:`_field`)."""
     return ViTConfig.__dataclass_fields__[name].metadata.get("training_only", ())
+
+
+def storage_only(name: str) -> bool:
+    """Whether field ``name`` says how tensors are stored, not what the model computes."""
+    return bool(ViTConfig.__dataclass_fields__[name].metadata.get("storage", False))
 
 
 def stem_stride(resnet_layers: Optional[Tuple[int, ...]]) -> int:
@@ -132,6 +142,8 @@ class ViTConfig:
     #: DINOv2's ``mask_token``: used only by masked training, kept so conversions round-trip.
     mask_token: bool = _field(False, "mask token (training only)", training_only=("mask_token",))
     pos_resize: str = _field("zoom", "how the position table is resized for another resolution")
+    #: big_vision's ``scan=True``: every block's tensors stacked along a leading axis in one array.
+    scan: bool = _field(False, "blocks stored stacked along a leading axis (big_vision scan=True)", storage=True)
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),

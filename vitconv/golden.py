@@ -1,10 +1,11 @@
 """The golden regression suite: checkpoints with outputs computed by someone else's code.
 
 ``golden/manifest.json`` lists cases (checkpoint, NHWC input, expected ``logits`` /
-``pooled`` / ``prelogits`` and, for a resize case, ``posemb_resized``, a max-abs tolerance,
+``pooled`` / ``prelogits`` / ``encoded`` and, for a resize case, ``posemb_resized``, a max-abs tolerance,
 sha256 of every file). :func:`check` runs every case twice, through the converter
 (:func:`vitconv.load` -> canonical model) and through ``verify``'s reference for the
-checkpoint's layout (Google ``.npz``: the independent NumPy reference, :mod:`vitconv.reference`;
+checkpoint's layout (Google and big_vision ``.npz``: the independent NumPy references,
+:mod:`vitconv.reference` and :mod:`vitconv.big_vision_reference`;
 timm, Hugging Face, DINOv2, OpenAI CLIP: the library's own model,
 :mod:`vitconv.library_reference`, when it is installed; the report notes when it is not),
 because a regression in either is a regression: the converter is what users run, the reference
@@ -33,14 +34,14 @@ from .errors import BadInputError, VerificationError, first_line
 from .formats.atomic import atomic_output
 from .formats.base import sha256_file
 from .library_reference import LAYOUTS as LIBRARY_LAYOUTS
-from .library_reference import LibraryMissing, open_reference
+from .library_reference import LibraryMissing
 from .pipeline import open_checkpoint
-from .reference import GoogleViTReference
+from .verify import reference_for
 
 PathLike = Union[str, os.PathLike]
 
 #: Expected file -> the stage of ``forward_stages`` (and of the reference) it holds.
-OUTPUT_STAGES = {"logits": "logits", "pooled": "pooled", "prelogits": "head_input"}
+OUTPUT_STAGES = {"logits": "logits", "pooled": "pooled", "prelogits": "head_input", "encoded": "encoded"}
 EXPECTED_KINDS = tuple(OUTPUT_STAGES) + ("posemb_resized",)
 DEFAULT_TOLERANCE = 2e-5
 MANIFEST = "manifest.json"
@@ -179,15 +180,12 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
     model = load(ckpt, image_size=case.get("image_size"))
     with torch.no_grad():
         got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).items()}
-    ref = want_ref = grid = None
+    ref = want_ref = None
     try:  # a reference that cannot run is a failure of the case, never a missing figure
         with open_checkpoint(ckpt) as c:
-            if c.layout.name == "google":  # the NumPy reference reads Google's layout
-                ref = GoogleViTReference.from_npz(ckpt)
-                grid = x.shape[1] // ref.arch.stride
+            if c.layout.name in ("google", "big_vision") or c.layout.name in LIBRARY_LAYOUTS:
+                ref = reference_for(ckpt, c)
                 want_ref = ref.forward_stages(x)
-            elif c.layout.name in LIBRARY_LAYOUTS:
-                want_ref = open_reference(ckpt, c).forward_stages(x)
     except LibraryMissing as e:  # an optional library: said, not failed
         res.notes.append(f"reference not run: {e.message}")
     except Exception as e:
@@ -200,8 +198,8 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
                 res.figures.append(_figure("reference", what, want_ref[OUTPUT_STAGES[what]], arr, tol))
         elif what == "posemb_resized":
             res.figures.append(_figure("converted", what, model.pos_embed.detach().numpy(), arr, tol))
-            if ref is not None:
-                res.figures.append(_figure("reference", what, ref.pos_embed(grid), arr, tol))
+            if hasattr(ref, "pos_embed"):  # the NumPy references resize as their code does
+                res.figures.append(_figure("reference", what, ref.pos_embed(x.shape[1] // ref.stride), arr, tol))
         else:
             res.problems.append(f"unknown expected output {what!r}")
     top1 = case.get("top1")

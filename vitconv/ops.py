@@ -6,7 +6,8 @@ keep the class-token row, reshape the rest to its square grid, and resample it w
 default ``grid_mode=False`` maps output index ``o`` to input ``o * (old-1)/(new-1)``:
 bilinear interpolation with the corner samples aligned. Other families resize otherwise
 (:data:`vitconv.config.POS_RESIZES`): timm and OpenCLIP bicubic with antialiasing, Hugging
-Face bicubic without, the original DINOv2 bicubic with a ``+0.1`` on the scale factor. The
+Face bicubic without, the original DINOv2 bicubic with a ``+0.1`` on the scale factor, and
+big_vision's sincos2d models generate their fixed table afresh for the new grid. The
 same table resized two ways differs by far more than rounding, so the converted model
 records its source's mode and every resize (``--image-size``, a run or an export at another
 resolution) uses it.
@@ -40,6 +41,32 @@ def split_pos_embed(posemb: np.ndarray, num_prefix_tokens: int) -> Tuple[np.ndar
     return posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:].reshape(g, g, -1), g
 
 
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """big_vision's fixed position table (``posemb='sincos2d'``, MoCo v3's): ``(1, h*w, width)``
+    float32, rows in raster order, columns [sin(x*w), cos(x*w), sin(y*w), cos(y*w)] with
+    ``w = temperature ** -(k / (width/4 - 1))``. Computed in float32 step by step, as jax.numpy
+    does it by default (``big_vision/models/vit.py: posemb_sincos_2d``)."""
+    if width % 4 or width < 8:
+        raise ValueError(f"sincos2d needs a width that is a multiple of 4 (and at least 8), got {width}")
+    n = width // 4
+    omega = np.float32(1.0) / (np.float32(temperature) ** (np.arange(n, dtype=np.float32) / np.float32(n - 1)))
+    y, x = np.mgrid[:h, :w]
+    y = y.reshape(-1, 1).astype(np.float32) * omega
+    x = x.reshape(-1, 1).astype(np.float32) * omega
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+
+
+def posemb_sincos_2d_torch(h, w, width: int, temperature: float = 10_000.0) -> "torch.Tensor":
+    """:func:`posemb_sincos_2d` in traceable torch ops (``h``, ``w`` may be symbolic)."""
+    import torch
+
+    n = width // 4
+    omega = 1.0 / (temperature ** (torch.arange(n, dtype=torch.float32) / (n - 1)))
+    ys = torch.arange(h, dtype=torch.float32)[:, None].expand(-1, w).reshape(-1, 1) * omega
+    xs = torch.arange(w, dtype=torch.float32)[None, :].expand(h, -1).reshape(-1, 1) * omega
+    return torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=1)[None]
+
+
 def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
                      num_prefix_tokens: int, mode: str = "zoom") -> np.ndarray:
     """Resize a ``(1, prefix + g*g, D)`` table to ``new_grid``, keeping the prefix rows, the way
@@ -52,6 +79,9 @@ def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
     prefix, grid, g = split_pos_embed(np.asarray(posemb), num_prefix_tokens)
     if (gh, gw) == (g, g):
         return np.asarray(posemb)
+    if mode == "sincos2d":  # a function of the grid, not a table to resample
+        table = posemb_sincos_2d(gh, gw, posemb.shape[-1]).astype(posemb.dtype)
+        return np.concatenate([prefix, table], axis=1)
     if mode != "zoom":
         import torch  # the bicubic modes are torch's F.interpolate, as in their families' code
 
@@ -77,6 +107,9 @@ def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
     n = posemb.shape[1] - num_prefix_tokens
     g = math.isqrt(n)
     prefix = posemb[:, :num_prefix_tokens]
+    if mode == "sincos2d":
+        table = posemb_sincos_2d_torch(new_grid[0], new_grid[1], posemb.shape[-1]).to(posemb.dtype)
+        return torch.cat([prefix, table], dim=1)
     grid = posemb[:, num_prefix_tokens:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
     if mode == "zoom":
         grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=True)

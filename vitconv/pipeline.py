@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,11 @@ import numpy as np
 from .config import ViTConfig
 from .errors import BadInputError, MappingError, OutputError
 from .formats.atomic import atomic_directory, atomic_output, check_writable
-from .formats.base import TensorSource, TensorSpec, sha256_file
+from .formats.base import TensorSource, TensorSpec, numpy_dtype, sha256_file
 from .formats.npz import NpzStreamWriter
 from .formats.open import open_source
 from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
+from .formats.stacked import StackedSource
 from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
 from .ops import resize_pos_embed
 from .readahead import ReadAhead
@@ -50,9 +52,10 @@ PathLike = Union[str, os.PathLike]
 Progress = Callable[[int, int, str], None]
 #: How each ``pos_resize`` mode is said in a report.
 RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transformers",
-                "bicubic_aa": "bicubic with antialiasing, as timm", "dinov2": "bicubic with DINOv2's +0.1 offset"}
+                "bicubic_aa": "bicubic with antialiasing, as timm", "dinov2": "bicubic with DINOv2's +0.1 offset",
+                "sincos2d": "big_vision's sincos2d table generated for the new grid"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
@@ -89,7 +92,8 @@ class Checkpoint:
         shapes = parameter_shapes(self.config)
         out = []
         for r in self.rules:
-            dtype = self.dtype or np.result_type(*[np.dtype(self.source.dtype(self.prefix + k)) for k in r.source])
+            stored = [np.dtype(self.source.dtype(self.prefix + k)) for k in r.source]
+            dtype = self.dtype or (np.result_type(*stored) if stored else np.float32)  # generated: float32
             out.append(TensorSpec(r.canonical, np.dtype(dtype), tuple(shapes[r.canonical])))
         return out
 
@@ -137,11 +141,11 @@ class Checkpoint:
 
 
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
-                    require_layout: Optional[str] = None, dtype: Optional[str] = None,
+                    require_layout: Union[str, Sequence[str], None] = None, dtype: Optional[str] = None,
                     overrides: Optional[Dict[str, object]] = None,
                     source: Optional[TensorSource] = None) -> Checkpoint:
     """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
-    ``require_layout`` when given), infer the architecture and audit the keys; optionally
+    ``require_layout``, or one of them, when given), infer the architecture and audit the keys; optionally
     retarget the resolution (``image_size``: the position table resized as Google's
     ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read.
 
@@ -163,18 +167,26 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         if num_heads is not None and (heads is None or heads.argument is None):
             raise BadInputError(f"--num-heads: the {layout.name} layout records the heads", path)
         prefix = layout.prefix(keys, where)
+        stacked = layout.stacked and any(k.startswith(prefix + layout.stacked[0]) for k in keys)
+        if stacked:  # one key per block from here on, each read as its slice
+            source = StackedSource(source, prefix + layout.stacked[0], prefix + layout.stacked[1])
+            keys = source.keys()
+            shapes = {k: tuple(source.shape(k)) for k in keys}
         kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
         inner = [k[len(prefix):] for k in kept]
         probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
         cfg = _override(layout.infer(probe), layout, probe, dict(overrides or {}), path)
+        if stacked:
+            cfg = cfg.replace(scan=True)
         # (a corrupt file is named as such above, before a layout complaint below)
-        if require_layout and layout.name != require_layout:
-            raise BadInputError(f"expected a {require_layout} checkpoint, found the {layout.name} layout", path)
+        allowed = (require_layout,) if isinstance(require_layout, str) else tuple(require_layout or ())
+        if allowed and layout.name not in allowed:
+            raise BadInputError(f"expected a {' or '.join(allowed)} checkpoint, found the {layout.name} layout", path)
         rules = layout.rules(cfg)
         audit(rules, inner, where)
         ckpt = Checkpoint(where, layout, cfg, cfg, source, prefix, rules,
                           ignored=sorted(set(keys) - set(kept)),
-                          dtype=np.dtype(dtype) if dtype else None, owns_source=opened)
+                          dtype=numpy_dtype(dtype) if dtype else None, owns_source=opened)
         if image_size is not None and image_size != cfg.image_size:
             if image_size <= 0 or image_size % cfg.total_stride:
                 raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
@@ -226,7 +238,8 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
                      "does not record")
     notes += layout.read_notes(cfg, probe)
     if ckpt.ignored:
-        notes.append(f"{len(ckpt.ignored)} keys outside the model left out ({layout.ignored_what})")
+        what = layout.ignored_what(ckpt.prefix) if callable(layout.ignored_what) else layout.ignored_what
+        notes.append(f"{len(ckpt.ignored)} keys outside the model left out ({what})")
     if ckpt.resized_from is not None:
         a, b = ckpt.resized_from, ckpt.config.grid_size
         notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} ({RESIZE_WORDS[cfg.pos_resize]}, "
@@ -405,8 +418,14 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
     fill_dtype = next(iter(canon.values())).dtype
     specs = _order([TensorSpec(k, canon[r.canonical].dtype if r.canonical else fill_dtype, shapes[k])
                     for r in rules for k in r.source], container)
+    groups: Dict[str, List[str]] = {}
+    if layout.stacked and cfg.scan:  # big_vision scan=True: one array per tensor of all blocks
+        specs, groups = _stacked_specs(specs, layout.stacked, cfg.depth)
+        specs = _order(specs, container)
     # a .pt's state dict: the model's own order for a canonical file, sorted keys otherwise
     state_order = [k for r in rules for k in r.source] if canonical else sorted(s.name for s in specs)
+    prefix = layout.write_prefix
+    stored = [TensorSpec(prefix + s.name, s.dtype, s.shape) for s in specs]  # the names the file holds
     dst = Path(dst)
     with contextlib.ExitStack() as stack:
         if container == "dir":
@@ -415,25 +434,49 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
             with atomic_output(folder / "config.json") as tmp:
                 tmp.write_text(json.dumps(layout.directory_config(cfg, ckpt.layout.name), indent=2,
                                           sort_keys=True) + "\n", encoding="utf-8")
-            writer = SafetensorsStreamWriter(folder / "model.safetensors", specs, {"format": "pt"},
+            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored, {"format": "pt"},
                                              shard_bytes=shard_bytes)
         elif container == "safetensors":
             meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json(), **(extra or {})} if canonical else {})}
-            writer = SafetensorsStreamWriter(dst, specs, meta, shard_bytes=shard_bytes)
+            writer = SafetensorsStreamWriter(dst, stored, meta, shard_bytes=shard_bytes)
         elif container == "pt":
-            writer = PtStreamWriter(dst, specs, vitconv_payload(cfg.to_dict(), extra) if canonical else None,
+            writer = PtStreamWriter(dst, stored, vitconv_payload(cfg.to_dict(), extra) if canonical else None,
                                     state_order)
         else:
-            writer = NpzStreamWriter(dst, specs)
+            writer = NpzStreamWriter(dst, stored)
         with writer:
             with _Pipelined(writer, sum(s.nbytes for s in specs), progress) as out:
-                for (key, array), spec in zip(_foreign_stream(ckpt, rules, [s.name for s in specs]), specs):
-                    out.write(key, array, spec.nbytes)
+                order = [k for s in specs for k in groups.get(s.name, [s.name])]
+                stream = _foreign_stream(ckpt, rules, order)
+                for spec in specs:
+                    if spec.name in groups:  # the blocks' arrays, consecutive in the stream
+                        array = np.stack([next(stream)[1] for _ in groups[spec.name]])
+                    else:
+                        array = next(stream)[1]
+                    out.write(prefix + spec.name, array, spec.nbytes)
                     del array
             if before_commit is not None:
                 before_commit(writer.temporaries())
         outputs = [dst] if container == "dir" else list(writer.outputs)
     return outputs
+
+
+def _stacked_specs(specs: List[TensorSpec], stacked: Tuple[str, str], depth: int
+                   ) -> Tuple[List[TensorSpec], Dict[str, List[str]]]:
+    """Per-block specs -> one stacked spec per tensor (``(depth, *shape)``), and for each the
+    per-block keys it gathers, block 0 first."""
+    head, tail = stacked[1].split("{i}")
+    per_block = re.compile(re.escape(head) + r"\d+" + re.escape(tail) + "(.*)")
+    out, groups = [], {}
+    for s in specs:
+        m = per_block.fullmatch(s.name)
+        if m is None:
+            out.append(s)
+        elif stacked[0] + m.group(1) not in groups:
+            name = stacked[0] + m.group(1)
+            groups[name] = [stacked[1].format(i=i) + m.group(1) for i in range(depth)]
+            out.append(TensorSpec(name, s.dtype, (depth, *s.shape)))
+    return out, groups
 
 
 @contextlib.contextmanager
@@ -460,7 +503,7 @@ def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
 
 def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
             num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
-            require_layout: Optional[str] = None,
+            require_layout: Union[str, Sequence[str], None] = None,
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
             before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:

@@ -1,6 +1,7 @@
 """Prove a conversion: run the source through a reference and the converted model on the same
 seeded images, stage by stage. The reference for Google's ``.npz`` is the independent NumPy
-implementation of vit_jax (:mod:`vitconv.reference`, every stage); for Hugging Face, timm, the
+implementation of vit_jax (:mod:`vitconv.reference`, every stage), for big_vision's that of
+big_vision's models/vit.py (:mod:`vitconv.big_vision_reference`); for Hugging Face, timm, the
 original DINOv2, OpenAI CLIP and OpenCLIP sources it is that library's own model
 (:mod:`vitconv.library_reference`: the embedding, each block's output, the final output).
 
@@ -42,7 +43,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from .errors import BadInputError, VerificationError, first_line
-from .library_reference import open_reference
+from .big_vision_reference import BigVisionReference
+from .library_reference import LibraryReference, open_reference
 from .pipeline import open_checkpoint
 from .reference import GoogleViTReference, load_npz
 
@@ -272,6 +274,16 @@ def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
                             f"({type(e).__name__}: {e})", p) from None
 
 
+def reference_for(src: PathLike, ckpt, reference_dtype=np.float64):
+    """The reference for ``src`` (opened as ``ckpt``): the NumPy forward of Google's ``vit_jax``
+    or of big_vision for their ``.npz`` files, else the source library's own model."""
+    if ckpt.layout.name == "google":
+        return _open_reference(src, reference_dtype)
+    if ckpt.layout.name == "big_vision":
+        return BigVisionReference.from_npz(src, dtype=reference_dtype)
+    return open_reference(src, ckpt)
+
+
 # --------------------------------------------------------------------------- the entry point
 def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
            tolerance: float = DEFAULT_TOLERANCE, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
@@ -298,8 +310,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
 
     overrides = dict(overrides or {})
     with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # the layout decides the reference
-        google = source.layout.name == "google"
-        ref = _open_reference(src, reference_dtype) if google else open_reference(src, source)
+        ref = reference_for(src, source, reference_dtype)
+    numpy_reference = not isinstance(ref, LibraryReference)  # every stage; a library: some
     model, runner, kind, label = None, None, "canonical", "in-memory model"
 
     if converted is None:
@@ -352,7 +364,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         with torch.no_grad():
             got = {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(nchw)).items()}
         # a library exposes some stages (embedding, block outputs, the output): those are compared
-        names = list(want) + ([k for k in got if k not in want] if google else [])
+        names = list(want) + ([k for k in got if k not in want] if numpy_reference else [])
         report.stages = [compare_stage(n, got.get(n), want.get(n), tolerance) for n in names]
     else:
         final = "logits" if "logits" in want else "head_input"

@@ -12,9 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import BadInputError, OutputError, first_line
+
+#: bfloat16 as a numpy dtype (``ml_dtypes``, which onnx and jax use too); numpy has none.
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """``np.dtype(name)``, with ``bfloat16`` too."""
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
 
 
 class TensorSource:

@@ -30,8 +30,21 @@ from .base import StreamWriter, TensorSource
 from .writeback import Writeback
 
 
+#: How big_vision (and any writer without a bfloat16 dtype, e.g. numpy with ``ml_dtypes``) stores
+#: bfloat16 in an ``.npy``: a 2-byte void, the raw bits. Read as bfloat16, widened exactly.
+BF16_VOID = np.dtype("V2")
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (2-byte void or uint16) -> float32, exactly (the top 16 bits)."""
+    return (np.ascontiguousarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 class NpzSource(TensorSource):
-    """A ``.npz`` file as a lazy tensor source; keys are the member names without ``.npy``."""
+    """A ``.npz`` file as a lazy tensor source; keys are the member names without ``.npy``.
+
+    2-byte void members are bfloat16 as big_vision stores them: reported and returned as
+    float32 (exactly; :meth:`stored_dtype` says what the file holds)."""
 
     concurrent_reads = True  # preadv, or zipfile's own locked reader for deflated members
 
@@ -90,15 +103,24 @@ class NpzSource(TensorSource):
     def shape(self, key: str) -> Tuple[int, ...]:
         return self._header(key)[0]
 
+    def stored_dtype(self, key: str) -> str:
+        """The dtype as the file stores it: ``bfloat16`` for a 2-byte void member."""
+        dtype = self._header(key)[1]
+        return "bfloat16" if dtype == BF16_VOID else dtype.name
+
     def dtype(self, key: str) -> np.dtype:
-        return self._header(key)[1]
+        dtype = self._header(key)[1]
+        return np.dtype(np.float32) if dtype == BF16_VOID else dtype
+
+    def _stored(self, key: str, info: zipfile.ZipInfo) -> bool:
+        return (info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1  # not encrypted
+                and hasattr(os, "preadv"))
 
     def get(self, key: str) -> np.ndarray:
         shape, dtype, fortran = self._header(key)
         info = self._members[key]
         try:
-            if (info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1  # not encrypted
-                    and hasattr(os, "preadv")):
+            if self._stored(key, info):
                 a = self._read_stored(key, info, shape, dtype, fortran)
             else:
                 with self._zip.open(info) as f:
@@ -107,9 +129,41 @@ class NpzSource(TensorSource):
             raise
         except Exception as e:  # CRC mismatch, truncated deflate stream, short read ...
             raise BadInputError(f"member {key!r} could not be read ({first_line(e)})", self.path) from None
+        return self._native(a)
+
+    def _native(self, a: np.ndarray) -> np.ndarray:
+        if a.dtype == BF16_VOID:
+            return bf16_bits_to_float32(a)
         if not a.dtype.isnative:  # torch refuses big-endian arrays; the values are fine
             a = a.astype(a.dtype.newbyteorder("="))
         return a
+
+    def get_index(self, key: str, index: int) -> np.ndarray:
+        """``get(key)[index]``, reading only that slice's bytes where the member is stored
+        (what ``np.savez`` writes): a stacked array is then read once over all its slices,
+        never whole. The zip's CRC covers the whole member, so a slice read cannot check it;
+        a deflated or Fortran-ordered member is read whole."""
+        shape, dtype, fortran = self._header(key)
+        info = self._members[key]
+        if not shape or not 0 <= index < shape[0]:
+            raise BadInputError(f"member {key!r} {shape} has no slice {index}", self.path)
+        if fortran or not self._stored(key, info):
+            return self.get(key)[index]
+        fd = self._zip.fp.fileno()
+        local = os.pread(fd, 30, info.header_offset)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise BadInputError(f"member {key!r}: bad local file header", self.path)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        a = np.empty(shape[1:], dtype)
+        buf = memoryview(a.reshape(-1)).cast("B")
+        offset = info.header_offset + 30 + name_len + extra_len + self._header_len[key] + index * len(buf)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n <= 0:
+                raise BadInputError(f"member {key!r} could not be read (truncated)", self.path)
+            got += n
+        return self._native(a)
 
     def _read_stored(self, key: str, info: zipfile.ZipInfo, shape: Tuple[int, ...], dtype: np.dtype,
                      fortran: bool) -> np.ndarray:

@@ -25,18 +25,18 @@ import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
-from .base import StreamWriter, TensorSpec
+from .base import BFLOAT16, StreamWriter, TensorSpec
 from .writeback import Writeback
 
 #: Shard above this many bytes of tensor data: Hugging Face's ``max_shard_size="5GB"`` default
 #: (decimal units), used by every writer of sharded outputs.
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
-#: numpy dtype -> safetensors dtype tag (the formats' common ground; bf16 has no numpy dtype).
+#: numpy dtype -> safetensors dtype tag (the formats' common ground; bf16 through ml_dtypes).
 DTYPE_TAGS: Dict[np.dtype, str] = {
     np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
     np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
-    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL", BFLOAT16: "BF16",
 }
 
 
@@ -133,7 +133,7 @@ class SafetensorsStreamWriter(StreamWriter):
             a = a.astype(a.dtype.newbyteorder("<"))  # safetensors is little-endian
         a = np.ascontiguousarray(a)
         shard = self._shard_of[index]
-        self._handles[shard].write(memoryview(a.reshape(-1)).cast("B"))
+        self._handles[shard].write(memoryview(a.reshape(-1).view(np.uint8)))  # bfloat16 has no buffer format
         self._writeback[shard].advance()
 
     def _finish(self) -> List[Path]:

@@ -21,6 +21,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from .base import BFLOAT16
+
 #: numpy dtype -> the ``torch.<Name>Storage`` class torch names in a tensor's persistent id.
 STORAGE_TYPES: Dict[np.dtype, str] = {
     np.dtype(np.float64): "DoubleStorage", np.dtype(np.float32): "FloatStorage",
@@ -28,7 +30,7 @@ STORAGE_TYPES: Dict[np.dtype, str] = {
     np.dtype(np.int32): "IntStorage", np.dtype(np.int16): "ShortStorage",
     np.dtype(np.int8): "CharStorage", np.dtype(np.uint8): "ByteStorage",
     np.dtype(np.bool_): "BoolStorage", np.dtype(np.complex64): "ComplexFloatStorage",
-    np.dtype(np.complex128): "ComplexDoubleStorage",
+    np.dtype(np.complex128): "ComplexDoubleStorage", BFLOAT16: "BFloat16Storage",
 }
 
 

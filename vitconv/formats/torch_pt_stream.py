@@ -88,6 +88,8 @@ class PtStreamWriter(StreamWriter):
 
     def _record(self, name: str, data) -> None:
         """One stored record, its data starting on an ``ALIGNMENT`` boundary."""
+        if isinstance(data, np.ndarray):  # raw bytes (bfloat16 has no buffer format)
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         buf = memoryview(data).cast("B")
         info = zipfile.ZipInfo(f"{ARCHIVE}/{name}")
         info.compress_type = zipfile.ZIP_STORED

@@ -15,8 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..config import stem_stride
 from ..errors import MappingError
 from .base import Carry, Rule
+from .big_vision import detect as big_vision_names
 from .layout import ATTN_OUT, CONV, DENSE, GN, IDENTITY, QKV_BIAS, QKV_KERNEL
-from .inference import build
+from .inference import build, prefix_holding
 from .registry import Layout, Probe, register
 
 _B = "Transformer/encoderblock_{i}/"
@@ -69,11 +70,7 @@ _UNIT_RE = re.compile(r"^block(\d+)/unit(\d+)/")
 
 def find_prefix(keys: Sequence[str], path: Optional[str] = None) -> str:
     """The prefix under which the model lives (``''``, ``opt/target/`` or ``params/``)."""
-    for p in PREFIXES:
-        if f"{p}embedding/kernel" in keys:
-            return p
-    raise MappingError("not a Google ViT checkpoint: no 'embedding/kernel' (nor under "
-                       "'opt/target/' or 'params/')", path)
+    return prefix_holding(keys, PREFIXES, "embedding/kernel", "Google ViT", path)
 
 
 def block_sort_key(key: str) -> Tuple:
@@ -186,8 +183,9 @@ CARRIES = (
 
 
 def detect(probe: Probe) -> bool:
+    """``vit_jax``'s names; big_vision's Linen names (``MlpBlock_0``, ...) are its own layout."""
     return (any(k.endswith("embedding/kernel") for k in probe.shapes)
-            and any("encoderblock_" in k for k in probe.shapes))
+            and any("encoderblock_" in k for k in probe.shapes) and not big_vision_names(probe))
 
 
 register(Layout(

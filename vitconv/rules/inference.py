@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
@@ -96,3 +96,13 @@ def build(probe: Probe, **kwargs: Any) -> ViTConfig:
         return ViTConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise MappingError(f"inconsistent architecture: {e}", probe.path) from None
+
+
+def prefix_holding(keys: Sequence[str], prefixes: Sequence[str], anchor: str, what: str,
+                   path: Optional[str]) -> str:
+    """The first of ``prefixes`` under which ``anchor`` is a key (where a file nests its model)."""
+    for p in prefixes:
+        if p + anchor in keys:
+            return p
+    places = ", ".join(repr(p) for p in prefixes if p)
+    raise MappingError(f"not a {what} checkpoint: no {anchor!r} (nor under {places})", path)

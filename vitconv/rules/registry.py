@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ..config import SHAPE_FIELDS, ViTConfig, describe_field, training_only
+from ..config import SHAPE_FIELDS, ViTConfig, describe_field, storage_only, training_only
 from ..errors import MappingError
 from .base import Carry, ExpandedRule, Rule, expand_rules, short_list
 from .unsupported import unsupported_feature
@@ -69,7 +69,14 @@ class Layout:
     #: ``ignored_what``, said in the notes).
     prefix: Callable[[Sequence[str], Optional[str]], str] = _no_prefix
     ignore: Tuple[str, ...] = ()
-    ignored_what: str = "optimizer state"
+    ignored_what: Union[str, Callable[[str], str]] = "optimizer state"  # or a function of the prefix
+    #: ``(stacked prefix, per-block prefix with {i})``: the layout may store every block's tensors
+    #: stacked along a leading axis (big_vision ``scan=True``); the table names them per block,
+    #: read through :class:`~vitconv.formats.stacked.StackedSource` and written stacked when the
+    #: config's ``scan`` says so.
+    stacked: Optional[Tuple[str, str]] = None
+    #: Written under this prefix (big_vision's saver nests everything in ``params/``).
+    write_prefix: str = ""
     #: ``config.json`` of a model directory in this layout: ``(cfg, source layout name)``.
     directory_config: Optional[Callable[[ViTConfig, Optional[str]], dict]] = None
     #: What a user must know when reading (assumptions) or writing (how to run it) this layout.
@@ -100,8 +107,8 @@ class Layout:
             if f.name in SHAPE_FIELDS:
                 continue
             value, c = getattr(cfg, f.name), self.carry(f.name)
-            if c is None and training_only(f.name):
-                continue  # left out when written (dropped(): a note), never a refusal
+            if c is None and (training_only(f.name) or storage_only(f.name)):
+                continue  # left out when written (dropped(): a note), or stored the layout's way
             if c is None:
                 if value != f.default:
                     out.append(f"{f.name}={value!r} ({describe_field(f.name)}; the {self.name} layout has "
