@@ -1,4 +1,5 @@
-"""``vitconv convert SRC DST [--to LAYOUT] [--num-heads N] [--image-size N] [--dtype D]``."""
+"""``vitconv convert SRC DST [--to LAYOUT] [--num-heads N] [--image-size N] [--patch-size N]
+[--dtype D] [--set FIELD=VALUE]``."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ from .common import parse_overrides, progress_bar, summary
               "norm_eps=1e-5 for a bare OpenAI-CLIP-style timm state dict (repeatable).")
 @click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
               "the way the source's library does.")
+@click.option("--patch-size", type=int, help="Resample to this patch size as FlexiViT does (the "
+              "kernel by its pseudo-inverse resize, the position table bilinearly).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: "
               "as read; bfloat16 sources are read as float32, exactly).")
 @click.pass_context
 def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
-            overrides: tuple, image_size: int | None, dtype: str | None) -> None:
+            overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -39,5 +42,5 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
     """
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
-                             overrides=parse_overrides(overrides), dtype=dtype)
+                             overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size)
     summary(ctx, report.rows())

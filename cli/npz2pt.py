@@ -1,4 +1,4 @@
-"""``vitconv npz2pt SRC.npz [-o OUT] [--image-size N] [--dtype D]``."""
+"""``vitconv npz2pt SRC.npz [-o OUT] [--image-size N] [--patch-size N] [--dtype D]``."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from .common import progress_bar, summary
               help="Output path; .pt (default, beside SRC) or .safetensors by extension.")
 @click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
               "as Google's fine-tuning does (order-1 zoom, class token kept; sincos2d: generated).")
+@click.option("--patch-size", type=int, help="Resample to this patch size as FlexiViT does (the "
+              "kernel by its pseudo-inverse resize, the position table bilinearly).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: as read; "
               "bfloat16 files are read as float32, exactly).")
 @click.pass_context
-def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int | None, dtype: str | None) -> None:
+def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int | None,
+           patch_size: int | None, dtype: str | None) -> None:
     """Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into
     the canonical PyTorch ViT.
 
@@ -31,9 +34,10 @@ def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int |
       vitconv npz2pt ViT-B_16.npz
       vitconv npz2pt imagenet21k_ViT-B_16.npz --image-size 384 -o vit384.safetensors
       vitconv npz2pt siglip_b16_224.npz -o siglip.safetensors
+      vitconv npz2pt flexivit_b.npz --patch-size 16 --image-size 240
     """
     out = output or src.with_suffix(".pt")
     with progress_bar(ctx, "converting") as progress:
         report = convert(src, out, image_size=image_size, require_layout=("google", "big_vision"),
-                         progress=progress, dtype=dtype)
+                         progress=progress, dtype=dtype, patch_size=patch_size)
     summary(ctx, report.rows())

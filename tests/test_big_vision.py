@@ -179,3 +179,91 @@ def test_verify_has_an_independent_reference_stage_by_stage(tmp_path):
     assert bad.first_failure.name == "blocks.0.mlp" and all(s.ok for s in bad.stages[:2])
     r = CliRunner().invoke(main, ["verify", str(BV / "tiny_sincos_gap_p8_32.npz"), "--image-size", "32"])
     assert r.exit_code == 0 and "big_vision .npz, NumPy float64 reference" in r.output, r.output
+
+
+def test_flexivit_patch_size_resamples_as_big_vision(tmp_path):
+    """FlexiViT run by big_vision at patch 4 (an 8x8 grid) from its patch-8 file: the kernel
+    (pseudo-inverse resize) and the table (bilinear) match big_vision's resampled arrays, and
+    the outputs match, through npz2pt --patch-size and vitconv.load."""
+    r = CliRunner().invoke(main, ["npz2pt", str(BV / "tiny_flexi_p8_32.npz"), "-o", str(tmp_path / "p4.safetensors"),
+                                  "--patch-size", "4"])
+    assert r.exit_code == 0, r.output
+    for model in (vitconv.load(tmp_path / "p4.safetensors"), vitconv.load(BV / "tiny_flexi_p8_32.npz", patch_size=4)):
+        assert (model.config.patch_size, model.config.image_size, model.config.pos_resize) == (4, 32, "bilinear")
+        kernel = model.patch_embed.weight.detach().numpy().transpose(2, 3, 1, 0)  # OIHW -> big_vision's HWIO
+        want = np.load(BV / "tiny_flexi_p8_32_at_p4.embedding_kernel_resampled.npy")
+        assert float(np.abs(kernel - want).max()) <= 1e-6 * float(np.abs(want).max())
+        want = np.load(BV / "tiny_flexi_p8_32_at_p4.posemb_resampled.npy")
+        assert float(np.abs(model.pos_embed.detach().numpy() - want).max()) <= 1e-6
+        _check_outputs(model, "tiny_flexi_p8_32_at_p4", 32)
+
+
+def _real_width_file(path, cfg, scan=False, bf16=False, seed=0):
+    """A big_vision file at a real width: canonical weights drawn at a realistic scale, written
+    with the big_vision table (read back by the NumPy reference's own key logic, not the table)."""
+    from vitconv.model import parameter_shapes
+    from vitconv.pipeline import LAYOUTS, map_state
+
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in parameter_shapes(cfg).items():
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
+            a = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith("weight") and len(shape) >= 2:
+            a = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        else:
+            a = 0.2 * rng.standard_normal(shape)
+        state[name] = a.astype(np.float32)
+    arrays = map_state(state, cfg, LAYOUTS["big_vision"])
+    if scan:
+        blocks = [k for k in arrays if k.startswith("Transformer/encoderblock_")]
+        for rest in sorted({k.split("/", 2)[2] for k in blocks}):
+            arrays[f"Transformer/encoderblock/{rest}"] = np.stack(
+                [arrays.pop(f"Transformer/encoderblock_{i}/{rest}") for i in range(cfg.depth)])
+    if bf16:
+        arrays = {k: v.astype(ml_dtypes.bfloat16).view(np.dtype("V2")) for k, v in arrays.items()}
+    np.savez(path, **{"params/" + k: v for k, v in arrays.items()})
+    return path
+
+
+@pytest.mark.parametrize("what,kw,size", [
+    ("So400m/14 MAP, stacked", dict(width=1152, num_heads=16, head_dim=72, mlp_dim=4304, patch_size=14,
+                                    classifier="map", class_token=False, scan=True), None),
+    ("B/16 sincos2d gap, bfloat16", dict(width=768, num_heads=12, head_dim=64, mlp_dim=3072, patch_size=16, classifier="gap",
+                                         class_token=False, pos_resize="sincos2d", bf16=True), 224),
+    ("S/16 tok 224 -> 384", dict(width=384, num_heads=6, head_dim=64, mlp_dim=1536, patch_size=16, classifier="token",
+                                 num_classes=1000, representation_size=384), 384),
+])
+def test_real_widths_against_the_reference(what, kw, size, tmp_path):
+    """Depth 2, but the real widths, head sizes (So400m's 72), MLP widths (4304), sincos tables
+    and a 224 -> 384 resize: the converter against the independent reference, every stage."""
+    from vitconv.config import ViTConfig
+    from vitconv.verify import verify
+
+    bf16, scan = kw.pop("bf16", False), kw.get("scan", False)
+    cfg = ViTConfig(image_size=224, depth=2, pos_embed_prefix="none", num_classes=kw.pop("num_classes", 0), **kw)
+    src = _real_width_file(tmp_path / "bv.npz", cfg.replace(scan=False), scan=scan, bf16=bf16)
+    report = verify(src, image_size=size, batch=1)
+    assert report.ok, report.lines()
+    assert report.stages[-1].max_abs <= TOL * max(1.0, report.stages[-1].ref_rms), report.lines()
+    with open_checkpoint(src) as ckpt:
+        assert ckpt.config.scan == scan and ckpt.config.head_dim == cfg.width // cfg.num_heads
+
+
+@pytest.mark.parametrize("name", ["tiny_sincos_gap_p8_32", "tiny_siglip_map_bf16_p8_32"])
+def test_exports_with_dynamic_size(name, tmp_path):
+    """ONNX at unseen resolutions: the sincos2d table is generated in the graph, a learned one
+    resized by big_vision's zoom; at 48 px the graph matches the reference's own resize."""
+    import onnxruntime as ort
+
+    from vitconv.big_vision_reference import BigVisionReference
+    from vitconv.export import ExportPlan, run_export
+
+    src = BV / f"{name}.npz"
+    convert(src, tmp_path / "c.safetensors", image_size=32)
+    (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
+    assert result.ok and len({p.size for p in result.parity}) >= 2
+    x = np.load(BV / "inputs_48.npy")
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"pixel_values": x.transpose(0, 3, 1, 2).copy()})[0]
+    want = BigVisionReference.from_npz(src)(x)
+    assert float(np.abs(got - want).max()) <= 1e-4

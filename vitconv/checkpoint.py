@@ -26,14 +26,16 @@ def build_model(config: ViTConfig, state: Dict[str, np.ndarray]) -> VisionTransf
 
 
 def load(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None,
-         **overrides: object) -> VisionTransformer:
+         patch_size: Optional[int] = None, **overrides: object) -> VisionTransformer:
     """Load any checkpoint vitconv reads as the eval-mode canonical ViT. ``image_size``
-    resizes the position table as Google's fine-tuning does; ``num_heads`` overrides the
+    resizes the position table as the source's family does; ``patch_size`` resamples the
+    patch kernel and table as FlexiViT does; ``num_heads`` overrides the
     64-dim-head assumption of layouts that do not record the head count; ``overrides`` set
     other fields such a file leaves to its code (``act="quick_gelu"``, ``norm_eps=1e-5``).
 
     >>> model = vitconv.load("golden/jax/tiny_token_p8_32.npz")   # doctest: +SKIP
     >>> logits = model(images_nchw)                                # doctest: +SKIP
     """
-    with open_checkpoint(path, image_size=image_size, num_heads=num_heads, overrides=overrides) as ckpt:
+    with open_checkpoint(path, image_size=image_size, num_heads=num_heads, overrides=overrides,
+                         patch_size=patch_size) as ckpt:
         return build_model(ckpt.config, ckpt.state_dict())

@@ -41,8 +41,10 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: (timm, OpenCLIP, DINOv2 with registers). "dinov2": the original DINOv2's
 #: ``scale_factor=((g + 0.1) / M)``, bicubic, no antialias. "sincos2d": the table is no
 #: parameter but big_vision's fixed 2-D sin-cos function of the grid (``posemb='sincos2d'``),
-#: generated afresh for any grid. Prefix rows are always kept.
-POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d")
+#: generated afresh for any grid. "bilinear": half-pixel bilinear, antialiased when shrinking
+#: (``jax.image.resize(..., "linear")``, as FlexiViT resizes its table for another patch size).
+#: Prefix rows are always kept.
+POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear")
 MLPS = ("mlp", "swiglu")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector

@@ -82,12 +82,13 @@ class CheckpointReport:
     architecture: List[Tuple[str, Any, str]] = field(default_factory=list)  # (field, value, read from)
     prefix: str = ""
     kind: str = "checkpoint"
+    notes: List[str] = field(default_factory=list)  # what a read assumes or leaves out
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "schema": SCHEMA, "kind": self.kind, "path": self.path, "format": self.format,
             **_file_fields(self.files),
-            "layout": self.layout, "prefix": self.prefix,
+            "layout": self.layout, "prefix": self.prefix, "notes": self.notes,
             "num_tensors": self.num_tensors, "num_params": self.num_params, "dtypes": self.dtypes,
             "config": self.config.to_dict() if self.config else None,
             "architecture": [{"name": n, "value": _jsonable(v), "source": s}
@@ -158,7 +159,7 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> Ch
         keys = source.keys()
         shapes = {k: tuple(source.shape(k)) for k in keys}
         dtypes = _dtypes(source, p, kind)
-        layout, cfg, prefix, audit = _read(source, keys, shapes)
+        layout, cfg, prefix, audit, notes = _read(source, keys, shapes)
         model_keys = [k for k in keys if k.startswith(prefix)]
         num_params = int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in model_keys))
         probe = Probe({k[len(prefix):]: shapes[k] for k in model_keys}, dict(source.metadata), source.path)
@@ -170,16 +171,17 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> Ch
     files = _hash_files(p, progress)
     return CheckpointReport(str(p), fmt, files, len(keys), num_params,
                             dict(sorted(collections.Counter(dtypes.values()).items())),
-                            layout.name if layout else None, audit, cfg, arch, prefix)
+                            layout.name if layout else None, audit, cfg, arch, prefix, notes=notes)
 
 
 def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int, ...]]):
-    """``(layout, config, prefix, audit)`` through the conversion's own reader; where that
+    """``(layout, config, prefix, audit, notes)`` through the conversion's own reader; where that
     fails, its steps one by one, keeping whatever succeeds, so the report can list the
     missing and unused keys instead of only the first complaint."""
     try:
         with open_checkpoint(source.path, source=source) as ckpt:
-            return ckpt.layout, ckpt.source_config, ckpt.prefix, Audit(ok=True, ignored=sorted(ckpt.ignored))
+            return (ckpt.layout, ckpt.source_config, ckpt.prefix, Audit(ok=True, ignored=sorted(ckpt.ignored)),
+                    list(ckpt.notes))
     except MappingError as error:
         layout = cfg = None
         prefix = ""
@@ -191,9 +193,9 @@ def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int
             ignored = sorted(set(keys) - set(kept))
             cfg = layout.infer(Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), source.path))
             missing, unused = audit_report(layout.rules(cfg), inner)
-            return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message)
+            return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message), []
         except MappingError as e:
-            return layout, cfg, prefix, Audit(False, error=e.message)
+            return layout, cfg, prefix, Audit(False, error=e.message), []
 
 
 def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tuple[str, Any, str]]:
@@ -255,13 +257,17 @@ def _row_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
 
 def _dtypes(source, path: Path, kind: str) -> Dict[str, str]:
     """dtype name per key. safetensors: from the header, so bfloat16 stays bfloat16 and no
-    tensor is read; otherwise what the reader reports (a ``.pt``'s bfloat16 arrives as float32)."""
+    tensor is read; an ``.npz``: as stored (big_vision's 2-byte void members: bfloat16);
+    otherwise what the reader reports (a ``.pt``'s bfloat16 arrives as float32)."""
     if kind == "safetensors":
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         return {k: _ST_DTYPES.get(v["dtype"], v["dtype"].lower())
                 for k, v in header.items() if k != "__metadata__"}
+    stored = getattr(source, "stored_dtype", None)
+    if stored is not None:
+        return {k: stored(k) for k in source.keys()}
     return {k: str(np.dtype(source.dtype(k))) for k in source.keys()}
 
 
@@ -367,7 +373,7 @@ def read_pos_embed(path: os.PathLike | str) -> Tuple[np.ndarray, ViTConfig, str]
     source = open_source(p)
     try:
         keys = source.keys()
-        layout, cfg, prefix, _ = _read(source, keys, {k: tuple(source.shape(k)) for k in keys})
+        layout, cfg, prefix, _, _ = _read(source, keys, {k: tuple(source.shape(k)) for k in keys})
         if cfg is None:
             raise BadInputError("no architecture could be read from this checkpoint", p)
         rule = next((r for r in layout.rules(cfg) if r.canonical == "pos_embed"), None)
@@ -405,6 +411,7 @@ def format_text(report) -> List[str]:
     else:
         rows.append(("audit", f"FAILED: {a.error}"))
         rows += [("  missing", k) for k in a.missing] + [("  unused", k) for k in a.unused]
+    rows += [("note", n) for n in d.get("notes") or []]
     lines = _lines(rows)
     if report.architecture:
         lines += ["", *_table(("field", "value", "read from"),

@@ -116,6 +116,8 @@ def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
     elif mode in ("bicubic", "bicubic_aa"):
         grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False,
                              antialias=mode == "bicubic_aa")
+    elif mode == "bilinear":  # jax.image.resize "linear": the triangle kernel, widened when shrinking
+        grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=False, antialias=True)
     elif mode == "dinov2":  # dinov2/models/vision_transformer.py: interpolate_offset 0.1
         # DINOv2 keeps its table when both sides equal the checkpoint's grid; the offset makes
         # the resize no identity there, so the skip is arithmetic (scale 1 is the identity) and
@@ -155,3 +157,30 @@ def _bicubic_matrix(n_in: int, n_out, scale_factor) -> "torch.Tensor":
                      ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a], dim=1)
     taps = (base.long()[:, None] + torch.arange(-1, 3)[None, :]).clamp(0, n_in - 1)
     return torch.zeros(n_out, n_in).scatter_add(1, taps, w)
+
+
+def _tf_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``tf.image.resize(method="bilinear")`` along one axis as an ``(n_out, n_in)`` matrix:
+    half-pixel centres, edge samples clamped, no antialiasing."""
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        x = (o + 0.5) * n_in / n_out - 0.5
+        lo, frac = math.floor(x), x - math.floor(x)
+        m[o, min(max(lo, 0), n_in - 1)] += 1.0 - frac
+        m[o, min(max(lo + 1, 0), n_in - 1)] += frac
+    return m
+
+
+def resample_patch_embed(weight: np.ndarray, new_patch: int) -> np.ndarray:
+    """FlexiViT's patch-embedding resample (``big_vision/models/proj/flexi/vit.py:
+    resample_patchemb``) of an OIHW kernel to ``new_patch`` x ``new_patch``: the pseudo-inverse
+    of bilinearly resizing a patch, so a model fed patches resized the same way computes the
+    same tokens. ``B`` resizes a flattened old patch to the new size (TF's bilinear, per axis);
+    each kernel becomes ``pinv(B.T) @ kernel`` (float64, cast back)."""
+    old = weight.shape[-1]
+    if weight.shape[-2] != old:
+        raise ValueError(f"patch kernel must be square, got {weight.shape}")
+    resize = np.kron(_tf_bilinear_matrix(old, new_patch), _tf_bilinear_matrix(old, new_patch))
+    flat = weight.reshape(-1, old * old).astype(np.float64)
+    out = flat @ np.linalg.pinv(resize.T).T
+    return out.reshape(*weight.shape[:2], new_patch, new_patch).astype(weight.dtype)

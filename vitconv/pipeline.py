@@ -38,7 +38,7 @@ from .formats.open import open_source
 from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
 from .formats.stacked import StackedSource
 from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
-from .ops import resize_pos_embed
+from .ops import resample_patch_embed, resize_pos_embed
 from .readahead import ReadAhead
 from .rules import LAYOUTS, Layout, Probe, detect_layout
 from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical
@@ -53,7 +53,8 @@ Progress = Callable[[int, int, str], None]
 #: How each ``pos_resize`` mode is said in a report.
 RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transformers",
                 "bicubic_aa": "bicubic with antialiasing, as timm", "dinov2": "bicubic with DINOv2's +0.1 offset",
-                "sincos2d": "big_vision's sincos2d table generated for the new grid"}
+                "sincos2d": "big_vision's sincos2d table generated for the new grid",
+                "bilinear": "bilinear, as FlexiViT's jax.image.resize"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -81,6 +82,7 @@ class Checkpoint:
     ignored: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     resized_from: Optional[int] = None  # source grid size when the position table is resized
+    repatched_from: Optional[int] = None  # source patch size when FlexiViT-resampled (--patch-size)
     dtype: Optional[np.dtype] = None  # cast every tensor to this (None: keep the source's)
     owns_source: bool = True  # opened here, so closed here; a source handed in stays open
     overridden: Tuple[str, ...] = ()  # fields the caller set (--set)
@@ -119,7 +121,10 @@ class Checkpoint:
                     raise MappingError(f"{name} contains NaN or Inf values", self.path)
                 if name == "pos_embed" and self.resized_from is not None:  # the source family's own way
                     t = resize_pos_embed(t, self.config.grid_size, self.source_config.num_pos_prefix,
+                                         self.config.pos_resize if self.repatched_from else
                                          self.source_config.pos_resize)
+                if name == "patch_embed.weight" and self.repatched_from is not None:
+                    t = resample_patch_embed(t, self.config.patch_size)
                 if self.dtype is not None and t.dtype != self.dtype:
                     t = t.astype(self.dtype)
                 yield name, t
@@ -142,7 +147,7 @@ class Checkpoint:
 
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
                     require_layout: Union[str, Sequence[str], None] = None, dtype: Optional[str] = None,
-                    overrides: Optional[Dict[str, object]] = None,
+                    overrides: Optional[Dict[str, object]] = None, patch_size: Optional[int] = None,
                     source: Optional[TensorSource] = None) -> Checkpoint:
     """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
     ``require_layout``, or one of them, when given), infer the architecture and audit the keys; optionally
@@ -153,7 +158,11 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     assumed otherwise); layouts that record it refuse it, and a file's own record must agree.
     ``overrides`` (``--set act=quick_gelu``) likewise sets config fields the source does not
     record, the constructor arguments of its layout (timm's ``act_layer``, ``norm_layer``):
-    only those, and not where a ``config.json`` records them."""
+    only those, and not where a ``config.json`` records them.
+
+    ``patch_size`` resamples the model to another patch size as FlexiViT does: the patch
+    kernel by its pseudo-inverse resize, the position table bilinearly to the new grid (at
+    ``image_size``, default the source's); the model then resizes that way at other sizes too."""
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     opened = source is None
@@ -187,7 +196,9 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         ckpt = Checkpoint(where, layout, cfg, cfg, source, prefix, rules,
                           ignored=sorted(set(keys) - set(kept)),
                           dtype=numpy_dtype(dtype) if dtype else None, owns_source=opened)
-        if image_size is not None and image_size != cfg.image_size:
+        if patch_size is not None and patch_size != cfg.patch_size:
+            _repatch(ckpt, patch_size, image_size or cfg.image_size, path)
+        elif image_size is not None and image_size != cfg.image_size:
             if image_size <= 0 or image_size % cfg.total_stride:
                 raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
                                     f"model's stride {cfg.total_stride}", path)
@@ -199,6 +210,21 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
             source.close()
         raise
     return ckpt
+
+
+def _repatch(ckpt: Checkpoint, patch_size: int, image_size: int, path: PathLike) -> None:
+    """FlexiViT's resample to ``patch_size`` at ``image_size`` (see :func:`open_checkpoint`)."""
+    cfg = ckpt.source_config
+    if patch_size <= 0 or image_size % patch_size:
+        raise BadInputError(f"--patch-size {patch_size} does not divide the image size {image_size}", path)
+    if cfg.resnet_layers is not None or cfg.patch_norm:
+        raise BadInputError("--patch-size resamples a plain patch projection; this model has "
+                            "a ResNet stem or patch LayerNorms", path)
+    if cfg.pos_resize == "sincos2d":
+        raise BadInputError("--patch-size: a sincos2d table is generated for any grid; convert with "
+                            "--image-size instead", path)
+    ckpt.repatched_from, ckpt.resized_from = cfg.patch_size, cfg.grid_size
+    ckpt.config = cfg.replace(patch_size=patch_size, image_size=image_size, pos_resize="bilinear")
 
 
 def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str, object],
@@ -240,10 +266,13 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
     if ckpt.ignored:
         what = layout.ignored_what(ckpt.prefix) if callable(layout.ignored_what) else layout.ignored_what
         notes.append(f"{len(ckpt.ignored)} keys outside the model left out ({what})")
+    if ckpt.repatched_from is not None:
+        notes.append(f"patch {ckpt.repatched_from} -> {ckpt.config.patch_size}: the kernel resampled by "
+                     "FlexiViT's pseudo-inverse resize")
     if ckpt.resized_from is not None:
         a, b = ckpt.resized_from, ckpt.config.grid_size
-        notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} ({RESIZE_WORDS[cfg.pos_resize]}, "
-                     "prefix rows kept)")
+        how = RESIZE_WORDS[ckpt.config.pos_resize if ckpt.repatched_from else cfg.pos_resize]
+        notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} ({how}, prefix rows kept)")
     return notes
 
 
@@ -503,7 +532,7 @@ def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
 
 def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
             num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
-            require_layout: Union[str, Sequence[str], None] = None,
+            patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
             before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
@@ -520,7 +549,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
-                         dtype=dtype, overrides=overrides) as ckpt:
+                         dtype=dtype, overrides=overrides, patch_size=patch_size) as ckpt:
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""

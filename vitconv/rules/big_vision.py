@@ -127,11 +127,28 @@ def infer_config(probe: Probe):
                  final_norm="encoder")
 
 
+#: big_vision's named sizes (``models/vit.py: decode_variant``): width, depth, MLP width, heads.
+VARIANTS = {"mu": (32, 1, 128, 2), "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8),
+            "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16), "So400m": (1152, 27, 4304, 16),
+            "H": (1280, 32, 5120, 16), "g": (1408, 40, 6144, 16), "g-opt": (1536, 40, 6144, 16),
+            "G": (1664, 48, 8192, 16), "e": (1792, 56, 15360, 16)}
+
+
+def variant(cfg) -> Optional[str]:
+    """big_vision's name for the model's size (``So400m/14``), or None for a size it has no name for."""
+    size = (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads)
+    name = next((v for v, s in VARIANTS.items() if s == size), None)
+    return f"{name}/{cfg.patch_size}" if name else None
+
+
 def read_notes(cfg, probe: Probe) -> List[str]:
-    if cfg.pos_resize != "sincos2d":
-        return []
-    return [f"posemb sincos2d: no table stored, generated as big_vision does; the file records no resolution, "
-            f"{SINCOS_IMAGE_SIZE} px assumed (--image-size sets another)"]
+    pool = {"token": "tok", "gap": "gap", "map": "map"}[cfg.classifier]
+    out = [f"big_vision {variant(cfg) or 'ViT'}, pool_type={pool!r}, posemb="
+           f"{'sincos2d' if cfg.pos_resize == 'sincos2d' else 'learn'}" + (", scan=True" if cfg.scan else "")]
+    if cfg.pos_resize == "sincos2d":
+        out.append(f"posemb sincos2d: no table stored, generated as big_vision does; the file records no "
+                   f"resolution, {SINCOS_IMAGE_SIZE} px assumed (--image-size sets another)")
+    return out
 
 
 def inference_sources(cfg) -> Dict[str, str]:
