@@ -124,3 +124,24 @@ def test_out_of_scope_features_are_refused_by_name(arch, kw, feature, tmp_path):
     with pytest.raises(MappingError, match=re.escape(feature)) as e:
         convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")
     assert "does not compute this feature yet" in str(e.value) and not (tmp_path / "c.safetensors").exists()
+
+
+def test_pre_logits_is_refused_where_timm_would_drop_it(tmp_path):
+    """An in21k model's pre_logits (Dense + tanh): timm's create_model(pretrained=True) filters
+    the keys out without a word (shown here on a directory written by hand), so vitconv refuses
+    the timm directory by name; a bare file is written, with the note saying what timm does."""
+    from conftest import golden_path
+
+    src = golden_path("jax/tiny_prelogits_p8_32.npz")
+    with pytest.raises(MappingError, match="representation_size=48 in a model directory"):
+        convert(src, tmp_path / "dir", to="timm")
+    assert not (tmp_path / "dir").exists()
+    report = convert(src, tmp_path / "bare.safetensors", to="timm")
+    assert any("drops them silently" in n for n in report.notes)
+    # the hazard itself: the same weights in a timm directory load without complaint and compute otherwise
+    convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "plain", to="timm")
+    state = load_file(str(tmp_path / "bare.safetensors"))
+    save_file(state, str(tmp_path / "plain" / "model.safetensors"))
+    model = timm.create_model(f"local-dir:{tmp_path / 'plain'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert (model(_x()) - load(src)(_x())).abs().max().item() > 1e-2

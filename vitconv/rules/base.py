@@ -80,6 +80,9 @@ class Carry:
     why: str = ""
     #: The values ``key`` can record (None: any); others stay the argument's to set.
     records: Optional[Tuple[Any, ...]] = None
+    #: Why a model directory of this layout cannot hold a non-default value (its loader loses
+    #: it), where a bare file can: said with the refusal.
+    not_in_dir: str = ""
 
     def default_for(self, cfg: ViTConfig) -> Any:
         return self.default(cfg) if callable(self.default) else self.default

@@ -117,6 +117,8 @@ class Layout:
                 out.append(f"{f.name}={value!r} ({c.why or 'it holds ' + ', '.join(map(repr, c.values))})")
             elif c.holds is not None and not c.holds(cfg):
                 out.append(f"{f.name}={value!r} ({c.why})")
+            elif c.not_in_dir and recorded and value != f.default:
+                out.append(f"{f.name}={value!r} in a model directory ({c.not_in_dir})")
             elif (c.key is not None and c.argument is None and not c.recorded(cfg, recorded)
                   and value != c.default_for(cfg)):
                 out.append(f"{f.name}={value!r} (recorded only in config.json: write a model directory)")

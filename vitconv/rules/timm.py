@@ -100,7 +100,9 @@ def carries(layout: str) -> Tuple[Carry, ...]:
               argument="norm_layer", default=1e-6),
         Carry("pos_resize", argument="timm resizes position tables bicubic with antialiasing "
               "(resample_abs_pos_embed): the native resolution is unaffected", default="bicubic_aa"),
-        Carry("classifier"), Carry("class_token"), Carry("final_norm"), Carry("representation_size"),
+        Carry("classifier"), Carry("class_token"), Carry("final_norm"),
+        Carry("representation_size", not_in_dir="timm's create_model(pretrained=True) drops pre_logits "
+              "without a word, and its model has no such layer: the output would change"),
         Carry("qkv_bias"), Carry("distilled"), Carry("layer_scale"), Carry("num_reg_tokens"),
         Carry("pos_embed_prefix", values=("all", "none"),
               why="timm's position table has rows for every prefix token or none (no_embed_class)"),
@@ -279,8 +281,9 @@ def write_notes(cfg: ViTConfig) -> List[str]:
         notes.append("DeiT: in eval mode timm returns the mean of head and head_dist, as the canonical "
                      "model does; set_distilled_training(True) returns both during training")
     if cfg.representation_size:
-        notes.append("pre_logits.fc (Linear + Tanh) written as older timm releases had it; current timm has no "
-                     "pre_logits layer and refuses these keys under strict loading")
+        notes.append("pre_logits.fc (Linear + Tanh) written as timm < 0.9 had it; current timm has no pre_logits "
+                     "layer: load_state_dict(strict=True) refuses these keys, and create_model(pretrained=True) "
+                     "drops them silently, which changes the output")
     return notes
 
 
