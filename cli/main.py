@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from typing import List
 
 import click
 
@@ -38,6 +39,16 @@ class VitconvGroup(click.Group):
     SIGTERM is turned into an exception while a command runs, so writers unwind and
     remove their temporary files as they do on Ctrl-C (SIGKILL cannot be caught; see
     :mod:`vitconv.formats.atomic` for how its leftovers are cleaned)."""
+
+    #: Global flags a user may also write after the subcommand (``vitconv npz2pt X -q``).
+    GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        """Global flags found after the subcommand (before a ``--``) move in front of it."""
+        end = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:end] if a in self.GLOBAL_FLAGS]
+        rest = [a for a in args[:end] if a not in self.GLOBAL_FLAGS] + args[end:]
+        return super().parse_args(ctx, flags + rest)
 
     def invoke(self, ctx: click.Context):
         with _sigterm_unwinds():

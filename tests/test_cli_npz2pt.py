@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -75,6 +76,8 @@ def test_missing_and_non_checkpoint_inputs(tmp_path):
     assert r.exit_code == 2 and "notes.npz" in r.output and "Traceback" not in r.output
 
 
-def test_quiet_prints_nothing(tmp_path):
-    r = run("-q", "npz2pt", golden_path("jax/tiny_gap_p8_32.npz"), "-o", tmp_path / "g.pt")
-    assert r.exit_code == 0 and r.output == ""
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_prints_nothing(tmp_path, where):
+    args = ["npz2pt", golden_path("jax/tiny_gap_p8_32.npz"), "-o", tmp_path / "g.pt"]
+    r = run(*(["-q"] + args if where == "before" else args + ["--quiet"]))
+    assert r.exit_code == 0 and r.output == "" and (tmp_path / "g.pt").exists()
