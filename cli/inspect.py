@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from vitconv.errors import MappingError
 from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_bytes
 from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
 
@@ -31,7 +32,8 @@ def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | 
 
     Layout, architecture (and the tensor each value was read from), parameters, dtypes,
     size, sha256 and the key audit; for .onnx: inputs, outputs, opsets, metadata, ops.
-    A checkpoint that would not convert is reported, not refused.
+    A checkpoint that would not convert is reported in full, and the exit status is then
+    2 (one line on stderr says why), so scripts can test it.
 
     \b
       vitconv inspect ViT-B_16.npz
@@ -52,6 +54,9 @@ def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | 
     else:
         for line in format_text(report):
             say(ctx, line)
+    audit = getattr(report, "audit", None)
+    if audit is not None and not audit.ok:  # the report is out; the status says it would not convert
+        raise MappingError(f"would not convert: {audit.error}", src)
     if plot_posembed is not None:
         pe, cfg, layout = read_pos_embed(src)
         sim = posembed_cosine_grid(pe, cfg.num_prefix_tokens)

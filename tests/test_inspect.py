@@ -25,10 +25,13 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def run_json(*args) -> dict:
+def run_json(*args, converts: bool = True) -> dict:
+    """The --json report; a file that would not convert still gets one, with exit status 2."""
     r = run("inspect", *args, "--json")
-    assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    assert r.exit_code == (0 if converts else 2), r.output
+    if not converts:
+        assert r.stderr.startswith("vitconv: error: ") and "would not convert" in r.stderr
+    return json.loads(r.stdout)
 
 
 def sha256(path) -> str:
@@ -122,7 +125,7 @@ def test_safetensors_dtypes_come_from_the_header_so_bfloat16_is_reported(tmp_pat
     out = tmp_path / "half.safetensors"
     save_file(half, out, metadata={"format": "pt"})
     n_bf16 = sum(k.startswith("blocks.0.") for k in tensors)
-    d = run_json(out)
+    d = run_json(out, converts=False)  # no vitconv config in the metadata: the heads are unknown
     assert d["dtypes"] == {"bfloat16": n_bf16, "float32": len(tensors) - n_bf16}
 
 
@@ -136,13 +139,13 @@ def test_audit_reports_missing_and_unused_keys_instead_of_failing(tmp_path):
 
     r = run("npz2pt", bad, "-o", tmp_path / "bad.pt")  # conversion refuses the file ...
     assert r.exit_code == 2 and "head/bias" in r.output
-    d = run_json(bad)  # ... inspect explains it
+    d = run_json(bad, converts=False)  # ... inspect explains it
     assert d["audit"]["ok"] is False
     assert d["audit"]["missing"] == ["head/bias"] and d["audit"]["unused"] == ["extra/thing"]
     assert "missing 1 key" in d["audit"]["error"]
     assert d["layout"] == "google" and d["config"]["num_classes"] == 10
     text = run("inspect", bad)
-    assert text.exit_code == 0
+    assert text.exit_code == 2 and len(text.stderr.splitlines()) == 1
     assert "FAILED" in text.output and "head/bias" in text.output and "extra/thing" in text.output
 
 
@@ -167,7 +170,7 @@ def test_unreadable_and_unknown_inputs(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output
     other = tmp_path / "other.npz"
     np.savez(other, a=np.ones((2, 3), np.float32), b=np.ones(4, np.float64))
-    d = run_json(other)
+    d = run_json(other, converts=False)
     assert d["layout"] is None and d["audit"]["ok"] is False and "not a ViT" in d["audit"]["error"]
     assert d["num_params"] == 10 and d["dtypes"] == {"float32": 1, "float64": 1}
 

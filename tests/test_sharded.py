@@ -67,5 +67,5 @@ def test_stale_or_hostile_index_is_refused(tmp_path):
             load(bad)
         assert "bad.safetensors.index.json" in str(e.value)
     bad.write_text("{not json")
-    with pytest.raises(BadInputError, match="not readable JSON"):
+    with pytest.raises(BadInputError, match="not valid JSON"):
         load(bad)

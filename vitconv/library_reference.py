@@ -160,7 +160,7 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
 def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     cfg, path = ckpt.source_config, Path(src)
     timm = _import("timm", src)
-    if directory and "architecture" in json.loads((path / "config.json").read_text()):
+    if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
         try:
             model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True).eval()
         except Exception as e:

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .config import ViTConfig
-from .errors import BadInputError, MappingError, OutputError
+from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable
 from .formats.base import TensorSource, TensorSpec, numpy_dtype, sha256_file
 from .formats.npz import NpzStreamWriter
@@ -41,7 +41,7 @@ from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
 from .ops import resample_patch_embed, resize_pos_embed
 from .readahead import ReadAhead
 from .rules import LAYOUTS, Layout, Probe, detect_layout
-from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical
+from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical, short_list
 from .rules.canonical import CONFIG_KEY
 from .rules.inference import DEFAULT_HEAD_DIM
 from .rules.layout import all_finite
@@ -185,14 +185,22 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         inner = [k[len(prefix):] for k in kept]
         probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
         cfg = _override(layout.infer(probe), layout, probe, dict(overrides or {}), path)
+        contradictions = layout.contradictions(cfg, probe)
+        if contradictions:
+            raise MappingError("config.json contradicts the weights: " + short_list(contradictions, 4), path)
         if stacked:
             cfg = cfg.replace(scan=True)
         # (a corrupt file is named as such above, before a layout complaint below)
         allowed = (require_layout,) if isinstance(require_layout, str) else tuple(require_layout or ())
         if allowed and layout.name not in allowed:
             raise BadInputError(f"expected a {' or '.join(allowed)} checkpoint, found the {layout.name} layout", path)
+        try:
+            canonical = parameter_shapes(cfg)
+        except (RuntimeError, ValueError, OverflowError) as e:  # sizes past int64, say
+            raise BadInputError(f"the architecture {cfg.describe()} cannot be built ({first_line(e)})",
+                                path) from None
         rules = layout.rules(cfg)
-        audit(rules, inner, where)
+        audit(rules, probe.shapes, canonical, cfg, where)
         ckpt = Checkpoint(where, layout, cfg, cfg, source, prefix, rules,
                           ignored=sorted(set(keys) - set(kept)),
                           dtype=numpy_dtype(dtype) if dtype else None, owns_source=opened)

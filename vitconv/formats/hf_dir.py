@@ -17,6 +17,7 @@ from typing import Callable, List
 
 from ..errors import BadInputError
 from .base import TensorSource
+from .json_doc import read_json
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 #: Sharded weights (``save_pretrained`` above ``max_shard_size``): read through the index.
@@ -62,10 +63,8 @@ def open_hf_dir(path: os.PathLike | str, open_weights: Callable[[Path], TensorSo
                             "(or their shard index): not a Hugging Face model directory", d)
     cfg_text = None
     if (d / "config.json").is_file():
-        try:
-            cfg_text = (d / "config.json").read_text(encoding="utf-8")
-            if not isinstance(json.loads(cfg_text), dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise BadInputError(f"config.json is not valid JSON ({e})", d / "config.json") from None
+        doc = read_json(d / "config.json", "config.json")
+        if not isinstance(doc, dict):
+            raise BadInputError("config.json is not a JSON object", d / "config.json")
+        cfg_text = json.dumps(doc)  # parsed once, so the layouts read checked text
     return _DirSource(open_weights(weights), d, cfg_text)

@@ -12,7 +12,6 @@ names beside the index: an index cannot point outside its directory.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from .base import TensorSource
+from .json_doc import read_json
 
 
 class ShardedSource(TensorSource):
@@ -29,16 +29,15 @@ class ShardedSource(TensorSource):
     def __init__(self, index: os.PathLike | str, open_shard: Callable[[Path], TensorSource]):
         self.path = os.fspath(index)
         idx = Path(index)
-        try:
-            doc = json.loads(idx.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise BadInputError(f"shard index is not readable JSON ({e})", idx) from None
+        doc = read_json(idx, "shard index")
         weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInputError("shard index has no weight_map", idx)
         for k, f in weight_map.items():
             if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
                 raise BadInputError(f"shard index maps {k!r} to {f!r}, not a file name beside the index", idx)
+            if f.endswith(".index.json"):  # itself, or a cycle of indexes: shards hold weights
+                raise BadInputError(f"shard index maps {k!r} to {f!r}, another index, not a weights file", idx)
         meta = doc.get("metadata") or {}
         if not isinstance(meta, dict):
             raise BadInputError("shard index metadata is not an object", idx)

@@ -163,10 +163,11 @@ def audit_report(rules: Sequence[ExpandedRule], source_keys: Sequence[str]) -> T
     return sorted(set(needed) - have), sorted(have - set(needed))
 
 
-def audit(rules: Sequence[ExpandedRule], source_keys: Sequence[str], path: Optional[str]) -> None:
-    """Strict audit: every source key consumed exactly once, every rule's keys present.
-    Lists the offending keys in the error."""
-    missing, unused = audit_report(rules, source_keys)
+def audit(rules: Sequence[ExpandedRule], shapes: Mapping[str, Shape], canonical: Mapping[str, Shape],
+          cfg: ViTConfig, path: Optional[str]) -> None:
+    """Strict audit: every source key consumed exactly once, every rule's keys present, each
+    with the shape the architecture needs. Lists the offending keys in the error."""
+    missing, unused = audit_report(rules, list(shapes))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} key(s): {short_list(missing)}")
@@ -174,6 +175,31 @@ def audit(rules: Sequence[ExpandedRule], source_keys: Sequence[str], path: Optio
         problems.append(f"{len(unused)} unused key(s): {short_list(unused)}")
     if problems:
         raise MappingError("; ".join(problems), path)
+    wrong = shape_mismatches(rules, shapes, canonical, cfg)
+    if wrong:
+        raise MappingError(f"{len(wrong)} tensor(s) disagree with the architecture {cfg.describe()}: "
+                           + short_list(wrong, 4), path)
+
+
+def shape_mismatches(rules: Sequence[ExpandedRule], shapes: Mapping[str, Shape],
+                     canonical: Mapping[str, Shape], cfg: ViTConfig) -> List[str]:
+    """Source keys whose stored shape is not what the architecture ``cfg`` (canonical
+    shapes ``canonical``) puts there, each as ``key (have), expected (want)``: the header-only
+    half of the audit, so a config that disagrees with the tensors is refused before a weight
+    is read or a model built. Axes of length 1 are not compared: readers reshape across them,
+    and the conversion checks each tensor's exact shape as it maps it."""
+
+    def squeezed(s: Shape) -> Shape:  # (64,) and (1, 1, 1, 64) both hold a GroupNorm scale
+        return tuple(n for n in s if n != 1)
+
+    out = []
+    for r in rules:
+        if not r.canonical:
+            continue
+        for k, want in zip(r.source, r.op.foreign_shapes(canonical[r.canonical], cfg)):
+            if k in shapes and squeezed(shapes[k]) != squeezed(want):
+                out.append(f"{k} {tuple(shapes[k])}, expected {tuple(want)}")
+    return out
 
 
 def short_list(keys: Sequence[str], n: int = 8) -> str:

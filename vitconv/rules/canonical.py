@@ -10,12 +10,13 @@ vitconv ``.pt``); that string is untrusted input and is validated field by field
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Tuple
 
 from ..config import ViTConfig
 from ..errors import BadInputError, MappingError, first_line
+from ..formats.json_doc import parse_json
 from .base import Carry, Rule
+from .inference import count_blocks
 from .layout import IDENTITY
 from .registry import Layout, Probe, register
 
@@ -30,10 +31,7 @@ def table(cfg: ViTConfig) -> Tuple[Rule, ...]:
 
 def parse_config(text: str, path=None) -> ViTConfig:
     """The ``vitconv_config`` a file carries, checked down to each field's type and range."""
-    try:
-        d = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise BadInputError(f"vitconv_config metadata is not valid JSON ({first_line(e)})", path) from None
+    d = parse_json(text, "vitconv_config metadata", path)
     try:
         return ViTConfig.from_dict(d)
     except ValueError as e:
@@ -49,7 +47,13 @@ def infer_config(probe: Probe) -> ViTConfig:
     """The config the file carries. A bare canonical state dict has none, and the heads
     cannot be read off a fused qkv weight: refused rather than guessed."""
     if CONFIG_KEY in probe.metadata:
-        return parse_config(probe.metadata[CONFIG_KEY], probe.path)
+        cfg = parse_config(probe.metadata[CONFIG_KEY], probe.path)
+        # checked before the table is built from it: a forged depth would build that many blocks
+        blocks = count_blocks(probe.shapes, r"^blocks\.(\d+)\.", "blocks.N", probe.path)
+        if blocks != cfg.depth:
+            raise BadInputError(f"vitconv_config says depth {cfg.depth}, but the file holds {blocks} blocks",
+                                probe.path)
+        return cfg
     raise MappingError("canonical state dict without a vitconv config: the number of heads "
                        "cannot be read off a fused qkv weight; use a file written by vitconv", probe.path)
 

@@ -101,7 +101,7 @@ def semantics(hc: dict, probe: Probe, attn_dim: int, act: str, eps: float) -> Tu
     checked, with the model class's defaults (``act``, ``eps``) where it says nothing: what every
     Hugging Face layout reads the same way."""
     recorded = hc.get("num_attention_heads")
-    if recorded is not None and type(recorded) is not int:
+    if "num_attention_heads" in hc and type(recorded) is not int:
         raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", probe.path)
     heads, head_dim = heads_from_attn_dim(attn_dim, probe, recorded)
     hidden_act = hc.get("hidden_act", act)
@@ -167,6 +167,11 @@ def hf_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> dict:
     return d
 
 
+#: config.json keys the weights' shapes also say (transformers builds the model from them).
+RESTATES = ("hidden_size", "num_hidden_layers", "intermediate_size", "image_size", "patch_size", "num_channels",
+            "qkv_bias", "pooler_output_size")
+
+
 def write_notes(cfg: ViTConfig) -> List[str]:
     notes = [f"config.json: hidden_act {ACT_TO_HF[cfg.act]!r}, layer_norm_eps {cfg.norm_eps:g} "
              "(Hugging Face's defaults are 'gelu' and 1e-12)"]
@@ -181,5 +186,5 @@ for _name, _description, _class in (("hf", "Hugging Face ViTForImageClassificati
                                     ("hf_model", "Hugging Face ViTModel (no classifier)", "ViTModel")):
     register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, p=PREFIX[_name]: _table(p),
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
-                    directory_config=hf_config, write_notes=write_notes,
+                    directory_config=hf_config, write_notes=write_notes, restates=RESTATES,
                     loads_with={"dir": f"transformers.{_class}.from_pretrained('{{path}}')"}))

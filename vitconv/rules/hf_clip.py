@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 from ..config import ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule
-from .hf import ACT_TO_HF, semantics
+from .hf import ACT_TO_HF, RESTATES, semantics
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from .layout import BATCH_AXIS, IDENTITY, QKV_CONCAT, VECTOR_TOKEN
 from .registry import Layout, Probe, register
@@ -188,4 +188,6 @@ for _name, _description in (("hf_clip_proj", "Hugging Face CLIPVisionModelWithPr
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
                     prefix=_prefix(_name), ignore=TWO_TOWER if _name == "hf_clip_proj" else (),
                     ignored_what="the text tower", directory_config=hf_config(_name),
+                    restates=tuple(f"vision_config.{k}|{k}" for k in RESTATES) + (
+                        ("projection_dim|vision_config.projection_dim",) if _name == "hf_clip_proj" else ()),
                     loads_with={"dir": f"transformers.{CLASSES[_name][0]}.from_pretrained('{{path}}')"}))

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 from ..config import ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule, fill
-from .hf import ACT_TO_HF, semantics
+from .hf import ACT_TO_HF, RESTATES, semantics
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from .layout import IDENTITY, QKV_CONCAT
 from .registry import Layout, Probe, register
@@ -166,5 +166,6 @@ for _name, _description in (("hf_dinov2", "Hugging Face Dinov2Model"),
                             ("hf_dinov2_reg", "Hugging Face Dinov2WithRegistersModel")):
     register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, n=_name: _table(n),
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
-                    directory_config=hf_config(_name),
+                    directory_config=hf_config(_name), restates=RESTATES + (
+                        ("num_register_tokens",) if _name == "hf_dinov2_reg" else ()),
                     loads_with={"dir": f"transformers.{CLASSES[_name]}.from_pretrained('{{path}}')"}))

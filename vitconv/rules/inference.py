@@ -10,12 +10,12 @@ argument, and the conversion report says so. Callers that know better pass ``num
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..formats.json_doc import parse_json
 from .base import Carry
 from .registry import Probe
 
@@ -81,10 +81,7 @@ def config_json(probe: Probe) -> Dict[str, Any]:
     text = probe.metadata.get("hf_config")
     if not text:
         return {}
-    try:
-        d = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise MappingError(f"config.json is not valid JSON ({e})", probe.path) from None
+    d = parse_json(text, "config.json", probe.path, MappingError)
     if not isinstance(d, dict):
         raise MappingError("config.json is not a JSON object", probe.path)
     return d

@@ -79,6 +79,10 @@ class Layout:
     write_prefix: str = ""
     #: ``config.json`` of a model directory in this layout: ``(cfg, source layout name)``.
     directory_config: Optional[Callable[[ViTConfig, Optional[str]], dict]] = None
+    #: ``config.json`` keys (dotted; ``a|b``: alternatives, first found wins) that restate what
+    #: the weights' shapes say. Read, each must equal what ``directory_config`` writes for the
+    #: architecture inferred from the shapes: the layout's own code builds its model from them.
+    restates: Tuple[str, ...] = ()
     #: What a user must know when reading (assumptions) or writing (how to run it) this layout.
     read_notes: Callable[[ViTConfig, Probe], List[str]] = _nothing
     write_notes: Callable[[ViTConfig], List[str]] = _nothing
@@ -175,6 +179,43 @@ class Layout:
         return out
 
 
+    def contradictions(self, cfg: ViTConfig, probe: Probe) -> List[str]:
+        """``restates`` keys of the source's ``config.json`` that disagree with the weights
+        (``cfg``, as inferred from their shapes), each as ``key=value (the weights: value)``."""
+        text = probe.metadata.get("hf_config")
+        if not text or self.directory_config is None or not self.restates:
+            return []
+        root, written = json.loads(text), self.directory_config(cfg, None)
+        out = []
+        for key in self.restates:
+            have, want = _lookup(root, key), _lookup(written, key)
+            if have is _ABSENT or want is _ABSENT:
+                continue
+            if have != want or isinstance(have, bool) != isinstance(want, bool):
+                out.append(f"{_found_at(root, key)}={json.dumps(have)[:40]} (the weights: {json.dumps(want)})")
+        return out
+
+
+_ABSENT = object()
+
+
+def _lookup(root: object, key: str) -> object:
+    """The value at dotted ``key`` (first of its ``|`` alternatives found) in a JSON document."""
+    for alternative in key.split("|"):
+        node = root
+        for part in alternative.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    return _ABSENT
+
+
+def _found_at(root: object, key: str) -> str:
+    return next(a for a in key.split("|") if _lookup(root, a) is not _ABSENT)
+
+
 def has_key(metadata: Dict[str, str], key: str) -> bool:
     """Whether the ``config.json`` a source carries holds ``key`` (dotted: ``model_args.x``;
     alternatives joined by ``|``: ``hidden_act|vision_config.hidden_act``)."""
@@ -185,15 +226,7 @@ def has_key(metadata: Dict[str, str], key: str) -> bool:
         root = json.loads(text)
     except (ValueError, RecursionError):
         return False
-    for alternative in key.split("|"):
-        node = root
-        for part in alternative.split("."):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            return True
-    return False
+    return _lookup(root, key) is not _ABSENT
 
 
 LAYOUTS: Dict[str, Layout] = {}

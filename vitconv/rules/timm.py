@@ -322,6 +322,8 @@ def _register(layout: str, description: str, **extra: Any) -> None:
 
 
 _register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"),
-          directory_config=timm_config,
+          directory_config=timm_config, restates=("num_classes", "model_args.num_classes", "model_args.embed_dim",
+                                                  "model_args.depth", "model_args.patch_size",
+                                                  "model_args.in_chans"),
           loads_with={"dir": "timm.create_model('local-dir:{path}', pretrained=True)"})
 _register("timm_posembs", "timm-derived ViT with a PositionEmbs wrapper (pos_embedding.pos_embedding)")
