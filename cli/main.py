@@ -7,8 +7,10 @@ with ``--debug`` to see the traceback.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import importlib
+import io
 import os
 import signal
 import sys
@@ -51,6 +53,9 @@ class VitconvGroup(click.Group):
         return super().parse_args(ctx, flags + rest)
 
     def invoke(self, ctx: click.Context):
+        for stream in (sys.stdout, sys.stderr):  # a file name that is not text prints escaped
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors=_ESCAPE)
         with _sigterm_unwinds():
             return self._invoke(ctx)
 
@@ -92,6 +97,18 @@ class VitconvGroup(click.Group):
             click.secho(f"vitconv: internal error: {type(e).__name__}: {first_line(e, 300)} "
                         "(run with --debug for a traceback)", fg="red", err=True)
             ctx.exit(1)
+
+
+def _escape(e: UnicodeError):
+    """Codec error handler: what the terminal cannot show, as escapes (``\\xff`` for an
+    undecodable byte of a file name, ``\\u00e9`` for a character outside its encoding)."""
+    bad = e.object[e.start:e.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("unicode_escape").decode("ascii") for c in bad), e.end
+
+
+_ESCAPE = "vitconv-escape"
+codecs.register_error(_ESCAPE, _escape)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -29,8 +29,10 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
             out.append("\\r")
         elif ch == "\t":
             out.append(" ")
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # an undecodable byte of a file name (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
         elif (ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000
-              or ch in "\u2028\u2029"):  # controls, undecodable bytes (surrogates)
+              or ch in "\u2028\u2029"):  # controls, lone surrogates
             out.append(ch.encode("unicode_escape").decode("ascii"))
         else:
             out.append(ch)

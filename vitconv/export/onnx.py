@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..formats.atomic import atomic_output
+from ..formats.atomic import atomic_files
 from .common import (EXAMPLE_BATCH, FP32_ATOL, Check, ExportResult, PathLike, Reference, Timer, export_ready,
                      raise_if_failed, verify)
 
@@ -159,12 +159,14 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
         large = _params_bytes(ready) // (2 if fp16 else 1) > INLINE_LIMIT
     notes: List[str] = []
     final = Path(path)
-    with atomic_output(final, suffix=".onnx") as tmp:
+    data = final.with_name(final.name + ".data")
+    with atomic_files([final, data] if large else [final]) as folder:  # both appear, or neither
+        tmp = folder / final.name
         with Timer() as t_save:
             if large:
                 onnx.save_model(proto, os.fspath(tmp), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=final.name + ".data")
-                notes.append(f"tensors in {final.name}.data (model above protobuf's 2 GB limit)")
+                                all_tensors_to_one_file=True, location=data.name)
+                notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
             else:
                 onnx.save_model(proto, os.fspath(tmp))
         with Timer() as t_verify:
@@ -173,7 +175,8 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
             run = _ort_runner(tmp)
             parity = verify(run, reference, checks, cfg.in_chans, fp16=fp16,
                             atol=FP32_ATOL if atol is None else atol)
-        result = ExportResult("onnx" + (" fp16" if fp16 else ""), [final], t_export.s + t_save.s,
+        result = ExportResult("onnx" + (" fp16" if fp16 else ""), [final, data] if large else [final],
+                              t_export.s + t_save.s,
                               t_verify.s, parity, notes, fp16)
         raise_if_failed(result, final)
     return result

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..formats.atomic import atomic_output
+from ..formats.atomic import atomic_output, guarded_file
 from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
                      verify)
 from .onnx import dynamic_shapes, example_input
@@ -42,10 +42,11 @@ def export_pt2(model, path: PathLike, reference: Reference, checks: Sequence[Che
             if aoti:
                 from torch._inductor import aoti_compile_and_package
 
-                os.unlink(tmp)  # the packager writes the file itself
-                aoti_compile_and_package(program, package_path=os.fspath(tmp))
+                with guarded_file(tmp) as f:  # a failed write would abort the process inside torch
+                    aoti_compile_and_package(program, package_path=f)
             else:
-                torch.export.save(program, os.fspath(tmp))
+                with guarded_file(tmp) as f:
+                    torch.export.save(program, f)
         with Timer() as t_verify:
             if aoti:
                 from torch._inductor import aoti_load_package

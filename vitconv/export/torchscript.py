@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..formats.atomic import atomic_output
+from ..formats.atomic import atomic_output, guarded_file
 from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
                      verify)
 from .onnx import example_input
@@ -39,7 +39,8 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
     final = Path(path)
     with atomic_output(final, suffix=".pt") as tmp:
         with Timer() as t_save:
-            torch.jit.save(traced, os.fspath(tmp))
+            with guarded_file(tmp) as f:  # a failed write would abort the process inside torch
+                torch.jit.save(traced, f)
         with Timer() as t_verify:
             with warnings.catch_warnings():  # "torch.jit.load is deprecated": known, said above
                 warnings.simplefilter("ignore")

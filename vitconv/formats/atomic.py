@@ -13,20 +13,35 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import io
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Sequence
 
 from ..errors import OutputError
 
 _SUFFIX = ".tmp"
 
 
+#: Longest output name kept whole in its temporary's name: the temporary adds about 30 bytes,
+#: and no file name may pass 255 bytes.
+_NAME_BYTES = 200
+
+
 def _tmp_prefix(final: Path) -> str:
-    return f".{final.name}."
+    """``.{name}.``; a name too long to fit is cut (on a character boundary) and given a
+    digest of the whole, so the temporary of a legal 250-byte name is legal too."""
+    name = final.name
+    if len(os.fsencode(name)) > _NAME_BYTES:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        while len(os.fsencode(name)) > 100:
+            name = name[:-1]
+        name = f"{name}~{digest}"
+    return f".{name}."
 
 
 def _tmp_pattern(final: Path) -> "re.Pattern[str]":
@@ -79,7 +94,8 @@ def _explain(e: OSError) -> str:
 
 def check_writable(path: os.PathLike | str) -> Path:
     """Fail early, with a plain reason, when ``path`` cannot be created: its directory is
-    missing or is a file, or ``path`` itself is a directory. Returns the directory."""
+    missing, is a file or refuses a new file, or ``path`` itself is a directory. Returns the
+    directory."""
     final = Path(path)
     directory = final.parent if str(final.parent) else Path(".")
     if not directory.exists():
@@ -94,6 +110,12 @@ def check_writable(path: os.PathLike | str) -> Path:
         raise OutputError(f"cannot write here: {directory} is a file, not a directory", final)
     if final.is_dir():
         raise OutputError("is a directory; give a file name", final)
+    try:  # the one true test (a read-only directory or file system; root ignores modes)
+        fd, probe = tempfile.mkstemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}.", suffix=_SUFFIX, dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write here: {_explain(e)}", final) from None
     return directory
 
 
@@ -149,6 +171,86 @@ def atomic_directory(path: os.PathLike | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_files(paths: Sequence[os.PathLike | str]) -> Iterator[Path]:
+    """One output of several files (an ONNX graph and its external ``.data``): yield a hidden
+    temporary directory beside them, in which the writer creates each under its final name
+    (so the files may refer to each other by name); on success each is fsynced and renamed
+    into place, the first path last, and the directory removed. On failure nothing appears."""
+    finals = [Path(p) for p in paths]
+    main = finals[0]
+    directory = check_writable(main)
+    for p in finals[1:]:
+        check_writable(p)
+        if p.parent.resolve() != directory.resolve():
+            raise OutputError(f"{p.name} must be written beside {main.name}", p)
+
+    def create(prefix: str, where: Path) -> str:
+        return tempfile.mkdtemp(prefix=prefix, suffix=_SUFFIX, dir=where)
+
+    def commit(tmp: Path) -> None:
+        for p in finals[1:] + finals[:1]:
+            made = tmp / p.name
+            if made.exists():
+                with open(made, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(made, _mode(0o666))  # onnx writes external data 0600
+                os.replace(made, p)
+        shutil.rmtree(tmp)
+
+    with _replaced(main, directory, create, 0o777, commit) as tmp:
+        yield tmp
+
+
+class _Guarded(io.RawIOBase):
+    """A file that never raises on write: the first ``OSError`` is kept, later writes are
+    dropped. For torch's C++ zip writer, which aborts the whole process (``std::terminate``)
+    when a write fails inside it; :func:`guarded_file` raises the kept error afterwards."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def write(self, b) -> int:
+        if self.error is None:
+            try:
+                self._f.write(b)
+            except OSError as e:
+                self.error = e
+        return len(b)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._f.flush()
+            except OSError as e:
+                self.error = e
+
+
+@contextlib.contextmanager
+def guarded_file(path: os.PathLike | str) -> Iterator[io.RawIOBase]:
+    """``path`` opened for a torch writer (``torch.jit.save``, ``torch.export.save``, the
+    AOTInductor packager) so that a full disk is an ``OSError`` here, not a process abort."""
+    with open(path, "wb") as f:
+        g = _Guarded(f)
+        yield g
+        g.flush()
+        if g.error is not None:
+            raise g.error
+
+
+@contextlib.contextmanager
 def _replaced(final: Path, directory: Path, create: Callable[[str, Path], str], mode: int,
               commit: Callable[[Path], None]) -> Iterator[Path]:
     """The skeleton both share: remove stale temporaries, ``create`` a hidden temporary with
@@ -159,9 +261,7 @@ def _replaced(final: Path, directory: Path, create: Callable[[str, Path], str], 
         _remove(old)
     try:
         tmp = Path(create(f"{_tmp_prefix(final)}{os.getpid()}.", directory))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, mode & ~umask)
+        os.chmod(tmp, _mode(mode))
     except OSError as e:
         raise OutputError(f"cannot write here: {_explain(e)}", final) from None
     try:
@@ -174,6 +274,13 @@ def _replaced(final: Path, directory: Path, create: Callable[[str, Path], str], 
         _remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _mode(mode: int) -> int:
+    """``mode`` under the user's umask: what ``open`` or ``mkdir`` would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:
