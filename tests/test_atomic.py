@@ -254,3 +254,62 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_output(tmp_path):
     assert not any(n.startswith(f".{target.name}.") for n in os.listdir(outdir))
     print(f"sigkill: t_tmp {res['t_tmp']:.2f}s t_done {res['t_done']:.2f}s; {complete} complete, "
           f"{killed_mid_write} killed mid-write of 20; {time.time() - t0:.1f}s")
+
+
+#: A directory output (``convert … --to hf``) whose writer signals its own process once the
+#: weights file is half written inside the hidden temporary directory (the writes run on a
+#: worker thread; the signal reaches the main thread, which unwinds and joins it).
+SIGNAL_MID_DIRECTORY = (
+    "import os, signal, sys\n"
+    "import vitconv.formats.safetensors_stream as s\n"
+    "real = s.SafetensorsStreamWriter._write\n"
+    "def write(self, index, a):\n"
+    "    real(self, index, a)\n"
+    "    if index == 3:\n"
+    "        os.kill(os.getpid(), getattr(signal, sys.argv[3]))\n"
+    "s.SafetensorsStreamWriter._write = write\n"
+    "import _vitconv_cli.main as m\n"
+    "m.main(['convert', sys.argv[1], sys.argv[2], '--to', 'hf'])\n")
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGKILL", -9)])
+def test_signal_while_a_directory_is_written(tmp_path, sig, code):
+    """Ctrl-C and SIGTERM remove the half-written hidden directory; SIGKILL cannot, and the
+    next write to the same target removes the dead writer's directory."""
+    out = tmp_path / "out"
+    out.mkdir()
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    r = subprocess.run([sys.executable, "-c", SIGNAL_MID_DIRECTORY, str(src), str(out / "vit_hf"), sig],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    left = os.listdir(out)
+    if sig != "SIGKILL":
+        assert left == [] and r.stderr.strip() == f"vitconv: {'interrupted' if sig == 'SIGINT' else 'terminated'}"
+        return
+    assert len(left) == 1 and left[0].startswith(".vit_hf.") and (out / left[0]).is_dir()
+    r = CliRunner().invoke(main, ["-q", "convert", str(src), str(out / "vit_hf"), "--to", "hf"])
+    assert r.exit_code == 0, r.output
+    assert os.listdir(out) == ["vit_hf"]
+    assert sorted(os.listdir(out / "vit_hf")) == ["config.json", "model.safetensors"]
+
+
+def test_outputs_get_the_umask_mode(tmp_path, monkeypatch):
+    """Every output, model directories and ONNX external data included, has the mode the
+    user's umask gives a new file (mkstemp/mkdtemp make 0600/0700; onnx writes its external
+    data 0600)."""
+    import vitconv
+    import vitconv.export.onnx as onnx_export
+    from vitconv.export import ExportPlan, run_export
+
+    old = os.umask(0o027)
+    try:
+        src = golden_path("jax/tiny_token_p8_32.npz")
+        vitconv.convert(src, tmp_path / "vit_hf", to="hf", hash_source=False)
+        vitconv.convert(src, tmp_path / "m.safetensors", hash_source=False)
+        monkeypatch.setattr(onnx_export, "INLINE_LIMIT", 1000)  # external data at any size
+        run_export(src, ExportPlan(onnx=tmp_path / "m.onnx"))
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"vit_hf": 0o750, "vit_hf/config.json": 0o640, "vit_hf/model.safetensors": 0o640,
+                     "m.safetensors": 0o640, "m.onnx": 0o640, "m.onnx.data": 0o640}

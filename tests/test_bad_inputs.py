@@ -23,6 +23,7 @@ import torch
 from click.testing import CliRunner
 
 from _vitconv_cli.main import main
+from cli_children import fork_run
 from conftest import golden_path
 
 GOLDEN = golden_path("jax/tiny_token_p8_32.npz")
@@ -250,52 +251,6 @@ def test_unsafe_pickle_never_runs_code_through_cli(tmp_path):
 
 # ---- real processes: the stderr and exit code a user sees ------------------------------------
 
-#: Runs many CLI invocations as real child processes while paying torch's import once: the
-#: driver imports the CLI, then forks one child per job; each child runs the console entry
-#: point in standalone mode with fds 1 and 2 on files, so exit status and stderr bytes are
-#: exactly what the process produced.
-FORK_DRIVER = r"""
-import json, os, resource, signal, sys
-from _vitconv_cli.main import main
-jobs = json.loads(sys.argv[1])
-out = []
-for i, job in enumerate(jobs):
-    paths = [job["log"] + ".out", job["log"] + ".err"]
-    pid = os.fork()
-    if pid == 0:
-        for fd, p in zip((1, 2), paths):
-            os.dup2(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        if job.get("fsize"):
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # see EFBIG instead of dying
-            resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
-        code = 70
-        try:
-            main(job["args"], prog_name="vitconv")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # what the interpreter does with an uncaught exception
-            import traceback
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.append([os.waitstatus_to_exitcode(status)] + [open(p).read() for p in paths])
-print(json.dumps(out))
-"""
-
-
-def fork_run(jobs: list, logdir: Path) -> list:
-    for i, j in enumerate(jobs):
-        j["args"] = [str(a) for a in j["args"]]
-        j["log"] = str(logdir / f"job{i}")
-    r = subprocess.run([sys.executable, "-c", FORK_DRIVER, json.dumps(jobs)], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 def test_real_process_one_line_exit_2(tmp_path):
     """The installed entry point itself, nothing in between."""
     src = CORPUS["object_array"][0](tmp_path)
@@ -440,3 +395,90 @@ def test_closed_stdout_exits_quietly():
     proc.stderr.close()
     assert proc.wait(timeout=120) == 141
     assert err == b""
+
+
+def test_hf_directory_onto_its_own_weights_file(tmp_path):
+    import vitconv
+
+    src = tmp_path / "vit_hf"
+    vitconv.convert(GOLDEN, src, to="hf", hash_source=False)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for dst, words in ((src / "model.safetensors", "output would overwrite the source"),
+                       (src, "exists and is not an empty directory")):
+        r = CliRunner().invoke(main, ["convert", str(src), str(dst)])
+        assert r.exit_code == 1, r.output
+        _check_one_line(r.stderr, dst.name, words)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # nothing else appeared
+
+
+def test_long_and_undecodable_output_names(tmp_path, monkeypatch):
+    """A legal 250-byte name works (its temporary's name is shortened); a name that is not
+    UTF-8 is written and printed escaped, even where stdout encodes UTF-8 strictly."""
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8")  # strict: a lone surrogate cannot be printed
+    long = "v" * (250 - len(".safetensors")) + ".safetensors"
+    odd = os.fsdecode(b"caf\xe9 \xff.pt")  # Latin-1 bytes on a UTF-8 system
+    out = tmp_path / "out"
+    out.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    res = fork_run([{"args": ["convert", GOLDEN, out / long]},
+                    {"args": ["npz2pt", GOLDEN, "-o", out / odd]}], logs)
+    for code, stdout, stderr in res:
+        assert code == 0 and stderr == "", stderr
+    assert len(os.fsencode(long)) == 250
+    assert "caf\\xe9 \\xff.pt" in res[1][1]
+    assert sorted(os.listdir(out)) == sorted([long, odd])
+    assert vitconv_load_ok(out / long) and vitconv_load_ok(out / odd)
+
+
+def vitconv_load_ok(p: Path) -> bool:
+    import vitconv
+
+    return vitconv.load(p).config.depth == 2
+
+
+def test_export_refuses_an_unwritable_directory_before_any_work(tmp_path, monkeypatch):
+    """The directory refuses new files (EACCES, as a read-only one does for a user; tests may
+    run as root, which ignores modes, so the refusal is simulated at the one call that probes
+    it): the error comes before the model is even built."""
+    import errno as _errno
+    import tempfile
+
+    import vitconv.checkpoint
+    import vitconv.formats.atomic as atomic
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(_errno.EACCES, os.strerror(_errno.EACCES))
+        return real(*args, dir=dir, **kw)
+
+    built = []
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(vitconv.checkpoint, "build_model", lambda *a, **k: built.append(1))
+    for flag in ("--onnx", "--torchscript", "--pt2", "--safetensors"):
+        r = CliRunner().invoke(main, ["export", str(GOLDEN), flag, str(locked / "m.out")])
+        assert r.exit_code == 1, r.output
+        _check_one_line(r.stderr, "m.out", "cannot write here: permission denied")
+    assert built == [] and os.listdir(locked) == []
+
+
+@pytest.mark.parametrize("flag", ["--torchscript", "--pt2", "--onnx"])
+def test_export_reports_a_full_disk_instead_of_aborting(tmp_path, flag):
+    """torch's C++ zip writer calls std::terminate when a write fails inside it (a 15-line
+    abort and a temporary left behind); the exporters write through a file that keeps the
+    error, so a full disk is one line, exit 1, and nothing left."""
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+              "import _vitconv_cli.main as m\n"
+              "m.main(['-q', 'export', sys.argv[1], sys.argv[2], sys.argv[3], '--no-aoti'])\n")
+    dst = tmp_path / "m.out"
+    r = subprocess.run([sys.executable, "-c", script, str(GOLDEN), flag, str(dst)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    _check_one_line(r.stderr, "m.out", "writing failed: file too large")
+    assert _listing(tmp_path) == []

@@ -186,3 +186,42 @@ def test_structurally_mutated_google_arrays(edits):
         open_checkpoint("edited.npz", source=DictSource(a, path="edited.npz")).state_dict()
     except VitconvError as e:
         assert str(e).startswith("edited.npz: ") and "\n" not in str(e)
+
+
+_CANONICAL: dict = {}
+
+
+def _canonical_bytes() -> bytes:
+    """The golden model as vitconv writes it (the file ``verify`` compares against)."""
+    if not _CANONICAL:
+        import vitconv
+
+        p = _DIR / "canonical-seed.safetensors"
+        vitconv.convert(golden_path("jax/tiny_token_p8_32.npz"), p, hash_source=False)
+        _CANONICAL["raw"] = p.read_bytes()
+    return _CANONICAL["raw"]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_op, min_size=1, max_size=3), side=st.sampled_from(["source", "converted"]))
+def test_verify_on_mutated_inputs(ops, side):
+    """``verify`` reads both of its inputs through the conversion's readers: a mutated source
+    (the NumPy reference's input) or a mutated converted file gives a report (agreeing or
+    not) or the project's own error naming the file, nothing else."""
+    from vitconv.verify import verify
+
+    golden = golden_path("jax/tiny_token_p8_32.npz")
+    if side == "source":
+        p = _DIR / "verify-source.npz"
+        p.write_bytes(mutate(golden.read_bytes(), ops))
+        args = (p, None)
+    else:
+        p = _DIR / "verify-converted.safetensors"
+        p.write_bytes(mutate(_canonical_bytes(), ops))
+        args = (golden, p)
+    try:
+        report = verify(*args, batch=1)
+        assert report.stages
+    except VitconvError as e:
+        assert str(e).startswith(str(p)) and "\n" not in str(e)

@@ -176,11 +176,19 @@ def seeded_images(batch: int, image_size: int, channels: int = 3, seed: int = DE
 
 
 # --------------------------------------------------------------------------- running artifacts
+def _require_input(p: Path) -> None:
+    """An input that exists and can be read to its end: a file or a model directory (a FIFO
+    or a device would block or never end)."""
+    if not p.exists():
+        raise BadInputError("no such file", p)
+    if not (p.is_file() or p.is_dir()):
+        raise BadInputError("not a regular file", p)
+
+
 def artifact_kind(path: PathLike) -> str:
     """``onnx``, ``torchscript`` or ``canonical`` (anything :func:`vitconv.load` reads)."""
     p = Path(path)
-    if not p.exists():
-        raise BadInputError("no such file", p)
+    _require_input(p)
     if p.suffix.lower() == ".onnx":
         return "onnx"
     if zipfile.is_zipfile(p):
@@ -304,8 +312,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         raise BadInputError(f"tolerance must be positive, got {tolerance}")
     if batch <= 0:
         raise BadInputError(f"batch must be positive, got {batch}")
-    if isinstance(converted, (str, os.PathLike)) and not Path(converted).exists():
-        raise BadInputError("no such file", converted)  # before any work on the source
+    if isinstance(converted, (str, os.PathLike)):  # before any work on the source
+        _require_input(Path(converted))
     from .checkpoint import load  # torch
 
     overrides = dict(overrides or {})
