@@ -10,6 +10,13 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import click
 
 
+#: ``--labels`` of every command that writes a model.
+labels_option = click.option(
+    "--labels", metavar="imagenet-1k|imagenet-21k|FILE",
+    help="Class names for the classifier's outputs (a text file: one per line), written into "
+         "config.json id2label, timm's pretrained_cfg, ONNX and vitconv metadata.")
+
+
 def say(ctx: click.Context, text: str = "", **style) -> None:
     if not (ctx.obj or {}).get("quiet"):
         click.secho(text, **style)

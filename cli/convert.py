@@ -10,7 +10,7 @@ import click
 from vitconv.pipeline import DTYPES, convert as convert_any
 from vitconv.targets import target_names
 
-from .common import parse_overrides, progress_bar, summary
+from .common import labels_option, parse_overrides, progress_bar, summary
 
 
 @click.command("convert")
@@ -29,9 +29,11 @@ from .common import parse_overrides, progress_bar, summary
               "kernel by its pseudo-inverse resize, the position table bilinearly).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: "
               "as read; bfloat16 sources are read as float32, exactly).")
+@labels_option
 @click.pass_context
 def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
-            overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None) -> None:
+            overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None,
+            labels: str | None) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -42,5 +44,6 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
     """
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
-                             overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size)
+                             overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size,
+                             labels=labels)
     summary(ctx, report.rows())

@@ -30,6 +30,7 @@ COMMANDS = (
     ("verify", "verify"), ("golden", "golden"),
     ("bench", "bench"),
     ("convert", "convert"),
+    ("predict", "predict"),
 )
 
 

@@ -49,8 +49,8 @@ def test_canonical_safetensors_equals_save_file(ckpt, tmp_path):
     src = golden_path(ckpt)
     report = convert(src, tmp_path / "b.safetensors")
     with open_checkpoint(src) as c:
-        meta = {"format": "pt", "vitconv_config": c.config.to_json(), "source_sha256": report.source_sha256,
-                "source": src.name}
+        meta = {"format": "pt", "vitconv_config": c.config.to_json(), **c.usage.metadata(),
+                "source_sha256": report.source_sha256, "source": src.name}
         save_file(_torch_state(c.state_dict()), str(tmp_path / "a.safetensors"), metadata=meta)
     # save_file orders __metadata__ keys at random (a Rust HashMap): compare the parsed header,
     # whose data_offsets fix every tensor's place, and the data section byte for byte.
@@ -79,7 +79,7 @@ def test_canonical_pt_loads_as_torch_save_would_write_it(ckpt, tmp_path):
     with open_checkpoint(src, image_size=size) as c:  # the torch module's own state_dict order
         ref = {"format": "vitconv", "format_version": 1, "config": c.config.to_dict(),
                "state_dict": build_model(c.config, c.state_dict()).state_dict(),
-               "source_sha256": report.source_sha256, "source": src.name}
+               **c.usage.metadata(), "source_sha256": report.source_sha256, "source": src.name}
     torch.save(ref, tmp_path / "a.pt")
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)

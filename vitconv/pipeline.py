@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from . import preprocess
 from .config import ViTConfig
 from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable
@@ -38,7 +39,10 @@ from .formats.open import open_source
 from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
 from .formats.stacked import StackedSource
 from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
+from .labels import check_count, from_id2label, load_labels, suggest
+from .labels import from_metadata as labels_from_metadata
 from .ops import resample_patch_embed, resize_pos_embed
+from .preprocess import Usage
 from .readahead import ReadAhead
 from .rules import LAYOUTS, Layout, Probe, detect_layout
 from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical, short_list
@@ -86,6 +90,7 @@ class Checkpoint:
     dtype: Optional[np.dtype] = None  # cast every tensor to this (None: keep the source's)
     owns_source: bool = True  # opened here, so closed here; a source handed in stays open
     overridden: Tuple[str, ...] = ()  # fields the caller set (--set)
+    usage: Usage = field(default_factory=Usage)  # preprocessing and class names, as far as known
 
     def specs(self) -> List[TensorSpec]:
         """Name, dtype and shape of every canonical tensor, in state-dict order, before a byte
@@ -148,7 +153,8 @@ class Checkpoint:
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
                     require_layout: Union[str, Sequence[str], None] = None, dtype: Optional[str] = None,
                     overrides: Optional[Dict[str, object]] = None, patch_size: Optional[int] = None,
-                    source: Optional[TensorSource] = None) -> Checkpoint:
+                    source: Optional[TensorSource] = None, labels: Union[str, Sequence[str], None] = None
+                    ) -> Checkpoint:
     """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
     ``require_layout``, or one of them, when given), infer the architecture and audit the keys; optionally
     retarget the resolution (``image_size``: the position table resized as Google's
@@ -160,9 +166,14 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     record, the constructor arguments of its layout (timm's ``act_layer``, ``norm_layer``):
     only those, and not where a ``config.json`` records them.
 
+    ``labels`` names the classifier's outputs, over what the file records: a list, or what
+    :func:`vitconv.labels.load_labels` reads (``imagenet-1k``, ``imagenet-21k``, a file).
+
     ``patch_size`` resamples the model to another patch size as FlexiViT does: the patch
     kernel by its pseudo-inverse resize, the position table bilinearly to the new grid (at
     ``image_size``, default the source's); the model then resizes that way at other sizes too."""
+    if isinstance(labels, str):
+        labels = load_labels(labels)
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     opened = source is None
@@ -212,6 +223,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
                                     f"model's stride {cfg.total_stride}", path)
             ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
         ckpt.overridden = tuple(overrides or ())
+        ckpt.usage = _usage(layout, probe.metadata, cfg, labels, path)
         ckpt.notes = _read_notes(ckpt, probe)
     except BaseException:
         if opened:
@@ -253,6 +265,35 @@ def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str,
         raise BadInputError(f"--set: {e}", path) from None
 
 
+def _usage(layout: Layout, metadata: Dict[str, str], cfg: ViTConfig, given: Optional[Sequence[str]],
+           path: PathLike) -> Usage:
+    """The model's preprocessing and class names: vitconv's own metadata, else what a model
+    directory records (``preprocessor_config.json``, ``id2label``, timm's ``pretrained_cfg``),
+    else the layout's family; ``given`` labels win over recorded ones."""
+    hc = json.loads(metadata.get("hf_config") or "{}")
+    timm_cfg = hc.get("pretrained_cfg") if isinstance(hc.get("pretrained_cfg"), dict) else {}
+    pre = None
+    if "vitconv_preprocessing" in metadata:
+        pre = preprocess.from_json(metadata["vitconv_preprocessing"], path)
+    elif "hf_preprocessor" in metadata:
+        pre = preprocess.from_hf_processor(json.loads(metadata["hf_preprocessor"]), path)
+    elif "mean" in timm_cfg and "std" in timm_cfg:
+        pre = preprocess.from_timm_cfg(timm_cfg, path)
+    names: Optional[Sequence[str]] = None
+    if given is not None:
+        check_count(given, cfg.num_classes, path)
+        names = given
+    elif "vitconv_labels" in metadata:
+        names = labels_from_metadata(metadata["vitconv_labels"], path)
+    elif "id2label" in hc:
+        names = from_id2label(hc["id2label"], path)
+    elif isinstance(timm_cfg.get("label_names"), list):
+        names = [str(n) for n in timm_cfg["label_names"]]
+    if names is not None and len(names) != cfg.num_classes:
+        names = None  # the file's own names do not fit its head: not guessed at
+    return Usage(pre or layout.preprocessing or preprocess.TIMM_DEFAULT, tuple(names) if names else None)
+
+
 def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
     """What a user must know about this read: assumptions, what was left out, resizing."""
     cfg, layout = ckpt.source_config, ckpt.layout
@@ -271,6 +312,9 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
         notes.append(f"{', '.join(rest)} assumed: the {layout.name} code's defaults, which the file "
                      "does not record")
     notes += layout.read_notes(cfg, probe)
+    if ckpt.usage.labels is None and suggest(cfg.num_classes):
+        notes.append(f"{cfg.num_classes} classes, as {suggest(cfg.num_classes)}: name them with "
+                     f"--labels {suggest(cfg.num_classes)} (or a file, one label per line)")
     if ckpt.ignored:
         what = layout.ignored_what(ckpt.prefix) if callable(layout.ignored_what) else layout.ignored_what
         notes.append(f"{len(ckpt.ignored)} keys outside the model left out ({what})")
@@ -449,6 +493,8 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
     file (source hash and name). ``before_commit(temporary paths)`` runs once every byte is
     written and before anything is renamed into place: an exception there leaves nothing."""
     cfg, canonical = ckpt.config, layout.name == "canonical"
+    if canonical:  # a vitconv file keeps what its users need, for the conversions after it
+        extra = {**ckpt.usage.metadata(), **(extra or {})}
     canon = {s.name: s for s in ckpt.specs()}
     rules = layout.rules(cfg)
     shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
@@ -468,9 +514,12 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
         if container == "dir":
             folder = stack.enter_context(atomic_directory(dst))
             stack.enter_context(_named_as(dst, folder))
-            with atomic_output(folder / "config.json") as tmp:
-                tmp.write_text(json.dumps(layout.directory_config(cfg, ckpt.layout.name), indent=2,
-                                          sort_keys=True) + "\n", encoding="utf-8")
+            files = {"config.json": layout.directory_config(cfg, ckpt.usage),
+                     **layout.directory_files(cfg, ckpt.usage)}
+            for name, doc in files.items():
+                with atomic_output(folder / name) as tmp:
+                    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
             writer = SafetensorsStreamWriter(folder / "model.safetensors", stored, {"format": "pt"},
                                              shard_bytes=shard_bytes)
         elif container == "safetensors":
@@ -543,6 +592,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
+            labels: Union[str, Sequence[str], None] = None,
             before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
@@ -557,7 +607,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
-                         dtype=dtype, overrides=overrides, patch_size=patch_size) as ckpt:
+                         dtype=dtype, overrides=overrides, patch_size=patch_size, labels=labels) as ckpt:
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""

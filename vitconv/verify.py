@@ -47,6 +47,7 @@ from .big_vision_reference import BigVisionReference
 from .library_reference import LibraryReference, open_reference
 from .pipeline import open_checkpoint
 from .reference import GoogleViTReference, load_npz
+from .runtimes import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 
 PathLike = Union[str, os.PathLike]
 
@@ -176,95 +177,6 @@ def seeded_images(batch: int, image_size: int, channels: int = 3, seed: int = DE
 
 
 # --------------------------------------------------------------------------- running artifacts
-def _require_input(p: Path) -> None:
-    """An input that exists and can be read to its end: a file or a model directory (a FIFO
-    or a device would block or never end)."""
-    if not p.exists():
-        raise BadInputError("no such file", p)
-    if not (p.is_file() or p.is_dir()):
-        raise BadInputError("not a regular file", p)
-
-
-def artifact_kind(path: PathLike) -> str:
-    """``onnx``, ``torchscript`` or ``canonical`` (anything :func:`vitconv.load` reads)."""
-    p = Path(path)
-    _require_input(p)
-    if p.suffix.lower() == ".onnx":
-        return "onnx"
-    if zipfile.is_zipfile(p):
-        try:
-            with zipfile.ZipFile(p) as zf:
-                names = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise BadInputError(f"corrupt zip archive ({e})", p) from None
-        # TorchScript archives carry their compiled code; torch.save archives do not.
-        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
-            return "torchscript"
-    return "canonical"
-
-
-class _OnnxRunner:
-    def __init__(self, path: Path):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise BadInputError(f"verifying ONNX needs onnxruntime ({e})", path) from None
-        try:
-            self.session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise BadInputError(f"not a loadable ONNX model ({first_line(e)})", path) from None
-        inputs = self.session.get_inputs()
-        if not inputs:
-            raise BadInputError("ONNX model has no inputs", path)
-        # Hugging Face-style exports name the image input 'pixel_values'; otherwise the first.
-        self.input = next((i for i in inputs if i.name == "pixel_values"), inputs[0])
-        self.input_name = self.input.name
-
-    def static_size(self) -> Optional[int]:
-        shape = self.input.shape
-        if len(shape) == 4 and isinstance(shape[2], int) and shape[2] == shape[3]:
-            return shape[2]
-        return None
-
-    def __call__(self, nchw: np.ndarray) -> np.ndarray:
-        step = self.input.shape[0] if self.input.shape and isinstance(self.input.shape[0], int) else len(nchw)
-        if step <= 0 or len(nchw) % step:  # a static batch that does not divide ours: one at a time
-            step = 1
-        # An export with a static batch size (often 1) is run chunk by chunk.
-        outs = [self.session.run(None, {self.input_name: nchw[i:i + step]})[0]
-                for i in range(0, len(nchw), step)]
-        return np.concatenate([np.asarray(o) for o in outs], axis=0)
-
-
-class _TorchRunner:
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, nchw: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            out = self.module(torch.from_numpy(nchw))
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if isinstance(out, dict):
-            out = out.get("logits", next(iter(out.values())))
-        return out.detach().float().numpy()
-
-
-def _load_torchscript(path: Path):
-    import warnings
-
-    import torch
-
-    try:
-        with warnings.catch_warnings():  # torch 2.9+ marks jit deprecated; artifacts still exist
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.load(os.fspath(path), map_location="cpu").eval()
-    except Exception as e:
-        raise BadInputError(f"not a loadable TorchScript module ({first_line(e)})", path) from None
-
-
 def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
     p = Path(src)
     if not p.exists():
@@ -313,7 +225,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     if batch <= 0:
         raise BadInputError(f"batch must be positive, got {batch}")
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
-        _require_input(Path(converted))
+        require_input(Path(converted))
     from .checkpoint import load  # torch
 
     overrides = dict(overrides or {})
@@ -329,15 +241,15 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         label = os.fspath(converted)
         kind = artifact_kind(converted)
         if kind == "onnx":
-            runner = _OnnxRunner(Path(converted))
+            runner = OnnxRunner(Path(converted))
         elif kind == "torchscript":
-            runner = _TorchRunner(_load_torchscript(Path(converted)))
+            runner = TorchRunner(load_torchscript(Path(converted)))
         else:
             model = load(converted)
     elif hasattr(converted, "forward_stages"):
         model = converted
     else:
-        runner, kind = _TorchRunner(converted), "torch module"
+        runner, kind = TorchRunner(converted), "torch module"
     if model is not None:
         kind = "canonical vitconv model"
 
@@ -350,7 +262,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         size = image_size
         if size is None and model is not None:
             size = model.config.image_size
-        if size is None and isinstance(runner, _OnnxRunner):
+        if size is None and isinstance(runner, OnnxRunner):
             size = runner.static_size()
         size = size or ref.image_size
         if size != ref.image_size and getattr(ref, "fixed_size", False):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class ExportPlan:
     image_size: Optional[int] = None
     shard_bytes: int = DEFAULT_SHARD_BYTES
     aoti: bool = True
+    labels: Union[str, Sequence[str], None] = None  # class names (vitconv.labels.load_labels)
 
 
 def default_output(src: PathLike, kind: str) -> Path:
@@ -93,19 +94,20 @@ def run_export(src: PathLike, plan: ExportPlan,
     for out in (plan.onnx, plan.torchscript, plan.pt2, plan.safetensors):
         if out:
             check_writable(out)  # a read-only or missing directory: said before minutes of export
-    with open_checkpoint(src, image_size=plan.image_size) as ckpt:
+    with open_checkpoint(src, image_size=plan.image_size, labels=plan.labels) as ckpt:
         if plan.dynamic_size and ckpt.config.pos_resize == "dinov2":
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
                                 "symbolic sizes; export at a fixed resolution (--image-size N)", src)
-        model, layout = build_model(ckpt.config, ckpt.state_dict()), ckpt.layout.name
+        model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
+        weights = ckpt.source.files()[0]  # a model directory's weights file
     cfg = model.config
     say = progress or (lambda s: None)
     reference = make_reference(src, model, cfg.image_size)
     checks = check_plan(cfg.image_size, cfg.total_stride, plan.batch, plan.dynamic_size)
     results: List[ExportResult] = []
     failures: List[VerificationError] = []
-    source_sha = sha256_file(src)
+    source_sha = sha256_file(weights)
 
     def attempt(fn) -> None:
         try:
@@ -119,11 +121,11 @@ def run_export(src: PathLike, plan: ExportPlan,
         attempt(lambda: export_onnx(model, plan.onnx, reference, checks, opset=plan.opset,
                                     batch=plan.batch, dynamic_size=plan.dynamic_size,
                                     fp16=plan.fp16, source_sha256=source_sha, source=src,
-                                    layout=layout))
+                                    usage=usage))
     if plan.torchscript:
         say(f"torchscript -> {plan.torchscript}")
         attempt(lambda: export_torchscript(model, plan.torchscript, reference, checks,
-                                           batch=plan.batch))
+                                           batch=plan.batch, usage=usage))
     if plan.pt2:
         say(f"pt2 -> {plan.pt2}" + (" (AOTInductor compile: minutes on a small CPU)" if plan.aoti else ""))
         attempt(lambda: export_pt2(model, plan.pt2, reference, checks, batch=plan.batch,
@@ -132,7 +134,7 @@ def run_export(src: PathLike, plan: ExportPlan,
         say(f"safetensors -> {plan.safetensors}")
         attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
                                            image_size=plan.image_size, fp16=plan.fp16,
-                                           shard_bytes=plan.shard_bytes))
+                                           shard_bytes=plan.shard_bytes, labels=plan.labels))
     if failures:
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]

@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..formats.atomic import atomic_files
+from ..preprocess import Usage
 from .common import (EXAMPLE_BATCH, FP32_ATOL, Check, ExportResult, PathLike, Reference, Timer, export_ready,
                      raise_if_failed, verify)
 
@@ -93,15 +94,17 @@ def quiet_exporter():
         logger.setLevel(level)
 
 
-def preprocessing_for(layout: Optional[str]) -> Dict[str, object]:
-    """Google's ViT checkpoints expect RGB in [0, 1] normalised with mean = std = 0.5, i.e.
-    pixels scaled to [-1, 1] (``vit_jax``: ``x / 127.5 - 1``). Other layouts do not say."""
-    if layout == "google":
-        return {"layout": "NCHW", "channels": "RGB", "scale": "pixels / 255 -> [0, 1]",
-                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                "note": "(x - 0.5) / 0.5: inputs in [-1, 1], as Google's vit_jax input pipeline"}
-    return {"layout": "NCHW", "channels": "RGB", "mean": None, "std": None,
-            "note": "unknown for this source layout; use the original model's preprocessing"}
+def preprocessing_metadata(usage: Usage) -> Dict[str, str]:
+    """ONNX metadata for the graph's users: ``preprocessing`` in words and numbers (NCHW RGB),
+    and vitconv's own ``vitconv_preprocessing`` / ``vitconv_labels`` strings, which
+    ``vitconv predict`` reads back."""
+    p = usage.preprocessing
+    meta = {"preprocessing": json.dumps({
+        "layout": "NCHW", "channels": "RGB", "scale": "pixels / 255 -> [0, 1]", "mean": list(p.mean),
+        "std": list(p.std), "resize": p.resize, "interpolation": p.interpolation, "crop_pct": p.crop_pct,
+        "note": p.describe()})}
+    meta.update(usage.metadata())
+    return meta
 
 
 def to_fp16(proto):
@@ -122,7 +125,7 @@ def to_fp16(proto):
 def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
                 opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
                 dynamic_size: bool = False, fp16: bool = False, source_sha256: str = "",
-                source: Optional[PathLike] = None, layout: Optional[str] = None,
+                source: Optional[PathLike] = None, usage: Optional[Usage] = None,
                 atol: Optional[float] = None) -> ExportResult:
     """Export ``model`` to one ``.onnx`` at ``path``, check it with ``onnx.checker``
     (``full_check``), run it in onnxruntime on ``checks`` against ``reference`` and only then
@@ -142,7 +145,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
         proto = program.model_proto
         meta = {
             "vitconv_config": cfg.to_json(),
-            "preprocessing": json.dumps(preprocessing_for(layout)),
+            **preprocessing_metadata(usage or Usage()),
             "image_size": str(cfg.image_size),
             "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
                                         "size_multiple_of": cfg.total_stride}),

@@ -13,19 +13,22 @@ or ONNX for new deployments.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..formats.atomic import atomic_output, guarded_file
+from ..preprocess import Usage
+from ..runtimes import TORCHSCRIPT_EXTRA
 from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
                      verify)
 from .onnx import example_input
 
 
 def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
-                       batch: Optional[int] = None) -> ExportResult:
+                       batch: Optional[int] = None, usage: Optional[Usage] = None) -> ExportResult:
     """Trace ``model`` (stem folded, see :func:`~vitconv.export.export_ready`), save it,
     ``torch.jit.load`` it back, verify on ``checks``; renamed into place only if it agrees."""
     import torch
@@ -40,7 +43,8 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
     with atomic_output(final, suffix=".pt") as tmp:
         with Timer() as t_save:
             with guarded_file(tmp) as f:  # a failed write would abort the process inside torch
-                torch.jit.save(traced, f)
+                extra = {"vitconv_config": model.config.to_json(), **(usage or Usage()).metadata()}
+                torch.jit.save(traced, f, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
         with Timer() as t_verify:
             with warnings.catch_warnings():  # "torch.jit.load is deprecated": known, said above
                 warnings.simplefilter("ignore")

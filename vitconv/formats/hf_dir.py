@@ -4,7 +4,8 @@
 
 The weights file is opened by the ordinary readers; ``config.json`` travels as the
 ``hf_config`` metadata string, which the Hugging Face layout reads for what shapes cannot
-say (heads, ``layer_norm_eps``, ``hidden_act``). Sharded weights are read through their
+say (heads, ``layer_norm_eps``, ``hidden_act``), and ``preprocessor_config.json`` as
+``hf_preprocessor`` (the model's preprocessing, :mod:`vitconv.preprocess`). Sharded weights are read through their
 ``*.index.json`` (:mod:`vitconv.formats.sharded`).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 from ..errors import BadInputError
 from .base import TensorSource
@@ -22,24 +23,23 @@ from .json_doc import read_json
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 #: Sharded weights (``save_pretrained`` above ``max_shard_size``): read through the index.
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: JSON files beside the weights -> the metadata key their text travels under.
+JSON_FILES = {"config.json": "hf_config", "preprocessor_config.json": "hf_preprocessor"}
 
 
 class _DirSource(TensorSource):
     """The weights file's source, with ``config.json`` as the ``hf_config`` metadata string."""
 
-    def __init__(self, inner: TensorSource, directory: Path, config_text: str | None):
+    def __init__(self, inner: TensorSource, directory: Path, texts: Dict[str, str]):
         self._inner, self.path, self._dir = inner, os.fspath(directory), directory
-        self.metadata = dict(inner.metadata)
-        if config_text is not None:
-            self.metadata["hf_config"] = config_text
+        self.metadata = {**inner.metadata, **texts}
         self.concurrent_reads = inner.concurrent_reads
 
     def keys(self) -> List[str]:
         return self._inner.keys()
 
     def files(self) -> List[Path]:
-        cfg = self._dir / "config.json"
-        return self._inner.files() + ([cfg] if cfg.is_file() else [])
+        return self._inner.files() + [self._dir / n for n in JSON_FILES if (self._dir / n).is_file()]
 
     def shape(self, key: str):
         return self._inner.shape(key)
@@ -61,10 +61,11 @@ def open_hf_dir(path: os.PathLike | str, open_weights: Callable[[Path], TensorSo
     if weights is None:
         raise BadInputError("is a directory without model.safetensors or pytorch_model.bin "
                             "(or their shard index): not a Hugging Face model directory", d)
-    cfg_text = None
-    if (d / "config.json").is_file():
-        doc = read_json(d / "config.json", "config.json")
-        if not isinstance(doc, dict):
-            raise BadInputError("config.json is not a JSON object", d / "config.json")
-        cfg_text = json.dumps(doc)  # parsed once, so the layouts read checked text
-    return _DirSource(open_weights(weights), d, cfg_text)
+    texts = {}
+    for name, key in JSON_FILES.items():
+        if (d / name).is_file():
+            doc = read_json(d / name, name)
+            if not isinstance(doc, dict):
+                raise BadInputError(f"{name} is not a JSON object", d / name)
+            texts[key] = json.dumps(doc)  # parsed once, so the layouts read checked text
+    return _DirSource(open_weights(weights), d, texts)

@@ -23,6 +23,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import MappingError
+from ..preprocess import BIG_VISION
 from ..ops import posemb_sincos_2d
 from .base import Carry, Rule
 from .inference import build, count_blocks, grid_from_tokens, need, prefix_holding
@@ -202,4 +203,5 @@ register(Layout(
     description="big_vision .npz (SigLIP, FlexiViT, ...: Linen names, MAP head, sincos2d, scan)",
     table=lambda cfg: TABLE, detect=detect, infer=infer_config, carries=CARRIES, containers=("npz",),
     prefix=find_prefix, ignored_what=ignored_what, read_notes=read_notes, sources=inference_sources,
-    stacked=("Transformer/encoderblock/", "Transformer/encoderblock_{i}/"), write_prefix="params/"))
+    stacked=("Transformer/encoderblock/", "Transformer/encoderblock_{i}/"), write_prefix="params/",
+    preprocessing=BIG_VISION))

@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..preprocess import CLIP
 from .base import Carry, Rule
 from .inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from .layout import BATCH_AXIS, DENSE, IDENTITY, VECTOR_TOKEN
@@ -122,4 +123,4 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="clip", description="OpenAI CLIP / OpenCLIP vision tower (visual.*)", table=lambda cfg: _table(),
                 detect=detect, infer=infer_config, carries=CARRIES, prefix=find_prefix,
-                ignored_what="the text tower", write_notes=write_notes))
+                ignored_what="the text tower", write_notes=write_notes, preprocessing=CLIP))

@@ -24,6 +24,7 @@ from typing import List, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..preprocess import DINOV2
 from .base import Carry, Rule, fill
 from .inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from .layout import IDENTITY
@@ -108,4 +109,4 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="dinov2", description="original DINOv2 torch-hub backbone (DinoVisionTransformer)",
                 table=lambda cfg: _table(), detect=detect, infer=infer_config, carries=CARRIES,
-                write_notes=write_notes))
+                write_notes=write_notes, preprocessing=DINOV2))

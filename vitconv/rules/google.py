@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import stem_stride
 from ..errors import MappingError
+from ..preprocess import GOOGLE
 from .base import Carry, Rule
 from .big_vision import detect as big_vision_names
 from .layout import ATTN_OUT, CONV, DENSE, GN, IDENTITY, QKV_BIAS, QKV_KERNEL
@@ -191,4 +192,4 @@ def detect(probe: Probe) -> bool:
 register(Layout(
     name="google", target="npz", description="Google vit_jax .npz (HWIO kernels, per-head q/k/v)",
     table=lambda cfg: TABLE, detect=detect, infer=infer_config, carries=CARRIES,
-    containers=("npz",), prefix=find_prefix, sources=inference_sources))
+    containers=("npz",), prefix=find_prefix, sources=inference_sources, preprocessing=GOOGLE))

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..preprocess import HF_VIT, Usage
 from .base import Carry, Rule
 from .layout import IDENTITY, QKV_CONCAT
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
@@ -148,7 +149,7 @@ def infer(layout: str):
     return infer_config
 
 
-def hf_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> dict:
+def hf_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> dict:
     """The ``config.json`` under which transformers computes what the canonical model does."""
     arch = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
     d = {"architectures": [arch], "model_type": "vit", "hidden_size": cfg.width,
@@ -159,12 +160,17 @@ def hf_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> dict:
          "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
          "encoder_stride": cfg.patch_size, "dtype": "float32"}
     if cfg.num_classes:
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_classes)}
+        d["id2label"] = (usage or Usage()).id2label(cfg.num_classes)
+        d["label2id"] = {name: int(i) for i, name in d["id2label"].items()}
     if cfg.representation_size:
         d["pooler_output_size"] = cfg.representation_size
         d["pooler_act"] = "tanh"
     return d
+
+
+def hf_files(cfg: ViTConfig, usage: Usage) -> dict:
+    """``preprocessor_config.json``, so ``AutoImageProcessor`` and ``pipeline`` run offline."""
+    return {"preprocessor_config.json": usage.preprocessing.hf_processor(cfg.image_size)}
 
 
 #: config.json keys the weights' shapes also say (transformers builds the model from them).
@@ -187,4 +193,5 @@ for _name, _description, _class in (("hf", "Hugging Face ViTForImageClassificati
     register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, p=PREFIX[_name]: _table(p),
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
                     directory_config=hf_config, write_notes=write_notes, restates=RESTATES,
+                    directory_files=hf_files, preprocessing=HF_VIT,
                     loads_with={"dir": f"transformers.{_class}.from_pretrained('{{path}}')"}))

@@ -26,8 +26,9 @@ from typing import Optional, Sequence, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..preprocess import CLIP, SIGLIP, Usage
 from .base import Carry, Rule
-from .hf import ACT_TO_HF, RESTATES, semantics
+from .hf import ACT_TO_HF, RESTATES, hf_files, semantics
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from .layout import BATCH_AXIS, IDENTITY, QKV_CONCAT, VECTOR_TOKEN
 from .registry import Layout, Probe, register
@@ -166,7 +167,7 @@ def infer(layout: str):
 def hf_config(layout: str):
     cls, model_type, _ = CLASSES[layout]
 
-    def config(cfg: ViTConfig, source_layout: Optional[str] = None) -> dict:
+    def config(cfg: ViTConfig, usage: Optional[Usage] = None) -> dict:
         d = {"architectures": [cls], "model_type": model_type, "hidden_size": cfg.width,
              "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
              "num_channels": cfg.in_chans, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
@@ -187,7 +188,8 @@ for _name, _description in (("hf_clip_proj", "Hugging Face CLIPVisionModelWithPr
     register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, n=_name: _table(n),
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
                     prefix=_prefix(_name), ignore=TWO_TOWER if _name == "hf_clip_proj" else (),
-                    ignored_what="the text tower", directory_config=hf_config(_name),
+                    ignored_what="the text tower", directory_config=hf_config(_name), directory_files=hf_files,
+                    preprocessing=SIGLIP if _name == "hf_siglip" else CLIP,
                     restates=tuple(f"vision_config.{k}|{k}" for k in RESTATES) + (
                         ("projection_dim|vision_config.projection_dim",) if _name == "hf_clip_proj" else ()),
                     loads_with={"dir": f"transformers.{CLASSES[_name][0]}.from_pretrained('{{path}}')"}))

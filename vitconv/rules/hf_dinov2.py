@@ -25,8 +25,9 @@ from typing import Optional, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..preprocess import DINOV2, Usage
 from .base import Carry, Rule, fill
-from .hf import ACT_TO_HF, RESTATES, semantics
+from .hf import ACT_TO_HF, RESTATES, hf_files, semantics
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from .layout import IDENTITY, QKV_CONCAT
 from .registry import Layout, Probe, register
@@ -146,7 +147,7 @@ def infer(layout: str):
 
 
 def hf_config(layout: str):
-    def config(cfg: ViTConfig, source_layout: Optional[str] = None) -> dict:
+    def config(cfg: ViTConfig, usage: Optional[Usage] = None) -> dict:
         d = {"architectures": [CLASSES[layout]], "model_type": MODEL_TYPES[layout], "hidden_size": cfg.width,
              "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "mlp_ratio": mlp_ratio(cfg),
              "hidden_act": ACT_TO_HF.get(cfg.act, cfg.act), "layer_norm_eps": cfg.norm_eps,
@@ -166,6 +167,7 @@ for _name, _description in (("hf_dinov2", "Hugging Face Dinov2Model"),
                             ("hf_dinov2_reg", "Hugging Face Dinov2WithRegistersModel")):
     register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, n=_name: _table(n),
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
-                    directory_config=hf_config(_name), restates=RESTATES + (
+                    directory_config=hf_config(_name), directory_files=hf_files, preprocessing=DINOV2,
+                    restates=RESTATES + (
                         ("num_register_tokens",) if _name == "hf_dinov2_reg" else ()),
                     loads_with={"dir": f"transformers.{CLASSES[_name]}.from_pretrained('{{path}}')"}))

@@ -21,6 +21,7 @@ from typing import List, Tuple
 
 from ..config import ViTConfig, stem_stride
 from ..errors import MappingError
+from ..preprocess import JEONSWORLD
 from .base import Carry, Rule
 from .layout import IDENTITY, QKV_CONCAT
 from .inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
@@ -132,4 +133,4 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="jeonsworld", description="jeonsworld ViT-pytorch (separate q/k/v Linears)",
                 table=lambda cfg: TABLE, detect=detect, infer=infer_config, carries=CARRIES,
-                read_notes=read_notes, write_notes=write_notes))
+                read_notes=read_notes, write_notes=write_notes, preprocessing=JEONSWORLD))

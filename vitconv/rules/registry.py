@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 from ..config import SHAPE_FIELDS, ViTConfig, describe_field, storage_only, training_only
 from ..errors import MappingError
+from ..preprocess import Preprocessing, Usage
 from .base import Carry, ExpandedRule, Rule, expand_rules, short_list
 from .unsupported import unsupported_feature
 
@@ -77,8 +78,14 @@ class Layout:
     stacked: Optional[Tuple[str, str]] = None
     #: Written under this prefix (big_vision's saver nests everything in ``params/``).
     write_prefix: str = ""
-    #: ``config.json`` of a model directory in this layout: ``(cfg, source layout name)``.
-    directory_config: Optional[Callable[[ViTConfig, Optional[str]], dict]] = None
+    #: ``config.json`` of a model directory in this layout, for a model and its :class:`Usage`
+    #: (None: what the layout assumes by default).
+    directory_config: Optional[Callable[[ViTConfig, Optional[Usage]], dict]] = None
+    #: Other JSON files of such a directory (``preprocessor_config.json``): name -> document.
+    directory_files: Callable[[ViTConfig, Usage], Dict[str, dict]] = lambda cfg, usage: {}
+    #: What images the models of this layout expect; None: not known (timm's defaults are
+    #: assumed, and said to be).
+    preprocessing: Optional[Preprocessing] = None
     #: ``config.json`` keys (dotted; ``a|b``: alternatives, first found wins) that restate what
     #: the weights' shapes say. Read, each must equal what ``directory_config`` writes for the
     #: architecture inferred from the shapes: the layout's own code builds its model from them.

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
+from ..preprocess import Usage
 from .base import Carry, Rule, fill
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
 from .layout import IDENTITY, Q_KV_CONCAT
@@ -287,17 +288,18 @@ def write_notes(cfg: ViTConfig) -> List[str]:
     return notes
 
 
-def timm_config(cfg: ViTConfig, source_layout: Optional[str] = None) -> Dict[str, Any]:
+def timm_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> Dict[str, Any]:
     """``config.json`` of a timm model directory (the Hugging Face Hub layout timm writes with
     ``push_to_hf_hub``), so ``timm.create_model('local-dir:DIR', pretrained=True)`` builds the
-    model with :func:`model_args` and loads ``model.safetensors``. Google checkpoints expect
-    inputs scaled to [-1, 1] and resized without a crop (``vit_jax``'s eval pipeline); for
-    other sources timm's defaults stand, as the source does not record its preprocessing."""
+    model with :func:`model_args` and loads ``model.safetensors``. ``pretrained_cfg`` holds the
+    model's preprocessing (Google's: [-1, 1], squashed to size) and class names when known."""
     pretrained: Dict[str, Any] = {"input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
                                   "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
                                   "classifier": ["head", "head_dist"] if cfg.distilled else "head"}
-    if source_layout == "google":
-        pretrained.update(mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation="bilinear")
+    if usage is not None:
+        pretrained.update(usage.preprocessing.timm_cfg())
+        if usage.labels:
+            pretrained["label_names"] = list(usage.labels)
     return {"architecture": architecture(cfg), "num_classes": cfg.num_classes,
             "num_features": cfg.width, "model_args": model_args(cfg), "pretrained_cfg": pretrained}
 

@@ -1,0 +1,47 @@
+"""``vitconv predict CKPT IMAGE... [--top-k K] [--json]``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
+import click
+
+from vitconv.predict import open_predictor, predict as predict_images
+
+from .common import labels_option, say
+
+
+@click.command("predict")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=int, default=5, show_default=True, help="Classes shown per image.")
+@click.option("--image-size", type=int, help="Run at this resolution (a checkpoint's position table is "
+              "resized its family's way).")
+@click.option("--num-heads", type=int, help="Heads, for a bare state dict that does not record them.")
+@labels_option
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON document.")
+@click.pass_context
+def predict(ctx: click.Context, ckpt: Path, images: Tuple[Path, ...], top_k: int, image_size: Optional[int],
+            num_heads: Optional[int], labels: Optional[str], as_json: bool) -> None:
+    """What the model sees in each image: the top classes with probabilities (and labels when
+    known), or the embedding of a model without a classifier. Any checkpoint vitconv reads,
+    or an .onnx / TorchScript export; the image is preprocessed the model's own way.
+
+    \b
+      vitconv predict ViT-B_16.npz cat.jpg --labels imagenet-1k
+      vitconv predict vit.onnx cat.jpg dog.png --top-k 3 --json
+    """
+    model = open_predictor(ckpt, image_size=image_size, num_heads=num_heads, labels=labels)
+    results = predict_images(model, images, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps({"model": str(ckpt), "runtime": model.runtime, "image_size": model.image_size,
+                               "preprocessing": model.usage.preprocessing.describe(),
+                               "predictions": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False))
+        return
+    say(ctx, f"model   {ckpt} ({model.runtime}, {model.image_size}px)")
+    say(ctx, f"input   {model.usage.preprocessing.describe()}")
+    for r in results:
+        for line in r.lines():
+            say(ctx, line)

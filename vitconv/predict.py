@@ -1,0 +1,159 @@
+"""``vitconv predict``: what a model sees in an image, the first check after any conversion.
+
+Any checkpoint vitconv reads, an ONNX graph or a TorchScript module: the image is
+preprocessed the model's own way (:mod:`vitconv.preprocess`: from the file's metadata, else
+its family), run, and reported as the top-k classes with their probabilities and labels
+when the model has a classifier, else as the output embedding's norm and first values (the
+pooled features, or a CLIP projection).
+
+Images are decoded by Pillow, with its decompression-bomb limit made an error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import preprocess
+from .config import ViTConfig
+from .errors import BadInputError, first_line
+from .labels import check_count, load_labels
+from .labels import from_metadata as labels_from_metadata
+from .pipeline import open_checkpoint
+from .preprocess import Usage
+from .rules.canonical import parse_config
+from .runtimes import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Prediction:
+    image: str
+    top: List[Tuple[int, str, float]] = field(default_factory=list)  # (class, label, probability)
+    embedding_norm: Optional[float] = None
+    embedding_head: List[float] = field(default_factory=list)  # the first values
+
+    def to_dict(self) -> dict:
+        d: dict = {"image": self.image}
+        if self.top:
+            d["top"] = [{"class": c, "label": label, "probability": p} for c, label, p in self.top]
+        else:
+            d["embedding"] = {"norm": self.embedding_norm, "first": self.embedding_head}
+        return d
+
+    def lines(self) -> List[str]:
+        if self.top:
+            return [f"{self.image}"] + [f"  {p:7.2%}  {c:>5}  {label}" for c, label, p in self.top]
+        head = ", ".join(f"{v:.4f}" for v in self.embedding_head)
+        return [f"{self.image}", f"  embedding norm {self.embedding_norm:.4f}, first values [{head}]"]
+
+
+@dataclass
+class Predictor:
+    """A model ready to run on images: ``run(nhwc float32) -> outputs``."""
+
+    config: ViTConfig
+    usage: Usage
+    run: Callable[[np.ndarray], np.ndarray]
+    runtime: str
+    image_size: int
+
+
+def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None,
+                   labels: Union[str, Sequence[str], None] = None) -> Predictor:
+    """``path`` as a predictor: a checkpoint through the canonical model, an ``.onnx`` in
+    onnxruntime, a TorchScript module in torch (exports carry vitconv's metadata)."""
+    p = Path(path)
+    require_input(p)
+    kind = artifact_kind(p)
+    if kind == "canonical":
+        import torch
+
+        from .checkpoint import build_model
+
+        with open_checkpoint(p, image_size=image_size, num_heads=num_heads, labels=labels) as ckpt:
+            model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+        return Predictor(model.config, usage, run, "torch (canonical model)", model.config.image_size)
+    meta: Dict[str, str] = {}
+    if kind == "onnx":
+        runner = OnnxRunner(p)
+        meta = dict(runner.session.get_modelmeta().custom_metadata_map)
+        runtime = "onnxruntime (CPU)"
+    else:
+        runner = TorchRunner(load_torchscript(p, meta))
+        runtime = "torch (TorchScript)"
+    if "vitconv_config" not in meta:
+        raise BadInputError(f"{kind} file without vitconv metadata: its preprocessing and size are "
+                            "unknown (export it with vitconv, or predict on the checkpoint)", p)
+    cfg = parse_config(meta["vitconv_config"], p)
+    pre = (preprocess.from_json(meta["vitconv_preprocessing"], p) if "vitconv_preprocessing" in meta
+           else preprocess.TIMM_DEFAULT)
+    names = None
+    if labels is not None:
+        names = load_labels(labels) if isinstance(labels, str) else list(labels)
+        check_count(names, cfg.num_classes, p)
+    elif "vitconv_labels" in meta:
+        names = labels_from_metadata(meta["vitconv_labels"], p)
+    size = image_size or (getattr(runner, "static_size", lambda: None)() or cfg.image_size)
+    return Predictor(cfg, Usage(pre, tuple(names) if names else None),
+                     lambda x: runner(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), runtime, size)
+
+
+def classifies(cfg: ViTConfig) -> bool:
+    """Whether the head's outputs are classes: a head with a bias. A bias-free head is a
+    projection into an embedding space (CLIP's ``proj``), whose outputs are not logits."""
+    return bool(cfg.num_classes) and cfg.head_bias
+
+
+def read_image(path: PathLike):
+    """A decoded Pillow image; anything Pillow cannot decode, or a decompression bomb (more
+    than Pillow's ``MAX_IMAGE_PIXELS``), is a :class:`BadInputError` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    require_input(p)
+    if p.is_dir():
+        raise BadInputError("is a directory, not an image", p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                img.load()
+                return img.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInputError(f"not an image Pillow can read ({first_line(e)})", p) from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        raise BadInputError(f"image data is unreadable ({first_line(e)})", p) from None
+
+
+def predict(model: Union[PathLike, Predictor], images: Sequence[PathLike], top_k: int = 5) -> List[Prediction]:
+    """Top-``top_k`` classes (or the embedding) of ``model`` on each image file."""
+    if top_k <= 0:
+        raise BadInputError(f"--top-k must be positive, got {top_k}")
+    pred = model if isinstance(model, Predictor) else open_predictor(model)
+    pixels = [pred.usage.preprocessing.apply(read_image(i), pred.image_size) for i in images]
+    out = np.asarray(pred.run(np.stack(pixels)), dtype=np.float64)
+    results = []
+    for image, row in zip(images, out):
+        if classifies(pred.config):
+            e = np.exp(row - row.max())
+            prob = e / e.sum()
+            order = np.argsort(-row, kind="stable")[:top_k]
+            names = pred.usage.labels
+            results.append(Prediction(str(image), [(int(c), names[c] if names else f"class {c}", float(prob[c]))
+                                                   for c in order]))
+        else:
+            results.append(Prediction(str(image), embedding_norm=float(math.sqrt(float(row @ row))),
+                                      embedding_head=[float(v) for v in row[:5]]))
+    return results
