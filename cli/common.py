@@ -17,6 +17,13 @@ labels_option = click.option(
          "config.json id2label, timm's pretrained_cfg, ONNX and vitconv metadata.")
 
 
+#: ``--num-classes`` of the commands that write a model.
+num_classes_option = click.option(
+    "--num-classes", type=int, metavar="N",
+    help="Replace the classifier with a new zero-initialised N-way one, for fine-tuning (Google's "
+         "pre_logits is dropped, as vit_jax does); 0: no classifier, the pooled features out.")
+
+
 def say(ctx: click.Context, text: str = "", **style) -> None:
     if not (ctx.obj or {}).get("quiet"):
         click.secho(text, **style)

@@ -10,7 +10,7 @@ import click
 from vitconv.pipeline import DTYPES, convert as convert_any
 from vitconv.targets import target_names
 
-from .common import labels_option, parse_overrides, progress_bar, summary
+from .common import labels_option, num_classes_option, parse_overrides, progress_bar, summary
 
 
 @click.command("convert")
@@ -30,10 +30,11 @@ from .common import labels_option, parse_overrides, progress_bar, summary
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: "
               "as read; bfloat16 sources are read as float32, exactly).")
 @labels_option
+@num_classes_option
 @click.pass_context
 def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
             overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None,
-            labels: str | None) -> None:
+            labels: str | None, num_classes: int | None) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -45,5 +46,5 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
                              overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size,
-                             labels=labels)
+                             labels=labels, num_classes=num_classes)
     summary(ctx, report.rows())

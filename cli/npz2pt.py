@@ -8,7 +8,7 @@ import click
 
 from vitconv.pipeline import DTYPES, convert
 
-from .common import labels_option, progress_bar, summary
+from .common import labels_option, num_classes_option, progress_bar, summary
 
 
 @click.command("npz2pt")
@@ -22,9 +22,10 @@ from .common import labels_option, progress_bar, summary
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: as read; "
               "bfloat16 files are read as float32, exactly).")
 @labels_option
+@num_classes_option
 @click.pass_context
 def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int | None,
-           patch_size: int | None, dtype: str | None, labels: str | None) -> None:
+           patch_size: int | None, dtype: str | None, labels: str | None, num_classes: int | None) -> None:
     """Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into
     the canonical PyTorch ViT.
 
@@ -40,5 +41,6 @@ def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int |
     out = output or src.with_suffix(".pt")
     with progress_bar(ctx, "converting") as progress:
         report = convert(src, out, image_size=image_size, require_layout=("google", "big_vision"),
-                         progress=progress, dtype=dtype, patch_size=patch_size, labels=labels)
+                         progress=progress, dtype=dtype, patch_size=patch_size, labels=labels,
+                         num_classes=num_classes)
     summary(ctx, report.rows())

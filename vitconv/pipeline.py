@@ -61,6 +61,9 @@ RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transfo
                 "bilinear": "bilinear, as FlexiViT's jax.image.resize"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
 DTYPES = ("float32", "float16", "bfloat16")
+#: The canonical modules a new classifier replaces (``num_classes=``): the head, DeiT's
+#: distillation head, and Google's ``pre_logits``, which vit_jax drops when fine-tuning.
+HEAD_MODULES = ("head", "head_dist", "pre_logits")
 
 
 def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
@@ -91,6 +94,19 @@ class Checkpoint:
     owns_source: bool = True  # opened here, so closed here; a source handed in stays open
     overridden: Tuple[str, ...] = ()  # fields the caller set (--set)
     usage: Usage = field(default_factory=Usage)  # preprocessing and class names, as far as known
+    new_head: bool = False  # the classifier (and pre_logits) replaced by a zero one (num_classes=)
+
+    def _generated(self) -> List[str]:
+        """Canonical tensors made here, not read: a replacement head's (zeros)."""
+        if not self.new_head:
+            return []
+        return [n for n in parameter_shapes(self.config) if n.split(".")[0] in HEAD_MODULES]
+
+    def _read_rules(self) -> List[ExpandedRule]:
+        """The rules whose tensors are read: all, less a replaced head's."""
+        if not self.new_head:
+            return self.rules
+        return [r for r in self.rules if r.canonical.split(".")[0] not in HEAD_MODULES]
 
     def specs(self) -> List[TensorSpec]:
         """Name, dtype and shape of every canonical tensor, in state-dict order, before a byte
@@ -98,11 +114,11 @@ class Checkpoint:
         rule's output has the common type of its inputs)."""
         shapes = parameter_shapes(self.config)
         out = []
-        for r in self.rules:
+        for r in self._read_rules():
             stored = [np.dtype(self.source.dtype(self.prefix + k)) for k in r.source]
             dtype = self.dtype or (np.result_type(*stored) if stored else np.float32)  # generated: float32
             out.append(TensorSpec(r.canonical, np.dtype(dtype), tuple(shapes[r.canonical])))
-        return out
+        return out + [TensorSpec(n, np.dtype(self.dtype or np.float32), tuple(shapes[n])) for n in self._generated()]
 
     def tensors(self, order: Optional[Sequence[str]] = None, read_ahead: bool = False,
                 check_finite: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
@@ -110,8 +126,25 @@ class Checkpoint:
         source tensor read once. ``read_ahead`` reads the next rules' sources on a background
         thread while this one is mapped, when the source allows concurrent reads
         (:mod:`vitconv.readahead`: flat memory, same bytes)."""
-        by_name = {r.canonical: r for r in self.rules}
-        rules = self.rules if order is None else [by_name[n] for n in order]
+        by_name = {r.canonical: r for r in self._read_rules()}
+        made = set(self._generated())
+        names = [*by_name, *self._generated()] if order is None else list(order)
+        rules = [by_name[n] for n in names if n not in made]
+        read = self._read(rules, read_ahead, check_finite)
+        shapes = parameter_shapes(self.config)
+        for name in names:  # read tensors and a new head's zeros, in the order asked
+            if name in made:
+                yield name, np.zeros(shapes[name], self.dtype or np.float32)
+            else:
+                got, t = next(read)
+                assert got == name, (got, name)
+                yield name, t
+                del t
+        for _ in read:
+            raise AssertionError("tensors left over")
+
+    def _read(self, rules: Sequence[ExpandedRule], read_ahead: bool, check_finite: bool
+              ) -> Iterator[Tuple[str, np.ndarray]]:
         src, prefix = self.source, self.prefix
         with contextlib.ExitStack() as stack:
             get: Callable[[str], np.ndarray] = lambda k: src.get(prefix + k)
@@ -137,7 +170,7 @@ class Checkpoint:
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Every canonical tensor, in the model's own ``state_dict`` order."""
-        return dict(self.tensors(order=list(parameter_shapes(self.source_config))))
+        return dict(self.tensors(order=list(parameter_shapes(self.config))))
 
     def close(self) -> None:
         if self.owns_source:
@@ -153,8 +186,8 @@ class Checkpoint:
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
                     require_layout: Union[str, Sequence[str], None] = None, dtype: Optional[str] = None,
                     overrides: Optional[Dict[str, object]] = None, patch_size: Optional[int] = None,
-                    source: Optional[TensorSource] = None, labels: Union[str, Sequence[str], None] = None
-                    ) -> Checkpoint:
+                    source: Optional[TensorSource] = None, labels: Union[str, Sequence[str], None] = None,
+                    num_classes: Optional[int] = None) -> Checkpoint:
     """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
     ``require_layout``, or one of them, when given), infer the architecture and audit the keys; optionally
     retarget the resolution (``image_size``: the position table resized as Google's
@@ -165,6 +198,10 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     ``overrides`` (``--set act=quick_gelu``) likewise sets config fields the source does not
     record, the constructor arguments of its layout (timm's ``act_layer``, ``norm_layer``):
     only those, and not where a ``config.json`` records them.
+
+    ``num_classes`` replaces the classifier with a new zero-initialised one of that many
+    classes (0: none, the model returns its pooled features), and drops a ``pre_logits``
+    layer as vit_jax's ``load_pretrained`` does for a fine-tuning config without one.
 
     ``labels`` names the classifier's outputs, over what the file records: a list, or what
     :func:`vitconv.labels.load_labels` reads (``imagenet-1k``, ``imagenet-21k``, a file).
@@ -223,7 +260,12 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
                                     f"model's stride {cfg.total_stride}", path)
             ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
         ckpt.overridden = tuple(overrides or ())
-        ckpt.usage = _usage(layout, probe.metadata, cfg, labels, path)
+        if num_classes is not None:
+            if num_classes < 0:
+                raise BadInputError(f"--num-classes must be 0 or more, got {num_classes}", path)
+            ckpt.new_head = True
+            ckpt.config = ckpt.config.replace(num_classes=num_classes, representation_size=None, head_bias=True)
+        ckpt.usage = _usage(layout, probe.metadata, ckpt.config, labels, path)
         ckpt.notes = _read_notes(ckpt, probe)
     except BaseException:
         if opened:
@@ -325,6 +367,15 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
         a, b = ckpt.resized_from, ckpt.config.grid_size
         how = RESIZE_WORDS[ckpt.config.pos_resize if ckpt.repatched_from else cfg.pos_resize]
         notes.append(f"position embeddings resized {a}x{a} -> {b}x{b} ({how}, prefix rows kept)")
+    if ckpt.new_head:
+        new = ckpt.config.num_classes
+        what = "heads" if cfg.distilled and cfg.num_classes else "head"
+        notes.append(f"classifier replaced: {cfg.num_classes} -> {new} classes, zero-initialised {what}"
+                     if new else f"classifier removed ({cfg.num_classes} classes): the model returns "
+                     "its pooled features")
+        if cfg.representation_size:
+            notes.append(f"pre_logits ({cfg.representation_size}) dropped, as vit_jax's load_pretrained "
+                         "does for a fine-tuning config without a representation layer")
     return notes
 
 
@@ -592,7 +643,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
-            labels: Union[str, Sequence[str], None] = None,
+            labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
             before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
@@ -607,7 +658,8 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
-                         dtype=dtype, overrides=overrides, patch_size=patch_size, labels=labels) as ckpt:
+                         dtype=dtype, overrides=overrides, patch_size=patch_size, labels=labels,
+                         num_classes=num_classes) as ckpt:
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""
