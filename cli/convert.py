@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from vitconv.pipeline import DTYPES, convert as convert_any
+from vitconv.card import cli_command, convert as convert_any
+from vitconv.pipeline import DTYPES
 from vitconv.targets import target_names
 
 from .common import labels_option, num_classes_option, parse_overrides, progress_bar, summary
@@ -46,5 +47,5 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
                              overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size,
-                             labels=labels, num_classes=num_classes)
+                             labels=labels, num_classes=num_classes, command=cli_command())
     summary(ctx, report.rows())

@@ -290,7 +290,8 @@ def test_signal_while_a_directory_is_written(tmp_path, sig, code):
     r = CliRunner().invoke(main, ["-q", "convert", str(src), str(out / "vit_hf"), "--to", "hf"])
     assert r.exit_code == 0, r.output
     assert os.listdir(out) == ["vit_hf"]
-    assert sorted(os.listdir(out / "vit_hf")) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(os.listdir(out / "vit_hf")) == ["README.md", "config.json", "model.safetensors",
+                                                  "preprocessor_config.json"]
 
 
 def test_outputs_get_the_umask_mode(tmp_path, monkeypatch):
@@ -312,5 +313,5 @@ def test_outputs_get_the_umask_mode(tmp_path, monkeypatch):
         os.umask(old)
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
     assert modes == {"vit_hf": 0o750, "vit_hf/config.json": 0o640, "vit_hf/model.safetensors": 0o640,
-                     "vit_hf/preprocessor_config.json": 0o640,
+                     "vit_hf/preprocessor_config.json": 0o640, "vit_hf/README.md": 0o640,
                      "m.safetensors": 0o640, "m.onnx": 0o640, "m.onnx.data": 0o640}

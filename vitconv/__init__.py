@@ -17,10 +17,14 @@ __all__ = ["ViTConfig", "load", "convert", "open_checkpoint", "VisionTransformer
 def __getattr__(name):
     # The pipeline and torch load on first use: `import vitconv.reference` stays free of the
     # converter's mapping code, and `import vitconv` (and the CLI) start without torch.
-    if name in ("convert", "open_checkpoint"):
+    if name == "open_checkpoint":
         from . import pipeline
 
-        return getattr(pipeline, name)
+        return pipeline.open_checkpoint
+    if name == "convert":  # the pipeline's, with a model card in a directory output
+        from .card import convert
+
+        return convert
     if name == "load":
         from .checkpoint import load
 

@@ -644,12 +644,15 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
             labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
+            card: Optional[Callable[["Checkpoint", Layout, List[Path], str], str]] = None,
             before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
     a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
     (one more read of the file). Above ``shard_bytes`` a ``.safetensors`` output is sharded
-    with a ``.index.json`` (the report's ``output`` is then the index).
+    with a ``.index.json`` (the report's ``output`` is then the index). ``card(checkpoint,
+    layout, the weights' temporary files, source sha256)`` gives a model directory's
+    ``README.md`` (:mod:`vitconv.card`), written before the directory is renamed into place.
 
     >>> vitconv.convert("ViT-B_16.npz", "vit_hf")   # doctest: +SKIP
     """
@@ -665,8 +668,16 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""
         extra = {"source_sha256": digest, "source": src.name} if hash_source else {}
         specs = ckpt.specs()
+        commit = before_commit
+        if card is not None and container == "dir":
+            def commit(temporaries: List[Path]) -> None:
+                folder = temporaries[0].parent
+                with atomic_output(folder / "README.md") as tmp:
+                    tmp.write_text(card(ckpt, layout, temporaries, digest), encoding="utf-8")
+                if before_commit is not None:
+                    before_commit(temporaries)
         outputs = write(ckpt, layout, container, dst, extra=extra, shard_bytes=shard_bytes,
-                        progress=progress, before_commit=before_commit)
+                        progress=progress, before_commit=commit)
     notes = list(ckpt.notes) + layout.argument_notes(ckpt.config, recorded=container == "dir")
     notes += [f"{t} left out: the {layout.name} layout has none, and only training reads it"
               for t in layout.dropped(ckpt.config)]
