@@ -29,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +44,34 @@ WS_EPS = 1e-5  # models_resnet.weight_standardize: added to the std
 
 
 # --------------------------------------------------------------------------- loading
+POS_KEY = "Transformer/posembed_input/pos_embedding"
+
+
+class NpzParams(Mapping):
+    """A Google ``.npz``'s model tensors (``prefix`` stripped) as a read-only mapping that reads
+    each from the file when asked, in ``dtype``; nothing is kept. One forward pass asks for
+    each tensor once, so the file is read once, as :func:`load_npz` would."""
+
+    def __init__(self, source: NpzSource, prefix: str, dtype) -> None:
+        self._src, self._prefix, self._dtype = source, prefix, np.dtype(dtype)
+        self._keys = [k[len(prefix):] for k in source.keys() if k.startswith(prefix)]
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._set:
+            raise KeyError(key)
+        return self._src.get(self._prefix + key).astype(self._dtype, copy=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     """Google's ``.npz`` as ``{key: array}`` of the model's tensors, read through vitconv's
     safe ``.npz`` reader (headers checked against member sizes, pickles refused, duplicate
@@ -215,15 +243,40 @@ class GoogleViTReference:
     """
 
     def __init__(self, params: Params, dtype=np.float64):
-        self.raw = strip_prefix(params)
-        self.arch = architecture(self.raw)
+        raw = strip_prefix(params)
+        pos = np.asarray(raw[POS_KEY]) if POS_KEY in raw else None
+        self._setup({k: np.asarray(v).astype(np.dtype(dtype), copy=False) for k, v in raw.items()},
+                    lambda: pos, dtype)
+
+    def _setup(self, p: Mapping[str, np.ndarray], pos_stored: Callable[[], Optional[np.ndarray]],
+               dtype) -> None:
         self.dtype = np.dtype(dtype)
-        self.p = {k: np.asarray(v).astype(self.dtype) for k, v in self.raw.items()}
+        self.p = p
+        # The position table as stored: a resize zooms it in its own dtype, as vit_jax does.
+        self._pos_stored = pos_stored
+        self.arch = architecture(self.p)
         self._std_cache: Dict[str, np.ndarray] = {}
+        self._source: Optional[NpzSource] = None
 
     @classmethod
     def from_npz(cls, path: Union[str, os.PathLike], dtype=np.float64) -> "GoogleViTReference":
-        return cls(load_npz(path), dtype=dtype)
+        """Weights read from the file as the forward pass reaches them (:class:`NpzParams`):
+        the reference holds one tensor at a time, not a float64 copy of the model."""
+        src = NpzSource(path)
+        try:
+            prefix = _prefix(src.keys())
+            ref = cls.__new__(cls)
+            ref._setup(NpzParams(src, prefix, dtype), lambda: src.get(prefix + POS_KEY), dtype)
+        except BaseException:
+            src.close()
+            raise
+        ref._source = src
+        return ref
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     # -- what verify asks of any reference -------------------------------------
     @property
@@ -244,16 +297,15 @@ class GoogleViTReference:
 
     @property
     def in_chans(self) -> int:
-        return int(self.raw["conv_root/kernel" if self.arch.resnet_units else "embedding/kernel"].shape[2])
+        return int(self.p["conv_root/kernel" if self.arch.resnet_units else "embedding/kernel"].shape[2])
 
     # -- position table ------------------------------------------------------
     def pos_embed(self, grid: int) -> np.ndarray:
         """The position table for a ``grid`` x ``grid`` token grid (resized if needed)."""
-        key = "Transformer/posembed_input/pos_embedding"
         if grid == self.arch.grid_size:
-            return self.p[key]
+            return self.p[POS_KEY]
         prefix = 1 if self.arch.classifier == "token" else 0
-        return zoom_pos_embed(self.raw[key], grid, prefix).astype(self.dtype)
+        return zoom_pos_embed(self._pos_stored(), grid, prefix).astype(self.dtype)
 
     # -- hybrid stem -----------------------------------------------------------
     def _conv(self, x: np.ndarray, name: str, stride: int = 1) -> np.ndarray:

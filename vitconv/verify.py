@@ -32,6 +32,7 @@ artifacts expose only their final output, so only logits are compared and the re
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from .errors import BadInputError, VerificationError, first_line
 from .big_vision_reference import BigVisionReference
 from .library_reference import LibraryReference, open_reference
 from .pipeline import open_checkpoint
-from .reference import GoogleViTReference, load_npz
+from .reference import GoogleViTReference
 from .runtimes import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 
 PathLike = Union[str, os.PathLike]
@@ -182,13 +183,9 @@ def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
     if not p.exists():
         raise BadInputError("no such file", p)
     try:
-        params = load_npz(p)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        return GoogleViTReference.from_npz(p, dtype=dtype)
+    except (OSError, zipfile.BadZipFile) as e:
         raise BadInputError(f"not a readable .npz ({first_line(e)})", p) from None
-    except KeyError as e:
-        raise BadInputError(f"not a Google ViT checkpoint: {e.args[0]}", p) from None
-    try:
-        return GoogleViTReference(params, dtype=dtype)
     except (KeyError, ValueError) as e:
         raise BadInputError(f"not a Google ViT checkpoint the reference understands "
                             f"({type(e).__name__}: {e})", p) from None
@@ -229,11 +226,10 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     from .checkpoint import load  # torch
 
     overrides = dict(overrides or {})
-    with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # the layout decides the reference
-        ref = reference_for(src, source, reference_dtype)
-    numpy_reference = not isinstance(ref, LibraryReference)  # every stage; a library: some
+    with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # headers only
+        scfg = source.config
     model, runner, kind, label = None, None, "canonical", "in-memory model"
-
+    owned = True  # loaded here, so released here before the reference is built
     if converted is None:
         model = load(src, image_size=image_size, num_heads=num_heads, **overrides)
         label = f"{src} converted on the fly"
@@ -247,9 +243,9 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         else:
             model = load(converted)
     elif hasattr(converted, "forward_stages"):
-        model = converted
+        model, owned = converted, False
     else:
-        runner, kind = TorchRunner(converted), "torch module"
+        runner, kind, owned = TorchRunner(converted), "torch module", False
     if model is not None:
         kind = "canonical vitconv model"
 
@@ -264,36 +260,53 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
             size = model.config.image_size
         if size is None and isinstance(runner, OnnxRunner):
             size = runner.static_size()
-        size = size or ref.image_size
-        if size != ref.image_size and getattr(ref, "fixed_size", False):
-            raise BadInputError(f"the reference ({ref.description}) runs at the checkpoint's {ref.image_size}px "
-                                f"only, not {size}", src)
-        if size % ref.stride:
-            raise BadInputError(f"image size {size} is not a multiple of the model's stride {ref.stride}", src)
-        images = seeded_images(batch, size, ref.in_chans, seed)
+        size = size or scfg.image_size
+        if size % scfg.total_stride:
+            raise BadInputError(f"image size {size} is not a multiple of the model's stride {scfg.total_stride}", src)
+        images = seeded_images(batch, size, scfg.in_chans, seed)
         used_seed = seed
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    # The converted model runs first and is released; only then is the reference built (a
+    # float64 NumPy copy of the weights, or the library's model): the two are never held at once.
+    got = _run_converted(model, runner, nchw)
+    if owned:
+        model = runner = None
+        gc.collect()
+    with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # the layout decides the reference
+        ref = reference_for(src, source, reference_dtype)
+    if size != ref.image_size and getattr(ref, "fixed_size", False):
+        raise BadInputError(f"the reference ({ref.description}) runs at the checkpoint's {ref.image_size}px "
+                            f"only, not {size}", src)
+    numpy_reference = not isinstance(ref, LibraryReference)  # every stage; a library: some
     want = ref.forward_stages(images)
-
     report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
                           reference_dtype=ref.reference_dtype, reference=ref.description)
-    if model is not None:
-        import torch
-
-        with torch.no_grad():
-            got = {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(nchw)).items()}
+    if hasattr(ref, "close"):
+        ref.close()
+    del ref
+    if isinstance(got, dict):
         # a library exposes some stages (embedding, block outputs, the output): those are compared
         names = list(want) + ([k for k in got if k not in want] if numpy_reference else [])
         report.stages = [compare_stage(n, got.get(n), want.get(n), tolerance) for n in names]
     else:
         final = "logits" if "logits" in want else "head_input"
-        report.stages = [compare_stage(final, runner(nchw), want[final], tolerance)]
+        report.stages = [compare_stage(final, got, want[final], tolerance)]
         report.only_final = True
         pretty = {"onnx": "ONNX", "torchscript": "TorchScript"}.get(kind, kind)
         report.note = (f"{pretty} artifacts expose only their final output: only {final} compared, "
                        "a failure cannot be localised to a stage")
     return report
+
+
+def _run_converted(model, runner, nchw: np.ndarray):
+    """A canonical model's every stage (a dict), or a runtime's final output (an array)."""
+    if model is None:
+        return runner(nchw)
+    import torch
+
+    with torch.no_grad():
+        return {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(nchw)).items()}
 
 
 def check(src: PathLike, converted: Union[PathLike, Any, None] = None, **kwargs) -> VerifyReport:
