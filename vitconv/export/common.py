@@ -85,7 +85,7 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- model prep
 def export_ready(model):
-    """A copy of ``model`` with every ``StdConv2d`` replaced by a plain convolution whose
+    """``model`` in eval mode or, for a hybrid, a copy of it with every ``StdConv2d`` replaced by a plain convolution whose
     weight is the standardised kernel (computed once, in float64, rounded to float32 exactly
     as the eager model does). Exported graphs then hold no float64 ops and no per-call
     weight arithmetic; the numbers are identical to the eager model's."""
@@ -101,6 +101,8 @@ def export_ready(model):
             x = tf_same_pad(x, self.kernel_size[0], self.stride[0])
             return torch.nn.functional.conv2d(x, self.weight, None, self.stride)
 
+    if not any(isinstance(m, StdConv2d) for m in model.modules()):
+        return model.eval()  # nothing to fold: no copy (a copy is the model's size again)
     model = copy.deepcopy(model).eval()
     for name, mod in list(model.named_modules()):
         if isinstance(mod, StdConv2d):

@@ -33,6 +33,7 @@ Why these choices:
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -143,6 +144,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes(cfg.total_stride, batch, dynamic_size))
         proto = program.model_proto
+        del program  # its graph and weights are in the proto now
         meta = {
             "vitconv_config": cfg.to_json(),
             **preprocessing_metadata(usage or Usage()),
@@ -172,6 +174,8 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
             else:
                 onnx.save_model(proto, os.fspath(tmp))
+        del proto  # the checker and onnxruntime read the file: not two more copies at once
+        gc.collect()
         with Timer() as t_verify:
             onnx.checker.check_model(os.fspath(tmp), full_check=True)
             notes.append(f"opset {opset}; onnx.checker full_check passed; onnxruntime CPU")
