@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -59,22 +59,28 @@ def default_output(src: PathLike, kind: str) -> Path:
     return p.with_name(p.stem + suffix)
 
 
-def make_reference(src: PathLike, model, image_size: int) -> Reference:
-    """PyTorch logits on the seeded input. At the model's own resolution this is ``model``;
-    at any other resolution it is the model *converted* at that size
-    (``vitconv.load(src, image_size=R)``, Google's scipy zoom), so dynamic-resolution exports
-    are held to what ``npz2pt --image-size`` computes, not to the on-the-fly resize they embed."""
+def make_reference(src: PathLike, model, image_size: int, checks: Sequence[Check]) -> Reference:
+    """PyTorch logits on each check's seeded input, computed now. At the model's own
+    resolution they are ``model``'s; at any other resolution the model's *converted* at that
+    size (``vitconv.load(src, image_size=R)``, Google's scipy zoom), so dynamic-resolution
+    exports are held to what ``npz2pt --image-size`` computes, not to the on-the-fly resize
+    they embed. Each resized model is released before the next is loaded."""
     import torch
 
     from ..checkpoint import load  # torch
 
-    models = {image_size: model}
+    outputs: Dict[Tuple[int, int], np.ndarray] = {}
+    for size in dict.fromkeys(c.size for c in checks):
+        m = model if size == image_size else load(src, image_size=size)
+        with torch.no_grad():
+            for c in checks:
+                if c.size == size:
+                    x = torch.from_numpy(seeded_input(c.batch, size, model.config.in_chans))
+                    outputs[c.batch, size] = m(x).numpy()
+        del m
 
     def reference(batch: int, size: int) -> np.ndarray:
-        if size not in models:
-            models[size] = load(src, image_size=size)
-        with torch.no_grad():
-            return models[size](torch.from_numpy(seeded_input(batch, size, model.config.in_chans))).numpy()
+        return outputs[batch, size]
 
     return reference
 
@@ -103,8 +109,8 @@ def run_export(src: PathLike, plan: ExportPlan,
         weights = ckpt.source.files()[0]  # a model directory's weights file
     cfg = model.config
     say = progress or (lambda s: None)
-    reference = make_reference(src, model, cfg.image_size)
     checks = check_plan(cfg.image_size, cfg.total_stride, plan.batch, plan.dynamic_size)
+    reference = make_reference(src, model, cfg.image_size, checks)
     results: List[ExportResult] = []
     failures: List[VerificationError] = []
     source_sha = sha256_file(weights)
