@@ -1,5 +1,5 @@
 """``vitconv convert SRC DST [--to LAYOUT] [--num-heads N] [--image-size N] [--patch-size N]
-[--dtype D] [--set FIELD=VALUE]``."""
+[--dtype D] [--set FIELD=VALUE] [--verify]``."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ from .common import labels_option, num_classes_option, parse_overrides, progress
               "as read; bfloat16 sources are read as float32, exactly).")
 @labels_option
 @num_classes_option
+@click.option("--verify", "check", is_flag=True, help="Verify the written files against the source's "
+              "reference before they are renamed into place: nothing appears unless they pass (exit 3).")
 @click.pass_context
 def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
             overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None,
-            labels: str | None, num_classes: int | None) -> None:
+            labels: str | None, num_classes: int | None, check: bool) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -43,9 +45,10 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
       vitconv convert ViT-B_16.npz vit_hf                 # Hugging Face directory
       vitconv convert vit_hf vit_timm.pth --to timm
       vitconv convert vit_timm.pth back.npz               # Google .npz
+      vitconv convert ViT-B_16.npz b16.safetensors --dtype float16 --verify
     """
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
                              overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size,
-                             labels=labels, num_classes=num_classes, command=cli_command())
+                             labels=labels, num_classes=num_classes, command=cli_command(), verify=check)
     summary(ctx, report.rows())

@@ -10,6 +10,7 @@ logits). What is checked here is that streaming, ordering and headers change not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import CASES, GOOGLE_CASES, golden_path
+import vitconv
 from vitconv.checkpoint import build_model
 from vitconv.config import ViTConfig
 from vitconv.errors import OutputError
@@ -50,7 +52,7 @@ def test_canonical_safetensors_equals_save_file(ckpt, tmp_path):
     report = convert(src, tmp_path / "b.safetensors")
     with open_checkpoint(src) as c:
         meta = {"format": "pt", "vitconv_config": c.config.to_json(), **c.usage.metadata(),
-                "source_sha256": report.source_sha256, "source": src.name}
+                "source_sha256": report.source_sha256, "source": src.name, "vitconv_version": vitconv.__version__}
         save_file(_torch_state(c.state_dict()), str(tmp_path / "a.safetensors"), metadata=meta)
     # save_file orders __metadata__ keys at random (a Rust HashMap): compare the parsed header,
     # whose data_offsets fix every tensor's place, and the data section byte for byte.
@@ -67,8 +69,10 @@ def test_foreign_safetensors_equal_save_file(to, dst, tmp_path):
     out = tmp_path / dst / "model.safetensors" if to == "hf" else tmp_path / dst
     with open_checkpoint(src) as c:
         arrays = map_state(c.state_dict(), c.config, LAYOUTS[report.target_layout])
-    save_file(_torch_state(arrays), str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    provenance = {"source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(), "source": src.name,
+                  "vitconv_version": vitconv.__version__}
+    save_file(_torch_state(arrays), str(tmp_path / "ref.safetensors"), metadata={"format": "pt", **provenance})
+    assert _split(out) == _split(tmp_path / "ref.safetensors")  # metadata key order is save_file's own
 
 
 @pytest.mark.parametrize("ckpt", ["jax/tiny_token_p8_32.npz", "jax/tiny_r50_32.npz"])
@@ -79,7 +83,8 @@ def test_canonical_pt_loads_as_torch_save_would_write_it(ckpt, tmp_path):
     with open_checkpoint(src, image_size=size) as c:  # the torch module's own state_dict order
         ref = {"format": "vitconv", "format_version": 1, "config": c.config.to_dict(),
                "state_dict": build_model(c.config, c.state_dict()).state_dict(),
-               **c.usage.metadata(), "source_sha256": report.source_sha256, "source": src.name}
+               **c.usage.metadata(), "source_sha256": report.source_sha256, "source": src.name,
+               "vitconv_version": vitconv.__version__}
     torch.save(ref, tmp_path / "a.pt")
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)

@@ -3,6 +3,10 @@ came from (file, sha256, layout), the architecture, how to load it, the preproce
 labels, vitconv's version and command, and the figures of ``verify`` run on the written
 files against the source's own reference, before the directory appears. Front matter in the
 Hugging Face Hub's format, so the directory can be pushed as it is.
+
+The same check, before commit, on any output: ``convert(..., verify=True)`` (``vitconv
+convert --verify``, every row of ``vitconv batch``) renames nothing into place unless the
+written files, read back, compute what the source computes.
 """
 
 from __future__ import annotations
@@ -13,14 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
+
 from . import __version__
-from .errors import VitconvError
+from .config import ViTConfig
+from .errors import VerificationError, VitconvError
 from .export.safetensors import read_back
+from .formats.atomic import atomic_output
+from .formats.base import numpy_dtype
 from .formats.hf_dir import JSON_FILES
 from .pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from .predict import classifies
 from .rules.registry import Layout
-from .verify import verify
+from .verify import VerifyReport, verify
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,53 +39,120 @@ def cli_command() -> str:
     return "vitconv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, **kwargs: Any) -> ConversionReport:
+#: Metadata of an output whose files were verified before they were renamed into place:
+#: present only then, so a file that holds it was verified by construction.
+VERIFIED_KEY = "vitconv_verified"
+
+
+def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, verify: bool = False,
+            **kwargs: Any) -> ConversionReport:
     """:func:`vitconv.pipeline.convert`, with a model card in a directory output; ``command``
-    is recorded in it (default: a Python call)."""
+    is recorded in it (default: a Python call). The written files are read back and checked
+    against the source's reference (:func:`verify_written`) before they are renamed into place:
+    for the card's figures, and with ``verify`` for every output, which then appears only if
+    the check passes (else :class:`VerificationError`, nothing written) and records
+    ``vitconv_verified`` in its metadata; the report's ``checked`` holds the figures."""
     said = command or f"vitconv.convert({os.fspath(src)!r}, {os.fspath(dst)!r})"
+    num_heads, overrides = kwargs.get("num_heads"), kwargs.get("overrides")
+    if verify:
+        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), VERIFIED_KEY: "true"}
 
-    def card(ckpt: Checkpoint, layout: Layout, temporaries: List[Path], digest: str) -> str:
-        return model_card(src, ckpt, layout, temporaries, digest, said, kwargs.get("num_heads"),
-                          kwargs.get("overrides"))
-    return convert_checkpoint(src, dst, card=card, **kwargs)
+    def on_written(ckpt: Checkpoint, layout: Layout, container: str, temporaries: List[Path],
+                   digest: str) -> Optional[VerifyReport]:
+        if not verify and container != "dir":
+            return None
+        try:
+            if ckpt.new_head:
+                raise VitconvError("the classifier was replaced by a new zero-initialised one; every other "
+                                   "tensor is the source's, unchanged")
+            report: Union[VerifyReport, VitconvError] = verify_written(
+                src, ckpt.config, layout, container, temporaries, num_heads=num_heads, overrides=overrides,
+                image_size=kwargs.get("image_size"), patch_size=kwargs.get("patch_size"),
+                dtype=kwargs.get("dtype"))
+        except VitconvError as e:
+            if verify:  # named as the output the user asked for, not its temporary file
+                raise type(e)(e.message, dst) from None
+            report = e
+        if verify and not report.ok:
+            raise VerificationError(report.verdict(), dst)
+        if container == "dir":
+            with atomic_output(temporaries[0].parent / "README.md") as tmp:
+                tmp.write_text(model_card(src, ckpt, layout, digest, said, report), encoding="utf-8")
+        return report if isinstance(report, VerifyReport) else None
+    return convert_checkpoint(src, dst, on_written=on_written, **kwargs)
 
 
-def _verify_written(src: PathLike, temporaries: Sequence[Path], num_heads: Optional[int],
-                    overrides: Optional[Dict[str, object]]):
-    """``verify`` on the files just written (still under their temporary names), the config
-    and preprocessing files beside them included, against the source's reference."""
+def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str, temporaries: Sequence[Path], *,
+                   num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
+                   image_size: Optional[int] = None, patch_size: Optional[int] = None,
+                   dtype: Optional[str] = None) -> VerifyReport:
+    """``verify`` on the files just written (still under their temporary names), read back as
+    a user would read them (a directory with its config and preprocessing files; a bare file
+    told only what its layout cannot record), against the source's reference (given
+    ``num_heads``/``overrides`` as the conversion was).
+
+    Weights written in a narrower ``dtype`` are checked in two steps that together are exact:
+    every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
+    ``dtype``, and that float32 model is verified against the reference at the usual
+    tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
     from .checkpoint import build_model  # torch
 
-    weights = list(temporaries[:-1] if len(temporaries) > 1 else temporaries)  # shards, then the index
-    source = read_back(weights)
-    folder = Path(weights[0]).parent
-    for name, key in JSON_FILES.items():
-        if (folder / name).is_file():
-            source.metadata[key] = (folder / name).read_text(encoding="utf-8")
-    with open_checkpoint(folder, source=source) as written:
-        model = build_model(written.config, written.state_dict())
-    return verify(src, model, num_heads=num_heads, overrides=overrides)
+    if patch_size is not None:
+        raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
+                           "source's own patch size")
+    source, where, told = None, Path(temporaries[0]), {}
+    if container in ("dir", "safetensors"):
+        weights = list(temporaries[:-1] if len(temporaries) > 1 else temporaries)  # shards, then the index
+        source = read_back(weights)
+    if container == "dir":
+        where = where.parent
+        for name, key in JSON_FILES.items():
+            if (where / name).is_file():
+                source.metadata[key] = (where / name).read_text(encoding="utf-8")
+    else:
+        told = layout.arguments(cfg, recorded=False)
+    heads = told.pop("num_heads", None)
+    try:
+        with open_checkpoint(where, source=source, num_heads=heads, overrides=told) as written:
+            state = written.state_dict()
+            read_cfg = written.config
+    finally:
+        if source is not None:
+            source.close()
+    if dtype is not None:
+        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full:
+            exact = full.state_dict()
+        want = numpy_dtype(dtype)
+        for k, a in exact.items():  # (a bfloat16 file reads as float32, exactly: compare the values' bits)
+            got = state[k]
+            if (got.dtype not in (want, np.float32)
+                    or got.astype(np.float32).tobytes() != a.astype(want).astype(np.float32).tobytes()):
+                raise VerificationError(f"{k}: the written tensor is not the float32 weight rounded to {dtype}")
+        state, rounded = exact, len(exact)
+    model = build_model(read_cfg, state)
+    del state
+    report = verify(src, model, num_heads=num_heads, overrides=overrides)
+    if dtype is not None:
+        report.note = (f"the {rounded} tensors written as {dtype} are the verified float32 weights rounded "
+                       f"to {dtype}, bit for bit; the stages above are the float32 model's")
+    return report
 
 
-def model_card(src: PathLike, ckpt: Checkpoint, layout: Layout, temporaries: Sequence[Path], digest: str,
-               command: str, num_heads: Optional[int] = None,
-               overrides: Optional[Dict[str, object]] = None) -> str:
+def model_card(src: PathLike, ckpt: Checkpoint, layout: Layout, digest: str, command: str,
+               report: Union[VerifyReport, VitconvError]) -> str:
+    """The card's text; ``report``: :func:`verify_written`'s figures, or why there are none."""
     cfg, usage = ckpt.config, ckpt.usage
     library = layout.loads_with.get("dir", "").split(".")[0].split("(")[0] or None
     task = "image-classification" if classifies(cfg) else "image-feature-extraction"
-    try:
-        if ckpt.new_head:
-            raise VitconvError("the classifier was replaced by a new zero-initialised one; every other "
-                               "tensor is the source's, unchanged")
-        report = _verify_written(src, temporaries, num_heads, overrides)
+    if isinstance(report, VerifyReport):
         figures = [f"`vitconv verify` on the written files, before they were renamed into place: "
                    f"{report.verdict()}", "",
                    f"Reference: {report.reference}; {report.batch} seeded images at {report.image_size}px, "
                    f"tolerance {report.tolerance:g} x max(1, rms) per stage.", "",
                    "| stage | max abs diff | bound |", "|---|---|---|"]
         figures += [f"| {s.what} | {s.max_abs:.3g} | {s.bound:.3g} |" for s in report.stages]
-    except VitconvError as e:
-        figures = [f"Not verified: {e.message}"]
+    else:
+        figures = [f"Not verified: {report.message}"]
     labels = usage.labels
     front = ["---", "tags:", "  - vision", "  - vision-transformer", "  - vitconv", f"pipeline_tag: {task}"]
     if library:

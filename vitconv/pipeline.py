@@ -25,11 +25,11 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import preprocess
+from . import __version__, preprocess
 from .config import ViTConfig
 from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable
@@ -440,6 +440,8 @@ class ConversionReport:
     notes: List[str] = field(default_factory=list)
     #: Every path written (shards, then their index; or the directory).
     files: List[str] = field(default_factory=list)
+    #: What the ``on_written`` hook returned: :mod:`vitconv.card`'s verification of the written files.
+    checked: Any = None
 
     def rows(self) -> List[Tuple[str, str]]:
         digest = f", sha256 {self.source_sha256[:12]}…" if self.source_sha256 else ""
@@ -448,6 +450,11 @@ class ConversionReport:
                 ("params", f"{self.num_params:,}")]
         rows += [("note", n) for n in self.notes]
         rows.append(("wrote", f"{self.output} ({self.output_kind})"))
+        if self.checked is not None and hasattr(self.checked, "verdict"):
+            rows.append(("verified", f"{self.checked.verdict()}, on the written files before they were "
+                                     "renamed into place"))
+            if self.checked.note:
+                rows.append(("verified", self.checked.note))
         return rows
 
 
@@ -540,12 +547,16 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
           progress: Optional[Progress] = None,
           before_commit: Optional[Callable[[List[Path]], None]] = None) -> List[Path]:
     """Stream ``ckpt`` into ``dst`` in ``layout`` and ``container``; returns the final paths
-    (a sharded file's index last; a directory's path). ``extra``: metadata for a canonical
-    file (source hash and name). ``before_commit(temporary paths)`` runs once every byte is
-    written and before anything is renamed into place: an exception there leaves nothing."""
+    (a sharded file's index last; a directory's path). ``extra``: provenance strings (source
+    hash and name, vitconv's version), kept wherever the container has metadata: every
+    safetensors header, a shard index's ``metadata``, a canonical ``.pt`` (a Google ``.npz``
+    and a foreign ``.pt`` state dict have no place for them). ``before_commit(temporary
+    paths)`` runs once every byte is written and before anything is renamed into place: an
+    exception there leaves nothing."""
     cfg, canonical = ckpt.config, layout.name == "canonical"
+    extra = dict(extra or {})
     if canonical:  # a vitconv file keeps what its users need, for the conversions after it
-        extra = {**ckpt.usage.metadata(), **(extra or {})}
+        extra = {**ckpt.usage.metadata(), **extra}
     canon = {s.name: s for s in ckpt.specs()}
     rules = layout.rules(cfg)
     shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
@@ -571,10 +582,10 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
                 with atomic_output(folder / name) as tmp:
                     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
-            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored, {"format": "pt"},
+            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored, {"format": "pt", **extra},
                                              shard_bytes=shard_bytes)
         elif container == "safetensors":
-            meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json(), **(extra or {})} if canonical else {})}
+            meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json()} if canonical else {}), **extra}
             writer = SafetensorsStreamWriter(dst, stored, meta, shard_bytes=shard_bytes)
         elif container == "pt":
             writer = PtStreamWriter(dst, stored, vitconv_payload(cfg.to_dict(), extra) if canonical else None,
@@ -644,15 +655,20 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
             progress: Optional[Progress] = None, hash_source: bool = True,
             labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
-            card: Optional[Callable[["Checkpoint", Layout, List[Path], str], str]] = None,
-            before_commit: Optional[Callable[[List[Path]], None]] = None) -> ConversionReport:
+            on_written: Optional[Callable[["Checkpoint", Layout, str, List[Path], str], Any]] = None,
+            before_commit: Optional[Callable[[List[Path]], None]] = None,
+            metadata: Optional[Dict[str, str]] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
     a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
     (one more read of the file). Above ``shard_bytes`` a ``.safetensors`` output is sharded
-    with a ``.index.json`` (the report's ``output`` is then the index). ``card(checkpoint,
-    layout, the weights' temporary files, source sha256)`` gives a model directory's
-    ``README.md`` (:mod:`vitconv.card`), written before the directory is renamed into place.
+    with a ``.index.json`` (the report's ``output`` is then the index). ``on_written(checkpoint,
+    layout, container, the weights' temporary files, source sha256)`` runs once every byte is
+    written, before anything is renamed into place (:mod:`vitconv.card` verifies the files
+    there and writes a model directory's ``README.md``); what it returns is the report's
+    ``checked``, and an exception leaves nothing.
+    ``metadata``: more provenance strings, recorded with the source's hash and vitconv's
+    version wherever the output has metadata (:func:`write`).
 
     >>> vitconv.convert("ViT-B_16.npz", "vit_hf")   # doctest: +SKIP
     """
@@ -666,16 +682,16 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""
-        extra = {"source_sha256": digest, "source": src.name} if hash_source else {}
+        extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
+                 "vitconv_version": __version__, **(metadata or {})}
         specs = ckpt.specs()
-        commit = before_commit
-        if card is not None and container == "dir":
-            def commit(temporaries: List[Path]) -> None:
-                folder = temporaries[0].parent
-                with atomic_output(folder / "README.md") as tmp:
-                    tmp.write_text(card(ckpt, layout, temporaries, digest), encoding="utf-8")
-                if before_commit is not None:
-                    before_commit(temporaries)
+        checked: List[Any] = []
+
+        def commit(temporaries: List[Path]) -> None:
+            if on_written is not None:
+                checked.append(on_written(ckpt, layout, container, temporaries, digest))
+            if before_commit is not None:
+                before_commit(temporaries)
         outputs = write(ckpt, layout, container, dst, extra=extra, shard_bytes=shard_bytes,
                         progress=progress, before_commit=commit)
     notes = list(ckpt.notes) + layout.argument_notes(ckpt.config, recorded=container == "dir")
@@ -692,7 +708,8 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         notes.append(f"weights written as {dtype}")
     resized = (ckpt.resized_from, ckpt.config.grid_size) if ckpt.resized_from is not None else None
     return ConversionReport(str(src), ckpt.layout.name, digest, ckpt.config, sum(s.numel for s in specs),
-                            str(outputs[-1]), kind, layout.name, resized, notes, [str(p) for p in outputs])
+                            str(outputs[-1]), kind, layout.name, resized, notes, [str(p) for p in outputs],
+                            checked[0] if checked else None)
 
 
 __all__ = ["Checkpoint", "ConversionReport", "open_checkpoint", "convert", "write", "choose_layout",

@@ -93,7 +93,8 @@ def open_torch(path: os.PathLike | str) -> DictSource:
             meta["vitconv_config"] = json.dumps(obj.get("config"))
         except (TypeError, ValueError, RecursionError) as e:
             raise BadInputError(f"vitconv config is not plain data ({first_line(e)})", path) from None
-        for k in ("source_sha256", "source", "vitconv_preprocessing", "vitconv_labels"):
+        for k in ("source_sha256", "source", "vitconv_version", "vitconv_verified", "vitconv_preprocessing",
+                  "vitconv_labels"):
             if k in obj:
                 meta[k] = str(obj[k])
     tensors = flatten_state_dict(obj, os.fspath(path))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..config import SHAPE_FIELDS, ViTConfig, describe_field, storage_only, training_only
 from ..errors import MappingError
@@ -170,6 +170,13 @@ class Layout:
                 how += f", and --num-heads {value} when vitconv reads the file"
             out.append(f"{c.field}={value!r} is not recorded in a bare {self.name} state dict: {how}")
         return out
+
+    def arguments(self, cfg: ViTConfig, recorded: bool) -> Dict[str, Any]:
+        """What a reader must be told of ``cfg`` to read a file of this layout back: each
+        field the container does not record (``recorded``: it has the layout's config.json)
+        that the layout's code takes as a constructor argument, with ``cfg``'s value."""
+        return {c.field: getattr(cfg, c.field) for c in self.carries
+                if c.argument is not None and c.argument.isidentifier() and not c.recorded(cfg, recorded)}
 
     def assumed(self, cfg: ViTConfig, probe: Probe) -> List[str]:
         """Fields a read took from the layout's conventions because the source does not

@@ -1,0 +1,126 @@
+"""``convert(..., verify=True)`` / ``vitconv convert --verify``: the written files, read back as
+a user reads them, are checked against the source's independent reference (Google's NumPy
+forward pass) before they are renamed into place; nothing appears when they disagree. And the
+provenance every output with metadata records (source sha256 by hashlib, vitconv's version)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import vitconv
+from conftest import golden_path
+from vitconv.errors import VerificationError
+from vitconv.formats.safetensors_stream import SafetensorsStreamWriter
+
+SRC = golden_path("jax/tiny_token_p8_32.npz")
+GAP = golden_path("jax/tiny_gap_p8_32.npz")
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _header(path) -> dict:
+    with safe_open(str(path), "np") as f:
+        return f.metadata() or {}
+
+
+@pytest.mark.parametrize("dst,to,dtype", [
+    ("a.safetensors", None, None), ("a.pt", None, None), ("a.npz", None, None),
+    ("t.pth", "timm", None), ("t.safetensors", "timm", "bfloat16"), ("hf", None, None), ("tdir", "timm", None),
+    ("h.safetensors", None, "float16"), ("b.npz", None, "bfloat16"),
+])
+def test_verified_before_commit_on_every_container(dst, to, dtype, tmp_path):
+    report = vitconv.convert(SRC, tmp_path / dst, to=to, dtype=dtype, verify=True)
+    assert report.checked is not None and report.checked.ok, report.checked
+    assert "NumPy float64 reference of vit_jax" in report.checked.reference
+    assert len(report.checked.stages) == 9  # every stage of the NumPy reference
+    if dtype:  # the rounded file proven bit for bit, the float32 model at the usual tolerance
+        assert f"written as {dtype}" in report.checked.note and report.checked.tolerance == 1e-4
+    assert (tmp_path / dst).exists()
+
+
+@pytest.mark.parametrize("dst,to,weights", [
+    ("a.safetensors", None, "a.safetensors"), ("t.safetensors", "timm", "t.safetensors"),
+    ("hf", None, "hf/model.safetensors"), ("tdir", "timm", "tdir/model.safetensors"),
+])
+def test_provenance_in_every_safetensors_header(dst, to, weights, tmp_path):
+    vitconv.convert(SRC, tmp_path / dst, to=to, verify=True)
+    meta = _header(tmp_path / weights)
+    assert meta["source_sha256"] == _sha(SRC) and meta["source"] == SRC.name
+    assert meta["vitconv_version"] == vitconv.__version__ and meta["vitconv_verified"] == "true"
+    vitconv.convert(SRC, tmp_path / ("un" + dst), to=to)  # not verified: not said
+    assert "vitconv_verified" not in _header(tmp_path / ("un" + weights))
+
+
+def test_provenance_in_a_shard_index_and_a_vitconv_pt(tmp_path):
+    vitconv.convert(SRC, tmp_path / "s.safetensors", shard_bytes=40_000, verify=True)
+    index = json.loads((tmp_path / "s.safetensors.index.json").read_text())
+    assert index["metadata"]["source_sha256"] == _sha(SRC) and index["metadata"]["vitconv_verified"] == "true"
+    vitconv.convert(SRC, tmp_path / "c.pt", verify=True)
+    with vitconv.open_checkpoint(tmp_path / "c.pt") as c:
+        assert c.source.metadata["source_sha256"] == _sha(SRC)
+        assert c.source.metadata["vitconv_verified"] == "true"
+
+
+def test_a_file_its_layout_computes_differently_is_not_written(tmp_path):
+    # jeonsworld's code uses erf GELU; Google's tiny model uses the tanh form: the file holds the
+    # right tensors, but read back as a jeonsworld user reads it, it computes something else.
+    out = tmp_path / "j.pth"
+    with pytest.raises(VerificationError, match=r"j\.pth: FAILED: first stage past tolerance is block 0 MLP"):
+        vitconv.convert(SRC, out, to="jeonsworld", verify=True)
+    assert list(tmp_path.iterdir()) == []
+    vitconv.convert(SRC, out, to="jeonsworld")  # without --verify it is written, with a note
+    assert out.exists()
+
+
+def test_a_corrupted_write_is_caught_and_nothing_appears(tmp_path, monkeypatch):
+    write = SafetensorsStreamWriter._write
+
+    def corrupt(self, index, a):  # one weight 1% off on its way to the disk
+        if self.specs[index].name.endswith(("blocks.1.mlp.fc2.weight", "layer.1.output.dense.weight")):
+            a = a * np.float32(1.01)
+        write(self, index, a)
+    monkeypatch.setattr(SafetensorsStreamWriter, "_write", corrupt)
+    with pytest.raises(VerificationError, match="block 1 MLP"):
+        vitconv.convert(SRC, tmp_path / "x.safetensors", verify=True)
+    with pytest.raises(VerificationError, match="block 1 MLP"):
+        vitconv.convert(SRC, tmp_path / "hf", verify=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_badly_rounded_tensor_is_named(tmp_path, monkeypatch):
+    write = SafetensorsStreamWriter._write
+
+    def truncate(self, index, a):  # one float16 ulp toward zero: not round-to-nearest
+        if self.specs[index].name == "head.weight":
+            a = np.nextafter(a, np.float16(0))
+        write(self, index, a)
+    monkeypatch.setattr(SafetensorsStreamWriter, "_write", truncate)
+    with pytest.raises(VerificationError, match="head.weight: the written tensor is not the float32 weight "
+                                                "rounded to float16"):
+        vitconv.convert(SRC, tmp_path / "x.safetensors", dtype="float16", verify=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_cli(*args):
+    from _vitconv_cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_verify_flag(tmp_path):
+    ok = run_cli("convert", SRC, tmp_path / "x.safetensors", "--dtype", "bfloat16", "--verify")
+    assert ok.exit_code == 0 and "verified  OK: 9 stage(s)" in ok.stdout, ok.output
+    assert "written as bfloat16 are the verified float32 weights rounded" in ok.stdout
+    bad = run_cli("convert", SRC, tmp_path / "j.pth", "--to", "jeonsworld", "--verify")
+    assert bad.exit_code == 3 and bad.stderr.count("\n") == 1 and "FAILED" in bad.stderr
+    assert not (tmp_path / "j.pth").exists()
+    cannot = run_cli("convert", GAP, tmp_path / "p.safetensors", "--patch-size", "4", "--verify")
+    assert cannot.exit_code == 1 and "verify cannot check a --patch-size resample" in cannot.stderr
