@@ -20,7 +20,7 @@ from typing import List
 import click
 
 from vitconv import __version__
-from vitconv.errors import VitconvError, first_line, one_line
+from vitconv.errors import VitconvError, failure, one_line
 
 #: (module in this package, command object name). Each command lives in its own module.
 COMMANDS = (
@@ -31,6 +31,7 @@ COMMANDS = (
     ("bench", "bench"),
     ("convert", "convert"),
     ("predict", "predict"),
+    ("batch", "batch"),
 )
 
 
@@ -87,17 +88,15 @@ class VitconvGroup(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush cannot fail again
             ctx.exit(141)
-        except MemoryError:
+        except Exception as e:  # out of memory; or a bug in vitconv, not the user's fault: still one line
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.secho("vitconv: error: out of memory", fg="red", err=True)
-            ctx.exit(1)
-        except Exception as e:  # a bug in vitconv, not the user's fault: still one line
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.secho(f"vitconv: internal error: {type(e).__name__}: {first_line(e, 300)} "
-                        "(run with --debug for a traceback)", fg="red", err=True)
-            ctx.exit(1)
+            text, code = failure(e)  # the text a batch row's failure has too
+            if isinstance(e, MemoryError):
+                click.secho(f"vitconv: error: {text}", fg="red", err=True)
+            else:
+                click.secho(f"vitconv: {text} (run with --debug for a traceback)", fg="red", err=True)
+            ctx.exit(code)
 
 
 def _escape(e: UnicodeError):

@@ -48,6 +48,16 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return type(exc).__name__
 
 
+def failure(exc: BaseException) -> "tuple[str, int]":
+    """``(one-line message, exit code)`` for an exception, as the CLI prints it: a
+    :class:`VitconvError` its own; out of memory; anything else an internal error (exit 1)."""
+    if isinstance(exc, VitconvError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, MemoryError):
+        return "out of memory", 1
+    return f"internal error: {type(exc).__name__}: {first_line(exc, 300)}", 1
+
+
 class VitconvError(Exception):
     """Base class: a problem the user can act on. ``exit_code`` is what the CLI returns."""
 

@@ -1,0 +1,614 @@
+"""``vitconv batch``: a manifest of conversions, each converted and verified by the same
+library call as ``vitconv convert --verify`` (:func:`run_row`), in worker processes or as Ray
+tasks, resumable, with a report.
+
+A row fails alone, with the single command's one-line error; its outputs appear only once
+verified. Each output with metadata records the source's sha256, vitconv's version, the row's
+options and that it was verified, so a rerun skips a row whose output already holds that
+(``force`` redoes it). A Google ``.npz`` or a foreign ``.pt`` state dict has no metadata: for
+those the previous report is the record (the output's sha256 must still match it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from . import __version__, storage
+from .errors import BadInputError, VitconvError, failure, one_line
+
+PathLike = Union[str, os.PathLike]
+
+#: Columns a manifest row may have, and their types (``src`` and ``dst`` are required).
+COLUMNS: Dict[str, type] = {"src": str, "dst": str, "to": str, "image_size": int, "patch_size": int,
+                            "dtype": str, "verify": bool, "num_heads": int, "labels": str}
+#: The options that make two conversions of one source different outputs.
+OPTIONS = ("to", "image_size", "patch_size", "dtype", "num_heads", "labels", "verify")
+MAX_MANIFEST_BYTES = 64 << 20
+ROW_KEY = "vitconv_batch_row"  # the row's options, in the output's metadata
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    src: str
+    dst: str
+    to: Optional[str] = None
+    image_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    dtype: Optional[str] = None
+    verify: bool = True
+    num_heads: Optional[int] = None
+    labels: Optional[str] = None
+
+    def options(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in OPTIONS if getattr(self, k) is not None}
+
+
+@dataclass
+class RowResult:
+    line: int
+    src: str
+    dst: str
+    status: str  # ok | skipped | failed
+    error: str = ""
+    exit_code: int = 0
+    source_sha256: str = ""
+    source_bytes: int = 0
+    outputs: Dict[str, str] = field(default_factory=dict)  # path -> sha256
+    verified: Optional[bool] = None
+    verify: Optional[Dict[str, Any]] = None  # the verification figures
+    options: Dict[str, Any] = field(default_factory=dict)
+    vitconv_version: str = __version__
+    wall_s: float = 0.0
+    peak_rss_bytes: Optional[int] = None
+    worker: str = ""
+
+    def line_text(self) -> str:
+        if self.status == "failed":
+            return f"failed   line {self.line}: {self.error}"
+        what = f"{self.src} -> {self.dst}"
+        if self.status == "skipped":
+            return f"skipped  {what} (already converted from the same source and verified)"
+        figures = f", {self.verify['verdict']}" if self.verify else ", not verified"
+        return f"ok       {what} ({self.wall_s:.1f} s{figures})"
+
+
+# --------------------------------------------------------------------------- the manifest
+def _value(name: str, raw: Any, csv_text: bool, where: str) -> Any:
+    want = COLUMNS[name]
+    if raw is None or (csv_text and raw == ""):
+        return None
+    if csv_text and want is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise BadInputError(f"{where}: {name} must be an integer, got {one_line(raw, 40)!r}") from None
+    if csv_text and want is bool:
+        low = raw.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise BadInputError(f"{where}: {name} must be true or false, got {one_line(raw, 40)!r}")
+    if not isinstance(raw, want) or (want is int and isinstance(raw, bool)):
+        raise BadInputError(f"{where}: {name} must be {want.__name__}, got {type(raw).__name__}")
+    if want is int and raw <= 0:
+        raise BadInputError(f"{where}: {name} must be positive, got {raw}")
+    return raw
+
+
+def _resolve(text: str, base: Path) -> str:
+    if storage.is_url(text) or os.path.isabs(text):
+        return text
+    return os.fspath(base / text)
+
+
+def read_manifest(path: PathLike) -> List[Row]:
+    """Rows of a JSON Lines manifest (one object a line; blank and ``#`` lines skipped) or a
+    CSV one with a header (``.csv``). Every row is checked before any work: an unknown column,
+    a wrong type, a missing ``src``/``dst`` or two rows writing one output refuse the whole
+    manifest, naming the line. Relative paths are relative to the manifest's directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError("no such manifest file" if not p.exists() else "not a regular file", p)
+    if p.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BadInputError(f"manifest is larger than {MAX_MANIFEST_BYTES:,} bytes", p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"manifest is not UTF-8 text (byte {e.start})", p) from None
+    base = p.parent
+    raw_rows: List[tuple] = []
+    is_csv = p.suffix.lower() == ".csv"
+    if is_csv:
+        reader = csv.DictReader(io.StringIO(text))
+        unknown = [c for c in (reader.fieldnames or []) if c not in COLUMNS]
+        if unknown:
+            raise BadInputError(f"line 1: unknown column(s) {', '.join(map(repr, unknown))} "
+                                f"(known: {', '.join(COLUMNS)})", p)
+        for rec in reader:
+            if None in rec:
+                raise BadInputError(f"line {reader.line_num}: more fields than the header names", p)
+            raw_rows.append((reader.line_num, rec))
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise BadInputError(f"line {n}: not JSON ({one_line(str(e), 80)}); a manifest is JSON Lines, "
+                                    "or CSV named .csv", p) from None
+            if not isinstance(rec, dict):
+                raise BadInputError(f"line {n}: a row must be a JSON object", p)
+            unknown = [k for k in rec if k not in COLUMNS]
+            if unknown:
+                raise BadInputError(f"line {n}: unknown key(s) {', '.join(repr(one_line(k, 40)) for k in unknown)} "
+                                    f"(known: {', '.join(COLUMNS)})", p)
+            raw_rows.append((n, rec))
+    rows, seen = [], {}
+    for n, rec in raw_rows:
+        where = f"line {n}"
+        try:
+            values = {k: _value(k, v, is_csv, where) for k, v in rec.items()}
+        except BadInputError as e:
+            raise BadInputError(e.message, p) from None
+        for need in ("src", "dst"):
+            if not values.get(need):
+                raise BadInputError(f"{where}: {need} is missing", p)
+        values["src"], values["dst"] = _resolve(values["src"], base), _resolve(values["dst"], base)
+        if values.get("verify") is None:
+            values.pop("verify", None)
+        key = os.path.normpath(values["dst"]) if not storage.is_url(values["dst"]) else values["dst"].rstrip("/")
+        if key in seen:
+            raise BadInputError(f"{where}: dst {values['dst']} is also line {seen[key]}'s output", p)
+        seen[key] = n
+        rows.append(Row(line=n, **{k: v for k, v in values.items() if v is not None}))
+    if not rows:
+        raise BadInputError("manifest has no rows", p)
+    return rows
+
+
+# --------------------------------------------------------------------------- provenance
+def output_provenance(dst: str) -> Optional[Dict[str, str]]:
+    """The provenance metadata an existing output holds (a safetensors header, a shard index,
+    a vitconv ``.pt``), None where it has none or does not exist."""
+    url = dst.rstrip("/")
+    name = url.rsplit("/", 1)[-1]
+    candidates: List[str]
+    if name.endswith(".safetensors"):
+        candidates = [url + ".index.json", url]
+    elif "." not in name:  # a model directory
+        candidates = [url + "/model.safetensors.index.json", url + "/model.safetensors"]
+    elif name.endswith((".pt", ".pth", ".bin")) and not storage.is_url(url) and Path(url).is_file():
+        from .formats.open import open_source
+
+        try:
+            with open_source(url) as src:
+                return dict(src.metadata) if "vitconv_config" in src.metadata else None
+        except VitconvError:
+            return None
+    else:
+        return None
+    for c in candidates:
+        if c.endswith(".index.json"):
+            doc = storage.read_json(c)
+            if doc is not None and isinstance(doc.get("metadata"), dict):
+                return {str(k): str(v) for k, v in doc["metadata"].items()}
+        else:
+            meta = storage.safetensors_metadata(c)
+            if meta is not None:
+                return meta
+    return None
+
+
+def _current(row: Row, sha: str, meta: Optional[Dict[str, str]]) -> bool:
+    return (meta is not None and meta.get("source_sha256") == sha and meta.get("vitconv_version") == __version__
+            and meta.get(ROW_KEY) == json.dumps(row.options(), sort_keys=True)
+            and (not row.verify or meta.get("vitconv_verified") == "true"))
+
+
+def _recorded(row: Row, sha: str, previous: Optional[Dict[str, Any]]) -> bool:
+    """A previous report's row for the same output, source, options and version, whose files
+    are still the ones it wrote (local: same sha256)."""
+    if not previous or previous.get("status") not in ("ok", "skipped") or not previous.get("outputs"):
+        return False
+    if (previous.get("source_sha256") != sha or previous.get("vitconv_version") != __version__
+            or previous.get("options") != json.loads(json.dumps(row.options()))):
+        return False
+    if row.verify and not previous.get("verified"):
+        return False
+    for path, digest in previous["outputs"].items():
+        if storage.is_url(path):
+            if not storage.exists(path):
+                return False
+        elif not Path(path).is_file() or _sha256(path) != digest:
+            return False
+    return True
+
+
+def _sha256(path: PathLike) -> str:
+    from .formats.base import sha256_file
+
+    return sha256_file(path)
+
+
+def _output_files(written: Sequence[str]) -> List[Path]:
+    out = []
+    for w in written:
+        p = Path(w)
+        out += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return out
+
+
+# --------------------------------------------------------------------------- one row
+def _reset_peak() -> None:
+    try:  # 5: reset the peak resident set size (VmHWM), Linux >= 4.0
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = None,
+            command: str = "vitconv batch") -> RowResult:
+    """Convert (and verify) one row, or skip it if its output is current; never raises for a
+    problem with the row: the result says ``failed`` with the single command's message."""
+    from .card import convert
+
+    start = time.perf_counter()
+    _reset_peak()
+    result = RowResult(row.line, row.src, row.dst, "ok", options=row.options(), worker=f"pid {os.getpid()}")
+    try:
+        with storage.local_input(row.src) as (src, digest):
+            if digest is None:
+                digest = _sha256(src if src.is_file() else _weights_of(src))
+            result.source_sha256 = digest
+            result.source_bytes = sum(f.stat().st_size for f in _output_files([os.fspath(src)]))
+            if not force and (_current(row, digest, output_provenance(row.dst)) or _recorded(row, digest, previous)):
+                result.status, result.verified = "skipped", row.verify
+                if previous and previous.get("dst") == row.dst:
+                    result.outputs = dict(previous.get("outputs") or {})
+                    result.verify = previous.get("verify")
+            else:
+                meta = {ROW_KEY: json.dumps(row.options(), sort_keys=True)}
+                with storage.local_output(row.dst) as dst:
+                    report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
+                                     dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
+                                     verify=row.verify, metadata=meta, command=f"{command} (line {row.line})")
+                    local = _output_files(report.files)
+                    hashes = {f: _sha256(f) for f in local}
+                if storage.is_url(row.dst):  # named where they now are
+                    base = row.dst.rstrip("/").rsplit("/", 1)[0]
+                    root = dst.parent
+                    hashes = {base + "/" + f.relative_to(root).as_posix(): h for f, h in hashes.items()}
+                result.outputs = {os.fspath(k): v for k, v in hashes.items()}
+                result.verified = bool(row.verify)
+                if report.checked is not None:
+                    result.verify = {k: v for k, v in report.checked.to_dict().items()
+                                     if k in ("ok", "verdict", "reference", "tolerance", "image_size", "batch",
+                                              "note", "stages")}
+    except BaseException as e:  # noqa: BLE001 - a row's failure is its own
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        result.status = "failed"
+        result.error, result.exit_code = failure(e)
+    result.wall_s = time.perf_counter() - start
+    result.peak_rss_bytes = _peak()
+    return result
+
+
+def _weights_of(directory: Path) -> Path:
+    """The file a model directory's sha256 is taken of, as conversion takes it."""
+    from .formats.open import open_source
+
+    with open_source(directory) as s:
+        return Path(s.files()[0]) if hasattr(s, "files") else directory
+
+
+# --------------------------------------------------------------------------- scheduling
+def estimate_bytes(row: Row) -> int:
+    """Memory one row needs at most, from its source's size: the converted float32 model, the
+    reference's copy (a library's model, or big_vision's arrays) and the read-back, plus the
+    interpreter with torch (measured in BENCHMARKS.md: ~2.5x the weights + 0.4 GiB)."""
+    size = 0
+    if not storage.is_url(row.src):
+        p = Path(row.src)
+        size = sum(f.stat().st_size for f in _output_files([row.src])) if p.exists() else 0
+    else:
+        try:
+            fs, remote = storage.filesystem(row.src)
+            size = int(fs.du(remote) if fs.isdir(remote) else fs.size(remote))
+        except Exception:
+            size = 0
+    if row.dtype in ("float16", "bfloat16"):
+        size *= 2  # the float32 model is verified too
+    return 3 * size + (512 << 20)
+
+
+def _available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _worker_init(threads: int) -> None:
+    """In each worker: SIGTERM unwinds like Ctrl-C (writers remove their temporaries), and the
+    CPUs are shared out instead of every worker's torch taking them all."""
+    def _raise(signum, frame):
+        raise _Terminated()
+    signal.signal(signal.SIGTERM, _raise)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass
+class BatchReport:
+    manifest: str
+    rows: List[RowResult]
+    workers: str
+    wall_s: float
+    interrupted: bool = False
+    total_rows: int = 0
+
+    @property
+    def failed(self) -> List[RowResult]:
+        return [r for r in self.rows if r.status == "failed"]
+
+    def totals(self) -> Dict[str, Any]:
+        count = {s: sum(r.status == s for r in self.rows) for s in ("ok", "skipped", "failed")}
+        peaks = [r.peak_rss_bytes for r in self.rows if r.peak_rss_bytes]
+        return {**count, "rows": self.total_rows, "not_run": self.total_rows - len(self.rows),
+                "wall_s": round(self.wall_s, 3), "source_bytes": sum(r.source_bytes for r in self.rows),
+                "row_seconds": round(sum(r.wall_s for r in self.rows), 3),
+                "max_peak_rss_bytes": max(peaks) if peaks else None,
+                "rows_per_s": round(sum(r.status != "skipped" for r in self.rows) / self.wall_s, 4)
+                if self.wall_s else None}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"manifest": self.manifest, "vitconv_version": __version__, "workers": self.workers,
+                "interrupted": self.interrupted, "totals": self.totals(),
+                "rows": [dataclasses.asdict(r) for r in sorted(self.rows, key=lambda r: r.line)]}
+
+    def write(self, path: PathLike) -> None:
+        from .formats.atomic import atomic_output
+
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+
+def previous_rows(report: Optional[PathLike]) -> Dict[str, Dict[str, Any]]:
+    """A previous report's rows by output (an unreadable or foreign file: none)."""
+    if report is None or not Path(report).is_file():
+        return {}
+    try:
+        doc = json.loads(Path(report).read_text(encoding="utf-8"))
+        return {r["dst"]: r for r in doc.get("rows", []) if isinstance(r, dict) and "dst" in r}
+    except (ValueError, OSError, AttributeError, TypeError):
+        return {}
+
+
+OnResult = Callable[[RowResult, int, int], None]
+
+
+def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool = False,
+              previous: Optional[Dict[str, Dict[str, Any]]] = None, on_result: Optional[OnResult] = None,
+              memory_budget: Optional[int] = None, command: str = "vitconv batch") -> tuple:
+    """Rows in ``workers`` processes (default: the CPU count), started as many at a time as
+    the memory budget (80% of what is available) holds by :func:`estimate_bytes`, at least one.
+    A worker that dies (killed, out of memory) breaks the pool: the rows it was running are
+    retried one at a time in a fresh pool, and a row that kills that one too fails. Returns
+    ``(results, interrupted)``; Ctrl-C stops the workers (their writers remove their
+    temporaries) and returns what finished."""
+    workers = max(1, workers or os.cpu_count() or 1)
+    budget = memory_budget if memory_budget is not None else int(_available() * 0.8)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    previous = previous or {}
+    queue = list(rows)
+    solo: List[Row] = []  # rows that were running when a worker died
+    tried_alone: set = set()
+    results: List[RowResult] = []
+    interrupted = False
+
+    def report(res: RowResult) -> None:
+        results.append(res)
+        if on_result is not None:
+            on_result(res, len(results), len(rows))
+
+    def new_pool(n: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(threads,))
+
+    size = min(workers, len(queue)) or 1
+    pool = new_pool(size)
+    running: Dict[cf.Future, Row] = {}
+    in_use = 0
+    try:
+        while queue or solo or running:
+            alone = bool(solo)
+            while (solo or queue) and (not running or (not alone and len(running) < workers)):
+                row = solo[0] if solo else queue[0]
+                need = estimate_bytes(row)
+                if running and (alone or in_use + need > budget):
+                    break
+                (solo if solo else queue).pop(0)
+                fut = pool.submit(run_row, row, force, previous.get(row.dst), command)
+                running[fut] = row
+                fut.need = need  # type: ignore[attr-defined]
+                in_use += need
+                if alone:
+                    tried_alone.add(row.line)
+                    break
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            broken = False
+            for fut in done:
+                row = running.pop(fut)
+                in_use -= fut.need  # type: ignore[attr-defined]
+                try:
+                    report(fut.result())
+                except KeyboardInterrupt:  # the worker was signalled, not this process
+                    report(RowResult(row.line, row.src, row.dst, "failed", exit_code=130, options=row.options(),
+                                     error=f"{row.src}: worker process interrupted"))
+                except cf.process.BrokenProcessPool:
+                    broken = True
+                    if row.line in tried_alone:
+                        report(RowResult(row.line, row.src, row.dst, "failed", exit_code=1, options=row.options(),
+                                         error="worker process died (killed, or out of memory) while converting "
+                                               f"{row.src}; retried alone, it died again"))
+                    else:
+                        solo.append(row)
+            if broken:
+                for fut, row in list(running.items()):  # the pool is gone: these run again, alone
+                    solo.append(row)
+                running.clear()
+                in_use = 0
+                pool.shutdown(wait=False, cancel_futures=True)
+                size = 1 if solo else min(workers, len(queue)) or 1
+                pool = new_pool(size)
+            elif not solo and not running and size == 1 and queue and workers > 1:  # back to a full pool
+                pool.shutdown(wait=True)
+                size = min(workers, len(queue))
+                pool = new_pool(size)
+    except KeyboardInterrupt:
+        interrupted = True
+        for fut in running:
+            fut.cancel()
+        procs = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:  # SIGTERM: each worker unwinds, its temporaries removed
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    else:
+        pool.shutdown(wait=True)
+    return results, interrupted
+
+
+def run_ray(rows: Sequence[Row], *, address: Optional[str] = None, force: bool = False,
+            previous: Optional[Dict[str, Dict[str, Any]]] = None, on_result: Optional[OnResult] = None,
+            num_cpus: Optional[int] = None, command: str = "vitconv batch") -> tuple:
+    """The same :func:`run_row` as Ray tasks: one CPU each and the memory :func:`estimate_bytes`
+    gives (capped at the cluster's), retried up to 3 times when a node or worker is lost;
+    results as they finish. ``address``: ``auto``, ``ray://host:port``, or None (a local Ray
+    instance, ``num_cpus`` CPUs). Sources and outputs must be reachable from every node:
+    object-storage URLs, or a shared filesystem."""
+    try:
+        import ray
+    except ImportError:
+        raise BadInputError('--ray needs Ray, an optional extra: pip install "vitconv[ray]"') from None
+    previous = previous or {}
+    started = not ray.is_initialized()
+    if started:
+        kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "configure_logging": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        ray.init(**kwargs)
+    results: List[RowResult] = []
+    interrupted = False
+    try:
+        cap = int(ray.cluster_resources().get("memory", 0)) or None
+        task = ray.remote(run_row)
+        refs = {}
+        for row in rows:
+            need = estimate_bytes(row)
+            opts: Dict[str, Any] = {"num_cpus": 1, "max_retries": 3, "retry_exceptions": False}
+            if cap:
+                opts["memory"] = min(need, cap)
+            refs[task.options(**opts).remote(row, force, previous.get(row.dst), command)] = row
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            row = refs.pop(done[0])
+            try:
+                res = ray.get(done[0])
+            except Exception as e:  # the task itself was lost (every retry failed)
+                text, code = failure(e)
+                res = RowResult(row.line, row.src, row.dst, "failed", error=f"Ray task lost: {text}",
+                                exit_code=code, options=row.options())
+            results.append(res)
+            if on_result is not None:
+                on_result(res, len(results), len(rows))
+    except KeyboardInterrupt:
+        interrupted = True
+        for ref in refs:
+            ray.cancel(ref, force=True)
+    finally:
+        if started:
+            ray.shutdown()
+    return results, interrupted
+
+
+def run_batch(manifest: PathLike, *, workers: Optional[int] = None, ray: Union[bool, str, None] = None,
+              force: bool = False, report: Optional[PathLike] = None, on_result: Optional[OnResult] = None,
+              on_start: Optional[Callable[[List[Row]], None]] = None, ray_num_cpus: Optional[int] = None,
+              command: str = "vitconv batch") -> BatchReport:
+    """Read ``manifest`` (:func:`read_manifest`), run every row locally or on Ray
+    (``ray``: True for a local instance, or an address), write ``report`` (also when
+    interrupted, for what finished) and return it. A previous report at ``report`` is the
+    record of outputs that cannot hold metadata."""
+    rows = read_manifest(manifest)
+    if report is not None:
+        from .formats.atomic import check_writable
+
+        check_writable(report)
+    if on_start is not None:
+        on_start(rows)
+    previous = previous_rows(report)
+    start = time.perf_counter()
+    if ray:
+        results, interrupted = run_ray(rows, address=None if ray is True else str(ray), force=force,
+                                       previous=previous, on_result=on_result, num_cpus=ray_num_cpus,
+                                       command=command)
+        how = f"ray ({'local' if ray is True else ray})"
+    else:
+        results, interrupted = run_local(rows, workers=workers, force=force, previous=previous,
+                                         on_result=on_result, command=command)
+        how = f"{max(1, workers or os.cpu_count() or 1)} local worker process(es)"
+    out = BatchReport(os.fspath(manifest), results, how, time.perf_counter() - start, interrupted, len(rows))
+    if report is not None:
+        out.write(report)
+    return out
+
+
+__all__ = ["Row", "RowResult", "BatchReport", "read_manifest", "run_row", "run_local", "run_ray", "run_batch",
+           "output_provenance", "estimate_bytes", "COLUMNS"]

@@ -1,0 +1,198 @@
+"""Checkpoints at fsspec URLs (``s3://``, ``gs://``, ``https://``, ...) for every command.
+
+A source is streamed once, in 8 MiB range reads, to a local temporary file, hashing it in the
+same pass (the readers then work on a local file, as they always do: memory stays bounded by
+the chunk, disk needs the file's size, checked before the first byte). An output is written
+locally, verified if asked, and uploaded only once complete; the file that carries the
+provenance (a directory's ``model.safetensors`` or a shard index) goes last, so its presence
+means the rest is there. Filesystems come from fsspec's registry: ``s3fs``, ``gcsfs`` and
+``aiohttp`` (``https://``) are optional extras (``pip install "vitconv[s3]"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+from .errors import BadInputError, OutputError, VitconvError, first_line
+
+PathLike = Union[str, os.PathLike]
+
+CHUNK = 8 << 20
+#: A safetensors header longer than this is refused (as the local reader does).
+MAX_HEADER = 100 << 20
+#: The extra that brings each protocol's filesystem, for the message when it is missing.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+
+
+def is_url(path: PathLike) -> bool:
+    """``proto://...`` other than ``file://``; a local path never is."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def filesystem(url: str):
+    """``(fsspec filesystem, path inside it)``; a missing protocol package is named with its extra."""
+    import fsspec
+
+    proto = url.split("://", 1)[0]
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        extra = EXTRAS.get(proto)
+        how = f'pip install "vitconv[{extra}]"' if extra else "install the fsspec filesystem for it"
+        raise BadInputError(f"{proto}:// needs a package that is not installed ({first_line(e)}): {how}",
+                            url) from None
+    except ValueError as e:  # unknown protocol
+        raise BadInputError(f"not a URL fsspec knows ({first_line(e)})", url) from None
+
+
+def _remote_error(e: BaseException, url: str) -> VitconvError:
+    if isinstance(e, VitconvError):
+        return e
+    if isinstance(e, FileNotFoundError):
+        return BadInputError("no such object", url)
+    return BadInputError(f"cannot read ({type(e).__name__}: {first_line(e)})", url)
+
+
+def _download(fs, remote: str, local: Path, url: str) -> str:
+    """Stream ``remote`` to ``local`` in :data:`CHUNK` reads; its sha256."""
+    h = hashlib.sha256()
+    try:
+        with fs.open(remote, "rb", block_size=CHUNK) as f, open(local, "wb") as out:
+            while True:
+                block = f.read(CHUNK)
+                if not block:
+                    break
+                h.update(block)
+                out.write(block)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) or e.errno is None:
+            raise _remote_error(e, url) from None
+        raise OutputError(f"cannot stage {url} here ({first_line(e)})", local) from None
+    except Exception as e:  # a filesystem's own errors (botocore, aiohttp)
+        raise _remote_error(e, url) from None
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def local_input(src: PathLike, workdir: Optional[PathLike] = None) -> Iterator[Tuple[Path, Optional[str]]]:
+    """``(a local path, its sha256 if computed here)`` for ``src``: itself when local; for a
+    URL a staged copy (a file, or a model directory's files), removed afterwards. Errors
+    about the copy name the URL."""
+    if not is_url(src):
+        yield Path(src), None
+        return
+    url = os.fspath(src)
+    fs, remote = filesystem(url)
+    try:
+        info = fs.info(remote)
+        files = ([remote] if info.get("type") != "directory"
+                 else [f for f in fs.find(remote) if fs.info(f).get("type") != "directory"])
+        sizes = [int(fs.info(f).get("size") or 0) for f in files]
+    except Exception as e:
+        raise _remote_error(e, url) from None
+    with tempfile.TemporaryDirectory(prefix="vitconv-stage-", dir=workdir) as tmp:
+        free = shutil.disk_usage(tmp).free
+        if sum(sizes) > free:
+            raise OutputError(f"staging {url} needs {sum(sizes):,} bytes; {free:,} are free here", tmp)
+        name = remote.rstrip("/").rsplit("/", 1)[-1] or "source"
+        local = Path(tmp) / name
+        if info.get("type") != "directory":
+            digest: Optional[str] = _download(fs, remote, local, url)
+        else:
+            digest = None
+            for f in files:
+                rel = f[len(remote.rstrip("/")) + 1:]
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                _download(fs, f, local / rel, url + "/" + rel)
+        try:
+            yield local, digest
+        except VitconvError as e:  # the staged copy is the user's URL
+            if e.path is not None and Path(e.path).is_relative_to(tmp):
+                raise type(e)(e.message, url + os.fspath(e.path)[len(os.fspath(local)):]) from None
+            raise
+
+
+@contextlib.contextmanager
+def local_output(dst: PathLike, workdir: Optional[PathLike] = None) -> Iterator[Path]:
+    """A local path to write ``dst`` at: itself when local; for a URL a path in a private
+    temporary directory, whose every file (a directory's, or shards beside their index) is
+    uploaded beside ``dst`` when the block succeeds, and nothing when it fails."""
+    if not is_url(dst):
+        yield Path(dst)
+        return
+    url = os.fspath(dst).rstrip("/")
+    filesystem(url)  # a missing package is said before any work
+    with tempfile.TemporaryDirectory(prefix="vitconv-out-", dir=workdir) as tmp:
+        yield Path(tmp) / (url.rsplit("/", 1)[-1] or "output")
+        upload(Path(tmp), url.rsplit("/", 1)[0])
+
+
+def upload(folder: Path, parent_url: str) -> List[str]:
+    """Put every file under ``folder`` at the same relative path under ``parent_url``; the
+    provenance-bearing file last (a shard index; a directory's weights or index), so a reader
+    who finds it finds the rest. Returns the URLs written."""
+    fs, remote = filesystem(parent_url)
+
+    def last(p: Path) -> Tuple[int, str]:
+        rel = p.relative_to(folder)
+        final = p.name.endswith(".index.json") or (len(rel.parts) > 1 and p.name == "model.safetensors")
+        return (1 if final else 0, rel.as_posix())
+    done = []
+    for p in sorted((p for p in folder.rglob("*") if p.is_file()), key=last):
+        target = remote.rstrip("/") + "/" + p.relative_to(folder).as_posix()
+        try:
+            fs.put_file(os.fspath(p), target)
+        except Exception as e:
+            raise OutputError(f"upload failed ({type(e).__name__}: {first_line(e)})",
+                              parent_url + "/" + p.relative_to(folder).as_posix()) from None
+        done.append(parent_url.rstrip("/") + "/" + p.relative_to(folder).as_posix())
+    return done
+
+
+def safetensors_metadata(url: str) -> Optional[Dict[str, str]]:
+    """The ``__metadata__`` of a safetensors file at ``url``, from two range reads (the length,
+    then the header); None when there is no such object or it is not safetensors."""
+    fs, remote = filesystem(url)
+    try:
+        with fs.open(remote, "rb", block_size=1 << 16) as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                return None
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return None
+    except Exception:
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def read_json(url: str, limit: int = 16 << 20) -> Optional[dict]:
+    """A JSON object at ``url`` (a shard index), or None."""
+    fs, remote = filesystem(url)
+    try:
+        with fs.open(remote, "rb") as f:
+            doc = json.loads(f.read(limit + 1)[:limit])
+    except Exception:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def exists(url: str) -> bool:
+    fs, remote = filesystem(url)
+    try:
+        return bool(fs.exists(remote))
+    except Exception:
+        return False
