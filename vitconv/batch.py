@@ -428,13 +428,15 @@ OnResult = Callable[[RowResult, int, int], None]
 
 def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool = False,
               previous: Optional[Dict[str, Dict[str, Any]]] = None, on_result: Optional[OnResult] = None,
-              memory_budget: Optional[int] = None, command: str = "vitconv batch") -> tuple:
+              memory_budget: Optional[int] = None, command: str = "vitconv batch",
+              task: Callable[..., RowResult] = run_row) -> tuple:
     """Rows in ``workers`` processes (default: the CPU count), started as many at a time as
     the memory budget (80% of what is available) holds by :func:`estimate_bytes`, at least one.
     A worker that dies (killed, out of memory) breaks the pool: the rows it was running are
     retried one at a time in a fresh pool, and a row that kills that one too fails. Returns
     ``(results, interrupted)``; Ctrl-C stops the workers (their writers remove their
-    temporaries) and returns what finished."""
+    temporaries) and returns what finished. ``task``: :func:`run_row`, or a module-level
+    function with its signature (the tests' stand-ins for rows that kill their worker)."""
     workers = max(1, workers or os.cpu_count() or 1)
     budget = memory_budget if memory_budget is not None else int(_available() * 0.8)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -467,7 +469,7 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
                 if running and (alone or in_use + need > budget):
                     break
                 (solo if solo else queue).pop(0)
-                fut = pool.submit(run_row, row, force, previous.get(row.dst), command)
+                fut = pool.submit(task, row, force, previous.get(row.dst), command)
                 running[fut] = row
                 fut.need = need  # type: ignore[attr-defined]
                 in_use += need
