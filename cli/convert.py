@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
@@ -15,8 +14,8 @@ from .common import labels_option, num_classes_option, parse_overrides, progress
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("src")
+@click.argument("dst")
 @click.option("--to", "to", type=click.Choice(target_names()), help="Target layout (default from DST: .npz -> "
               "Google, a directory -> hf, .pt/.safetensors -> canonical).")
 @click.option("--num-heads", type=int, help="Heads, where the source's shapes cannot say "
@@ -35,7 +34,7 @@ from .common import labels_option, num_classes_option, parse_overrides, progress
 @click.option("--verify", "check", is_flag=True, help="Verify the written files against the source's "
               "reference before they are renamed into place: nothing appears unless they pass (exit 3).")
 @click.pass_context
-def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads: int | None,
+def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: int | None,
             overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None,
             labels: str | None, num_classes: int | None, check: bool) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
@@ -46,6 +45,10 @@ def convert(ctx: click.Context, src: Path, dst: Path, to: str | None, num_heads:
       vitconv convert vit_hf vit_timm.pth --to timm
       vitconv convert vit_timm.pth back.npz               # Google .npz
       vitconv convert ViT-B_16.npz b16.safetensors --dtype float16 --verify
+      vitconv convert s3://zoo/ViT-B_16.npz s3://zoo/b16_hf --verify   # URLs: fsspec
+
+    SRC and DST may be URLs (s3://, gs://, https://, with the s3/gcs/http extras): the source
+    is streamed to a local temporary file once; the output is uploaded once complete.
     """
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,

@@ -12,6 +12,7 @@ import click
 from vitconv.errors import MappingError
 from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_bytes
 from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
+from vitconv.storage import local_input
 
 from .common import say
 
@@ -20,14 +21,14 @@ _BAR_BYTES = 256 << 20
 
 
 @click.command("inspect")
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("--plot-posembed", type=click.Path(dir_okay=False, path_type=Path),
               metavar="OUT.png", help="Also draw the cosine similarity of every patch's position "
               "embedding with every other (ViT paper, figure 7). Needs matplotlib "
               "(pip install 'vitconv[plot]').")
 @click.pass_context
-def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | None) -> None:
+def inspect(ctx: click.Context, src: str, as_json: bool, plot_posembed: Path | None) -> None:
     """Show what a checkpoint or ONNX file holds, without converting it.
 
     Layout, architecture (and the tensor each value was read from), parameters, dtypes,
@@ -44,25 +45,26 @@ def inspect(ctx: click.Context, src: Path, as_json: bool, plot_posembed: Path | 
     if plot_posembed is not None:
         require_matplotlib()  # fail before any work, not after
     err = sys.stderr
-    size = total_bytes(src) if src.exists() else 0
-    show = size >= _BAR_BYTES and not quiet and err.isatty()  # never litter logs or pipes
-    bar = click.progressbar(length=size, label="sha256", file=err) if show else contextlib.nullcontext()
-    with bar as b:
-        report = inspect_path(src, progress=b.update if b is not None else None)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        for line in format_text(report):
-            say(ctx, line)
-    audit = getattr(report, "audit", None)
-    if audit is not None and not audit.ok:  # the report is out; the status says it would not convert
-        raise MappingError(f"would not convert: {audit.error}", src)
-    if plot_posembed is not None:
-        pe, cfg, layout = read_pos_embed(src)
-        sim = posembed_cosine_grid(pe, cfg.num_prefix_tokens)
-        g = sim.shape[0]
-        plot_posembed_similarity(sim, plot_posembed, title=f"{src.name}: position embedding "
-                                 f"similarity ({g}x{g} patches)")
-        if not quiet:  # with --json, stdout holds only the JSON document
-            click.echo(f"wrote {plot_posembed} ({g}x{g} grid of {g}x{g} cosine-similarity maps)",
-                       err=as_json)
+    with local_input(src) as (path, _):  # a URL is staged (vitconv.storage)
+        size = total_bytes(path) if path.exists() else 0
+        show = size >= _BAR_BYTES and not quiet and err.isatty()  # never litter logs or pipes
+        bar = click.progressbar(length=size, label="sha256", file=err) if show else contextlib.nullcontext()
+        with bar as b:
+            report = inspect_path(path, progress=b.update if b is not None else None)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            for line in format_text(report):
+                say(ctx, line)
+        audit = getattr(report, "audit", None)
+        if audit is not None and not audit.ok:  # the report is out; the status says it would not convert
+            raise MappingError(f"would not convert: {audit.error}", src)
+        if plot_posembed is not None:
+            pe, cfg, layout = read_pos_embed(path)
+            sim = posembed_cosine_grid(pe, cfg.num_prefix_tokens)
+            g = sim.shape[0]
+            plot_posembed_similarity(sim, plot_posembed, title=f"{path.name}: position embedding "
+                                     f"similarity ({g}x{g} patches)")
+            if not quiet:  # with --json, stdout holds only the JSON document
+                click.echo(f"wrote {plot_posembed} ({g}x{g} grid of {g}x{g} cosine-similarity maps)",
+                           err=as_json)

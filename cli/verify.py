@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
 from vitconv.errors import VerificationError
+from vitconv.storage import local_input
 from vitconv.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
 
 from .common import parse_overrides, say
 
 
 @click.command("verify")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("converted", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("src")
+@click.argument("converted", required=False)
 @click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
               help="Per stage: max abs error <= TOLERANCE x max(1, rms of the reference stage).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
@@ -28,7 +28,7 @@ from .common import parse_overrides, say
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="A config field a bare state dict does not record, as given to convert (repeatable).")
 @click.pass_context
-def verify(ctx: click.Context, src: Path, converted: Path | None, tolerance: float, as_json: bool,
+def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float, as_json: bool,
            batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: tuple) -> None:
     """Check CONVERTED against SRC, stage by stage, and name the first stage past tolerance.
     Exit 0 when within tolerance, 3 if not.
@@ -46,9 +46,12 @@ def verify(ctx: click.Context, src: Path, converted: Path | None, tolerance: flo
       vitconv verify ViT-B_16.npz ViT-B_16.pt
       vitconv verify ViT-B_16.npz --image-size 384 --json
       vitconv verify dinov2-small/ dinov2-small.safetensors
+      vitconv verify s3://zoo/ViT-B_16.npz s3://zoo/b16.safetensors   # URLs, as for convert
     """
-    report = run_verify(src, converted, tolerance=tolerance, batch=batch, seed=seed, image_size=image_size,
-                        num_heads=num_heads, overrides=parse_overrides(overrides))
+    with local_input(src) as (local_src, _), local_input(converted or "") as (local_conv, _):
+        report = run_verify(local_src, local_conv if converted else None, tolerance=tolerance, batch=batch,
+                            seed=seed, image_size=image_size, num_heads=num_heads,
+                            overrides=parse_overrides(overrides))
     if as_json:
         click.echo(report.to_json())
     else:

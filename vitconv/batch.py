@@ -340,7 +340,8 @@ def estimate_bytes(row: Row) -> int:
     else:
         try:
             fs, remote = storage.filesystem(row.src)
-            size = int(fs.du(remote) if fs.isdir(remote) else fs.size(remote))
+            info = fs.info(remote)  # (not isdir: over HTTP that GETs the whole object to look for links)
+            size = int(fs.du(remote) if info.get("type") == "directory" else info.get("size") or 0)
         except Exception:
             size = 0
     if row.dtype in ("float16", "bfloat16"):

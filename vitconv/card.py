@@ -11,6 +11,7 @@ written files, read back, compute what the source computes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -19,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import __version__
+from . import __version__, storage
 from .config import ViTConfig
 from .errors import VerificationError, VitconvError
 from .export.safetensors import read_back
@@ -53,6 +54,13 @@ def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, veri
     the check passes (else :class:`VerificationError`, nothing written) and records
     ``vitconv_verified`` in its metadata; the report's ``checked`` holds the figures."""
     said = command or f"vitconv.convert({os.fspath(src)!r}, {os.fspath(dst)!r})"
+    if storage.is_url(src) or storage.is_url(dst):  # staged and uploaded (vitconv.storage)
+        with storage.local_input(src) as (local_src, _), storage.local_output(dst) as local_dst:
+            report = convert(local_src, local_dst, command=said, verify=verify, **kwargs)
+        where = os.fspath(dst).rstrip("/").rsplit("/", 1)[0] if storage.is_url(dst) else None
+        files = [where + "/" + Path(f).relative_to(Path(local_dst).parent).as_posix() if where else f
+                 for f in report.files]
+        return dataclasses.replace(report, source=os.fspath(src), output=files[-1], files=files)
     num_heads, overrides = kwargs.get("num_heads"), kwargs.get("overrides")
     if verify:
         kwargs["metadata"] = {**(kwargs.get("metadata") or {}), VERIFIED_KEY: "true"}

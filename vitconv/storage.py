@@ -132,7 +132,13 @@ def local_output(dst: PathLike, workdir: Optional[PathLike] = None) -> Iterator[
     url = os.fspath(dst).rstrip("/")
     filesystem(url)  # a missing package is said before any work
     with tempfile.TemporaryDirectory(prefix="vitconv-out-", dir=workdir) as tmp:
-        yield Path(tmp) / (url.rsplit("/", 1)[-1] or "output")
+        local = Path(tmp) / (url.rsplit("/", 1)[-1] or "output")
+        try:
+            yield local
+        except VitconvError as e:  # the local stand-in is the user's URL
+            if e.path is not None and Path(e.path).is_relative_to(tmp):
+                raise type(e)(e.message, url + os.fspath(e.path)[len(os.fspath(local)):]) from None
+            raise
         upload(Path(tmp), url.rsplit("/", 1)[0])
 
 
