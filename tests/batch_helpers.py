@@ -96,3 +96,12 @@ class RangeServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def with_timm(row, force=False, previous=None, command="vitconv batch"):
+    """:func:`run_row` in a worker where timm imports (this machine has no CPU torchvision:
+    tests/timm_import.py answers for it, as in the test process itself)."""
+    from timm_import import import_timm
+
+    import_timm()
+    return run_row(row, force, previous, command)

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 import vitconv
-from batch_helpers import dies_on_marked_rows, slow_writer
+from batch_helpers import dies_on_marked_rows, slow_writer, with_timm
 from conftest import CASES, golden_expected, golden_input, golden_path, seeded
 from vitconv.batch import BatchReport, read_manifest, run_local
 from vitconv.errors import BadInputError
@@ -292,3 +292,13 @@ def test_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(BadInputError, match=r'--ray needs Ray, an optional extra: pip install "vitconv\[ray\]"'):
         run_ray([])
+
+
+def test_rows_whose_reference_is_timm_run_in_workers(tmp_path):
+    rows = read_manifest(_write_manifest(tmp_path / "m.jsonl", [
+        {"src": str(golden_path("families/timm_siglip_map_p8_32.safetensors")), "dst": "siglip.safetensors"},
+        {"src": str(golden_path("families/timm_dinov2_reg4_p8_32.safetensors")), "dst": "dinov2_timm", "to": "timm",
+         "image_size": 48}]))
+    results, _ = run_local(rows, workers=2, task=with_timm)
+    assert [(r.status, r.verify["reference"].split(" ")[0].rstrip(",")) for r in sorted(results, key=lambda r: r.line)] == \
+        [("ok", "timm"), ("ok", "timm")], [r.error for r in results]

@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import __version__, storage
+from .card import convert
 from .errors import BadInputError, VitconvError, failure, one_line
+from .formats.atomic import atomic_output, check_writable
+from .formats.base import sha256_file
+from .formats.open import open_source
 
 PathLike = Union[str, os.PathLike]
 
@@ -192,8 +196,6 @@ def output_provenance(dst: str) -> Optional[Dict[str, str]]:
     elif "." not in name:  # a model directory
         candidates = [url + "/model.safetensors.index.json", url + "/model.safetensors"]
     elif name.endswith((".pt", ".pth", ".bin")) and not storage.is_url(url) and Path(url).is_file():
-        from .formats.open import open_source
-
         try:
             with open_source(url) as src:
                 return dict(src.metadata) if "vitconv_config" in src.metadata else None
@@ -239,8 +241,6 @@ def _recorded(row: Row, sha: str, previous: Optional[Dict[str, Any]]) -> bool:
 
 
 def _sha256(path: PathLike) -> str:
-    from .formats.base import sha256_file
-
     return sha256_file(path)
 
 
@@ -276,8 +276,6 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
             command: str = "vitconv batch") -> RowResult:
     """Convert (and verify) one row, or skip it if its output is current; never raises for a
     problem with the row: the result says ``failed`` with the single command's message."""
-    from .card import convert
-
     start = time.perf_counter()
     _reset_peak()
     result = RowResult(row.line, row.src, row.dst, "ok", options=row.options(), worker=f"pid {os.getpid()}")
@@ -322,8 +320,6 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
 
 def _weights_of(directory: Path) -> Path:
     """The file a model directory's sha256 is taken of, as conversion takes it."""
-    from .formats.open import open_source
-
     with open_source(directory) as s:
         return Path(s.files()[0]) if hasattr(s, "files") else directory
 
@@ -407,8 +403,6 @@ class BatchReport:
                 "rows": [dataclasses.asdict(r) for r in sorted(self.rows, key=lambda r: r.line)]}
 
     def write(self, path: PathLike) -> None:
-        from .formats.atomic import atomic_output
-
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
 
@@ -591,8 +585,6 @@ def run_batch(manifest: PathLike, *, workers: Optional[int] = None, ray: Union[b
     record of outputs that cannot hold metadata."""
     rows = read_manifest(manifest)
     if report is not None:
-        from .formats.atomic import check_writable
-
         check_writable(report)
     if on_start is not None:
         on_start(rows)
