@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import List
 
 import click
 
-from vitconv.bench import RUNTIMES, bench_convert, bench_runtimes
+from vitconv.bench import RUNTIMES, bench_batch, bench_convert, bench_runtimes
 from vitconv.synthetic import make_synthetic, preset
 
 from .common import say
@@ -41,16 +42,27 @@ def _ints(text: str) -> List[int]:
 @click.option("--repeats", type=int, default=3, show_default=True, help="With --convert: runs of each.")
 @click.option("--workdir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="With --convert: where synthetic files and outputs go (default: a temp dir).")
+@click.option("--zoo", "zoo", type=click.IntRange(min=1), metavar="ROWS",
+              help="Benchmark vitconv batch instead: ROWS synthetic copies of the MODEL preset (B/16 ...), "
+                   "each converted and verified, with each --workers count and as Ray tasks.")
+@click.option("--workers", "workers_list", default="1,2", show_default=True,
+              help="With --zoo: comma-separated worker counts.")
+@click.option("--no-ray", is_flag=True, help="With --zoo: leave out the Ray-local run.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.pass_context
 def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int, peak_tflops,
-          convert: bool, output_kind: str, repeats: int, workdir, as_json: bool) -> None:
+          convert: bool, output_kind: str, repeats: int, workdir, zoo, workers_list: str, no_ray: bool,
+          as_json: bool) -> None:
     """Measure inference per runtime, or conversion cost (--convert), side by side in one run.
 
     \b
       vitconv bench golden/jax/tiny_token_p8_32.npz --runtime torch,onnxruntime --batch 1,8
       vitconv bench --convert B/16 L/16 --repeats 3
+      vitconv bench --zoo 4 B/16 --workers 1,2
     """
+    if zoo:
+        _zoo(ctx, models, zoo, _ints(workers_list), not no_ray, workdir, as_json)
+        return
     if convert:
         _convert(ctx, models, output_kind, repeats, workdir, as_json)
         return
@@ -74,6 +86,32 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
         say(ctx, f"{r.runtime:22} {r.batch:>5} {r.latency_ms:>10.2f} {r.latency_p90_ms:>9.2f} "
                  f"{r.cpu_ms:>9.2f} {r.images_per_s:>9.1f} {r.gflops_per_s:>9.1f} {mfu:>6} {ratio:>9} "
                  f"{r.max_abs_diff_vs_torch:>10.2e}")
+
+
+def _zoo(ctx, models, rows: int, workers: List[int], ray: bool, workdir, as_json: bool) -> None:
+    if len(models) != 1:
+        raise click.UsageError("give one MODEL preset with --zoo")
+    try:
+        preset(models[0])
+    except KeyError as e:
+        raise click.BadParameter(f"{models[0]}: not a preset ({e.args[0]})") from None
+
+    def show(r: dict) -> None:
+        if not as_json:
+            say(ctx, f"{r['mode']:>22}: {r['rows']} rows in {r['wall_s']:.1f} s = {r['rows_per_s']:.3f} rows/s; "
+                     f"per row {r['row_wall_s']:.1f} s wall, {r['row_cpu_s']:.1f} s CPU; peak RSS per row "
+                     f"{r['peak_rss_mib_median']:.0f} MiB (max {r['peak_rss_mib_max']:.0f})")
+    with tempfile.TemporaryDirectory(prefix="vitconv-bench-", dir=workdir) as tmp:
+        sources = []
+        for i in range(rows):
+            path = Path(tmp) / f"{models[0].replace('/', '_')}-{i}.npz"
+            make_synthetic(models[0], path, seed=i)
+            sources.append(path)
+        say(ctx, f"{rows} synthetic {models[0]} checkpoints, {sources[0].stat().st_size / 2**20:.0f} MiB each, "
+                 f"-> .safetensors, verified; {os.cpu_count()} CPUs", err=as_json)
+        out = bench_batch(sources, Path(tmp), workers, ray, on_mode=show)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
 
 
 def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool) -> None:

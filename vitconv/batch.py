@@ -75,6 +75,7 @@ class RowResult:
     options: Dict[str, Any] = field(default_factory=dict)
     vitconv_version: str = __version__
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # the worker process's CPU time (all threads) on this row
     peak_rss_bytes: Optional[int] = None
     worker: str = ""
 
@@ -276,7 +277,7 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
             command: str = "vitconv batch") -> RowResult:
     """Convert (and verify) one row, or skip it if its output is current; never raises for a
     problem with the row: the result says ``failed`` with the single command's message."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     _reset_peak()
     result = RowResult(row.line, row.src, row.dst, "ok", options=row.options(), worker=f"pid {os.getpid()}")
     try:
@@ -292,6 +293,8 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
                     result.verify = previous.get("verify")
             else:
                 meta = {ROW_KEY: json.dumps(row.options(), sort_keys=True)}
+                if not storage.is_url(row.dst):  # a zoo's tree of outputs: its folders are made
+                    Path(row.dst).parent.mkdir(parents=True, exist_ok=True)
                 with storage.local_output(row.dst) as dst:
                     report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
                                      dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
@@ -314,6 +317,7 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
         result.status = "failed"
         result.error, result.exit_code = failure(e)
     result.wall_s = time.perf_counter() - start
+    result.cpu_s = time.process_time() - cpu
     result.peak_rss_bytes = _peak()
     return result
 
@@ -393,6 +397,7 @@ class BatchReport:
         return {**count, "rows": self.total_rows, "not_run": self.total_rows - len(self.rows),
                 "wall_s": round(self.wall_s, 3), "source_bytes": sum(r.source_bytes for r in self.rows),
                 "row_seconds": round(sum(r.wall_s for r in self.rows), 3),
+                "row_cpu_seconds": round(sum(r.cpu_s for r in self.rows), 3),
                 "max_peak_rss_bytes": max(peaks) if peaks else None,
                 "rows_per_s": round(sum(r.status != "skipped" for r in self.rows) / self.wall_s, 4)
                 if self.wall_s else None}
