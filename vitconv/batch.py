@@ -360,6 +360,11 @@ def _available() -> int:
     return 8 << 30
 
 
+#: Thread-count variables of the BLAS libraries under numpy (the NumPy reference's matmuls):
+#: set for the workers, which would otherwise each start a thread per CPU and contend.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 class _Terminated(KeyboardInterrupt):
     pass
 
@@ -432,8 +437,9 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
               task: Callable[..., RowResult] = run_row) -> tuple:
     """Rows in ``workers`` processes (default: the CPU count), started as many at a time as
     the memory budget (80% of what is available) holds by :func:`estimate_bytes`, at least one.
-    A worker that dies (killed, out of memory) breaks the pool: the rows it was running are
-    retried one at a time in a fresh pool, and a row that kills that one too fails. Returns
+    A worker that dies (killed, out of memory) breaks the pool: the rows that were running
+    are retried one at a time in a fresh pool; a row that kills its worker twice while
+    running alone fails. Returns
     ``(results, interrupted)``; Ctrl-C stops the workers (their writers remove their
     temporaries) and returns what finished. ``task``: :func:`run_row`, or a module-level
     function with its signature (the tests' stand-ins for rows that kill their worker)."""
@@ -442,8 +448,8 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
     threads = max(1, (os.cpu_count() or 1) // workers)
     previous = previous or {}
     queue = list(rows)
-    solo: List[Row] = []  # rows that were running when a worker died
-    tried_alone: set = set()
+    solo: List[Row] = []  # rows that were running when a worker died: each runs alone next
+    deaths: Dict[int, int] = {}  # line -> times the row killed its worker while running alone
     results: List[RowResult] = []
     interrupted = False
 
@@ -457,6 +463,8 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
                                       initializer=_worker_init, initargs=(threads,))
 
     size = min(workers, len(queue)) or 1
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: str(threads) for k in THREAD_VARS})  # read by each worker's numpy/BLAS at import
     pool = new_pool(size)
     running: Dict[cf.Future, Row] = {}
     in_use = 0
@@ -474,7 +482,6 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
                 fut.need = need  # type: ignore[attr-defined]
                 in_use += need
                 if alone:
-                    tried_alone.add(row.line)
                     break
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             broken = False
@@ -488,7 +495,9 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
                                      error=f"{row.src}: worker process interrupted"))
                 except cf.process.BrokenProcessPool:
                     broken = True
-                    if row.line in tried_alone:
+                    if alone:  # it was the only row: its own doing
+                        deaths[row.line] = deaths.get(row.line, 0) + 1
+                    if deaths.get(row.line, 0) >= 2:
                         report(RowResult(row.line, row.src, row.dst, "failed", exit_code=1, options=row.options(),
                                          error="worker process died (killed, or out of memory) while converting "
                                                f"{row.src}; retried alone, it died again"))
@@ -521,6 +530,12 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
                 p.kill()
     else:
         pool.shutdown(wait=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return results, interrupted
 
 
