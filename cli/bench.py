@@ -39,7 +39,7 @@ def _ints(text: str) -> List[int]:
                    "generated as synthetic checkpoints; stream_convert vs the read+write I/O floor.")
 @click.option("--to", "output_kind", type=click.Choice(["safetensors", "pt"]), default="safetensors",
               show_default=True, help="With --convert: output format.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="With --convert: runs of each.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="With --convert or --zoo: runs of each.")
 @click.option("--workdir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="With --convert: where synthetic files and outputs go (default: a temp dir).")
 @click.option("--zoo", "zoo", type=click.IntRange(min=1), metavar="ROWS",
@@ -61,7 +61,7 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
       vitconv bench --zoo 4 B/16 --workers 1,2
     """
     if zoo:
-        _zoo(ctx, models, zoo, _ints(workers_list), not no_ray, workdir, as_json)
+        _zoo(ctx, models, zoo, _ints(workers_list), not no_ray, repeats, workdir, as_json)
         return
     if convert:
         _convert(ctx, models, output_kind, repeats, workdir, as_json)
@@ -88,7 +88,7 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
                  f"{r.max_abs_diff_vs_torch:>10.2e}")
 
 
-def _zoo(ctx, models, rows: int, workers: List[int], ray: bool, workdir, as_json: bool) -> None:
+def _zoo(ctx, models, rows: int, workers: List[int], ray: bool, repeats: int, workdir, as_json: bool) -> None:
     if len(models) != 1:
         raise click.UsageError("give one MODEL preset with --zoo")
     try:
@@ -98,7 +98,9 @@ def _zoo(ctx, models, rows: int, workers: List[int], ray: bool, workdir, as_json
 
     def show(r: dict) -> None:
         if not as_json:
-            say(ctx, f"{r['mode']:>22}: {r['rows']} rows in {r['wall_s']:.1f} s = {r['rows_per_s']:.3f} rows/s; "
+            walls = ", ".join(f"{w:.1f}" for w in r["walls_s"])
+            say(ctx, f"{r['mode']:>22}: {r['rows']} rows in {r['wall_s']:.1f} s (median of {walls}) = "
+                     f"{r['rows_per_s']:.3f} rows/s; "
                      f"per row {r['row_wall_s']:.1f} s wall, {r['row_cpu_s']:.1f} s CPU; peak RSS per row "
                      f"{r['peak_rss_mib_median']:.0f} MiB (max {r['peak_rss_mib_max']:.0f})")
     with tempfile.TemporaryDirectory(prefix="vitconv-bench-", dir=workdir) as tmp:
@@ -109,7 +111,7 @@ def _zoo(ctx, models, rows: int, workers: List[int], ray: bool, workdir, as_json
             sources.append(path)
         say(ctx, f"{rows} synthetic {models[0]} checkpoints, {sources[0].stat().st_size / 2**20:.0f} MiB each, "
                  f"-> .safetensors, verified; {os.cpu_count()} CPUs", err=as_json)
-        out = bench_batch(sources, Path(tmp), workers, ray, on_mode=show)
+        out = bench_batch(sources, Path(tmp), workers, ray, repeats=repeats, on_mode=show)
     if as_json:
         click.echo(json.dumps(out, indent=2))
 

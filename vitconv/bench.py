@@ -400,36 +400,43 @@ if __name__ == "__main__":  # child entry point for measure_child
 
 # --------------------------------------------------------------------------- batch
 def bench_batch(sources: Sequence[Path], workdir: Path, workers: Sequence[int] = (1, 2), ray: bool = True,
-                on_mode: Optional[Callable[[dict], None]] = None) -> List[dict]:
+                repeats: int = 1, on_mode: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """``vitconv batch`` on ``sources`` (each to ``.safetensors``, verified), once per worker
-    count and once as Ray tasks on a local instance with every CPU, one after another in this
-    run: rows/s, per-row wall and CPU seconds, peak RSS per worker (VmHWM per row)."""
+    count and once as Ray tasks on a local instance with every CPU, the modes taking turns
+    ``repeats`` times in this run (so a slow spell of the machine hits each alike): per mode
+    the median of rows/s, per-row wall and CPU seconds, and peak RSS per row (VmHWM)."""
     from .batch import run_batch
 
-    out = []
     modes = [("local", w) for w in workers] + ([("ray", os.cpu_count() or 1)] if ray else [])
-    for kind, n in modes:
-        dst = Path(workdir) / f"out-{kind}-{n}"
-        dst.mkdir()
-        manifest = Path(workdir) / f"zoo-{kind}-{n}.jsonl"
-        manifest.write_text("".join(json.dumps({"src": os.fspath(s), "dst": os.fspath(dst / f"{Path(s).stem}.safetensors")})
-                                    + "\n" for s in sources))
-        report = run_batch(manifest, workers=n if kind == "local" else None, ray=kind == "ray", ray_num_cpus=n)
-        rows = report.rows
-        failed = [r.error for r in rows if r.status != "ok"]
-        if failed:
-            raise BadInputError(f"batch benchmark row failed: {failed[0]}")
+    runs: Dict[tuple, List[dict]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for kind, n in modes:
+            dst = Path(workdir) / f"out-{kind}-{n}"
+            dst.mkdir()
+            manifest = Path(workdir) / f"zoo-{kind}-{n}.jsonl"
+            manifest.write_text("".join(json.dumps({"src": os.fspath(s), "dst": os.fspath(dst / f"{Path(s).stem}.safetensors")})
+                                        + "\n" for s in sources))
+            report = run_batch(manifest, workers=n if kind == "local" else None, ray=kind == "ray", ray_num_cpus=n)
+            failed = [r.error for r in report.rows if r.status != "ok"]
+            if failed:
+                raise BadInputError(f"batch benchmark row failed: {failed[0]}")
+            runs[(kind, n)].append({"wall_s": report.wall_s, "rows": report.rows})
+            for f in dst.iterdir():
+                f.unlink()
+            dst.rmdir()
+    out = []
+    for (kind, n), rs in runs.items():
+        rows = [r for run in rs for r in run["rows"]]
         peaks = [r.peak_rss_bytes / 2**20 for r in rows if r.peak_rss_bytes]
-        res = {"mode": f"{n} worker(s)" if kind == "local" else f"ray local ({n} CPUs)", "rows": len(rows),
-               "wall_s": report.wall_s, "rows_per_s": len(rows) / report.wall_s,
+        wall = statistics.median(run["wall_s"] for run in rs)
+        res = {"mode": f"{n} worker(s)" if kind == "local" else f"ray local ({n} CPUs)", "rows": len(sources),
+               "repeats": len(rs), "wall_s": wall, "walls_s": [run["wall_s"] for run in rs],
+               "rows_per_s": len(sources) / wall,
                "row_wall_s": statistics.median(r.wall_s for r in rows),
                "row_cpu_s": statistics.median(r.cpu_s for r in rows),
                "source_mib": statistics.median(r.source_bytes for r in rows) / 2**20,
                "peak_rss_mib_max": max(peaks) if peaks else None,
                "peak_rss_mib_median": statistics.median(peaks) if peaks else None}
-        for f in dst.iterdir():
-            f.unlink()
-        dst.rmdir()
         out.append(res)
         if on_mode is not None:
             on_mode(res)
