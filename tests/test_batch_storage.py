@@ -107,8 +107,8 @@ def test_batch_from_http_and_s3_to_s3_resumes_from_remote_metadata(s3, tmp_path)
         assert got and all(r is not None for _, r, _ in got)
         assert sum(n for _, _, n in got) == TOKEN.stat().st_size
         assert status["http_token.safetensors"].source_sha256 == _sha(TOKEN.read_bytes())
-        for r in first.rows[:3]:
-            for url, digest in r.outputs.items():
+        for r in first.rows:
+            for url, digest in r.outputs.items() if r.dst.startswith("s3://") else ():
                 assert url.startswith("s3://zoo/out/") and _sha(s3.cat_file(url[5:])) == digest
         again = run_batch(tmp_path / "m.jsonl", workers=2)
         assert [r.status for r in sorted(again.rows, key=lambda r: r.line)] == ["skipped"] * 4 + ["failed"]

@@ -127,3 +127,22 @@ def test_hybrid_r50_exports_and_matches_golden(tmp_path):
     for rows in (slice(None), slice(0, 1)):
         err = float(np.abs(run(sess, golden_input(case)[rows]) - golden_expected(case, "logits")[rows]).max())
         assert err <= ATOL, err
+
+
+def test_a_handed_over_model_is_freed_once_its_weights_are_written(tmp_path):
+    """run_export hands ONNX the model (a one-element list): its weights are emptied in place
+    after the file is written, before onnxruntime loads it; a model passed as itself is left alone."""
+    from vitconv.checkpoint import load
+    from vitconv.export import check_plan, make_reference
+    from vitconv.export.onnx import export_onnx
+
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    model = load(src)
+    checks = check_plan(32, 8, None, False)
+    reference = make_reference(src, model, 32, checks)
+    kept = export_onnx(model, tmp_path / "a.onnx", reference, checks)
+    assert kept.ok and all(p.numel() for p in model.parameters())
+    owned = [model]
+    handed = export_onnx(owned, tmp_path / "b.onnx", reference, checks)
+    assert handed.ok and owned == [] and all(p.numel() == 0 for p in model.parameters())
+    assert [p.max_abs for p in handed.parity] == [p.max_abs for p in kept.parity]

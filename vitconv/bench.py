@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .batch import run_batch
 from .errors import BadInputError, first_line
 from .export.common import export_ready
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter
@@ -405,8 +406,6 @@ def bench_batch(sources: Sequence[Path], workdir: Path, workers: Sequence[int] =
     count and once as Ray tasks on a local instance with every CPU, the modes taking turns
     ``repeats`` times in this run (so a slow spell of the machine hits each alike): per mode
     the median of rows/s, per-row wall and CPU seconds, and peak RSS per row (VmHWM)."""
-    from .batch import run_batch
-
     modes = [("local", w) for w in workers] + ([("ray", os.cpu_count() or 1)] if ray else [])
     runs: Dict[tuple, List[dict]] = {m: [] for m in modes}
     for _ in range(repeats):

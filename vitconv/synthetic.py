@@ -31,6 +31,8 @@ PRESETS: Dict[str, ViTConfig] = {
     "B/16": ViTConfig(width=768, depth=12, num_heads=12, head_dim=64, mlp_dim=3072, patch_size=16),
     "L/16": ViTConfig(width=1024, depth=24, num_heads=16, head_dim=64, mlp_dim=4096, patch_size=16),
     "H/14": ViTConfig(width=1280, depth=32, num_heads=16, head_dim=80, mlp_dim=5120, patch_size=14),
+    # ViT-g/14 of "Scaling Vision Transformers" (Zhai et al., 2022): 1.0B parameters, 4.0 GB in float32
+    "g/14": ViTConfig(width=1408, depth=40, num_heads=16, head_dim=88, mlp_dim=6144, patch_size=14),
     # R50+ViT-B/16: ResNet-50 stem with stages (3, 4, 9), then 1x1 "patches" on its /16 grid.
     "R50+B/16": ViTConfig(width=768, depth=12, num_heads=12, head_dim=64, mlp_dim=3072, patch_size=1,
                           resnet_layers=(3, 4, 9), resnet_width=64),

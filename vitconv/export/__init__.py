@@ -122,12 +122,6 @@ def run_export(src: PathLike, plan: ExportPlan,
             failures.append(e)
             results.extend(getattr(e, "results", []))
 
-    if plan.onnx:
-        say(f"onnx -> {plan.onnx}")
-        attempt(lambda: export_onnx(model, plan.onnx, reference, checks, opset=plan.opset,
-                                    batch=plan.batch, dynamic_size=plan.dynamic_size,
-                                    fp16=plan.fp16, source_sha256=source_sha, source=src,
-                                    usage=usage))
     if plan.torchscript:
         say(f"torchscript -> {plan.torchscript}")
         attempt(lambda: export_torchscript(model, plan.torchscript, reference, checks,
@@ -141,6 +135,14 @@ def run_export(src: PathLike, plan: ExportPlan,
         attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
                                            image_size=plan.image_size, fp16=plan.fp16,
                                            shard_bytes=plan.shard_bytes, labels=plan.labels))
+    if plan.onnx:  # last, and handed the model: released once its weights are written, before onnxruntime loads them
+        say(f"onnx -> {plan.onnx}")
+        owned = [model]
+        del model
+        attempt(lambda: export_onnx(owned, plan.onnx, reference, checks, opset=plan.opset,
+                                    batch=plan.batch, dynamic_size=plan.dynamic_size,
+                                    fp16=plan.fp16, source_sha256=source_sha, source=src,
+                                    usage=usage))
     if failures:
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]

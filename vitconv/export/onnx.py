@@ -33,6 +33,7 @@ Why these choices:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import io
 import json
@@ -130,52 +131,79 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                 atol: Optional[float] = None) -> ExportResult:
     """Export ``model`` to one ``.onnx`` at ``path``, check it with ``onnx.checker``
     (``full_check``), run it in onnxruntime on ``checks`` against ``reference`` and only then
-    move it into place. Raises :class:`VerificationError` past tolerance."""
+    move it into place. Raises :class:`VerificationError` past tolerance.
+
+    ``model``: the module, or a one-element list that hands it over: the list is emptied and
+    the model released once its weights are in the file, before onnxruntime loads it. A
+    float32 graph is written by onnx_ir straight from the exporter's graph, tensor by tensor
+    into the external data file of a model above 2 GB (no protobuf copy of the weights);
+    float16 goes through a protobuf for onnxruntime's converter."""
     import onnx
+    import onnx_ir
     import torch
 
+    owned = isinstance(model, list)
+    if owned:
+        model = model.pop()
     cfg = model.config
     ready = export_ready(model)
+    large = _params_bytes(ready) // (2 if fp16 else 1) > INLINE_LIMIT
     x = example_input(cfg, batch)
+    meta = {
+        "vitconv_config": cfg.to_json(),
+        **preprocessing_metadata(usage or Usage()),
+        "image_size": str(cfg.image_size),
+        "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
+                                    "size_multiple_of": cfg.total_stride}),
+        "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
+        "opset": str(opset),
+        "source_sha256": source_sha256,
+    }
+    if source is not None:
+        meta["source_file"] = Path(source).name
+    doc = "vitconv export: canonical ViT, pixel_values (NCHW float32) -> logits"
     with Timer() as t_export:
         with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 ready, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes(cfg.total_stride, batch, dynamic_size))
-        proto = program.model_proto
-        del program  # its graph and weights are in the proto now
-        meta = {
-            "vitconv_config": cfg.to_json(),
-            **preprocessing_metadata(usage or Usage()),
-            "image_size": str(cfg.image_size),
-            "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
-                                        "size_multiple_of": cfg.total_stride}),
-            "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
-            "opset": str(opset),
-            "source_sha256": source_sha256,
-        }
-        if source is not None:
-            meta["source_file"] = Path(source).name
-        onnx.helper.set_model_props(proto, meta)
-        proto.doc_string = "vitconv export: canonical ViT, pixel_values (NCHW float32) -> logits"
+        graph = program.model  # an onnx_ir model whose initializers are the model's own tensors
+        del program
         if fp16:
-            proto = to_fp16(proto)
-        large = _params_bytes(ready) // (2 if fp16 else 1) > INLINE_LIMIT
+            proto = onnx_ir.to_proto(graph)
+            _drop_weights(graph)
+            onnx.helper.set_model_props(proto, meta)
+            proto.doc_string = doc
+            graph = to_fp16(proto)
+            del proto
+        else:
+            graph.metadata_props.update(meta)
+            graph.doc_string = doc
     notes: List[str] = []
     final = Path(path)
     data = final.with_name(final.name + ".data")
     with atomic_files([final, data] if large else [final]) as folder:  # both appear, or neither
         tmp = folder / final.name
         with Timer() as t_save:
+            if fp16:  # a protobuf
+                if large:
+                    onnx.save_model(graph, os.fspath(tmp), save_as_external_data=True,
+                                    all_tensors_to_one_file=True, location=data.name)
+                else:
+                    onnx.save_model(graph, os.fspath(tmp))
+            else:  # one tensor at a time, at most 64 MiB in flight
+                onnx_ir.save(graph, os.fspath(tmp), external_data=data.name if large else None,
+                             max_workers=1, max_in_flight_bytes=64 << 20)
+                _drop_weights(graph)
             if large:
-                onnx.save_model(proto, os.fspath(tmp), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data.name)
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
-            else:
-                onnx.save_model(proto, os.fspath(tmp))
-        del proto  # the checker and onnxruntime read the file: not two more copies at once
+        # the checker and onnxruntime read the file: the graph and the model go first
+        if owned:
+            _empty(ready, model)
+        del graph, ready, model
         gc.collect()
+        _trim()
         with Timer() as t_verify:
             onnx.checker.check_model(os.fspath(tmp), full_check=True)
             notes.append(f"opset {opset}; onnx.checker full_check passed; onnxruntime CPU")
@@ -187,6 +215,35 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                               t_verify.s, parity, notes, fp16)
         raise_if_failed(result, final)
     return result
+
+
+def _drop_weights(graph) -> None:
+    """Unlink the exported graph from the model's tensors (its initializers)."""
+    for value in graph.graph.initializers.values():
+        value.const_value = None
+
+
+def _empty(*modules) -> None:
+    """Free a handed-over model's weights in place: each parameter and buffer keeps its
+    object but holds no data. The exporter leaves references behind that outlive the graph
+    (onnxscript's rewriter rules keep the last graph they matched, in module-level objects),
+    so dropping our own references alone would keep every weight in memory."""
+    import torch
+
+    with torch.no_grad():
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                t.data = torch.empty(0, dtype=t.dtype)
+
+
+def _trim() -> None:
+    """Give the freed weights back to the system (glibc keeps blocks under its mmap threshold,
+    32 MB, such as every MLP kernel, in its heap after ``free``): onnxruntime's own copy would
+    otherwise come on top of them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _ort_runner(path: PathLike):
