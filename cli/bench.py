@@ -10,7 +10,7 @@ from typing import List
 
 import click
 
-from vitconv.bench import RUNTIMES, bench_batch, bench_convert, bench_runtimes
+from vitconv.bench import RUNTIMES, bench_batch, bench_convert, bench_memory, bench_runtimes
 from vitconv.synthetic import make_synthetic, preset
 
 from .common import say
@@ -42,6 +42,10 @@ def _ints(text: str) -> List[int]:
 @click.option("--repeats", type=int, default=3, show_default=True, help="With --convert or --zoo: runs of each.")
 @click.option("--workdir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="With --convert: where synthetic files and outputs go (default: a temp dir).")
+@click.option("--memory", "memory", is_flag=True,
+              help="Benchmark export and verify instead: MODELS are .npz files or presets (B/16 ... g/14); "
+                   "verify and export --onnx each in a fresh process, wall and peak RSS against the "
+                   "weight bytes.")
 @click.option("--zoo", "zoo", type=click.IntRange(min=1), metavar="ROWS",
               help="Benchmark vitconv batch instead: ROWS synthetic copies of the MODEL preset (B/16 ...), "
                    "each converted and verified, with each --workers count and as Ray tasks.")
@@ -51,15 +55,19 @@ def _ints(text: str) -> List[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.pass_context
 def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int, peak_tflops,
-          convert: bool, output_kind: str, repeats: int, workdir, zoo, workers_list: str, no_ray: bool,
-          as_json: bool) -> None:
+          convert: bool, output_kind: str, repeats: int, workdir, memory: bool, zoo, workers_list: str,
+          no_ray: bool, as_json: bool) -> None:
     """Measure inference per runtime, or conversion cost (--convert), side by side in one run.
 
     \b
       vitconv bench golden/jax/tiny_token_p8_32.npz --runtime torch,onnxruntime --batch 1,8
       vitconv bench --convert B/16 L/16 --repeats 3
       vitconv bench --zoo 4 B/16 --workers 1,2
+      vitconv bench --memory B/16 H/14
     """
+    if memory:
+        _memory(ctx, models, workdir, as_json)
+        return
     if zoo:
         _zoo(ctx, models, zoo, _ints(workers_list), not no_ray, repeats, workdir, as_json)
         return
@@ -86,6 +94,39 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
         say(ctx, f"{r.runtime:22} {r.batch:>5} {r.latency_ms:>10.2f} {r.latency_p90_ms:>9.2f} "
                  f"{r.cpu_ms:>9.2f} {r.images_per_s:>9.1f} {r.gflops_per_s:>9.1f} {mfu:>6} {ratio:>9} "
                  f"{r.max_abs_diff_vs_torch:>10.2e}")
+
+
+def _memory(ctx, models, workdir, as_json: bool) -> None:
+    out = []
+    with tempfile.TemporaryDirectory(prefix="vitconv-bench-", dir=workdir) as tmp:
+        for m in models:
+            path = _source(ctx, m, Path(tmp))
+            for r in bench_memory(path, tmp):
+                out.append(r | {"model": m})
+                if not as_json:
+                    say(ctx, f"{m:>6} {r['task']:>6}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB = "
+                             f"{r['x_weights']:.2f}x the {r['weight_mib']:.0f} MiB of weights (after imports "
+                             f"{r['base_rss_mib']:.0f}); target {r['target_mib']:.0f} MiB: "
+                             f"{'met' if r['met'] else 'NOT met'}")
+            if path.parent == Path(tmp):
+                path.unlink()
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+
+
+def _source(ctx, m: str, tmp: Path) -> Path:
+    """A model file, or a preset generated as a synthetic checkpoint in ``tmp``."""
+    path = Path(m)
+    if path.exists():
+        return path
+    try:
+        preset(m)
+    except KeyError as e:
+        raise click.BadParameter(f"{m}: neither a file nor a preset ({e.args[0]})") from None
+    path = tmp / (m.replace("/", "_").replace("+", "_") + ".npz")
+    say(ctx, f"generating synthetic {m} -> {path}", err=True)
+    make_synthetic(m, path)
+    return path
 
 
 def _zoo(ctx, models, rows: int, workers: List[int], ray: bool, repeats: int, workdir, as_json: bool) -> None:
@@ -120,15 +161,7 @@ def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool
     out = []
     with tempfile.TemporaryDirectory(prefix="vitconv-bench-", dir=workdir) as tmp:
         for m in models:
-            path = Path(m)
-            if not path.exists():
-                try:
-                    preset(m)
-                except KeyError as e:
-                    raise click.BadParameter(f"{m}: neither a file nor a preset ({e.args[0]})") from None
-                path = Path(tmp) / (m.replace("/", "_").replace("+", "_") + ".npz")
-                say(ctx, f"generating synthetic {m} -> {path}", err=True)
-                make_synthetic(m, path)
+            path = _source(ctx, m, Path(tmp))
             res = bench_convert(path, output_kind, repeats=repeats, workdir=tmp)
             if path.parent == Path(tmp):
                 path.unlink()

@@ -74,3 +74,15 @@ def test_runtime_rows_report_model_flops_and_mfu():
     assert row.mfu == pytest.approx(row.gflops_per_s / 500)
     with pytest.raises(BadInputError, match="peak-tflops"):
         bench_runtimes(path, ["torch"], [1], iters=1, peak_tflops=0)
+
+
+def test_bench_memory_measures_verify_and_export_in_fresh_processes(tmp_path):
+    from vitconv.bench import bench_memory
+
+    rows = bench_memory(golden_path("jax/tiny_token_p8_32.npz"), tmp_path)
+    assert [r["task"] for r in rows] == ["verify", "onnx"]
+    for r in rows:
+        # a fresh interpreter's VmHWM: at least what it held after its imports
+        assert r["peak_rss_mib"] >= r["base_rss_mib"] > 50 and r["wall_s"] > 0
+        assert r["x_weights"] == pytest.approx(r["peak_rss_mib"] / r["weight_mib"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # its files removed

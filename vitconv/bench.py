@@ -251,7 +251,7 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- conversion
 @dataclass
 class ConvertMeasurement:
-    mode: str  # "stream" or "floor"
+    mode: str  # "stream", "floor"; "verify", "onnx" (bench_memory)
     wall_s: float
     peak_rss_mib: float  # VmHWM of the child process
     base_rss_mib: float  # VmRSS after imports, before any work
@@ -323,16 +323,31 @@ def _floor(src: Path, dst: Path) -> int:
 
 
 def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
-    if mode == "stream":
-        # What `vitconv npz2pt` imports, torch included (the model's shapes come from the
-        # model): imported before the clock starts, so the figures are the conversion's work.
+    if mode != "floor":
+        # What the command imports, torch included (the model's shapes come from the model;
+        # verify and export run it, and onnxruntime): imported before the clock starts, so
+        # the figures are the work's.
         from . import model  # noqa: F401
+    if mode in ("verify", "onnx"):
+        import onnxruntime  # noqa: F401
+
+        from . import export, verify  # noqa: F401
     base = _rss_mib("VmRSS")
     c0 = time.process_time()  # every thread's user + system time, ns resolution
     t0 = time.perf_counter()
     if mode == "stream":
         convert(src, dst, hash_source=hash_source)
         n = os.path.getsize(dst)
+    elif mode == "verify":  # dst: the converted file
+        from .verify import check
+
+        check(src, dst)
+        n = os.path.getsize(dst)
+    elif mode == "onnx":
+        from .export import ExportPlan, run_export
+
+        run_export(src, ExportPlan(onnx=Path(dst)))
+        n = sum(p.stat().st_size for p in Path(dst).parent.glob(Path(dst).name + "*"))
     else:
         n = _floor(Path(src), Path(dst))
     wall = time.perf_counter() - t0
@@ -392,11 +407,6 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
     return bench
 
 
-if __name__ == "__main__":  # child entry point for measure_child
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
-        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")))
-    else:
-        sys.exit("usage: python -m vitconv.bench --child {stream,floor} SRC DST HASH")
 
 
 # --------------------------------------------------------------------------- batch
@@ -440,3 +450,36 @@ def bench_batch(sources: Sequence[Path], workdir: Path, workers: Sequence[int] =
         if on_mode is not None:
             on_mode(res)
     return out
+
+
+# --------------------------------------------------------------------------- export and verify memory
+def bench_memory(src: os.PathLike | str, workdir: os.PathLike | str) -> List[dict]:
+    """``vitconv verify SRC SRC.safetensors`` and ``vitconv export SRC --onnx`` (its
+    verification in onnxruntime included), each in a fresh interpreter: wall time and peak
+    RSS (VmHWM), also as a multiple of the float32 weight bytes, beside the targets of
+    issue 20 (verify: 2x; export: 1.5x + 1 GiB)."""
+    src, work = Path(src), Path(workdir)
+    converted = work / (src.stem + ".safetensors")
+    convert(src, converted, hash_source=False)
+    weights = converted.stat().st_size
+    out = []
+    try:
+        for mode, dst, limit in (("verify", converted, 2 * weights),
+                                 ("onnx", work / (src.stem + ".onnx"), 1.5 * weights + 2**30)):
+            m = measure_child(mode, src, dst)
+            out.append({"model": src.stem, "task": mode, "weight_mib": weights / 2**20, "wall_s": m.wall_s,
+                        "peak_rss_mib": m.peak_rss_mib, "base_rss_mib": m.base_rss_mib,
+                        "x_weights": m.peak_rss_mib * 2**20 / weights, "target_mib": limit / 2**20,
+                        "met": m.peak_rss_mib * 2**20 <= limit})
+            for p in work.glob(src.stem + ".onnx*"):
+                p.unlink()
+    finally:
+        converted.unlink(missing_ok=True)
+    return out
+
+
+if __name__ == "__main__":  # child entry point for measure_child
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")))
+    else:
+        sys.exit("usage: python -m vitconv.bench --child {stream,floor,verify,onnx} SRC DST HASH")
