@@ -146,3 +146,28 @@ def test_a_handed_over_model_is_freed_once_its_weights_are_written(tmp_path):
     handed = export_onnx(owned, tmp_path / "b.onnx", reference, checks)
     assert handed.ok and owned == [] and all(p.numel() == 0 for p in model.parameters())
     assert [p.max_abs for p in handed.parity] == [p.max_abs for p in kept.parity]
+
+
+def test_the_streamed_file_parses_as_the_protobuf_onnx_ir_would_write(tmp_path):
+    """save_streamed appends each initializer as one more ``graph`` field; onnx's own parser
+    (protobuf's merge of repeated message fields) must read back exactly the message that
+    onnx_ir serialises in one piece, and the checker must accept it."""
+    import onnx_ir
+
+    from vitconv.checkpoint import load
+    from vitconv.export.common import export_ready
+    from vitconv.export.onnx import example_input, save_streamed
+
+    model = load(golden_path("jax/tiny_token_p8_32.npz"))
+    program = torch.onnx.export(export_ready(model), (example_input(model.config, None),), dynamo=True)
+    whole = onnx_ir.to_proto(program.model)
+    save_streamed(program.model, tmp_path / "m.onnx")
+    streamed = onnx.load(tmp_path / "m.onnx")
+    assert len(whole.graph.initializer) > 32  # the weights and the constants
+    assert list(streamed.graph.initializer) == list(whole.graph.initializer)
+    # the one difference: no value_info entries restating the initializers' types
+    inits = {t.name for t in whole.graph.initializer}
+    assert [v for v in whole.graph.value_info if v.name not in inits] == list(streamed.graph.value_info)
+    del whole.graph.value_info[:], streamed.graph.value_info[:]
+    assert streamed == whole
+    onnx.checker.check_model(tmp_path / "m.onnx", full_check=True)

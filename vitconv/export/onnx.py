@@ -192,10 +192,12 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                                     all_tensors_to_one_file=True, location=data.name)
                 else:
                     onnx.save_model(graph, os.fspath(tmp))
-            else:  # one tensor at a time, at most 64 MiB in flight
-                onnx_ir.save(graph, os.fspath(tmp), external_data=data.name if large else None,
-                             max_workers=1, max_in_flight_bytes=64 << 20)
+            elif large:  # one tensor at a time into the data file, at most 64 MiB in flight
+                onnx_ir.save(graph, os.fspath(tmp), external_data=data.name, max_workers=1,
+                             max_in_flight_bytes=64 << 20)
                 _drop_weights(graph)
+            else:
+                save_streamed(graph, tmp)
             if large:
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
         # the checker and onnxruntime read the file: the graph and the model go first
@@ -215,6 +217,42 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                               t_verify.s, parity, notes, fp16)
         raise_if_failed(result, final)
     return result
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: key (wire type 2), varint length, payload."""
+    out, n = bytearray(), (number << 3) | 2
+    for value in (n, len(payload)):
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+def save_streamed(model, path: PathLike) -> None:
+    """Write an onnx_ir ``model`` as one ``.onnx`` file holding one weight in memory at a time
+    (``onnx_ir.save`` builds the whole protobuf first: twice the weights, then its bytes).
+
+    The model is written without its initializers, then each initializer is appended as one
+    more ``graph`` field (``ModelProto`` field 7) holding a ``GraphProto`` with that one
+    ``initializer`` (field 5). Protobuf parsers merge repeated occurrences of a message field
+    and concatenate its repeated fields (the encoding's documented behaviour), so every
+    reader, onnx and onnxruntime included, sees the one graph with all its initializers, in
+    order. The model's initializers are unlinked from their tensors on the way."""
+    import onnx_ir
+
+    values = list(model.graph.initializers.values())
+    model.graph.initializers.clear()
+    skeleton = onnx_ir.serde.serialize_model(model).SerializeToString()
+    with open(path, "wb") as f:
+        f.write(skeleton)
+        for value in values:
+            tensor = onnx_ir.serde.serialize_tensor(value.const_value)
+            tensor.name = value.name
+            f.write(_field(7, _field(5, tensor.SerializeToString())))
+            value.const_value = None
+            del tensor
 
 
 def _drop_weights(graph) -> None:
