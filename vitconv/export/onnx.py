@@ -181,6 +181,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
             graph.metadata_props.update(meta)
             graph.doc_string = doc
     notes: List[str] = []
+    light = None
     final = Path(path)
     data = final.with_name(final.name + ".data")
     with atomic_files([final, data] if large else [final]) as folder:  # both appear, or neither
@@ -197,7 +198,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                              max_in_flight_bytes=64 << 20)
                 _drop_weights(graph)
             else:
-                save_streamed(graph, tmp)
+                light = save_streamed(graph, tmp)
             if large:
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
         # the checker and onnxruntime read the file: the graph and the model go first
@@ -207,7 +208,12 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
         gc.collect()
         _trim()
         with Timer() as t_verify:
-            onnx.checker.check_model(os.fspath(tmp), full_check=True)
+            checked = tmp
+            if light is not None:  # the streamed file's names, types and shapes, without its data
+                checked = folder / f".{final.name}.check"
+                onnx.save_model(light, os.fspath(checked))
+                del light
+            onnx.checker.check_model(os.fspath(checked), full_check=True)
             notes.append(f"opset {opset}; onnx.checker full_check passed; onnxruntime CPU")
             run = _ort_runner(tmp)
             parity = verify(run, reference, checks, cfg.in_chans, fp16=fp16,
@@ -230,7 +236,7 @@ def _field(number: int, payload: bytes) -> bytes:
     return bytes(out) + payload
 
 
-def save_streamed(model, path: PathLike) -> None:
+def save_streamed(model, path: PathLike):
     """Write an onnx_ir ``model`` as one ``.onnx`` file holding one weight in memory at a time
     (``onnx_ir.save`` builds the whole protobuf first: twice the weights, then its bytes).
 
@@ -239,20 +245,35 @@ def save_streamed(model, path: PathLike) -> None:
     ``initializer`` (field 5). Protobuf parsers merge repeated occurrences of a message field
     and concatenate its repeated fields (the encoding's documented behaviour), so every
     reader, onnx and onnxruntime included, sees the one graph with all its initializers, in
-    order. The model's initializers are unlinked from their tensors on the way."""
+    order. The model's initializers are unlinked from their tensors on the way.
+
+    Returns the same model with every initializer's data left out, marked as external data
+    in this file, for ``onnx.checker``: saved beside it, it lets ``full_check`` read every
+    name, type and shape (and find the data file) without loading the data; given the file
+    itself, the checker would read and parse it whole (twice the weights)."""
+    import onnx
     import onnx_ir
 
     values = list(model.graph.initializers.values())
     model.graph.initializers.clear()
-    skeleton = onnx_ir.serde.serialize_model(model).SerializeToString()
+    skeleton = onnx_ir.serde.serialize_model(model)
     with open(path, "wb") as f:
-        f.write(skeleton)
+        f.write(skeleton.SerializeToString())
         for value in values:
             tensor = onnx_ir.serde.serialize_tensor(value.const_value)
             tensor.name = value.name
             f.write(_field(7, _field(5, tensor.SerializeToString())))
             value.const_value = None
+            size = len(tensor.raw_data)
+            if size >= 1024:  # a weight; small ones (shapes, axes) stay: shape inference reads them
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, v in (("location", Path(path).name), ("length", str(size))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, v
+            skeleton.graph.initializer.append(tensor)
             del tensor
+    return skeleton
 
 
 def _drop_weights(graph) -> None:
