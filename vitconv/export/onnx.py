@@ -135,9 +135,10 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
 
     ``model``: the module, or a one-element list that hands it over: the list is emptied and
     the model released once its weights are in the file, before onnxruntime loads it. A
-    float32 graph is written by onnx_ir straight from the exporter's graph, tensor by tensor
-    into the external data file of a model above 2 GB (no protobuf copy of the weights);
-    float16 goes through a protobuf for onnxruntime's converter."""
+    float32 graph goes from the exporter's graph to disk one tensor at a time, never as a
+    protobuf holding every weight: into the external data file above 2 GB (onnx_ir), into
+    the one ``.onnx`` below (:func:`save_streamed`). float16 goes through a protobuf for
+    onnxruntime's converter."""
     import onnx
     import onnx_ir
     import torch
