@@ -124,3 +124,26 @@ def test_cli_verify_flag(tmp_path):
     assert not (tmp_path / "j.pth").exists()
     cannot = run_cli("convert", GAP, tmp_path / "p.safetensors", "--patch-size", "4", "--verify")
     assert cannot.exit_code == 1 and "verify cannot check a --patch-size resample" in cannot.stderr
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("float16", "float16"), ("bfloat16", "bfloat16")])
+def test_the_rounding_is_made_visible(dtype, torch_dtype, tmp_path):
+    """The report says how far the rounding alone moves the output; recomputed here with
+    torch's own casts of the float32 model's parameters."""
+    import re
+
+    import torch
+
+    from vitconv.verify import seeded_images
+
+    report = vitconv.convert(SRC, tmp_path / "x.safetensors", dtype=dtype, verify=True)
+    said = float(re.search(r"max abs ([0-9.e+-]+) \(cosine", report.checked.note).group(1))
+    model = vitconv.load(SRC)
+    x = torch.from_numpy(np.ascontiguousarray(seeded_images(2, 32, 3).transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        full = model(x).double()
+        for p in model.parameters():
+            p.copy_(p.to(getattr(torch, torch_dtype)).float())
+        moved = model(x).double()
+    assert said == pytest.approx(float((full - moved).abs().max()), rel=5e-3)
+    assert said > 1e-4  # well above float32 rounding: the tolerance did not hide it
