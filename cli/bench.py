@@ -11,6 +11,7 @@ from typing import List
 import click
 
 from vitconv.bench import RUNTIMES, bench_batch, bench_convert, bench_memory, bench_runtimes
+from vitconv.device_bench import bench_device, format_rows
 from vitconv.synthetic import make_synthetic, preset
 
 from .common import say
@@ -42,6 +43,14 @@ def _ints(text: str) -> List[int]:
 @click.option("--repeats", type=int, default=3, show_default=True, help="With --convert or --zoo: runs of each.")
 @click.option("--workdir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="With --convert: where synthetic files and outputs go (default: a temp dir).")
+@click.option("--device", help="Benchmark inference on this device instead (cuda, cuda:1, cpu): each "
+              "--dtypes and --modes at each --batch, images/s, MFU with --peak-tflops, and the largest "
+              "difference from the float32 model on the CPU. MODEL: a file or a preset (B/16, L/16 ...).")
+@click.option("--dtypes", default="float16,bfloat16", show_default=True, help="With --device: "
+              "comma-separated float32, float16, bfloat16.")
+@click.option("--modes", default="eager,compile,cudagraphs", show_default=True,
+              help="With --device: comma-separated eager (SDPA), compile (torch.compile), cudagraphs "
+                   "(torch.compile reduce-overhead).")
 @click.option("--memory", "memory", is_flag=True,
               help="Benchmark export and verify instead: MODELS are .npz files or presets (B/16 ... g/14); "
                    "verify and export --onnx each in a fresh process, wall and peak RSS against the "
@@ -55,8 +64,8 @@ def _ints(text: str) -> List[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.pass_context
 def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int, peak_tflops,
-          convert: bool, output_kind: str, repeats: int, workdir, memory: bool, zoo, workers_list: str,
-          no_ray: bool, as_json: bool) -> None:
+          convert: bool, output_kind: str, repeats: int, workdir, device, dtypes: str, modes: str, memory: bool,
+          zoo, workers_list: str, no_ray: bool, as_json: bool) -> None:
     """Measure inference per runtime, or conversion cost (--convert), side by side in one run.
 
     \b
@@ -64,7 +73,11 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
       vitconv bench --convert B/16 L/16 --repeats 3
       vitconv bench --zoo 4 B/16 --workers 1,2
       vitconv bench --memory B/16 H/14
+      vitconv bench B/16 --device cuda --batch 256 --peak-tflops 790
     """
+    if device:
+        _device(ctx, models, device, dtypes, modes, _ints(batches), iters, peak_tflops, image_size, as_json)
+        return
     if memory:
         _memory(ctx, models, workdir, as_json)
         return
@@ -94,6 +107,38 @@ def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, t
         say(ctx, f"{r.runtime:22} {r.batch:>5} {r.latency_ms:>10.2f} {r.latency_p90_ms:>9.2f} "
                  f"{r.cpu_ms:>9.2f} {r.images_per_s:>9.1f} {r.gflops_per_s:>9.1f} {mfu:>6} {ratio:>9} "
                  f"{r.max_abs_diff_vs_torch:>10.2e}")
+
+
+def _device(ctx, models, device: str, dtypes: str, modes: str, batches: List[int], iters: int, peak_tflops,
+            image_size, as_json: bool) -> None:
+    import torch
+
+    from vitconv.checkpoint import load
+    from vitconv.model import VisionTransformer
+
+    if len(models) != 1:
+        raise click.UsageError("give one MODEL with --device")
+    m = models[0]
+    if Path(m).exists():
+        model = load(m, image_size=image_size)
+    else:
+        try:
+            cfg = preset(m)
+        except KeyError as e:
+            raise click.BadParameter(f"{m}: neither a file nor a preset ({e.args[0]})") from None
+        torch.manual_seed(0)
+        model = VisionTransformer(cfg.replace(image_size=image_size) if image_size else cfg)  # its own init
+    out = []
+    for b in batches:
+        out += bench_device(model, device, [d.strip() for d in dtypes.split(",") if d.strip()],
+                            [x.strip() for x in modes.split(",") if x.strip()], batch=b, iters=iters,
+                            peak_tflops=peak_tflops)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in out], indent=2))
+        return
+    say(ctx, f"{m} @{model.config.image_size}px on {device}, median of {iters}")
+    for line in format_rows(out):
+        say(ctx, line)
 
 
 def _memory(ctx, models, workdir, as_json: bool) -> None:

@@ -86,3 +86,26 @@ def test_bench_memory_measures_verify_and_export_in_fresh_processes(tmp_path):
         assert r["peak_rss_mib"] >= r["base_rss_mib"] > 50 and r["wall_s"] > 0
         assert r["x_weights"] == pytest.approx(r["peak_rss_mib"] / r["weight_mib"])
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # its files removed
+
+
+def test_device_bench_runs_its_code_path_on_the_cpu():
+    """No accelerator is lent to the test machines: the --device path runs on the CPU, eager.
+    float32 on the CPU is the reference itself (difference 0); bfloat16's rounding shows."""
+    import torch
+
+    from vitconv.checkpoint import load
+    from vitconv.device_bench import bench_device
+
+    model = load(golden_path("jax/tiny_token_p8_32.npz"))
+    rows = bench_device(model, "cpu", ["float32", "bfloat16"], ["eager", "cudagraphs"], batch=4, iters=2,
+                        warmup=1, peak_tflops=1.0)
+    got = {(r.dtype, r.mode): r for r in rows}
+    f32, bf16 = got["float32", "eager"], got["bfloat16", "eager"]
+    assert f32.max_abs_diff_vs_fp32_cpu == 0.0 and f32.images_per_s > 0 and f32.mfu > 0
+    assert 1e-3 < bf16.max_abs_diff_vs_fp32_cpu < 1.0 and 0.99 < bf16.cosine_vs_fp32_cpu < 1.0
+    assert got["float32", "cudagraphs"].error == "RuntimeError: CUDA graphs need a CUDA device"
+    if not torch.cuda.is_available():
+        from _vitconv_cli.main import main
+
+        r = CliRunner().invoke(main, ["bench", "Ti/16", "--device", "cuda"])
+        assert r.exit_code == 2 and "no CUDA device is visible" in r.stderr
