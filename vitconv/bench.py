@@ -34,12 +34,14 @@ import numpy as np
 
 from .batch import run_batch
 from .errors import BadInputError, first_line
+from .export import ExportPlan, run_export
 from .export.common import export_ready
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter
 from .formats.atomic import atomic_output
 from .formats.npz import NpzSource
 from .formats.writeback import Writeback
 from .pipeline import convert
+from .verify import check
 
 #: Runtime names ``bench_runtimes`` understands. ``onnxruntime`` is ORT_ENABLE_ALL, its
 #: default; ``-basic``/``-disabled`` lower the graph-optimisation level. ``onnxruntime-vit``
@@ -330,8 +332,6 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
         from . import model  # noqa: F401
     if mode in ("verify", "onnx"):
         import onnxruntime  # noqa: F401
-
-        from . import export, verify  # noqa: F401
     base = _rss_mib("VmRSS")
     c0 = time.process_time()  # every thread's user + system time, ns resolution
     t0 = time.perf_counter()
@@ -339,13 +339,9 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
         convert(src, dst, hash_source=hash_source)
         n = os.path.getsize(dst)
     elif mode == "verify":  # dst: the converted file
-        from .verify import check
-
         check(src, dst)
         n = os.path.getsize(dst)
     elif mode == "onnx":
-        from .export import ExportPlan, run_export
-
         run_export(src, ExportPlan(onnx=Path(dst)))
         n = sum(p.stat().st_size for p in Path(dst).parent.glob(Path(dst).name + "*"))
     else:
