@@ -133,3 +133,38 @@ def test_cli_rejects_fp16_torchscript_and_nothing_to_do(tmp_path):
     r = CliRunner().invoke(main, ["export", src])
     assert r.exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "pt2"])
+def test_a_handed_over_model_is_freed_before_the_file_is_loaded_back(kind, tmp_path):
+    """As for ONNX: given a one-element list, the exporter frees the weights once written
+    (parameters emptied in place); given the module, it leaves it alone; same parity."""
+    from vitconv.checkpoint import load
+    from vitconv.export import make_reference
+    from vitconv.export.pt2 import export_pt2
+
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    model = load(src)
+    checks = check_plan(32, 8, None, False)
+    reference = make_reference(src, model, 32, checks)
+
+    def run(m, out):
+        if kind == "torchscript":
+            return export_torchscript(m, out, reference, checks)
+        return export_pt2(m, out, reference, checks, aoti=False)
+    kept = run(model, tmp_path / "a")
+    assert kept.ok and all(p.numel() for p in model.parameters())
+    owned = [model]
+    handed = run(owned, tmp_path / "b")
+    assert handed.ok and owned == [] and all(p.numel() == 0 for p in model.parameters())
+    assert [p.max_abs for p in handed.parity] == [p.max_abs for p in kept.parity]
+
+
+def test_every_target_in_one_run_with_the_model_handed_to_the_last(tmp_path):
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    plan = ExportPlan(onnx=tmp_path / "m.onnx", torchscript=tmp_path / "m.ts", pt2=tmp_path / "m.pt2",
+                      safetensors=tmp_path / "m.safetensors", aoti=False)
+    results = run_export(src, plan)
+    assert [r.kind for r in results] == ["torchscript", "pt2", "onnx", "safetensors"]
+    assert all(r.ok for r in results) and all((tmp_path / n).is_file() for n in ("m.onnx", "m.ts", "m.pt2",
+                                                                                 "m.safetensors"))

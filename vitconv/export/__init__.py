@@ -11,6 +11,7 @@ the :class:`~vitconv.errors.VerificationError` (CLI exit 3). Shared pieces are i
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -122,27 +123,37 @@ def run_export(src: PathLike, plan: ExportPlan,
             failures.append(e)
             results.extend(getattr(e, "results", []))
 
+    # The last target that runs the model is handed it (export.common.take), and frees its
+    # weights once its file is written, before loading the file back; the safetensors target
+    # converts from the source again, so it runs after the model is gone.
+    users = [k for k in ("torchscript", "pt2", "onnx") if getattr(plan, k)]
+    owned = [model]
+    del model
+
+    def given(kind: str):
+        return owned if kind == users[-1] else owned[0]
+
     if plan.torchscript:
         say(f"torchscript -> {plan.torchscript}")
-        attempt(lambda: export_torchscript(model, plan.torchscript, reference, checks,
+        attempt(lambda: export_torchscript(given("torchscript"), plan.torchscript, reference, checks,
                                            batch=plan.batch, usage=usage))
     if plan.pt2:
         say(f"pt2 -> {plan.pt2}" + (" (AOTInductor compile: minutes on a small CPU)" if plan.aoti else ""))
-        attempt(lambda: export_pt2(model, plan.pt2, reference, checks, batch=plan.batch,
+        attempt(lambda: export_pt2(given("pt2"), plan.pt2, reference, checks, batch=plan.batch,
                                    dynamic_size=plan.dynamic_size, aoti=plan.aoti))
+    if plan.onnx:
+        say(f"onnx -> {plan.onnx}")
+        attempt(lambda: export_onnx(given("onnx"), plan.onnx, reference, checks, opset=plan.opset,
+                                    batch=plan.batch, dynamic_size=plan.dynamic_size,
+                                    fp16=plan.fp16, source_sha256=source_sha, source=src,
+                                    usage=usage))
+    owned.clear()  # (if no target took it)
+    gc.collect()
     if plan.safetensors:
         say(f"safetensors -> {plan.safetensors}")
         attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
                                            image_size=plan.image_size, fp16=plan.fp16,
                                            shard_bytes=plan.shard_bytes, labels=plan.labels))
-    if plan.onnx:  # last, and handed the model: released once its weights are written, before onnxruntime loads them
-        say(f"onnx -> {plan.onnx}")
-        owned = [model]
-        del model
-        attempt(lambda: export_onnx(owned, plan.onnx, reference, checks, opset=plan.opset,
-                                    batch=plan.batch, dynamic_size=plan.dynamic_size,
-                                    fp16=plan.fp16, source_sha256=source_sha, source=src,
-                                    usage=usage))
     if failures:
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]

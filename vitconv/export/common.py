@@ -8,6 +8,8 @@ resolutions to verify), :func:`verify` and :class:`Parity` (the figures), and
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -189,3 +191,34 @@ class Timer:
         self.s = time.perf_counter() - self.t0
 
 
+
+
+# --------------------------------------------------------------------------- handing the model over
+def take(model) -> Tuple[object, bool]:
+    """``(model, owned)``: an exporter is given the module itself (the caller keeps using it)
+    or a one-element list that hands it over, which this empties: the exporter then frees the
+    weights (:func:`release`) once they are in its file, before its runtime loads the file,
+    so the model and the loaded artifact are never in memory together."""
+    if isinstance(model, list):
+        return model.pop(), True
+    return model, False
+
+
+def release(*modules) -> None:
+    """Free handed-over modules' weights in place (each parameter and buffer keeps its object,
+    with no data) and give the memory back to the system. In place, because exporters leave
+    references behind (onnxscript's rewriter rules keep the last graph they matched, in
+    module-level objects; a traced module shares the tensors): dropping our own references
+    alone would keep every weight. The trim: glibc keeps freed blocks under its mmap
+    threshold (32 MB, every MLP kernel) in its heap, and the runtime's copy would come on top."""
+    import torch
+
+    with torch.no_grad():
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                t.data = torch.empty(0, dtype=t.dtype)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -33,8 +33,6 @@ Why these choices:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import io
 import json
 import logging
@@ -48,7 +46,7 @@ import numpy as np
 from ..formats.atomic import atomic_files
 from ..preprocess import Usage
 from .common import (EXAMPLE_BATCH, FP32_ATOL, Check, ExportResult, PathLike, Reference, Timer, export_ready,
-                     raise_if_failed, verify)
+                     raise_if_failed, release, take, verify)
 
 DEFAULT_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
@@ -133,8 +131,8 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     (``full_check``), run it in onnxruntime on ``checks`` against ``reference`` and only then
     move it into place. Raises :class:`VerificationError` past tolerance.
 
-    ``model``: the module, or a one-element list that hands it over: the list is emptied and
-    the model released once its weights are in the file, before onnxruntime loads it. A
+    ``model``: the module, or a one-element list that hands it over (:func:`~vitconv.export.
+    common.take`): released once its weights are in the file, before onnxruntime loads it. A
     float32 graph goes from the exporter's graph to disk one tensor at a time, never as a
     protobuf holding every weight: into the external data file above 2 GB (onnx_ir), into
     the one ``.onnx`` below (:func:`save_streamed`). float16 goes through a protobuf for
@@ -143,9 +141,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     import onnx_ir
     import torch
 
-    owned = isinstance(model, list)
-    if owned:
-        model = model.pop()
+    model, owned = take(model)
     cfg = model.config
     ready = export_ready(model)
     large = _params_bytes(ready) // (2 if fp16 else 1) > INLINE_LIMIT
@@ -203,11 +199,10 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
             if large:
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
         # the checker and onnxruntime read the file: the graph and the model go first
+        del graph
         if owned:
-            _empty(ready, model)
-        del graph, ready, model
-        gc.collect()
-        _trim()
+            release(ready, model)
+        del ready, model
         with Timer() as t_verify:
             checked = tmp
             if light is not None:  # the streamed file's names, types and shapes, without its data
@@ -281,29 +276,6 @@ def _drop_weights(graph) -> None:
     """Unlink the exported graph from the model's tensors (its initializers)."""
     for value in graph.graph.initializers.values():
         value.const_value = None
-
-
-def _empty(*modules) -> None:
-    """Free a handed-over model's weights in place: each parameter and buffer keeps its
-    object but holds no data. The exporter leaves references behind that outlive the graph
-    (onnxscript's rewriter rules keep the last graph they matched, in module-level objects),
-    so dropping our own references alone would keep every weight in memory."""
-    import torch
-
-    with torch.no_grad():
-        for m in modules:
-            for t in list(m.parameters()) + list(m.buffers()):
-                t.data = torch.empty(0, dtype=t.dtype)
-
-
-def _trim() -> None:
-    """Give the freed weights back to the system (glibc keeps blocks under its mmap threshold,
-    32 MB, such as every MLP kernel, in its heap after ``free``): onnxruntime's own copy would
-    otherwise come on top of them."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _ort_runner(path: PathLike):

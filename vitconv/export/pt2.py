@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..formats.atomic import atomic_output, guarded_file
-from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
+from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed, release, take,
                      verify)
 from .onnx import dynamic_shapes, example_input
 
@@ -26,9 +26,12 @@ def export_pt2(model, path: PathLike, reference: Reference, checks: Sequence[Che
                batch: Optional[int] = None, dynamic_size: bool = False,
                aoti: bool = True) -> ExportResult:
     """Export with ``torch.export``; with ``aoti`` compile an AOTInductor package. Load the
-    written file back, verify on ``checks``, rename into place only if it agrees."""
+    written file back, verify on ``checks``, rename into place only if it agrees. ``model``
+    may be handed over (:func:`~vitconv.export.common.take`): then its weights are freed once
+    written, before the file is loaded back."""
     import torch
 
+    model, owned = take(model)
     cfg = model.config
     ready = export_ready(model)
     x = example_input(cfg, batch)
@@ -47,6 +50,10 @@ def export_pt2(model, path: PathLike, reference: Reference, checks: Sequence[Che
             else:
                 with guarded_file(tmp) as f:
                     torch.export.save(program, f)
+        del program  # it holds the model's tensors
+        if owned:
+            release(ready, model)
+        del ready, model
         with Timer() as t_verify:
             if aoti:
                 from torch._inductor import aoti_load_package

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from ..formats.atomic import atomic_output, guarded_file
 from ..preprocess import Usage
 from ..runtimes import TORCHSCRIPT_EXTRA
-from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed,
+from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed, release, take,
                      verify)
 from .onnx import example_input
 
@@ -30,11 +30,15 @@ from .onnx import example_input
 def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
                        batch: Optional[int] = None, usage: Optional[Usage] = None) -> ExportResult:
     """Trace ``model`` (stem folded, see :func:`~vitconv.export.export_ready`), save it,
-    ``torch.jit.load`` it back, verify on ``checks``; renamed into place only if it agrees."""
+    ``torch.jit.load`` it back, verify on ``checks``; renamed into place only if it agrees.
+    ``model`` may be handed over (:func:`~vitconv.export.common.take`): then its weights are
+    freed once saved, before the file is loaded back."""
     import torch
 
+    model, owned = take(model)
+    cfg = model.config
     ready = export_ready(model)
-    x = example_input(model.config, batch)
+    x = example_input(cfg, batch)
     with Timer() as t_export, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
@@ -43,8 +47,12 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
     with atomic_output(final, suffix=".pt") as tmp:
         with Timer() as t_save:
             with guarded_file(tmp) as f:  # a failed write would abort the process inside torch
-                extra = {"vitconv_config": model.config.to_json(), **(usage or Usage()).metadata()}
+                extra = {"vitconv_config": cfg.to_json(), **(usage or Usage()).metadata()}
                 torch.jit.save(traced, f, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
+        del traced  # it shares the model's tensors
+        if owned:
+            release(ready, model)
+        del ready, model
         with Timer() as t_verify:
             with warnings.catch_warnings():  # "torch.jit.load is deprecated": known, said above
                 warnings.simplefilter("ignore")
@@ -54,7 +62,7 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
                 with torch.no_grad():
                     return loaded(torch.from_numpy(a)).numpy()
 
-            parity = verify(run, reference, checks, model.config.in_chans)
+            parity = verify(run, reference, checks, cfg.in_chans)
         result = ExportResult("torchscript", [final], t_export.s + t_save.s, t_verify.s, parity,
                               ["torch.jit.trace; batch and resolution follow the input"])
         raise_if_failed(result, final)
