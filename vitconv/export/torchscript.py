@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..formats.atomic import atomic_output, guarded_file
+from ..formats.atomic import atomic_output, write_in_child
 from ..preprocess import Usage
 from ..runtimes import TORCHSCRIPT_EXTRA
 from .common import (Check, ExportResult, PathLike, Reference, Timer, export_ready, raise_if_failed, release, take,
@@ -46,9 +46,9 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
     final = Path(path)
     with atomic_output(final, suffix=".pt") as tmp:
         with Timer() as t_save:
-            with guarded_file(tmp) as f:  # a failed write would abort the process inside torch
-                extra = {"vitconv_config": cfg.to_json(), **(usage or Usage()).metadata()}
-                torch.jit.save(traced, f, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(extra)})
+            extra = {TORCHSCRIPT_EXTRA: json.dumps({"vitconv_config": cfg.to_json(), **(usage or Usage()).metadata()})}
+            # streamed to the path, in a child: a failed write aborts the process inside torch
+            write_in_child(lambda where: torch.jit.save(traced, where, _extra_files=extra), tmp)
         del traced  # it shares the model's tensors
         if owned:
             release(ready, model)

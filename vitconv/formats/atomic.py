@@ -238,6 +238,45 @@ class _Guarded(io.RawIOBase):
                 self.error = e
 
 
+def write_in_child(write: Callable[[object], None], path: os.PathLike | str) -> None:
+    """``write(path)`` in a forked child process, for torch writers that stream only when
+    given a path (given a file object, ``torch.jit.save`` builds the whole archive in memory,
+    then copies it into bytes: three times the weights at once) and that abort the process
+    when a write fails inside them. The child shares this process's memory copy-on-write and
+    only reads it, so the weights are not copied; if it dies, the cause is read off the file
+    system (the file-size limit, free space) and raised here as the ``OSError`` the write met.
+    Without ``fork`` (Windows), ``write`` gets a :func:`guarded_file` instead."""
+    if not hasattr(os, "fork"):
+        with guarded_file(path) as f:
+            write(f)
+        return
+    import resource
+
+    pid = os.fork()
+    if pid == 0:  # the child: no core file, and torch's dying words are not the user's one line
+        code = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            write(os.fspath(path))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status == 0:
+        return
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size >= limit:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    st = os.statvfs(Path(path).parent)
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+    raise OSError(errno.EIO, f"the writer process died ({how}) after {size:,} bytes")
+
+
 @contextlib.contextmanager
 def guarded_file(path: os.PathLike | str) -> Iterator[io.RawIOBase]:
     """``path`` opened for a torch writer (``torch.jit.save``, ``torch.export.save``, the
