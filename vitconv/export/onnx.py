@@ -170,6 +170,8 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
         if fp16:
             proto = onnx_ir.to_proto(graph)
             _drop_weights(graph)
+            if owned:  # the protobuf has its own copy of every weight
+                release(ready, model)
             onnx.helper.set_model_props(proto, meta)
             proto.doc_string = doc
             graph = to_fp16(proto)
