@@ -18,6 +18,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
@@ -263,7 +264,12 @@ def write_in_child(write: Callable[[object], None], path: os.PathLike | str) -> 
             code = 0
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C, SIGTERM: the writer goes too, before the temporary is removed
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     if status == 0:
         return
     size = Path(path).stat().st_size if Path(path).exists() else 0
