@@ -175,7 +175,16 @@ def child(out):
     return pid
 
 def temp_of(out):
-    return [x for x in os.listdir(outdir) if x.startswith("." + out.name + ".")]
+    # a temporary holding bytes: not the empty probe check_writable makes and removes first
+    found = []
+    for x in os.listdir(outdir):
+        if x.startswith("." + out.name + "."):
+            try:
+                if os.path.getsize(os.path.join(outdir, x)) > 0:
+                    found.append(x)
+            except OSError:
+                pass
+    return found
 
 out = outdir / "ref.pt"
 t0 = time.monotonic(); pid = child(out); t_tmp = None
