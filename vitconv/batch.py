@@ -236,13 +236,9 @@ def _recorded(row: Row, sha: str, previous: Optional[Dict[str, Any]]) -> bool:
         if storage.is_url(path):
             if not storage.exists(path):
                 return False
-        elif not Path(path).is_file() or _sha256(path) != digest:
+        elif not Path(path).is_file() or sha256_file(path) != digest:
             return False
     return True
-
-
-def _sha256(path: PathLike) -> str:
-    return sha256_file(path)
 
 
 def _output_files(written: Sequence[str]) -> List[Path]:
@@ -262,15 +258,20 @@ def _reset_peak() -> None:
         pass
 
 
-def _peak() -> Optional[int]:
+def _proc_bytes(path: str, field: str) -> Optional[int]:
+    """A ``Field:  N kB`` line of a /proc file, in bytes (None where there is none)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _peak() -> Optional[int]:
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = None,
@@ -283,7 +284,7 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
     try:
         with storage.local_input(row.src) as (src, digest):
             if digest is None:
-                digest = _sha256(src if src.is_file() else _weights_of(src))
+                digest = sha256_file(src if src.is_file() else _weights_of(src))
             result.source_sha256 = digest
             result.source_bytes = sum(f.stat().st_size for f in _output_files([os.fspath(src)]))
             if not force and (_current(row, digest, output_provenance(row.dst)) or _recorded(row, digest, previous)):
@@ -298,9 +299,10 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
                 with storage.local_output(row.dst) as dst:
                     report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
                                      dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
-                                     verify=row.verify, metadata=meta, command=f"{command} (line {row.line})")
+                                     verify=row.verify, metadata=meta, source_sha256=digest,
+                                     command=f"{command} (line {row.line})")
                     local = _output_files(report.files)
-                    hashes = {f: _sha256(f) for f in local}
+                    hashes = {f: sha256_file(f) for f in local}
                 if storage.is_url(row.dst):  # named where they now are
                     base = row.dst.rstrip("/").rsplit("/", 1)[0]
                     root = dst.parent
@@ -350,14 +352,8 @@ def estimate_bytes(row: Row) -> int:
 
 
 def _available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return available if available is not None else 8 << 30
 
 
 #: Thread-count variables of the BLAS libraries under numpy (the NumPy reference's matmuls):

@@ -55,7 +55,9 @@ def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, veri
     ``vitconv_verified`` in its metadata; the report's ``checked`` holds the figures."""
     said = command or f"vitconv.convert({os.fspath(src)!r}, {os.fspath(dst)!r})"
     if storage.is_url(src) or storage.is_url(dst):  # staged and uploaded (vitconv.storage)
-        with storage.local_input(src) as (local_src, _), storage.local_output(dst) as local_dst:
+        with storage.local_input(src) as (local_src, digest), storage.local_output(dst) as local_dst:
+            if digest is not None:  # hashed as it was downloaded
+                kwargs["source_sha256"] = digest
             report = convert(local_src, local_dst, command=said, verify=verify, **kwargs)
         where = os.fspath(dst).rstrip("/").rsplit("/", 1)[0] if storage.is_url(dst) else None
         files = [where + "/" + Path(f).relative_to(Path(local_dst).parent).as_posix() if where else f

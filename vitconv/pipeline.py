@@ -657,7 +657,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
             on_written: Optional[Callable[["Checkpoint", Layout, str, List[Path], str], Any]] = None,
             before_commit: Optional[Callable[[List[Path]], None]] = None,
-            metadata: Optional[Dict[str, str]] = None) -> ConversionReport:
+            metadata: Optional[Dict[str, str]] = None, source_sha256: Optional[str] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
     a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
@@ -668,7 +668,9 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     there and writes a model directory's ``README.md``); what it returns is the report's
     ``checked``, and an exception leaves nothing.
     ``metadata``: more provenance strings, recorded with the source's hash and vitconv's
-    version wherever the output has metadata (:func:`write`).
+    version wherever the output has metadata (:func:`write`). ``source_sha256``: the source's
+    hash when the caller already has it (a download hashed as it streamed, a batch row that
+    hashed it to decide whether to skip), so the file is not read again for it.
 
     >>> vitconv.convert("ViT-B_16.npz", "vit_hf")   # doctest: +SKIP
     """
@@ -681,7 +683,7 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
                          num_classes=num_classes) as ckpt:
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
-        digest = sha256_file(ckpt.source.files()[0]) if hash_source else ""
+        digest = source_sha256 or (sha256_file(ckpt.source.files()[0]) if hash_source else "")
         extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
                  "vitconv_version": __version__, **(metadata or {})}
         specs = ckpt.specs()

@@ -94,9 +94,10 @@ def local_input(src: PathLike, workdir: Optional[PathLike] = None) -> Iterator[T
     fs, remote = filesystem(url)
     try:
         info = fs.info(remote)
-        files = ([remote] if info.get("type") != "directory"
-                 else [f for f in fs.find(remote) if fs.info(f).get("type") != "directory"])
-        sizes = [int(fs.info(f).get("size") or 0) for f in files]
+        found = ({remote: info} if info.get("type") != "directory"
+                 else {f: i for f, i in fs.find(remote, detail=True).items() if i.get("type") != "directory"})
+        files = list(found)
+        sizes = [int(i.get("size") or 0) for i in found.values()]
     except Exception as e:
         raise _remote_error(e, url) from None
     with tempfile.TemporaryDirectory(prefix="vitconv-stage-", dir=workdir) as tmp:

@@ -202,7 +202,7 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
         # the checker and onnxruntime read the file: the graph and the model go first
         del graph
-        if owned:
+        if owned and not fp16:  # (float16: released once its protobuf existed, above)
             release(ready, model)
         del ready, model
         with Timer() as t_verify:
