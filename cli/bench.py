@@ -53,8 +53,8 @@ def _ints(text: str) -> List[int]:
                    "(torch.compile reduce-overhead).")
 @click.option("--memory", "memory", is_flag=True,
               help="Benchmark export and verify instead: MODELS are .npz files or presets (B/16 ... g/14); "
-                   "verify and export --onnx each in a fresh process, wall and peak RSS against the "
-                   "weight bytes.")
+                   "verify, export --onnx and --onnx --fp16 each in a fresh process, wall and peak RSS "
+                   "against the weight bytes.")
 @click.option("--zoo", "zoo", type=click.IntRange(min=1), metavar="ROWS",
               help="Benchmark vitconv batch instead: ROWS synthetic copies of the MODEL preset (B/16 ...), "
                    "each converted and verified, with each --workers count and as Ray tasks.")
@@ -149,7 +149,7 @@ def _memory(ctx, models, workdir, as_json: bool) -> None:
             for r in bench_memory(path, tmp):
                 out.append(r | {"model": m})
                 if not as_json:
-                    say(ctx, f"{m:>6} {r['task']:>6}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB = "
+                    say(ctx, f"{m:>6} {r['task']:>9}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB = "
                              f"{r['x_weights']:.2f}x the {r['weight_mib']:.0f} MiB of weights (after imports "
                              f"{r['base_rss_mib']:.0f}); target {r['target_mib']:.0f} MiB: "
                              f"{'met' if r['met'] else 'NOT met'}")

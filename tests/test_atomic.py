@@ -308,7 +308,7 @@ def test_outputs_get_the_umask_mode(tmp_path, monkeypatch):
     user's umask gives a new file (mkstemp/mkdtemp make 0600/0700; onnx writes its external
     data 0600)."""
     import vitconv
-    import vitconv.export.onnx as onnx_export
+    from vitconv.export import onnx_stream
     from vitconv.export import ExportPlan, run_export
 
     old = os.umask(0o027)
@@ -316,7 +316,7 @@ def test_outputs_get_the_umask_mode(tmp_path, monkeypatch):
         src = golden_path("jax/tiny_token_p8_32.npz")
         vitconv.convert(src, tmp_path / "vit_hf", to="hf", hash_source=False)
         vitconv.convert(src, tmp_path / "m.safetensors", hash_source=False)
-        monkeypatch.setattr(onnx_export, "INLINE_LIMIT", 1000)  # external data at any size
+        monkeypatch.setattr(onnx_stream, "INLINE_LIMIT", 1000)  # external data at any size
         run_export(src, ExportPlan(onnx=tmp_path / "m.onnx"))
     finally:
         os.umask(old)

@@ -80,7 +80,7 @@ def test_bench_memory_measures_verify_and_export_in_fresh_processes(tmp_path):
     from vitconv.bench import bench_memory
 
     rows = bench_memory(golden_path("jax/tiny_token_p8_32.npz"), tmp_path)
-    assert [r["task"] for r in rows] == ["verify", "onnx"]
+    assert [r["task"] for r in rows] == ["verify", "onnx", "onnx-fp16"]
     for r in rows:
         # a fresh interpreter's VmHWM: at least what it held after its imports
         assert r["peak_rss_mib"] >= r["base_rss_mib"] > 50 and r["wall_s"] > 0

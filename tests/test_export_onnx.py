@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import onnx
@@ -148,26 +149,73 @@ def test_a_handed_over_model_is_freed_once_its_weights_are_written(tmp_path):
     assert [p.max_abs for p in handed.parity] == [p.max_abs for p in kept.parity]
 
 
-def test_the_streamed_file_parses_as_the_protobuf_onnx_ir_would_write(tmp_path):
-    """save_streamed appends each initializer as one more ``graph`` field; onnx's own parser
-    (protobuf's merge of repeated message fields) must read back exactly the message that
-    onnx_ir serialises in one piece, and the checker must accept it."""
+def _exported(src="jax/tiny_token_p8_32.npz"):
+    """The exporter's onnx_ir model of a golden checkpoint, and that model as one protobuf
+    (what ``onnx_ir.save`` would write)."""
     import onnx_ir
 
     from vitconv.checkpoint import load
     from vitconv.export.common import export_ready
-    from vitconv.export.onnx import example_input, save_streamed
+    from vitconv.export.onnx import example_input
 
-    model = load(golden_path("jax/tiny_token_p8_32.npz"))
+    model = load(golden_path(src))
     program = torch.onnx.export(export_ready(model), (example_input(model.config, None),), dynamo=True)
     whole = onnx_ir.to_proto(program.model)
-    save_streamed(program.model, tmp_path / "m.onnx")
-    streamed = onnx.load(tmp_path / "m.onnx")
-    assert len(whole.graph.initializer) > 32  # the weights and the constants
-    assert list(streamed.graph.initializer) == list(whole.graph.initializer)
-    # the one difference: no value_info entries restating the initializers' types
-    inits = {t.name for t in whole.graph.initializer}
-    assert [v for v in whole.graph.value_info if v.name not in inits] == list(streamed.graph.value_info)
-    del whole.graph.value_info[:], streamed.graph.value_info[:]
-    assert streamed == whole
-    onnx.checker.check_model(tmp_path / "m.onnx", full_check=True)
+    del whole.graph.value_info[:]
+    return program.model, whole
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_the_streamed_file_is_the_protobuf_the_whole_model_gives(tmp_path, fp16, external):
+    """onnx_stream writes the weights one at a time, from a skeleton the float16 converter
+    edited without them. What onnx reads back, external data loaded, must be exactly the
+    message of the whole model: onnx_ir's own serialisation (fp32), or onnxruntime's
+    converter run on the whole model, weights and all (fp16); and the checker, given the
+    returned light model beside an inline file, must accept it."""
+    from vitconv.export import onnx_stream
+
+    model, whole = _exported()
+    skel = onnx_stream.skeleton(model)
+    assert all(v.const_value is None for v in model.graph.initializers.values())
+    weights = sum(w.nbytes for w in skel.weights.values())
+    assert len(skel.weights) > 8 and len(whole.graph.initializer) > len(skel.weights) + 16  # + small ones
+    assert weights > 0.7 * whole.ByteSize()  # most of the file; none of it in the skeleton:
+    assert skel.proto.ByteSize() < whole.ByteSize() - weights + 32 * len(skel.weights)  # + placeholders
+    if fp16:
+        whole, skel.proto = to_fp16(whole), to_fp16(skel.proto)
+    path = tmp_path / "m.onnx"
+    light = onnx_stream.write(skel, path, tmp_path / "m.onnx.data" if external else None)
+    assert skel.weights == {}  # each handed on as it was written
+    got = onnx.load(path)  # loads external data too, and marks where it was: "default"
+    for t in got.graph.initializer:
+        t.ClearField("data_location")
+    assert list(got.graph.initializer) == list(whole.graph.initializer)
+    assert got == whole  # nodes, value_info (fp16: the converter's shape inference) and all
+    checked = path if external else tmp_path / "light.onnx"
+    if not external:
+        onnx.save_model(light, checked)
+        assert checked.stat().st_size < path.stat().st_size - weights / (4 if fp16 else 2)
+    onnx.checker.check_model(checked, full_check=True)
+    # the light model's offsets are the data's true place: onnx reads the weights through it
+    back = onnx.load(checked)
+    assert [onnx.numpy_helper.to_array(t, base_dir=str(tmp_path)).tobytes() for t in back.graph.initializer] == \
+        [onnx.numpy_helper.to_array(t).tobytes() for t in whole.graph.initializer]
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_external_data_export_verifies_like_the_inline_one(tmp_path, monkeypatch, fp16):
+    """Above protobuf's 2 GB limit the weights go to OUT.onnx.data; with the limit lowered, a
+    golden model takes that path and gives the same parity figures as the inline file."""
+    from vitconv.export import onnx_stream
+
+    src = golden_path(CASES["tiny_token_p8_32"]["checkpoint"])
+    inline = run_export(src, ExportPlan(onnx=tmp_path / "a.onnx", fp16=fp16))[0]
+    monkeypatch.setattr(onnx_stream, "INLINE_LIMIT", 1000)
+    ext = run_export(src, ExportPlan(onnx=tmp_path / "b.onnx", fp16=fp16))[0]
+    assert [p.name for p in ext.paths] == ["b.onnx", "b.onnx.data"] and len(inline.paths) == 1
+    one, head, data = (os.path.getsize(tmp_path / n) for n in ("a.onnx", "b.onnx", "b.onnx.data"))
+    assert data > 0.4 * one and head + data < one + 4096  # the weights moved, and only they
+    assert ext.ok and [p.max_abs for p in ext.parity] == [p.max_abs for p in inline.parity]
+    x = golden_input(CASES["tiny_token_p8_32"])
+    assert np.array_equal(run(session(tmp_path / "a.onnx"), x), run(session(tmp_path / "b.onnx"), x))

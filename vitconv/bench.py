@@ -330,7 +330,7 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
         # verify and export run it, and onnxruntime): imported before the clock starts, so
         # the figures are the work's.
         from . import model  # noqa: F401
-    if mode in ("verify", "onnx"):
+    if mode in ("verify", "onnx", "onnx-fp16"):
         import onnxruntime  # noqa: F401
     base = _rss_mib("VmRSS")
     c0 = time.process_time()  # every thread's user + system time, ns resolution
@@ -341,8 +341,8 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
     elif mode == "verify":  # dst: the converted file
         check(src, dst)
         n = os.path.getsize(dst)
-    elif mode == "onnx":
-        run_export(src, ExportPlan(onnx=Path(dst)))
+    elif mode in ("onnx", "onnx-fp16"):
+        run_export(src, ExportPlan(onnx=Path(dst), fp16=mode == "onnx-fp16"))
         n = sum(p.stat().st_size for p in Path(dst).parent.glob(Path(dst).name + "*"))
     else:
         n = _floor(Path(src), Path(dst))
@@ -450,10 +450,10 @@ def bench_batch(sources: Sequence[Path], workdir: Path, workers: Sequence[int] =
 
 # --------------------------------------------------------------------------- export and verify memory
 def bench_memory(src: os.PathLike | str, workdir: os.PathLike | str) -> List[dict]:
-    """``vitconv verify SRC SRC.safetensors`` and ``vitconv export SRC --onnx`` (its
-    verification in onnxruntime included), each in a fresh interpreter: wall time and peak
-    RSS (VmHWM), also as a multiple of the float32 weight bytes, beside the targets of
-    issue 20 (verify: 2x; export: 1.5x + 1 GiB)."""
+    """``vitconv verify SRC SRC.safetensors``, ``vitconv export SRC --onnx`` and ``... --onnx
+    --fp16`` (their verification in onnxruntime included), each in a fresh interpreter: wall
+    time and peak RSS (VmHWM), also as a multiple of the float32 weight bytes, beside the
+    targets of issue 20 (verify: 2x; export: 1.5x + 1 GiB)."""
     src, work = Path(src), Path(workdir)
     converted = work / (src.stem + ".safetensors")
     convert(src, converted, hash_source=False)
@@ -461,7 +461,8 @@ def bench_memory(src: os.PathLike | str, workdir: os.PathLike | str) -> List[dic
     out = []
     try:
         for mode, dst, limit in (("verify", converted, 2 * weights),
-                                 ("onnx", work / (src.stem + ".onnx"), 1.5 * weights + 2**30)):
+                                 ("onnx", work / (src.stem + ".onnx"), 1.5 * weights + 2**30),
+                                 ("onnx-fp16", work / (src.stem + ".onnx"), 1.5 * weights + 2**30)):
             m = measure_child(mode, src, dst)
             out.append({"model": src.stem, "task": mode, "weight_mib": weights / 2**20, "wall_s": m.wall_s,
                         "peak_rss_mib": m.peak_rss_mib, "base_rss_mib": m.base_rss_mib,
@@ -478,4 +479,4 @@ if __name__ == "__main__":  # child entry point for measure_child
     if len(sys.argv) == 6 and sys.argv[1] == "--child":
         print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")))
     else:
-        sys.exit("usage: python -m vitconv.bench --child {stream,floor,verify,onnx} SRC DST HASH")
+        sys.exit("usage: python -m vitconv.bench --child {stream,floor,verify,onnx,onnx-fp16} SRC DST HASH")

@@ -19,13 +19,14 @@ Why these choices:
   fused ``Attention`` op, which only recent runtimes implement. Pass ``--opset 23`` for
   those, ``--opset 18`` for older ones.
 * **One file.** Tensors are stored inline (the exporter's default is an external ``.data``
-  file) unless the model exceeds protobuf's 2 GB limit.
+  file) unless the model exceeds protobuf's 2 GB limit. Either way they are written one at a
+  time from the module's own tensors (:mod:`~vitconv.export.onnx_stream`).
 * **fp16.** ``onnxruntime.transformers.float16.convert_float_to_float16`` with
   ``keep_io_types`` (float32 in and out) and LayerNormalization, Softmax, reductions, Pow and
   Resize on the block list, so normalisation statistics, attention weights and the position
-  table stay float32. Before converting, stale ``value_info`` from the exporter is dropped
-  (the converter's shape inference otherwise conflicts with it); after, nodes are
-  re-sorted with ``onnx_ir`` because the converter appends its input casts at the end.
+  table stay float32. It runs on the graph without its weights; each weight is rounded with
+  the converter's own function as it is written, so the file is the one the converter would
+  give on the whole model, without the whole model's copies.
 * **Metadata.** ``metadata_props`` carry the vitconv config JSON, preprocessing, resolution,
   opset, which axes are dynamic and the source file's sha256.
 """
@@ -45,13 +46,12 @@ import numpy as np
 
 from ..formats.atomic import atomic_files
 from ..preprocess import Usage
+from . import onnx_stream
 from .common import (EXAMPLE_BATCH, FP32_ATOL, Check, ExportResult, PathLike, Reference, Timer, export_ready,
                      raise_if_failed, release, take, verify)
 
 DEFAULT_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
-#: protobuf cannot serialise a message over 2 GiB; above this, tensors go to ``OUT.data``.
-INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2
 #: Ops kept in float32 in ``--fp16`` exports: normalisation statistics, softmax, reductions,
 #: x**3 of the tanh GELU (opset < 20) and the position-table resize.
 FP16_KEEP_FP32 = ["LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax",
@@ -109,17 +109,7 @@ def preprocessing_metadata(usage: Usage) -> Dict[str, str]:
 
 def to_fp16(proto):
     """float32 -> float16 graph with float32 I/O and :data:`FP16_KEEP_FP32` ops kept float32."""
-    import onnx_ir
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    del proto.graph.value_info[:]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        half = convert_float_to_float16(proto, keep_io_types=True,
-                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_FP32)
-    model = onnx_ir.from_proto(half)
-    model.graph.sort()
-    return onnx_ir.to_proto(model)
+    return onnx_stream.to_fp16(proto, FP16_KEEP_FP32)
 
 
 def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Check], *,
@@ -132,19 +122,16 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     move it into place. Raises :class:`VerificationError` past tolerance.
 
     ``model``: the module, or a one-element list that hands it over (:func:`~vitconv.export.
-    common.take`): released once its weights are in the file, before onnxruntime loads it. A
-    float32 graph goes from the exporter's graph to disk one tensor at a time, never as a
-    protobuf holding every weight: into the external data file above 2 GB (onnx_ir), into
-    the one ``.onnx`` below (:func:`save_streamed`). float16 goes through a protobuf for
-    onnxruntime's converter."""
+    common.take`): released once its weights are in the file, before onnxruntime loads it.
+    The graph is edited as a skeleton without its weights, which go from the module's tensors
+    to disk one at a time (:mod:`~vitconv.export.onnx_stream`): never a protobuf holding every
+    weight, at either precision."""
     import onnx
-    import onnx_ir
     import torch
 
     model, owned = take(model)
     cfg = model.config
     ready = export_ready(model)
-    large = _params_bytes(ready) // (2 if fp16 else 1) > INLINE_LIMIT
     x = example_input(cfg, batch)
     meta = {
         "vitconv_config": cfg.to_json(),
@@ -158,59 +145,39 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     }
     if source is not None:
         meta["source_file"] = Path(source).name
-    doc = "vitconv export: canonical ViT, pixel_values (NCHW float32) -> logits"
     with Timer() as t_export:
         with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 ready, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes(cfg.total_stride, batch, dynamic_size))
-        graph = program.model  # an onnx_ir model whose initializers are the model's own tensors
+        skel = onnx_stream.skeleton(program.model)  # its weights: the module's own tensors
         del program
+        onnx.helper.set_model_props(skel.proto, meta)
+        skel.proto.doc_string = "vitconv export: canonical ViT, pixel_values (NCHW float32) -> logits"
         if fp16:
-            proto = onnx_ir.to_proto(graph)
-            _drop_weights(graph)
-            if owned:  # the protobuf has its own copy of every weight
-                release(ready, model)
-            onnx.helper.set_model_props(proto, meta)
-            proto.doc_string = doc
-            graph = to_fp16(proto)
-            del proto
-        else:
-            graph.metadata_props.update(meta)
-            graph.doc_string = doc
+            skel.proto = to_fp16(skel.proto)
+    large = skel.is_large()
     notes: List[str] = []
-    light = None
     final = Path(path)
     data = final.with_name(final.name + ".data")
     with atomic_files([final, data] if large else [final]) as folder:  # both appear, or neither
         tmp = folder / final.name
         with Timer() as t_save:
-            if fp16:  # a protobuf
-                if large:
-                    onnx.save_model(graph, os.fspath(tmp), save_as_external_data=True,
-                                    all_tensors_to_one_file=True, location=data.name)
-                else:
-                    onnx.save_model(graph, os.fspath(tmp))
-            elif large:  # one tensor at a time into the data file, at most 64 MiB in flight
-                onnx_ir.save(graph, os.fspath(tmp), external_data=data.name, max_workers=1,
-                             max_in_flight_bytes=64 << 20)
-                _drop_weights(graph)
-            else:
-                light = save_streamed(graph, tmp)
+            light = onnx_stream.write(skel, tmp, folder / data.name if large else None)
+            del skel
             if large:
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
-        # the checker and onnxruntime read the file: the graph and the model go first
-        del graph
-        if owned and not fp16:  # (float16: released once its protobuf existed, above)
+        # the checker and onnxruntime read the file: the model goes first
+        if owned:
             release(ready, model)
         del ready, model
         with Timer() as t_verify:
             checked = tmp
-            if light is not None:  # the streamed file's names, types and shapes, without its data
+            if not large:  # the inline file's names, types and shapes, without its data
                 checked = folder / f".{final.name}.check"
                 onnx.save_model(light, os.fspath(checked))
-                del light
+            del light
             onnx.checker.check_model(os.fspath(checked), full_check=True)
             notes.append(f"opset {opset}; onnx.checker full_check passed; onnxruntime CPU")
             run = _ort_runner(tmp)
@@ -223,63 +190,6 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     return result
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field: key (wire type 2), varint length, payload."""
-    out, n = bytearray(), (number << 3) | 2
-    for value in (n, len(payload)):
-        while value > 0x7F:
-            out.append((value & 0x7F) | 0x80)
-            value >>= 7
-        out.append(value)
-    return bytes(out) + payload
-
-
-def save_streamed(model, path: PathLike):
-    """Write an onnx_ir ``model`` as one ``.onnx`` file holding one weight in memory at a time
-    (``onnx_ir.save`` builds the whole protobuf first: twice the weights, then its bytes).
-
-    The model is written without its initializers, then each initializer is appended as one
-    more ``graph`` field (``ModelProto`` field 7) holding a ``GraphProto`` with that one
-    ``initializer`` (field 5). Protobuf parsers merge repeated occurrences of a message field
-    and concatenate its repeated fields (the encoding's documented behaviour), so every
-    reader, onnx and onnxruntime included, sees the one graph with all its initializers, in
-    order. The model's initializers are unlinked from their tensors on the way.
-
-    Returns the same model with every initializer's data left out, marked as external data
-    in this file, for ``onnx.checker``: saved beside it, it lets ``full_check`` read every
-    name, type and shape (and find the data file) without loading the data; given the file
-    itself, the checker would read and parse it whole (twice the weights)."""
-    import onnx
-    import onnx_ir
-
-    values = list(model.graph.initializers.values())
-    model.graph.initializers.clear()
-    skeleton = onnx_ir.serde.serialize_model(model)
-    with open(path, "wb") as f:
-        f.write(skeleton.SerializeToString())
-        for value in values:
-            tensor = onnx_ir.serde.serialize_tensor(value.const_value)
-            tensor.name = value.name
-            f.write(_field(7, _field(5, tensor.SerializeToString())))
-            value.const_value = None
-            size = len(tensor.raw_data)
-            if size >= 1024:  # a weight; small ones (shapes, axes) stay: shape inference reads them
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, v in (("location", Path(path).name), ("length", str(size))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, v
-            skeleton.graph.initializer.append(tensor)
-            del tensor
-    return skeleton
-
-
-def _drop_weights(graph) -> None:
-    """Unlink the exported graph from the model's tensors (its initializers)."""
-    for value in graph.graph.initializers.values():
-        value.const_value = None
-
-
 def _ort_runner(path: PathLike):
     import onnxruntime as ort
 
@@ -287,7 +197,3 @@ def _ort_runner(path: PathLike):
     opts.log_severity_level = 3
     sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})[0]
-
-
-def _params_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

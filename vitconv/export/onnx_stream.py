@@ -1,0 +1,201 @@
+"""Writing an exported ONNX model one weight at a time.
+
+torch's exporter hands over an onnx_ir model whose initializers are the module's own tensors.
+``onnx_ir.save`` and ``onnx.save_model`` build the whole protobuf first (every weight copied,
+then serialised again), and onnxruntime's float16 converter edits a protobuf and runs shape
+inference on a full copy of it. Here the model becomes a :class:`Skeleton` instead: the
+protobuf of everything but the weights, each weight (an initializer of 1 KiB or more) a
+placeholder holding its name, type and shape, its data marked external. Graph edits, the
+float16 conversion included (:func:`to_fp16`), run on the skeleton in a few MB;
+:func:`write` then streams each weight from the module's tensor, in its placeholder's type,
+into the ``.onnx`` itself or, above protobuf's 2 GB limit, into an external data file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+from unittest import mock
+
+import numpy as np
+
+#: Initializers from this size are weights, streamed at :func:`write`; smaller ones (shapes,
+#: axes, scalars) stay in the skeleton, where shape inference and the converter read them.
+WEIGHT_BYTES = 1024
+#: protobuf cannot serialise a message over 2 GiB; above this, weights go to an external file.
+INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2
+_PLACEHOLDER = "<weights>"
+
+
+@dataclass
+class Skeleton:
+    """``proto``: the model as a protobuf with placeholders for its weights; ``weights``: each
+    placeholder's data, the exporter's tensor (in the exported type, float32)."""
+
+    proto: object
+    weights: Dict[str, object]
+
+    def weight_bytes(self) -> int:
+        """The weights' bytes in their placeholders' types (half the float32 bytes once a
+        weight is float16)."""
+        import onnx
+
+        total = 0
+        for t in self.proto.graph.initializer:
+            if t.name in self.weights:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        return total
+
+    def is_large(self) -> bool:
+        return self.weight_bytes() > INLINE_LIMIT
+
+
+def skeleton(model) -> Skeleton:
+    """The onnx_ir ``model`` as a :class:`Skeleton`; the model's initializers are unlinked
+    (it no longer refers to any weight)."""
+    import onnx
+    import onnx_ir
+
+    values = list(model.graph.initializers.values())
+    model.graph.initializers.clear()
+    proto = onnx_ir.serde.serialize_model(model)
+    del proto.graph.value_info[:]  # the exporter's: stale once a graph edit runs shape inference
+    weights = {}
+    for value in values:
+        data = value.const_value
+        value.const_value = None
+        if data.nbytes >= WEIGHT_BYTES:
+            tensor = onnx.TensorProto(name=value.name, data_type=int(data.dtype), dims=list(data.shape))
+            _locate(tensor, _PLACEHOLDER)
+            weights[value.name] = data
+        else:
+            tensor = onnx_ir.serde.serialize_tensor(data)
+            tensor.name = value.name
+        proto.graph.initializer.append(tensor)
+    return Skeleton(proto, weights)
+
+
+def to_fp16(proto, keep_fp32):
+    """``onnxruntime.transformers.float16.convert_float_to_float16`` on ``proto`` (a skeleton's
+    or a whole model's): float32 inputs and outputs, the ops ``keep_fp32`` and the converter's
+    default block list kept float32, then nodes re-sorted (the converter appends its casts).
+
+    A placeholder's type becomes float16 where the converter would convert its data; its
+    data is converted at :func:`write` with the converter's own rounding and clamping
+    (``convert_np_to_float16``). The converter reads a converted initializer's data for one
+    thing, its shape (``make_value_info_from_tensor``): while it runs, that function reads
+    the shape off the tensor's ``dims`` instead, which is the same shape without the data."""
+    import onnx_ir
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    del proto.graph.value_info[:]  # stale value_info conflicts with the converter's shape inference
+    shape_only = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))  # noqa: E731
+    with warnings.catch_warnings(), mock.patch.object(float16, "make_value_info_from_tensor", shape_only):
+        warnings.simplefilter("ignore")
+        half = float16.convert_float_to_float16(
+            proto, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep_fp32))
+    model = onnx_ir.from_proto(half)
+    model.graph.sort()
+    return onnx_ir.to_proto(model)
+
+
+def write(skel: Skeleton, path, data_path: Optional[os.PathLike] = None):
+    """Write ``skel`` to ``path``: every weight inline, or with ``data_path`` every weight in that
+    file (``location`` is its name, relative to ``path``'s folder). One weight is in memory at
+    a time, beside the module's own tensor.
+
+    Inline, the skeleton without initializers is written first, then each initializer as one
+    more ``graph`` field (``ModelProto`` field 7) holding a ``GraphProto`` with that one
+    ``initializer`` (field 5). Protobuf parsers merge repeated occurrences of a message field
+    and concatenate its repeated fields (the encoding's documented behaviour), so every
+    reader, onnx and onnxruntime included, sees one graph with all its initializers, in order.
+
+    Returns the skeleton with each placeholder pointing at its data (its offset and length in
+    the data file, or in the inline file itself: the ``raw_data`` bytes) for ``onnx.checker``:
+    saved beside the file, it lets ``full_check`` read every name, type and shape without
+    loading any data; given an inline file itself, the checker would parse it whole."""
+    import onnx
+
+    proto = skel.proto
+    head = onnx.ModelProto()
+    head.CopyFrom(proto)
+    del head.graph.initializer[:]
+    if data_path is not None:
+        with open(data_path, "wb") as data:
+            for tensor in proto.graph.initializer:
+                if tensor.name in skel.weights:
+                    array = _payload(tensor, skel.weights.pop(tensor.name))
+                    _locate(tensor, Path(data_path).name, offset=data.tell(), length=array.nbytes)
+                    data.write(memoryview(array).cast("B"))
+                    del array
+        head.graph.initializer.extend(proto.graph.initializer)
+        with open(path, "wb") as f:
+            f.write(head.SerializeToString())
+        return proto
+    with open(path, "wb") as f:
+        f.write(head.SerializeToString())
+        del head
+        for tensor in proto.graph.initializer:
+            if tensor.name not in skel.weights:
+                f.write(_key(7, _key(5, tensor.SerializeToString())))
+                continue
+            array = _payload(tensor, skel.weights.pop(tensor.name))
+            meta = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            # TensorProto fields in number order: dims 1, data_type 2, name 8, then raw_data 9
+            tensor_head = meta.SerializeToString() + _key_len(9, array.nbytes)
+            size = len(tensor_head) + array.nbytes
+            graph_head = _key_len(5, size)
+            f.write(_key_len(7, len(graph_head) + size) + graph_head + tensor_head)
+            _locate(tensor, Path(path).name, offset=f.tell(), length=array.nbytes)
+            f.write(memoryview(array).cast("B"))
+            del array
+    return proto
+
+
+def _payload(tensor, data) -> np.ndarray:
+    """The weight ``data`` (an onnx_ir tensor) as a contiguous array of ``tensor``'s type."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    array = np.ascontiguousarray(data.numpy())
+    want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if array.dtype == want:
+        return array
+    if (array.dtype, want) == (np.float32, np.float16):
+        return np.ascontiguousarray(convert_np_to_float16(array))
+    raise TypeError(f"weight {tensor.name}: {array.dtype} cannot become {want}")
+
+
+def _locate(tensor, location: str, offset: Optional[int] = None, length: Optional[int] = None) -> None:
+    import onnx
+
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        if value is not None:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key_len(number: int, length: int) -> bytes:
+    """A length-delimited protobuf field's key (wire type 2) and length."""
+    return _varint((number << 3) | 2) + _varint(length)
+
+
+def _key(number: int, payload: bytes) -> bytes:
+    """One whole length-delimited protobuf field."""
+    return _key_len(number, len(payload)) + payload
