@@ -67,6 +67,31 @@ def test_npz2pt_and_load_reproduce_big_vision(name, tmp_path):
             assert not any(k.startswith("params/img/") for k in ckpt.ignored)
 
 
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_the_numpy_reference_reproduces_big_vision_reading_one_tensor_at_a_time(name, monkeypatch):
+    """The reference verify uses for big_vision files, against big_vision's own outputs, every
+    variant. It reads the file as its forward pass goes: each member once, a stacked
+    (``scan=True``) member one block's slice at a time, never whole."""
+    from vitconv.big_vision_reference import BigVisionReference
+    from vitconv.formats.npz import NpzSource
+
+    case = VARIANTS[name]
+    whole, sliced = [], []
+    get, get_index = NpzSource.get, NpzSource.get_index
+    monkeypatch.setattr(NpzSource, "get", lambda self, k: whole.append(k) or get(self, k))
+    monkeypatch.setattr(NpzSource, "get_index", lambda self, k, i: sliced.append((k, i)) or get_index(self, k, i))
+    ref = BigVisionReference.from_npz(BV / case["checkpoint"])
+    x = np.load(BV / f"inputs_{case['resolution']}.npy")
+    got = ref.forward_stages(x)
+    ref.close()
+    for what, stage in STAGES.items():
+        want = np.load(BV / f"{name}.{what}.npy")
+        assert float(np.abs(got[stage] - want).max()) <= TOL, f"{name} {what}"
+    assert not any("/encoderblock/" in k for k in whole)  # a stacked member: never read whole
+    assert len(set(sliced)) == len(sliced) and (len(sliced) > 0) == bool(case["scan"])
+    assert len(whole) == len(set(whole)) > 4  # each member once
+
+
 def test_resize_on_load_is_big_vision_s_zoom():
     case = next(c for c in UPSTREAM["posemb_resize_cases"] if c["name"] == "tiny_tok_p8_32_to_48")
     model = vitconv.load(BV / case["source_checkpoint"], image_size=48)

@@ -18,7 +18,8 @@ and follows ``big_vision/models/vit.py`` (``_Model``, ``Encoder1DBlock``, ``MAPH
 
 Where the model lives (``params/img/`` in a two-tower file, ``params/``, the root) is found by
 the embedding's key. The bytes come through vitconv's safe ``.npz`` reader, which widens
-big_vision's bfloat16 (2-byte void) members to float32 exactly.
+big_vision's bfloat16 (2-byte void) members to float32 exactly, one tensor (a stacked
+file: one block's slice) when the forward pass reaches it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 
 from .formats.npz import NpzSource
-from .reference import conv2d, gelu_tanh, layer_norm, softmax
+from .reference import NpzParams, conv2d, gelu_tanh, layer_norm, softmax
 
 Params = Mapping[str, np.ndarray]
 
@@ -39,15 +40,12 @@ PREFIXES = ("params/img/", "params/", "", "opt/target/")
 SINCOS_IMAGE_SIZE = 224  # what the converter assumes too; a sincos2d file records no resolution
 
 
-def load_big_vision(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
-    """The model's arrays of a big_vision ``.npz``, prefix stripped (a two-tower file: the
-    image tower)."""
-    with NpzSource(path) as src:
-        keys = src.keys()
-        prefix = next((p for p in PREFIXES if p + "embedding/kernel" in keys), None)
-        if prefix is None:
-            raise KeyError("embedding/kernel")
-        return {k[len(prefix):]: src.get(k) for k in keys if k.startswith(prefix)}
+def _prefix(keys) -> str:
+    """Where the model lives: the prefix of its embedding (a two-tower file: the image tower)."""
+    prefix = next((p for p in PREFIXES if p + "embedding/kernel" in keys), None)
+    if prefix is None:
+        raise KeyError("embedding/kernel")
+    return prefix
 
 
 def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -65,23 +63,41 @@ class BigVisionReference:
     """``forward_stages(images_nhwc)`` named as ``VisionTransformer.forward_stages``."""
 
     def __init__(self, params: Params, dtype=np.float64):
-        self.p, self.dtype = dict(params), np.dtype(dtype)
+        self.p, self.dtype = params, np.dtype(dtype)
+        self._source: Optional[NpzSource] = None
         p = self.p
+        shape = getattr(p, "shape", lambda k: np.shape(p[k]))  # a file's: from its header
         self.scan = any(k.startswith("Transformer/encoderblock/") for k in p)
         if self.scan:
-            self.depth = int(p["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+            self.depth = int(shape("Transformer/encoderblock/LayerNorm_0/scale")[0])
         else:
             self.depth = len({m.group(1) for k in p if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
-        kernel = p["embedding/kernel"]
-        self.patch_size, self._in_chans, self.width = int(kernel.shape[0]), int(kernel.shape[2]), int(kernel.shape[3])
+        kernel = shape("embedding/kernel")
+        self.patch_size, self._in_chans, self.width = int(kernel[0]), int(kernel[2]), int(kernel[3])
         self.pool = "tok" if "cls" in p else ("map" if "MAPHead_0/probe" in p else "gap")
         self.sincos = "pos_embedding" not in p
-        grid = SINCOS_IMAGE_SIZE // self.patch_size if self.sincos else math.isqrt(p["pos_embedding"].shape[1])
+        grid = SINCOS_IMAGE_SIZE // self.patch_size if self.sincos else math.isqrt(shape("pos_embedding")[1])
         self._image_size = grid * self.patch_size
 
     @classmethod
     def from_npz(cls, path: Union[str, os.PathLike], dtype=np.float64) -> "BigVisionReference":
-        return cls(load_big_vision(path), dtype=dtype)
+        """Weights read from the file as the forward pass reaches them (:class:`~vitconv.
+        reference.NpzParams`, a stacked block's slice alone): the reference holds about one
+        tensor at a time, not the model. Each is used as stored (float32, bfloat16 widened);
+        the float64 activations widen it where they meet, as a float64 copy would."""
+        src = NpzSource(path)
+        try:
+            ref = cls(NpzParams(src, _prefix(set(src.keys()))), dtype=dtype)
+        except BaseException:
+            src.close()
+            raise
+        ref._source = src
+        return ref
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     # -- what verify asks of any reference -------------------------------------
     @property
@@ -107,7 +123,8 @@ class BigVisionReference:
     # -- parameters --------------------------------------------------------------
     def block(self, i: int, name: str) -> np.ndarray:
         if self.scan:
-            return self.p[f"Transformer/encoderblock/{name}"][i]
+            key = f"Transformer/encoderblock/{name}"
+            return self.p.index(key, i) if isinstance(self.p, NpzParams) else self.p[key][i]
         return self.p[f"Transformer/encoderblock_{i}/{name}"]
 
     def pos_embed(self, grid: int) -> np.ndarray:

@@ -48,19 +48,36 @@ POS_KEY = "Transformer/posembed_input/pos_embedding"
 
 
 class NpzParams(Mapping):
-    """A Google ``.npz``'s model tensors (``prefix`` stripped) as a read-only mapping that reads
-    each from the file when asked, in ``dtype``; nothing is kept. One forward pass asks for
-    each tensor once, so the file is read once, as :func:`load_npz` would."""
+    """A Google or big_vision ``.npz``'s model tensors (``prefix`` stripped) as a read-only
+    mapping that reads each from the file when asked, in ``dtype`` (``None``: as stored,
+    bfloat16 widened); nothing is kept. One forward pass asks for each tensor once, so the
+    file is read once, as :func:`load_npz` would."""
 
-    def __init__(self, source: NpzSource, prefix: str, dtype) -> None:
-        self._src, self._prefix, self._dtype = source, prefix, np.dtype(dtype)
+    def __init__(self, source: NpzSource, prefix: str, dtype=None) -> None:
+        self._src, self._prefix = source, prefix
+        self._dtype = None if dtype is None else np.dtype(dtype)
         self._keys = [k[len(prefix):] for k in source.keys() if k.startswith(prefix)]
         self._set = set(self._keys)
+
+    def _cast(self, a: np.ndarray) -> np.ndarray:
+        return a if self._dtype is None else a.astype(self._dtype, copy=False)
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._set:
             raise KeyError(key)
-        return self._src.get(self._prefix + key).astype(self._dtype, copy=False)
+        return self._cast(self._src.get(self._prefix + key))
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """``self[key].shape``, from the member's header."""
+        if key not in self._set:
+            raise KeyError(key)
+        return tuple(self._src.shape(self._prefix + key))
+
+    def index(self, key: str, i: int) -> np.ndarray:
+        """``self[key][i]``, reading that slice alone where the file allows (a stacked array)."""
+        if key not in self._set:
+            raise KeyError(key)
+        return self._cast(self._src.get_index(self._prefix + key, i))
 
     def __contains__(self, key: object) -> bool:
         return key in self._set
