@@ -147,3 +147,47 @@ def test_the_rounding_is_made_visible(dtype, torch_dtype, tmp_path):
         moved = model(x).double()
     assert said == pytest.approx(float((full - moved).abs().max()), rel=5e-3)
     assert said > 1e-4  # well above float32 rounding: the tolerance did not hide it
+
+
+@pytest.mark.parametrize("dst,to,dtype", [
+    ("h.safetensors", None, "float16"), ("hf", None, "bfloat16"), ("tdir", "timm", "float16"),
+    ("b.npz", None, "bfloat16"),
+])
+def test_plain_verify_proves_a_rounded_file_later(dst, to, dtype, tmp_path):
+    """``vitconv verify SRC FILE`` on a file written ``--dtype`` (with or without ``--verify``)
+    proves it as ``convert --verify`` did, the same figures included, instead of failing the
+    float32 tolerance on the rounding alone."""
+    from vitconv.verify import verify
+
+    at_write = vitconv.convert(SRC, tmp_path / dst, to=to, dtype=dtype, verify=True).checked
+    later = verify(SRC, tmp_path / dst)
+    assert later.ok and len(later.stages) == 9 and later.tolerance == 1e-4, later.lines()
+    assert f"{dtype} weights" in later.kind and later.note == at_write.note
+    assert [s.max_abs for s in later.stages] == [s.max_abs for s in at_write.stages]
+    f32 = tmp_path / ("f32_" + dst)
+    vitconv.convert(SRC, f32, to=to)
+    plain = verify(SRC, f32)
+    assert plain.ok and plain.note == "" and "weights" not in plain.kind
+
+
+def test_plain_verify_names_a_tensor_that_is_not_the_rounding(tmp_path):
+    """One float16 ulp off in one tensor: verify fails on the weights, naming the tensor, exit 3,
+    where a float32 tolerance loose enough for the rounding would have passed it."""
+    from safetensors.numpy import load_file, save_file
+
+    from vitconv.verify import verify
+
+    good = tmp_path / "h.safetensors"
+    vitconv.convert(SRC, good, dtype="float16")
+    tensors = load_file(good)
+    with safe_open(str(good), "np") as f:
+        meta = f.metadata()
+    tensors["blocks.1.mlp.fc2.weight"] = np.nextafter(tensors["blocks.1.mlp.fc2.weight"], np.float16(0))
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    report = verify(SRC, tmp_path / "bad.safetensors")
+    assert not report.ok and report.first_failure.name == "weights"
+    assert report.first_failure.note == ("blocks.1.mlp.fc2.weight: the written tensor is not the float32 weight "
+                                         "rounded to float16")
+    assert verify(SRC, tmp_path / "bad.safetensors", tolerance=1e-2).first_failure.name == "weights"
+    r = run_cli("verify", SRC, tmp_path / "bad.safetensors")
+    assert r.exit_code == 3 and "blocks.1.mlp.fc2.weight" in r.output, r.output

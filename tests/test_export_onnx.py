@@ -219,3 +219,24 @@ def test_external_data_export_verifies_like_the_inline_one(tmp_path, monkeypatch
     assert ext.ok and [p.max_abs for p in ext.parity] == [p.max_abs for p in inline.parity]
     x = golden_input(CASES["tiny_token_p8_32"])
     assert np.array_equal(run(session(tmp_path / "a.onnx"), x), run(session(tmp_path / "b.onnx"), x))
+
+
+def test_plain_verify_judges_a_float16_graph_as_export_does(tmp_path):
+    """``vitconv verify SRC X.onnx`` on a ``--fp16`` export: the graph's metadata says float16,
+    so its output is judged by export's rule (every top-1 equal, cosine >= 0.9999), with the
+    max abs the float32 tolerance would have failed on still shown; a float16 graph of another
+    model fails it."""
+    from vitconv.verify import verify
+
+    src = golden_path(CASES["tiny_token_p8_32"]["checkpoint"])
+    run_export(src, ExportPlan(onnx=tmp_path / "h.onnx", fp16=True))
+    run_export(golden_path("jax/tiny_gap_p8_32.npz"), ExportPlan(onnx=tmp_path / "other.onnx", fp16=True))
+    report = verify(src, tmp_path / "h.onnx")
+    (stage,) = report.stages
+    assert report.ok and stage.max_abs > 1e-3 and "top-1 100% equal" in stage.rule, report.lines()
+    assert "cosine >= 0.9999" in report.note and "float16 graph" in report.verdict()
+    other = verify(src, tmp_path / "other.onnx")
+    assert not other.ok and "needs 100% and >= 0.9999" in other.first_failure.note
+    run_export(src, ExportPlan(onnx=tmp_path / "f.onnx"))  # float32: the float32 bound, as before
+    plain = verify(src, tmp_path / "f.onnx").stages[0]
+    assert plain.ok and plain.rule == "" and plain.max_abs <= 1e-4

@@ -25,12 +25,11 @@ from .config import ViTConfig
 from .errors import VerificationError, VitconvError
 from .export.safetensors import read_back
 from .formats.atomic import atomic_output
-from .formats.base import numpy_dtype
 from .formats.hf_dir import JSON_FILES
 from .pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from .predict import classifies
 from .rules.registry import Layout
-from .verify import DEFAULT_BATCH, VerifyReport, seeded_images, verify
+from .verify import DEFAULT_BATCH, VerifyReport, check_rounded, rounding_note, seeded_images, verify
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,29 +129,22 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         if source is not None:
             source.close()
     if dtype is not None:
-        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full:
-            exact = full.state_dict()
-        want = numpy_dtype(dtype)
-        for k, a in exact.items():  # (a bfloat16 file reads as float32, exactly: compare the values' bits)
-            got = state[k]
-            if (got.dtype not in (want, np.float32)
-                    or got.astype(np.float32).tobytes() != a.astype(want).astype(np.float32).tobytes()):
-                raise VerificationError(f"{k}: the written tensor is not the float32 weight rounded to {dtype}")
         images = np.ascontiguousarray(seeded_images(DEFAULT_BATCH, read_cfg.image_size, read_cfg.in_chans)
                                       .transpose(0, 3, 1, 2))
         moved = _output(build_model(read_cfg, state), images)  # the rounded model, as users will run it
-        state, rounded = exact, len(exact)
-    model = build_model(read_cfg, state)
-    del state
+        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full:
+            bad, changed, total = check_rounded(full.tensors(), state, dtype)
+        if bad is not None:
+            raise VerificationError(bad)
+        del state
+        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full:
+            model = build_model(read_cfg, full.state_dict())  # the float32 weights, as the file is read
+    else:
+        model = build_model(read_cfg, state)
+        del state
     report = verify(src, model, num_heads=num_heads, overrides=overrides)
     if dtype is not None:
-        full = _output(model, images)
-        cos = float(np.min((full * moved).sum(-1) / np.maximum(
-            np.linalg.norm(full, axis=-1) * np.linalg.norm(moved, axis=-1), 1e-30)))
-        report.note = (f"the {rounded} tensors written as {dtype} are the verified float32 weights rounded "
-                       f"to {dtype}, bit for bit; the stages above are the float32 model's. The rounding "
-                       f"alone moves the output by max abs {float(np.abs(full - moved).max()):.3g} "
-                       f"(cosine {cos:.7f}) on the same images")
+        report.note = rounding_note(dtype, total, changed, _output(model, images), moved)
     return report
 
 

@@ -63,6 +63,9 @@ class OnnxRunner:
         # Hugging Face-style exports name the image input 'pixel_values'; otherwise the first.
         self.input = next((i for i in inputs if i.name == "pixel_values"), inputs[0])
         self.input_name = self.input.name
+        # vitconv's float16 exports say so in their metadata (``export --onnx --fp16``)
+        precision = self.session.get_modelmeta().custom_metadata_map.get("precision", "")
+        self.half = precision.startswith("float16")
 
     def static_size(self) -> Optional[int]:
         shape = self.input.shape

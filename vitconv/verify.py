@@ -23,6 +23,13 @@ margin or more), while the known semantic faults (exact vs tanh GELU, a swapped 
 mis-transposed kernel, a half-pixel position resize, a dropped ``pre_logits``) land 3x to
 10^5x beyond the bound at the stage where they happen.
 
+A weights file written in float16 or bfloat16 (``convert --dtype``) would fail a float32
+tolerance on its rounding alone, and a tolerance loose enough for the rounding would hide a
+wrong GELU. Such a file (every value held exactly by the one narrower type) is proven in two
+exact steps instead: each tensor must be the source's float32 conversion rounded, bit for
+bit, and that float32 conversion, in the file's architecture, is compared stage by stage at
+the usual tolerance. The report says how far the rounding alone moves the output.
+
 CONVERTED may be a canonical checkpoint (``.pt``/``.safetensors`` written by vitconv), omitted
 (SRC converted on the fly with :func:`vitconv.load`), an in-memory canonical model, or an
 exported artifact: ONNX (run with onnxruntime) or TorchScript (``torch.jit.load``; loading runs
@@ -37,13 +44,15 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from .errors import BadInputError, VerificationError, first_line
+from .export.common import FP16_MIN_COSINE, compare as compare_artifact
+from .formats.base import numpy_dtype
 from .big_vision_reference import BigVisionReference
 from .library_reference import LibraryReference, open_reference
 from .pipeline import open_checkpoint
@@ -76,6 +85,7 @@ class StageResult:
     bound: float
     ok: bool
     note: str = ""
+    rule: str = ""  # how the stage was judged, when not by ``bound`` (a float16 graph's output)
 
 
 @dataclass
@@ -104,6 +114,9 @@ class VerifyReport:
     def verdict(self) -> str:
         bad = self.first_failure
         if bad is None:
+            judged = [s.rule for s in self.stages if s.rule]
+            if judged:
+                return f"OK: {len(self.stages)} stage(s) pass ({'; '.join(judged)})"
             worst = max(self.stages, key=lambda s: s.max_abs / s.bound)
             return (f"OK: {len(self.stages)} stage(s) within tolerance "
                     f"(closest: {worst.what}, max abs {worst.max_abs:.2g} <= {worst.bound:.2g})")
@@ -175,6 +188,58 @@ def seeded_images(batch: int, image_size: int, channels: int = 3, seed: int = DE
     input pipeline feeds), from ``numpy.random.default_rng(seed)``."""
     rng = np.random.default_rng(seed)
     return rng.uniform(-1.0, 1.0, size=(batch, image_size, image_size, channels)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- rounded weights
+#: The narrower float types a weights file may hold the float32 weights rounded to.
+ROUNDED_DTYPES = ("float16", "bfloat16")
+
+
+def held_exactly(arrays: Iterable[np.ndarray]) -> Optional[str]:
+    """The one narrower float type (float16 or bfloat16) that holds every array's values
+    exactly, or ``None``: float32 values, or values both hold (then rounding changes nothing).
+    Trained float32 weights fail both on the first tensor; a file written ``--dtype float16``
+    or ``bfloat16`` (read back widened) passes one."""
+    left = list(ROUNDED_DTYPES)
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float32)
+        left = [d for d in left if np.array_equal(a.astype(numpy_dtype(d)).astype(np.float32), a, equal_nan=True)]
+        if not left:
+            return None
+    return left[0] if len(left) == 1 else None
+
+
+def check_rounded(exact: Iterable[Tuple[str, np.ndarray]], written: Mapping[str, np.ndarray],
+                  dtype: str) -> Tuple[Optional[str], int, int]:
+    """Whether each ``written`` tensor is, bit for bit, the ``exact`` (float32) tensor of the
+    same name rounded to ``dtype`` (read back as ``dtype`` or widened to float32): the first
+    that is not, in words, or ``None``; how many the rounding changed; how many there are.
+    ``exact`` is streamed (one tensor at a time)."""
+    want, changed, seen = numpy_dtype(dtype), 0, set()
+    for name, a in exact:
+        seen.add(name)
+        got = written.get(name)
+        rounded = a.astype(want).astype(np.float32)
+        if (got is None or got.dtype not in (want, np.float32) or got.shape != a.shape
+                or got.astype(np.float32).tobytes() != rounded.tobytes()):
+            return f"{name}: the written tensor is not the float32 weight rounded to {dtype}", changed, len(seen)
+        changed += rounded.tobytes() != a.astype(np.float32).tobytes()
+    extra = sorted(set(written) - seen)
+    if extra:
+        return f"{extra[0]}: written, but not a tensor of the source's conversion", changed, len(seen)
+    return None, changed, len(seen)
+
+
+def rounding_note(dtype: str, total: int, changed: int, full: np.ndarray, moved: np.ndarray) -> str:
+    """How far the rounding alone moves the output: the float32 model's ``full`` output
+    against the rounded model's ``moved`` on the same images (max abs and cosine)."""
+    full, moved = np.asarray(full, np.float64), np.asarray(moved, np.float64)
+    cos = float(np.min((full * moved).sum(-1) / np.maximum(
+        np.linalg.norm(full, axis=-1) * np.linalg.norm(moved, axis=-1), 1e-30)))
+    return (f"the {total} tensors written as {dtype} are the verified float32 weights rounded to {dtype}, "
+            f"bit for bit ({changed} changed by it); the stages are the float32 model's. The "
+            f"rounding alone moves the output by max abs {float(np.abs(full - moved).max()):.3g} "
+            f"(cosine {cos:.7f}) on the same images")
 
 
 # --------------------------------------------------------------------------- running artifacts
@@ -266,12 +331,32 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         images = seeded_images(batch, size, scfg.in_chans, seed)
         used_seed = seed
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    # A weights file holding float16 or bfloat16 values: proven as `convert --dtype --verify`
+    # proves it (each tensor the float32 conversion's, rounded, bit for bit; the float32 model
+    # against the reference), with how far the rounding moves the output said, never hidden
+    # behind a looser tolerance.
+    rounding = None
+    if model is not None and isinstance(converted, (str, os.PathLike)):
+        rounding = held_exactly(t.numpy() for t in model.state_dict().values())
+    written_size = model.config.image_size if rounding else None
     # The converted model runs first and is released; only then is the reference built (a
     # float64 NumPy copy of the weights, or the library's model): the two are never held at once.
     got = _run_converted(model, runner, nchw)
+    half = bool(getattr(runner, "half", False))
     if owned:
         model = runner = None
         gc.collect()
+    note = ""
+    if rounding is not None:
+        got, note = _float32_twin(src, converted, rounding, written_size, nchw, got, num_heads, overrides)
+        if got is None:  # a tensor is not the float32 one rounded: no stage is worth running
+            report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
+                                  batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
+                                  reference_dtype=np.dtype(reference_dtype).name)
+            report.stages = [StageResult("weights", f"weights rounded to {rounding}", math.inf, math.inf,
+                                         math.nan, tolerance, False, note)]
+            return report
+        kind += f", {rounding} weights"
     with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # the layout decides the reference
         ref = reference_for(src, source, reference_dtype)
     if size != ref.image_size and getattr(ref, "fixed_size", False):
@@ -282,6 +367,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
                           reference_dtype=ref.reference_dtype, reference=ref.description)
+    report.note = note
     if hasattr(ref, "close"):
         ref.close()
     del ref
@@ -296,7 +382,63 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         pretty = {"onnx": "ONNX", "torchscript": "TorchScript"}.get(kind, kind)
         report.note = (f"{pretty} artifacts expose only their final output: only {final} compared, "
                        "a failure cannot be localised to a stage")
+        if half:
+            report.stages = [_half_stage(report.stages[0], want[final], got, size)]
+            report.note += (f"; a float16 graph (its metadata says so) is judged as export --fp16 judges it: "
+                            f"every top-1 equal and cosine >= {FP16_MIN_COSINE}; its max abs is the rounding's")
     return report
+
+
+def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int) -> StageResult:
+    """A float16 graph's output stage, judged by top-1 and cosine (:func:`~vitconv.export.
+    common.compare`, export's own rule) instead of the float32 bound."""
+    p = compare_artifact(want, got, len(got), size, fp16=True)
+    said = f"float16 graph: top-1 {p.top1_agree:.0%} equal, min cosine {p.min_cosine:.6f}"
+    ok = p.ok and math.isfinite(stage.max_abs)
+    return replace(stage, ok=ok, rule=said if ok else "",
+                               note="" if ok else f"{said} (needs 100% and >= {FP16_MIN_COSINE})")
+
+
+def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nchw: np.ndarray,
+                  rounded: Dict[str, np.ndarray], num_heads: Optional[int], overrides: Dict[str, Any]):
+    """For a file of ``dtype`` weights whose model gave the stages ``rounded``: check each of its
+    tensors is the source's float32 conversion (at ``size``) rounded, bit for bit, then run
+    that float32 conversion in the file's architecture. Returns its stages and the note saying
+    how far the rounding alone moves the output, or ``(None, what is wrong)``. One tensor of
+    each is in memory at a time while checking; one model while running."""
+    from .checkpoint import build_model  # torch
+
+    opened = dict(image_size=size, num_heads=num_heads, overrides=overrides)
+    with open_checkpoint(src, **opened) as exact, open_checkpoint(converted) as written:
+        cfg = written.config
+        bad, changed, total = check_rounded(exact.tensors(), _Lazy(written), dtype)
+    if bad is not None:
+        return None, bad
+    with open_checkpoint(src, **opened) as exact:
+        model = build_model(cfg, exact.state_dict())
+    got = _run_converted(model, None, nchw)
+    del model
+    gc.collect()
+    final = "logits" if "logits" in got else "head_input"
+    return got, rounding_note(dtype, total, changed, got[final], rounded[final])
+
+
+class _Lazy(Mapping):
+    """A checkpoint's canonical tensors as a mapping that reads each when asked."""
+
+    def __init__(self, ckpt) -> None:
+        self._ckpt, self._names = ckpt, [s.name for s in ckpt.specs()]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return dict(self._ckpt.tensors(order=[name]))[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _run_converted(model, runner, nchw: np.ndarray):
