@@ -80,7 +80,8 @@ def test_all_finite_agrees_with_isfinite(dtype):
             b = a.copy()
             b[pos] = value
             assert L.all_finite(b) == bool(np.isfinite(b).all()) == False  # noqa: E712
-    assert L.all_finite(np.zeros((0, 4), dtype))
+            assert not L.all_finite(b[::-1])  # not contiguous
+    assert L.all_finite(np.zeros((0, 4), dtype)) and L.all_finite(a[::-1])
 
 
 def _npz_bytes(arrays) -> bytes:

@@ -87,9 +87,14 @@ def all_finite(a: np.ndarray) -> bool:
     the maximum +inf exactly when some element is +inf. (Unlike a sum, a min or max cannot
     overflow into a false alarm, nor cancel an inf away.) Two vectorised passes that
     allocate nothing, against a pass that writes a boolean array (a quarter of the tensor,
-    fresh pages each time) and a second pass over it. Other dtypes take numpy's route."""
+    fresh pages each time) and a second pass over it. float16 is checked on its exponent bits
+    as integers (all ones: inf or NaN), because numpy's half-precision min and max run an
+    element at a time (3.5 s for a ViT-L/16, against 0.1 s). Other dtypes take numpy's route."""
     if a.size == 0:
         return True
+    if a.dtype == np.float16:
+        bits = np.ascontiguousarray(a).reshape(-1).view(np.uint16)
+        return int(np.bitwise_and(bits, 0x7C00).max()) < 0x7C00
     if a.dtype.kind != "f":
         return bool(np.isfinite(a).all())
     return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
