@@ -27,12 +27,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Union
 
 import numpy as np
 
-from .formats.npz import NpzSource
-from .reference import NpzParams, conv2d, gelu_tanh, layer_norm, softmax
+from .reference import NpzParams, ReadsFile, conv2d, gelu_tanh, layer_norm, reading, softmax
 
 Params = Mapping[str, np.ndarray]
 
@@ -59,12 +58,11 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None, :, :].astype(np.float32)
 
 
-class BigVisionReference:
+class BigVisionReference(ReadsFile):
     """``forward_stages(images_nhwc)`` named as ``VisionTransformer.forward_stages``."""
 
     def __init__(self, params: Params, dtype=np.float64):
         self.p, self.dtype = params, np.dtype(dtype)
-        self._source: Optional[NpzSource] = None
         p = self.p
         shape = getattr(p, "shape", lambda k: np.shape(p[k]))  # a file's: from its header
         self.scan = any(k.startswith("Transformer/encoderblock/") for k in p)
@@ -85,19 +83,7 @@ class BigVisionReference:
         reference.NpzParams`, a stacked block's slice alone): the reference holds about one
         tensor at a time, not the model. Each is used as stored (float32, bfloat16 widened);
         the float64 activations widen it where they meet, as a float64 copy would."""
-        src = NpzSource(path)
-        try:
-            ref = cls(NpzParams(src, _prefix(set(src.keys()))), dtype=dtype)
-        except BaseException:
-            src.close()
-            raise
-        ref._source = src
-        return ref
-
-    def close(self) -> None:
-        if self._source is not None:
-            self._source.close()
-            self._source = None
+        return reading(path, lambda src: cls(NpzParams(src, _prefix(set(src.keys()))), dtype=dtype))
 
     # -- what verify asks of any reference -------------------------------------
     @property

@@ -252,7 +252,31 @@ def zoom_pos_embed(posemb: np.ndarray, new_grid: int, num_prefix: int) -> np.nda
 
 
 # --------------------------------------------------------------------------- the model
-class GoogleViTReference:
+class ReadsFile:
+    """A reference that reads its ``.npz`` as it runs (see :func:`reading`): ``close()`` it."""
+
+    _source: Optional[NpzSource] = None
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+
+def reading(path: Union[str, os.PathLike], build: Callable[[NpzSource], ReadsFile]) -> ReadsFile:
+    """``build(source)`` on the ``.npz`` at ``path`` opened; the reference it returns keeps the
+    file open until its ``close()``. A failed build closes it at once."""
+    src = NpzSource(path)
+    try:
+        ref = build(src)
+    except BaseException:
+        src.close()
+        raise
+    ref._source = src
+    return ref
+
+
+class GoogleViTReference(ReadsFile):
     """Google's ViT forward pass in NumPy over a ``{google key: array}`` dict.
 
     >>> ref = GoogleViTReference.from_npz("golden/jax/tiny_token_p8_32.npz")  # doctest: +SKIP
@@ -273,27 +297,17 @@ class GoogleViTReference:
         self._pos_stored = pos_stored
         self.arch = architecture(self.p)
         self._std_cache: Dict[str, np.ndarray] = {}
-        self._source: Optional[NpzSource] = None
 
     @classmethod
     def from_npz(cls, path: Union[str, os.PathLike], dtype=np.float64) -> "GoogleViTReference":
         """Weights read from the file as the forward pass reaches them (:class:`NpzParams`):
         the reference holds one tensor at a time, not a float64 copy of the model."""
-        src = NpzSource(path)
-        try:
+        def build(src: NpzSource) -> "GoogleViTReference":
             prefix = _prefix(src.keys())
             ref = cls.__new__(cls)
             ref._setup(NpzParams(src, prefix, dtype), lambda: src.get(prefix + POS_KEY), dtype)
-        except BaseException:
-            src.close()
-            raise
-        ref._source = src
-        return ref
-
-    def close(self) -> None:
-        if self._source is not None:
-            self._source.close()
-            self._source = None
+            return ref
+        return reading(path, build)
 
     # -- what verify asks of any reference -------------------------------------
     @property
