@@ -396,7 +396,7 @@ def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int
     said = f"float16 graph: top-1 {p.top1_agree:.0%} equal, min cosine {p.min_cosine:.6f}"
     ok = p.ok and math.isfinite(stage.max_abs)
     return replace(stage, ok=ok, rule=said if ok else "",
-                               note="" if ok else f"{said} (needs 100% and >= {FP16_MIN_COSINE})")
+                   note="" if ok else f"{said} (needs 100% and >= {FP16_MIN_COSINE})")
 
 
 def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nchw: np.ndarray,
@@ -428,9 +428,10 @@ class _Lazy(Mapping):
 
     def __init__(self, ckpt) -> None:
         self._ckpt, self._names = ckpt, [s.name for s in ckpt.specs()]
+        self._known = set(self._names)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._names:
+        if name not in self._known:
             raise KeyError(name)
         return dict(self._ckpt.tensors(order=[name]))[name]
 
