@@ -27,7 +27,7 @@ from vitconv.checkpoint import build_model
 from vitconv.config import ViTConfig
 from vitconv.errors import OutputError
 from vitconv.formats import open_source
-from vitconv.formats.base import TensorSpec
+from vitconv.formats.base import BFLOAT16, TensorSpec
 from vitconv.formats.safetensors_stream import SafetensorsStreamWriter
 from vitconv.pipeline import LAYOUTS, convert, map_state, open_checkpoint
 from vitconv.synthetic import PRESETS, google_shapes, make_synthetic, preset
@@ -169,6 +169,33 @@ def test_writer_refuses_mismatch_and_leaves_nothing(tmp_path):
         with SafetensorsStreamWriter(tmp_path / "x.safetensors", specs) as w:
             w.write("a", np.zeros((2, 3), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BFLOAT16])
+def test_a_stacked_member_written_in_parts_is_the_whole_array_s_member(dtype, tmp_path):
+    """big_vision's scan=True members go to the .npz one block's slice at a time; the member's
+    bytes (header and data) must be what np.lib.format writes for the stacked array, and a
+    wrong slice, or one too many or too few, fails with nothing left."""
+    from vitconv.formats.npz import NpzStreamWriter
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((5, 7)).astype(np.float32).astype(dtype) for _ in range(3)]
+    specs = [TensorSpec("s", np.dtype(dtype), (3, 5, 7)), TensorSpec("t", np.dtype(np.float32), (2,))]
+    for name, parts in (("parts.npz", True), ("whole.npz", False)):
+        with NpzStreamWriter(tmp_path / name, specs) as w:
+            if parts:
+                w.write_parts("s", iter(blocks))
+            else:
+                w.write("s", np.stack(blocks))
+            w.write("t", np.ones(2, np.float32))
+    members = [zipfile.ZipFile(tmp_path / n).read("s.npy") for n in ("parts.npz", "whole.npz")]
+    assert members[0] == members[1] and len(members[0]) > 3 * 5 * 7 * np.dtype(dtype).itemsize
+    for wrong in ([*blocks, blocks[0]], blocks[:2], [blocks[0], blocks[1][:4], blocks[2]]):
+        with pytest.raises(OutputError, match="parts|does not match"):
+            with NpzStreamWriter(tmp_path / "bad.npz", specs) as w:
+                w.write_parts("s", iter(wrong))
+                w.write("t", np.ones(2, np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts.npz", "whole.npz"]
 
 
 def test_progress_reports_every_tensor(tmp_path):

@@ -495,6 +495,15 @@ class _Pipelined:
         self._pending = self._pool.submit(self.writer.write, name, array)
         self._pending_info = (name, nbytes)
 
+    def write_parts(self, name: str, parts: Iterator[np.ndarray], nbytes: int) -> None:
+        """A tensor whose parts the caller's stream produces as they are written
+        (``writer.write_parts``): in this thread, once the write in flight is done."""
+        self._finish()
+        self.writer.write_parts(name, parts)
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
@@ -597,12 +606,11 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
                 order = [k for s in specs for k in groups.get(s.name, [s.name])]
                 stream = _foreign_stream(ckpt, rules, order)
                 for spec in specs:
-                    if spec.name in groups:  # the blocks' arrays, consecutive in the stream
-                        array = np.stack([next(stream)[1] for _ in groups[spec.name]])
+                    if spec.name in groups:  # the blocks' arrays, consecutive in the stream: one at a time
+                        out.write_parts(prefix + spec.name, (next(stream)[1] for _ in groups[spec.name]),
+                                        spec.nbytes)
                     else:
-                        array = next(stream)[1]
-                    out.write(prefix + spec.name, array, spec.nbytes)
-                    del array
+                        out.write(prefix + spec.name, next(stream)[1], spec.nbytes)
             if before_commit is not None:
                 before_commit(writer.temporaries())
         outputs = [dst] if container == "dir" else list(writer.outputs)

@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -152,6 +152,23 @@ class TensorSpec:
                               f"{self.name!r} {np.dtype(self.dtype)}{tuple(self.shape)}", path)
         return a
 
+    def check_parts(self, name: str, parts: Iterable[np.ndarray], path: os.PathLike | str) -> Iterator[np.ndarray]:
+        """``parts`` (the tensor's slices along axis 0, in order), each checked as it comes
+        against this spec, as :meth:`check` checks a whole tensor; too many or too few are an
+        :class:`OutputError` too."""
+        if name != self.name or not self.shape:
+            raise OutputError(f"tensor {name!r} in parts does not match the declared {self.name!r} "
+                              f"{tuple(self.shape)}", path)
+        part = TensorSpec(name, self.dtype, tuple(self.shape[1:]))
+        count = 0
+        for count, a in enumerate(parts, 1):
+            if count > self.shape[0]:
+                break
+            yield part.check(name, a, path)
+        if count != self.shape[0]:
+            raise OutputError(f"tensor {name!r}: {'more' if count > self.shape[0] else count} parts, "
+                              f"declared {self.shape[0]}", path)
+
 
 class StreamWriter:
     """The contract every streaming writer keeps: a ``with`` block opens the temporaries,
@@ -199,6 +216,18 @@ class StreamWriter:
             raise OutputError(f"unexpected extra tensor {name!r}", self.path)
         self._write(self._pos, self.specs[self._pos].check(name, array, self.path))
         self._pos += 1
+
+    def write_parts(self, name: str, parts: Iterable[np.ndarray]) -> None:
+        """The next tensor given as its slices along axis 0, in order (a stacked array), each
+        checked against its spec as it comes. A writer that lays them out one at a time
+        overrides ``_write_parts``; by default they are stacked, then written whole."""
+        if self._pos >= len(self.specs):
+            raise OutputError(f"unexpected extra tensor {name!r}", self.path)
+        self._write_parts(self._pos, self.specs[self._pos].check_parts(name, parts, self.path))
+        self._pos += 1
+
+    def _write_parts(self, index: int, parts: Iterator[np.ndarray]) -> None:
+        self._write(index, np.stack(list(parts)))
 
     def temporaries(self) -> List[Path]:
         if self._done is None:

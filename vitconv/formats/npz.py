@@ -215,12 +215,28 @@ class NpzStreamWriter(StreamWriter):
         self._zip = stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True))
         self._writeback = Writeback(self._zip.fp)
 
-    def _write(self, index: int, array: np.ndarray) -> None:
+    def _member(self, index: int):
         info = zipfile.ZipInfo(self.specs[index].name + ".npy", date_time=ZIP_EPOCH)
         info.compress_type = zipfile.ZIP_STORED
         info.external_attr = 0o600 << 16  # what zipfile gives a member opened by name
-        with self._zip.open(info, "w", force_zip64=True) as f:
+        return self._zip.open(info, "w", force_zip64=True)
+
+    def _write(self, index: int, array: np.ndarray) -> None:
+        with self._member(index) as f:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        self._writeback.advance()
+
+    def _write_parts(self, index: int, parts: Iterator[np.ndarray]) -> None:
+        """A stacked member (big_vision's ``scan=True``) one block's slice at a time: the
+        ``.npy`` header ``write_array`` would give the whole array, then each slice's bytes,
+        which are the whole array's C-order bytes in turn."""
+        spec = self.specs[index]
+        header = np.lib.format.header_data_from_array_1_0(np.empty(0, spec.dtype))
+        header["shape"] = tuple(spec.shape)
+        with self._member(index) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for part in parts:
+                f.write(memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8)))  # bfloat16: no buffer format
         self._writeback.advance()
 
     def _finish(self) -> List[Path]:
