@@ -39,8 +39,8 @@ def slow_writer(row, force=False, previous=None, command="vitconv batch"):
 
 
 class RangeServer:
-    """``http.server`` over a directory with HEAD, ``Range: bytes=a-b`` (206) and a log of what
-    each GET sent, on 127.0.0.1 only."""
+    """``http.server`` over a directory with HEAD (size and an ETag), ``Range: bytes=a-b``
+    (206) and a log of what each GET sent, on 127.0.0.1 only."""
 
     def __init__(self, root: Path):
         self.root, self.sent = Path(root), []
@@ -60,8 +60,10 @@ class RangeServer:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(p.stat().st_size))
+                st = p.stat()
+                self.send_header("Content-Length", str(st.st_size))
                 self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')  # as nginx makes one
                 self.end_headers()
 
             def do_GET(self):

@@ -208,6 +208,36 @@ def test_a_changed_source_or_option_is_converted_again(tmp_path):
         assert c.source.metadata["source_sha256"] == _sha(src)
 
 
+def test_a_rerun_reads_a_source_only_when_its_fingerprint_changed(tmp_path, monkeypatch):
+    """The output records the source's fingerprint (size and modification time, from
+    metadata): a rerun skips on it without reading the source; a touched file (same bytes) is
+    hashed once, and still skipped; changed bytes are converted again."""
+    import vitconv.batch as batch
+    from vitconv.batch import FINGERPRINT_KEY, Row, run_row
+
+    src = tmp_path / "m.npz"
+    shutil.copy(golden_path("jax/tiny_token_p8_32.npz"), src)
+    row = Row(line=1, src=str(src), dst=str(tmp_path / "m.safetensors"))
+    first = run_row(row)
+    assert first.status == "ok" and first.source_fingerprint and first.source_sha256 == _sha(src)
+    with vitconv.open_checkpoint(row.dst) as c:
+        assert c.source.metadata[FINGERPRINT_KEY] == first.source_fingerprint
+    hashed = []
+    real = batch.sha256_file
+    monkeypatch.setattr(batch, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    again = run_row(row)
+    assert (again.status, again.source_sha256, hashed) == ("skipped", first.source_sha256, [])
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # touched: same bytes
+    touched = run_row(row)
+    assert touched.status == "skipped" and touched.source_fingerprint != first.source_fingerprint
+    assert hashed == ["m.npz"]
+    arrays = dict(np.load(src))
+    arrays["Transformer/encoder_norm/bias"] = arrays["Transformer/encoder_norm/bias"] + 1
+    np.savez(src, **arrays)  # other bytes
+    changed = run_row(row)
+    assert changed.status == "ok" and changed.source_sha256 == _sha(src) != first.source_sha256
+
+
 def test_csv_manifest(tmp_path):
     (tmp_path / "m.csv").write_text(
         "src,dst,to,dtype,verify\n"

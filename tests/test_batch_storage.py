@@ -110,8 +110,13 @@ def test_batch_from_http_and_s3_to_s3_resumes_from_remote_metadata(s3, tmp_path)
         for r in first.rows:
             for url, digest in r.outputs.items() if r.dst.startswith("s3://") else ():
                 assert url.startswith("s3://zoo/out/") and _sha(s3.cat_file(url[5:])) == digest
+        sent = len(http.sent)
         again = run_batch(tmp_path / "m.jsonl", workers=2)
         assert [r.status for r in sorted(again.rows, key=lambda r: r.line)] == ["skipped"] * 4 + ["failed"]
+        # decided from the ETag the outputs recorded: not one byte of the sources read again
+        assert http.sent[sent:] == []
+        assert [r.source_sha256 for r in sorted(again.rows, key=lambda r: r.line)][:4] == \
+            [r.source_sha256 for r in sorted(first.rows, key=lambda r: r.line)][:4]
 
 
 def test_the_same_rows_as_ray_tasks(s3, tmp_path):

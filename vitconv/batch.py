@@ -7,6 +7,11 @@ verified. Each output with metadata records the source's sha256, vitconv's versi
 options and that it was verified, so a rerun skips a row whose output already holds that
 (``force`` redoes it). A Google ``.npz`` or a foreign ``.pt`` state dict has no metadata: for
 those the previous report is the record (the output's sha256 must still match it).
+
+A rerun does not read a source to decide: each output also records the source's
+fingerprint (:func:`vitconv.storage.fingerprint`: its location, size and ETag or
+modification time, from one metadata request), and a row whose fingerprint is unchanged is
+skipped on it. Only a changed or unknown fingerprint costs a read of the source, to hash it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ COLUMNS: Dict[str, type] = {"src": str, "dst": str, "to": str, "image_size": int
 OPTIONS = ("to", "image_size", "patch_size", "dtype", "num_heads", "labels", "verify")
 MAX_MANIFEST_BYTES = 64 << 20
 ROW_KEY = "vitconv_batch_row"  # the row's options, in the output's metadata
+FINGERPRINT_KEY = "vitconv_source_fingerprint"  # storage.fingerprint of the source, in the output's metadata
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class RowResult:
     error: str = ""
     exit_code: int = 0
     source_sha256: str = ""
+    source_fingerprint: str = ""
     source_bytes: int = 0
     outputs: Dict[str, str] = field(default_factory=dict)  # path -> sha256
     verified: Optional[bool] = None
@@ -216,18 +223,28 @@ def output_provenance(dst: str) -> Optional[Dict[str, str]]:
     return None
 
 
-def _current(row: Row, sha: str, meta: Optional[Dict[str, str]]) -> bool:
-    return (meta is not None and meta.get("source_sha256") == sha and meta.get("vitconv_version") == __version__
+def _same_source(record: Dict[str, Any], sha: Optional[str], fp: Optional[str], sha_key: str, fp_key: str) -> bool:
+    """The record names this source: by sha256, or by fingerprint when no sha256 is at hand."""
+    if sha is not None:
+        return record.get(sha_key) == sha
+    return fp is not None and bool(record.get(fp_key)) and record.get(fp_key) == fp
+
+
+def _current(row: Row, meta: Optional[Dict[str, str]], sha: Optional[str] = None, fp: Optional[str] = None) -> bool:
+    return (meta is not None and _same_source(meta, sha, fp, "source_sha256", FINGERPRINT_KEY)
+            and meta.get("vitconv_version") == __version__
             and meta.get(ROW_KEY) == json.dumps(row.options(), sort_keys=True)
             and (not row.verify or meta.get("vitconv_verified") == "true"))
 
 
-def _recorded(row: Row, sha: str, previous: Optional[Dict[str, Any]]) -> bool:
+def _recorded(row: Row, previous: Optional[Dict[str, Any]], sha: Optional[str] = None,
+              fp: Optional[str] = None) -> bool:
     """A previous report's row for the same output, source, options and version, whose files
     are still the ones it wrote (local: same sha256)."""
     if not previous or previous.get("status") not in ("ok", "skipped") or not previous.get("outputs"):
         return False
-    if (previous.get("source_sha256") != sha or previous.get("vitconv_version") != __version__
+    if (not _same_source(previous, sha, fp, "source_sha256", "source_fingerprint")
+            or previous.get("vitconv_version") != __version__
             or previous.get("options") != json.loads(json.dumps(row.options()))):
         return False
     if row.verify and not previous.get("verified"):
@@ -282,37 +299,7 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
     _reset_peak()
     result = RowResult(row.line, row.src, row.dst, "ok", options=row.options(), worker=f"pid {os.getpid()}")
     try:
-        with storage.local_input(row.src) as (src, digest):
-            if digest is None:
-                digest = sha256_file(src if src.is_file() else _weights_of(src))
-            result.source_sha256 = digest
-            result.source_bytes = sum(f.stat().st_size for f in _output_files([os.fspath(src)]))
-            if not force and (_current(row, digest, output_provenance(row.dst)) or _recorded(row, digest, previous)):
-                result.status, result.verified = "skipped", row.verify
-                if previous and previous.get("dst") == row.dst:
-                    result.outputs = dict(previous.get("outputs") or {})
-                    result.verify = previous.get("verify")
-            else:
-                meta = {ROW_KEY: json.dumps(row.options(), sort_keys=True)}
-                if not storage.is_url(row.dst):  # a zoo's tree of outputs: its folders are made
-                    Path(row.dst).parent.mkdir(parents=True, exist_ok=True)
-                with storage.local_output(row.dst) as dst:
-                    report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
-                                     dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
-                                     verify=row.verify, metadata=meta, source_sha256=digest,
-                                     command=f"{command} (line {row.line})")
-                    local = _output_files(report.files)
-                    hashes = {f: sha256_file(f) for f in local}
-                if storage.is_url(row.dst):  # named where they now are
-                    base = row.dst.rstrip("/").rsplit("/", 1)[0]
-                    root = dst.parent
-                    hashes = {base + "/" + f.relative_to(root).as_posix(): h for f, h in hashes.items()}
-                result.outputs = {os.fspath(k): v for k, v in hashes.items()}
-                result.verified = bool(row.verify)
-                if report.checked is not None:
-                    result.verify = {k: v for k, v in report.checked.to_dict().items()
-                                     if k in ("ok", "verdict", "reference", "tolerance", "image_size", "batch",
-                                              "note", "stages")}
+        _convert_row(row, force, previous, command, result)
     except BaseException as e:  # noqa: BLE001 - a row's failure is its own
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -322,6 +309,52 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
     result.cpu_s = time.process_time() - cpu
     result.peak_rss_bytes = _peak()
     return result
+
+
+def _convert_row(row: Row, force: bool, previous: Optional[Dict[str, Any]], command: str,
+                 result: RowResult) -> None:
+    """:func:`run_row`'s work, filling in ``result``. The output is current when it (or the
+    previous report) records this source, these options, this version and, if asked, a
+    verification: by fingerprint first, from metadata alone; failing that by the sha256 of the
+    source, read (a download's is taken as it streams)."""
+    def skipped(recorded_sha: str) -> None:
+        result.status, result.verified, result.source_sha256 = "skipped", row.verify, recorded_sha
+        if previous and previous.get("dst") == row.dst:
+            result.outputs = dict(previous.get("outputs") or {})
+            result.verify = previous.get("verify")
+
+    fp, result.source_bytes = storage.fingerprint(row.src) or ("", 0)
+    result.source_fingerprint = fp
+    meta_now = None if force else output_provenance(row.dst)
+    if not force and fp:
+        if _current(row, meta_now, fp=fp):
+            return skipped(meta_now["source_sha256"])
+        if _recorded(row, previous, fp=fp):
+            return skipped(previous["source_sha256"])
+    with storage.local_input(row.src) as (src, digest):
+        if digest is None:
+            digest = sha256_file(src if src.is_file() else _weights_of(src))
+        result.source_sha256 = digest
+        result.source_bytes = sum(f.stat().st_size for f in _output_files([os.fspath(src)]))
+        if not force and (_current(row, meta_now, sha=digest) or _recorded(row, previous, sha=digest)):
+            return skipped(digest)
+        meta = {ROW_KEY: json.dumps(row.options(), sort_keys=True), **({FINGERPRINT_KEY: fp} if fp else {})}
+        if not storage.is_url(row.dst):  # a zoo's tree of outputs: its folders are made
+            Path(row.dst).parent.mkdir(parents=True, exist_ok=True)
+        with storage.local_output(row.dst) as dst:
+            report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
+                             dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
+                             verify=row.verify, metadata=meta, source_sha256=digest,
+                             command=f"{command} (line {row.line})")
+            hashes = {f: sha256_file(f) for f in _output_files(report.files)}
+    if storage.is_url(row.dst):  # named where they now are
+        base = row.dst.rstrip("/").rsplit("/", 1)[0]
+        hashes = {base + "/" + f.relative_to(dst.parent).as_posix(): h for f, h in hashes.items()}
+    result.outputs = {os.fspath(k): v for k, v in hashes.items()}
+    result.verified = bool(row.verify)
+    if report.checked is not None:
+        result.verify = {k: v for k, v in report.checked.to_dict().items()
+                         if k in ("ok", "verdict", "reference", "tolerance", "image_size", "batch", "note", "stages")}
 
 
 def _weights_of(directory: Path) -> Path:

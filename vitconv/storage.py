@@ -82,6 +82,38 @@ def _download(fs, remote: str, local: Path, url: str) -> str:
     return h.hexdigest()
 
 
+#: What a store's ``info()`` says that changes with an object's bytes: S3's and HTTP's ETag,
+#: GCS's md5Hash and generation, HTTP's Content-MD5 and Digest, and modification times.
+VALIDATORS = ("ETag", "etag", "md5Hash", "generation", "Content-MD5", "Digest", "LastModified",
+              "Last-Modified", "mtime", "updated")
+
+
+def fingerprint(src: PathLike) -> Optional[Tuple[str, int]]:
+    """``(digest, bytes)``: a stand-in for ``src``'s sha256 on a rerun, from metadata alone,
+    no byte of it read. The digest covers where it is, each file's size and what its store
+    says changes with its bytes (a local file: its modification time in ns). None when the
+    store says nothing of the kind or cannot be asked (then only the sha256 can decide)."""
+    try:
+        if not is_url(src):
+            p = Path(src)
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+            entries = [[os.fspath(f.resolve()), st.st_size, {"mtime_ns": st.st_mtime_ns}]
+                       for f in files for st in (f.stat(),)]
+        else:
+            fs, remote = filesystem(os.fspath(src))
+            info = fs.info(remote)
+            found = ({remote: info} if info.get("type") != "directory"
+                     else {f: i for f, i in fs.find(remote, detail=True).items() if i.get("type") != "directory"})
+            entries = [[name, int(i.get("size") or 0), {k: str(i[k]) for k in VALIDATORS if i.get(k)}]
+                       for name, i in sorted(found.items())]
+    except Exception:  # noqa: BLE001 - the conversion's own reading reports what is wrong
+        return None
+    if not entries or not all(e[2] for e in entries):
+        return None
+    doc = json.dumps({"src": os.fspath(src), "files": entries}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest(), sum(e[1] for e in entries)
+
+
 @contextlib.contextmanager
 def local_input(src: PathLike, workdir: Optional[PathLike] = None) -> Iterator[Tuple[Path, Optional[str]]]:
     """``(a local path, its sha256 if computed here)`` for ``src``: itself when local; for a
