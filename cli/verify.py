@@ -24,9 +24,11 @@ from .common import parse_overrides, say
               help="numpy.random.default_rng seed of the images.")
 @click.option("--image-size", type=int, help="Resolution to test at (default: the converted "
               "model's; the reference resizes position embeddings its own way).")
-@click.option("--num-heads", type=int, help="Heads, where a bare state dict cannot say (as for convert).")
+@click.option("--num-heads", type=int, help="Heads, where a bare state dict cannot say (as for convert); "
+              "for SRC, CONVERTED or both, whichever leaves them open.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="A config field a bare state dict does not record, as given to convert (repeatable).")
+              help="A config field a bare state dict does not record, as given to convert (repeatable); "
+                   "for SRC, CONVERTED or both, whichever leaves it open.")
 @click.pass_context
 def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float, as_json: bool,
            batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: tuple) -> None:
@@ -39,8 +41,10 @@ def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float
     arguments vitconv read, with --set/--num-heads as given to convert (the report says which). Library references expose the embedding, each
     block's output and the final output.
 
-    CONVERTED: a .pt/.safetensors written by vitconv (omitted: SRC is converted now), or an
-    .onnx / TorchScript export (then only the final output can be compared).
+    CONVERTED: any checkpoint vitconv reads (omitted: SRC is converted now), or an .onnx /
+    TorchScript export (then only the final output can be compared). Weights in float16 or
+    bfloat16 are checked as the float32 conversion rounded, bit for bit, and a --fp16 ONNX
+    graph by top-1 and cosine, as export checks them.
 
     \b
       vitconv verify ViT-B_16.npz ViT-B_16.pt

@@ -191,3 +191,31 @@ def test_plain_verify_names_a_tensor_that_is_not_the_rounding(tmp_path):
     assert verify(SRC, tmp_path / "bad.safetensors", tolerance=1e-2).first_failure.name == "weights"
     r = run_cli("verify", SRC, tmp_path / "bad.safetensors")
     assert r.exit_code == 3 and "blocks.1.mlp.fc2.weight" in r.output, r.output
+
+
+def test_num_heads_and_set_reach_a_bare_converted_file(tmp_path):
+    """A bare timm state dict records neither its head count nor its GELU. The tiny model's
+    48-wide attention is not 64-dim heads (as SigLIP so400m's 16 heads of 72, which 64-dim
+    heads would make 18), and its GELU is tanh where timm's default is exact: verify's
+    --num-heads and --set go to the converted file when the source records them; a wrong
+    value is another model, failing where it acts; one both files record is refused."""
+    from vitconv.errors import BadInputError, MappingError
+    from vitconv.verify import verify
+
+    vitconv.convert(SRC, tmp_path / "t.pth", to="timm")
+    with pytest.raises(MappingError, match="pass --num-heads"):
+        verify(SRC, tmp_path / "t.pth")
+    as_timm_reads_it = verify(SRC, tmp_path / "t.pth", num_heads=3)  # timm's default GELU: exact
+    assert as_timm_reads_it.first_failure.name == "blocks.0.mlp"
+    right = dict(num_heads=3, overrides={"act": "gelu_tanh"})
+    assert verify(SRC, tmp_path / "t.pth", **right).ok
+    r = run_cli("verify", SRC, tmp_path / "t.pth", "--num-heads", "3", "--set", "act=gelu_tanh")
+    assert r.exit_code == 0 and "OK: 9 stage(s)" in r.output, r.output
+    vitconv.convert(SRC, tmp_path / "h.pth", to="timm", dtype="float16")
+    half = verify(SRC, tmp_path / "h.pth", **right)
+    assert half.ok and "float16 weights" in half.kind
+    assert verify(SRC, tmp_path / "t.pth", num_heads=1, overrides={"act": "gelu_tanh"}).first_failure.name \
+        == "blocks.0.attn"
+    vitconv.convert(SRC, tmp_path / "c.safetensors")  # records both, as the source does
+    with pytest.raises(BadInputError, match="num_heads: both files record it"):
+        verify(SRC, tmp_path / "c.safetensors", num_heads=3)

@@ -211,7 +211,7 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tupl
     else:
         sources = {**_row_sources(layout, cfg), **layout.sources(cfg)}
         fallback = f"{layout.name} layout: inferred from tensor shapes"
-        assumed = layout.assumed(cfg, probe)
+        assumed = layout.assumed(probe)
         for c in layout.carries:
             if c.field in assumed:
                 sources[c.field] = (f"assumed: {'64-dim heads' if c.field == 'num_heads' else layout.name + ' default'}"

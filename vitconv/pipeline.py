@@ -25,7 +25,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -183,6 +183,22 @@ class Checkpoint:
         self.close()
 
 
+def takes_num_heads(layout: Layout) -> bool:
+    """Whether ``layout``'s files leave the head count to the caller (a bare state dict)."""
+    heads = layout.carry("num_heads")
+    return heads is not None and heads.argument is not None
+
+
+def left_open(path: PathLike) -> Set[str]:
+    """The config fields the checkpoint at ``path`` leaves to its code, from its headers alone
+    (``num_heads`` where it records no head count; constructor arguments no ``config.json``
+    records): what ``num_heads`` and ``overrides`` may set when it is read."""
+    with open_source(path) as source:
+        shapes = {k: tuple(source.shape(k)) for k in source.keys()}
+        probe = Probe(shapes, dict(source.metadata), source.path or os.fspath(path))
+        return set(detect_layout(probe).assumed(probe))
+
+
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
                     require_layout: Union[str, Sequence[str], None] = None, dtype: Optional[str] = None,
                     overrides: Optional[Dict[str, object]] = None, patch_size: Optional[int] = None,
@@ -220,8 +236,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         keys = source.keys()
         shapes = {k: tuple(source.shape(k)) for k in keys}
         layout = detect_layout(Probe(shapes, dict(source.metadata), where))
-        heads = layout.carry("num_heads")
-        if num_heads is not None and (heads is None or heads.argument is None):
+        if num_heads is not None and not takes_num_heads(layout):
             raise BadInputError(f"--num-heads: the {layout.name} layout records the heads", path)
         prefix = layout.prefix(keys, where)
         stacked = layout.stacked and any(k.startswith(prefix + layout.stacked[0]) for k in keys)
@@ -295,7 +310,7 @@ def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str,
     constructor (an assumed value), so an override can never contradict what the file says."""
     if not overrides:
         return cfg
-    assumed = set(layout.assumed(cfg, probe)) - {"num_heads"}
+    assumed = set(layout.assumed(probe)) - {"num_heads"}
     bad = sorted(set(overrides) - assumed)
     if bad:
         say = ", ".join(sorted(assumed)) or "none"
@@ -340,7 +355,7 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
     """What a user must know about this read: assumptions, what was left out, resizing."""
     cfg, layout = ckpt.source_config, ckpt.layout
     notes = []
-    assumed = layout.assumed(cfg, probe)
+    assumed = layout.assumed(probe)
     if "num_heads" in assumed:
         notes.append(f"heads: {cfg.num_heads} x {cfg.head_dim} assumed ({DEFAULT_HEAD_DIM}-dim heads, the "
                      "timm/Google/vit-pytorch default; the weights do not record it); override with --num-heads")

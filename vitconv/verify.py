@@ -55,7 +55,7 @@ from .export.common import FP16_MIN_COSINE, compare as compare_artifact
 from .formats.base import numpy_dtype
 from .big_vision_reference import BigVisionReference
 from .library_reference import LibraryReference, open_reference
-from .pipeline import open_checkpoint
+from .pipeline import left_open, open_checkpoint
 from .reference import GoogleViTReference
 from .runtimes import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 
@@ -280,23 +280,24 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     (a canonical ``VisionTransformer`` is compared stage by stage; any other module on its
     output only). ``inputs`` (NHWC float) replaces the seeded images. ``num_heads`` and
     ``overrides`` say what a bare state dict does not record, as for ``convert`` (the library
-    reference is built with them). Returns the report; it does not raise on disagreement (see
-    :func:`check`)."""
+    reference is built with them); each goes to whichever of the two files leaves it open (a
+    bare converted file too), and is refused when both record it.
+    Returns the report; it does not raise on disagreement (see :func:`check`)."""
     if not (tolerance > 0):
         raise BadInputError(f"tolerance must be positive, got {tolerance}")
     if batch <= 0:
         raise BadInputError(f"batch must be positive, got {batch}")
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
+    (src_heads, src_set), (conv_heads, conv_set) = _arguments(src, converted, num_heads, dict(overrides or {}))
     from .checkpoint import load  # torch
 
-    overrides = dict(overrides or {})
-    with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # headers only
+    with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
         scfg = source.config
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # loaded here, so released here before the reference is built
     if converted is None:
-        model = load(src, image_size=image_size, num_heads=num_heads, **overrides)
+        model = load(src, image_size=image_size, num_heads=src_heads, **src_set)
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
         label = os.fspath(converted)
@@ -306,7 +307,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         elif kind == "torchscript":
             runner = TorchRunner(load_torchscript(Path(converted)))
         else:
-            model = load(converted)
+            model = load(converted, num_heads=conv_heads, **conv_set)
     elif hasattr(converted, "forward_stages"):
         model, owned = converted, False
     else:
@@ -348,7 +349,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         gc.collect()
     note = ""
     if rounding is not None:
-        got, note = _float32_twin(src, converted, rounding, written_size, nchw, got, num_heads, overrides)
+        got, note = _float32_twin(src, converted, rounding, written_size, nchw, got,
+                                  (src_heads, src_set), (conv_heads, conv_set))
         if got is None:  # a tensor is not the float32 one rounded: no stage is worth running
             report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
                                   batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
@@ -357,7 +359,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                                          math.nan, tolerance, False, note)]
             return report
         kind += f", {rounding} weights"
-    with open_checkpoint(src, num_heads=num_heads, overrides=overrides) as source:  # the layout decides the reference
+    with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # the layout decides the reference
         ref = reference_for(src, source, reference_dtype)
     if size != ref.image_size and getattr(ref, "fixed_size", False):
         raise BadInputError(f"the reference ({ref.description}) runs at the checkpoint's {ref.image_size}px "
@@ -389,6 +391,23 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     return report
 
 
+def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]):
+    """``((num_heads, overrides) for the source, (the same) for the converted file)``: each goes
+    to the file(s) that leave it open (a bare state dict, source or converted, records neither
+    heads nor GELU; the same model has the same). Given where both files record it, it is
+    refused. ONNX, TorchScript and in-memory models take none."""
+    if (num_heads is None and not overrides) or not isinstance(converted, (str, os.PathLike)) \
+            or artifact_kind(converted) in ("onnx", "torchscript"):
+        return (num_heads, overrides), (None, {})
+    given = {**overrides, **({"num_heads": num_heads} if num_heads is not None else {})}
+    opened = [left_open(src), left_open(converted)]
+    closed = sorted(set(given) - opened[0] - opened[1])
+    if closed:
+        raise BadInputError(f"--num-heads/--set {', '.join(closed)}: both files record it", converted)
+    return tuple((num_heads if "num_heads" in o else None, {k: v for k, v in overrides.items() if k in o})
+                 for o in opened)
+
+
 def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int) -> StageResult:
     """A float16 graph's output stage, judged by top-1 and cosine (:func:`~vitconv.export.
     common.compare`, export's own rule) instead of the float32 bound."""
@@ -400,7 +419,8 @@ def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int
 
 
 def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nchw: np.ndarray,
-                  rounded: Dict[str, np.ndarray], num_heads: Optional[int], overrides: Dict[str, Any]):
+                  rounded: Dict[str, np.ndarray], src_args: Tuple[Optional[int], Dict[str, Any]],
+                  conv_args: Tuple[Optional[int], Dict[str, Any]]):
     """For a file of ``dtype`` weights whose model gave the stages ``rounded``: check each of its
     tensors is the source's float32 conversion (at ``size``) rounded, bit for bit, then run
     that float32 conversion in the file's architecture. Returns its stages and the note saying
@@ -408,8 +428,9 @@ def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nch
     each is in memory at a time while checking; one model while running."""
     from .checkpoint import build_model  # torch
 
-    opened = dict(image_size=size, num_heads=num_heads, overrides=overrides)
-    with open_checkpoint(src, **opened) as exact, open_checkpoint(converted) as written:
+    opened = dict(image_size=size, num_heads=src_args[0], overrides=src_args[1])
+    with open_checkpoint(src, **opened) as exact, \
+            open_checkpoint(converted, num_heads=conv_args[0], overrides=conv_args[1]) as written:
         cfg = written.config
         bad, changed, total = check_rounded(exact.tensors(), _Lazy(written), dtype)
     if bad is not None:

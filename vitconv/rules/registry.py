@@ -178,7 +178,7 @@ class Layout:
         return {c.field: getattr(cfg, c.field) for c in self.carries
                 if c.argument is not None and c.argument.isidentifier() and not c.recorded(cfg, recorded)}
 
-    def assumed(self, cfg: ViTConfig, probe: Probe) -> List[str]:
+    def assumed(self, probe: Probe) -> List[str]:
         """Fields a read took from the layout's conventions because the source does not
         record them (no config.json key, no head count given)."""
         out = []
