@@ -240,3 +240,25 @@ def test_plain_verify_judges_a_float16_graph_as_export_does(tmp_path):
     run_export(src, ExportPlan(onnx=tmp_path / "f.onnx"))  # float32: the float32 bound, as before
     plain = verify(src, tmp_path / "f.onnx").stages[0]
     assert plain.ok and plain.rule == "" and plain.max_abs <= 1e-4
+
+
+def test_float16_rounding_is_the_converter_s_bit_for_bit():
+    """onnx_stream.to_float16 stands in for onnxruntime's convert_np_to_float16 (the
+    converter's defaults) on the weights it streams: the same bits on values at and around
+    every threshold, both signs, zeros, infinities, NaN and ordinary weights."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from vitconv.export.onnx_stream import to_float16
+
+    edges = np.array([0.0, 5.96e-08, 65504.0, 65519.0, 65520.0, 1e5, 3e38, 1e-8, 5.9e-8, 6e-8, 1e-7,
+                      6.1e-5, 1.0, np.inf, np.nan], np.float32)
+    edges = np.concatenate([edges, -edges, np.nextafter(edges, np.float32(np.inf)),
+                            np.nextafter(edges, np.float32(-np.inf))])
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal(200_001) * np.float32(0.02)).astype(np.float32)
+    weights[::997] *= np.float32(1e-6)  # some below float16's subnormals
+    for a in (edges, weights, weights.reshape(-1)[:200_000].reshape(400, 500), np.zeros(3, np.float32)):
+        want = convert_np_to_float16(a)
+        got = to_float16(a)
+        assert got.dtype == np.float16 and got.shape == a.shape
+        assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
