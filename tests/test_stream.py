@@ -171,6 +171,40 @@ def test_writer_refuses_mismatch_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("src,to,out", [
+    ("bv/tiny_gap_scan_p8_32.npz", "big_vision", "o.npz"),  # every key, then every query ...
+    ("jax/tiny_token_p8_32.npz", None, "o.npz"),  # Google's q/k/v, sorted within each block
+    ("jax/tiny_token_p8_32.npz", "hf", "o"),  # a directory: its model.safetensors
+])
+def test_outputs_past_the_held_bytes_are_read_again_to_the_same_file(src, to, out, tmp_path, monkeypatch):
+    """A fused qkv row gives three outputs; those whose turn is not next are held while they fit
+    in HELD_BYTES, and the row is read again for the others. Holding nothing must write the
+    same bytes, reading each qkv once per output; holding everything, once."""
+    import vitconv.pipeline as pipeline
+
+    reads = []
+    real = pipeline.map_to_canonical
+
+    def counting(rules, *args, **kwargs):
+        for name, t in real(rules, *args, **kwargs):
+            reads.append(name)
+            yield name, t
+    monkeypatch.setattr(pipeline, "map_to_canonical", counting)
+    source = golden_path(src)
+    canonical = tmp_path / "c.safetensors"
+    convert(source, canonical)
+    written, default = {}, pipeline.HELD_BYTES
+    for held in (default, 0):
+        monkeypatch.setattr(pipeline, "HELD_BYTES", held)
+        reads.clear()
+        dst = tmp_path / f"{held}_{out}"
+        convert(canonical, dst, to=to)
+        qkv = [n for n in reads if n.endswith("attn.qkv.weight")]
+        written[held] = ((dst / "model.safetensors" if dst.is_dir() else dst).read_bytes(), len(qkv))
+    (whole, once), (again, thrice) = written[default], written[0]
+    assert again == whole and thrice == 3 * once == 3 * 2  # two blocks
+
+
 @pytest.mark.parametrize("dtype", [np.float32, BFLOAT16])
 def test_a_stacked_member_written_in_parts_is_the_whole_array_s_member(dtype, tmp_path):
     """big_vision's scan=True members go to the .npz one block's slice at a time; the member's

@@ -530,26 +530,54 @@ class _Pipelined:
             self._pool.shutdown(wait=True)
 
 
-def _foreign_stream(ckpt: Checkpoint, rules: Sequence[ExpandedRule], order: Sequence[str]
-                    ) -> Iterator[Tuple[str, np.ndarray]]:
-    """``(foreign key, array)`` in the writer's ``order``. Canonical tensors are produced in
-    the order their keys are first needed; a row with several outputs (q/k/v) keeps its other
-    outputs until their turn, which in sorted key orders is within the same block."""
+#: Outputs of a row with several (q, k and v from one fused qkv) kept for their turn: at most
+#: this many bytes. Past it, the row is read again when their turn comes. Sorted orders put
+#: them within one block; big_vision's ``scan=True`` members put every block's key before any
+#: block's query, which would otherwise hold two thirds of every qkv kernel (ViT-g/14: 630 MB).
+HELD_BYTES = 64 << 20
+
+
+def _foreign_stream(ckpt: Checkpoint, rules: Sequence[ExpandedRule], order: Sequence[str],
+                    nbytes: Dict[str, int]) -> Iterator[Tuple[str, np.ndarray]]:
+    """``(foreign key, array)`` in the writer's ``order``. Canonical tensors are read in the
+    order their keys are first needed; a row with several outputs keeps the others for their
+    turn while they fit in :data:`HELD_BYTES` (``nbytes``: each foreign key's size), and is
+    read again for those that did not: memory stays flat in the model's depth."""
     rule_of = {k: r for r in rules for k in r.source}
-    canonical_order = list(dict.fromkeys(rule_of[k].canonical for k in order if rule_of[k].canonical))
     by_name = {r.canonical: r for r in rules}
-    stream = ckpt.tensors(order=canonical_order, read_ahead=True)
+    turn = {k: i for i, k in enumerate(order)}
+    reads: List[Tuple[str, Set[str]]] = []  # each read: the canonical tensor, the outputs kept
+    held: Set[str] = set()
+    held_bytes = 0
+    for key in order:
+        if key in held:
+            held.discard(key)
+            held_bytes -= nbytes[key]
+        elif rule_of[key].canonical:
+            keep = set()
+            for k in sorted(rule_of[key].source, key=turn.get):  # the soonest first
+                if turn[k] > turn[key] and k not in held and held_bytes + nbytes[k] <= HELD_BYTES:
+                    keep.add(k)
+                    held_bytes += nbytes[k]
+            held |= keep
+            reads.append((rule_of[key].canonical, keep))
+    stream = ckpt.tensors(order=[name for name, _ in reads], read_ahead=True)
+    plan = iter(reads)
     pending: Dict[str, np.ndarray] = {}
     dtype = ckpt.specs()[0].dtype
     for key in order:
-        if key not in pending:
-            if rule_of[key].canonical:
-                name, t = next(stream)
-                pending.update(map_from_canonical(by_name[name], t, ckpt.config))
-                del t
-            else:  # a fill row: zeros in the model's dtype
-                pending.update(map_from_canonical(rule_of[key], np.zeros((), dtype), ckpt.config))
-        yield key, pending.pop(key)
+        if key in pending:
+            yield key, pending.pop(key)
+        elif rule_of[key].canonical:
+            (name, t), (_, keep) = next(stream), next(plan)
+            out = map_from_canonical(by_name[name], t, ckpt.config)
+            del t
+            pending.update((k, v) for k, v in out.items() if k in keep)
+            yield key, out.pop(key)
+            del out
+        else:  # a fill row: zeros in the model's dtype
+            pending.update(map_from_canonical(rule_of[key], np.zeros((), dtype), ckpt.config))
+            yield key, pending.pop(key)
     for _ in stream:  # nothing may be left: every canonical tensor was asked for
         raise AssertionError("canonical tensors left over after the last foreign key")
 
@@ -619,7 +647,9 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
         with writer:
             with _Pipelined(writer, sum(s.nbytes for s in specs), progress) as out:
                 order = [k for s in specs for k in groups.get(s.name, [s.name])]
-                stream = _foreign_stream(ckpt, rules, order)
+                stream = _foreign_stream(ckpt, rules, order, {
+                    k: int(np.prod(shapes[k], dtype=np.int64)) * np.dtype(s.dtype).itemsize
+                    for s in specs for k in groups.get(s.name, [s.name])})
                 for spec in specs:
                     if spec.name in groups:  # the blocks' arrays, consecutive in the stream: one at a time
                         out.write_parts(prefix + spec.name, (next(stream)[1] for _ in groups[spec.name]),
