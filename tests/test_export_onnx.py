@@ -262,3 +262,31 @@ def test_float16_rounding_is_the_converter_s_bit_for_bit():
         got = to_float16(a)
         assert got.dtype == np.float16 and got.shape == a.shape
         assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_the_parity_run_reads_the_written_file_s_own_bytes(tmp_path, monkeypatch, fp16):
+    """onnxruntime runs the inline file through its light description (each weight external
+    data at its offset in the file itself): a weight altered in the file after it is written
+    must fail the parity run, and nothing appears."""
+    from vitconv.errors import VerificationError
+    from vitconv.export import onnx_stream
+
+    write = onnx_stream.write
+
+    def write_then_damage(skel, path, data_path=None):
+        light = write(skel, path, data_path)
+        head = next(t for t in light.graph.initializer if t.name.startswith("head.") and t.dims[0] > 1)
+        where = {e.key: e.value for e in head.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(head.data_type)
+        with open(path, "r+b") as f:
+            f.seek(int(where["offset"]))
+            weights = np.frombuffer(f.read(int(where["length"])), dtype)
+            f.seek(int(where["offset"]))
+            f.write((weights * dtype.type(1.5)).tobytes())  # the head's weights half as large again
+        return light
+    monkeypatch.setattr(onnx_stream, "write", write_then_damage)
+    src = golden_path(CASES["tiny_token_p8_32"]["checkpoint"])
+    with pytest.raises(VerificationError):
+        run_export(src, ExportPlan(onnx=tmp_path / "m.onnx", fp16=fp16))
+    assert list(tmp_path.iterdir()) == []
