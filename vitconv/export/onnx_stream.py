@@ -86,9 +86,10 @@ def to_fp16(proto, keep_fp32):
 
     A placeholder's type becomes float16 where the converter would convert its data; its
     data is converted at :func:`write` with the converter's own rounding and clamping
-    (:func:`to_float16`, its ``convert_np_to_float16`` bit for bit). The converter reads a converted initializer's data for one
-    thing, its shape (``make_value_info_from_tensor``): while it runs, that function reads
-    the shape off the tensor's ``dims`` instead, which is the same shape without the data."""
+    (:func:`to_float16`, its ``convert_np_to_float16`` bit for bit). The converter reads a
+    converted initializer's data for one thing, its shape (``make_value_info_from_tensor``):
+    while it runs, that function reads the shape off the tensor's ``dims`` instead, which is
+    the same shape without the data."""
     import onnx_ir
     from onnx import helper
     from onnxruntime.transformers import float16
@@ -116,9 +117,10 @@ def write(skel: Skeleton, path, data_path: Optional[os.PathLike] = None):
     reader, onnx and onnxruntime included, sees one graph with all its initializers, in order.
 
     Returns the skeleton with each placeholder pointing at its data (its offset and length in
-    the data file, or in the inline file itself: the ``raw_data`` bytes) for ``onnx.checker``:
-    saved beside the file, it lets ``full_check`` read every name, type and shape without
-    loading any data; given an inline file itself, the checker would parse it whole."""
+    the data file, or in the inline file itself: the ``raw_data`` bytes): the file's light
+    description. Saved beside the file, it lets ``onnx.checker``'s ``full_check`` read every
+    name, type and shape without loading any data, and onnxruntime read each weight from the
+    file where it lies; given an inline file itself, both would parse it whole first."""
     import onnx
 
     proto = skel.proto
