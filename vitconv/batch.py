@@ -328,9 +328,9 @@ def _convert_row(row: Row, force: bool, previous: Optional[Dict[str, Any]], comm
     meta_now = None if force else output_provenance(row.dst)
     if not force and fp:
         if _current(row, meta_now, fp=fp):
-            return skipped(meta_now["source_sha256"])
+            return skipped(meta_now.get("source_sha256", ""))
         if _recorded(row, previous, fp=fp):
-            return skipped(previous["source_sha256"])
+            return skipped(previous.get("source_sha256", ""))
     with storage.local_input(row.src) as (src, digest):
         if digest is None:
             digest = sha256_file(src if src.is_file() else _weights_of(src))
