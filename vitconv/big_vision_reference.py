@@ -27,13 +27,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, Mapping, Union
+from typing import Dict, Union
 
 import numpy as np
 
 from .reference import NpzParams, ReadsFile, conv2d, gelu_tanh, layer_norm, reading, softmax
-
-Params = Mapping[str, np.ndarray]
 
 PREFIXES = ("params/img/", "params/", "", "opt/target/")
 SINCOS_IMAGE_SIZE = 224  # what the converter assumes too; a sincos2d file records no resolution
@@ -61,10 +59,10 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
 class BigVisionReference(ReadsFile):
     """``forward_stages(images_nhwc)`` named as ``VisionTransformer.forward_stages``."""
 
-    def __init__(self, params: Params, dtype=np.float64):
+    def __init__(self, params: NpzParams, dtype=np.float64):
         self.p, self.dtype = params, np.dtype(dtype)
         p = self.p
-        shape = getattr(p, "shape", lambda k: np.shape(p[k]))  # a file's: from its header
+        shape = p.shape  # from the members' headers, nothing read
         self.scan = any(k.startswith("Transformer/encoderblock/") for k in p)
         if self.scan:
             self.depth = int(shape("Transformer/encoderblock/LayerNorm_0/scale")[0])
@@ -109,8 +107,7 @@ class BigVisionReference(ReadsFile):
     # -- parameters --------------------------------------------------------------
     def block(self, i: int, name: str) -> np.ndarray:
         if self.scan:
-            key = f"Transformer/encoderblock/{name}"
-            return self.p.index(key, i) if isinstance(self.p, NpzParams) else self.p[key][i]
+            return self.p.index(f"Transformer/encoderblock/{name}", i)
         return self.p[f"Transformer/encoderblock_{i}/{name}"]
 
     def pos_embed(self, grid: int) -> np.ndarray:

@@ -62,22 +62,21 @@ class NpzParams(Mapping):
     def _cast(self, a: np.ndarray) -> np.ndarray:
         return a if self._dtype is None else a.astype(self._dtype, copy=False)
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def _member(self, key: str) -> str:
         if key not in self._set:
             raise KeyError(key)
-        return self._cast(self._src.get(self._prefix + key))
+        return self._prefix + key
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._cast(self._src.get(self._member(key)))
 
     def shape(self, key: str) -> Tuple[int, ...]:
         """``self[key].shape``, from the member's header."""
-        if key not in self._set:
-            raise KeyError(key)
-        return tuple(self._src.shape(self._prefix + key))
+        return tuple(self._src.shape(self._member(key)))
 
     def index(self, key: str, i: int) -> np.ndarray:
         """``self[key][i]``, reading that slice alone where the file allows (a stacked array)."""
-        if key not in self._set:
-            raise KeyError(key)
-        return self._cast(self._src.get_index(self._prefix + key, i))
+        return self._cast(self._src.get_index(self._member(key), i))
 
     def __contains__(self, key: object) -> bool:
         return key in self._set
