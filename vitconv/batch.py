@@ -227,7 +227,7 @@ def _same_source(record: Dict[str, Any], sha: Optional[str], fp: Optional[str], 
     """The record names this source: by sha256, or by fingerprint when no sha256 is at hand."""
     if sha is not None:
         return record.get(sha_key) == sha
-    return fp is not None and bool(record.get(fp_key)) and record.get(fp_key) == fp
+    return bool(fp) and record.get(fp_key) == fp
 
 
 def _current(row: Row, meta: Optional[Dict[str, str]], sha: Optional[str] = None, fp: Optional[str] = None) -> bool:

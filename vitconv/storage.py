@@ -82,6 +82,15 @@ def _download(fs, remote: str, local: Path, url: str) -> str:
     return h.hexdigest()
 
 
+def _listing(fs, remote: str) -> Dict[str, dict]:
+    """``{path: info}`` of the object at ``remote``, or of every file under it (a directory),
+    from one ``info`` and, for a directory, one ``find``."""
+    info = fs.info(remote)
+    if info.get("type") != "directory":
+        return {remote: info}
+    return {f: i for f, i in fs.find(remote, detail=True).items() if i.get("type") != "directory"}
+
+
 #: What a store's ``info()`` says that changes with an object's bytes: S3's and HTTP's ETag,
 #: GCS's md5Hash and generation, HTTP's Content-MD5 and Digest, and modification times.
 VALIDATORS = ("ETag", "etag", "md5Hash", "generation", "Content-MD5", "Digest", "LastModified",
@@ -101,11 +110,8 @@ def fingerprint(src: PathLike) -> Optional[Tuple[str, int]]:
                        for f in files for st in (f.stat(),)]
         else:
             fs, remote = filesystem(os.fspath(src))
-            info = fs.info(remote)
-            found = ({remote: info} if info.get("type") != "directory"
-                     else {f: i for f, i in fs.find(remote, detail=True).items() if i.get("type") != "directory"})
             entries = [[name, int(i.get("size") or 0), {k: str(i[k]) for k in VALIDATORS if i.get(k)}]
-                       for name, i in sorted(found.items())]
+                       for name, i in sorted(_listing(fs, remote).items())]
     except Exception:  # noqa: BLE001 - the conversion's own reading reports what is wrong
         return None
     if not entries or not all(e[2] for e in entries):
@@ -125,9 +131,7 @@ def local_input(src: PathLike, workdir: Optional[PathLike] = None) -> Iterator[T
     url = os.fspath(src)
     fs, remote = filesystem(url)
     try:
-        info = fs.info(remote)
-        found = ({remote: info} if info.get("type") != "directory"
-                 else {f: i for f, i in fs.find(remote, detail=True).items() if i.get("type") != "directory"})
+        found = _listing(fs, remote)
         files = list(found)
         sizes = [int(i.get("size") or 0) for i in found.values()]
     except Exception as e:
@@ -138,7 +142,7 @@ def local_input(src: PathLike, workdir: Optional[PathLike] = None) -> Iterator[T
             raise OutputError(f"staging {url} needs {sum(sizes):,} bytes; {free:,} are free here", tmp)
         name = remote.rstrip("/").rsplit("/", 1)[-1] or "source"
         local = Path(tmp) / name
-        if info.get("type") != "directory":
+        if files == [remote]:  # one object, not a directory
             digest: Optional[str] = _download(fs, remote, local, url)
         else:
             digest = None
