@@ -615,6 +615,7 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
     fill_dtype = next(iter(canon.values())).dtype
     specs = _order([TensorSpec(k, canon[r.canonical].dtype if r.canonical else fill_dtype, shapes[k])
                     for r in rules for k in r.source], container)
+    nbytes = {s.name: s.nbytes for s in specs}  # each foreign key's, before any stacking
     groups: Dict[str, List[str]] = {}
     if layout.stacked and cfg.scan:  # big_vision scan=True: one array per tensor of all blocks
         specs, groups = _stacked_specs(specs, layout.stacked, cfg.depth)
@@ -647,9 +648,7 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
         with writer:
             with _Pipelined(writer, sum(s.nbytes for s in specs), progress) as out:
                 order = [k for s in specs for k in groups.get(s.name, [s.name])]
-                stream = _foreign_stream(ckpt, rules, order, {
-                    k: int(np.prod(shapes[k], dtype=np.int64)) * np.dtype(s.dtype).itemsize
-                    for s in specs for k in groups.get(s.name, [s.name])})
+                stream = _foreign_stream(ckpt, rules, order, nbytes)
                 for spec in specs:
                     if spec.name in groups:  # the blocks' arrays, consecutive in the stream: one at a time
                         out.write_parts(prefix + spec.name, (next(stream)[1] for _ in groups[spec.name]),

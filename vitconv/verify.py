@@ -347,18 +347,17 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     if owned:
         model = runner = None
         gc.collect()
-    note = ""
+    report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
+                          batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
+                          reference_dtype=np.dtype(reference_dtype).name)
     if rounding is not None:
-        got, note = _float32_twin(src, converted, rounding, written_size, nchw, got,
+        got, said = _float32_twin(src, converted, rounding, written_size, nchw, got,
                                   (src_heads, src_set), (conv_heads, conv_set))
         if got is None:  # a tensor is not the float32 one rounded: no stage is worth running
-            report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
-                                  batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
-                                  reference_dtype=np.dtype(reference_dtype).name)
             report.stages = [StageResult("weights", f"weights rounded to {rounding}", math.inf, math.inf,
-                                         math.nan, tolerance, False, note)]
+                                         math.nan, tolerance, False, said)]
             return report
-        kind += f", {rounding} weights"
+        report.note, report.kind = said, f"{kind}, {rounding} weights"
     with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # the layout decides the reference
         ref = reference_for(src, source, reference_dtype)
     if size != ref.image_size and getattr(ref, "fixed_size", False):
@@ -366,10 +365,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                             f"only, not {size}", src)
     numpy_reference = not isinstance(ref, LibraryReference)  # every stage; a library: some
     want = ref.forward_stages(images)
-    report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
-                          batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
-                          reference_dtype=ref.reference_dtype, reference=ref.description)
-    report.note = note
+    report.reference_dtype, report.reference = ref.reference_dtype, ref.description
     if hasattr(ref, "close"):
         ref.close()
     del ref
