@@ -191,8 +191,6 @@ class Timer:
         self.s = time.perf_counter() - self.t0
 
 
-
-
 # --------------------------------------------------------------------------- handing the model over
 def take(model) -> Tuple[object, bool]:
     """``(model, owned)``: an exporter is given the module itself (the caller keeps using it)
