@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
+import click
 import pytest
 
+from _vitconv_cli.main import COMMANDS as COMMANDS_HELP
 from _vitconv_cli.main import main
 from conftest import VITCONV
 
-COMMANDS = sorted(main.commands)
-SUBCOMMANDS = [("golden", name) for name in sorted(main.commands["golden"].commands)]
+COMMANDS = main.list_commands(None)
+SUBCOMMANDS = [("golden", name) for name in sorted(main.get_command(None, "golden").commands)]
 
 
 def _help(*args: str) -> subprocess.CompletedProcess:
@@ -38,3 +41,23 @@ def test_every_command_has_help(args):
     assert r.stdout.startswith(f"Usage: vitconv {' '.join(args)} "), r.stdout[:200]
     described = r.stdout.split("\n\n")[1].strip()  # the command's own docstring, first paragraph
     assert len(described) > 20, r.stdout
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_the_command_list_shows_each_command_s_own_first_line(name):
+    """``vitconv --help`` lists the commands without importing them (COMMANDS keeps each one's
+    first paragraph): what it shows, at any width, must be what the command itself says."""
+    command = main.get_command(None, name)
+    for limit in (30, 45, 67, 113, 10**6):
+        ours = click.Command(name, help=COMMANDS_HELP[name]).get_short_help_str(limit)
+        assert ours == command.get_short_help_str(limit), limit
+
+
+def test_help_imports_no_command_and_no_library():
+    code = ("import sys\nfrom _vitconv_cli.main import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('_vitconv_cli.') or m in "
+            "('numpy', 'torch', 'onnx', 'onnxruntime')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['_vitconv_cli.main']"

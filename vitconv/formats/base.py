@@ -5,6 +5,7 @@ is :mod:`vitconv.formats.open`'s job."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -12,18 +13,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import BadInputError, OutputError, first_line
 
-#: bfloat16 as a numpy dtype (``ml_dtypes``, which onnx and jax use too); numpy has none.
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+@functools.cache
+def bfloat16() -> np.dtype:
+    """bfloat16 as a numpy dtype (``ml_dtypes``, which onnx and jax use too); numpy has none.
+
+    Loaded on first use: ``ml_dtypes``' extension takes 0.6-0.9 s to load here, longer than a
+    whole small conversion, and most conversions never meet a bfloat16 tensor (big_vision's
+    bfloat16 members arrive as 2-byte voids and widen without it)."""
+    import ml_dtypes  # noqa: PLC0415 (deferred for start-up time, see above)
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def __getattr__(name: str):
+    if name == "BFLOAT16":  # the dtype, for callers that name it as a constant
+        return bfloat16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """``np.dtype(name)``, with ``bfloat16`` too."""
-    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 class TensorSource:

@@ -25,18 +25,18 @@ import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
-from .base import BFLOAT16, StreamWriter, TensorSpec
+from .base import StreamWriter, TensorSpec
 from .writeback import Writeback
 
 #: Shard above this many bytes of tensor data: Hugging Face's ``max_shard_size="5GB"`` default
 #: (decimal units), used by every writer of sharded outputs.
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
-#: numpy dtype -> safetensors dtype tag (the formats' common ground; bf16 through ml_dtypes).
-DTYPE_TAGS: Dict[np.dtype, str] = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
-    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL", BFLOAT16: "BF16",
+#: numpy dtype name -> safetensors dtype tag (the formats' common ground; bf16 through ml_dtypes,
+#: named so that it loads only where one is met).
+DTYPE_TAGS: Dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "bfloat16": "BF16",
 }
 
 
@@ -55,10 +55,10 @@ def build_header(specs: Sequence[TensorSpec], metadata: Optional[Mapping[str, st
     offset = 0
     for s in specs:
         dt = np.dtype(s.dtype)
-        if dt not in DTYPE_TAGS:
+        if not dt.isnative or dt.name not in DTYPE_TAGS:
             raise ValueError(f"{s.name}: dtype {dt} has no safetensors equivalent")
         end = offset + s.nbytes
-        header[s.name] = {"dtype": DTYPE_TAGS[dt], "shape": [int(d) for d in s.shape],
+        header[s.name] = {"dtype": DTYPE_TAGS[dt.name], "shape": [int(d) for d in s.shape],
                           "data_offsets": [offset, end]}
         offset = end
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
