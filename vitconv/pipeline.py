@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 import numpy as np
 
 from . import __version__, preprocess
-from .config import ViTConfig
+from .config import ViTConfig, parameter_shapes
 from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable
 from .formats.base import TensorSource, TensorSpec, numpy_dtype, sha256_file
@@ -64,13 +64,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: The canonical modules a new classifier replaces (``num_classes=``): the head, DeiT's
 #: distillation head, and Google's ``pre_logits``, which vit_jax drops when fine-tuning.
 HEAD_MODULES = ("head", "head_dist", "pre_logits")
-
-
-def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
-    """The canonical model's tensor shapes (:func:`vitconv.model.parameter_shapes`)."""
-    from .model import parameter_shapes as shapes  # torch: only once a model is mapped
-
-    return shapes(cfg)
 
 
 # --------------------------------------------------------------------------- reading
