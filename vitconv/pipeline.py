@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from . import __version__, preprocess
 from .config import ViTConfig, parameter_shapes
 from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable
-from .formats.base import TensorSource, TensorSpec, numpy_dtype, sha256_file
+from .formats.base import Deferred, TensorSource, TensorSpec, numpy_dtype, resolve, sha256_file
 from .formats.npz import NpzStreamWriter
 from .formats.open import open_source
 from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
@@ -683,6 +684,17 @@ def _named_as(final: Path, folder: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _hashing(path: Path) -> Iterator["Future[str]"]:
+    """The SHA-256 of ``path``, computed on a thread of its own; leaving stops it early."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="vitconv-hash") as pool:
+        try:
+            yield pool.submit(sha256_file, path, stop=stop)
+        finally:
+            stop.set()
+
+
 def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
     """An output must never replace a file the conversion reads (a weights file inside the
     source directory included): the source would be destroyed mid-read."""
@@ -723,18 +735,25 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     target, container, layouts = candidates(dst, to)
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
-    with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
-                         dtype=dtype, overrides=overrides, patch_size=patch_size, labels=labels,
-                         num_classes=num_classes) as ckpt:
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(
+            src, image_size=image_size, num_heads=num_heads, require_layout=require_layout, dtype=dtype,
+            overrides=overrides, patch_size=patch_size, labels=labels, num_classes=num_classes))
         _refuse_overwrite(ckpt, dst)
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
-        digest = source_sha256 or (sha256_file(ckpt.source.files()[0]) if hash_source else "")
+        # The source's hash is a second read of the whole file: it runs on its own thread
+        # beside the conversion, and the writers put it in place of its placeholder at the end.
+        digest: str = source_sha256 or ""
+        if hash_source and not source_sha256:
+            digest = Deferred(stack.enter_context(_hashing(ckpt.source.files()[0])), 64)
         extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
                  "vitconv_version": __version__, **(metadata or {})}
         specs = ckpt.specs()
         checked: List[Any] = []
 
         def commit(temporaries: List[Path]) -> None:
+            nonlocal digest
+            digest = resolve(digest)
             if on_written is not None:
                 checked.append(on_written(ckpt, layout, container, temporaries, digest))
             if before_commit is not None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
-from .base import StreamWriter, TensorSpec
+from .base import StreamWriter, TensorSpec, has_deferred, resolve
 from .writeback import Writeback
 
 #: Shard above this many bytes of tensor data: Hugging Face's ``max_shard_size="5GB"`` default
@@ -117,6 +117,7 @@ class SafetensorsStreamWriter(StreamWriter):
         self._handles: List = []
         self._writeback: List[Writeback] = []
         self._index_tmp: Optional[Path] = None
+        self._header_bytes: List[int] = []
 
     def _open(self, stack: contextlib.ExitStack) -> None:
         if self.sharded:  # entered first, so renamed last: the index appears only when all shards have
@@ -124,7 +125,7 @@ class SafetensorsStreamWriter(StreamWriter):
         for final, group in zip(self.files, self.shards):
             tmp = stack.enter_context(atomic_output(final))
             f = stack.enter_context(open(tmp, "wb"))
-            f.write(build_header(group, self.metadata))
+            self._header_bytes.append(f.write(build_header(group, self.metadata)))
             self._handles.append(f)
             self._writeback.append(Writeback(f))
 
@@ -137,9 +138,16 @@ class SafetensorsStreamWriter(StreamWriter):
         self._writeback[shard].advance()
 
     def _finish(self) -> List[Path]:
-        """Data flushed, index written: temporary paths, data files first, the index last."""
+        """Data flushed, deferred metadata written in place of its placeholders (each header
+        keeps its length), index written: temporary paths, data files first, the index last."""
         for f in self._handles:
             f.flush()
+        if has_deferred(self.metadata):
+            self.metadata = resolve(self.metadata)
+            for f, group, laid_out in zip(self._handles, self.shards, self._header_bytes):
+                header = build_header(group, self.metadata)
+                if len(header) != laid_out or os.pwrite(f.fileno(), header, 0) != laid_out:
+                    raise OutputError("the header could not be rewritten in place", self.path)
         if self.sharded:
             self._write_index()
         return [Path(f.name) for f in self._handles] + ([self._index_tmp] if self._index_tmp else [])
