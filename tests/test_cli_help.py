@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -61,3 +62,21 @@ def test_help_imports_no_command_and_no_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "['_vitconv_cli.main']"
+
+
+@pytest.mark.parametrize("args", [["npz2pt", "{src}", "-o", "{out}/a.pt"],
+                                  ["convert", "{src}", "{out}/b.safetensors"],
+                                  ["convert", "{src}", "{out}/t.pth", "--to", "timm"],
+                                  ["inspect", "{src}"]], ids=lambda a: " ".join(a[:1] + a[-2:]))
+def test_a_conversion_never_waits_for_torch(tmp_path, args):
+    """Importing torch costs more than converting a small model: the commands that read and
+    write weights must not import it, nor onnx or onnxruntime. (A model directory is another
+    matter: its model card holds the figures of verify, which runs the model.)"""
+    src = str(Path(__file__).resolve().parent.parent / "golden" / "jax" / "tiny_token_p8_32.npz")
+    argv = [a.format(src=src, out=tmp_path) for a in args]
+    code = ("import sys\nfrom _vitconv_cli.main import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -118,7 +118,7 @@ class DictSource(TensorSource):
         return np.asarray(self._arrays[key])
 
 
-def sha256_file(path: os.PathLike | str, chunk: int = 64 << 20,
+def sha256_file(path: os.PathLike | str, chunk: int = 16 << 20,
                 stop: Optional[threading.Event] = None) -> str:
     """The file's SHA-256, hex. A regular file is hashed through a mapping of ``chunk`` bytes
     at a time (no copy into a buffer: a quarter of the work of reading it, here), anything

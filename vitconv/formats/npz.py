@@ -20,11 +20,11 @@ import os
 import stat
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+from zlib_ng.zlib_ng import crc32  # the stdlib's checksum, 11x faster (pyproject.toml)
 
 from ..errors import BadInputError, first_line
 from .atomic import atomic_output
@@ -192,12 +192,12 @@ class NpzSource(TensorSource):
             raise BadInputError(f"member {key!r} could not be read (truncated: the file ends at "
                                 f"{self._size:,} bytes, the member at {end:,})", self.path)
         if count == 0:
-            data, crc = np.empty(stored_shape, dtype), zlib.crc32(head)
+            data, crc = np.empty(stored_shape, dtype), crc32(head)
         else:
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
             mapped = mmap.mmap(fd, end - base, access=mmap.ACCESS_COPY, offset=base)
             data = np.frombuffer(mapped, dtype, count, offset - base).reshape(stored_shape)
-            crc = zlib.crc32(data.reshape(-1).view(np.uint8), zlib.crc32(head))
+            crc = crc32(data.reshape(-1).view(np.uint8), crc32(head))
         if crc != info.CRC:
             raise BadInputError(f"member {key!r} could not be read (Bad CRC-32)", self.path)
         return data.T if fortran else data
