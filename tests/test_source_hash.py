@@ -49,3 +49,22 @@ def test_every_place_records_the_source_s_own_hash(tmp_path):
     convert(SRC, tmp_path / "m.pt")
     assert zipfile.ZipFile(tmp_path / "m.pt").testzip() is None  # data.pkl's CRC-32 rewritten too
     assert torch.load(tmp_path / "m.pt", weights_only=True)["source_sha256"] == DIGEST
+
+
+def test_a_pt_hands_on_every_provenance_string_it_records(tmp_path):
+    """A vitconv ``.pt`` keeps what a safetensors header keeps, the batch's row and the source's
+    fingerprint included: a manifest rerun decides from them for either kind of output."""
+    from vitconv.formats.open import open_source
+
+    extra = {"vitconv_batch_row": '{"src": "a"}', "vitconv_source_fingerprint": "file:1:2"}
+    for name in ("m.pt", "m.safetensors"):
+        convert(SRC, tmp_path / name, metadata=extra)
+        with open_source(tmp_path / name) as src:
+            meta = src.metadata
+        assert {k: meta.get(k) for k in extra} == extra, name
+        assert meta["source_sha256"] == DIGEST and meta["source"] == SRC.name
+    with open_source(tmp_path / "m.pt") as a, open_source(tmp_path / "m.safetensors") as b:
+        pt, st = dict(a.metadata), dict(b.metadata)
+    assert json.loads(pt.pop("vitconv_config")) == json.loads(st.pop("vitconv_config"))
+    st.pop("format")  # safetensors' own "pt"
+    assert pt == st
