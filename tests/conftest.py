@@ -105,6 +105,7 @@ SYSTEM_MODULES = {
     "test_readme.py": "runs every command the README shows",
     "test_batch.py": "worker processes, Ray, killed and interrupted workers",
     "test_batch_storage.py": "a moto S3 server and an HTTP server on 127.0.0.1, Ray tasks",
+    "test_batch_rerun.py": "worker processes",
     "test_atomic.py": "children killed by SIGKILL, SIGINT and SIGTERM at chosen moments",
     "test_bench.py": "benchmarks in fresh processes",
 }

@@ -72,7 +72,7 @@ def test_golden_cases(name):
         _same(ckpt.source_config)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(st.fixed_dictionaries(FIELDS))
 def test_any_config(fields):
     try:
