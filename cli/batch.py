@@ -36,7 +36,8 @@ def batch(ctx: click.Context, manifest: Path, workers: int | None, ray: str | No
     \b
     MANIFEST: JSON Lines, one object a line, or CSV with a header (.csv). Columns:
       src, dst (required; local paths, relative to the manifest, or URLs: s3://, gs://, https://)
-      to, image_size, patch_size, dtype, num_heads, labels, as for convert; verify (default true)
+      to, image_size, patch_size, dtype, num_heads, labels, arch, as for convert; set ("act=gelu
+      norm_eps=1e-5": --set's FIELD=VALUE items, space-separated); verify (default true)
 
     \b
       vitconv batch zoo.jsonl --report report.json

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import click
+
+from vitconv.config import parse_settings
 
 
 #: ``--labels`` of every command that writes a model.
@@ -15,6 +16,19 @@ labels_option = click.option(
     "--labels", metavar="imagenet-1k|imagenet-21k|FILE",
     help="Class names for the classifier's outputs (a text file: one per line), written into "
          "config.json id2label, timm's pretrained_cfg, ONNX and vitconv metadata.")
+
+
+#: ``--arch`` of every command that reads a checkpoint.
+arch_option = click.option(
+    "--arch", metavar="NAME",
+    help="The architecture a bare state dict is (a timm model name, open_clip:NAME, openai:NAME): "
+         "what the file cannot record (activation, epsilon, heads) comes from it; its tensors must "
+         "agree with it. Needed where the keys fit architectures that compute different functions.")
+
+
+def with_arch(overrides: Dict[str, object], arch: Optional[str]) -> Dict[str, object]:
+    """``--set`` fields and ``--arch`` as the one ``overrides`` mapping the library takes."""
+    return {**overrides, **({"arch": arch} if arch else {})}
 
 
 #: ``--num-classes`` of the commands that write a model.
@@ -62,15 +76,8 @@ def progress_bar(ctx: click.Context, label: str) -> Iterator[Optional[Callable[[
 
 
 def parse_overrides(items: Iterable[str]) -> Dict[str, object]:
-    """``("act=quick_gelu", "norm_eps=1e-5")`` -> ``{"act": "quick_gelu", "norm_eps": 1e-05}``;
-    a value that reads as JSON (a number, true/false) is taken as such, otherwise as text."""
-    out: Dict[str, object] = {}
-    for item in items:
-        field, sep, value = item.partition("=")
-        if not sep or not field:
-            raise click.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
-        try:
-            out[field.strip()] = json.loads(value)
-        except ValueError:
-            out[field.strip()] = value
-    return out
+    """``--set`` items as the library's overrides (:func:`vitconv.config.parse_settings`)."""
+    try:
+        return parse_settings(items)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--set") from None

@@ -10,7 +10,7 @@ from vitconv.card import cli_command, convert as convert_any
 from vitconv.pipeline import DTYPES
 from vitconv.targets import target_names
 
-from .common import labels_option, num_classes_option, parse_overrides, progress_bar, summary
+from .common import arch_option, labels_option, num_classes_option, parse_overrides, progress_bar, summary, with_arch
 
 
 @click.command("convert")
@@ -29,6 +29,7 @@ from .common import labels_option, num_classes_option, parse_overrides, progress
               "kernel by its pseudo-inverse resize, the position table bilinearly).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: "
               "as read; bfloat16 sources are read as float32, exactly).")
+@arch_option
 @labels_option
 @num_classes_option
 @click.option("--verify", "check", is_flag=True, help="Verify the written files against the source's "
@@ -36,7 +37,7 @@ from .common import labels_option, num_classes_option, parse_overrides, progress
 @click.pass_context
 def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: int | None,
             overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None,
-            labels: str | None, num_classes: int | None, check: bool) -> None:
+            arch: str | None, labels: str | None, num_classes: int | None, check: bool) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -45,6 +46,7 @@ def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: i
       vitconv convert vit_hf vit_timm.pth --to timm
       vitconv convert vit_timm.pth back.npz               # Google .npz
       vitconv convert ViT-B_16.npz b16.safetensors --dtype float16 --verify
+      vitconv convert clip_tower.pth clip.safetensors --arch vit_base_patch16_clip_quickgelu_224 --verify
       vitconv convert s3://zoo/ViT-B_16.npz s3://zoo/b16_hf --verify   # URLs: fsspec
 
     SRC and DST may be URLs (s3://, gs://, https://, with the s3/gcs/http extras): the source
@@ -52,6 +54,6 @@ def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: i
     """
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
-                             overrides=parse_overrides(overrides), dtype=dtype, patch_size=patch_size,
+                             overrides=with_arch(parse_overrides(overrides), arch), dtype=dtype, patch_size=patch_size,
                              labels=labels, num_classes=num_classes, command=cli_command(), verify=check)
     summary(ctx, report.rows())

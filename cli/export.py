@@ -11,7 +11,7 @@ from vitconv.errors import VerificationError
 from vitconv.export import ExportPlan, default_output, run_export
 from vitconv.export.onnx import DEFAULT_OPSET
 
-from .common import labels_option, say, summary
+from .common import arch_option, labels_option, say, summary, with_arch
 
 
 def _target(flag: str, help_text: str):
@@ -41,11 +41,12 @@ def _target(flag: str, help_text: str):
 @click.option("--shard-size", type=float, default=5.0, show_default=True,
               help="--safetensors: shard above this many GB.")
 @labels_option
+@arch_option
 @click.pass_context
 def export(ctx: click.Context, src: Path, onnx: Optional[str], torchscript: Optional[str],
            pt2: Optional[str], safetensors: Optional[str], opset: int, batch: Optional[int],
            dynamic_size: bool, fp16: bool, image_size: Optional[int], no_aoti: bool,
-           shard_size: float, labels: Optional[str]) -> None:
+           shard_size: float, labels: Optional[str], arch: Optional[str]) -> None:
     """Export a ViT checkpoint to ONNX, TorchScript, .pt2 and safetensors; every artifact is
     loaded back in its runtime and compared with the PyTorch model (exit 3 past tolerance).
 
@@ -60,7 +61,8 @@ def export(ctx: click.Context, src: Path, onnx: Optional[str], torchscript: Opti
              for k, v in targets.items()}
     plan = ExportPlan(opset=opset, batch=batch, dynamic_size=dynamic_size, fp16=fp16,
                       image_size=image_size, aoti=not no_aoti,
-                      shard_bytes=int(shard_size * 10**9), labels=labels, **paths)
+                      shard_bytes=int(shard_size * 10**9), labels=labels,
+                      overrides=with_arch({}, arch), **paths)
     try:
         results = run_export(src, plan, progress=lambda s: say(ctx, s, dim=True))
     except VerificationError as e:

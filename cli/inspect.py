@@ -14,7 +14,7 @@ from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_byt
 from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
 from vitconv.storage import local_input
 
-from .common import say
+from .common import arch_option, say
 
 #: Hashing runs at roughly 0.5-1 GB/s; below this a bar would only flicker.
 _BAR_BYTES = 256 << 20
@@ -27,13 +27,15 @@ _BAR_BYTES = 256 << 20
               metavar="OUT.png", help="Also draw the cosine similarity of every patch's position "
               "embedding with every other (ViT paper, figure 7). Needs matplotlib "
               "(pip install 'vitconv[plot]').")
+@arch_option
 @click.pass_context
-def inspect(ctx: click.Context, src: str, as_json: bool, plot_posembed: Path | None) -> None:
+def inspect(ctx: click.Context, src: str, as_json: bool, plot_posembed: Path | None, arch: str | None) -> None:
     """Show what a checkpoint or ONNX file holds, without converting it.
 
     Layout, architecture (and the tensor each value was read from), parameters, dtypes,
     size, sha256 and the key audit; for .onnx: inputs, outputs, opsets, metadata, ops.
-    A checkpoint that would not convert is reported in full, and the exit status is then
+    A bare state dict also lists the named architectures its keys and shapes fit (--arch picks
+    one). A checkpoint that would not convert is reported in full, and the exit status is then
     2 (one line on stderr says why), so scripts can test it.
 
     \b
@@ -50,7 +52,7 @@ def inspect(ctx: click.Context, src: str, as_json: bool, plot_posembed: Path | N
         show = size >= _BAR_BYTES and not quiet and err.isatty()  # never litter logs or pipes
         bar = click.progressbar(length=size, label="sha256", file=err) if show else contextlib.nullcontext()
         with bar as b:
-            report = inspect_path(path, progress=b.update if b is not None else None)
+            report = inspect_path(path, progress=b.update if b is not None else None, arch=arch)
         if as_json:
             click.echo(json.dumps(report.to_dict(), indent=2))
         else:

@@ -9,7 +9,7 @@ import click
 from vitconv.card import cli_command, convert
 from vitconv.pipeline import DTYPES
 
-from .common import labels_option, num_classes_option, progress_bar, summary
+from .common import arch_option, labels_option, num_classes_option, progress_bar, summary, with_arch
 
 
 @click.command("npz2pt")
@@ -23,9 +23,11 @@ from .common import labels_option, num_classes_option, progress_bar, summary
               "bfloat16 files are read as float32, exactly).")
 @labels_option
 @num_classes_option
+@arch_option
 @click.pass_context
 def npz2pt(ctx: click.Context, src: str, output: str | None, image_size: int | None,
-           patch_size: int | None, dtype: str | None, labels: str | None, num_classes: int | None) -> None:
+           patch_size: int | None, dtype: str | None, labels: str | None, num_classes: int | None,
+           arch: str | None) -> None:
     """Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into
     the canonical PyTorch ViT.
 
@@ -45,5 +47,5 @@ def npz2pt(ctx: click.Context, src: str, output: str | None, image_size: int | N
     with progress_bar(ctx, "converting") as progress:
         report = convert(src, out, image_size=image_size, require_layout=("google", "big_vision"),
                          progress=progress, dtype=dtype, patch_size=patch_size, labels=labels,
-                         num_classes=num_classes, command=cli_command())
+                         num_classes=num_classes, overrides=with_arch({}, arch), command=cli_command())
     summary(ctx, report.rows())

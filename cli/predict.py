@@ -10,7 +10,7 @@ import click
 
 from vitconv.predict import open_predictor, predict as predict_images
 
-from .common import labels_option, say
+from .common import arch_option, labels_option, say, with_arch
 
 
 @click.command("predict")
@@ -21,10 +21,11 @@ from .common import labels_option, say
               "resized its family's way).")
 @click.option("--num-heads", type=int, help="Heads, for a bare state dict that does not record them.")
 @labels_option
+@arch_option
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON document.")
 @click.pass_context
 def predict(ctx: click.Context, ckpt: Path, images: Tuple[Path, ...], top_k: int, image_size: Optional[int],
-            num_heads: Optional[int], labels: Optional[str], as_json: bool) -> None:
+            num_heads: Optional[int], labels: Optional[str], arch: Optional[str], as_json: bool) -> None:
     """What the model sees in each image: the top classes with probabilities (and labels when
     known), or the embedding of a model without a classifier. Any checkpoint vitconv reads,
     or an .onnx / TorchScript export; the image is preprocessed the model's own way.
@@ -33,7 +34,8 @@ def predict(ctx: click.Context, ckpt: Path, images: Tuple[Path, ...], top_k: int
       vitconv predict ViT-B_16.npz cat.jpg --labels imagenet-1k
       vitconv predict vit.onnx cat.jpg dog.png --top-k 3 --json
     """
-    model = open_predictor(ckpt, image_size=image_size, num_heads=num_heads, labels=labels)
+    model = open_predictor(ckpt, image_size=image_size, num_heads=num_heads, labels=labels,
+                           overrides=with_arch({}, arch))
     results = predict_images(model, images, top_k=top_k)
     if as_json:
         click.echo(json.dumps({"model": str(ckpt), "runtime": model.runtime, "image_size": model.image_size,

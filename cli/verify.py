@@ -10,7 +10,7 @@ from vitconv.errors import VerificationError
 from vitconv.storage import local_input
 from vitconv.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
 
-from .common import parse_overrides, say
+from .common import arch_option, parse_overrides, say, with_arch
 
 
 @click.command("verify")
@@ -29,11 +29,13 @@ from .common import parse_overrides, say
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="A config field a bare state dict does not record, as given to convert (repeatable); "
                    "for SRC, CONVERTED or both, whichever leaves it open.")
+@arch_option
 @click.pass_context
 def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float, as_json: bool,
-           batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: tuple) -> None:
+           batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: tuple, arch: str | None) -> None:
     """Check CONVERTED against SRC, stage by stage, and name the first stage past tolerance.
-    Exit 0 when within tolerance, 3 if not.
+    Exit 0 when within tolerance, 3 if not, or if the reference had to assume what SRC does not
+    record and another known architecture with its keys computes otherwise (--arch names it).
 
     The reference: for Google's .npz, an independent NumPy implementation of vit_jax; for
     Hugging Face and timm directories, the library's own model loaded from SRC alone; for bare
@@ -55,7 +57,7 @@ def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float
     with local_input(src) as (local_src, _), local_input(converted or "") as (local_conv, _):
         report = run_verify(local_src, local_conv if converted else None, tolerance=tolerance, batch=batch,
                             seed=seed, image_size=image_size, num_heads=num_heads,
-                            overrides=parse_overrides(overrides))
+                            overrides=with_arch(parse_overrides(overrides), arch))
     if as_json:
         click.echo(report.to_json())
     else:

@@ -326,7 +326,8 @@ def test_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_rows_whose_reference_is_timm_run_in_workers(tmp_path):
     rows = read_manifest(_write_manifest(tmp_path / "m.jsonl", [
-        {"src": str(golden_path("families/timm_siglip_map_p8_32.safetensors")), "dst": "siglip.safetensors"},
+        {"src": str(golden_path("families/timm_siglip_map_p8_32.safetensors")), "dst": "siglip.safetensors",
+         "set": "act=gelu"},  # timm's SigLIP towers use exact or tanh GELU: said, as --set says it
         {"src": str(golden_path("families/timm_dinov2_reg4_p8_32.safetensors")), "dst": "dinov2_timm", "to": "timm",
          "image_size": 48}]))
     results, _ = run_local(rows, workers=2, task=with_timm)

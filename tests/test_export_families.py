@@ -23,7 +23,7 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num
 
 @pytest.mark.parametrize("arch,unsaid", [
     ("vit_small_patch14_reg4_dinov2", {}),
-    ("vit_base_patch16_siglip_224", {}),
+    ("vit_base_patch16_siglip_224", {"act": "gelu"}),  # timm's SigLIP towers: exact or tanh GELU
     ("vit_base_patch16_clip_quickgelu_224", {"act": "quick_gelu", "norm_eps": 1e-5}),
 ])
 def test_timm_family_exports_to_onnx_with_dynamic_size(arch, unsaid, tmp_path):

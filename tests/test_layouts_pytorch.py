@@ -33,8 +33,8 @@ def _save(model, path):
     return path
 
 
-def _check(model, path, layout, heads, expect_cfg=None):
-    name, cfg, state, _notes = read(path, num_heads=heads)
+def _check(model, path, layout, heads, expect_cfg=None, overrides=None):
+    name, cfg, state, _notes = read(path, num_heads=heads, overrides=overrides)
     assert name == layout
     for k, v in (expect_cfg or {}).items():
         assert getattr(cfg, k) == v, k
@@ -56,12 +56,14 @@ def _check(model, path, layout, heads, expect_cfg=None):
 @pytest.mark.parametrize("kw,expect", [
     (dict(), dict(classifier="token", final_norm="encoder", act="gelu", norm_eps=1e-6)),
     (dict(class_token=False, fc_norm=True), dict(classifier="gap", final_norm="pooled")),
-    (dict(class_token=False), dict(classifier="gap", final_norm="encoder")),
+    # timm's gap towers without fc_norm (plain and SigLIP) use exact or tanh GELU: said
+    (dict(class_token=False), dict(classifier="gap", final_norm="encoder", act="gelu")),
     (dict(rep=24), dict(representation_size=24)),
 ])
 def test_timm_matches_reference_and_round_trips(tmp_path, kw, expect):
     m = _randomize(TimmLikeViT(**kw), 1)
-    _check(m, _save(m, tmp_path / "t.pth"), "timm", 3, expect)
+    _check(m, _save(m, tmp_path / "t.pth"), "timm", 3, expect,
+           {"act": "gelu"} if kw == dict(class_token=False) else None)
 
 
 def test_timm_posembs_variant(tmp_path):

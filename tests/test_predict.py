@@ -84,7 +84,8 @@ NO_HF = {
 def test_classifiers_no_hf_class_computes_are_refused_with_the_reason(name, tmp_path):
     assert name in _classifier_cases()
     with pytest.raises(MappingError, match="the hf layout cannot express this model") as e:
-        vitconv.convert(golden_path(CASES[name]["checkpoint"]), tmp_path / "hf", to="hf", hash_source=False)
+        vitconv.convert(golden_path(CASES[name]["checkpoint"]), tmp_path / "hf", to="hf", hash_source=False,
+                        overrides=CASES[name].get("set"))
     assert NO_HF[name] in e.value.message
     assert list(tmp_path.iterdir()) == []
 
@@ -97,14 +98,14 @@ def test_hf_pipeline_agrees_with_predict(name, tmp_path):
     whose labels are the ones given to the conversion."""
     from transformers import pipeline
 
-    src = golden_path(CASES[name]["checkpoint"])
-    cfg = vitconv.load(src).config
+    src, told = golden_path(CASES[name]["checkpoint"]), CASES[name].get("set") or {}  # what a bare file leaves open
+    cfg = vitconv.load(src, **told).config
     labels = LABELS[: cfg.num_classes] if cfg.num_classes == 10 else None
     hf = tmp_path / "hf"
-    vitconv.convert(src, hf, to="hf", labels=labels, hash_source=False)
+    vitconv.convert(src, hf, to="hf", labels=labels, hash_source=False, overrides=told)
     onnx = tmp_path / "m.onnx"
-    run_export(src, ExportPlan(onnx=onnx, labels=labels))
-    ours = predict(open_predictor(src, labels=labels), [IMAGE], top_k=3)[0]
+    run_export(src, ExportPlan(onnx=onnx, labels=labels, overrides=told))
+    ours = predict(open_predictor(src, labels=labels, overrides=told), [IMAGE], top_k=3)[0]
     exported = predict(onnx, [IMAGE], top_k=3)[0]  # its labels come from the ONNX metadata
     arch = json.loads((hf / "config.json").read_text())["architectures"][0]
     if not arch.endswith("ForImageClassification"):

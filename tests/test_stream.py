@@ -33,6 +33,8 @@ from vitconv.pipeline import LAYOUTS, convert, map_state, open_checkpoint
 from vitconv.synthetic import PRESETS, google_shapes, make_synthetic, preset
 
 CKPTS = sorted({c["checkpoint"] for c in CASES.values()})
+#: what each bare checkpoint's keys leave open (golden cases' "set")
+TOLD = {c["checkpoint"]: c.get("set") or {} for c in CASES.values()}
 GOOGLE_CKPTS = sorted({c["checkpoint"] for c in GOOGLE_CASES.values()})  # what an .npz can hold
 
 
@@ -49,8 +51,8 @@ def _torch_state(arrays):
 @pytest.mark.parametrize("ckpt", CKPTS)
 def test_canonical_safetensors_equals_save_file(ckpt, tmp_path):
     src = golden_path(ckpt)
-    report = convert(src, tmp_path / "b.safetensors")
-    with open_checkpoint(src) as c:
+    report = convert(src, tmp_path / "b.safetensors", overrides=TOLD[ckpt])
+    with open_checkpoint(src, overrides=TOLD[ckpt]) as c:
         meta = {"format": "pt", "vitconv_config": c.config.to_json(), **c.usage.metadata(),
                 "source_sha256": report.source_sha256, "source": src.name, "vitconv_version": vitconv.__version__}
         save_file(_torch_state(c.state_dict()), str(tmp_path / "a.safetensors"), metadata=meta)

@@ -33,11 +33,13 @@ FAMILIES = {
                                                                   final_norm="encoder", qkv_bias=False)),
     "vit_little_patch16_reg4_gap_256": (dict(num_classes=10), {}, dict(
         class_token=False, num_reg_tokens=4, classifier="gap", final_norm="pooled", pos_embed_prefix="none")),
-    "vit_base_patch16_clip_224": (dict(num_classes=16), dict(norm_eps=1e-5), dict(norm_pre=True, patch_bias=False)),
+    # the keys of timm's CLIP and SigLIP towers fit GELU and QuickGELU (tanh GELU) variants alike
+    "vit_base_patch16_clip_224": (dict(num_classes=16), dict(act="gelu"), dict(norm_pre=True, patch_bias=False,
+                                                                               norm_eps=1e-5)),
     "vit_base_patch16_clip_quickgelu_224": (dict(num_classes=16), dict(norm_eps=1e-5, act="quick_gelu"),
                                             dict(norm_pre=True, act="quick_gelu")),
-    "vit_base_patch16_siglip_224": (dict(), {}, dict(classifier="map", class_token=False)),
-    "vit_so400m_patch14_siglip_224": (dict(), {}, dict(classifier="map", mlp_dim=478)),
+    "vit_base_patch16_siglip_224": (dict(), dict(act="gelu"), dict(classifier="map", class_token=False)),
+    "vit_so400m_patch14_siglip_224": (dict(), dict(act="gelu"), dict(classifier="map", mlp_dim=478)),
     "vit_base_patch16_224 avg": (dict(global_pool="avg", num_classes=10), {}, dict(
         class_token=True, classifier="gap", final_norm="pooled")),
 }
@@ -84,17 +86,22 @@ def test_timm_family_reads_writes_and_rebuilds(name, tmp_path):
 
 
 def test_bare_clip_state_dict_needs_its_epsilon_and_says_so(tmp_path):
-    """A bare timm CLIP state dict does not record LayerNorm eps 1e-5 or QuickGELU: read as is,
-    the model is timm's default one (eps 1e-6, exact GELU) and the notes say both were assumed;
-    the output then differs from timm's CLIP by far more than rounding."""
+    """A bare timm CLIP state dict does not record LayerNorm eps 1e-5 or QuickGELU, and its keys fit
+    timm's GELU and QuickGELU CLIP towers alike: read as is it is refused, naming both with the
+    --arch that picks each. Told the activation, the eps all those towers share follows; timm's
+    defaults (eps 1e-6, exact GELU) would differ from timm's CLIP by far more than rounding."""
     extra, unsaid, _ = FAMILIES["vit_base_patch16_clip_quickgelu_224"]
     model = _build("vit_base_patch16_clip_quickgelu_224", extra)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
-    with open_checkpoint(tmp_path / "clip.safetensors") as c:
-        assert (c.config.act, c.config.norm_eps) == ("gelu", 1e-6)
-        assert any("act='gelu', norm_eps=1e-06 assumed" in n for n in c.notes), c.notes
+    with pytest.raises(MappingError, match=r"act='gelu' \(--arch vit_base_patch16_clip_224.*act='quick_gelu' "
+                                           r"\(--arch vit_base_patch16_clip_quickgelu_224"):
+        open_checkpoint(tmp_path / "clip.safetensors")
+    with open_checkpoint(tmp_path / "clip.safetensors", overrides={"act": "quick_gelu"}) as c:
+        assert (c.config.act, c.config.norm_eps) == ("quick_gelu", 1e-5)
+        assert any("norm_eps=1e-05: what every architecture whose keys and shapes fit computes" in n
+                   for n in c.notes), c.notes
     with torch.no_grad():
-        wrong = load(tmp_path / "clip.safetensors")(_x())
+        wrong = load(tmp_path / "clip.safetensors", act="gelu", norm_eps=1e-6)(_x())
         assert (wrong - model(_x())).abs().max().item() > 1e-3
         right = load(tmp_path / "clip.safetensors", **unsaid)(_x())
         _close(right, model(_x()))

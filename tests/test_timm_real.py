@@ -92,9 +92,12 @@ def test_timm_directory_loads_with_create_model_and_keeps_heads(tmp_path):
 def test_timm_state_dicts_round_trip_and_match_timm_logits(kw, tmp_path):
     model = _randomize(VisionTransformer(**SMALL, **kw))
     _save(model, tmp_path / "src.safetensors")
-    convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", num_heads=2)
+    # timm's mean-pooled towers without fc_norm (plain and SigLIP) use exact or tanh GELU: said
+    unsaid = {"act": "gelu"} if kw.get("fc_norm") is False else None
+    convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", num_heads=2, overrides=unsaid)
     ours = load(tmp_path / "c.safetensors")
-    if kw.get("act_layer") == "gelu_tanh":  # a bare state dict cannot say so: timm's default is read
+    if kw.get("act_layer") == "gelu_tanh":  # a bare state dict cannot say so: what every named
+        # architecture with these keys computes (exact GELU) is read; no table knows a custom call
         assert ours.config.act == "gelu"
         return
     with torch.no_grad():
@@ -156,15 +159,16 @@ def test_deit_refused_by_layouts_without_a_distillation_token(to, tmp_path):
 
 
 def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
-    """A bare timm state dict does not record heads or activation: inspect says they are
-    assumed; a timm directory's config.json does, and inspect names it."""
+    """A bare timm state dict does not record heads or activation: inspect says the heads are
+    assumed and the activation is what every named architecture with its keys computes; a timm
+    directory's config.json records both, and inspect names it."""
     from vitconv.inspect import inspect_checkpoint
 
     model = _randomize(VisionTransformer(**SMALL))
     _save(model, tmp_path / "t.safetensors")
     bare = {a["name"]: a for a in inspect_checkpoint(tmp_path / "t.safetensors").to_dict()["architecture"]}
     assert bare["num_heads"]["source"].startswith("assumed: 64-dim heads")
-    assert bare["act"]["source"].startswith("assumed: timm default (not stored in the file; act_layer)")
+    assert bare["act"]["source"].startswith("the architecture table: every architecture whose keys and shapes fit")
     convert(golden_path(CASES["tiny_token_p8_32"]["checkpoint"]), tmp_path / "tdir", to="timm")
     rows = {a["name"]: a for a in inspect_checkpoint(tmp_path / "tdir").to_dict()["architecture"]}
     assert rows["num_heads"]["value"] == 3 and rows["num_heads"]["source"] == "config.json model_args.num_heads"

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import __version__, storage
 from .card import convert
+from .config import parse_settings
 from .errors import BadInputError, VitconvError, failure, one_line
 from .formats.atomic import atomic_output, check_writable
 from .formats.base import sha256_file
@@ -40,9 +41,9 @@ PathLike = Union[str, os.PathLike]
 
 #: Columns a manifest row may have, and their types (``src`` and ``dst`` are required).
 COLUMNS: Dict[str, type] = {"src": str, "dst": str, "to": str, "image_size": int, "patch_size": int,
-                            "dtype": str, "verify": bool, "num_heads": int, "labels": str}
+                            "dtype": str, "verify": bool, "num_heads": int, "labels": str, "arch": str, "set": str}
 #: The options that make two conversions of one source different outputs.
-OPTIONS = ("to", "image_size", "patch_size", "dtype", "num_heads", "labels", "verify")
+OPTIONS = ("to", "image_size", "patch_size", "dtype", "num_heads", "labels", "verify", "arch", "set")
 MAX_MANIFEST_BYTES = 64 << 20
 ROW_KEY = "vitconv_batch_row"  # the row's options, in the output's metadata
 FINGERPRINT_KEY = "vitconv_source_fingerprint"  # storage.fingerprint of the source, in the output's metadata
@@ -60,6 +61,12 @@ class Row:
     verify: bool = True
     num_heads: Optional[int] = None
     labels: Optional[str] = None
+    arch: Optional[str] = None  # the architecture of a bare state dict (--arch)
+    set: Optional[str] = None  # fields a bare state dict cannot record: "act=gelu norm_eps=1e-5" (--set)
+
+    def overrides(self) -> Dict[str, Any]:
+        """``set`` and ``arch`` as :func:`vitconv.pipeline.open_checkpoint` takes them."""
+        return {**parse_settings((self.set or "").split()), **({"arch": self.arch} if self.arch else {})}
 
     def options(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in OPTIONS if getattr(self, k) is not None}
@@ -182,6 +189,10 @@ def read_manifest(path: PathLike) -> List[Row]:
         values["src"], values["dst"] = _resolve(values["src"], base), _resolve(values["dst"], base)
         if values.get("verify") is None:
             values.pop("verify", None)
+        try:
+            parse_settings((values.get("set") or "").split())
+        except ValueError as e:
+            raise BadInputError(f"{where}: set: {e}", p) from None
         key = os.path.normpath(values["dst"]) if not storage.is_url(values["dst"]) else values["dst"].rstrip("/")
         if key in seen:
             raise BadInputError(f"{where}: dst {values['dst']} is also line {seen[key]}'s output", p)
@@ -344,6 +355,7 @@ def _convert_row(row: Row, force: bool, previous: Optional[Dict[str, Any]], comm
         with storage.local_output(row.dst) as dst:
             report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
                              dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
+                             overrides=row.overrides(),
                              verify=row.verify, metadata=meta, source_sha256=digest,
                              command=f"{command} (line {row.line})")
             hashes = {f: sha256_file(f) for f in _output_files(report.files)}

@@ -32,7 +32,8 @@ def load(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[i
     resizes the position table as the source's family does; ``patch_size`` resamples the
     patch kernel and table as FlexiViT does; ``num_heads`` overrides the
     64-dim-head assumption of layouts that do not record the head count; ``overrides`` set
-    other fields such a file leaves to its code (``act="quick_gelu"``, ``norm_eps=1e-5``).
+    other fields such a file leaves to its code (``act="quick_gelu"``, ``norm_eps=1e-5``), and
+    ``arch="vit_base_patch16_clip_224"`` names the architecture it is (:mod:`vitconv.archs`).
     ``num_classes`` replaces the classifier with a zero-initialised one for fine-tuning (and
     drops Google's ``pre_logits``, as vit_jax does); 0 leaves none, and the model returns its
     pooled features.

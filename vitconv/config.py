@@ -404,6 +404,22 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
     return tuple(out)
 
 
+def parse_settings(items: "typing.Iterable[str]") -> dict:
+    """``("act=quick_gelu", "norm_eps=1e-5")`` -> ``{"act": "quick_gelu", "norm_eps": 1e-05}``
+    (``--set``, a batch row's ``set``): a value that reads as JSON (a number, true/false) is taken
+    as such, otherwise as text. Raises ``ValueError`` naming an item that is not FIELD=VALUE."""
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{item!r} is not FIELD=VALUE")
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            out[name.strip()] = value
+    return out
+
+
 def _json_fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value can stand for a field annotated ``hint`` (bool is not an int here)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)

@@ -177,12 +177,14 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
         raise BadInputError(f"case {res.name}: only NHWC inputs are supported", base / MANIFEST)
     expected = {k: _load_expected(base / rel) for k, rel in case["expected"].items()}
 
-    model = load(ckpt, image_size=case.get("image_size"))
+    # what a bare file cannot record and its keys leave open (vitconv.archs): said by the case
+    told = dict(case.get("set") or {})
+    model = load(ckpt, image_size=case.get("image_size"), **told)
     with torch.no_grad():
         got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).items()}
     ref = want_ref = None
     try:  # a reference that cannot run is a failure of the case, never a missing figure
-        with open_checkpoint(ckpt) as c:
+        with open_checkpoint(ckpt, overrides=told) as c:
             if c.layout.name in ("google", "big_vision") or c.layout.name in LIBRARY_LAYOUTS:
                 ref = reference_for(ckpt, c)
                 want_ref = ref.forward_stages(x)

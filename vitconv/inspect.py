@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import archs
 from .config import SHAPE_FIELDS, ViTConfig
 from .errors import BadInputError, MappingError, first_line
 from .formats.base import TensorSource
@@ -83,12 +84,16 @@ class CheckpointReport:
     prefix: str = ""
     kind: str = "checkpoint"
     notes: List[str] = field(default_factory=list)  # what a read assumes or leaves out
+    arch: Optional[str] = None  # the architecture it was read as (--arch)
+    #: The named architectures whose keys and shapes fit a file that leaves fields open (vitconv.archs).
+    candidates: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "schema": SCHEMA, "kind": self.kind, "path": self.path, "format": self.format,
             **_file_fields(self.files),
             "layout": self.layout, "prefix": self.prefix, "notes": self.notes,
+            "arch": self.arch, "candidates": self.candidates,
             "num_tensors": self.num_tensors, "num_params": self.num_params, "dtypes": self.dtypes,
             "config": self.config.to_dict() if self.config else None,
             "architecture": [{"name": n, "value": _jsonable(v), "source": s}
@@ -131,7 +136,7 @@ class OnnxReport:
         }
 
 
-def inspect_path(path: os.PathLike | str, progress: Progress = None):
+def inspect_path(path: os.PathLike | str, progress: Progress = None, arch: Optional[str] = None):
     """Inspect ``path``: an :class:`OnnxReport` for ``.onnx``, else a :class:`CheckpointReport`.
 
     ``progress(n)`` is called with the number of bytes hashed as hashing advances (the
@@ -142,7 +147,7 @@ def inspect_path(path: os.PathLike | str, progress: Progress = None):
         raise BadInputError("no such file or directory", p)
     if p.is_file() and p.suffix.lower() == ".onnx":
         return inspect_onnx(p, progress)
-    return inspect_checkpoint(p, progress)
+    return inspect_checkpoint(p, progress, arch)
 
 
 def total_bytes(path: os.PathLike | str) -> int:
@@ -151,7 +156,9 @@ def total_bytes(path: os.PathLike | str) -> int:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> CheckpointReport:
+def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None,
+                       arch: Optional[str] = None) -> CheckpointReport:
+    """Everything ``inspect`` says of a checkpoint; ``arch``: read as that architecture (``--arch``)."""
     p = Path(path)
     kind = sniff(p)
     source = open_source(p)
@@ -159,11 +166,14 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> Ch
         keys = source.keys()
         shapes = {k: tuple(source.shape(k)) for k in keys}
         dtypes = _dtypes(source, p, kind)
-        layout, cfg, prefix, audit, notes = _read(source, keys, shapes)
+        layout, cfg, prefix, audit, notes, semantics = _read(source, keys, shapes, arch)
         model_keys = [k for k in keys if k.startswith(prefix)]
         num_params = int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in model_keys))
         probe = Probe({k[len(prefix):]: shapes[k] for k in model_keys}, dict(source.metadata), source.path)
-        arch = architecture_rows(cfg, layout, probe) if cfg is not None else []
+        rows = architecture_rows(cfg, layout, probe, semantics) if cfg is not None else []
+        candidates = semantics.candidates
+        if layout is not None and cfg is not None and not candidates and layout.assumed(probe):
+            candidates = sorted(a.name for a in archs.fitting(layout.name, probe.shapes, cfg)[0])
         fmt = {"zip": "npz" if type(source).__name__ == "NpzSource" else "pt", "pickle": "pt",
                "safetensors": "safetensors", "dir": "directory"}.get(kind, kind)
     finally:
@@ -171,17 +181,18 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None) -> Ch
     files = _hash_files(p, progress)
     return CheckpointReport(str(p), fmt, files, len(keys), num_params,
                             dict(sorted(collections.Counter(dtypes.values()).items())),
-                            layout.name if layout else None, audit, cfg, arch, prefix, notes=notes)
+                            layout.name if layout else None, audit, cfg, rows, prefix, notes=notes,
+                            arch=semantics.arch, candidates=candidates)
 
 
-def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int, ...]]):
-    """``(layout, config, prefix, audit, notes)`` through the conversion's own reader; where that
+def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int, ...]], arch: Optional[str] = None):
+    """``(layout, config, prefix, audit, notes, semantics)`` through the conversion's own reader; where that
     fails, its steps one by one, keeping whatever succeeds, so the report can list the
     missing and unused keys instead of only the first complaint."""
     try:
-        with open_checkpoint(source.path, source=source) as ckpt:
+        with open_checkpoint(source.path, source=source, overrides={"arch": arch} if arch else None) as ckpt:
             return (ckpt.layout, ckpt.source_config, ckpt.prefix, Audit(ok=True, ignored=sorted(ckpt.ignored)),
-                    list(ckpt.notes))
+                    list(ckpt.notes), ckpt.semantics)
     except MappingError as error:
         layout = cfg = None
         prefix = ""
@@ -193,12 +204,13 @@ def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int
             ignored = sorted(set(keys) - set(kept))
             cfg = layout.infer(Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), source.path))
             missing, unused = audit_report(layout.rules(cfg), inner)
-            return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message), []
+            return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message), [], archs.Semantics()
         except MappingError as e:
-            return layout, cfg, prefix, Audit(False, error=e.message), []
+            return layout, cfg, prefix, Audit(False, error=e.message), [], archs.Semantics()
 
 
-def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tuple[str, Any, str]]:
+def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
+                      semantics: Optional[archs.Semantics] = None) -> List[Tuple[str, Any, str]]:
     """``(field, value, where it came from)`` for every config field.
 
     A config stored in the file is named as such; otherwise the layout's ``sources`` (the
@@ -213,7 +225,12 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe) -> List[Tupl
         fallback = f"{layout.name} layout: inferred from tensor shapes"
         assumed = layout.assumed(probe)
         for c in layout.carries:
-            if c.field in assumed:
+            told = (semantics.sources.get(c.field) if semantics else None) or "assumed"
+            if c.field in assumed and told not in ("assumed", "default"):
+                sources[c.field] = (f"--arch {semantics.arch}" if told == "--arch" else
+                                    f"the architecture table: every architecture whose keys and shapes fit "
+                                    f"({len(semantics.candidates)}) has it" if told == "table" else told)
+            elif c.field in assumed:
                 sources[c.field] = (f"assumed: {'64-dim heads' if c.field == 'num_heads' else layout.name + ' default'}"
                                     f" (not stored in the file; {'--num-heads' if c.field == 'num_heads' else c.argument})")
             elif c.field in sources:
@@ -373,7 +390,7 @@ def read_pos_embed(path: os.PathLike | str) -> Tuple[np.ndarray, ViTConfig, str]
     source = open_source(p)
     try:
         keys = source.keys()
-        layout, cfg, prefix, _, _ = _read(source, keys, {k: tuple(source.shape(k)) for k in keys})
+        layout, cfg, prefix, _, _, _ = _read(source, keys, {k: tuple(source.shape(k)) for k in keys})
         if cfg is None:
             raise BadInputError("no architecture could be read from this checkpoint", p)
         rule = next((r for r in layout.rules(cfg) if r.canonical == "pos_embed"), None)
@@ -412,6 +429,12 @@ def format_text(report) -> List[str]:
         rows.append(("audit", f"FAILED: {a.error}"))
         rows += [("  missing", k) for k in a.missing] + [("  unused", k) for k in a.unused]
     rows += [("note", n) for n in d.get("notes") or []]
+    if d.get("arch"):
+        rows.append(("arch", f"read as {d['arch']} (--arch)"))
+    if d.get("candidates"):
+        names = d["candidates"]
+        rows.append(("fits", f"{len(names)} named architecture(s): " + ", ".join(names[:12])
+                     + (", …" if len(names) > 12 else "")))
     lines = _lines(rows)
     if report.architecture:
         lines += ["", *_table(("field", "value", "read from"),

@@ -19,6 +19,7 @@ their final names only when complete (:mod:`vitconv.formats.atomic`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -30,8 +31,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import numpy as np
 
-from . import __version__, preprocess
-from .config import ViTConfig, parameter_shapes
+from . import __version__, archs, preprocess
+from .config import SHAPE_FIELDS, ViTConfig, parameter_shapes
 from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable
 from .formats.base import Deferred, TensorSource, TensorSpec, numpy_dtype, resolve, sha256_file
@@ -46,6 +47,7 @@ from .ops import resample_patch_embed, resize_pos_embed
 from .preprocess import Usage
 from .readahead import ReadAhead
 from .rules import LAYOUTS, Layout, Probe, detect_layout
+from .rules.registry import has_key
 from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical, short_list
 from .rules.canonical import CONFIG_KEY
 from .rules.inference import DEFAULT_HEAD_DIM
@@ -89,6 +91,8 @@ class Checkpoint:
     overridden: Tuple[str, ...] = ()  # fields the caller set (--set)
     usage: Usage = field(default_factory=Usage)  # preprocessing and class names, as far as known
     new_head: bool = False  # the classifier (and pre_logits) replaced by a zero one (num_classes=)
+    #: Where each semantic field came from, the architecture named (--arch) and the candidates.
+    semantics: archs.Semantics = field(default_factory=archs.Semantics)
 
     def _generated(self) -> List[str]:
         """Canonical tensors made here, not read: a replacement head's (zeros)."""
@@ -190,7 +194,9 @@ def left_open(path: PathLike) -> Set[str]:
     with open_source(path) as source:
         shapes = {k: tuple(source.shape(k)) for k in source.keys()}
         probe = Probe(shapes, dict(source.metadata), source.path or os.fspath(path))
-        return set(detect_layout(probe).assumed(probe))
+        layout = detect_layout(probe)
+        opened = set(layout.assumed(probe))
+        return opened | ({ARCH, f"{ARCH}:{layout.name}"} if opened else set())
 
 
 def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
@@ -206,6 +212,10 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     ``num_heads`` is for layouts whose files do not record the head count (64-dim heads are
     assumed otherwise); layouts that record it refuse it, and a file's own record must agree.
     ``overrides`` (``--set act=quick_gelu``) likewise sets config fields the source does not
+    record; its key ``arch`` (``--arch vit_base_patch16_clip_224``) names the architecture
+    (:mod:`vitconv.archs`), which supplies every such field the others leave. Without it, the
+    fields are taken from the architectures whose keys and shapes fit the file when they all
+    agree, and the read is refused, naming them, when they do not;
     record, the constructor arguments of its layout (timm's ``act_layer``, ``norm_layer``):
     only those, and not where a ``config.json`` records them.
 
@@ -241,7 +251,10 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
         inner = [k[len(prefix):] for k in kept]
         probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
-        cfg = _override(layout.infer(probe), layout, probe, dict(overrides or {}), path)
+        told = dict(overrides or {})
+        arch = told.pop(ARCH, None)
+        semantics, probe = _semantics(layout, probe, told, arch, path)
+        cfg = _override(layout.infer(probe), layout, probe, {**semantics.values, **told}, path)
         contradictions = layout.contradictions(cfg, probe)
         if contradictions:
             raise MappingError("config.json contradicts the weights: " + short_list(contradictions, 4), path)
@@ -268,7 +281,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
                 raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
                                     f"model's stride {cfg.total_stride}", path)
             ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
-        ckpt.overridden = tuple(overrides or ())
+        ckpt.overridden = tuple(told)
+        ckpt.semantics = semantics
         if num_classes is not None:
             if num_classes < 0:
                 raise BadInputError(f"--num-classes must be 0 or more, got {num_classes}", path)
@@ -298,13 +312,54 @@ def _repatch(ckpt: Checkpoint, patch_size: int, image_size: int, path: PathLike)
     ckpt.config = cfg.replace(patch_size=patch_size, image_size=image_size, pos_resize="bilinear")
 
 
+#: The key of ``overrides`` that names an architecture (``--arch``) rather than a config field.
+ARCH = "arch"
+#: Metadata of an output read as a named architecture: its name (where the output has metadata).
+ARCH_KEY = "vitconv_arch"
+
+
+def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Optional[str],
+               path: PathLike) -> Tuple[archs.Semantics, Probe]:
+    """What the fields the source leaves open are (:func:`vitconv.archs.resolve`), and the probe
+    to infer with (the head count decided, where the table or ``--arch`` decided it)."""
+    blank = dataclasses.replace(probe, num_heads=None)
+    open_fields = layout.assumed(blank)
+    # the code fixes it: a value no file of the layout can change (no place for another, one value
+    # only, or an argument the code hard-codes); otherwise, unless open, the tensors say it
+    fixed = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in SHAPE_FIELDS and (
+        (c := layout.carry(f.name)) is None or (c.values is not None and len(c.values) == 1)
+        or (c.argument is not None and not c.argument.isidentifier()))]
+    recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.metadata, c.key)]
+    if not open_fields:
+        if arch is not None:
+            raise BadInputError(f"--arch {arch}: the {layout.name} file records its architecture's semantics", path)
+        sources = {**{f.name: "file" for f in dataclasses.fields(ViTConfig) if f.name not in SHAPE_FIELDS},
+                   **{f: "fixed" for f in fixed}, **{f: "config" for f in recorded}}
+        return archs.Semantics(sources=sources), probe
+    try:
+        shaped = layout.infer(probe)
+    except MappingError:
+        if probe.num_heads is not None:
+            raise
+        shaped = layout.infer(dataclasses.replace(probe, num_heads=1))  # the shapes, whatever the heads
+    semantics = archs.resolve(layout.name, probe.shapes, shaped, open_fields, fixed, recorded, given,
+                              probe.num_heads, arch, path, named=layout.names_arch(probe))
+    for f in dataclasses.fields(ViTConfig):  # the rest the tensors say (their keys and shapes)
+        if f.name not in SHAPE_FIELDS:
+            semantics.sources.setdefault(f.name, "file")
+    heads = semantics.values.pop("num_heads", None)
+    if heads is not None:
+        probe = dataclasses.replace(probe, num_heads=heads)
+    return semantics, probe
+
+
 def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str, object],
               path: PathLike) -> ViTConfig:
     """``cfg`` with the given fields set; each must be one the source leaves to its code's
     constructor (an assumed value), so an override can never contradict what the file says."""
     if not overrides:
         return cfg
-    assumed = set(layout.assumed(probe)) - {"num_heads"}
+    assumed = set(layout.assumed(dataclasses.replace(probe, num_heads=None))) - {"num_heads"}
     bad = sorted(set(overrides) - assumed)
     if bad:
         say = ", ".join(sorted(assumed)) or "none"
@@ -349,19 +404,31 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
     """What a user must know about this read: assumptions, what was left out, resizing."""
     cfg, layout = ckpt.source_config, ckpt.layout
     notes = []
-    assumed = layout.assumed(probe)
-    if "num_heads" in assumed:
+    sem = ckpt.semantics
+    by: Dict[str, List[str]] = {}
+    for f, where in sem.sources.items():
+        by.setdefault(where, []).append(f)
+    said = lambda fields: ", ".join(f"{f}={getattr(cfg, f)!r}" for f in sorted(fields))  # noqa: E731
+    if sem.sources.get("num_heads") in ("assumed", "default"):
         notes.append(f"heads: {cfg.num_heads} x {cfg.head_dim} assumed ({DEFAULT_HEAD_DIM}-dim heads, the "
                      "timm/Google/vit-pytorch default; the weights do not record it); override with --num-heads")
-    if probe.num_heads is not None:
-        notes.append(f"heads: {probe.num_heads} (given)")
-    given = set(ckpt.overridden)
-    rest = [f"{f}={getattr(cfg, f)!r}" for f in assumed if f != "num_heads" and f not in given]
-    if given:
-        notes.append(", ".join(f"{f}={getattr(cfg, f)!r}" for f in sorted(given)) + " (given)")
+    if "--num-heads" in by:
+        notes.append(f"heads: {cfg.num_heads} (given)")
+    if "--set" in by:
+        notes.append(said(by["--set"]) + " (given)")
+    if "--arch" in by:
+        notes.append(f"{said(by['--arch'])}: from --arch {sem.arch}")
+    elif sem.arch:
+        notes.append(f"read as --arch {sem.arch}")
+    if "table" in by:
+        names = sem.candidates
+        notes.append(f"{said(by['table'])}: what every architecture whose keys and shapes fit computes "
+                     f"({len(names)}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+    rest = [f for f in by.get("assumed", []) + by.get("default", []) if f != "num_heads"]
     if rest:
-        notes.append(f"{', '.join(rest)} assumed: the {layout.name} code's defaults, which the file "
-                     "does not record")
+        notes.append(f"{said(rest)} assumed: the {layout.name} code's defaults, which the file does not record"
+                     + ("" if not by.get("assumed") else " and other architectures with these keys do not share "
+                        "(name it with --arch, or --set)"))
     notes += layout.read_notes(cfg, probe)
     if ckpt.usage.labels is None and suggest(cfg.num_classes):
         notes.append(f"{cfg.num_classes} classes, as {suggest(cfg.num_classes)}: name them with "
@@ -747,7 +814,8 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         if hash_source and not source_sha256:
             digest = Deferred(stack.enter_context(_hashing(ckpt.source.files()[0])), 64)
         extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
-                 "vitconv_version": __version__, **(metadata or {})}
+                 "vitconv_version": __version__,
+                 **({ARCH_KEY: ckpt.semantics.arch} if ckpt.semantics.arch else {}), **(metadata or {})}
         specs = ckpt.specs()
         checked: List[Any] = []
 

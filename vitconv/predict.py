@@ -67,9 +67,11 @@ class Predictor:
 
 
 def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None,
-                   labels: Union[str, Sequence[str], None] = None) -> Predictor:
+                   labels: Union[str, Sequence[str], None] = None,
+                   overrides: Optional[Dict[str, object]] = None) -> Predictor:
     """``path`` as a predictor: a checkpoint through the canonical model, an ``.onnx`` in
-    onnxruntime, a TorchScript module in torch (exports carry vitconv's metadata)."""
+    onnxruntime, a TorchScript module in torch (exports carry vitconv's metadata). ``overrides``:
+    what a bare state dict cannot record (``arch``, config fields), as for ``open_checkpoint``."""
     p = Path(path)
     require_input(p)
     kind = artifact_kind(p)
@@ -78,7 +80,8 @@ def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: 
 
         from .checkpoint import build_model
 
-        with open_checkpoint(p, image_size=image_size, num_heads=num_heads, labels=labels) as ckpt:
+        with open_checkpoint(p, image_size=image_size, num_heads=num_heads, labels=labels,
+                             overrides=overrides) as ckpt:
             model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
 
         def run(x: np.ndarray) -> np.ndarray:

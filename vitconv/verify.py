@@ -44,18 +44,20 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from . import archs
+from .config import SHAPE_FIELDS, ViTConfig
 from .errors import BadInputError, VerificationError, first_line
 from .export.common import FP16_MIN_COSINE, compare as compare_artifact
 from .formats.base import numpy_dtype
 from .big_vision_reference import BigVisionReference
 from .library_reference import LibraryReference, open_reference
-from .pipeline import left_open, open_checkpoint
+from .pipeline import ARCH, left_open, open_checkpoint
 from .reference import GoogleViTReference
 from .runtimes import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 
@@ -102,10 +104,24 @@ class VerifyReport:
     only_final: bool = False
     note: str = ""
     reference: str = ""  # what computed the reference outputs
+    #: Each semantic config field of the source: its value and where it came from
+    #: (:data:`vitconv.archs.SOURCES`: the file, its config, --arch, --set, the table, the code...).
+    semantics: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    arch: Optional[str] = None  # the architecture the source was read as (--arch)
+
+    @property
+    def assumed(self) -> List[str]:
+        """Fields the reference took from an assumption: nothing confirms them, and another known
+        architecture with the source's keys computes otherwise. The stages cannot prove them."""
+        return sorted(f for f, d in self.semantics.items() if d["from"] == "assumed")
+
+    @property
+    def stages_ok(self) -> bool:
+        return bool(self.stages) and all(s.ok for s in self.stages)
 
     @property
     def ok(self) -> bool:
-        return bool(self.stages) and all(s.ok for s in self.stages)
+        return self.stages_ok and not self.assumed
 
     @property
     def first_failure(self) -> Optional[StageResult]:
@@ -113,6 +129,11 @@ class VerifyReport:
 
     def verdict(self) -> str:
         bad = self.first_failure
+        if bad is None and self.assumed:
+            said = ", ".join(f"{f}={self.semantics[f]['value']!r}" for f in self.assumed)
+            return (f"NOT CERTIFIED: {len(self.stages)} stage(s) within tolerance, but the reference was built "
+                    f"from an assumption the file does not record ({said}, the source layout's defaults, which "
+                    "other architectures with its keys do not share): name the architecture with --arch, or --set")
         if bad is None:
             judged = [s.rule for s in self.stages if s.rule]
             if judged:
@@ -129,6 +150,7 @@ class VerifyReport:
         bad = self.first_failure
         d["first_failure"] = None if bad is None else {"stage": bad.name, "what": bad.what}
         d["verdict"] = self.verdict()
+        d["assumed"] = self.assumed
         for s in d["stages"]:  # JSON has no inf/nan
             for k in ("max_abs", "max_rel", "ref_rms", "bound"):
                 if not math.isfinite(s[k]):
@@ -294,6 +316,10 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
 
     with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
         scfg = source.config
+        semantics = {f.name: {"value": getattr(source.source_config, f.name),
+                              "from": source.semantics.sources[f.name]}
+                     for f in fields(ViTConfig) if f.name not in SHAPE_FIELDS}
+        read_as = source.semantics.arch
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # loaded here, so released here before the reference is built
     if converted is None:
@@ -349,7 +375,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         gc.collect()
     report = VerifyReport(source=os.fspath(src), converted=label, kind=kind, image_size=int(size),
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
-                          reference_dtype=np.dtype(reference_dtype).name)
+                          reference_dtype=np.dtype(reference_dtype).name, semantics=semantics, arch=read_as)
     if rounding is not None:
         got, said = _float32_twin(src, converted, rounding, written_size, nchw, got,
                                   (src_heads, src_set), (conv_heads, conv_set))
@@ -397,9 +423,12 @@ def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], override
         return (num_heads, overrides), (None, {})
     given = {**overrides, **({"num_heads": num_heads} if num_heads is not None else {})}
     opened = [left_open(src), left_open(converted)]
+    if ARCH in given:  # an architecture goes to the files of its layout that leave something open
+        layout = f"{ARCH}:{archs.lookup(str(given[ARCH]), src).layout}"
+        opened = [o if layout in o else o - {ARCH} for o in opened]
     closed = sorted(set(given) - opened[0] - opened[1])
     if closed:
-        raise BadInputError(f"--num-heads/--set {', '.join(closed)}: both files record it", converted)
+        raise BadInputError(f"--num-heads/--set/--arch {', '.join(closed)}: both files record it", converted)
     return tuple((num_heads if "num_heads" in o else None, {k: v for k, v in overrides.items() if k in o})
                  for o in opened)
 

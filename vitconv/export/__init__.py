@@ -50,6 +50,9 @@ class ExportPlan:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     aoti: bool = True
     labels: Union[str, Sequence[str], None] = None  # class names (vitconv.labels.load_labels)
+    #: What a bare state dict cannot record: config fields (``--set``) and ``arch`` (``--arch``,
+    #: :mod:`vitconv.archs`), as :func:`vitconv.pipeline.open_checkpoint` takes them.
+    overrides: Optional[Dict[str, object]] = None
 
 
 def default_output(src: PathLike, kind: str) -> Path:
@@ -101,7 +104,7 @@ def run_export(src: PathLike, plan: ExportPlan,
     for out in (plan.onnx, plan.torchscript, plan.pt2, plan.safetensors):
         if out:
             check_writable(out)  # a read-only or missing directory: said before minutes of export
-    with open_checkpoint(src, image_size=plan.image_size, labels=plan.labels) as ckpt:
+    with open_checkpoint(src, image_size=plan.image_size, labels=plan.labels, overrides=plan.overrides) as ckpt:
         if plan.dynamic_size and ckpt.config.pos_resize == "dinov2":
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
@@ -153,7 +156,8 @@ def run_export(src: PathLike, plan: ExportPlan,
         say(f"safetensors -> {plan.safetensors}")
         attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
                                            image_size=plan.image_size, fp16=plan.fp16,
-                                           shard_bytes=plan.shard_bytes, labels=plan.labels))
+                                           shard_bytes=plan.shard_bytes, labels=plan.labels,
+                                           overrides=plan.overrides))
     if failures:
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]

@@ -38,7 +38,8 @@ def read_back(paths: Sequence[Path]) -> DictSource:
 
 def export_safetensors(src: PathLike, path: PathLike, reference: Reference, checks: Sequence[Check], *,
                        image_size: Optional[int] = None, fp16: bool = False,
-                       shard_bytes: int = DEFAULT_SHARD_BYTES, labels=None) -> ExportResult:
+                       shard_bytes: int = DEFAULT_SHARD_BYTES, labels=None,
+                       overrides: Optional[dict] = None) -> ExportResult:
     """Convert ``src`` to the canonical ``.safetensors`` at ``path`` (float16 with ``fp16``),
     read every file back, rebuild the model from what was read and verify it on ``checks``.
     Files are renamed into place only after verification."""
@@ -70,7 +71,7 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
 
         report = convert(src, path, to="canonical", image_size=image_size,
                          dtype="float16" if fp16 else None, shard_bytes=shard_bytes, before_commit=check,
-                         labels=labels)
+                         labels=labels, overrides=overrides)
     result = results[0]
     result.export_s, result.paths = t_total.s - result.verify_s, [Path(p) for p in report.files]
     return result

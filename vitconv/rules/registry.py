@@ -97,6 +97,9 @@ class Layout:
     sources: Callable[[ViTConfig], Dict[str, str]] = lambda cfg: {}
     #: container -> the call that loads a written output in the layout's own code (``{path}``).
     loads_with: Dict[str, str] = field(default_factory=dict)
+    #: The architecture the file's own metadata names (timm's config.json ``architecture``), if any:
+    #: what it implies comes from :mod:`vitconv.archs`, as for ``--arch``.
+    names_arch: Callable[[Probe], Optional[str]] = lambda probe: None
 
     @property
     def target_name(self) -> str:

@@ -25,6 +25,7 @@ import re
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import archs
 from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from ..preprocess import Usage
@@ -122,28 +123,26 @@ def detect(layout: str):
                           and "blocks.0.attn.qkv.weight" in probe.shapes and pos in probe.shapes)
 
 
-#: What a timm architecture's name implies that its weights do not show: the hub's
-#: ``config.json`` names the architecture and seldom its arguments. ``norm_eps`` stands for
-#: the architecture's ``norm_layer``. Checked against timm 1.0.31's model definitions.
-ARCH_DEFAULTS = (
-    (re.compile(r"_clip_quickgelu_"), {"act_layer": "quick_gelu", "norm_eps": 1e-5}),  # OpenAI CLIP
-    (re.compile(r"_clip_"), {"norm_eps": 1e-5}),  # OpenCLIP / LAION (exact GELU)
-)
+def named_arch(probe: Probe) -> Optional[str]:
+    """The timm architecture a directory's ``config.json`` names (the hub's seldom lists its
+    arguments: what the name implies comes from :mod:`vitconv.archs`)."""
+    name = config_json(probe).get("architecture")
+    return name if isinstance(name, str) else None
 
 
 def _model_args(probe: Probe) -> Dict[str, Any]:
-    """``model_args`` of a timm directory's ``config.json`` over its architecture's defaults
-    (:data:`ARCH_DEFAULTS`); empty for a bare state dict."""
+    """``model_args`` of a timm directory's ``config.json`` over what its architecture's code
+    fixes that JSON does not say: the LayerNorm epsilon of its ``norm_layer`` (from
+    :mod:`vitconv.archs`; the activation follows the same row through the read's semantics);
+    empty for a bare state dict."""
     d = config_json(probe)
     if "architecture" not in d:
         return {}
     args = d.get("model_args", {})
     if not isinstance(args, dict):
         raise MappingError("config.json: model_args is not an object", probe.path)
-    implied: Dict[str, Any] = {}
-    for pattern, defaults in ARCH_DEFAULTS:
-        if isinstance(d["architecture"], str) and pattern.search(d["architecture"]):
-            implied = {**defaults, **implied}
+    row = archs.table().get(named_arch(probe) or "")
+    implied = {"norm_eps": row.norm_eps} if row is not None and row.layout == "timm" and row.norm_eps else {}
     return {**implied, **args}
 
 
@@ -323,7 +322,7 @@ def _register(layout: str, description: str, **extra: Any) -> None:
                     sources=sources(layout), **extra))
 
 
-_register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"),
+_register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"), names_arch=named_arch,
           directory_config=timm_config, restates=("num_classes", "model_args.num_classes", "model_args.embed_dim",
                                                   "model_args.depth", "model_args.patch_size",
                                                   "model_args.in_chans"),
