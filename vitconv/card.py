@@ -23,9 +23,9 @@ import numpy as np
 from . import __version__, storage
 from .config import ViTConfig
 from .errors import VerificationError, VitconvError
-from .export.safetensors import read_back
 from .formats.atomic import atomic_output
 from .formats.hf_dir import JSON_FILES
+from .formats.safetensors_io import read_back
 from .pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from .predict import classifies
 from .rules.registry import Layout

@@ -17,23 +17,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..formats.base import DictSource
-from ..formats.safetensors_io import SafetensorsSource
+from ..formats.safetensors_io import read_back
 from ..formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from ..pipeline import convert, open_checkpoint
 from .common import Check, ExportResult, PathLike, Reference, Timer, raise_if_failed, verify
-
-
-def read_back(paths: Sequence[Path]) -> DictSource:
-    """Every tensor of the written data files with the first file's metadata."""
-    tensors: Dict[str, np.ndarray] = {}
-    meta: Dict[str, str] = {}
-    for p in paths:
-        with SafetensorsSource(p) as f:
-            meta = meta or dict(f.metadata)
-            for k in f.keys():
-                tensors[k] = f.get(k)
-    return DictSource(tensors, os.fspath(paths[0]), meta)
 
 
 def export_safetensors(src: PathLike, path: PathLike, reference: Reference, checks: Sequence[Check], *,

@@ -8,13 +8,14 @@ canonical layout's to validate). Writing is :mod:`vitconv.formats.safetensors_st
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from safetensors import safe_open
 
 from ..errors import BadInputError, first_line
-from .base import TensorSource, tensor_to_numpy
+from .base import DictSource, TensorSource, tensor_to_numpy
 
 
 class SafetensorsSource(TensorSource):
@@ -45,3 +46,16 @@ class SafetensorsSource(TensorSource):
 
     def close(self) -> None:
         self._f = None
+
+
+def read_back(paths: Sequence[Path]) -> DictSource:
+    """Every tensor of the written data files (a file and its shards) with the first file's
+    metadata: how a written output is read back for verification, before it is renamed."""
+    tensors: Dict[str, np.ndarray] = {}
+    meta: Dict[str, str] = {}
+    for p in paths:
+        with SafetensorsSource(p) as f:
+            meta = meta or dict(f.metadata)
+            for k in f.keys():
+                tensors[k] = f.get(k)
+    return DictSource(tensors, os.fspath(paths[0]), meta)

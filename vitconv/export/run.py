@@ -1,0 +1,157 @@
+"""``vitconv export``'s driver: :func:`run_export` runs an :class:`ExportPlan`, each artifact
+proved in its runtime before it is renamed into place (see :mod:`vitconv.export`)."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import BadInputError, VerificationError
+from ..formats.atomic import check_writable
+from ..formats.base import sha256_file
+from ..formats.safetensors_stream import DEFAULT_SHARD_BYTES
+from ..pipeline import open_checkpoint
+from .common import (Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready,
+                     seeded_input)
+from .onnx import DEFAULT_OPSET, export_onnx
+from .pt2 import export_pt2
+from .safetensors import export_safetensors
+from .torchscript import export_torchscript
+
+__all__ = ["ExportPlan", "ExportResult", "Parity", "Check", "run_export", "default_output", "check_plan",
+           "export_ready"]
+
+
+@dataclass
+class ExportPlan:
+    """Targets and options of one ``vitconv export`` run (``None`` target: not asked)."""
+
+    onnx: Optional[Path] = None
+    torchscript: Optional[Path] = None
+    pt2: Optional[Path] = None
+    safetensors: Optional[Path] = None
+    opset: int = DEFAULT_OPSET
+    batch: Optional[int] = None
+    dynamic_size: bool = False
+    fp16: bool = False
+    image_size: Optional[int] = None
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    aoti: bool = True
+    labels: Union[str, Sequence[str], None] = None  # class names (vitconv.labels.load_labels)
+    #: What a bare state dict cannot record: config fields (``--set``) and ``arch`` (``--arch``,
+    #: :mod:`vitconv.archs`), as :func:`vitconv.pipeline.open_checkpoint` takes them.
+    overrides: Optional[Dict[str, object]] = None
+
+
+def default_output(src: PathLike, kind: str) -> Path:
+    """``SRC`` stem + the artifact's suffix, beside ``SRC``."""
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2",
+              "safetensors": ".safetensors"}[kind]
+    p = Path(src)
+    return p.with_name(p.stem + suffix)
+
+
+def make_reference(src: PathLike, model, image_size: int, checks: Sequence[Check]) -> Reference:
+    """PyTorch logits on each check's seeded input, computed now. At the model's own
+    resolution they are ``model``'s; at any other resolution the model's *converted* at that
+    size (``vitconv.load(src, image_size=R)``, Google's scipy zoom), so dynamic-resolution
+    exports are held to what ``npz2pt --image-size`` computes, not to the on-the-fly resize
+    they embed. Each resized model is released before the next is loaded."""
+    import torch
+
+    from ..checkpoint import load  # torch
+
+    outputs: Dict[Tuple[int, int], np.ndarray] = {}
+    for size in dict.fromkeys(c.size for c in checks):
+        m = model if size == image_size else load(src, image_size=size)
+        with torch.no_grad():
+            for c in checks:
+                if c.size == size:
+                    x = torch.from_numpy(seeded_input(c.batch, size, model.config.in_chans))
+                    outputs[c.batch, size] = m(x).numpy()
+        del m
+
+    def reference(batch: int, size: int) -> np.ndarray:
+        return outputs[batch, size]
+
+    return reference
+
+
+def run_export(src: PathLike, plan: ExportPlan,
+               progress: Optional[Callable[[str], None]] = None) -> List[ExportResult]:
+    """Load ``src`` (anything :func:`vitconv.load` reads), write each requested artifact and
+    verify it in its runtime. Raises :class:`VerificationError` after all targets ran if any
+    disagreed (those were not written); its ``results`` attribute holds every target's figures."""
+    from ..checkpoint import build_model  # torch
+
+    if plan.fp16 and (plan.torchscript or plan.pt2):
+        raise BadInputError("--fp16 applies to --onnx and --safetensors only (TorchScript and "
+                            ".pt2 are written in float32)", src)
+    if plan.batch is not None and plan.batch <= 0:
+        raise BadInputError(f"--batch must be positive, got {plan.batch}", src)
+    for out in (plan.onnx, plan.torchscript, plan.pt2, plan.safetensors):
+        if out:
+            check_writable(out)  # a read-only or missing directory: said before minutes of export
+    with open_checkpoint(src, image_size=plan.image_size, labels=plan.labels, overrides=plan.overrides) as ckpt:
+        if plan.dynamic_size and ckpt.config.pos_resize == "dinov2":
+            raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
+                                "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
+                                "symbolic sizes; export at a fixed resolution (--image-size N)", src)
+        model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
+        weights = ckpt.source.files()[0]  # a model directory's weights file
+    cfg = model.config
+    say = progress or (lambda s: None)
+    checks = check_plan(cfg.image_size, cfg.total_stride, plan.batch, plan.dynamic_size)
+    reference = make_reference(src, model, cfg.image_size, checks)
+    results: List[ExportResult] = []
+    failures: List[VerificationError] = []
+    source_sha = sha256_file(weights)
+
+    def attempt(fn) -> None:
+        try:
+            results.append(fn())
+        except VerificationError as e:
+            failures.append(e)
+            results.extend(getattr(e, "results", []))
+
+    # The last target that runs the model is handed it (export.common.take), and frees its
+    # weights once its file is written, before loading the file back; the safetensors target
+    # converts from the source again, so it runs after the model is gone.
+    users = [k for k in ("torchscript", "pt2", "onnx") if getattr(plan, k)]
+    owned = [model]
+    del model
+
+    def given(kind: str):
+        return owned if kind == users[-1] else owned[0]
+
+    if plan.torchscript:
+        say(f"torchscript -> {plan.torchscript}")
+        attempt(lambda: export_torchscript(given("torchscript"), plan.torchscript, reference, checks,
+                                           batch=plan.batch, usage=usage))
+    if plan.pt2:
+        say(f"pt2 -> {plan.pt2}" + (" (AOTInductor compile: minutes on a small CPU)" if plan.aoti else ""))
+        attempt(lambda: export_pt2(given("pt2"), plan.pt2, reference, checks, batch=plan.batch,
+                                   dynamic_size=plan.dynamic_size, aoti=plan.aoti))
+    if plan.onnx:
+        say(f"onnx -> {plan.onnx}")
+        attempt(lambda: export_onnx(given("onnx"), plan.onnx, reference, checks, opset=plan.opset,
+                                    batch=plan.batch, dynamic_size=plan.dynamic_size,
+                                    fp16=plan.fp16, source_sha256=source_sha, source=src,
+                                    usage=usage))
+    owned.clear()  # (if no target took it)
+    gc.collect()
+    if plan.safetensors:
+        say(f"safetensors -> {plan.safetensors}")
+        attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
+                                           image_size=plan.image_size, fp16=plan.fp16,
+                                           shard_bytes=plan.shard_bytes, labels=plan.labels,
+                                           overrides=plan.overrides))
+    if failures:
+        err = VerificationError("; ".join(str(f) for f in failures))
+        err.results = results  # type: ignore[attr-defined]
+        raise err
+    return results
