@@ -375,18 +375,32 @@ def measure_child(mode: str, src: os.PathLike | str, dst: os.PathLike | str,
 
 #: The I/O floor as the user would time it, a whole process: read every member of the ``.npz``
 #: once (``zipfile``, which checks each CRC-32 as it reads, as vitconv does) and write the same
-#: bytes once, then ``fsync``, because every vitconv output is fsynced before it is renamed
-#: into place. Nothing is imported beyond the standard library.
+#: bytes once, with vitconv's own I/O pattern: write-out started every 8 MiB
+#: (``sync_file_range``, :mod:`vitconv.formats.writeback`) and an ``fsync`` at the end, because
+#: every vitconv output is fsynced before it is renamed into place. (A floor that fsyncs only at
+#: the end waits for the whole file to reach the disk then: H/14 ran 4.6 s that way against 1.4 s
+#: in-process.) Nothing is imported beyond the standard library.
 FLOOR_SCRIPT = """
-import os, sys, zipfile
+import ctypes, os, sys, zipfile
+try:
+    start_writeout = ctypes.CDLL(None).sync_file_range
+    start_writeout.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except AttributeError:
+    start_writeout = None
 with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as out:
+    started = 0
     for info in z.infolist():
         with z.open(info) as f:
             while True:
-                block = f.read(1 << 24)
+                block = f.read(1 << 23)
                 if not block:
                     break
                 out.write(block)
+                if start_writeout is not None:
+                    out.flush()
+                    end = out.tell()
+                    start_writeout(out.fileno(), started, end - started, 2)
+                    started = end
     out.flush()
     os.fsync(out.fileno())
 """
