@@ -32,7 +32,7 @@ import numpy as np
 from . import __version__, preprocess
 from .config import ViTConfig
 from .errors import BadInputError, MappingError, OutputError, first_line
-from .formats.atomic import atomic_directory, atomic_output, check_writable
+from .formats.atomic import atomic_directory, atomic_output, check_writable, refuse_clobber
 from .formats.base import TensorSource, TensorSpec, numpy_dtype, sha256_file
 from .formats.npz import NpzStreamWriter
 from .formats.open import open_source
@@ -690,17 +690,6 @@ def _named_as(final: Path, folder: Path) -> Iterator[None]:
         raise
 
 
-def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
-    """An output must never replace a file the conversion reads (a weights file inside the
-    source directory included): the source would be destroyed mid-read."""
-    if not dst.exists():
-        return
-    target = dst.resolve()
-    for f in ckpt.source.files():
-        if f.resolve() == target:
-            raise OutputError("output would overwrite the source", dst)
-
-
 def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
             num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
             patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
@@ -728,12 +717,13 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     """
     src, dst = Path(src), Path(dst)
     target, container, layouts = candidates(dst, to)
+    refuse_clobber([dst], [src])
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
                          dtype=dtype, overrides=overrides, patch_size=patch_size, labels=labels,
                          num_classes=num_classes) as ckpt:
-        _refuse_overwrite(ckpt, dst)
+        refuse_clobber([dst], [src, *ckpt.source.files()])
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         digest = source_sha256 or (sha256_file(ckpt.source.files()[0]) if hash_source else "")
         extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
