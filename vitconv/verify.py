@@ -102,6 +102,7 @@ class VerifyReport:
     only_final: bool = False
     note: str = ""
     reference: str = ""  # what computed the reference outputs
+    source_dtype: str = ""  # the dtype(s) the source's floating-point weights are stored in
 
     @property
     def ok(self) -> bool:
@@ -140,7 +141,8 @@ class VerifyReport:
 
     def lines(self) -> List[str]:
         """The human report: header, per-stage table, verdict."""
-        out = [f"source     {self.source} ({self.reference})",
+        stored = f"; weights stored as {self.source_dtype}" if self.source_dtype else ""
+        out = [f"source     {self.source} ({self.reference}{stored})",
                f"converted  {self.converted} ({self.kind})",
                f"inputs     {self.batch} x {self.image_size}x{self.image_size} NHWC"
                + (f", uniform[-1, 1], seed {self.seed}" if self.seed is not None else ", given"),
@@ -243,6 +245,13 @@ def rounding_note(dtype: str, total: int, changed: int, full: np.ndarray, moved:
 
 
 # --------------------------------------------------------------------------- running artifacts
+def stored_dtypes(source) -> str:
+    """The floating-point dtype(s) a source's weights are stored in (``bfloat16``;
+    ``bfloat16, float32``), from headers alone."""
+    kinds = {source.stored_dtype(k) for k in source.keys()}
+    return ", ".join(sorted(k for k in kinds if "float" in k)) or ", ".join(sorted(kinds))
+
+
 def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
     p = Path(src)
     if not p.exists():
@@ -294,6 +303,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
 
     with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
         scfg = source.config
+        stored = stored_dtypes(source.source)
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # loaded here, so released here before the reference is built
     if converted is None:
@@ -304,8 +314,9 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         kind = artifact_kind(converted)
         if kind == "onnx":
             runner = OnnxRunner(Path(converted))
+            runner.check_channels(scfg.in_chans)
         elif kind == "torchscript":
-            runner = TorchRunner(load_torchscript(Path(converted)))
+            runner = TorchRunner(load_torchscript(Path(converted)), Path(converted))
         else:
             model = load(converted, num_heads=conv_heads, **conv_set)
     elif hasattr(converted, "forward_stages"):
@@ -365,7 +376,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                             f"only, not {size}", src)
     numpy_reference = not isinstance(ref, LibraryReference)  # every stage; a library: some
     want = ref.forward_stages(images)
-    report.reference_dtype, report.reference = ref.reference_dtype, ref.description
+    report.reference_dtype, report.reference, report.source_dtype = ref.reference_dtype, ref.description, stored
     if hasattr(ref, "close"):
         ref.close()
     del ref
