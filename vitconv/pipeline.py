@@ -225,8 +225,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     ``patch_size`` resamples the model to another patch size as FlexiViT does: the patch
     kernel by its pseudo-inverse resize, the position table bilinearly to the new grid (at
     ``image_size``, default the source's); the model then resizes that way at other sizes too."""
-    if isinstance(labels, str):
-        labels = load_labels(labels)
+    if labels is not None:
+        labels = load_labels(labels, path)
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     opened = source is None
