@@ -75,9 +75,10 @@ def load_labels(spec: Union[str, os.PathLike, Sequence[str]], where: Optional[os
     return [line.strip() for line in lines]
 
 
-def check_count(labels: Sequence[str], num_classes: int, where: Optional[os.PathLike | str] = None) -> None:
+def check_count(labels: Sequence[str], num_classes: int, where: Optional[os.PathLike | str] = None,
+                what: str = "--labels") -> None:
     if len(labels) != num_classes:
-        raise BadInputError(f"--labels gives {len(labels):,} labels, but the model has {num_classes:,} "
+        raise BadInputError(f"{what} gives {len(labels):,} labels, but the model has {num_classes:,} "
                             "classes", where)
 
 

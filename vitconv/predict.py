@@ -100,20 +100,20 @@ def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: 
     cfg = parse_config(meta["vitconv_config"], p)
     pre = (preprocess.from_json(meta["vitconv_preprocessing"], p) if "vitconv_preprocessing" in meta
            else preprocess.TIMM_DEFAULT)
+    if isinstance(runner, OnnxRunner):  # what the graph says agrees with what its metadata says
+        runner.check_channels(cfg.in_chans)
+        width = runner.output_width()
+        if cfg.num_classes and width is not None and width != cfg.num_classes:
+            raise BadInputError(f"the graph's output has {width} values; its vitconv_config says "
+                                f"{cfg.num_classes} classes", p)
     names = None
     if labels is not None:
         names = load_labels(labels, p)
     elif "vitconv_labels" in meta:
         names = labels_from_metadata(meta["vitconv_labels"], p)
     if names is not None:
-        check_count(names, cfg.num_classes, p)
+        check_count(names, cfg.num_classes, p, "--labels" if labels is not None else "its vitconv_labels metadata")
     size = image_size or (getattr(runner, "static_size", lambda: None)() or cfg.image_size)
-    if isinstance(runner, OnnxRunner):  # what the graph says agrees with what its metadata says
-        runner.check_channels(cfg.in_chans)
-        width = runner.output_width()
-        if width is not None and width != (cfg.num_classes or cfg.width) and cfg.num_classes:
-            raise BadInputError(f"the graph's output has {width} values; its vitconv_config says "
-                                f"{cfg.num_classes} classes", p)
     if not 0 < size <= MAX_IMAGE_SIZE:
         raise BadInputError(f"image size {size} is beyond what a model runs at (at most {MAX_IMAGE_SIZE} px)", p)
     return Predictor(cfg, Usage(pre, tuple(names) if names else None),
