@@ -222,3 +222,16 @@ def test_batch_row_whose_server_never_answers_fails_by_timeout_and_the_others_ru
     assert [report[n]["status"] for n in (1, 2, 3, 4)] == ["failed", "ok", "failed", "ok"]
     assert (tree / "out/a.safetensors").is_file() and (tree / "out/b.safetensors").is_file()
     assert not (tree / "out/h.safetensors").exists()
+
+
+def test_golden_add_refuses_two_files_copied_to_one_name(tree):
+    """A checkpoint and an input from different folders with one name would both be copied to
+    ``cases/NAME/x.npy``: the second would replace the first."""
+    (tree / "a").mkdir()
+    (tree / "b").mkdir()
+    shutil.copy(GOLDEN, tree / "a" / "x.npy")  # an .npz by its bytes, whatever its name
+    shutil.copy(golden_path("jax/inputs_32.npy"), tree / "b" / "x.npy")
+    r = _run("golden", "add", "case", "a/x.npy", "--input", "b/x.npy", "--expected-logits",
+             golden_path("jax/tiny_token_p8_32.logits.npy"), "--source", "test", "--dir", "g", cwd=tree)
+    _one_line_error(r, 1, "cases/case/x.npy", "is also the output")
+    assert not (tree / "g" / "manifest.json").exists() and not (tree / "g" / "cases" / "case" / "x.npy").exists()

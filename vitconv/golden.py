@@ -281,9 +281,14 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
            "input": _place(srcs["input"], directory, f"{folder}/{srcs['input'].name}")}
     for k in expected:
         rel[k] = _place(srcs[k], directory, f"{folder}/{name}.{k}.npy")
+    copies = {k: directory / r for k, r in rel.items() if not same_file(directory / r, srcs[k])}
+    for k, dest in copies.items():  # a copy must not land on another of the case's files
+        refuse_clobber([dest], list(srcs.values()))
+    distinct = {os.path.realpath(srcs[k]): dest for k, dest in copies.items()}
+    refuse_clobber(list(distinct.values()), [])  # nor two different files on one name
     for k, r in rel.items():
         dest = directory / r
-        if not same_file(dest, srcs[k]):
+        if k in copies:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(dest) as tmp:
                 shutil.copyfile(srcs[k], tmp)
