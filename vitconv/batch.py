@@ -430,7 +430,8 @@ def estimate_bytes(row: Row) -> int:
         size = sum(f.stat().st_size for f in _output_files([row.src])) if p.exists() else 0
     else:
         try:
-            fs, remote = storage.filesystem(row.src)
+            # an estimate: the scheduler waits on it, so a silent server is given less time
+            fs, remote = storage.filesystem(row.src, timeout=min(5.0, storage.network_timeout()))
             info = fs.info(remote)  # (not isdir: over HTTP that GETs the whole object to look for links)
             size = int(fs.du(remote) if info.get("type") == "directory" else info.get("size") or 0)
         except Exception:

@@ -38,10 +38,11 @@ def is_url(path: PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-#: Seconds to wait for a connection, and for each read, before a remote source or output is
-#: given up (its row fails; a batch's other rows run): a server that accepts the connection
-#: and never answers must not hang a zoo. ``VITCONV_NETWORK_TIMEOUT`` overrides it.
-NETWORK_TIMEOUT_S = 30.0
+#: Seconds to wait for a connection, and for each read (silence between bytes, not a whole
+#: download), before a remote source or output is given up (its row fails; a batch's other
+#: rows run): a server that accepts the connection and never answers must not hang a zoo.
+#: ``VITCONV_NETWORK_TIMEOUT`` overrides it.
+NETWORK_TIMEOUT_S = 15.0
 
 
 def network_timeout() -> float:
@@ -52,12 +53,11 @@ def network_timeout() -> float:
     return value if value > 0 else NETWORK_TIMEOUT_S
 
 
-def _timeouts(proto: str) -> Dict[str, object]:
-    """Each filesystem's own spelling of connect and read timeouts, under what the user's
-    fsspec configuration says for the protocol (which wins)."""
+def _timeouts(proto: str, t: float) -> Dict[str, object]:
+    """Each filesystem's own spelling of connect and read timeouts of ``t`` seconds, under what
+    the user's fsspec configuration says for the protocol (which wins)."""
     import fsspec
 
-    t = network_timeout()
     ours: Dict[str, Dict[str, object]] = {}
     if proto in ("http", "https"):
         import aiohttp
@@ -72,14 +72,14 @@ def _timeouts(proto: str) -> Dict[str, object]:
     return {k: {**v, **(conf.get(k) or {})} for k, v in ours.items()}
 
 
-def filesystem(url: str):
-    """``(fsspec filesystem, path inside it)``, with connect and read timeouts
-    (:func:`network_timeout`); a missing protocol package is named with its extra."""
+def filesystem(url: str, timeout: Optional[float] = None):
+    """``(fsspec filesystem, path inside it)``, with connect and read timeouts (``timeout``,
+    default :func:`network_timeout`); a missing protocol package is named with its extra."""
     import fsspec
 
     proto = url.split("://", 1)[0]
     try:
-        return fsspec.core.url_to_fs(url, **_timeouts(proto))
+        return fsspec.core.url_to_fs(url, **_timeouts(proto, timeout or network_timeout()))
     except ImportError as e:
         extra = EXTRAS.get(proto)
         how = f'pip install "vitconv[{extra}]"' if extra else "install the fsspec filesystem for it"
