@@ -187,3 +187,15 @@ def test_the_unforged_export_predicts_and_verifies(exported, tmp_path):
     top = json.loads(runs[0][1])["predictions"][0]["top"]
     assert top[0]["label"].startswith("c") and abs(sum(t["probability"] for t in top) - 1) < 0.5
     assert np.isfinite([t["probability"] for t in top]).all() and runs[1][2] == ""
+
+
+def test_labels_with_terminal_escapes_are_printed_escaped(exported, tmp_path):
+    """Labels come from the file (its metadata): printed, they must not repaint the terminal."""
+    labels = [f"\x1b[31mred {i}\x1b[0m\rover" for i in range(10)]
+    path = _forge("esc.onnx", lambda m, f: _meta(m, "vitconv_labels", json.dumps(labels)))(exported, tmp_path)
+    (code, out, err), (jcode, jout, _) = fork_run([{"args": ["predict", path, IMAGE], "timeout": 120},
+                                                   {"args": ["predict", path, IMAGE, "--json"], "timeout": 120}],
+                                                  tmp_path)
+    assert code == 0 and jcode == 0, err
+    assert "\x1b" not in out and "\r" not in out and "\\x1b[31mred" in out
+    assert json.loads(jout)["predictions"][0]["top"][0]["label"] in labels  # the document keeps them, escaped by JSON

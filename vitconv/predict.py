@@ -22,7 +22,7 @@ import numpy as np
 
 from . import preprocess
 from .config import ViTConfig
-from .errors import BadInputError, first_line
+from .errors import BadInputError, first_line, one_line
 from .labels import check_count, load_labels
 from .labels import from_metadata as labels_from_metadata
 from .pipeline import open_checkpoint
@@ -50,9 +50,10 @@ class Prediction:
 
     def lines(self) -> List[str]:
         if self.top:
-            return [f"{self.image}"] + [f"  {p:7.2%}  {c:>5}  {label}" for c, label, p in self.top]
+            # labels come from the file: a terminal escape in one must not repaint the terminal
+            return [one_line(self.image)] + [f"  {p:7.2%}  {c:>5}  {one_line(label, 200)}" for c, label, p in self.top]
         head = ", ".join(f"{v:.4f}" for v in self.embedding_head)
-        return [f"{self.image}", f"  embedding norm {self.embedding_norm:.4f}, first values [{head}]"]
+        return [one_line(self.image), f"  embedding norm {self.embedding_norm:.4f}, first values [{head}]"]
 
 
 @dataclass
