@@ -22,17 +22,26 @@ import click
 from vitconv import __version__
 from vitconv.errors import VitconvError, failure, one_line
 
-#: (module in this package, command object name). Each command lives in its own module.
-COMMANDS = (
-    ("npz2pt", "npz2pt"),
-    ("export", "export"),
-    ("inspect", "inspect"),
-    ("verify", "verify"), ("golden", "golden"),
-    ("bench", "bench"),
-    ("convert", "convert"),
-    ("predict", "predict"),
-    ("batch", "batch"),
-)
+#: Each command lives in the module of its name in this package, and is imported only when it
+#: runs: the library behind a command (numpy, torch, onnxruntime) is not loaded for another one
+#: or for ``--help``. The line ``vitconv --help`` shows for each is kept here for that reason;
+#: ``tests/test_cli_help.py`` checks it against the command's own docstring.
+COMMANDS = {
+    "batch": "Convert and verify every checkpoint a MANIFEST lists, each row exactly as `vitconv convert "
+             "SRC DST --verify` would, in parallel; resumable; a failed row does not stop the rest.",
+    "bench": "Measure inference per runtime, or conversion cost (--convert), side by side in one run.",
+    "convert": "Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face, "
+               "jeonsworld, vit-pytorch.",
+    "export": "Export a ViT checkpoint to ONNX, TorchScript, .pt2 and safetensors; every artifact is "
+              "loaded back in its runtime and compared with the PyTorch model (exit 3 past tolerance).",
+    "golden": "The golden regression suite: cases whose outputs come from independent code.",
+    "inspect": "Show what a checkpoint or ONNX file holds, without converting it.",
+    "npz2pt": "Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into "
+              "the canonical PyTorch ViT.",
+    "predict": "What the model sees in each image: the top classes with probabilities (and labels when "
+               "known), or the embedding of a model without a classifier.",
+    "verify": "Check CONVERTED against SRC, stage by stage, and name the first stage past tolerance.",
+}
 
 
 class VitconvGroup(click.Group):
@@ -46,6 +55,23 @@ class VitconvGroup(click.Group):
 
     #: Global flags a user may also write after the subcommand (``vitconv npz2pt X -q``).
     GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """The command ``name``, its module imported now (see :data:`COMMANDS`)."""
+        if name not in COMMANDS:
+            return None
+        return getattr(importlib.import_module(f"{__package__}.{name}"), name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list, from :data:`COMMANDS`, without importing a command; each line
+        shortened as click shortens a command's own help."""
+        limit = formatter.width - 6 - max(map(len, COMMANDS))
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, click.Command(name, help=text).get_short_help_str(limit))
+                                for name, text in sorted(COMMANDS.items())])
 
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
         """Global flags found after the subcommand (before a ``--``) move in front of it."""
@@ -144,10 +170,6 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Convert Vision Transformer checkpoints exactly: Google .npz, PyTorch layouts, runtimes."""
     ctx.ensure_object(dict)
     ctx.obj.update(debug=debug, quiet=quiet)
-
-
-for _module, _name in COMMANDS:
-    main.add_command(getattr(importlib.import_module(f"{__package__}.{_module}"), _name))
 
 
 if __name__ == "__main__":  # pragma: no cover

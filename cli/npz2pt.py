@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from vitconv.pipeline import DTYPES, convert
+from vitconv.card import cli_command, convert
+from vitconv.pipeline import DTYPES
 
 from .common import labels_option, num_classes_option, progress_bar, summary
 
 
 @click.command("npz2pt")
-@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output path; .pt (default, beside SRC) or .safetensors by extension.")
+@click.argument("src")
+@click.option("-o", "--output", help="Output path or URL; .pt (default, beside SRC) or .safetensors by extension.")
 @click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
               "as Google's fine-tuning does (order-1 zoom, class token kept; sincos2d: generated).")
 @click.option("--patch-size", type=int, help="Resample to this patch size as FlexiViT does (the "
@@ -24,7 +24,7 @@ from .common import labels_option, num_classes_option, progress_bar, summary
 @labels_option
 @num_classes_option
 @click.pass_context
-def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int | None,
+def npz2pt(ctx: click.Context, src: str, output: str | None, image_size: int | None,
            patch_size: int | None, dtype: str | None, labels: str | None, num_classes: int | None) -> None:
     """Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into
     the canonical PyTorch ViT.
@@ -38,9 +38,12 @@ def npz2pt(ctx: click.Context, src: Path, output: Path | None, image_size: int |
       vitconv npz2pt siglip_b16_224.npz -o siglip.safetensors
       vitconv npz2pt flexivit_b.npz --patch-size 16 --image-size 240
     """
-    out = output or src.with_suffix(".pt")
+    # the one convert service `vitconv convert` uses (URLs staged, the same checks), with the
+    # Google layouts required
+    head, sep, name = src.rpartition("/")  # a URL too: its path is not a local Path's
+    out = output or head + sep + str(Path(name).with_suffix(".pt"))
     with progress_bar(ctx, "converting") as progress:
         report = convert(src, out, image_size=image_size, require_layout=("google", "big_vision"),
                          progress=progress, dtype=dtype, patch_size=patch_size, labels=labels,
-                         num_classes=num_classes)
+                         num_classes=num_classes, command=cli_command())
     summary(ctx, report.rows())

@@ -93,3 +93,66 @@ def seeded(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.n
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- tiers
+#: The suite's tiers. `python -m pytest` (the README's command) runs the default tier: every
+#: test not listed here. `.ci/run` runs it, then `-m "slow or system"`. Durations are in
+#: BENCHMARKS.md ("The test suite").
+#: ``system``: whole modules that start other machinery (worker processes, Ray, a moto S3
+#: server, killed children) or run every README command end to end.
+SYSTEM_MODULES = {
+    "test_readme.py": "runs every command the README shows",
+    "test_batch.py": "worker processes, Ray, killed and interrupted workers",
+    "test_batch_storage.py": "a moto S3 server and an HTTP server on 127.0.0.1, Ray tasks",
+    "test_batch_rerun.py": "worker processes",
+    "test_atomic.py": "children killed by SIGKILL, SIGINT and SIGTERM at chosen moments",
+    "test_bench.py": "benchmarks in fresh processes",
+}
+#: ``slow``: single tests of 5 s or more on this 2-core machine while it is busy (all of a
+#: test's parameters). Each is still in CI.
+SLOW_TESTS = (
+    "test_bad_inputs.py::test_export_reports_a_full_disk_instead_of_aborting",
+    "test_bad_inputs.py::test_long_and_undecodable_output_names",
+    "test_export_families.py::test_timm_family_exports_to_onnx_with_dynamic_size",
+    "test_hostile.py::test_hostile_inputs_one_line_exit_2_bounded",
+    "test_hostile.py::test_zip_bomb_in_optimizer_state_is_never_read",
+    "test_hostile.py::test_safetensors_detected_whatever_its_header_length",
+    "test_hostile.py::test_valid_but_unusual_inputs_convert_to_the_same_model",
+    "test_export_onnx.py::test_plain_verify_judges_a_float16_graph_as_export_does",
+    "test_export_onnx.py::test_external_data_export_verifies_like_the_inline_one",
+    "test_export_onnx.py::test_the_parity_run_reads_the_written_file_s_own_bytes",
+    "test_export_onnx.py::test_hybrid_r50_exports_and_matches_golden",
+    "test_export_onnx.py::test_single_self_contained_file_passing_full_check",
+    "test_export_onnx.py::test_a_handed_over_model_is_freed_once_its_weights_are_written",
+    "test_export_other.py::test_every_target_in_one_run_with_the_model_handed_to_the_last",
+    "test_predict.py::test_hf_pipeline_agrees_with_predict",
+    "test_big_vision.py::test_exports_with_dynamic_size",
+    "test_verify_libraries.py::test_timm_state_dict_and_directory",
+    "test_convert_verify.py::test_plain_verify_proves_a_rounded_file_later",
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "system: starts other machinery (see tests/conftest.py SYSTEM_MODULES)")
+    config.addinivalue_line("markers", "slow: 5 s or more on a busy 2-core machine (tests/conftest.py SLOW_TESTS)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
+def pytest_collection_modifyitems(config, items):
+    """Mark the tiers. A listed slow test that no longer exists in a collected module is an
+    error, so a rename cannot quietly move a slow test into the default tier."""
+    seen, modules = set(), set()
+    for item in items:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        modules.add(module)
+        if module in SYSTEM_MODULES:
+            item.add_marker(pytest.mark.system)
+        name = f"{module}::{getattr(item, 'originalname', item.name)}"
+        if name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+            seen.add(name)
+    if not any("::" in str(a) for a in config.args):  # whole modules collected
+        gone = [t for t in SLOW_TESTS if t.split("::")[0] in modules and t not in seen]
+        if gone:
+            raise pytest.UsageError(f"tests/conftest.py SLOW_TESTS names tests that do not exist: {gone}")

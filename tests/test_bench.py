@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -33,10 +34,12 @@ def test_bench_convert_measures_both(tmp_path):
     src = golden_path("jax/tiny_gap_p8_32.npz")
     res = bench_convert(src, "safetensors", repeats=1, workdir=tmp_path, warmup=False)
     modes = sorted(m.mode for m in res.measurements)
-    assert modes == ["floor", "stream"]
+    assert modes == ["floor", "floor-process", "process", "stream"]
     data_bytes = sum(np.load(src)[k].nbytes for k in np.load(src).files)
     floor = next(m for m in res.measurements if m.mode == "floor")
     assert floor.bytes == data_bytes  # the floor wrote every member's bytes once
+    floor_process = next(m for m in res.measurements if m.mode == "floor-process")
+    assert floor_process.bytes == sum(i.file_size for i in zipfile.ZipFile(src).infolist())  # members whole
     s = res.summary()
     assert s["stream_peak_rss_mib"] >= s["stream_base_rss_mib"] > 0
     # CPU time of the work only (imports excluded): positive, and no more than wall time
@@ -46,6 +49,8 @@ def test_bench_convert_measures_both(tmp_path):
     assert math.isclose(s["cpu_ratio"], s["stream_cpu_s"] / s["floor_cpu_s"])
     walls = {m.mode: m.wall_s for m in res.measurements}
     assert math.isclose(s["best_ratio"], walls["stream"] / walls["floor"])
+    assert math.isclose(s["process_best_ratio"], walls["process"] / walls["floor-process"])
+    assert s["process_peak_rss_mib"] > 0 and s["floor_process_peak_rss_mib"] > 0
     assert list(tmp_path.iterdir()) == []  # outputs cleaned up
 
 

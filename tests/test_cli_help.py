@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
+import click
 import pytest
 
+from _vitconv_cli.main import COMMANDS as COMMANDS_HELP
 from _vitconv_cli.main import main
 from conftest import VITCONV
 
-COMMANDS = sorted(main.commands)
-SUBCOMMANDS = [("golden", name) for name in sorted(main.commands["golden"].commands)]
+COMMANDS = main.list_commands(None)
+SUBCOMMANDS = [("golden", name) for name in sorted(main.get_command(None, "golden").commands)]
 
 
 def _help(*args: str) -> subprocess.CompletedProcess:
@@ -38,3 +42,41 @@ def test_every_command_has_help(args):
     assert r.stdout.startswith(f"Usage: vitconv {' '.join(args)} "), r.stdout[:200]
     described = r.stdout.split("\n\n")[1].strip()  # the command's own docstring, first paragraph
     assert len(described) > 20, r.stdout
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_the_command_list_shows_each_command_s_own_first_line(name):
+    """``vitconv --help`` lists the commands without importing them (COMMANDS keeps each one's
+    first paragraph): what it shows, at any width, must be what the command itself says."""
+    command = main.get_command(None, name)
+    for limit in (30, 45, 67, 113, 10**6):
+        ours = click.Command(name, help=COMMANDS_HELP[name]).get_short_help_str(limit)
+        assert ours == command.get_short_help_str(limit), limit
+
+
+def test_help_imports_no_command_and_no_library():
+    code = ("import sys\nfrom _vitconv_cli.main import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('_vitconv_cli.') or m in "
+            "('numpy', 'torch', 'onnx', 'onnxruntime')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['_vitconv_cli.main']"
+
+
+@pytest.mark.parametrize("args", [["npz2pt", "{src}", "-o", "{out}/a.pt"],
+                                  ["convert", "{src}", "{out}/b.safetensors"],
+                                  ["convert", "{src}", "{out}/t.pth", "--to", "timm"],
+                                  ["inspect", "{src}"]], ids=lambda a: " ".join(a[:1] + a[-2:]))
+def test_a_conversion_never_waits_for_torch(tmp_path, args):
+    """Importing torch costs more than converting a small model: the commands that read and
+    write weights must not import it, nor onnx or onnxruntime. (A model directory is another
+    matter: its model card holds the figures of verify, which runs the model.)"""
+    src = str(Path(__file__).resolve().parent.parent / "golden" / "jax" / "tiny_token_p8_32.npz")
+    argv = [a.format(src=src, out=tmp_path) for a in args]
+    code = ("import sys\nfrom _vitconv_cli.main import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

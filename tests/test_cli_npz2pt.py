@@ -81,3 +81,21 @@ def test_quiet_prints_nothing(tmp_path, where):
     args = ["npz2pt", golden_path("jax/tiny_gap_p8_32.npz"), "-o", tmp_path / "g.pt"]
     r = run(*(["-q"] + args if where == "before" else args + ["--quiet"]))
     assert r.exit_code == 0 and r.output == "" and (tmp_path / "g.pt").exists()
+
+
+def test_a_url_converts_as_with_convert(tmp_path):
+    """npz2pt is the convert service with the Google layouts required: a URL is staged, not
+    taken for a local path (``http:/127.0.0.1…: no such file``)."""
+    from batch_helpers import RangeServer
+
+    with RangeServer(golden_path("jax")) as http:
+        url = f"{http.url}/tiny_token_p8_32.npz"
+        r = CliRunner().invoke(main, ["-q", "npz2pt", url, "-o", str(tmp_path / "h.pt")])
+        assert r.exit_code == 0, r.output
+        assert CliRunner().invoke(main, ["-q", "npz2pt", url.replace(".npz", ".nothing"),
+                                         "-o", str(tmp_path / "x.pt")]).exit_code == 2
+    local = CliRunner().invoke(main, ["-q", "npz2pt", str(golden_path("jax/tiny_token_p8_32.npz")),
+                                      "-o", str(tmp_path / "l.pt")])
+    assert local.exit_code == 0, local.output
+    assert (tmp_path / "h.pt").read_bytes() == (tmp_path / "l.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.pt", "l.pt"]

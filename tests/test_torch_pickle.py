@@ -50,10 +50,10 @@ def test_dtype_table_names_torchs_own_storage_classes():
         with warnings.catch_warnings():  # TypedStorage's deprecation notice on .dtype
             warnings.simplefilter("ignore", UserWarning)
             storage_dtype = getattr(torch, name).dtype
-        if dtype == BFLOAT16:  # torch takes no ml_dtypes array: the same bits through uint16
+        if dtype == "bfloat16":  # torch takes no ml_dtypes array: the same bits through uint16
             assert storage_dtype == torch.bfloat16, name
             continue
-        assert storage_dtype == torch.from_numpy(np.zeros(1, dtype)).dtype, name
+        assert storage_dtype == torch.from_numpy(np.zeros(1, np.dtype(dtype))).dtype, name
 
 
 def test_loads_as_torch_save_of_the_same_object(tmp_path):

@@ -14,7 +14,11 @@ on another day or machine:
 * **Conversion** (:func:`bench_convert`): wall time and peak RSS of :func:`vitconv.pipeline.
   convert` against the I/O floor, reading every source member once and writing
   its bytes once with nothing else, alternated in fresh child processes (peak RSS is the
-  child's ``VmHWM``; one process per measurement, so peaks do not carry over).
+  child's ``VmHWM``; one process per measurement, so peaks do not carry over). Twice: timed
+  inside the child, after its imports ("stream" against "floor"), and as the user waits for
+  it, the whole process from its start to its exit (``vitconv -q npz2pt SRC -o DST``, the
+  source hashed as the command always does, against :data:`FLOOR_SCRIPT` run the same way:
+  "process" against "floor-process").
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- conversion
 @dataclass
 class ConvertMeasurement:
-    mode: str  # "stream", "floor"; "verify", "onnx" (bench_memory)
+    mode: str  # "stream", "floor", "process", "floor-process"; "verify", "onnx" (bench_memory)
     wall_s: float
     peak_rss_mib: float  # VmHWM of the child process
     base_rss_mib: float  # VmRSS after imports, before any work
@@ -273,27 +277,35 @@ class ConvertBench:
         s = {"source": self.source, "source_mib": self.source_bytes / 2**20, "output": self.output_kind,
              "repeats": self.repeats}
         walls = {}
-        for mode in ("floor", "stream"):
+        for mode in ("floor", "stream", "floor-process", "process"):
             ms = [m for m in self.measurements if m.mode == mode]
+            if not ms:
+                continue
+            key = mode.replace("-", "_")
             walls[mode] = [m.wall_s for m in ms]
-            s[f"{mode}_wall_s"] = statistics.median(walls[mode])
+            s[f"{key}_wall_s"] = statistics.median(walls[mode])
             # The fastest run is the one least disturbed by the machine (on a VM, writing
             # into fresh page-cache pages costs 1x to 4x from one run to the next): its
             # ratio is the other estimate worth reading beside the medians'.
-            s[f"{mode}_best_s"] = min(walls[mode])
-            s[f"{mode}_peak_rss_mib"] = max(m.peak_rss_mib for m in ms)
-            s[f"{mode}_base_rss_mib"] = statistics.median(m.base_rss_mib for m in ms)
-            s[f"{mode}_cpu_s"] = statistics.median(m.cpu_s for m in ms)
-        s["wall_ratio"] = s["stream_wall_s"] / s["floor_wall_s"]
-        s["best_ratio"] = s["stream_best_s"] / s["floor_best_s"]
-        # CPU time (all threads) says how much work the stream adds to the floor's, apart
-        # from waiting on the disk; wall time also shows how well that work overlaps.
-        s["cpu_ratio"] = s["stream_cpu_s"] / s["floor_cpu_s"]
-        # Floor and stream alternate, so each repeat's pair saw the same machine load: the
-        # spread of per-pair ratios says how much of the median ratio is noise.
-        pairs = [b / a for a, b in zip(walls["floor"], walls["stream"])]
-        s["pair_ratios"] = pairs
-        s["pair_ratio_median"] = statistics.median(pairs)
+            s[f"{key}_best_s"] = min(walls[mode])
+            s[f"{key}_peak_rss_mib"] = max(m.peak_rss_mib for m in ms)
+            s[f"{key}_base_rss_mib"] = statistics.median(m.base_rss_mib for m in ms)
+            s[f"{key}_cpu_s"] = statistics.median(m.cpu_s for m in ms)
+        # Each side against its own floor: inside the process (imports excluded) and the whole
+        # process as the user waits for it.
+        for ratio, (work, floor) in (("", ("stream", "floor")), ("process_", ("process", "floor_process"))):
+            if f"{work}_wall_s" not in s:
+                continue
+            s[f"{ratio}wall_ratio"] = s[f"{work}_wall_s"] / s[f"{floor}_wall_s"]
+            s[f"{ratio}best_ratio"] = s[f"{work}_best_s"] / s[f"{floor}_best_s"]
+            # CPU time (all threads) says how much work the stream adds to the floor's, apart
+            # from waiting on the disk; wall time also shows how well that work overlaps.
+            s[f"{ratio}cpu_ratio"] = s[f"{work}_cpu_s"] / s[f"{floor}_cpu_s"]
+            # Floor and work alternate, so each repeat's pair saw the same machine load: the
+            # spread of per-pair ratios says how much of the median ratio is noise.
+            pairs = [b / a for a, b in zip(walls[floor.replace("_", "-")], walls[work])]
+            s[f"{ratio}pair_ratios"] = pairs
+            s[f"{ratio}pair_ratio_median"] = statistics.median(pairs)
         return s
 
     def to_dict(self) -> dict:
@@ -325,12 +337,10 @@ def _floor(src: Path, dst: Path) -> int:
 
 
 def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
-    if mode != "floor":
-        # What the command imports, torch included (the model's shapes come from the model;
-        # verify and export run it, and onnxruntime): imported before the clock starts, so
-        # the figures are the work's.
-        from . import model  # noqa: F401
     if mode in ("verify", "onnx", "onnx-fp16"):
+        # What these commands import (verify and export run the model, in torch and
+        # onnxruntime): imported before the clock starts, so the figures are the work's.
+        from . import model  # noqa: F401
         import onnxruntime  # noqa: F401
     base = _rss_mib("VmRSS")
     c0 = time.process_time()  # every thread's user + system time, ns resolution
@@ -363,13 +373,75 @@ def measure_child(mode: str, src: os.PathLike | str, dst: os.PathLike | str,
     return ConvertMeasurement(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+#: The I/O floor as the user would time it, a whole process: read every member of the ``.npz``
+#: once (``zipfile``, which checks each CRC-32 as it reads, as vitconv does) and write the same
+#: bytes once, then ``fsync``, because every vitconv output is fsynced before it is renamed
+#: into place. Nothing is imported beyond the standard library.
+FLOOR_SCRIPT = """
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as out:
+    for info in z.infolist():
+        with z.open(info) as f:
+            while True:
+                block = f.read(1 << 24)
+                if not block:
+                    break
+                out.write(block)
+    out.flush()
+    os.fsync(out.fileno())
+"""
+
+
+def vitconv_command() -> List[str]:
+    """How a user runs vitconv here: the installed script beside this interpreter, else ``-m``
+    (full paths: the launcher ``exec``s without a ``PATH`` search)."""
+    script = Path(sys.executable).with_name("vitconv")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vitconv"]
+
+
+#: Runs a command and reports its wall time, peak RSS and CPU time from ``wait4``, as a shell's
+#: ``time`` does. Why a launcher: Linux keeps a process's peak RSS across ``fork`` and
+#: ``exec``, so a command started straight from the benchmark (tens of MiB) would report at
+#: least the benchmark's own peak; started from this small interpreter it reports its own
+#: (above the launcher's few MiB).
+LAUNCHER_SCRIPT = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"wall_s": time.perf_counter() - t0, "rc": os.waitstatus_to_exitcode(status),
+                  "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}))
+"""
+
+
+def measure_process(mode: str, src: os.PathLike | str, dst: os.PathLike | str) -> ConvertMeasurement:
+    """Run the whole command (``process``: ``vitconv -q npz2pt SRC -o DST``; ``floor-process``:
+    :data:`FLOOR_SCRIPT`) and measure it from the outside (:data:`LAUNCHER_SCRIPT`): wall from
+    its start to its exit, its peak RSS and CPU time."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    argv = ([sys.executable, "-c", FLOOR_SCRIPT, src, dst] if mode == "floor-process"
+            else [*vitconv_command(), "-q", "npz2pt", src, "-o", dst])
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER_SCRIPT, *argv], capture_output=True, text=True)
+    try:
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        got = {"rc": proc.returncode or 1}
+    if got["rc"] != 0:
+        raise RuntimeError(f"benchmark process ({mode}) failed: "
+                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return ConvertMeasurement(mode, got["wall_s"], got["peak_rss_mib"], 0.0, os.path.getsize(dst), got["cpu_s"])
+
+
 def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repeats: int = 3,
                   workdir: Optional[os.PathLike | str] = None, hash_source: bool = False,
-                  warmup: bool = True,
+                  warmup: bool = True, whole_process: bool = True,
                   progress: Optional[Callable[[ConvertMeasurement], None]] = None) -> ConvertBench:
-    """Time ``stream_convert`` of ``src`` and the I/O floor, alternating (and alternating
-    which goes first), ``repeats`` times each after one untimed warm-up of each (so both
-    see the source in the page cache).
+    """Time ``convert`` of ``src`` and the I/O floor, in the process ("stream", "floor") and,
+    with ``whole_process``, as whole commands ("process", "floor-process": see
+    :func:`measure_process`), alternating (and alternating which goes first), ``repeats``
+    times each after one untimed warm-up of each (so all see the source in the page cache).
 
     Before each run the previous output is deleted and dirty pages are flushed
     (``os.sync``), outside the timing: otherwise a run would pay for dropping the last
@@ -377,8 +449,9 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
     to neither side."""
     src = Path(src)
     work = Path(workdir) if workdir else src.parent
-    out = work / f".vitconv-bench-{os.getpid()}.{output_kind}"
-    floor_out = work / f".vitconv-bench-{os.getpid()}.floor"
+    outs = {mode: work / f".vitconv-bench-{os.getpid()}-{mode}.{output_kind}"
+            for mode in ("floor", "stream", "floor-process", "process")}
+    modes = [("floor", "stream"), ("floor-process", "process")][: 2 if whole_process else 1]
     bench = ConvertBench(str(src), src.stat().st_size, output_kind, repeats)
     try:
         first = 0 if warmup else 1
@@ -386,23 +459,22 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
             # Which side goes first alternates: on this VM the second run of a pair was
             # systematically slower (up to 4x on L/16, whichever side it was), and a fixed
             # order would hand that penalty to one side every time.
-            order = [("floor", floor_out), ("stream", out)]
-            for mode, dst in (order if i % 2 else order[::-1]):
-                if dst.exists():
-                    dst.unlink()
-                os.sync()
-                m = measure_child(mode, src, dst, hash_source)
-                if i > 0:
-                    bench.measurements.append(m)
-                    if progress:
-                        progress(m)
+            for pair in modes:
+                for mode in (pair if i % 2 else pair[::-1]):
+                    dst = outs[mode]
+                    if dst.exists():
+                        dst.unlink()
+                    os.sync()
+                    m = (measure_process(mode, src, dst) if mode in ("process", "floor-process")
+                         else measure_child(mode, src, dst, hash_source))
+                    if i > 0:
+                        bench.measurements.append(m)
+                        if progress:
+                            progress(m)
     finally:
-        for p in (out, floor_out):
-            if p.exists():
-                p.unlink()
+        for p in outs.values():
+            p.unlink(missing_ok=True)
     return bench
-
-
 
 
 # --------------------------------------------------------------------------- batch

@@ -15,10 +15,11 @@ default here, so a new field needs no change to the layouts that cannot express 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 #: Activation forms. Flax's ``nn.gelu`` defaults to ``approximate=True``, the tanh
 #: form, which is what every Google ViT was trained with; PyTorch's ``nn.GELU()`` and
@@ -308,6 +309,99 @@ class ViTConfig:
         return (f"{kind} depth {self.depth} width {self.width} heads {self.num_heads}x{self.head_dim} "
                 f"mlp {self.mlp_dim} patch {self.patch_size} @{self.image_size}px "
                 f"({', '.join(extras)}), {self.num_classes} classes")
+
+
+def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
+    """``{name: shape}`` of the canonical model's ``state_dict`` for ``cfg``, in its order, without
+    building the model: what every converter, writer and audit lays its tensors out from.
+
+    This is :class:`vitconv.model.VisionTransformer`'s structure written as data, so that a
+    conversion never waits for torch (its import costs more than converting a small model).
+    ``tests/test_shapes.py`` holds it to the model built on the ``meta`` device, name for name,
+    shape for shape and in order, over every preset, golden case and a broad sweep of configs: a
+    module added to the model without its line here fails there. The order is PyTorch's: a
+    module's own parameters, then its submodules' in the order they are assigned."""
+    return dict(_parameter_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+    d, out = cfg.width, []  # type: int, List[Tuple[str, Tuple[int, ...]]]
+
+    def linear(name: str, n_in: int, n_out: int, bias: bool = True) -> None:
+        out.append((f"{name}.weight", (n_out, n_in)))
+        if bias:
+            out.append((f"{name}.bias", (n_out,)))
+
+    def norm(name: str, n: int) -> None:  # LayerNorm and GroupNorm alike: weight, bias
+        out.extend(((f"{name}.weight", (n,)), (f"{name}.bias", (n,))))
+
+    def mlp(name: str, glu: bool) -> None:
+        linear(f"{name}.fc1", d, 2 * cfg.mlp_dim if glu else cfg.mlp_dim)
+        linear(f"{name}.fc2", cfg.mlp_dim, d)
+
+    # VisionTransformer's own parameters first
+    for name, present, rows in (("cls_token", cfg.class_token, (1, 1)), ("dist_token", cfg.distilled, (1, 1)),
+                                ("reg_token", cfg.num_reg_tokens > 0, (1, cfg.num_reg_tokens)),
+                                ("mask_token", cfg.mask_token, (1,))):
+        if present:
+            out.append((name, (*rows, d)))
+    out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
+    if cfg.resnet_layers is not None:  # ResNetStem: root, then bottleneck units stage by stage
+        w = cfg.resnet_width
+        out.append(("stem.conv_root.weight", (w, cfg.in_chans, 7, 7)))
+        norm("stem.gn_root", w)
+        in_ch = w
+        for i, units in enumerate(cfg.resnet_layers):
+            features = w * 2 ** i
+            for j in range(units):
+                unit, stride = f"stem.stages.{i}.{j}", 2 if (i > 0 and j == 0) else 1
+                if in_ch != features * 4 or stride != 1:
+                    out.append((f"{unit}.conv_proj.weight", (features * 4, in_ch, 1, 1)))
+                    norm(f"{unit}.gn_proj", features * 4)
+                for conv, (c_out, c_in, k) in (("1", (features, in_ch, 1)), ("2", (features, features, 3)),
+                                               ("3", (features * 4, features, 1))):
+                    out.append((f"{unit}.conv{conv}.weight", (c_out, c_in, k, k)))
+                    norm(f"{unit}.gn{conv}", c_out)
+                in_ch = features * 4
+    p = cfg.patch_size
+    out.append(("patch_embed.weight", (d, cfg.embed_in_chans, p, p)))
+    if cfg.patch_bias:
+        out.append(("patch_embed.bias", (d,)))
+    if cfg.patch_norm:
+        norm("patch_norm_pre", cfg.embed_in_chans * p * p)
+        norm("patch_norm_post", d)
+    if cfg.norm_pre:
+        norm("norm_pre", d)
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        norm(f"{b}.norm1", d)
+        linear(f"{b}.attn.qkv", d, 3 * cfg.attn_dim, cfg.qkv_bias)
+        linear(f"{b}.attn.proj", cfg.attn_dim, d)
+        if cfg.layer_scale:
+            out.append((f"{b}.ls1.gamma", (d,)))
+        norm(f"{b}.norm2", d)
+        mlp(f"{b}.mlp", cfg.mlp == "swiglu")
+        if cfg.layer_scale:
+            out.append((f"{b}.ls2.gamma", (d,)))
+    if cfg.final_norm != "none":
+        norm("norm", d)
+    if cfg.classifier == "map":  # AttentionPool: the probe, then qkv, proj, norm, a plain MLP
+        out.append(("attn_pool.latent", (1, 1, d)))
+        linear("attn_pool.qkv", d, 3 * d)
+        linear("attn_pool.proj", d, d)
+        norm("attn_pool.norm", d)
+        mlp("attn_pool.mlp", glu=False)
+    if cfg.representation_size:
+        linear("pre_logits", d, cfg.representation_size)
+    if cfg.num_classes:
+        linear("head", cfg.head_in_dim, cfg.num_classes, cfg.head_bias)
+        if cfg.distilled:
+            linear("head_dist", d, cfg.num_classes)
+    for name, shape in out:  # what torch refuses to allocate, even on the meta device
+        if math.prod(shape) >= 2 ** 63:
+            raise OverflowError(f"{name} {shape} has more than 2**63 elements")
+    return tuple(out)
 
 
 def _json_fits(value: Any, hint: Any) -> bool:

@@ -244,11 +244,11 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """The canonical ViT. ``forward`` takes NCHW float32 images and returns logits.
 
-    ``forward_stages`` returns every intermediate the verifier compares (see
-    :data:`STAGES`); ``pooled`` and ``head_input`` are reachable there and through
-    :meth:`forward_head`. Inputs whose grid differs from the config's get their position
-    embeddings resized on the fly in the source family's way (``config.pos_resize``), as
-    ``npz2pt --image-size`` does.
+    ``forward_stages`` returns every intermediate the verifier compares (stem, embed, each
+    block's attention and MLP, encoded, pooled, head_input, logits); ``pooled`` and
+    ``head_input`` are reachable there and through :meth:`forward_head`. Inputs whose grid
+    differs from the config's get their position embeddings resized on the fly in the source
+    family's way (``config.pos_resize``), as ``npz2pt --image-size`` does.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -362,7 +362,7 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.head_input(self.pool(self.forward_features(x))))
 
     def forward_stages(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Every intermediate, in order: see :data:`STAGES` (``blocks.{i}.attn`` is the
+        """Every intermediate, in execution order (``blocks.{i}.attn`` is the
         residual stream after the attention half of block i, ``blocks.{i}.mlp`` after the
         whole block)."""
         out: Dict[str, torch.Tensor] = {}
@@ -381,15 +381,6 @@ class VisionTransformer(nn.Module):
         out["head_input"] = self.head_input(out["pooled"])
         out["logits"] = self.forward_head(out["head_input"])
         return out
-
-
-def stage_names(cfg: ViTConfig) -> List[str]:
-    """Names ``forward_stages`` returns for ``cfg``, in execution order."""
-    names = ["stem"] if cfg.resnet_layers is not None else []
-    names.append("embed")
-    for i in range(cfg.depth):
-        names += [f"blocks.{i}.attn", f"blocks.{i}.mlp"]
-    return names + ["encoded", "pooled", "head_input", "logits"]
 
 
 def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 import numpy as np
 
 from . import __version__, preprocess
-from .config import ViTConfig
+from .config import ViTConfig, parameter_shapes
 from .errors import BadInputError, MappingError, OutputError, first_line
 from .formats.atomic import atomic_directory, atomic_output, check_writable, refuse_clobber
-from .formats.base import TensorSource, TensorSpec, numpy_dtype, sha256_file
+from .formats.base import Deferred, TensorSource, TensorSpec, numpy_dtype, resolve, sha256_file
 from .formats.npz import NpzStreamWriter
 from .formats.open import open_source
 from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
@@ -64,13 +65,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: The canonical modules a new classifier replaces (``num_classes=``): the head, DeiT's
 #: distillation head, and Google's ``pre_logits``, which vit_jax drops when fine-tuning.
 HEAD_MODULES = ("head", "head_dist", "pre_logits")
-
-
-def parameter_shapes(cfg: ViTConfig) -> Dict[str, Tuple[int, ...]]:
-    """The canonical model's tensor shapes (:func:`vitconv.model.parameter_shapes`)."""
-    from .model import parameter_shapes as shapes  # torch: only once a model is mapped
-
-    return shapes(cfg)
 
 
 # --------------------------------------------------------------------------- reading
@@ -690,6 +684,17 @@ def _named_as(final: Path, folder: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _hashing(path: Path) -> Iterator["Future[str]"]:
+    """The SHA-256 of ``path``, computed on a thread of its own; leaving stops it early."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="vitconv-hash") as pool:
+        try:
+            yield pool.submit(sha256_file, path, stop=stop)
+        finally:
+            stop.set()
+
+
 def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
             num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
             patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
@@ -720,18 +725,25 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     refuse_clobber([dst], [src])
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
-    with open_checkpoint(src, image_size=image_size, num_heads=num_heads, require_layout=require_layout,
-                         dtype=dtype, overrides=overrides, patch_size=patch_size, labels=labels,
-                         num_classes=num_classes) as ckpt:
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(
+            src, image_size=image_size, num_heads=num_heads, require_layout=require_layout, dtype=dtype,
+            overrides=overrides, patch_size=patch_size, labels=labels, num_classes=num_classes))
         refuse_clobber([dst], [src, *ckpt.source.files()])
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
-        digest = source_sha256 or (sha256_file(ckpt.source.files()[0]) if hash_source else "")
+        # The source's hash is a second read of the whole file: it runs on its own thread
+        # beside the conversion, and the writers put it in place of its placeholder at the end.
+        digest: str = source_sha256 or ""
+        if hash_source and not source_sha256:
+            digest = Deferred(stack.enter_context(_hashing(ckpt.source.files()[0])), 64)
         extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
                  "vitconv_version": __version__, **(metadata or {})}
         specs = ckpt.specs()
         checked: List[Any] = []
 
         def commit(temporaries: List[Path]) -> None:
+            nonlocal digest
+            digest = resolve(digest)
             if on_written is not None:
                 checked.append(on_written(ckpt, layout, container, temporaries, digest))
             if before_commit is not None:

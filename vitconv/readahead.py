@@ -3,7 +3,7 @@
 Why: a streaming conversion does three kinds of work per tensor — read it (``preadv``
 plus a CRC-32 check), map it (mostly Dense-kernel transposes) and write it — and all three
 spend their time in calls that release the GIL. The writer already runs on its own thread
-(:class:`vitconv.stream._Pipelined`); without read-ahead, reading and mapping still take
+(:class:`vitconv.pipeline._Pipelined`); without read-ahead, reading and mapping still take
 turns on the caller's thread, so on a ViT-L/16 about a quarter of the wall time is reads
 that a second core could have done meanwhile.
 

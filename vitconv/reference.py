@@ -3,7 +3,7 @@
 Why a second implementation: the canonical PyTorch model is produced by the converter's
 mapping tables, so checking it against itself proves nothing about the mapping. This module
 shares no mapping code with the converter (it imports none of ``vitconv.rules``,
-``vitconv.layouts``, ``vitconv.model``): it reads Google's arrays in Google's own layouts
+``vitconv.pipeline``, ``vitconv.model``): it reads Google's arrays in Google's own layouts
 (HWIO conv kernels, ``(D, heads, head_dim)`` q/k/v kernels, ``(heads, head_dim, D)`` out
 kernel, ``(1, 1, 1, C)`` GroupNorm parameters) and follows ``vit_jax/models_vit.py`` and
 ``vit_jax/models_resnet.py`` line by line, in float64 by default so that its own rounding

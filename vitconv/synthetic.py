@@ -17,10 +17,9 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from .config import ViTConfig
+from .config import ViTConfig, parameter_shapes
 from .formats.base import TensorSpec
 from .formats.npz import NpzStreamWriter
-from .pipeline import parameter_shapes
 from .rules import LAYOUTS
 from .rules.base import foreign_shapes
 

@@ -127,14 +127,9 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     to disk one at a time (:mod:`~vitconv.export.onnx_stream`): never a protobuf holding every
     weight, at either precision.
 
-    The checker and onnxruntime are given an inline file as :func:`~vitconv.export.
-    onnx_stream.write` describes it: the same graph, each weight external data at its offset
-    in the file itself. They read the file's own bytes, the graph and every weight, without
-    parsing the weights into one message first (onnxruntime held that message while it built
-    its tensors: L/16 float16 1.99 -> 1.40 GB for the session). That the one file parses as
-    this graph, in onnx and onnxruntime alike, is what
-    ``tests/test_export_onnx.py::test_the_streamed_file_is_the_protobuf_the_whole_model_gives``
-    and the tests that run inline files in onnxruntime hold."""
+    The checker and onnxruntime read an inline file through its light description
+    (:func:`~vitconv.export.onnx_stream.write`: each weight external data at its offset in the
+    file itself), so no message ever holds every weight."""
     import onnx
     import torch
 

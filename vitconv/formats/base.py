@@ -5,25 +5,43 @@ is :mod:`vitconv.formats.open`'s job."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import mmap
 import os
+import stat
 import sys
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import BadInputError, OutputError, first_line
 
-#: bfloat16 as a numpy dtype (``ml_dtypes``, which onnx and jax use too); numpy has none.
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+@functools.cache
+def bfloat16() -> np.dtype:
+    """bfloat16 as a numpy dtype (``ml_dtypes``, which onnx and jax use too); numpy has none.
+
+    Loaded on first use: ``ml_dtypes``' extension takes 0.6-0.9 s to load here, longer than a
+    whole small conversion, and most conversions never meet a bfloat16 tensor (big_vision's
+    bfloat16 members arrive as 2-byte voids and widen without it)."""
+    import ml_dtypes  # noqa: PLC0415 (deferred for start-up time, see above)
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def __getattr__(name: str):
+    if name == "BFLOAT16":  # the dtype, for callers that name it as a constant
+        return bfloat16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """``np.dtype(name)``, with ``bfloat16`` too."""
-    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 class TensorSource:
@@ -105,12 +123,76 @@ class DictSource(TensorSource):
         return np.asarray(self._arrays[key])
 
 
-def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
+def sha256_file(path: os.PathLike | str, chunk: int = 16 << 20,
+                stop: Optional[threading.Event] = None) -> str:
+    """The file's SHA-256, hex. A regular file is hashed through a mapping of ``chunk`` bytes
+    at a time (no copy into a buffer: a quarter of the work of reading it, here), anything
+    else read into one reused buffer. Hashing releases the GIL, so it runs beside other work
+    on another core. ``stop``, once set, ends it early (the digest is then of no use)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode):
+            for offset in range(0, st.st_size, chunk):
+                if stop is not None and stop.is_set():
+                    break
+                with mmap.mmap(f.fileno(), min(chunk, st.st_size - offset), access=mmap.ACCESS_READ,
+                               offset=offset) as window:
+                    h.update(window)
+            return h.hexdigest()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while stop is None or not stop.is_set():
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
     return h.hexdigest()
+
+
+class Deferred(str):
+    """A metadata string known only once the output's bytes are written, such as the source's
+    SHA-256 while another thread is still hashing it.
+
+    Until then it *is* its placeholder (``length`` zeros), so a writer lays out its header or
+    pickle with it, and the final value, of the same length, takes its place when the writer
+    finishes (:func:`resolve`): the file's bytes are those the value would have given up front.
+    Why: a conversion need not wait for the hash (a second read of the whole source) before
+    it writes its first byte; the two run side by side."""
+
+    future: "Future[str]"
+
+    def __new__(cls, future: "Future[str]", length: int) -> "Deferred":
+        self = super().__new__(cls, "0" * length)
+        self.future = future
+        return self
+
+    def result(self) -> str:
+        value = self.future.result()
+        if len(value) != len(self):
+            raise ValueError(f"a deferred value of {len(self)} characters came as {len(value)}")
+        return value
+
+
+def resolve(obj: Any) -> Any:
+    """``obj`` with every :class:`Deferred` inside (dict values, lists, tuples) replaced by its value."""
+    if isinstance(obj, Deferred):
+        return obj.result()
+    if isinstance(obj, dict):
+        return {k: resolve(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(resolve(v) for v in obj)
+    return obj
+
+
+def has_deferred(obj: Any) -> bool:
+    if isinstance(obj, Deferred):
+        return True
+    if isinstance(obj, dict):
+        return any(has_deferred(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_deferred(v) for v in obj)
+    return False
 
 
 def tensor_to_numpy(t: Any, key: str, path: Optional[os.PathLike | str]) -> np.ndarray:

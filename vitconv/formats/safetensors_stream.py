@@ -25,18 +25,18 @@ import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
-from .base import BFLOAT16, StreamWriter, TensorSpec
+from .base import StreamWriter, TensorSpec, has_deferred, resolve
 from .writeback import Writeback
 
 #: Shard above this many bytes of tensor data: Hugging Face's ``max_shard_size="5GB"`` default
 #: (decimal units), used by every writer of sharded outputs.
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
-#: numpy dtype -> safetensors dtype tag (the formats' common ground; bf16 through ml_dtypes).
-DTYPE_TAGS: Dict[np.dtype, str] = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
-    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL", BFLOAT16: "BF16",
+#: numpy dtype name -> safetensors dtype tag (the formats' common ground; bf16 through ml_dtypes,
+#: named so that it loads only where one is met).
+DTYPE_TAGS: Dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "bfloat16": "BF16",
 }
 
 
@@ -55,10 +55,10 @@ def build_header(specs: Sequence[TensorSpec], metadata: Optional[Mapping[str, st
     offset = 0
     for s in specs:
         dt = np.dtype(s.dtype)
-        if dt not in DTYPE_TAGS:
+        if not dt.isnative or dt.name not in DTYPE_TAGS:
             raise ValueError(f"{s.name}: dtype {dt} has no safetensors equivalent")
         end = offset + s.nbytes
-        header[s.name] = {"dtype": DTYPE_TAGS[dt], "shape": [int(d) for d in s.shape],
+        header[s.name] = {"dtype": DTYPE_TAGS[dt.name], "shape": [int(d) for d in s.shape],
                           "data_offsets": [offset, end]}
         offset = end
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -117,6 +117,7 @@ class SafetensorsStreamWriter(StreamWriter):
         self._handles: List = []
         self._writeback: List[Writeback] = []
         self._index_tmp: Optional[Path] = None
+        self._header_bytes: List[int] = []
 
     def _open(self, stack: contextlib.ExitStack) -> None:
         if self.sharded:  # entered first, so renamed last: the index appears only when all shards have
@@ -124,7 +125,7 @@ class SafetensorsStreamWriter(StreamWriter):
         for final, group in zip(self.files, self.shards):
             tmp = stack.enter_context(atomic_output(final))
             f = stack.enter_context(open(tmp, "wb"))
-            f.write(build_header(group, self.metadata))
+            self._header_bytes.append(f.write(build_header(group, self.metadata)))
             self._handles.append(f)
             self._writeback.append(Writeback(f))
 
@@ -137,9 +138,16 @@ class SafetensorsStreamWriter(StreamWriter):
         self._writeback[shard].advance()
 
     def _finish(self) -> List[Path]:
-        """Data flushed, index written: temporary paths, data files first, the index last."""
+        """Data flushed, deferred metadata written in place of its placeholders (each header
+        keeps its length), index written: temporary paths, data files first, the index last."""
         for f in self._handles:
             f.flush()
+        if has_deferred(self.metadata):
+            self.metadata = resolve(self.metadata)
+            for f, group, laid_out in zip(self._handles, self.shards, self._header_bytes):
+                header = build_header(group, self.metadata)
+                if len(header) != laid_out or os.pwrite(f.fileno(), header, 0) != laid_out:
+                    raise OutputError("the header could not be rewritten in place", self.path)
         if self.sharded:
             self._write_index()
         return [Path(f.name) for f in self._handles] + ([self._index_tmp] if self._index_tmp else [])

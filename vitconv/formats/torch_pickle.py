@@ -21,16 +21,13 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from .base import BFLOAT16
-
-#: numpy dtype -> the ``torch.<Name>Storage`` class torch names in a tensor's persistent id.
-STORAGE_TYPES: Dict[np.dtype, str] = {
-    np.dtype(np.float64): "DoubleStorage", np.dtype(np.float32): "FloatStorage",
-    np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",
-    np.dtype(np.int32): "IntStorage", np.dtype(np.int16): "ShortStorage",
-    np.dtype(np.int8): "CharStorage", np.dtype(np.uint8): "ByteStorage",
-    np.dtype(np.bool_): "BoolStorage", np.dtype(np.complex64): "ComplexFloatStorage",
-    np.dtype(np.complex128): "ComplexDoubleStorage", BFLOAT16: "BFloat16Storage",
+#: numpy dtype name -> the ``torch.<Name>Storage`` class torch names in a tensor's persistent id
+#: (by name: ``bfloat16`` is ``ml_dtypes``' dtype, which loads only where one is met).
+STORAGE_TYPES: Dict[str, str] = {
+    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
+    "int64": "LongStorage", "int32": "IntStorage", "int16": "ShortStorage", "int8": "CharStorage",
+    "uint8": "ByteStorage", "bool": "BoolStorage", "complex64": "ComplexFloatStorage",
+    "complex128": "ComplexDoubleStorage", "bfloat16": "BFloat16Storage",
 }
 
 
@@ -132,14 +129,14 @@ def _emit_tuple(items: tuple, out: bytearray) -> None:
 
 def _emit_tensor(t: StoredTensor, out: bytearray) -> None:
     dtype = np.dtype(t.dtype)
-    if dtype not in STORAGE_TYPES:
+    if not dtype.isnative or dtype.name not in STORAGE_TYPES:
         raise TypeError(f"no torch storage type for numpy dtype {dtype}")
     numel = int(np.prod(t.shape, dtype=np.int64))
     out += _global("torch._utils", "_rebuild_tensor_v2") + _MARK
     # The storage, as a persistent id the loader resolves to record data/<key>.
     out += _MARK
     _emit("storage", out)
-    out += _global("torch", STORAGE_TYPES[dtype])
+    out += _global("torch", STORAGE_TYPES[dtype.name])
     _emit(t.key, out)
     _emit("cpu", out)
     _emit(numel, out)

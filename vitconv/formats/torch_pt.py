@@ -85,6 +85,10 @@ def flatten_state_dict(obj: Any, path: Optional[str] = None) -> Dict[str, Any]:
     raise BadInputError("holds no state dict (no mapping of names to tensors found)", path)
 
 
+#: The entries of vitconv's ``.pt`` wrapper that are not provenance strings.
+_PAYLOAD_KEYS = ("format", "format_version", "config", "state_dict")
+
+
 def open_torch(path: os.PathLike | str) -> DictSource:
     obj = load_torch_file(path)
     meta: Dict[str, str] = {}
@@ -93,10 +97,11 @@ def open_torch(path: os.PathLike | str) -> DictSource:
             meta["vitconv_config"] = json.dumps(obj.get("config"))
         except (TypeError, ValueError, RecursionError) as e:
             raise BadInputError(f"vitconv config is not plain data ({first_line(e)})", path) from None
-        for k in ("source_sha256", "source", "vitconv_version", "vitconv_verified", "vitconv_preprocessing",
-                  "vitconv_labels"):
-            if k in obj:
-                meta[k] = str(obj[k])
+        # every provenance string the writer recorded beside the config and the weights (as a
+        # safetensors header keeps them all): a batch rerun decides from its row and fingerprint
+        for k, v in obj.items():
+            if isinstance(k, str) and k not in _PAYLOAD_KEYS and isinstance(v, str):
+                meta[k] = v
     tensors = flatten_state_dict(obj, os.fspath(path))
     return DictSource({k: tensor_to_numpy(v, k, path) for k, v in tensors.items()},
                       path=os.fspath(path), metadata=meta)

@@ -22,14 +22,15 @@ import os
 import struct
 import sys
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import OutputError
 from .atomic import atomic_output
-from .base import StreamWriter, TensorSpec
+from .base import StreamWriter, TensorSpec, has_deferred, resolve
 from .torch_pickle import StoredTensor, dumps
 from .torch_pt import FORMAT_NAME, FORMAT_VERSION
 from .writeback import Writeback
@@ -70,24 +71,26 @@ class PtStreamWriter(StreamWriter):
         if sorted(self.state_order) != sorted(s.name for s in self.specs):
             raise ValueError("state_order must name every tensor of specs once")
 
-    def payload_pickle(self) -> bytes:
-        """``data.pkl``: each tensor's storage key is its position in the write order."""
+    def payload(self) -> Any:
+        """The pickled object: each tensor's storage key is its position in the write order."""
         key = {s.name: (str(i), s) for i, s in enumerate(self.specs)}
         state = {n: StoredTensor(key[n][0], np.dtype(key[n][1].dtype), tuple(key[n][1].shape))
                  for n in self.state_order}
-        return dumps(self.wrap(state))
+        return self.wrap(state)
 
     def _open(self, stack: contextlib.ExitStack) -> None:
         tmp = stack.enter_context(atomic_output(self.path))
         self._zip = stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
         self._writeback = Writeback(self._zip.fp)
-        self._record("data.pkl", self.payload_pickle())
+        # deferred metadata as its placeholders (:class:`~.base.Deferred`) until _finish
+        self._pickle_at = self._record("data.pkl", dumps(self.payload()))
         self._record(".format_version", b"1")
         self._record(".storage_alignment", str(ALIGNMENT).encode())
         self._record("byteorder", sys.byteorder.encode())
 
-    def _record(self, name: str, data) -> None:
-        """One stored record, its data starting on an ``ALIGNMENT`` boundary."""
+    def _record(self, name: str, data) -> Tuple[zipfile.ZipInfo, int]:
+        """One stored record, its data starting on an ``ALIGNMENT`` boundary; returns its
+        ``ZipInfo`` and where its data starts."""
         if isinstance(data, np.ndarray):  # raw bytes (bfloat16 has no buffer format)
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         buf = memoryview(data).cast("B")
@@ -104,16 +107,34 @@ class PtStreamWriter(StreamWriter):
         pad = -start % ALIGNMENT
         info.extra = struct.pack("<HH", _PAD_FIELD, pad) + b"Z" * pad
         with self._zip.open(info, "w", force_zip64=zip64) as f:
-            if self._zip.fp.tell() % ALIGNMENT:
+            start = self._zip.fp.tell()
+            if start % ALIGNMENT:
                 raise OutputError(f"record {name} would start unaligned", self.path)
             f.write(buf)
         self._writeback.advance()  # after zipfile has rewritten the header and moved to the end
+        return info, start
+
+    def _rewrite_pickle(self, data: bytes) -> None:
+        """``data.pkl`` replaced by ``data`` of the same length, its CRC-32 in the local header
+        and (when the archive closes) the central directory."""
+        info, start = self._pickle_at
+        if len(data) != info.file_size:
+            raise OutputError("data.pkl could not be rewritten in place", self.path)
+        self._zip.fp.flush()
+        fd = self._zip.fp.fileno()
+        info.CRC = zlib.crc32(data)
+        os.pwrite(fd, data, start)
+        os.pwrite(fd, struct.pack("<I", info.CRC), info.header_offset + 14)  # the local header's CRC-32
 
     def _write(self, index: int, a: np.ndarray) -> None:
         self._record(f"data/{index}", np.ascontiguousarray(a).reshape(-1))
 
     def _finish(self) -> List[Path]:
-        """The last record and the central directory: the archive's temporary path."""
+        """Deferred metadata written in place, the last record and the central directory: the
+        archive's temporary path."""
+        payload = self.payload()
+        if has_deferred(payload):
+            self._rewrite_pickle(dumps(resolve(payload)))
         self._record("version", b"3\n")
         self._zip.close()
         return [Path(self._zip.filename)]

@@ -1,6 +1,6 @@
-"""The canonical layout itself: one identity row per tensor of the canonical model, taken from
-the model's own ``state_dict`` (:func:`vitconv.model.parameter_shapes`), so a canonical file
-is audited like any other and a module added to the model needs no row written here.
+"""The canonical layout itself: one identity row per tensor of the canonical model's
+``state_dict`` (:func:`vitconv.config.parameter_shapes`, held to the model by a test), so a
+canonical file is audited like any other and a module added to the model needs no row written here.
 
 A canonical file carries its whole :class:`~vitconv.config.ViTConfig` as the
 ``vitconv_config`` metadata string (safetensors ``__metadata__``, the ``config`` entry of a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
-from ..config import ViTConfig
+from ..config import ViTConfig, parameter_shapes
 from ..errors import BadInputError, MappingError, first_line
 from ..formats.json_doc import parse_json
 from .base import Carry, Rule
@@ -24,8 +24,6 @@ CONFIG_KEY = "vitconv_config"
 
 
 def table(cfg: ViTConfig) -> Tuple[Rule, ...]:
-    from ..model import parameter_shapes  # torch: imported only when a table is asked for
-
     return tuple(Rule(name, (name,), IDENTITY) for name in parameter_shapes(cfg))
 
 

@@ -74,11 +74,6 @@ def find_prefix(keys: Sequence[str], path: Optional[str] = None) -> str:
     return prefix_holding(keys, PREFIXES, "embedding/kernel", "Google ViT", path)
 
 
-def block_sort_key(key: str) -> Tuple:
-    """Sort ``encoderblock_10`` after ``encoderblock_2`` (files list them lexically)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
-
-
 def infer_config(probe: Probe):
     """Read the architecture off the tensors' shapes alone (prefix already stripped).
 
