@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from vitconv.errors import MappingError
+from vitconv.formats.atomic import refuse_clobber
 from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_bytes
 from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
 from vitconv.storage import local_input
@@ -46,6 +47,7 @@ def inspect(ctx: click.Context, src: str, as_json: bool, plot_posembed: Path | N
     quiet = (ctx.obj or {}).get("quiet")
     if plot_posembed is not None:
         require_matplotlib()  # fail before any work, not after
+        refuse_clobber([plot_posembed], [src, *(Path(src).rglob("*") if Path(src).is_dir() else ())])
     err = sys.stderr
     with local_input(src) as (path, _):  # a URL is staged (vitconv.storage)
         size = total_bytes(path) if path.exists() else 0

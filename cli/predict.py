@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import click
 
-from vitconv.predict import open_predictor, predict as predict_images
+from vitconv.predict import display_name, open_predictor, predict as predict_images
 
 from .common import arch_option, labels_option, say, with_arch
 
@@ -38,11 +38,11 @@ def predict(ctx: click.Context, ckpt: Path, images: Tuple[Path, ...], top_k: int
                            overrides=with_arch({}, arch))
     results = predict_images(model, images, top_k=top_k)
     if as_json:
-        click.echo(json.dumps({"model": str(ckpt), "runtime": model.runtime, "image_size": model.image_size,
+        click.echo(json.dumps({"model": display_name(ckpt), "runtime": model.runtime, "image_size": model.image_size,
                                "preprocessing": model.usage.preprocessing.describe(),
                                "predictions": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False))
         return
-    say(ctx, f"model   {ckpt} ({model.runtime}, {model.image_size}px)")
+    say(ctx, f"model   {display_name(ckpt)} ({model.runtime}, {model.image_size}px)")
     say(ctx, f"input   {model.usage.preprocessing.describe()}")
     for r in results:
         for line in r.lines():

@@ -108,6 +108,7 @@ SYSTEM_MODULES = {
     "test_batch_rerun.py": "worker processes",
     "test_atomic.py": "children killed by SIGKILL, SIGINT and SIGTERM at chosen moments",
     "test_bench.py": "benchmarks in fresh processes",
+    "test_same_file.py": "every writing command as a child process, batch workers, a silent HTTP server",
 }
 #: ``slow``: single tests of 5 s or more on this 2-core machine while it is busy (all of a
 #: test's parameters). Each is still in CI.
@@ -130,6 +131,8 @@ SLOW_TESTS = (
     "test_big_vision.py::test_exports_with_dynamic_size",
     "test_verify_libraries.py::test_timm_state_dict_and_directory",
     "test_convert_verify.py::test_plain_verify_proves_a_rounded_file_later",
+    "test_onnx_inputs.py::test_forged_and_foreign_onnx_inputs_fail_in_one_line",
+    "test_predict_images.py::test_postscript_and_other_formats_named_as_images_never_run_a_program",
 )
 
 

@@ -332,7 +332,7 @@ def test_refuses_to_overwrite_its_own_source(tmp_path):
     before = src.read_bytes()
     r = CliRunner().invoke(main, ["npz2pt", str(src), "-o", str(src)])
     assert r.exit_code != 0
-    _check_one_line(r.stderr, "model.npz", "overwrite the source")
+    _check_one_line(r.stderr, "model.npz", "would overwrite the input")
     assert src.read_bytes() == before and _listing(tmp_path) == ["model.npz"]
 
 
@@ -403,8 +403,8 @@ def test_hf_directory_onto_its_own_weights_file(tmp_path):
     src = tmp_path / "vit_hf"
     vitconv.convert(GOLDEN, src, to="hf", hash_source=False)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    for dst, words in ((src / "model.safetensors", "output would overwrite the source"),
-                       (src, "exists and is not an empty directory")):
+    for dst, words in ((src / "model.safetensors", "would overwrite the input"),
+                       (src, "would overwrite the input")):
         r = CliRunner().invoke(main, ["convert", str(src), str(dst)])
         assert r.exit_code == 1, r.output
         _check_one_line(r.stderr, dst.name, words)

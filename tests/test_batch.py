@@ -136,7 +136,9 @@ def test_every_good_row_converted_and_verified_and_the_bad_ones_fail_alone(zoo, 
         r = rows[Path(b["dst"]).name]
         single = _cli("convert", b["src"], root / "single.safetensors", "--verify")
         assert r["status"] == "failed" and r["exit_code"] == single.exit_code == 2
-        assert single.stderr == f"vitconv: error: {r['error']}\n"  # the single command's one line
+        # the single command's one line, naming the row
+        assert r["error"].startswith(f"line {r['line']}: {b['src']}: ")
+        assert single.stderr == f"vitconv: error: {r['error'].split(': ', 1)[1]}\n"
         assert not (root / Path(b["dst"])).exists()
         assert f"vitconv: error: {r['error']}" in result.stderr
     assert not (root / "PWNED").exists()  # the hostile pickle ran nothing

@@ -101,7 +101,7 @@ def test_batch_from_http_and_s3_to_s3_resumes_from_remote_metadata(s3, tmp_path)
         assert [status[n].status for n in ("http_token.safetensors", "token_hf", "gap_timm", "gap.safetensors")] == \
             ["ok"] * 4, [(r.dst, r.error) for r in first.rows]
         assert status["absent.safetensors"].status == "failed"
-        assert status["absent.safetensors"].error == "s3://zoo/src/absent.npz: no such object"
+        assert status["absent.safetensors"].error == "line 5: s3://zoo/src/absent.npz: no such object"
         # the HTTP source was read in ranges, once: no byte of it twice
         got = [s for s in http.sent if s[0] == "/tiny_token_p8_32.npz"]
         assert got and all(r is not None for _, r, _ in got)

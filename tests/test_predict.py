@@ -176,8 +176,8 @@ def test_predict_refuses_bad_images_in_one_line(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpx of one bit: a few KB on disk
     src = str(golden_path("jax/tiny_token_p8_32.npz"))
-    for bad, words in ((junk, "not an image Pillow can read"), (truncated, "unreadable"),
-                       (bomb, "not an image Pillow can read"), (tmp_path / "none.png", "no such file")):
+    for bad, words in ((junk, "not an image in a format predict reads"), (truncated, "unreadable"),
+                       (bomb, "image too large to decode"), (tmp_path / "none.png", "no such file")):
         r = CliRunner().invoke(main, ["predict", src, str(bad)])
         assert r.exit_code == 2, r.output
         lines = r.stderr.splitlines()

@@ -32,10 +32,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from . import __version__, storage
 from .card import convert
 from .config import parse_settings
-from .errors import BadInputError, VitconvError, failure, one_line
+from .errors import BadInputError, OutputError, VitconvError, failure, one_line
 from .formats.atomic import atomic_output, check_writable
 from .formats.base import sha256_file
 from .formats.open import open_source
+from .pipeline import DTYPES
+from .targets import candidates
 
 PathLike = Union[str, os.PathLike]
 
@@ -95,7 +97,7 @@ class RowResult:
 
     def line_text(self) -> str:
         if self.status == "failed":
-            return f"failed   line {self.line}: {self.error}"
+            return f"failed   {self.error}"
         what = f"{self.src} -> {self.dst}"
         if self.status == "skipped":
             return f"skipped  {what} (already converted from the same source and verified)"
@@ -122,6 +124,8 @@ def _value(name: str, raw: Any, csv_text: bool, where: str) -> Any:
         raise BadInputError(f"{where}: {name} must be true or false, got {one_line(raw, 40)!r}")
     if not isinstance(raw, want) or (want is int and isinstance(raw, bool)):
         raise BadInputError(f"{where}: {name} must be {want.__name__}, got {type(raw).__name__}")
+    if want is str and "\x00" in raw:  # no path or name holds one; os calls would raise on it
+        raise BadInputError(f"{where}: {name} contains a NUL byte")
     if want is int and raw <= 0:
         raise BadInputError(f"{where}: {name} must be positive, got {raw}")
     return raw
@@ -176,7 +180,7 @@ def read_manifest(path: PathLike) -> List[Row]:
                 raise BadInputError(f"line {n}: unknown key(s) {', '.join(repr(one_line(k, 40)) for k in unknown)} "
                                     f"(known: {', '.join(COLUMNS)})", p)
             raw_rows.append((n, rec))
-    rows, seen = [], {}
+    rows, seen = [], _Places()
     for n, rec in raw_rows:
         where = f"line {n}"
         try:
@@ -187,23 +191,67 @@ def read_manifest(path: PathLike) -> List[Row]:
             if not values.get(need):
                 raise BadInputError(f"{where}: {need} is missing", p)
         values["src"], values["dst"] = _resolve(values["src"], base), _resolve(values["dst"], base)
+        try:  # an unknown target, or one the output's container cannot hold: said before any work
+            candidates(values["dst"], values.get("to"))
+            if values.get("dtype") is not None and values["dtype"] not in DTYPES:
+                raise BadInputError(f"unknown dtype {values['dtype']!r} (known: {', '.join(DTYPES)})")
+        except BadInputError as e:
+            raise BadInputError(f"{where}: {e.message}", p) from None
         if values.get("verify") is None:
             values.pop("verify", None)
         try:
             parse_settings((values.get("set") or "").split())
         except ValueError as e:
             raise BadInputError(f"{where}: set: {e}", p) from None
-        key = os.path.normpath(values["dst"]) if not storage.is_url(values["dst"]) else values["dst"].rstrip("/")
-        if key in seen:
-            raise BadInputError(f"{where}: dst {values['dst']} is also line {seen[key]}'s output", p)
-        seen[key] = n
+        other = seen.find(values["dst"])
+        if other is not None:
+            raise BadInputError(f"{where}: dst {values['dst']} is also {other}", p)
+        seen.add(values["dst"], f"line {n}'s output")
         rows.append(Row(line=n, **{k: v for k, v in values.items() if v is not None}))
     if not rows:
         raise BadInputError("manifest has no rows", p)
+    sources = _Places((r.src, f"line {r.line}'s src") for r in rows)
+    sources.add(os.fspath(p), "the manifest itself")
+    for row in rows:  # a row writing over a source (its own or another row's), or the manifest
+        hit = sources.find(row.dst)
+        if hit is not None:
+            raise BadInputError(f"line {row.line}: dst {row.dst} is {hit}", p)
     return rows
 
 
-# --------------------------------------------------------------------------- provenance
+class _Places:
+    """Paths by where they land, however spelled: a URL without its trailing slash; a local
+    path resolved (``./``, ``..``, symlinked directories on the way) and, when it exists, by
+    its inode (a hard link). One pass over a 50,000-row manifest, no pairwise comparison."""
+
+    def __init__(self, items=()):
+        self.by_place: Dict[str, str] = {}
+        self.by_inode: Dict[tuple, str] = {}
+        for path, what in items:
+            self.add(path, what)
+
+    @staticmethod
+    def _keys(path: str) -> tuple:
+        if storage.is_url(path):
+            return path.rstrip("/"), None
+        try:
+            st = os.stat(path)
+            inode = (st.st_dev, st.st_ino)
+        except OSError:
+            inode = None
+        return os.path.realpath(path), inode
+
+    def add(self, path: str, what: str) -> None:
+        place, inode = self._keys(path)
+        self.by_place.setdefault(place, what)
+        if inode is not None:
+            self.by_inode.setdefault(inode, what)
+
+    def find(self, path: str) -> Optional[str]:
+        place, inode = self._keys(path)
+        return self.by_place.get(place) or (self.by_inode.get(inode) if inode is not None else None)
+
+
 def output_provenance(dst: str) -> Optional[Dict[str, str]]:
     """The provenance metadata an existing output holds (a safetensors header, a shard index,
     a vitconv ``.pt``), None where it has none or does not exist."""
@@ -302,6 +350,13 @@ def _peak() -> Optional[int]:
     return _proc_bytes("/proc/self/status", "VmHWM")
 
 
+def row_error(row: Row, message: str) -> str:
+    """A row's one-line error, naming the row: its line and (unless the message starts with
+    it) its ``src``."""
+    src = one_line(row.src, 300)
+    return f"line {row.line}: {message}" if message.startswith(src) else f"line {row.line} ({src}): {message}"
+
+
 def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = None,
             command: str = "vitconv batch") -> RowResult:
     """Convert (and verify) one row, or skip it if its output is current; never raises for a
@@ -316,6 +371,7 @@ def run_row(row: Row, force: bool = False, previous: Optional[Dict[str, Any]] = 
             raise
         result.status = "failed"
         result.error, result.exit_code = failure(e)
+        result.error = row_error(row, result.error)
     result.wall_s = time.perf_counter() - start
     result.cpu_s = time.process_time() - cpu
     result.peak_rss_bytes = _peak()
@@ -386,7 +442,8 @@ def estimate_bytes(row: Row) -> int:
         size = sum(f.stat().st_size for f in _output_files([row.src])) if p.exists() else 0
     else:
         try:
-            fs, remote = storage.filesystem(row.src)
+            # an estimate: the scheduler waits on it, so a silent server is given less time
+            fs, remote = storage.filesystem(row.src, timeout=min(5.0, storage.network_timeout()))
             info = fs.info(remote)  # (not isdir: over HTTP that GETs the whole object to look for links)
             size = int(fs.du(remote) if info.get("type") == "directory" else info.get("size") or 0)
         except Exception:
@@ -533,15 +590,15 @@ def run_local(rows: Sequence[Row], *, workers: Optional[int] = None, force: bool
                     report(fut.result())
                 except KeyboardInterrupt:  # the worker was signalled, not this process
                     report(RowResult(row.line, row.src, row.dst, "failed", exit_code=130, options=row.options(),
-                                     error=f"{row.src}: worker process interrupted"))
+                                     error=row_error(row, "worker process interrupted")))
                 except cf.process.BrokenProcessPool:
                     broken = True
                     if alone:  # it was the only row: its own doing
                         deaths[row.line] = deaths.get(row.line, 0) + 1
                     if deaths.get(row.line, 0) >= 2:
                         report(RowResult(row.line, row.src, row.dst, "failed", exit_code=1, options=row.options(),
-                                         error="worker process died (killed, or out of memory) while converting "
-                                               f"{row.src}; retried alone, it died again"))
+                                         error=row_error(row, "worker process died (killed, or out of memory); "
+                                                              "retried alone, it died again")))
                     else:
                         solo.append(row)
             if broken:
@@ -621,7 +678,7 @@ def run_ray(rows: Sequence[Row], *, address: Optional[str] = None, force: bool =
                 res = ray.get(done[0])
             except Exception as e:  # the task itself was lost (every retry failed)
                 text, code = failure(e)
-                res = RowResult(row.line, row.src, row.dst, "failed", error=f"Ray task lost: {text}",
+                res = RowResult(row.line, row.src, row.dst, "failed", error=row_error(row, f"Ray task lost: {text}"),
                                 exit_code=code, options=row.options())
             results.append(res)
             if on_result is not None:
@@ -646,6 +703,11 @@ def run_batch(manifest: PathLike, *, workers: Optional[int] = None, ray: Union[b
     record of outputs that cannot hold metadata."""
     rows = read_manifest(manifest)
     if report is not None:
+        taken = _Places([(os.fspath(manifest), "the manifest"), *((r.src, f"line {r.line}'s src") for r in rows),
+                         *((r.dst, f"line {r.line}'s dst") for r in rows)])
+        hit = taken.find(os.fspath(report))
+        if hit is not None:
+            raise OutputError(f"the report would overwrite {hit}; pick another name", report)
         check_writable(report)
     if on_start is not None:
         on_start(rows)

@@ -31,7 +31,7 @@ from typing import List, Mapping, Optional, Union
 import numpy as np
 
 from .errors import BadInputError, VerificationError, first_line
-from .formats.atomic import atomic_output
+from .formats.atomic import atomic_output, refuse_clobber, same_file
 from .formats.base import sha256_file
 from .library_reference import LAYOUTS as LIBRARY_LAYOUTS
 from .library_reference import LibraryMissing
@@ -256,6 +256,7 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
         if not p.is_file():
             raise BadInputError("no such file", p)
     manifest_path = directory / MANIFEST
+    refuse_clobber([manifest_path], list(srcs.values()))
     manifest = load_manifest(directory) if manifest_path.exists() else {
         "description": "Golden cases: checkpoints with outputs computed by independent code.",
         "cases": []}
@@ -282,9 +283,14 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
            "input": _place(srcs["input"], directory, f"{folder}/{srcs['input'].name}")}
     for k in expected:
         rel[k] = _place(srcs[k], directory, f"{folder}/{name}.{k}.npy")
+    copies = {k: directory / r for k, r in rel.items() if not same_file(directory / r, srcs[k])}
+    for k, dest in copies.items():  # a copy must not land on another of the case's files
+        refuse_clobber([dest], list(srcs.values()))
+    distinct = {os.path.realpath(srcs[k]): dest for k, dest in copies.items()}
+    refuse_clobber(list(distinct.values()), [])  # nor two different files on one name
     for k, r in rel.items():
         dest = directory / r
-        if dest.resolve() != srcs[k].resolve():
+        if k in copies:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(dest) as tmp:
                 shutil.copyfile(srcs[k], tmp)

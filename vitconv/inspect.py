@@ -17,9 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,12 +42,6 @@ Progress = Optional[Callable[[int], None]]
 
 #: Config fields shown only for hybrid models (they mean nothing without a ResNet stem).
 _HYBRID_FIELDS = ("resnet_layers", "resnet_width", "resnet_groups", "resnet_gn_eps", "resnet_ws_eps")
-
-#: safetensors header dtype codes -> numpy-style names (bfloat16 kept: numpy has no name for it).
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
 
 @dataclass
 class FileEntry:
@@ -276,16 +268,7 @@ def _dtypes(source, path: Path, kind: str) -> Dict[str, str]:
     """dtype name per key. safetensors: from the header, so bfloat16 stays bfloat16 and no
     tensor is read; an ``.npz``: as stored (big_vision's 2-byte void members: bfloat16);
     otherwise what the reader reports (a ``.pt``'s bfloat16 arrives as float32)."""
-    if kind == "safetensors":
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        return {k: _ST_DTYPES.get(v["dtype"], v["dtype"].lower())
-                for k, v in header.items() if k != "__metadata__"}
-    stored = getattr(source, "stored_dtype", None)
-    if stored is not None:
-        return {k: stored(k) for k in source.keys()}
-    return {k: str(np.dtype(source.dtype(k))) for k in source.keys()}
+    return {k: source.stored_dtype(k) for k in source.keys()}
 
 
 # ---------------------------------------------------------------------------- onnx

@@ -14,7 +14,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from .errors import BadInputError
 from .formats.json_doc import parse_json
@@ -36,9 +36,26 @@ def _shipped(name: str) -> tuple:
     return names
 
 
-def load_labels(spec: str) -> List[str]:
-    """``imagenet-1k``, ``imagenet-21k``, or a UTF-8 text file with one label per line (a
-    trailing empty line is ignored; an empty label is not)."""
+def load_labels(spec: Union[str, os.PathLike, Sequence[str]], where: Optional[os.PathLike | str] = None) -> List[str]:
+    """``imagenet-1k``, ``imagenet-21k``, a UTF-8 text file with one label per line (a
+    trailing empty line is ignored; an empty label is not), or a list of labels (the Python
+    API), held to what a label file can say: non-empty strings without line breaks, so every
+    output that records them reads back."""
+    if not isinstance(spec, (str, os.PathLike)):
+        try:
+            names = list(spec)
+        except TypeError:
+            raise BadInputError(f"labels must be a list of strings or a file, got {type(spec).__name__}",
+                                where) from None
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                raise BadInputError(f"labels[{i}] is {type(name).__name__} {name!r:.40}, not a string", where)
+            if not name.strip() or any(c in name for c in "\r\n\x00"):
+                raise BadInputError(f"labels[{i}] {name!r:.40}: a label is a non-empty line of text", where)
+        if not names:
+            raise BadInputError("labels is an empty list", where)
+        return [name.strip() for name in names]
+    spec = os.fspath(spec)
     if spec in SHIPPED:
         return list(_shipped(spec))
     p = Path(spec)
@@ -58,9 +75,10 @@ def load_labels(spec: str) -> List[str]:
     return [line.strip() for line in lines]
 
 
-def check_count(labels: Sequence[str], num_classes: int, where: Optional[os.PathLike | str] = None) -> None:
+def check_count(labels: Sequence[str], num_classes: int, where: Optional[os.PathLike | str] = None,
+                what: str = "--labels") -> None:
     if len(labels) != num_classes:
-        raise BadInputError(f"--labels gives {len(labels):,} labels, but the model has {num_classes:,} "
+        raise BadInputError(f"{what} gives {len(labels):,} labels, but the model has {num_classes:,} "
                             "classes", where)
 
 

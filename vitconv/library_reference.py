@@ -46,12 +46,14 @@ class LibraryMissing(BadInputError):
 
 
 class LibraryReference:
-    """``forward_stages(images_nhwc) -> {stage: array}`` through the library's model, float32."""
+    """``forward_stages(images_nhwc) -> {stage: array}`` through the library's model, in float32
+    whatever dtype the file stores (a bfloat16 release's reference would otherwise round every
+    layer, and a conversion that is exact would fail by bfloat16's rounding)."""
 
     reference_dtype = "float32"
 
     def __init__(self, description: str, cfg, run: Callable, fixed_size: bool = False):
-        self.description = description
+        self.description = f"{description}, run in float32"
         self.image_size, self.stride, self.in_chans = cfg.image_size, cfg.total_stride, cfg.in_chans
         self.fixed_size = fixed_size  # the library runs at the checkpoint's resolution only
         self._run = run
@@ -119,7 +121,7 @@ def _load_strict(model, ckpt: Checkpoint, path):
     except RuntimeError as e:
         raise BadInputError(f"the library's model does not take this file as vitconv read it "
                             f"({first_line(e)})", path) from None
-    return model.eval()
+    return model.eval().float()
 
 
 def _hooked(model, blocks, blocks_first=False) -> Callable:
@@ -138,9 +140,11 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     if not directory:
         raise BadInputError(f"verify loads a Hugging Face source with {cls}.from_pretrained: give the "
                             "model directory (config.json beside the weights)", src)
-    try:
+    import torch
+
+    try:  # float32 whatever the weights are stored as: transformers would keep a bfloat16 file's dtype
         with _quiet(transformers):
-            model = getattr(transformers, cls).from_pretrained(Path(src)).eval()
+            model = getattr(transformers, cls).from_pretrained(Path(src), dtype=torch.float32).eval().float()
     except Exception as e:  # the library's own loader refuses the directory
         raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
     own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to
@@ -162,7 +166,7 @@ def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     timm = _import("timm", src)
     if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
         try:
-            model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True).eval()
+            model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True).eval().float()
         except Exception as e:
             raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
         how = "timm.create_model('local-dir:…')"

@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__, archs, preprocess
 from .config import SHAPE_FIELDS, ViTConfig, parameter_shapes
 from .errors import BadInputError, MappingError, OutputError, first_line
-from .formats.atomic import atomic_directory, atomic_output, check_writable
+from .formats.atomic import atomic_directory, atomic_output, check_writable, refuse_clobber
 from .formats.base import Deferred, TensorSource, TensorSpec, numpy_dtype, resolve, sha256_file
 from .formats.npz import NpzStreamWriter
 from .formats.open import open_source
@@ -229,8 +229,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     ``patch_size`` resamples the model to another patch size as FlexiViT does: the patch
     kernel by its pseudo-inverse resize, the position table bilinearly to the new grid (at
     ``image_size``, default the source's); the model then resizes that way at other sizes too."""
-    if isinstance(labels, str):
-        labels = load_labels(labels)
+    if labels is not None:
+        labels = load_labels(labels, path)
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     opened = source is None
@@ -762,17 +762,6 @@ def _hashing(path: Path) -> Iterator["Future[str]"]:
             stop.set()
 
 
-def _refuse_overwrite(ckpt: Checkpoint, dst: Path) -> None:
-    """An output must never replace a file the conversion reads (a weights file inside the
-    source directory included): the source would be destroyed mid-read."""
-    if not dst.exists():
-        return
-    target = dst.resolve()
-    for f in ckpt.source.files():
-        if f.resolve() == target:
-            raise OutputError("output would overwrite the source", dst)
-
-
 def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
             num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
             patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
@@ -800,13 +789,14 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     """
     src, dst = Path(src), Path(dst)
     target, container, layouts = candidates(dst, to)
+    refuse_clobber([dst], [src])
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(
             src, image_size=image_size, num_heads=num_heads, require_layout=require_layout, dtype=dtype,
             overrides=overrides, patch_size=patch_size, labels=labels, num_classes=num_classes))
-        _refuse_overwrite(ckpt, dst)
+        refuse_clobber([dst], [src, *ckpt.source.files()])
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         # The source's hash is a second read of the whole file: it runs on its own thread
         # beside the conversion, and the writers put it in place of its placeholder at the end.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -32,6 +33,11 @@ IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 OPENAI_MEAN: Triple = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: Triple = (0.26862954, 0.26130258, 0.27577711)
 HALF: Triple = (0.5, 0.5, 0.5)
+#: The smallest centre crop taken as real (timm's models use 0.875..1, DINOv2's 224/256).
+MIN_CROP_PCT = 0.1
+#: Largest intermediate image of a shortest-side resize (48 MiB as RGB); beyond it only the
+#: crop is resampled.
+MAX_RESIZED_PIXELS = 1 << 24
 #: PIL's resampling filter numbers, which Hugging Face's ``resample`` holds.
 PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
 
@@ -48,7 +54,15 @@ class Preprocessing:
     def __post_init__(self):
         if self.interpolation not in PIL_RESAMPLE or self.resize not in ("squash", "shortest"):
             raise ValueError(f"unknown preprocessing {self.interpolation!r}/{self.resize!r}")
-        if not (0 < self.crop_pct <= 1) or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+        numbers = [self.crop_pct, *self.mean, *self.std]
+        if (len(self.mean) != 3 or len(self.std) != 3
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)):
+            raise ValueError(f"mean and std must be three numbers each, crop_pct a number: {self}")
+        # a crop below a tenth of the image, a std that is not a positive finite number or an
+        # absurd mean: forged or broken metadata, never a model's (forged values would also make
+        # the resize ask for gigapixels)
+        if not (MIN_CROP_PCT <= self.crop_pct <= 1) or not all(math.isfinite(x) for x in numbers) \
+                or min(self.std) <= 1e-6 or max(map(abs, self.mean)) > 1e3:
             raise ValueError(f"preprocessing out of range: {self}")
 
     def describe(self) -> str:
@@ -95,9 +109,16 @@ class Preprocessing:
             w, h = img.size
             short = int(size / self.crop_pct)
             nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            img = img.resize((nw, nh), resample)
             top, left = (nh - size) // 2, (nw - size) // 2
-            img = img.crop((left, top, left + size, top + size))
+            if nw * nh <= MAX_RESIZED_PIXELS:  # Hugging Face's arithmetic, exactly
+                img = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+            else:
+                # An extreme aspect ratio (a 1 x 1,000,000 strip would resize to gigapixels):
+                # Pillow resamples only the source box that maps onto the crop, at the whole
+                # resize's scale (within 2/255 of resize-then-crop: its passes round apart).
+                sx, sy = w / nw, h / nh
+                img = img.resize((size, size), resample,
+                                 box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
         x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
         return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 

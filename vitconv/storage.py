@@ -38,13 +38,48 @@ def is_url(path: PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def filesystem(url: str):
-    """``(fsspec filesystem, path inside it)``; a missing protocol package is named with its extra."""
+#: Seconds to wait for a connection, and for each read (silence between bytes, not a whole
+#: download), before a remote source or output is given up (its row fails; a batch's other
+#: rows run): a server that accepts the connection and never answers must not hang a zoo.
+#: ``VITCONV_NETWORK_TIMEOUT`` overrides it.
+NETWORK_TIMEOUT_S = 15.0
+
+
+def network_timeout() -> float:
+    try:
+        value = float(os.environ.get("VITCONV_NETWORK_TIMEOUT", NETWORK_TIMEOUT_S))
+    except ValueError:
+        return NETWORK_TIMEOUT_S
+    return value if value > 0 else NETWORK_TIMEOUT_S
+
+
+def _timeouts(proto: str, t: float) -> Dict[str, object]:
+    """Each filesystem's own spelling of connect and read timeouts of ``t`` seconds, under what
+    the user's fsspec configuration says for the protocol (which wins)."""
+    import fsspec
+
+    ours: Dict[str, Dict[str, object]] = {}
+    if proto in ("http", "https"):
+        import aiohttp
+
+        ours = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t,
+                                                                   sock_read=t)}}
+    elif proto in ("s3", "s3a"):
+        ours = {"config_kwargs": {"connect_timeout": t, "read_timeout": t}}
+    elif proto in ("gs", "gcs"):
+        return {"timeout": t}
+    conf = fsspec.config.conf.get(proto, {})
+    return {k: {**v, **(conf.get(k) or {})} for k, v in ours.items()}
+
+
+def filesystem(url: str, timeout: Optional[float] = None):
+    """``(fsspec filesystem, path inside it)``, with connect and read timeouts (``timeout``,
+    default :func:`network_timeout`); a missing protocol package is named with its extra."""
     import fsspec
 
     proto = url.split("://", 1)[0]
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **_timeouts(proto, timeout or network_timeout()))
     except ImportError as e:
         extra = EXTRAS.get(proto)
         how = f'pip install "vitconv[{extra}]"' if extra else "install the fsspec filesystem for it"
@@ -54,9 +89,23 @@ def filesystem(url: str):
         raise BadInputError(f"not a URL fsspec knows ({first_line(e)})", url) from None
 
 
+def _timed_out(e: Optional[BaseException]) -> bool:
+    """``e`` or an exception it was raised from is a timeout (fsspec's HTTP ``info`` turns a
+    read timeout into ``FileNotFoundError``)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, TimeoutError):  # asyncio's and aiohttp's timeouts, socket.timeout
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _remote_error(e: BaseException, url: str) -> VitconvError:
     if isinstance(e, VitconvError):
         return e
+    if _timed_out(e):
+        return BadInputError(f"no answer within {network_timeout():g} s (connect or read timeout; "
+                             "VITCONV_NETWORK_TIMEOUT sets it)", url)
     if isinstance(e, FileNotFoundError):
         return BadInputError("no such object", url)
     return BadInputError(f"cannot read ({type(e).__name__}: {first_line(e)})", url)
@@ -112,7 +161,9 @@ def fingerprint(src: PathLike) -> Optional[Tuple[str, int]]:
             fs, remote = filesystem(os.fspath(src))
             entries = [[name, int(i.get("size") or 0), {k: str(i[k]) for k in VALIDATORS if i.get(k)}]
                        for name, i in sorted(_listing(fs, remote).items())]
-    except Exception:  # noqa: BLE001 - the conversion's own reading reports what is wrong
+    except Exception as e:  # noqa: BLE001 - the conversion's own reading reports what is wrong
+        if is_url(src) and _timed_out(e):  # but a silent server would only be waited on again
+            raise _remote_error(e, os.fspath(src)) from None
         return None
     if not entries or not all(e[2] for e in entries):
         return None

@@ -108,6 +108,7 @@ class VerifyReport:
     #: (:data:`vitconv.archs.SOURCES`: the file, its config, --arch, --set, the table, the code...).
     semantics: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     arch: Optional[str] = None  # the architecture the source was read as (--arch)
+    source_dtype: str = ""  # the dtype(s) the source's floating-point weights are stored in
 
     @property
     def assumed(self) -> List[str]:
@@ -162,7 +163,8 @@ class VerifyReport:
 
     def lines(self) -> List[str]:
         """The human report: header, per-stage table, verdict."""
-        out = [f"source     {self.source} ({self.reference})",
+        stored = f"; weights stored as {self.source_dtype}" if self.source_dtype else ""
+        out = [f"source     {self.source} ({self.reference}{stored})",
                f"converted  {self.converted} ({self.kind})",
                f"inputs     {self.batch} x {self.image_size}x{self.image_size} NHWC"
                + (f", uniform[-1, 1], seed {self.seed}" if self.seed is not None else ", given"),
@@ -265,6 +267,13 @@ def rounding_note(dtype: str, total: int, changed: int, full: np.ndarray, moved:
 
 
 # --------------------------------------------------------------------------- running artifacts
+def stored_dtypes(source) -> str:
+    """The floating-point dtype(s) a source's weights are stored in (``bfloat16``;
+    ``bfloat16, float32``), from headers alone."""
+    kinds = {source.stored_dtype(k) for k in source.keys()}
+    return ", ".join(sorted(k for k in kinds if "float" in k)) or ", ".join(sorted(kinds))
+
+
 def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
     p = Path(src)
     if not p.exists():
@@ -320,6 +329,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                               "from": source.semantics.sources[f.name]}
                      for f in fields(ViTConfig) if f.name not in SHAPE_FIELDS}
         read_as = source.semantics.arch
+        stored = stored_dtypes(source.source)
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # loaded here, so released here before the reference is built
     if converted is None:
@@ -330,8 +340,9 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         kind = artifact_kind(converted)
         if kind == "onnx":
             runner = OnnxRunner(Path(converted))
+            runner.check_channels(scfg.in_chans)
         elif kind == "torchscript":
-            runner = TorchRunner(load_torchscript(Path(converted)))
+            runner = TorchRunner(load_torchscript(Path(converted)), Path(converted))
         else:
             model = load(converted, num_heads=conv_heads, **conv_set)
     elif hasattr(converted, "forward_stages"):
@@ -391,7 +402,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                             f"only, not {size}", src)
     numpy_reference = not isinstance(ref, LibraryReference)  # every stage; a library: some
     want = ref.forward_stages(images)
-    report.reference_dtype, report.reference = ref.reference_dtype, ref.description
+    report.reference_dtype, report.reference, report.source_dtype = ref.reference_dtype, ref.description, stored
     if hasattr(ref, "close"):
         ref.close()
     del ref

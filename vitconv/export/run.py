@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import BadInputError, VerificationError
-from ..formats.atomic import check_writable
+from ..formats.atomic import check_writable, refuse_clobber
 from ..formats.base import sha256_file
 from ..formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from ..pipeline import open_checkpoint
@@ -93,10 +93,12 @@ def run_export(src: PathLike, plan: ExportPlan,
                             ".pt2 are written in float32)", src)
     if plan.batch is not None and plan.batch <= 0:
         raise BadInputError(f"--batch must be positive, got {plan.batch}", src)
-    for out in (plan.onnx, plan.torchscript, plan.pt2, plan.safetensors):
-        if out:
-            check_writable(out)  # a read-only or missing directory: said before minutes of export
+    outputs = [out for out in (plan.onnx, plan.torchscript, plan.pt2, plan.safetensors) if out]
+    refuse_clobber(outputs, [src])
+    for out in outputs:
+        check_writable(out)  # a read-only or missing directory: said before minutes of export
     with open_checkpoint(src, image_size=plan.image_size, labels=plan.labels, overrides=plan.overrides) as ckpt:
+        refuse_clobber(outputs, ckpt.source.files())
         if plan.dynamic_size and ckpt.config.pos_resize == "dinov2":
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "

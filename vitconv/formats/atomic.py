@@ -120,6 +120,38 @@ def check_writable(path: os.PathLike | str) -> Path:
     return directory
 
 
+def same_file(a: os.PathLike | str, b: os.PathLike | str) -> bool:
+    """``a`` and ``b`` name one file or directory, however spelled: ``./``, ``..``, a trailing
+    slash, a relative or absolute path, a symlink on the way (resolved), a hard link (same
+    inode, when both exist)."""
+    try:
+        if os.path.lexists(a) and os.path.lexists(b) and os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: os.PathLike | str, folder: os.PathLike | str) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def refuse_clobber(outputs: Sequence[os.PathLike | str], inputs: Sequence[os.PathLike | str]) -> None:
+    """Every command that writes calls this before any work: an output may not be one of its
+    inputs (or a directory that holds one: a model directory written over its own source), nor
+    another output, however either is spelled (:func:`same_file`); URLs are not compared."""
+    def local(paths):
+        return [os.fspath(p) for p in paths if p is not None and "://" not in os.fspath(p)]
+    outs, ins = local(outputs), local(inputs)
+    for i, out in enumerate(outs):
+        for inp in ins:
+            if same_file(out, inp) or (os.path.isdir(out) and _inside(inp, out)):
+                raise OutputError(f"would overwrite the input {inp}; pick another name", out)
+        for other in outs[:i]:
+            if same_file(out, other):
+                raise OutputError(f"is also the output {other}; give each output its own name", out)
+
+
 @contextlib.contextmanager
 def atomic_output(path: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success fsync it and rename it

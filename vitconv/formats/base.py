@@ -73,6 +73,11 @@ class TensorSource:
     def get(self, key: str) -> np.ndarray:
         raise NotImplementedError
 
+    def stored_dtype(self, key: str) -> str:
+        """The dtype as the file stores it (readers widen bfloat16 to float32, exactly): what
+        ``inspect`` and ``verify`` report. Readers that know better say so."""
+        return np.dtype(self.dtype(key)).name
+
     def nbytes(self, key: str) -> int:
         """Size of ``key``'s data, from its header alone (nothing is read)."""
         return int(np.prod(self.shape(key), dtype=np.int64)) * np.dtype(self.dtype(key)).itemsize

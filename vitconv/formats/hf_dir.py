@@ -47,6 +47,9 @@ class _DirSource(TensorSource):
     def dtype(self, key: str):
         return self._inner.dtype(key)
 
+    def stored_dtype(self, key: str) -> str:
+        return self._inner.stored_dtype(key)
+
     def get(self, key: str):
         return self._inner.get(key)
 

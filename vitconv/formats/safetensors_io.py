@@ -18,6 +18,12 @@ from ..errors import BadInputError, first_line
 from .base import DictSource, TensorSource, tensor_to_numpy
 
 
+#: safetensors' dtype codes as numpy-style names.
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 class SafetensorsSource(TensorSource):
     def __init__(self, path: os.PathLike | str):
         self.path = os.fspath(path)
@@ -36,6 +42,10 @@ class SafetensorsSource(TensorSource):
             return tuple(int(n) for n in self._f.get_slice(key).get_shape())
         except Exception as e:
             raise BadInputError(f"tensor {key!r} has no readable shape ({first_line(e)})", self.path) from None
+
+    def stored_dtype(self, key: str) -> str:
+        code = self._f.get_slice(key).get_dtype()
+        return SAFETENSORS_DTYPES.get(code, code.lower())
 
     def get(self, key: str) -> np.ndarray:
         try:

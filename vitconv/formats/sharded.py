@@ -81,6 +81,9 @@ class ShardedSource(TensorSource):
     def get(self, key: str) -> np.ndarray:
         return self._shards[self._where[key]].get(key)
 
+    def stored_dtype(self, key: str) -> str:
+        return self._shards[self._where[key]].stored_dtype(key)
+
     def close(self) -> None:
         for s in self._shards.values():
             s.close()

@@ -52,7 +52,7 @@ class StackedSource(TensorSource):
 
     def stored_dtype(self, key: str) -> str:
         inner = self._split[key][0] if key in self._split else key
-        return getattr(self.inner, "stored_dtype", lambda k: self.inner.dtype(k).name)(inner)
+        return self.inner.stored_dtype(inner)
 
     def get(self, key: str) -> np.ndarray:
         if key not in self._split:
