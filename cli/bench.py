@@ -218,7 +218,8 @@ def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool
                 pairs = ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
                 say(ctx, f"{m}: {s['source_mib']:.0f} MiB -> {output_kind}, median of {repeats}: "
                          f"stream {s['stream_wall_s']:.2f} s vs floor {s['floor_wall_s']:.2f} s "
-                         f"({s['wall_ratio']:.2f}x; per pair {pairs}); best {s['stream_best_s']:.2f} s vs "
+                         f"({s['wall_ratio']:.2f}x; per pair {pairs}, geometric mean "
+                         f"{s['pair_ratio_geomean']:.2f}x); best {s['stream_best_s']:.2f} s vs "
                          f"{s['floor_best_s']:.2f} s ({s['best_ratio']:.2f}x); CPU {s['stream_cpu_s']:.2f} s vs "
                          f"{s['floor_cpu_s']:.2f} s ({s['cpu_ratio']:.2f}x); peak RSS stream "
                          f"{s['stream_peak_rss_mib']:.0f} MiB (after imports {s['stream_base_rss_mib']:.0f}), "
@@ -226,7 +227,8 @@ def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool
                 pairs = ", ".join(f"{r:.2f}" for r in s["process_pair_ratios"])
                 say(ctx, f"{m}: whole process, as the user waits: vitconv npz2pt {s['process_wall_s']:.2f} s vs "
                          f"floor script {s['floor_process_wall_s']:.2f} s ({s['process_wall_ratio']:.2f}x; per "
-                         f"pair {pairs}); best {s['process_best_s']:.2f} s vs {s['floor_process_best_s']:.2f} s "
+                         f"pair {pairs}, geometric mean {s['process_pair_ratio_geomean']:.2f}x); best "
+                         f"{s['process_best_s']:.2f} s vs {s['floor_process_best_s']:.2f} s "
                          f"({s['process_best_ratio']:.2f}x); CPU {s['process_cpu_s']:.2f} s vs "
                          f"{s['floor_process_cpu_s']:.2f} s; peak RSS {s['process_peak_rss_mib']:.0f} MiB vs "
                          f"{s['floor_process_peak_rss_mib']:.0f} MiB")
