@@ -43,10 +43,19 @@ def test_values_are_the_direct_reads_and_each_key_is_read_once():
         np.testing.assert_array_equal(a, src.read(k))
 
 
+def _until(condition, seconds: float = 60.0) -> None:
+    """Wait for the reader thread to get somewhere (a condition, not a fixed sleep)."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the reader thread did not get there")
+
+
 def test_a_slow_caller_finds_everything_read_ahead():
     src = Recorder()
     with ReadAhead(src.read, KEYS, lambda k: 1000) as ra:
-        time.sleep(0.2)
+        _until(lambda: len(src.reads) == len(KEYS))  # a caller slower than the reader, however loaded
         for k in KEYS:
             ra.get(k)
     assert [k for k, t in src.reads if t == "vitconv-read"] == KEYS
@@ -64,8 +73,8 @@ def test_reader_holds_at_most_the_budget():
 
     ra = ReadAhead(read, KEYS, lambda k: 1000, budget=3500)
     with ra:
-        time.sleep(0.2)  # a slow caller: the reader runs as far as the budget lets it
-        assert max(held_at_read) == 3000
+        _until(lambda: len(held_at_read) >= 3)  # a slow caller: the reader runs as far as the budget lets it
+        assert max(held_at_read) == 3000 and len(held_at_read) == 3  # and no further
         for k in KEYS:
             ra.get(k)
     assert len(held_at_read) == len(KEYS) and max(held_at_read) == 3000
