@@ -20,4 +20,7 @@ def test_a_rerun_skips_pt_and_safetensors_rows_alike(tmp_path):
     written = {p.name: p.read_bytes() for p in (tmp_path / "zoo").iterdir()}
     again = run_batch(manifest, workers=1)
     assert [r.status for r in again.rows] == ["skipped", "skipped"], [r.error for r in again.rows]
+    # what the summary says of a row that asked for no verification
+    assert all(r.line_text().endswith("(already converted from the same source; not verified, as the row asks)")
+               for r in again.rows), [r.line_text() for r in again.rows]
     assert {p.name: p.read_bytes() for p in (tmp_path / "zoo").iterdir()} == written

@@ -100,7 +100,8 @@ class RowResult:
             return f"failed   {self.error}"
         what = f"{self.src} -> {self.dst}"
         if self.status == "skipped":
-            return f"skipped  {what} (already converted from the same source and verified)"
+            how = " and verified" if self.verified else "; not verified, as the row asks"
+            return f"skipped  {what} (already converted from the same source{how})"
         figures = f", {self.verify['verdict']}" if self.verify else ", not verified"
         return f"ok       {what} ({self.wall_s:.1f} s{figures})"
 
