@@ -154,13 +154,9 @@ class NpzSource(TensorSource):
         if fortran or not self._stored(key, info):
             return self.get(key)[index]
         fd = self._zip.fp.fileno()
-        local = os.pread(fd, 30, info.header_offset)
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            raise BadInputError(f"member {key!r}: bad local file header", self.path)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
         a = np.empty(shape[1:], dtype)
         buf = memoryview(a.reshape(-1)).cast("B")
-        offset = info.header_offset + 30 + name_len + extra_len + self._header_len[key] + index * len(buf)
+        offset = self._member_start(key, info) + self._header_len[key] + index * len(buf)
         got = 0
         while got < len(buf):
             n = os.preadv(fd, [buf[got:]], offset + got)
@@ -168,6 +164,15 @@ class NpzSource(TensorSource):
                 raise BadInputError(f"member {key!r} could not be read (truncated)", self.path)
             got += n
         return self._native(a)
+
+    def _member_start(self, key: str, info: zipfile.ZipInfo) -> int:
+        """Where a stored member's bytes (its ``.npy`` header first) begin: past its local file
+        header, whose name and extra field lengths may differ from the central directory's."""
+        local = os.pread(self._zip.fp.fileno(), 30, info.header_offset)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise BadInputError(f"member {key!r}: bad local file header", self.path)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        return info.header_offset + 30 + name_len + extra_len
 
     def _read_stored(self, key: str, info: zipfile.ZipInfo, shape: Tuple[int, ...], dtype: np.dtype,
                      fortran: bool) -> np.ndarray:
@@ -177,11 +182,7 @@ class NpzSource(TensorSource):
         it, so the pages held stay those of the tensors in flight. ``pread`` leaves the shared
         file position alone, so ``zipfile`` is not disturbed."""
         fd = self._zip.fp.fileno()
-        local = os.pread(fd, 30, info.header_offset)
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            raise BadInputError(f"member {key!r}: bad local file header", self.path)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
+        start = self._member_start(key, info)
         header_len = self._header_len[key]
         head = os.pread(fd, header_len, start)
         stored_shape = shape[::-1] if fortran else shape  # Fortran order: read its transpose
