@@ -7,8 +7,9 @@ otherwise; each is named where it is made. Nothing here knows about file formats
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,23 @@ class ResNetStem(nn.Module):
 
 
 # --------------------------------------------------------------------------- encoder
+@dataclasses.dataclass
+class Positions:
+    """Where the tokens of one forward pass sit, made once per pass by
+    :meth:`VisionTransformer.positions` and handed to every block: the patch grid (rows,
+    columns), and whatever a position feature derives from it for attention. A feature
+    computed from the grid (rotary angles, a relative-bias index) adds its field here and
+    fills it in ``positions``, so blocks never recompute it and any grid works."""
+
+    grid: Tuple[int, int]
+
+
+def norm_layer(cfg: ViTConfig, dim: int) -> nn.Module:
+    """The model's normalisation layer over ``dim`` channels (every LayerNorm of the encoder,
+    its heads and patch norms is made here, so a family's other norm is one change)."""
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and PyTorch SDPA.
 
@@ -155,7 +173,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.attn_dim, cfg.width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
@@ -194,7 +212,7 @@ class AttentionPool(nn.Module):
         self.latent = nn.Parameter(torch.zeros(1, 1, d))
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm = norm_layer(cfg, d)
         self.mlp = Mlp(cfg.replace(mlp="mlp") if cfg.mlp != "mlp" else cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,19 +244,19 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm1 = norm_layer(cfg, cfg.width)
         self.attn = Attention(cfg)
         self.ls1 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm2 = norm_layer(cfg, cfg.width)
         self.mlp = Mlp(cfg)
         self.ls2 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
 
-    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward_stages(self, x: torch.Tensor, pos: Positions) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.ls1(self.attn(self.norm1(x), pos))
         return x, x + self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(x)[1]
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        return self.forward_stages(x, pos)[1]
 
 
 class VisionTransformer(nn.Module):
@@ -259,16 +277,16 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.embed_in_chans, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         if cfg.patch_norm:  # vit-pytorch: LN(patch) -> Linear -> LN(width)
             patch_dim = cfg.embed_in_chans * cfg.patch_size ** 2
-            self.patch_norm_pre = nn.LayerNorm(patch_dim, eps=cfg.norm_eps)
-            self.patch_norm_post = nn.LayerNorm(d, eps=cfg.norm_eps)
+            self.patch_norm_pre = norm_layer(cfg, patch_dim)
+            self.patch_norm_post = norm_layer(cfg, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, d)) if cfg.num_reg_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None  # training only
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d))
-        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_pre else None
+        self.norm_pre = norm_layer(cfg, d) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm != "none" else None
+        self.norm = norm_layer(cfg, d) if cfg.final_norm != "none" else None
         self.attn_pool = AttentionPool(cfg) if cfg.classifier == "map" else None
         if cfg.representation_size:
             self.pre_logits = nn.Linear(d, cfg.representation_size)
@@ -282,6 +300,10 @@ class VisionTransformer(nn.Module):
         """Images -> tokens entering block 0: patches, prefix tokens (class, distillation,
         registers, in that order) and the position table, added to the tokens it has rows for
         (``config.pos_embed_prefix``), then ``norm_pre``."""
+        return self.embed_with_positions(x)[0]
+
+    def embed_with_positions(self, x: torch.Tensor) -> Tuple[torch.Tensor, Positions]:
+        """:meth:`embed`, and the :class:`Positions` of its patch grid for the blocks."""
         if self.stem is not None:
             x = self.stem(x)
         if self.config.patch_norm:
@@ -301,7 +323,12 @@ class VisionTransformer(nn.Module):
         else:  # "class": the class token and the patches take the table; registers go in after
             x = torch.cat([tokens[0], x], dim=1) + pos
             x = torch.cat([x[:, :1]] + tokens[1:] + [x[:, 1:]], dim=1)
-        return self.norm_pre(x) if self.norm_pre is not None else x
+        x = self.norm_pre(x) if self.norm_pre is not None else x
+        return x, self.positions(gh, gw)
+
+    def positions(self, gh: int, gw: int) -> Positions:
+        """What the blocks need to know of a ``gh`` x ``gw`` patch grid (see :class:`Positions`)."""
+        return Positions(grid=(gh, gw))
 
     def _embed_normed_patches(self, x: torch.Tensor):
         """Patch embedding with LayerNorms around it: the per-patch LN needs the flattened
@@ -351,9 +378,9 @@ class VisionTransformer(nn.Module):
     # -- whole passes ---------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block and (Google's) encoder norm."""
-        x = self.embed(x)
+        x, pos = self.embed_with_positions(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, pos)
         if self.config.final_norm == "encoder":
             x = self.norm(x)
         return x
@@ -368,10 +395,10 @@ class VisionTransformer(nn.Module):
         out: Dict[str, torch.Tensor] = {}
         if self.stem is not None:
             out["stem"] = self.stem(x)
-        x = self.embed(x)
+        x, pos = self.embed_with_positions(x)
         out["embed"] = x
         for i, blk in enumerate(self.blocks):
-            a, x = blk.forward_stages(x)
+            a, x = blk.forward_stages(x, pos)
             out[f"blocks.{i}.attn"] = a
             out[f"blocks.{i}.mlp"] = x
         if self.config.final_norm == "encoder":
