@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ..errors import BadInputError, first_line
-from .base import DictSource, TensorSource, bf16_bits_to_float32
+from .base import TensorSource, bf16_bits_to_float32
 
 
 #: safetensors' dtype codes as numpy-style names.
@@ -106,14 +106,50 @@ class SafetensorsSource(TensorSource):
             os.close(fd)
 
 
-def read_back(paths: Sequence[Path]) -> DictSource:
-    """Every tensor of the written data files (a file and its shards) with the first file's
-    metadata: how a written output is read back for verification, before it is renamed."""
-    tensors: Dict[str, np.ndarray] = {}
-    meta: Dict[str, str] = {}
-    for p in paths:
-        with SafetensorsSource(p) as f:
-            meta = meta or dict(f.metadata)
-            for k in f.keys():
-                tensors[k] = f.get(k)
-    return DictSource(tensors, os.fspath(paths[0]), meta)
+class ReadBack(TensorSource):
+    """Every tensor of written data files (a file and its shards) as one source, with the
+    first file's metadata: how a written output is read back for verification before it is
+    renamed (no index names these files yet). Each tensor is read from its file when asked."""
+
+    concurrent_reads = True
+
+    def __init__(self, paths: Sequence[Path]):
+        self.path = os.fspath(paths[0])
+        self._files: List[SafetensorsSource] = []
+        self._owner: Dict[str, SafetensorsSource] = {}
+        try:
+            for p in paths:
+                f = SafetensorsSource(p)
+                self._files.append(f)
+                self._owner.update(dict.fromkeys(f.keys(), f))
+        except BaseException:
+            self.close()
+            raise
+        self.metadata = dict(self._files[0].metadata)
+
+    def keys(self) -> List[str]:
+        return list(self._owner)
+
+    def files(self) -> List[Path]:
+        return [Path(f.path) for f in self._files]
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return self._owner[key].shape(key)
+
+    def stored_dtype(self, key: str) -> str:
+        return self._owner[key].stored_dtype(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._owner[key].dtype(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._owner[key].get(key)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def read_back(paths: Sequence[Path]) -> ReadBack:
+    """The written data files ``paths`` as one source (see :class:`ReadBack`)."""
+    return ReadBack(paths)
