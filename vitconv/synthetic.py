@@ -41,13 +41,23 @@ PRESETS: Dict[str, ViTConfig] = {
 }
 
 
+#: How a preset is stored when generated, where not as Google's float32 ``.npz``: the 7B class in
+#: bfloat16, as big_vision ``.npz`` (models this size ship in bfloat16; 12.9 GB instead of 25.8).
+STORED: Dict[str, Tuple[str, str]] = {"7B": ("big_vision", "bfloat16")}
+
+
+def preset_name(name: str) -> str:
+    """The :data:`PRESETS` key a preset name means (``B/16``, ``ViT-B/16``, ``vit-b16``)."""
+    key = name.upper().replace("VIT-", "").replace("VIT", "").replace("_", "/").lstrip("-")
+    for k in PRESETS:
+        if key in (k.upper(), k.upper().replace("/", "")):
+            return k
+    raise KeyError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+
+
 def preset(name: str) -> ViTConfig:
     """The config of a named preset (``B/16``, ``ViT-B/16``, ``vit-b16`` all work)."""
-    key = name.upper().replace("VIT-", "").replace("VIT", "").replace("_", "/").lstrip("-")
-    for k, cfg in PRESETS.items():
-        if key in (k.upper(), k.upper().replace("/", "")):
-            return cfg
-    raise KeyError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[preset_name(name)]
 
 
 def google_shapes(cfg: ViTConfig, layout: str = "google") -> Dict[str, Tuple[int, ...]]:
@@ -107,10 +117,14 @@ def write_synthetic_npz(path: os.PathLike | str, cfg: ViTConfig, seed: int = 0,
 
 def make_synthetic(name_or_cfg: "str | ViTConfig", path: os.PathLike | str, seed: int = 0,
                    image_size: Optional[int] = None, num_classes: Optional[int] = None,
-                   layout: str = "google", dtype: str = "float32") -> ViTConfig:
+                   layout: Optional[str] = None, dtype: Optional[str] = None) -> ViTConfig:
     """Write a synthetic checkpoint for a preset name or a config (``layout`` ``google`` or
-    ``big_vision``, ``dtype`` ``float32`` or ``bfloat16``); returns the config."""
+    ``big_vision``, ``dtype`` ``float32`` or ``bfloat16``; a preset's default: :data:`STORED`,
+    else Google's float32); returns the config."""
     cfg = preset(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    stored = STORED.get(preset_name(name_or_cfg), ("google", "float32")) if isinstance(name_or_cfg, str) \
+        else ("google", "float32")
+    layout, dtype = layout or stored[0], dtype or stored[1]
     changes = {k: v for k, v in (("image_size", image_size), ("num_classes", num_classes)) if v is not None}
     if layout == "big_vision":  # big_vision adds its table to the patches alone ('tok' pooling too)
         changes["pos_embed_prefix"] = "none"
