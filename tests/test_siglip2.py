@@ -244,3 +244,43 @@ def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip
         x = _image(rows, cols, seed=4)
         got = torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
         _close(got, _hf_pooled(hf_siglip2, [x]))
+
+
+# --------------------------------------------------------------------------- verify
+def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, tmp_path):
+    """``vitconv verify``: the library's model is the reference (from_pretrained on NaFlex patches;
+    timm's NaFlexVit built from what vitconv read), stage by stage, at the table's grid and at
+    another one that each library resizes its own way; a fault planted in block 1 is named there."""
+    from safetensors import safe_open
+
+    from vitconv.library_reference import open_reference
+    from vitconv.pipeline import open_checkpoint
+    from vitconv.verify import seeded_images, verify
+
+    model = seeded(_timm().create_model("naflexvit_so150m2_patch16_reg1_gap", pretrained=False, num_classes=5,
+                                        **NAFLEX))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    convert(tmp_path / "src", tmp_path / "c.safetensors")
+    told = dict(num_heads=2, overrides={"pos_resize": "bicubic_aa"})  # what the bare file cannot say, said
+    convert(tmp_path / "t.safetensors", tmp_path / "tc.safetensors", **told)
+    library = {"Siglip2VisionModel": lambda x: _hf_pooled(hf_siglip2, list(x.split(1))), "NaFlexVit": model}
+    for src, converted, told, what in ((tmp_path / "src", tmp_path / "c.safetensors", {}, "Siglip2VisionModel"),
+                                       (tmp_path / "t.safetensors", tmp_path / "tc.safetensors", told, "NaFlexVit")):
+        for size in (32, 56):
+            report = verify(src, converted, image_size=size, **told)
+            assert report.ok, report.lines()
+            assert [s.name for s in report.stages] == ["embed", "blocks.0.mlp", "blocks.1.mlp", "logits"]
+            assert what in report.reference
+            # the reference is the library's function, not vitconv's: against the test's own model
+            images = seeded_images(2, size, 3, 0)
+            with open_checkpoint(src, num_heads=told.get("num_heads"), overrides=told.get("overrides")) as ckpt:
+                got = open_reference(src, ckpt).forward_stages(images)["logits"]
+            with torch.no_grad():
+                want = library[what](torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+            _close(torch.from_numpy(got), want, scale=1e-6)
+        with safe_open(str(converted), "pt") as f:
+            metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        state["blocks.1.mlp.fc2.bias"] = state["blocks.1.mlp.fc2.bias"] + 0.5
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+        bad = verify(src, tmp_path / "bad.safetensors", **told)
+        assert not bad.ok and bad.first_failure.name == "blocks.1.mlp"
