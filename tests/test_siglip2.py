@@ -204,14 +204,35 @@ def test_timm_naflexvit_reads_images_and_naflex_batches_and_writes_back(arch, tm
     _same_files(tmp_path / "t.safetensors", tmp_path / "back.safetensors")
 
 
-def test_a_bare_naflexvit_state_dict_assumes_timms_defaults_and_says_so(tmp_path):
-    model = seeded(_timm().create_model("naflexvit_base_patch16_siglip", pretrained=False, **NAFLEX))
+def test_a_bare_naflexvit_state_dict_takes_what_its_architectures_agree_on(tmp_path):
+    """A bare NaFlexVit state dict records neither the activation nor the interpolation: where
+    every timm architecture with its keys agrees (the two SigLIP ones: tanh GELU, bilinear) the
+    table says them; where the fitting architectures differ (naflexvit_base_patch16_gap and its
+    aspect-preserving twin, the same keys) the read is refused in one line naming both (--arch
+    picks one at full size); factorized tables are refused by name."""
+    timm = _timm()
+    model = seeded(timm.create_model("naflexvit_base_patch16_siglip", pretrained=False, **NAFLEX))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
     report = convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", num_heads=2)
-    notes = " | ".join(report.notes)
-    assert "act='gelu'" in notes and "pos_resize='bicubic_aa'" in notes and "assumed" in notes, notes
+    assert (report.config.act, report.config.pos_resize) == ("gelu_tanh", "bilinear")
+    assert any("naflexvit_base_patch16_siglip" in n for n in report.notes), report.notes
+    x = _image(12, 20, seed=5)
+    with torch.no_grad():
+        _close(load(tmp_path / "c.safetensors")(x), model(x))
     report = convert(tmp_path / "c.safetensors", tmp_path / "w.safetensors", to="timm_naflexvit")
-    assert any("pos_embed_interp_mode='bicubic'" in n for n in report.notes), report.notes
+    assert any("pos_embed_interp_mode='bilinear'" in n and "act_layer='gelu_tanh'" in n
+               for n in report.notes), report.notes
+
+    gap = seeded(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, **NAFLEX))
+    save_file({k: v.contiguous() for k, v in gap.state_dict().items()}, str(tmp_path / "g.safetensors"))
+    with pytest.raises(MappingError, match="aspect-preserving position resize") as e:
+        convert(tmp_path / "g.safetensors", tmp_path / "c.safetensors", num_heads=2)
+    assert "naflexvit_base_patch16_par_gap" in str(e.value) and "\n" not in str(e.value)
+
+    fac = timm.create_model("naflexvit_base_patch16_parfac_gap", pretrained=False, **NAFLEX)
+    save_file({k: v.contiguous() for k, v in fac.state_dict().items()}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(MappingError, match="factorized position embeddings"):
+        convert(tmp_path / "f.safetensors", tmp_path / "c.safetensors", num_heads=2)
 
 
 def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_path):
