@@ -366,3 +366,10 @@ def test_edited_siglip2_and_naflexvit_state_dicts_fail_in_one_line(which):
             assert str(e).startswith("edited.safetensors: ") and "\n" not in str(e), e
 
     run()
+
+
+def test_a_siglip2_without_its_pooling_head_is_refused_by_name(tmp_path):
+    model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**VISION, vision_use_head=False))
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(MappingError, match=r"without its attention-pooling head \(vision_use_head=False\)"):
+        convert(tmp_path / "src", tmp_path / "c.safetensors")

@@ -77,7 +77,8 @@ def detect(probe: Probe) -> bool:
     for p in ("", VISION):
         w = s.get(p + "embeddings.patch_embedding.weight")
         if w is not None:  # a Linear over flattened patches (SigLIP v1: a Conv2d kernel)
-            return len(w) == 2 and p + "head.probe" in s and p + "embeddings.class_embedding" not in s
+            return len(w) == 2 and p + "embeddings.position_embedding.weight" in s \
+                and p + "embeddings.class_embedding" not in s
     return False
 
 
@@ -89,6 +90,9 @@ def infer(probe: Probe) -> ViTConfig:
     emb = need(shapes, e + "patch_embedding.weight", "hf_siglip2", path)
     if len(emb) != 2:
         raise MappingError(f"{e}patch_embedding.weight must be a Linear (hidden, p*p*C), got {emb}", path)
+    if "head.probe" not in shapes:
+        raise MappingError("a Siglip2VisionModel without its attention-pooling head (vision_use_head=False): "
+                           "vitconv's model always pools; this one returns tokens only", path)
     patch, in_chans = patch_from_columns(emb[1], vc.get("patch_size"), vc.get("num_channels"),
                                          e + "patch_embedding.weight", path, DEFAULT_CHANNELS)
     q = need(shapes, b + "self_attn.q_proj.weight", "hf_siglip2", path)
