@@ -373,3 +373,27 @@ def test_a_siglip2_without_its_pooling_head_is_refused_by_name(tmp_path):
     model.save_pretrained(tmp_path / "src")
     with pytest.raises(MappingError, match=r"without its attention-pooling head \(vision_use_head=False\)"):
         convert(tmp_path / "src", tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize("arch", sorted(NAFLEXVIT))
+def test_a_timm_naflexvit_directory_builds_itself(arch, tmp_path):
+    """Written as a directory, config.json records what a bare file cannot (the activation, the
+    interpolation, the heads): ``timm.create_model('local-dir:…', pretrained=True)`` builds the
+    model by itself and computes the source's NaFlex output; read back, nothing is assumed."""
+    unsaid, expect = NAFLEXVIT[arch]
+    timm = _timm()
+    model = seeded(timm.create_model(arch, pretrained=False, num_classes=expect["num_classes"], **NAFLEX))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", num_heads=2, overrides=unsaid)
+    convert(tmp_path / "c.safetensors", tmp_path / "dir", to="timm_naflexvit")
+    built = timm.create_model(f"local-dir:{tmp_path / 'dir'}", pretrained=True).eval()
+    images = [_image(r, c, seed=6) for r, c in GRIDS]
+    values, valid, coord = _naflex_batch(images)
+    with torch.no_grad():
+        _close(built({"patches": values, "patch_valid": valid, "patch_coord": coord}),
+               model({"patches": values, "patch_valid": valid, "patch_coord": coord}))
+    report = convert(tmp_path / "dir", tmp_path / "again.safetensors")
+    assert report.layout == "timm_naflexvit" and not any("assumed" in n for n in report.notes), report.notes
+    assert (report.config.act, report.config.pos_resize, report.config.num_heads) == \
+        (load(tmp_path / "c.safetensors").config.act, expect.get("pos_resize", "bilinear"), 2)
+    _same_files(tmp_path / "t.safetensors", tmp_path / "dir" / "model.safetensors")

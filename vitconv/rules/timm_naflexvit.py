@@ -28,17 +28,18 @@ a non-square table. Not seen in a state dict, so not refused: the aspect-preserv
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule
-from .inference import build, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns
+from ..preprocess import Usage
+from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns
 from .layout import IDENTITY, PATCH_LINEAR, LayoutOp
 from .registry import Layout, Probe, register
-from .timm import _table as _timm_table
+from .timm import _table as _timm_table, named_arch
 
 _E = "embeds."
 #: canonical tensors whose timm ViT rows the embedding rows here replace, and ViT's that NaFlexVit lacks
@@ -78,11 +79,13 @@ def table(cfg: ViTConfig) -> Tuple[Rule, ...]:
 
 
 CARRIES = (
-    heads_carry("num_heads"),
+    heads_carry("num_heads", "model_args.num_heads"),
     Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="timm's attention width is the embedding width"),
-    Carry("act", values=ACTIVATIONS, argument="act_layer", default="gelu"),
-    Carry("norm_eps", argument="norm_layer", default=1e-6),
-    Carry("pos_resize", values=tuple(INTERP.values()), argument="pos_embed_interp_mode", default="bicubic_aa",
+    Carry("act", values=ACTIVATIONS, key="model_args.act_layer", argument="act_layer", default="gelu"),
+    # JSON cannot hold a norm_layer: a directory records the architecture's, timm's LayerNorm (1e-6)
+    Carry("norm_eps", key="architecture", records=(1e-6,), argument="norm_layer", default=1e-6),
+    Carry("pos_resize", values=tuple(INTERP.values()), key="model_args.pos_embed_interp_mode",
+          argument="pos_embed_interp_mode", default="bicubic_aa",
           why="NaFlexVit resizes its grid bicubic or bilinear, antialiased"),
     Carry("classifier"), Carry("class_token"), Carry("final_norm"), Carry("qkv_bias"), Carry("layer_scale"),
     Carry("num_reg_tokens"), Carry("norm_pre"),
@@ -128,7 +131,21 @@ def infer(probe: Probe) -> ViTConfig:
     if qkv[0] != 3 * width:
         raise MappingError(f"blocks.0.attn.qkv.weight {qkv}: the attention width must equal the embedding "
                            f"width {width}", path)
-    heads, head_dim = heads_from_attn_dim(width, probe)
+    args = _model_args(probe)
+    recorded = args.get("num_heads")
+    if recorded is not None and type(recorded) is not int:
+        raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+    heads, head_dim = heads_from_attn_dim(width, probe, recorded)
+    act, interp = args.get("act_layer", "gelu"), args.get("pos_embed_interp_mode", "bicubic")
+    if act not in ACTIVATIONS:
+        raise MappingError(f"config.json: act_layer {act!r} is not one vitconv maps ({', '.join(ACTIVATIONS)})", path)
+    if interp not in INTERP:
+        raise MappingError(f"config.json: pos_embed_interp_mode {interp!r}: vitconv computes "
+                           f"{' and '.join(INTERP)} (antialiased)", path)
+    for name, bad in (("pos_embed_ar_preserving", True), ("pos_embed_antialias", False),
+                      ("pos_embed_align_corners", True), ("pos_embed_use_grid_sample", True)):
+        if args.get(name, not bad) == bad:
+            raise MappingError(f"config.json: {name}={bad}: a position resize vitconv does not compute yet", path)
     token = _E + "cls_token" in shapes
     reg = shapes.get(_E + "reg_token")
     regs = reg[1] if reg is not None and len(reg) == 3 else 0
@@ -139,26 +156,72 @@ def infer(probe: Probe) -> ViTConfig:
     return build(probe, image_size=pos[1] * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
                  num_heads=heads, head_dim=head_dim, mlp_dim=fc2[1], classifier=classifier, class_token=token,
                  num_classes=head[0] if head else 0, qkv_bias="blocks.0.attn.qkv.bias" in shapes,
-                 norm_eps=1e-6, act="gelu", layer_scale="blocks.0.ls1.gamma" in shapes, num_reg_tokens=regs,
+                 norm_eps=1e-6, act=act, layer_scale="blocks.0.ls1.gamma" in shapes, num_reg_tokens=regs,
                  final_norm="pooled" if fc_norm else ("encoder" if "norm.weight" in shapes else "none"),
                  pos_embed_prefix="none", norm_pre="norm_pre.weight" in shapes,
-                 patch_bias=_E + "proj.bias" in shapes, pos_resize="bicubic_aa")
+                 patch_bias=_E + "proj.bias" in shapes, pos_resize=INTERP[interp])
+
+
+def _model_args(probe: Probe) -> Dict[str, Any]:
+    """``model_args`` of a timm directory's ``config.json`` (empty for a bare state dict)."""
+    d = config_json(probe)
+    if "architecture" not in d:
+        return {}
+    args = d.get("model_args", {})
+    if not isinstance(args, dict):
+        raise MappingError("config.json: model_args is not an object", probe.path)
+    return args
+
+
+def mlp_ratio(cfg: ViTConfig) -> float:
+    """The ``mlp_ratio`` whose ``int(embed_dim * mlp_ratio)`` is the MLP width (a plain quotient
+    can round to one less)."""
+    r = cfg.mlp_dim / cfg.width
+    return r if int(cfg.width * r) == cfg.mlp_dim else (cfg.mlp_dim + 0.5) / cfg.width
+
+
+def model_args(cfg: ViTConfig) -> Dict[str, Any]:
+    """``NaFlexVitCfg`` fields (and ``in_chans``, ``num_classes``) under which timm's NaFlexVit
+    computes what the canonical model does; each is set, whatever the architecture's defaults."""
+    return dict(patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+                embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=mlp_ratio(cfg),
+                qkv_bias=cfg.qkv_bias, init_values=1e-5 if cfg.layer_scale else None, class_token=cfg.class_token,
+                reg_tokens=cfg.num_reg_tokens, pos_embed_grid_size=[cfg.grid_size, cfg.grid_size],
+                pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
+                global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
+                fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
+                act_layer=cfg.act)
+
+
+def architecture(cfg: ViTConfig) -> str:
+    """A registered NaFlexVit name for a directory's ``config.json`` (``model_args`` set every field)."""
+    if cfg.pos_resize == "bilinear":
+        return "naflexvit_base_patch16_siglip"
+    return "naflexvit_base_patch16_map" if cfg.classifier == "map" else "naflexvit_base_patch16_gap"
 
 
 def constructor(cfg: ViTConfig) -> str:
     """The timm call whose model computes what the canonical model does."""
-    interp = {v: k for k, v in INTERP.items()}.get(cfg.pos_resize, cfg.pos_resize)
-    pool = {"token": "token", "gap": "avg", "map": "map"}[cfg.classifier]
-    args = [f"patch_size={cfg.patch_size}", f"embed_dim={cfg.width}", f"depth={cfg.depth}",
-            f"num_heads={cfg.num_heads}", f"mlp_ratio={cfg.mlp_dim}/{cfg.width}", f"qkv_bias={cfg.qkv_bias}",
-            f"init_values={1e-5 if cfg.layer_scale else None}", f"class_token={cfg.class_token}",
-            f"reg_tokens={cfg.num_reg_tokens}", f"pos_embed_grid_size=({cfg.grid_size}, {cfg.grid_size})",
-            f"pos_embed_interp_mode={interp!r}", f"global_pool={pool!r}", f"fc_norm={cfg.final_norm == 'pooled'}",
-            f"final_norm={cfg.final_norm != 'none'}", f"pre_norm={cfg.norm_pre}", f"act_layer={cfg.act!r}"]
+    args = {k: v for k, v in model_args(cfg).items() if k not in ("in_chans", "num_classes")}
+    args["pos_embed_grid_size"] = tuple(args["pos_embed_grid_size"])
+    said = [f"{k}={v!r}" for k, v in args.items()]
     if cfg.norm_eps != 1e-6:
-        args.append(f"norm_layer=partial(LayerNorm, eps={cfg.norm_eps:g})")
-    return (f"timm NaFlexVit(NaFlexVitCfg({', '.join(args)}), in_chans={cfg.in_chans}, "
+        said.append(f"norm_layer=partial(LayerNorm, eps={cfg.norm_eps:g})")
+    return (f"timm NaFlexVit(NaFlexVitCfg({', '.join(said)}), in_chans={cfg.in_chans}, "
             f"num_classes={cfg.num_classes})")
+
+
+def directory_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> Dict[str, Any]:
+    """``config.json`` of a timm model directory, for ``timm.create_model('local-dir:DIR',
+    pretrained=True)``."""
+    pretrained: Dict[str, Any] = {"input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
+                                  "num_classes": cfg.num_classes, "first_conv": "embeds.proj", "classifier": "head"}
+    if usage is not None:
+        pretrained.update(usage.preprocessing.timm_cfg())
+        if usage.labels:
+            pretrained["label_names"] = list(usage.labels)
+    return {"architecture": architecture(cfg), "num_classes": cfg.num_classes, "num_features": cfg.width,
+            "model_args": model_args(cfg), "pretrained_cfg": pretrained}
 
 
 def write_notes(cfg: ViTConfig) -> List[str]:
@@ -167,6 +230,10 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="timm_naflexvit", description="timm NaFlexVit state dict (naflexvit_*)", table=table,
                 detect=detect, infer=infer, carries=CARRIES, write_notes=write_notes,
+                containers=("safetensors", "pt", "dir"), directory_config=directory_config, names_arch=named_arch,
+                restates=("num_classes", "model_args.num_classes", "model_args.embed_dim", "model_args.depth",
+                          "model_args.patch_size", "model_args.in_chans"),
+                loads_with={"dir": "timm.create_model('local-dir:{path}', pretrained=True)"},
                 sources=lambda cfg: {"image_size": "embeds.pos_embed [1] (grid x patch)",
                                      "patch_size": "embeds.proj.weight [1] (p*p*3 columns)",
                                      "width": "embeds.proj.weight [0]", "mlp_dim": "blocks.0.mlp.fc2.weight [1]",
