@@ -156,7 +156,7 @@ def test_bad_siglip2_files_are_one_line_mapping_errors(hf_siglip2, tmp_path):
     kernel as a 4-D one. Malformed files of either shape are named in one line."""
     sd = {k: v.contiguous() for k, v in hf_siglip2.state_dict().items()}
     for name, change in (("odd", {"embeddings.patch_embedding.weight": torch.zeros(64, 47)}),
-                         ("conv3d", {"embeddings.patch_embedding.weight": torch.zeros(64, 3, 4)}),
+                         ("rank3", {"embeddings.patch_embedding.weight": torch.zeros(64, 3, 4)}),
                          ("table", {"embeddings.position_embedding.weight": torch.zeros(63, 64)})):
         save_file({**sd, **change}, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(MappingError) as e:
@@ -254,6 +254,7 @@ def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_p
     _same_files(tmp_path / "src" / "model.safetensors", tmp_path / "hf" / "model.safetensors")
 
 
+@pytest.mark.slow  # the export and its parity runs: about 15 s on a busy 2-core machine
 def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip2, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from vitconv.export import ExportPlan, run_export
@@ -269,6 +270,7 @@ def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip
 
 
 # --------------------------------------------------------------------------- verify
+@pytest.mark.slow  # two references, two sizes, a planted fault: about 9 s on a busy 2-core machine
 def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, tmp_path):
     """``vitconv verify``: the library's model is the reference (from_pretrained on NaFlex patches;
     timm's NaFlexVit built from what vitconv read), stage by stage, at the table's grid and at
