@@ -217,6 +217,7 @@ def test_a_bare_naflexvit_state_dict_takes_what_its_architectures_agree_on(tmp_p
     report = convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", num_heads=2)
     assert (report.config.act, report.config.pos_resize) == ("gelu_tanh", "bilinear")
     assert any("naflexvit_base_patch16_siglip" in n for n in report.notes), report.notes
+    assert any("3 channels assumed" in n for n in report.notes), report.notes  # p*p*C is one number
     x = _image(12, 20, seed=5)
     with torch.no_grad():
         _close(load(tmp_path / "c.safetensors")(x), model(x))

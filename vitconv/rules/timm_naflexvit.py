@@ -120,7 +120,9 @@ def infer(probe: Probe) -> ViTConfig:
     if len(proj) != 2:
         raise MappingError(f"{_E}proj.weight {proj}: a convolutional NaFlexVit patch embedding "
                            "(embed_proj_type='conv') is not read yet; only the Linear one", path)
-    patch, in_chans = patch_from_columns(proj[1], None, None, _E + "proj.weight", path)
+    args = _model_args(probe)
+    patch, in_chans = patch_from_columns(proj[1], args.get("patch_size"), args.get("in_chans"),
+                                         _E + "proj.weight", path)
     width = proj[0]
     pos = shapes[_E + "pos_embed"]
     if len(pos) != 4 or pos[0] != 1 or pos[3] != width:
@@ -131,7 +133,6 @@ def infer(probe: Probe) -> ViTConfig:
     if qkv[0] != 3 * width:
         raise MappingError(f"blocks.0.attn.qkv.weight {qkv}: the attention width must equal the embedding "
                            f"width {width}", path)
-    args = _model_args(probe)
     recorded = args.get("num_heads")
     if recorded is not None and type(recorded) is not int:
         raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
@@ -160,6 +161,13 @@ def infer(probe: Probe) -> ViTConfig:
                  final_norm="pooled" if fc_norm else ("encoder" if "norm.weight" in shapes else "none"),
                  pos_embed_prefix="none", norm_pre="norm_pre.weight" in shapes,
                  patch_bias=_E + "proj.bias" in shapes, pos_resize=INTERP[interp])
+
+
+def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
+    if "patch_size" in _model_args(probe):
+        return []
+    return [f"patch {cfg.patch_size} x {cfg.patch_size} x {cfg.in_chans} channels assumed: embeds.proj's "
+            f"{cfg.patch_size ** 2 * cfg.in_chans} columns read as 3-channel patches (the file records neither)"]
 
 
 def _model_args(probe: Probe) -> Dict[str, Any]:
@@ -229,13 +237,13 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 
 register(Layout(name="timm_naflexvit", description="timm NaFlexVit state dict (naflexvit_*)", table=table,
-                detect=detect, infer=infer, carries=CARRIES, write_notes=write_notes,
+                detect=detect, infer=infer, carries=CARRIES, write_notes=write_notes, read_notes=read_notes,
                 containers=("safetensors", "pt", "dir"), directory_config=directory_config, names_arch=named_arch,
                 restates=("num_classes", "model_args.num_classes", "model_args.embed_dim", "model_args.depth",
                           "model_args.patch_size", "model_args.in_chans"),
                 loads_with={"dir": "timm.create_model('local-dir:{path}', pretrained=True)"},
                 sources=lambda cfg: {"image_size": "embeds.pos_embed [1] (grid x patch)",
-                                     "patch_size": "embeds.proj.weight [1] (p*p*3 columns)",
+                                     "patch_size": "embeds.proj.weight [1] (p*p*C columns)",
                                      "width": "embeds.proj.weight [0]", "mlp_dim": "blocks.0.mlp.fc2.weight [1]",
                                      "classifier": "attn_pool (map), fc_norm or no cls_token (avg), "
                                                    "else the class token"}))
