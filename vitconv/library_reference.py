@@ -31,6 +31,7 @@ import numpy as np
 from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
 from .rules.timm import architecture, model_args
+from .rules.timm_naflexvit import INTERP
 
 #: Hugging Face layout -> (transformers class, how its output gives the model's final output)
 HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTModel", "pooler"),
@@ -203,8 +204,6 @@ def _naflexvit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     _import("timm", src)
     import torch
     from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
-
-    from .rules.timm_naflexvit import INTERP
 
     nf = NaFlexVitCfg(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
                       mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
