@@ -13,7 +13,8 @@ reads (``vision_transformer``, ``deit``) and of those whose keys can look the sa
 (``eva``: rotary positions, Perception Encoder included), and timm's ``naflexvit`` (read as the
 ``timm_naflexvit`` layout, what its ``NaFlexEmbeds`` computes beyond it as features); every
 OpenCLIP model config whose tower is OpenCLIP's own ``VisionTransformer`` (read as the ``clip``
-layout); Hugging Face ``model_type``s from each config class's defaults. The hand-written rows (:data:`HAND_WRITTEN`) say why they are.
+layout); Hugging Face ``model_type``s from each config class's defaults. The hand-written rows
+(:data:`HAND_WRITTEN`) say why they are.
 
 timm and OpenCLIP import torchvision, which has no CPU build on some indexes; where it is missing
 :func:`torchvision_placeholder` answers for it while they are imported (their model code does not
