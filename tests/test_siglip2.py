@@ -255,7 +255,6 @@ def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_p
     _same_files(tmp_path / "src" / "model.safetensors", tmp_path / "hf" / "model.safetensors")
 
 
-@pytest.mark.slow  # the export and its parity runs: about 15 s on a busy 2-core machine
 def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip2, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from vitconv.export import ExportPlan, run_export
@@ -271,7 +270,6 @@ def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip
 
 
 # --------------------------------------------------------------------------- verify
-@pytest.mark.slow  # two references, two sizes, a planted fault: about 9 s on a busy 2-core machine
 def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, tmp_path):
     """``vitconv verify``: the library's model is the reference (from_pretrained on NaFlex patches;
     timm's NaFlexVit built from what vitconv read), stage by stage, at the table's grid and at
