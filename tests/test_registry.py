@@ -71,7 +71,8 @@ VARIANTS.update({
                              abs_pos_embed=False, rope="dinov3"),
     "dinov3 swiglu, q/v biases": _SMALL.replace(image_size=224, patch_size=16, act="silu", norm_eps=1e-5,
                                                 layer_scale=True, num_reg_tokens=4, mlp="swiglu", mlp_dim=128,
-                                                key_bias=False, abs_pos_embed=False, rope="dinov3"),
+                                                key_bias=False, abs_pos_embed=False, rope="dinov3", num_classes=0,
+                                                mask_token=True),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
          for name in VARIANTS]

@@ -30,39 +30,15 @@ import math
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
-
 from ..config import ViTConfig
 from ..errors import MappingError
 from ..preprocess import Usage
 from .base import Carry, Rule
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
-from .layout import IDENTITY, LayoutOp
+from .layout import GATE_UP, IDENTITY, Q_V_BIAS
 from .registry import Layout, Probe, register
 
 _B = "blocks.{i}."
-
-
-def _q_v_bias(arrays, cfg: ViTConfig) -> np.ndarray:
-    """Eva's ``q_bias`` and ``v_bias`` -> the canonical ``[q; 0; v]`` (the key bias held at zero)."""
-    q, v = arrays
-    if q.shape != v.shape or q.ndim != 1:
-        raise ValueError(f"q_bias {q.shape} and v_bias {v.shape} must be vectors of one length")
-    return np.ascontiguousarray(np.concatenate([q, np.zeros_like(q), v]))
-
-
-def _split_q_v_bias(b: np.ndarray, cfg: ViTConfig) -> List[np.ndarray]:
-    a = cfg.attn_dim
-    return [np.ascontiguousarray(b[:a]), np.ascontiguousarray(b[2 * a:])]
-
-
-#: ``[q_bias; v_bias]`` <-> canonical ``qkv.bias`` with a zero key third (``key_bias=False``).
-Q_V_BIAS = LayoutOp("q_v_bias", _q_v_bias, _split_q_v_bias, 2,
-                    shapes=lambda s, cfg: [(cfg.attn_dim,), (cfg.attn_dim,)])
-#: timm's unpacked SwiGLU: ``fc1_g`` (gate) and ``fc1_x`` (up) <-> canonical ``fc1`` = [gate; up].
-GATE_UP = LayoutOp("concat_gate_up", lambda a, cfg: np.ascontiguousarray(np.concatenate(a, axis=0)),
-                   lambda a, cfg: [np.ascontiguousarray(p) for p in np.split(a, 2, axis=0)], 2,
-                   shapes=lambda s, cfg: [(s[0] // 2,) + tuple(s[1:])] * 2)
 
 
 @lru_cache(maxsize=None)
