@@ -43,9 +43,10 @@ TIMM = {
     "vit_small_plus_patch16_dinov3": (dict(global_pool="token", num_classes=10), {"classifier": "token"}, None,
                                       dict(mlp="swiglu", act="silu", mlp_dim=512, classifier="token",
                                            num_classes=10)),
-    "vit_base_patch16_dinov3_qkvb": (dict(), {}, None, dict(qkv_bias=True, key_bias=False)),
+    # keys LingBot's (token pooling) share: a bare file's pooling must be said (or --arch)
+    "vit_base_patch16_dinov3_qkvb": (dict(), {"classifier": "gap"}, None, dict(qkv_bias=True, key_bias=False)),
     # the 7B's block (SwiGLU aligned to 64, mlp_ratio 2, no qkv bias, 128-dim heads), narrowed
-    "vit_7b_patch16_dinov3": (dict(num_heads=1), {}, 1, dict(mlp="swiglu", mlp_dim=256, num_heads=1, head_dim=128,
+    "vit_7b_patch16_dinov3": (dict(num_heads=1), {"classifier": "gap"}, 1, dict(mlp="swiglu", mlp_dim=256, num_heads=1, head_dim=128,
                                                               qkv_bias=False)),
 }
 
@@ -118,9 +119,9 @@ def test_the_rotation_and_its_base_move_the_output(tmp_path):
     _save(model, tmp_path / "src.safetensors")
     with torch.no_grad():
         want = model(_x(32, 48))
-        _close(load(tmp_path / "src.safetensors")(_x(32, 48)), want)
+        _close(load(tmp_path / "src.safetensors", classifier="gap")(_x(32, 48)), want)
         for wrong in (dict(rope_theta=10000.0), dict(rope="none")):
-            assert (load(tmp_path / "src.safetensors", **wrong)(_x(32, 48)) - want).abs().max() > 1e-3, wrong
+            assert (load(tmp_path / "src.safetensors", classifier="gap", **wrong)(_x(32, 48)) - want).abs().max() > 1e-3
 
 
 def test_the_key_bias_is_held_at_zero_and_refused_where_eva_has_none(tmp_path):
@@ -129,7 +130,7 @@ def test_the_key_bias_is_held_at_zero_and_refused_where_eva_has_none(tmp_path):
     the timm layout, naming it: with RoPE the rotated key bias changes the output."""
     model = _timm("vit_base_patch16_dinov3_qkvb")
     _save(model, tmp_path / "src.safetensors")
-    convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors")
+    convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
     state = load_file(tmp_path / "c.safetensors")
     assert not state["blocks.0.attn.qkv.bias"][128:256].any()
     hf = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**HF, key_bias=True)))
@@ -215,22 +216,42 @@ def test_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
         _close(torch.from_numpy(got), want)
 
 
-def test_a_bare_state_dict_says_what_it_assumed(tmp_path):
+def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
     """A bare timm Eva state dict records neither the rotary form nor its base (timm's
-    rope_type/rope_temperature), the pooling or the epsilon: read as DINOv3's (theta 100, eps
-    1e-5, 'avg' pooling), each named as assumed; --set changes them, and a timm directory's
-    config.json records them."""
+    rope_type/rope_temperature), the pooling or the epsilon: they come from the architectures whose
+    keys and shapes fit (vitconv/archs/table.json), named in the notes, or are said with --set."""
     model = _timm("vit_small_patch16_dinov3")
     _save(model, tmp_path / "s.safetensors")
     with open_checkpoint(tmp_path / "s.safetensors") as c:
         assert (c.config.rope, c.config.rope_theta, c.config.norm_eps) == ("dinov3", 100.0, 1e-5)
         said = " ".join(c.notes)
-        assert "rope_theta=100.0" in said and "assumed" in said and "norm_eps=1e-05" in said, c.notes
+        assert "classifier='gap', norm_eps=1e-05, rope_theta=100.0: what every architecture whose keys and " \
+               "shapes fit computes" in said, c.notes
         assert "native size 224 is assumed" in said, c.notes
     with open_checkpoint(tmp_path / "s.safetensors", overrides={"rope_theta": 1000.0}) as c:
         assert c.config.rope_theta == 1000.0
     with pytest.raises(BadInputError, match="--set abs_pos_embed: the timm_eva layout reads it from the file"):
         open_checkpoint(tmp_path / "s.safetensors", overrides={"abs_pos_embed": True})
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3_qkvb", "vit_small_patch16_lingbot"])
+def test_arch_names_what_keys_alone_cannot(name, tmp_path):
+    """DINOv3-S with q/v biases and LingBot-S have the same keys and shapes but pool differently
+    ('avg' and the class token): a bare file of either is refused naming both --arch choices, and
+    --arch supplies the pooling, heads, epsilon and rotary base of the one named, timm's function."""
+    model = _seed(timm.create_model(name, pretrained=False, img_size=32, depth=1))  # real width: 384, 6 heads
+    _save(model, tmp_path / "s.safetensors")
+    with pytest.raises(MappingError, match=r"classifier='gap' \(--arch vit_small_patch16_dinov3_qkvb\); "
+                                           r"classifier='token' \(--arch vit_small_patch16_lingbot\)"):
+        open_checkpoint(tmp_path / "s.safetensors")
+    report = convert(tmp_path / "s.safetensors", tmp_path / "c.safetensors", overrides={"arch": name})
+    assert any(f"rope_theta=100.0: from --arch {name}" in n for n in report.notes), report.notes
+    assert (report.config.num_heads, report.config.rope_theta) == (6, 100.0)
+    with torch.no_grad():
+        _close(load(tmp_path / "c.safetensors")(_x(32, 48)), model(_x(32, 48)))
+    other = ({"vit_small_patch16_dinov3_qkvb", "vit_small_patch16_lingbot"} - {name}).pop()
+    with torch.no_grad():
+        assert (load(tmp_path / "s.safetensors", arch=other)(_x(32, 48)) - model(_x(32, 48))).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch,kw,what", [
@@ -248,3 +269,21 @@ def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):
         convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")
     assert what in str(e.value) and "does not compute this feature yet" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "c.safetensors").exists()
+
+
+def test_verify_runs_the_library_as_the_reference(tmp_path):
+    """``vitconv verify``'s reference is the source's own library: timm's Eva (built with what
+    vitconv read, or from a timm directory) and transformers' DINOv3ViTModel."""
+    from vitconv.verify import verify
+
+    model = _timm("vit_base_patch16_dinov3_qkvb")
+    _save(model, tmp_path / "t.safetensors")
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
+    assert verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"}).ok
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    assert verify(tmp_path / "tdir", tmp_path / "c.safetensors").ok
+    hf = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**HF, use_gated_mlp=True, hidden_act="silu")))
+    hf.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "h.safetensors")
+    checked = verify(tmp_path / "hf", tmp_path / "h.safetensors")
+    assert checked.ok, checked.verdict()
