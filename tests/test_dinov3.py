@@ -287,3 +287,25 @@ def test_verify_runs_the_library_as_the_reference(tmp_path):
     convert(tmp_path / "hf", tmp_path / "h.safetensors")
     checked = verify(tmp_path / "hf", tmp_path / "h.safetensors")
     assert checked.ok, checked.verdict()
+
+
+def test_coordinate_augmentations_are_training_only(tmp_path):
+    """DINOv3 was trained with its rotary coordinates randomly rescaled (Hugging Face's default
+    pos_embed_rescale=2.0; timm's rope_rescale_coords): in eval mode neither library applies it,
+    and the canonical model (eval behaviour only) computes what they compute there; in training
+    mode they draw another function each call (far above float32 rounding, 1e-7 here)."""
+    hf = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**HF)))
+    assert hf.config.pos_embed_rescale == 2.0
+    hf.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "h.safetensors")
+    ours = load(tmp_path / "h.safetensors")
+    model = _timm("vit_small_patch16_dinov3", rope_rescale_coords=2.0, rope_jitter_coords=1.5, rope_shift_coords=0.2)
+    _save(model, tmp_path / "t.safetensors")
+    convert(tmp_path / "t.safetensors", tmp_path / "t_c.safetensors")
+    ours_t = load(tmp_path / "t_c.safetensors")
+    with torch.no_grad():
+        _close(ours(_x(32, 48)), hf(pixel_values=_x(32, 48)).pooler_output)
+        _close(ours_t(_x(32, 48)), model(_x(32, 48)))
+        torch.manual_seed(0)
+        assert (hf.train()(pixel_values=_x(32, 48)).pooler_output - ours(_x(32, 48))).abs().max() > 1e-5
+        assert (model.train()(_x(32, 48)) - ours_t(_x(32, 48))).abs().max() > 1e-5

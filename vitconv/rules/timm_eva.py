@@ -125,11 +125,11 @@ def _not_yet(probe: Probe) -> Optional[str]:
         return "an absolute position table (EVA, EVA-02, *_rope_ape_*, Perception Encoder)"
     if "rope.freqs" in s:
         return "learned per-head rotary frequencies (rope_mixed)"
-    if "blocks.0.attn.q_proj.weight" in s:
-        return "separate q/k/v projections (EVA-02)"
     if any(k.startswith("blocks.0.") and k.endswith(n) for k in s
            for n in ("attn.norm.weight", "mlp.norm.weight", "attn.q_norm.weight", "attn.k_norm.weight")):
         return "sub-LayerNorms or qk-norm inside attention/MLP (EVA-02, Sapiens2)"
+    if "blocks.0.attn.q_proj.weight" in s:
+        return "separate q/k/v projections (EVA-02)"
     if "cls_token" not in s or "reg_token" not in s:
         return "timm's *_rope_* models without a class token or registers (EVA-style 'cat' rotary embeddings)"
     if "blocks.0.gamma_1" not in s:
