@@ -133,6 +133,8 @@ SLOW_TESTS = (
     "test_convert_verify.py::test_plain_verify_proves_a_rounded_file_later",
     "test_onnx_inputs.py::test_forged_and_foreign_onnx_inputs_fail_in_one_line",
     "test_predict_images.py::test_postscript_and_other_formats_named_as_images_never_run_a_program",
+    "test_dinov3.py::test_onnx_dynamic_size_follows_timm_at_unseen_sizes",
+    "test_dinov3.py::test_verify_runs_the_library_as_the_reference",
 )
 
 
