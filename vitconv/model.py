@@ -158,7 +158,7 @@ class Positions:
     rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
-def rope_dinov3(gh, gw, head_dim: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """DINOv3's rotary ``(sin, cos)`` for a ``gh`` x ``gw`` patch grid (``gh``, ``gw`` may be
     symbolic: nothing is baked for one size), in the order of operations of timm's
     ``RotaryEmbeddingDinoV3`` (``timm/layers/pos_embed_sincos.py``), so the angles are timm's bit
@@ -170,12 +170,13 @@ def rope_dinov3(gh, gw, head_dim: int, theta: float) -> Tuple[torch.Tensor, torc
     column's, repeated twice (rotate-half). Hugging Face computes the same angles as
     ``2 pi c * (1 / theta ** arange(0, 1, 4 / head_dim))``, equal up to float32 rounding.
     The training-time coordinate augmentations (shift, jitter, rescale) are off in eval mode in
-    both libraries and are not modelled."""
-    axes = [torch.arange(0.5, n, dtype=torch.float32) / n for n in (gh, gw)]
+    both libraries and are not modelled. Always float32 (as both libraries): a half-precision
+    model rotates in float32 and rounds the result once (:meth:`Attention._rotate`)."""
+    axes = [torch.arange(0.5, n, dtype=torch.float32, device=device) / n for n in (gh, gw)]
     coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)
     coords = (2.0 * coords - 1.0).flatten(0, 1)  # (gh * gw, 2)
     n = head_dim // 4
-    periods = theta ** (2.0 * torch.arange(n, dtype=torch.float32) / (head_dim // 2))
+    periods = theta ** (2.0 * torch.arange(n, dtype=torch.float32, device=device) / (head_dim // 2))
     angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1)  # (gh * gw, head_dim / 2)
     sin, cos = angles.sin(), angles.cos()
     return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
@@ -226,11 +227,12 @@ class Attention(nn.Module):
 
     def _rotate(self, t: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``t * cos + rotate_half(t) * sin`` on the tokens after the prefix (timm's
-        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``)."""
+        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``), in float32 sin and
+        cos and cast back to ``t``'s dtype once, as timm does."""
         sin, cos = rope
         p = self.num_prefix_tokens
         patches = t[:, :, p:]
-        return torch.cat([t[:, :, :p], patches * cos + rotate_half(patches) * sin], dim=2)
+        return torch.cat([t[:, :, :p], (patches * cos + rotate_half(patches) * sin).to(t.dtype)], dim=2)
 
 
 class Mlp(nn.Module):
@@ -387,7 +389,8 @@ class VisionTransformer(nn.Module):
         """What the blocks need to know of a ``gh`` x ``gw`` patch grid (see :class:`Positions`)."""
         cfg = self.config
         if cfg.rope == "dinov3":
-            return Positions(grid=(gh, gw), rope=rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta))
+            return Positions(grid=(gh, gw), rope=rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta,
+                                                             self.patch_embed.weight.device))
         return Positions(grid=(gh, gw))
 
     def _embed_normed_patches(self, x: torch.Tensor):
