@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
+from .rules import timm_eva
 from .rules.timm import architecture, model_args
 
 #: Hugging Face layout -> (transformers class, how its output gives the model's final output)
@@ -184,8 +185,6 @@ def _timm_eva(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     """timm's ``Eva`` (DINOv3): a timm directory through ``create_model('local-dir:…')``, a bare
     state dict built with the arguments vitconv read (rope_type, rope_temperature, pooling, eps:
     the file records none) and loaded strictly."""
-    from .rules import timm_eva
-
     cfg, path = ckpt.source_config, Path(src)
     timm = _import("timm", src)
     if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
