@@ -135,6 +135,8 @@ SLOW_TESTS = (
     "test_predict_images.py::test_postscript_and_other_formats_named_as_images_never_run_a_program",
     "test_siglip2.py::test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes",  # 15-20 s busy
     "test_siglip2.py::test_verify_runs_siglip2_and_naflexvit_as_their_own_references",  # 9-14 s busy
+    "test_dinov3.py::test_onnx_dynamic_size_follows_timm_at_unseen_sizes",
+    "test_dinov3.py::test_verify_runs_the_library_as_the_reference",
 )
 
 

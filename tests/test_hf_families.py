@@ -137,11 +137,3 @@ def test_what_hugging_face_cannot_hold_is_refused_by_name(tmp_path):
     with pytest.raises(MappingError, match="classifier='gap'"):
         convert(gap, tmp_path / "x", to="hf")
 
-
-def test_dinov3_is_refused_naming_rotary_embeddings(tmp_path):
-    """DINOv3 (rotary position embeddings: out of scope) as transformers saves it."""
-    config = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                          intermediate_size=128, image_size=32, patch_size=8)
-    transformers.DINOv3ViTModel(config).save_pretrained(tmp_path / "src")
-    with pytest.raises(MappingError, match=r"rotary position embeddings \(DINOv3"):
-        convert(tmp_path / "src", tmp_path / "c.safetensors")

@@ -65,6 +65,14 @@ VARIANTS.update({
                                     mlp_dim=176, pos_resize="bicubic"),
     "timm reg no_embed_class": _SMALL.replace(act="gelu", num_reg_tokens=4, pos_embed_prefix="none",
                                               layer_scale=True, pos_resize="bicubic_aa"),
+    # DINOv3 (timm Eva, Hugging Face DINOv3ViTModel): no position table records the size, so its native 224
+    "dinov3": _SMALL.replace(image_size=224, patch_size=16, act="gelu", norm_eps=1e-5, layer_scale=True,
+                             num_reg_tokens=4, classifier="gap", num_classes=0, qkv_bias=False, mlp_dim=256,
+                             abs_pos_embed=False, rope="dinov3"),
+    "dinov3 swiglu, q/v biases": _SMALL.replace(image_size=224, patch_size=16, act="silu", norm_eps=1e-5,
+                                                layer_scale=True, num_reg_tokens=4, mlp="swiglu", mlp_dim=128,
+                                                key_bias=False, abs_pos_embed=False, rope="dinov3", num_classes=0,
+                                                mask_token=True),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
          for name in VARIANTS]

@@ -51,6 +51,16 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: identity. Grids need not be square. Prefix rows are always kept.
 POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear")
 MLPS = ("mlp", "swiglu")
+#: Rotary position embeddings (RoPE), rotating each head's queries and keys of the patch tokens
+#: by angles computed from the patch grid at run time (prefix tokens are left unrotated); no
+#: tensor holds them. "none": no rotation. "dinov3": DINOv3's form (timm ``Eva`` with
+#: ``rope_type='dinov3'``, Hugging Face ``DINOv3ViTModel``): patch centres ``(i + 0.5) / n``
+#: per axis, each axis normalised by its own length and mapped to [-1, 1]; ``head_dim / 4``
+#: periods ``rope_theta ** (4k / head_dim)``; angles ``2 pi coord / period``, rows' angles first
+#: then columns', the whole repeated twice ("rotate-half" layout: ``x cos + rotate_half(x) sin``).
+#: Other forms (EVA-02's ``cat``, timm's ``rope_mixed`` with learned per-head frequencies,
+#: Perception Encoder's 2-D RoPE) are further values of this field, with ``rope_theta`` their base.
+ROPES = ("none", "dinov3")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector
 #: ("pooled", timm's ``fc_norm``). For a class-token model the two are the same function
@@ -151,11 +161,23 @@ class ViTConfig:
     pos_resize: str = _field("zoom", "how the position table is resized for another resolution")
     #: big_vision's ``scan=True``: every block's tensors stacked along a leading axis in one array.
     scan: bool = _field(False, "blocks stored stacked along a leading axis (big_vision scan=True)", storage=True)
+    #: A learned absolute position table (``pos_embed``) added to the tokens. DINOv3 has none (its
+    #: positions are rotary only); timm's ``*_rope_ape`` models have both.
+    abs_pos_embed: bool = _field(True, "a learned absolute position table")
+    #: A bias on the key projection. timm's ``Eva`` and Hugging Face DINOv3 (``key_bias=False``) have
+    #: query and value biases only: with ``qkv_bias`` and no key bias the middle third of
+    #: ``qkv.bias`` is held at zero by the model. Without RoPE a key bias cannot change the output
+    #: (it adds the same ``q . b`` to every score of a query); with RoPE it can (the bias is rotated
+    #: with each key's position), so the two are not interchangeable.
+    key_bias: bool = _field(True, "a key projection bias (besides the query and value biases)")
+    rope: str = _field("none", "rotary position embeddings")
+    #: The base of the rotary periods (DINOv3's ``rope_temperature`` / ``rope_theta``: 100).
+    rope_theta: float = _field(100.0, "the rotary embeddings' base period (temperature)")
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS)):
+                              ("mlp", MLPS), ("rope", ROPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:
@@ -173,6 +195,19 @@ class ViTConfig:
             raise ValueError("pos_embed_prefix 'class' needs a class token")
         if self.pos_embed_prefix != "all" and self.num_prefix_tokens == int(self.pos_embed_prefix == "class"):
             object.__setattr__(self, "pos_embed_prefix", "all")  # the same table either way; one spelling
+        if not self.abs_pos_embed:  # no table to resize or to give prefix rows; one spelling
+            object.__setattr__(self, "pos_embed_prefix", "all")
+            object.__setattr__(self, "pos_resize", "zoom")
+        if not self.qkv_bias and not self.key_bias:
+            object.__setattr__(self, "key_bias", True)  # no biases at all; one spelling
+        if self.rope == "none":
+            object.__setattr__(self, "rope_theta", 100.0)  # no rotation, no base; one spelling
+        else:
+            object.__setattr__(self, "rope_theta", float(self.rope_theta))
+            if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+                raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
+            if self.head_dim % 4:
+                raise ValueError(f"rope {self.rope!r} needs a head size divisible by 4, got {self.head_dim}")
         if self.resnet_layers is not None and self.resnet_width % self.resnet_groups:
             raise ValueError(f"hybrid stem width {self.resnet_width} is not a multiple of GroupNorm's "
                              f"{self.resnet_groups} groups")
@@ -310,6 +345,12 @@ class ViTConfig:
             extras.append("patch norms")
         if self.distilled:
             extras.append("distillation token")
+        if self.rope != "none":
+            extras.append(f"RoPE {self.rope} (theta {self.rope_theta:g})")
+        if not self.abs_pos_embed:
+            extras.append("no position table")
+        if self.qkv_bias and not self.key_bias:
+            extras.append("no key bias")
         return (f"{kind} depth {self.depth} width {self.width} heads {self.num_heads}x{self.head_dim} "
                 f"mlp {self.mlp_dim} patch {self.patch_size} @{self.image_size}px "
                 f"({', '.join(extras)}), {self.num_classes} classes")
@@ -350,7 +391,8 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
                                 ("mask_token", cfg.mask_token, (1,))):
         if present:
             out.append((name, (*rows, d)))
-    out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
+    if cfg.abs_pos_embed:
+        out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
     if cfg.resnet_layers is not None:  # ResNetStem: root, then bottleneck units stage by stage
         w = cfg.resnet_width
         out.append(("stem.conv_root.weight", (w, cfg.in_chans, 7, 7)))

@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
+from .rules import timm_eva
 from .rules.timm import architecture, model_args
 from .rules.timm_naflexvit import INTERP
 
@@ -38,8 +39,8 @@ HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTMo
               "hf_dinov2": ("Dinov2Model", "pooler_output"), "hf_dinov2_reg": ("Dinov2WithRegistersModel", "pooler_output"),
               "hf_clip": ("CLIPVisionModel", "pooler_output"), "hf_clip_proj": ("CLIPVisionModelWithProjection",
                                                                               "image_embeds"),
-              "hf_siglip": ("SiglipVisionModel", "pooler_output")}
-LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_naflexvit", "dinov2", "clip")
+              "hf_siglip": ("SiglipVisionModel", "pooler_output"), "hf_dinov3": ("DINOv3ViTModel", "pooler_output")}
+LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_eva", "timm_naflexvit", "dinov2", "clip")
 
 
 class LibraryMissing(BadInputError):
@@ -151,7 +152,8 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to
 
     def run(x):
-        resize = {} if layout.startswith("hf_dinov2") or x.shape[-1] == own else {"interpolate_pos_encoding": True}
+        resize = ({} if layout.startswith(("hf_dinov2", "hf_dinov3")) or x.shape[-1] == own
+                  else {"interpolate_pos_encoding": True})  # DINOv3: rotary, computed for any grid
         o = model(pixel_values=x, output_hidden_states=True, **resize)
         stages = {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])}}
         if output == "pooler":  # ViTModel: its tanh pooler is Google's pre_logits, else the normed class token
@@ -236,6 +238,27 @@ def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     return LibraryReference(how, cfg, _hooked(model, list(model.blocks)))
 
 
+def _timm_eva(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """timm's ``Eva`` (DINOv3): a timm directory through ``create_model('local-dir:…')``, a bare
+    state dict built with the arguments vitconv read (rope_type, rope_temperature, pooling, eps:
+    the file records none) and loaded strictly."""
+    cfg, path = ckpt.source_config, Path(src)
+    timm = _import("timm", src)
+    if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
+        try:
+            model = timm.create_model(f"local-dir:{path}", pretrained=True).eval().float()
+        except Exception as e:
+            raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
+        how = "timm.create_model('local-dir:…')"
+    else:
+        import torch
+
+        kw = dict(timm_eva.model_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+        model = _load_strict(timm.create_model(timm_eva.architecture(cfg), pretrained=False, **kw), ckpt, src)
+        how = "timm Eva, built with the arguments vitconv read (the file records none)"
+    return LibraryReference(how, cfg, _hooked(model, list(model.blocks)))
+
+
 def _dinov2(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     cfg = ckpt.source_config
     _import("dinov2", src)
@@ -300,7 +323,7 @@ def _clip(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
 
 
 _BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "hf_siglip2": _siglip2, "timm": _timm,
-             "timm_naflexvit": _naflexvit, "dinov2": _dinov2, "clip": _clip}
+             "timm_eva": _timm_eva, "timm_naflexvit": _naflexvit, "dinov2": _dinov2, "clip": _clip}
 
 
 def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
@@ -153,6 +154,39 @@ class Positions:
     fills it in ``positions``, so blocks never recompute it and any grid works."""
 
     grid: Tuple[int, int]
+    #: Rotary embeddings of the patch tokens (``config.rope``): ``(sin, cos)``, each
+    #: ``(gh * gw, head_dim)`` in the rotate-half layout; None without RoPE.
+    rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+
+def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DINOv3's rotary ``(sin, cos)`` for a ``gh`` x ``gw`` patch grid (``gh``, ``gw`` may be
+    symbolic: nothing is baked for one size), in the order of operations of timm's
+    ``RotaryEmbeddingDinoV3`` (``timm/layers/pos_embed_sincos.py``), so the angles are timm's bit
+    for bit: patch centres ``(arange(0.5, n) / n)`` per axis (each axis normalised by its own
+    length: a non-square grid spans [-1, 1] both ways; timm's Eva passes no other
+    ``normalize_coords``, and Hugging Face's ``get_patches_center_coordinates`` does the same),
+    an ``ij`` meshgrid, ``2 c - 1``; periods ``theta ** (2k / (head_dim / 2))`` for
+    ``k < head_dim / 4``; angles ``2 pi c / period`` with the row coordinate's angles before the
+    column's, repeated twice (rotate-half). Hugging Face computes the same angles as
+    ``2 pi c * (1 / theta ** arange(0, 1, 4 / head_dim))``, equal up to float32 rounding.
+    The training-time coordinate augmentations (shift, jitter, rescale) are off in eval mode in
+    both libraries and are not modelled. Always float32 (as both libraries): a half-precision
+    model rotates in float32 and rounds the result once (:meth:`Attention._rotate`)."""
+    axes = [torch.arange(0.5, n, dtype=torch.float32, device=device) / n for n in (gh, gw)]
+    coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)
+    coords = (2.0 * coords - 1.0).flatten(0, 1)  # (gh * gw, 2)
+    n = head_dim // 4
+    periods = theta ** (2.0 * torch.arange(n, dtype=torch.float32, device=device) / (head_dim // 2))
+    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1)  # (gh * gw, head_dim / 2)
+    sin, cos = angles.sin(), angles.cos()
+    return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last axis (the rotate-half RoPE layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
 def norm_layer(cfg: ViTConfig, dim: int) -> nn.Module:
@@ -173,12 +207,33 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.attn_dim, cfg.width)
+        self.key_bias = cfg.key_bias
+        self.num_prefix_tokens = cfg.num_prefix_tokens
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        if self.qkv.bias is not None and not self.key_bias:  # q and v biases only: the key's held at zero
+            a = self.num_heads * self.head_dim
+            bias = self.qkv.bias
+            bias = torch.cat([bias[:a], bias.new_zeros(a), bias[2 * a:]])
+            qkv = F.linear(x, self.qkv.weight, bias)
+        else:
+            qkv = self.qkv(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if pos.rope is not None:  # rotate the patch tokens' queries and keys; prefix tokens stay
+            q, k = self._rotate(q, pos.rope), self._rotate(k, pos.rope)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+    def _rotate(self, t: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``t * cos + rotate_half(t) * sin`` on the tokens after the prefix (timm's
+        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``), in float32 sin and
+        cos and cast back to ``t``'s dtype once, as timm does."""
+        sin, cos = rope
+        p = self.num_prefix_tokens
+        patches = t[:, :, p:]
+        return torch.cat([t[:, :, :p], (patches * cos + rotate_half(patches) * sin).to(t.dtype)], dim=2)
 
 
 class Mlp(nn.Module):
@@ -284,7 +339,7 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, d)) if cfg.num_reg_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None  # training only
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d)) if cfg.abs_pos_embed else None
         self.norm_pre = norm_layer(cfg, d) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = norm_layer(cfg, d) if cfg.final_norm != "none" else None
@@ -314,9 +369,13 @@ class VisionTransformer(nn.Module):
             gh, gw = x.shape[-2], x.shape[-1]
             x = x.flatten(2).transpose(1, 2)
         b = x.shape[0]
-        pos = self.pos_embed_for(gh, gw)
         tokens = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         mode = self.config.pos_embed_prefix
+        if self.pos_embed is None:  # no position table (positions are rotary only: DINOv3)
+            x = torch.cat(tokens + [x], dim=1)
+            x = self.norm_pre(x) if self.norm_pre is not None else x
+            return x, self.positions(gh, gw)
+        pos = self.pos_embed_for(gh, gw)
         if mode == "all":
             x = torch.cat(tokens + [x], dim=1) + pos
         elif mode == "none":
@@ -329,6 +388,10 @@ class VisionTransformer(nn.Module):
 
     def positions(self, gh: int, gw: int) -> Positions:
         """What the blocks need to know of a ``gh`` x ``gw`` patch grid (see :class:`Positions`)."""
+        cfg = self.config
+        if cfg.rope == "dinov3":
+            return Positions(grid=(gh, gw), rope=rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta,
+                                                             self.patch_embed.weight.device))
         return Positions(grid=(gh, gw))
 
     def _embed_normed_patches(self, x: torch.Tensor):

@@ -137,11 +137,22 @@ def activation(module) -> str:
     return {"SiLU": "silu", "ReLU": "relu", "Swish": "silu"}.get(name, name)
 
 
+def dinov3_rope(model) -> bool:
+    """Whether an Eva rotates its positions DINOv3's way, which vitconv computes (``rope='dinov3'``):
+    timm's ``RotaryEmbeddingDinoV3`` with per-axis normalised, unshifted, rotate-half angles and no
+    absolute position table (the ``timm_eva`` layout)."""
+    rope = getattr(model, "rope", None)
+    return (type(rope).__name__ == "RotaryEmbeddingDinoV3" and getattr(model, "pos_embed", None) is None
+            and bool(rope.rotate_half) and rope.normalize_coords == "separate" and not rope.grid_offset
+            and rope.grid_indexing == "ij" and rope.min_period is None)
+
+
 def _features(model, block) -> List[str]:
     """What the model computes that no vitconv layout expresses, in words."""
     out = []
     attn = getattr(block, "attn", None)
-    if getattr(model, "rope", None) is not None or getattr(attn, "rope", None) is not None:
+    rotary = getattr(model, "rope", None) is not None or getattr(attn, "rope", None) is not None
+    if rotary and not dinov3_rope(model):
         out.append("rotary position embeddings")
     if getattr(attn, "relative_position_bias_table", None) is not None:
         out.append("relative position bias")
@@ -203,14 +214,19 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         naflex = type(model).__name__ == "NaFlexVit"  # its embedding is model.embeds
         embed = model.embeds if naflex else model.patch_embed
         patch = embed.patch_size
+        eva = dinov3_rope(model)  # DINOv3's Eva: its own layout, with what a bare file cannot say of it
         extra: Dict[str, Any] = {}
         if naflex:
             grid = embed.pos_embed_grid_size if embed.pos_embed_type == "learned" else None
             extra = {"layout": "timm_naflexvit", "image_size": int(grid[0] * patch[0]) if grid else None,
                      "features": sorted(set(_features(model, b) + _naflex_features(embed))),
                      "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
+        elif eva:
+            extra = {"rope_theta": float(model.rope.temperature),
+                     "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool)}
         rows.append({
-            "name": name, "source": "timm", "layout": "timm", "class": type(model).__name__,
+            **extra, "name": name, "source": "timm", "layout": "timm_eva" if eva else "timm",
+            "class": type(model).__name__,
             "act": activation(act_module) if act_module is not None else None,
             "norm_eps": float(getattr(getattr(b, "norm1", None), "eps", 0.0) or 0.0),
             "width": int(model.embed_dim), "heads": int(attn.num_heads) if attn is not None else None,

@@ -266,3 +266,26 @@ BATCH_AXIS = LayoutOp("add_batch_axis", _one(add_batch_axis), lambda a, cfg: [dr
 POS_EMPTY_CLS = LayoutOp("pos_with_empty_cls", lambda a, cfg: pos_with_empty_cls(*a),
                          lambda a, cfg: [drop_batch_axis(a), np.zeros((0, a.shape[-1]), a.dtype)], 2,
                          shapes=lambda s, cfg: [tuple(s[1:]), (0, s[-1])])
+
+
+# -- query/value biases only, an unpacked SwiGLU (timm Eva, Hugging Face DINOv3) -----------
+def _q_v_bias(arrays, cfg: ViTConfig) -> np.ndarray:
+    """Eva's ``q_bias`` and ``v_bias`` -> the canonical ``[q; 0; v]`` (the key bias held at zero)."""
+    q, v = arrays
+    if q.shape != v.shape or q.ndim != 1:
+        raise ValueError(f"q_bias {q.shape} and v_bias {v.shape} must be vectors of one length")
+    return np.ascontiguousarray(np.concatenate([q, np.zeros_like(q), v]))
+
+
+def _split_q_v_bias(b: np.ndarray, cfg: ViTConfig) -> List[np.ndarray]:
+    a = cfg.attn_dim
+    return [np.ascontiguousarray(b[:a]), np.ascontiguousarray(b[2 * a:])]
+
+
+#: ``[q_bias; v_bias]`` <-> canonical ``qkv.bias`` with a zero key third (``key_bias=False``).
+Q_V_BIAS = LayoutOp("q_v_bias", _q_v_bias, _split_q_v_bias, 2,
+                    shapes=lambda s, cfg: [(cfg.attn_dim,), (cfg.attn_dim,)])
+#: timm's unpacked SwiGLU: ``fc1_g`` (gate) and ``fc1_x`` (up) <-> canonical ``fc1`` = [gate; up].
+GATE_UP = LayoutOp("concat_gate_up", lambda a, cfg: np.ascontiguousarray(np.concatenate(a, axis=0)),
+                   lambda a, cfg: [np.ascontiguousarray(p) for p in np.split(a, 2, axis=0)], 2,
+                   shapes=lambda s, cfg: [(s[0] // 2,) + tuple(s[1:])] * 2)

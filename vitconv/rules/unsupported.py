@@ -4,8 +4,9 @@ any layout is tried (otherwise it would read as "unused keys" or "no known layou
 
 Rotary position embeddings have no tensor of their own (timm and transformers compute the
 frequencies), so they are recognised by what comes with them: timm's Eva class (EVA-02,
-``*_rope_*``) by its separate query/value biases, DINOv3 by q/k/v projections with no
-position table.
+``*_rope_*``) by its separate query/value biases. DINOv3's form (class and storage tokens,
+LayerScale, no position table) is computed (:mod:`vitconv.rules.timm_eva`,
+:mod:`vitconv.rules.hf_dinov3`) and left out here.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ def _none(pattern: str) -> Callable[[Keys], bool]:
     return lambda keys: not found(keys)
 
 
+def _dinov3_eva(keys: Keys) -> bool:
+    """timm's Eva in DINOv3's form: class and storage tokens, LayerScale, no position table."""
+    have = set(keys)
+    return ({"cls_token", "reg_token", "blocks.0.gamma_1"} <= have and "pos_embed" not in have)
+
+
 #: (feature, what shows it), most specific first
 UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = (
     ("relative position bias (BEiT, data2vec)", _any(r"relative_position_bias_table$")),
     ("rotary position embeddings with separate query/value biases (timm Eva: EVA-02, *_rope_* models)",
-     _any(r"(^|\.)attn\.q_bias$")),
-    ("rotary position embeddings (DINOv3: no position table)",
-     _all(_any(r"(^|\.)layer\.\d+\.attention\.q_proj\.weight$"), _any(r"embeddings\.patch_embeddings\.weight$"),
-          _none(r"position_embedding"))),
+     _all(_any(r"(^|\.)attn\.q_bias$"), lambda keys: not _dinov3_eva(keys))),
     ("qk-norm (a LayerNorm on queries and keys)", _any(r"(^|\.)(q_norm|k_norm)\.weight$")),
 )
 
