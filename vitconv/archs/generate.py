@@ -141,12 +141,12 @@ def _features(model, block) -> List[str]:
         out.append("rotary position embeddings")
     if getattr(attn, "relative_position_bias_table", None) is not None:
         out.append("relative position bias")
-    for n in ("q_norm", "k_norm"):
-        if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity"):
+    norm = type(getattr(block, "norm1", None)).__name__
+    for n in ("q_norm", "k_norm"):  # vitconv computes qk-norm with the model's own norm (timm's norm_layer)
+        if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity", norm):
             out.append("qk-norm")
             break
-    norm = type(getattr(block, "norm1", None)).__name__
-    if norm not in ("LayerNorm", "LayerNormFp32", "NoneType"):
+    if norm not in ("LayerNorm", "LayerNormFp32", "RmsNorm", "NoneType"):
         out.append(f"{norm} instead of LayerNorm")
     if type(getattr(block, "mlp", None)).__name__ not in ("Mlp", "SwiGLUPacked", "GluMlp", "SwiGLU"):
         out.append(f"{type(getattr(block, 'mlp', None)).__name__} MLP")
@@ -183,7 +183,8 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             "patch": int(patch[0] if isinstance(patch, (tuple, list)) else patch),
             "image_size": int(model.patch_embed.img_size[0]) if getattr(model.patch_embed, "img_size", None) else None,
             "features": _features(model, b),
-            "swiglu": bool(fc2 is not None and getattr(getattr(mlp, "fc1", None), "out_features", 0) == 2 * fc2.in_features),
+            "swiglu": bool(fc2 is not None and (getattr(getattr(mlp, "fc1", None), "out_features", 0) == 2 * fc2.in_features
+                                                or hasattr(mlp, "fc1_g"))),  # SwiGLUPacked, or SwiGLU (AIMv2)
             "keys": sorted(signature(model.state_dict())),
         })
     return rows

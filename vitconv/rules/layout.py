@@ -266,3 +266,9 @@ BATCH_AXIS = LayoutOp("add_batch_axis", _one(add_batch_axis), lambda a, cfg: [dr
 POS_EMPTY_CLS = LayoutOp("pos_with_empty_cls", lambda a, cfg: pos_with_empty_cls(*a),
                          lambda a, cfg: [drop_batch_axis(a), np.zeros((0, a.shape[-1]), a.dtype)], 2,
                          shapes=lambda s, cfg: [tuple(s[1:]), (0, s[-1])])
+#: SwiGLU stored unpacked (timm ``SwiGLU``'s ``fc1_g``/``fc1_x``, Hugging Face AIMv2's
+#: ``gate_proj``/``up_proj``): the gate's rows, then the up rows, are the canonical packed ``fc1``
+#: ([gate; up]); weights and biases alike.
+GLU_CONCAT = LayoutOp("concat_gate_up", lambda a, cfg: np.ascontiguousarray(np.concatenate(a, axis=0)),
+                      lambda a, cfg: [np.ascontiguousarray(p) for p in np.split(a, 2, axis=0)], 2,
+                      shapes=lambda s, cfg: [(s[0] // 2,) + tuple(s[1:])] * 2)

@@ -38,7 +38,6 @@ UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = (
     ("rotary position embeddings (DINOv3: no position table)",
      _all(_any(r"(^|\.)layer\.\d+\.attention\.q_proj\.weight$"), _any(r"embeddings\.patch_embeddings\.weight$"),
           _none(r"position_embedding"))),
-    ("qk-norm (a LayerNorm on queries and keys)", _any(r"(^|\.)(q_norm|k_norm)\.weight$")),
 )
 
 

@@ -1,0 +1,124 @@
+"""AIMv2 (RMSNorm, bias-free projections, SwiGLU stored unpacked, a norm on the patch embeddings,
+Hugging Face's attention-pooling head) and qk-norm, against the real timm 1.0.31 and transformers.
+
+Each model is built by its library at small width with every parameter seeded far from its init;
+its own forward is the reference (timm ``model(x)``; Hugging Face ``pooler_output``, the head, or
+``last_hidden_state`` for a model without one), at the checkpoint's resolution and at another,
+non-square one where the library resizes (timm ``dynamic_img_size=True``). Written back, each
+loads strictly and holds the original tensors bit for bit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import seeded
+from timm_import import import_timm
+from vitconv.checkpoint import load
+from vitconv.errors import BadInputError
+from vitconv.pipeline import convert, open_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+timm = import_timm()
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2)
+AIMV2 = "aimv2_large_patch14_224"
+
+
+def _x(h=32, w=None, seed=1):
+    return torch.randn(2, 3, h, w or h, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, want):
+    scale = max(1.0, want.abs().max().item())
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * scale, err
+    return err
+
+
+def _timm(arch, **kw):
+    return seeded(timm.create_model(arch, pretrained=False, **{**SMALL, **kw}), scale=0.2)
+
+
+def _save(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _bitwise(a_path, b_path):
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timm_aimv2_reads_resizes_writes_back_and_rebuilds(tmp_path):
+    """timm's AIMv2: RmsNorm eps 1e-5 everywhere (the blocks, the patch embedding's norm, the
+    final norm), no q/k/v, projection or MLP biases, SwiGLU as fc1_g/fc1_x, no class token,
+    the mean of the normalised tokens. A bare state dict does not record the eps or the
+    activation: every timm architecture with these keys is an AIMv2, and they agree."""
+    model = _timm(AIMV2, dynamic_img_size=True, num_classes=10)
+    src = _save(model, tmp_path / "aimv2.safetensors")
+    report = convert(src, tmp_path / "c.safetensors")
+    c = report.config
+    assert (c.norm, c.norm_eps, c.act, c.mlp, c.swiglu_unpacked) == ("rmsnorm", 1e-5, "silu", "swiglu", True)
+    assert (c.qkv_bias, c.proj_bias, c.mlp_bias, c.patch_embed_norm, c.patch_bias) == (False, False, False, True, True)
+    assert (c.classifier, c.class_token, c.final_norm, c.mlp_dim) == ("gap", False, "encoder", 352)
+    assert any("what every architecture whose keys and shapes fit computes" in n for n in report.notes), report.notes
+    ours = load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        _close(ours(_x(32)), model(_x(32)))
+        _close(ours(_x(48, 40)), model(_x(48, 40)))  # timm resamples its table bicubic, antialiased
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    _bitwise(src, tmp_path / "back.safetensors")
+    timm.create_model(AIMV2, pretrained=False, **SMALL, num_classes=10).load_state_dict(
+        load_file(str(tmp_path / "back.safetensors")), strict=True)
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
+    with torch.no_grad():
+        _close(built(_x(32)), model(_x(32)))
+    with open_checkpoint(tmp_path / "tdir") as again:
+        assert again.config == c
+
+
+def test_bare_aimv2_epsilon_is_the_architecture_s_and_the_norm_is_the_file_s(tmp_path):
+    """RMSNorm's eps moves the output past the tolerance (1e-6, timm's own default, would be
+    wrong); the norm kind is in the tensors (a weight only), so --set cannot contradict it."""
+    model = _timm(AIMV2)
+    src = _save(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        want = model(_x())
+        wrong = load(src, norm_eps=1e-6)(_x())
+        assert (wrong - want).abs().max().item() > 1e-5 * max(1.0, want.abs().max().item())
+        _close(load(src)(_x()), want)
+    with pytest.raises(BadInputError, match="--set norm: the timm layout reads it from the file"):
+        open_checkpoint(src, overrides={"norm": "layernorm"})
+    with open_checkpoint(src, overrides={"norm_eps": 1e-6}) as c:  # open: the user may say otherwise
+        assert c.config.norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qk_norm=True, global_pool="avg", class_token=False,
+                                                         qkv_bias=False, proj_bias=False)])
+def test_timm_qk_norm_both_ways(kw, tmp_path):
+    """timm VisionTransformer ``qk_norm=True``: its norm_layer (LayerNorm, eps 1e-6) over each
+    head's queries and keys; with proj_bias=False the attention projection and MLP lose their
+    biases together."""
+    model = _timm("vit_base_patch16_224", dynamic_img_size=True, num_classes=10, **kw)
+    src = _save(model, tmp_path / "q.safetensors")
+    report = convert(src, tmp_path / "c.safetensors")
+    assert report.config.qk_norm and report.config.proj_bias == kw.get("proj_bias", True)
+    ours = load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        _close(ours(_x(32)), model(_x(32)))
+        _close(ours(_x(40, 56)), model(_x(40, 56)))
+        q_off = load(tmp_path / "c.safetensors")
+        for blk in q_off.blocks:  # the feature moves the output: without it the logits differ
+            blk.attn.q_norm = blk.attn.k_norm = None
+        assert (q_off(_x(32)) - model(_x(32))).abs().max().item() > 1e-3
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    _bitwise(src, tmp_path / "back.safetensors")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
+    with torch.no_grad():
+        _close(built(_x(32)), model(_x(32)))
