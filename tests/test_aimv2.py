@@ -122,3 +122,73 @@ def test_timm_qk_norm_both_ways(kw, tmp_path):
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         _close(built(_x(32)), model(_x(32)))
+
+
+# ------------------------------------------------------------------------------- Hugging Face
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+HF = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+          patch_size=8)
+
+
+def _hf(**kw):
+    return seeded(transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**{**HF, **kw})))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, mlp_bias=True, rms_norm_eps=1e-6)])
+def test_hf_aimv2_with_its_head_reads_and_writes_back(kw, tmp_path):
+    """``pooler_output`` is Aimv2AttentionPoolingHead's: the probe as the query, k/v projections,
+    output_proj, nothing after; the epsilon and the biases come from config.json."""
+    model = _hf(**kw)
+    model.save_pretrained(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "c.safetensors")
+    c = report.config
+    assert report.layout == "hf_aimv2" and (c.classifier, c.pool_head, c.norm) == ("map", "aimv2", "rmsnorm")
+    assert (c.norm_eps, c.qkv_bias, c.proj_bias, c.mlp_bias) == (
+        kw.get("rms_norm_eps", 1e-5), kw.get("qkv_bias", False), kw.get("qkv_bias", False), kw.get("mlp_bias", False))
+    with torch.no_grad():
+        _close(load(tmp_path / "c.safetensors")(_x(32)), model(pixel_values=_x(32)).pooler_output)
+    convert(tmp_path / "c.safetensors", tmp_path / "back")
+    again, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        _close(again.eval()(pixel_values=_x(32)).pooler_output, model(pixel_values=_x(32)).pooler_output)
+    _bitwise(tmp_path / "src" / "model.safetensors", tmp_path / "back" / "model.safetensors")
+
+
+def test_hf_aimv2_head_is_not_timm_s_and_is_refused_there_by_name(tmp_path):
+    _hf().save_pretrained(tmp_path / "src")
+    from vitconv.errors import MappingError
+
+    with pytest.raises(MappingError, match="pool_head='aimv2'"):
+        convert(tmp_path / "src", tmp_path / "t.safetensors", to="timm")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_timm_and_hf_aimv2_convert_into_each_other(tmp_path):
+    """timm's AIMv2 (no classifier) is Aimv2VisionModel without a head: its output is the mean of
+    HF's last_hidden_state. timm -> HF loads strictly; HF -> timm gives timm's tensors bit for bit."""
+    model = _timm(AIMV2, num_classes=0, dynamic_img_size=True)
+    src = _save(model, tmp_path / "t.safetensors")
+    report = convert(src, tmp_path / "hf")
+    assert report.target_layout == "hf_aimv2"
+    hf, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert hf.config.use_head is False and hf.config.rms_norm_eps == 1e-5
+    with torch.no_grad():
+        want = model(_x(32))
+        _close(hf.eval()(pixel_values=_x(32)).last_hidden_state.mean(1), want)
+        _close(load(tmp_path / "hf")(_x(32)), want)
+        # transformers never resizes Aimv2's learned table; read from HF, the model resizes as timm does
+        with pytest.raises((RuntimeError, ValueError)):
+            hf(pixel_values=_x(48))
+        _close(load(tmp_path / "hf")(_x(48, 40)), model(_x(48, 40)))
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
+    _bitwise(src, tmp_path / "back.safetensors")
+
+
+def test_hf_aimv2_native_is_refused_by_name(tmp_path):
+    _hf(is_native=True).save_pretrained(tmp_path / "src")
+    from vitconv.errors import MappingError
+
+    with pytest.raises(MappingError, match="is_native"):
+        convert(tmp_path / "src", tmp_path / "c.safetensors")
