@@ -192,3 +192,20 @@ def test_hf_aimv2_native_is_refused_by_name(tmp_path):
 
     with pytest.raises(MappingError, match="is_native"):
         convert(tmp_path / "src", tmp_path / "c.safetensors")
+
+
+def test_aimv2_exports_to_onnx_with_dynamic_size(tmp_path):
+    """The graph (RMSNorm as pow/mean/rsqrt, the unpacked SwiGLU packed, the patch norm) verified
+    by run_export at unseen sizes, and against timm itself at one more."""
+    import onnxruntime as ort
+
+    from vitconv.export import ExportPlan, run_export
+
+    model = _timm(AIMV2, num_classes=8, dynamic_img_size=True)
+    convert(_save(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
+    (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
+    assert result.ok and max(p.max_abs for p in result.parity) <= 1e-4
+    x = _x(48, seed=5)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"pixel_values": x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(got - model(x).numpy()).max() <= 1e-4
