@@ -209,3 +209,29 @@ def test_aimv2_exports_to_onnx_with_dynamic_size(tmp_path):
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"pixel_values": x.numpy()})[0]
     with torch.no_grad():
         assert abs(got - model(x).numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("source", ["timm bare", "hf head", "hf no head"])
+def test_verify_runs_the_source_library_as_reference(source, tmp_path):
+    """``verify``: timm's AIMv2 built from the bare file (RmsNorm and the patch norm as vitconv read
+    them), or Aimv2VisionModel.from_pretrained; every stage within the tolerance, and a tensor
+    moved in block 1 is named there."""
+    from vitconv.verify import verify
+
+    if source == "timm bare":
+        src = _save(_timm(AIMV2, num_classes=8), tmp_path / "t.safetensors")
+    else:
+        _hf(use_head=source == "hf head").save_pretrained(tmp_path / "src")
+        src = tmp_path / "src"
+    convert(src, tmp_path / "c.safetensors")
+    report = verify(src, tmp_path / "c.safetensors")
+    assert report.ok, report.lines()
+    assert {"embed", "blocks.1.mlp", "logits"} <= {s.name for s in report.stages}
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state["blocks.1.mlp.fc2.weight"] = state["blocks.1.mlp.fc2.weight"] * 1.5
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    bad = verify(src, tmp_path / "bad.safetensors")
+    assert not bad.ok and bad.first_failure.name == "blocks.1.mlp"
