@@ -235,3 +235,20 @@ def test_verify_runs_the_source_library_as_reference(source, tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
     bad = verify(src, tmp_path / "bad.safetensors")
     assert not bad.ok and bad.first_failure.name == "blocks.1.mlp"
+
+
+def test_a_bare_hf_aimv2_file_says_what_it_assumes(tmp_path):
+    """model.safetensors without its config.json: the activation and RMSNorm's eps are
+    transformers' defaults, said as assumed; the head count must be given or is assumed too."""
+    import shutil
+
+    model = _hf(rms_norm_eps=1e-6)
+    model.save_pretrained(tmp_path / "src")
+    shutil.copy(tmp_path / "src" / "model.safetensors", tmp_path / "bare.safetensors")
+    with open_checkpoint(tmp_path / "bare.safetensors", num_heads=2) as c:
+        assert (c.layout.name, c.config.norm_eps, c.config.act) == ("hf_aimv2", 1e-5, "silu")
+        assert any("norm_eps=1e-05 assumed" in n for n in c.notes), c.notes
+    with torch.no_grad():
+        want = model(pixel_values=_x(32)).pooler_output
+        assert (load(tmp_path / "bare.safetensors", num_heads=2)(_x(32)) - want).abs().max().item() > 1e-5
+        _close(load(tmp_path / "bare.safetensors", num_heads=2, norm_eps=1e-6)(_x(32)), want)

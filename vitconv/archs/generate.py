@@ -232,7 +232,8 @@ def openclip_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]
 #: Hugging Face model types vitconv reads (always with their config.json, which records the
 #: semantics): their defaults, for --arch and for naming.
 HF_TYPES = (("vit", "ViTConfig"), ("dinov2", "Dinov2Config"), ("dinov2_with_registers", "Dinov2WithRegistersConfig"),
-            ("clip_vision_model", "CLIPVisionConfig"), ("siglip_vision_model", "SiglipVisionConfig"))
+            ("clip_vision_model", "CLIPVisionConfig"), ("siglip_vision_model", "SiglipVisionConfig"),
+            ("aimv2_vision_model", "Aimv2VisionConfig"))
 
 
 def hf_rows() -> List[Dict[str, Any]]:
@@ -244,9 +245,10 @@ def hf_rows() -> List[Dict[str, Any]]:
         act = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
                "gelu_new": "gelu_tanh", "silu": "silu", "swish": "silu"}.get(c.hidden_act, c.hidden_act)
         rows.append({"name": f"hf:{model_type}", "source": "transformers", "layout": "hf", "class": cls,
-                     "act": act, "norm_eps": float(c.layer_norm_eps), "width": c.hidden_size,
+                     "act": act, "norm_eps": float(getattr(c, "layer_norm_eps", None) or c.rms_norm_eps),  # Aimv2: RMSNorm's
+                     "width": c.hidden_size,
                      "heads": c.num_attention_heads, "mlp_dim": getattr(c, "intermediate_size", None),
-                     "patch": c.patch_size, "image_size": c.image_size, "features": [], "swiglu": False,
+                     "patch": c.patch_size, "image_size": c.image_size, "features": [], "swiglu": model_type == "aimv2_vision_model",
                      "keys": None})
     return rows
 

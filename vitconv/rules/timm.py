@@ -10,7 +10,12 @@ without prefix rows, the prefix tokens concatenated after it is added), ``pre_no
 out, normalised after pooling with ``fc_norm``, or before it with ``fc_norm=False``) / 'map'
 (``attn_pool``: ``latent``, ``q`` and ``kv`` ([k; v]) that the canonical ``qkv`` holds as
 [q; k; v], ``proj``, ``norm``, ``mlp``), DeiT's ``dist_token`` and ``head_dist`` (logits are
-the mean of both heads in eval mode), and the ``pre_logits.fc`` (Linear + Tanh) of timm < 0.9.
+the mean of both heads in eval mode), the ``pre_logits.fc`` (Linear + Tanh) of timm < 0.9, and
+AIMv2's (``aimv2_*``): ``norm_layer=RmsNorm`` (a weight-only norm everywhere, qk-norm and the
+pooling head's included), ``proj_bias=False`` (no attention-projection or MLP biases: timm ties
+the two), ``embed_norm_layer`` (``patch_embed.norm``, before the table is added) and
+``mlp_layer=SwiGLU`` (``fc1_g``, the gate, and ``fc1_x`` apart: concatenated into the canonical
+``fc1``); and ``qk_norm=True`` (``attn.q_norm``/``k_norm``: the model's norm over each head).
 
 A bare state dict records none of the constructor's semantic arguments: the heads, the
 activation, the epsilon and how the table is resized at another resolution (timm: bicubic
@@ -386,7 +391,11 @@ def sources(layout: str):
         "classifier": "attn_pool (map), fc_norm or no cls_token (avg), else the class token",
         "num_reg_tokens": "reg_token [1]", "image_size": f"{pos} [1] (grid x patch)",
         "patch_size": "patch_embed.proj.weight [2]", "width": "patch_embed.proj.weight [0]",
-        "mlp_dim": "blocks.0.mlp.fc2.weight [1]"}
+        "mlp_dim": "blocks.0.mlp.fc2.weight [1]",
+        "norm": "blocks.0.norm1 with or without a bias (RmsNorm: a weight only)",
+        "qk_norm": "blocks.0.attn.q_norm", "patch_embed_norm": "patch_embed.norm",
+        "swiglu_unpacked": "blocks.0.mlp.fc1_g/fc1_x (timm SwiGLU) or one fc1 (SwiGLUPacked)",
+        "proj_bias": "blocks.0.attn.proj.bias", "mlp_bias": "blocks.0.mlp.fc2.bias"}
 
 
 def _register(layout: str, description: str, **extra: Any) -> None:
