@@ -99,7 +99,8 @@ def test_bare_aimv2_epsilon_is_the_architecture_s_and_the_norm_is_the_file_s(tmp
 
 
 @pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qk_norm=True, global_pool="avg", class_token=False,
-                                                         qkv_bias=False, proj_bias=False)])
+                                                         qkv_bias=False, proj_bias=False),
+                                dict(qk_norm=True, norm_layer="rmsnorm")])
 def test_timm_qk_norm_both_ways(kw, tmp_path):
     """timm VisionTransformer ``qk_norm=True``: its norm_layer (LayerNorm, eps 1e-6) over each
     head's queries and keys; with proj_bias=False the attention projection and MLP lose their
@@ -108,6 +109,7 @@ def test_timm_qk_norm_both_ways(kw, tmp_path):
     src = _save(model, tmp_path / "q.safetensors")
     report = convert(src, tmp_path / "c.safetensors")
     assert report.config.qk_norm and report.config.proj_bias == kw.get("proj_bias", True)
+    assert report.config.norm == kw.get("norm_layer", "layernorm")
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
         _close(ours(_x(32)), model(_x(32)))
