@@ -188,23 +188,51 @@ def test_timm_and_hf_aimv2_convert_into_each_other(tmp_path):
     _bitwise(src, tmp_path / "back.safetensors")
 
 
-def test_hf_aimv2_native_is_refused_by_name(tmp_path):
-    _hf(is_native=True).save_pretrained(tmp_path / "src")
-    from vitconv.errors import MappingError
+@pytest.mark.parametrize("use_head", [True, False])
+def test_hf_aimv2_native_generates_its_table_for_any_grid(use_head, tmp_path):
+    """``is_native=True``: no table is stored; transformers generates a 2-D sin-cos one for each
+    grid ([sin x, cos x, sin y, cos y], 1/10000^(k/(D/4)), float64), so it runs at any size, and
+    so does the converted model; written back, the directory again holds no table."""
+    model = _hf(is_native=True, use_head=use_head)
+    model.save_pretrained(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "c.safetensors")
+    assert report.config.pos_resize == "sincos2d_aimv2" and report.config.image_size == 32
 
-    with pytest.raises(MappingError, match="is_native"):
-        convert(tmp_path / "src", tmp_path / "c.safetensors")
+    def want(x):
+        o = model(pixel_values=x)
+        return o.pooler_output if use_head else o.last_hidden_state.mean(1)
+
+    ours = load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        _close(ours(_x(32)), want(_x(32)))
+        _close(ours(_x(48, 40)), want(_x(48, 40)))
+    convert(tmp_path / "c.safetensors", tmp_path / "back")
+    again, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert again.config.is_native
+    with torch.no_grad():
+        _close(want(_x(40)), again.eval()(pixel_values=_x(40)).pooler_output if use_head
+               else again(pixel_values=_x(40)).last_hidden_state.mean(1))
+    _bitwise(tmp_path / "src" / "model.safetensors", tmp_path / "back" / "model.safetensors")
 
 
-def test_aimv2_exports_to_onnx_with_dynamic_size(tmp_path):
-    """The graph (RMSNorm as pow/mean/rsqrt, the unpacked SwiGLU packed, the patch norm) verified
-    by run_export at unseen sizes, and against timm itself at one more."""
+@pytest.mark.parametrize("source", ["timm", "hf native"])
+def test_aimv2_exports_to_onnx_with_dynamic_size(source, tmp_path):
+    """The graph (RMSNorm as pow/mean/rsqrt, the unpacked SwiGLU packed, the patch norm; for a
+    native HF model the sin-cos table generated for the input's grid, in float64) verified by
+    run_export at unseen sizes, and against the library itself at one more."""
     import onnxruntime as ort
 
     from vitconv.export import ExportPlan, run_export
 
-    model = _timm(AIMV2, num_classes=8, dynamic_img_size=True)
-    convert(_save(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
+    if source == "timm":
+        model = _timm(AIMV2, num_classes=8, dynamic_img_size=True)
+        convert(_save(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
+    else:
+        hf = _hf(is_native=True)
+        hf.save_pretrained(tmp_path / "src")
+        convert(tmp_path / "src", tmp_path / "c.safetensors")
+        model = lambda x: hf(pixel_values=x).pooler_output  # noqa: E731
     (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
     assert result.ok and max(p.max_abs for p in result.parity) <= 1e-4
     x = _x(48, seed=5)
@@ -213,7 +241,7 @@ def test_aimv2_exports_to_onnx_with_dynamic_size(tmp_path):
         assert abs(got - model(x).numpy()).max() <= 1e-4
 
 
-@pytest.mark.parametrize("source", ["timm bare", "hf head", "hf no head"])
+@pytest.mark.parametrize("source", ["timm bare", "hf head", "hf no head", "hf native"])
 def test_verify_runs_the_source_library_as_reference(source, tmp_path):
     """``verify``: timm's AIMv2 built from the bare file (RmsNorm and the patch norm as vitconv read
     them), or Aimv2VisionModel.from_pretrained; every stage within the tolerance, and a tensor
@@ -223,11 +251,13 @@ def test_verify_runs_the_source_library_as_reference(source, tmp_path):
     if source == "timm bare":
         src = _save(_timm(AIMV2, num_classes=8), tmp_path / "t.safetensors")
     else:
-        _hf(use_head=source == "hf head").save_pretrained(tmp_path / "src")
+        _hf(use_head=source != "hf no head", is_native=source == "hf native").save_pretrained(tmp_path / "src")
         src = tmp_path / "src"
     convert(src, tmp_path / "c.safetensors")
     report = verify(src, tmp_path / "c.safetensors")
     assert report.ok, report.lines()
+    if source == "hf native":  # transformers generates its table for another grid too
+        assert verify(src, tmp_path / "c.safetensors", image_size=48).ok
     assert {"embed", "blocks.1.mlp", "logits"} <= {s.name for s in report.stages}
     from safetensors import safe_open
 

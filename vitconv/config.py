@@ -44,8 +44,10 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: parameter but big_vision's fixed 2-D sin-cos function of the grid (``posemb='sincos2d'``),
 #: generated afresh for any grid. "bilinear": half-pixel bilinear, antialiased when shrinking
 #: (``jax.image.resize(..., "linear")``, as FlexiViT resizes its table for another patch size).
-#: Prefix rows are always kept.
-POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear")
+#: "sincos2d_aimv2": no parameter either, but Hugging Face AIMv2's native table (``is_native``):
+#: [sin x, cos x, sin y, cos y] with ``w = 10000 ** -(k / (width/4))`` (not big_vision's
+#: ``width/4 - 1``), computed in float64 and rounded once. Prefix rows are always kept.
+POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear", "sincos2d_aimv2")
 MLPS = ("mlp", "swiglu")
 #: The normalisation layer. "layernorm": ``nn.LayerNorm`` (weight and bias). "rmsnorm":
 #: ``x * rsqrt(mean(x^2) + eps) * weight``, weight only (timm ``RmsNorm``, Hugging Face

@@ -147,7 +147,8 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
             model = getattr(transformers, cls).from_pretrained(Path(src), dtype=torch.float32).eval().float()
     except Exception as e:  # the library's own loader refuses the directory
         raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
-    own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to, but Aimv2 never
+    own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to; Aimv2 never (a native
+    # one generates its table for any grid)
 
     def run(x):
         resize = {} if layout.startswith("hf_dinov2") or layout == "hf_aimv2" or x.shape[-1] == own else {
@@ -161,7 +162,7 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
         else:
             stages["logits"] = getattr(o, output)
         return stages
-    return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run, fixed_size=layout == "hf_aimv2")
+    return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run, fixed_size=layout == "hf_aimv2" and not model.config.is_native)
 
 
 def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:

@@ -17,8 +17,9 @@ head, so the canonical ``pool_head='aimv2'``. Without a head ``pooler_output`` i
 model reads as timm's AIMv2 pooling (the mean of the normalised tokens), which ``last_hidden_state``
 gives. transformers never resizes the learned table (``is_native=False``): another resolution
 fails there; the converted model resizes timm's way (bicubic, antialiased), what timm's AIMv2
-does with the same table. ``is_native=True`` (a sin-cos table generated per grid, no
-``position_embedding``) is refused by name.
+does with the same table. ``is_native=True`` stores no table: transformers generates a 2-D
+sin-cos one for each grid (``pos_resize='sincos2d_aimv2'``, :func:`vitconv.ops.posemb_sincos_2d_aimv2`),
+so the resolution is config.json's ``image_size`` alone.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ from ..preprocess import CLIP, Usage
 from .base import Carry, Rule
 from .hf import ACT_TO_HF, hf_files, semantics
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
-from .layout import BATCH_AXIS, GLU_CONCAT, IDENTITY, QKV_CONCAT, Q_KV_CONCAT
+from ..ops import posemb_sincos_2d_aimv2
+from .layout import BATCH_AXIS, GLU_CONCAT, IDENTITY, QKV_CONCAT, Q_KV_CONCAT, LayoutOp
 from .registry import Layout, Probe, register
 
 MODEL_TYPE = "aimv2_vision_model"
+#: ``is_native``: no table stored; generated for the model's grid when read, written as nothing.
+SINCOS2D_AIMV2 = LayoutOp("sincos2d_aimv2",
+                          lambda arrays, cfg: posemb_sincos_2d_aimv2(cfg.grid_size, cfg.grid_size, cfg.width),
+                          lambda t, cfg: [], arity=0, shapes=lambda shape, cfg: [])
 _E, _B, _H = "embeddings.", "encoder.layers.{i}.", "head."
 _A, _F = _B + "attention.", _B + "ffn."
 
@@ -43,7 +49,8 @@ _A, _F = _B + "attention.", _B + "ffn."
 @lru_cache(maxsize=None)
 def _table() -> Tuple[Rule, ...]:
     return (
-        Rule("pos_embed", (_E + "position_embedding.weight",), BATCH_AXIS),
+        Rule("pos_embed", (_E + "position_embedding.weight",), BATCH_AXIS, "model", "pos_resize!=sincos2d_aimv2"),
+        Rule("pos_embed", (), SINCOS2D_AIMV2, "model", "pos_resize=sincos2d_aimv2"),
         Rule("patch_embed.weight", (_E + "patch_embed.weight",), IDENTITY),
         Rule("patch_embed.bias", (_E + "patch_embed.bias",), IDENTITY),
         Rule("patch_embed_norm.weight", (_E + "rms_norm.weight",), IDENTITY),
@@ -90,8 +97,12 @@ CARRIES = (
               "as timm's AIMv2)"),
     Carry("pool_head", holds=lambda c: c.classifier != "map" or c.pool_head == "aimv2",
           why="Aimv2's head is Aimv2AttentionPoolingHead (pool_head='aimv2'), not SigLIP's MAP head"),
-    Carry("pos_resize", argument="transformers' Aimv2 (is_native=False) never resizes its table: another "
-          "resolution fails there; the converted model resizes as timm's AIMv2 does", default="bicubic_aa"),
+    # is_native records the generated table; a learned one transformers never resizes
+    Carry("pos_resize", key="is_native", records=("sincos2d_aimv2",),
+          argument="transformers' Aimv2 (is_native=False) never resizes its table: another resolution fails "
+          "there; the converted model resizes as timm's AIMv2 does", default="bicubic_aa",
+          holds=lambda c: c.pos_resize != "sincos2d_aimv2" or c.width % 4 == 0,
+          why="AIMv2's sin-cos table needs a width that is a multiple of 4"),
 )
 
 
@@ -107,9 +118,10 @@ def infer(probe: Probe) -> ViTConfig:
     hc = config_json(probe)
     if hc.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise MappingError(f"config.json model_type {hc.get('model_type')!r} is not {MODEL_TYPE!r}", path)
-    if hc.get("is_native") or _E + "position_embedding.weight" not in shapes:
-        raise MappingError("Aimv2 is_native (a 2-D sin-cos table generated for each grid, no "
-                           "embeddings.position_embedding): vitconv does not compute this table", path)
+    native = _E + "position_embedding.weight" not in shapes
+    if bool(hc.get("is_native", native)) != native:
+        raise MappingError(f"config.json says is_native={hc['is_native']!r} but the weights "
+                           f"{'lack' if native else 'have'} embeddings.position_embedding", path)
     depth = count_blocks(shapes, r"^encoder\.layers\.(\d+)\.", "encoder.layers.N", path)
     emb = need(shapes, _E + "patch_embed.weight", "hf_aimv2", path)
     width, in_chans, patch = emb[0], emb[1], emb[2]
@@ -118,8 +130,17 @@ def infer(probe: Probe) -> ViTConfig:
     eps = hc.get("rms_norm_eps", 1e-5)
     if type(eps) not in (int, float) or not 0 <= eps < 1:
         raise MappingError(f"config.json: rms_norm_eps {eps!r} is not a small non-negative number", path)
-    pos = need(shapes, _E + "position_embedding.weight", "hf_aimv2", path)
-    g = grid_from_tokens(pos[0], 0, _E + "position_embedding.weight", path)
+    if native:  # the table is generated for the grid: only config.json says the resolution
+        size = hc.get("image_size")
+        size = size[0] if isinstance(size, list) and len(size) == 2 and size[0] == size[1] else size
+        if type(size) is not int or size <= 0 or size % patch:
+            raise MappingError("Aimv2 is_native (a sin-cos table generated for the grid, no "
+                               "embeddings.position_embedding) needs config.json's square image_size, "
+                               f"a multiple of the patch {patch}; got {hc.get('image_size')!r}", path)
+        g = size // patch
+    else:
+        pos = need(shapes, _E + "position_embedding.weight", "hf_aimv2", path)
+        g = grid_from_tokens(pos[0], 0, _E + "position_embedding.weight", path)
     qkv_bias = _A.format(i=0) + "q_proj.bias" in shapes
     head = _H + "cls_token" in shapes
     if "use_head" in hc and bool(hc["use_head"]) != head:
@@ -131,7 +152,8 @@ def infer(probe: Probe) -> ViTConfig:
                  classifier="map" if head else "gap", class_token=False, num_classes=0, qkv_bias=qkv_bias,
                  proj_bias=qkv_bias, mlp_bias=_F.format(i=0) + "down_proj.bias" in shapes, norm_eps=float(eps),
                  act=act, norm="rmsnorm", mlp="swiglu", swiglu_unpacked=True, patch_embed_norm=True,
-                 pool_head="aimv2" if head else "siglip", pos_resize="bicubic_aa")
+                 pool_head="aimv2" if head else "siglip",
+                 pos_resize="sincos2d_aimv2" if native else "bicubic_aa")
 
 
 def hf_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> dict:
@@ -141,7 +163,7 @@ def hf_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> dict:
             "num_attention_heads": cfg.num_heads, "num_channels": cfg.in_chans, "image_size": cfg.image_size,
             "patch_size": cfg.patch_size, "hidden_act": ACT_TO_HF[cfg.act], "rms_norm_eps": cfg.norm_eps,
             "qkv_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias, "use_head": cfg.classifier == "map",
-            "is_native": False, "attention_dropout": 0.0, "initializer_range": 0.02, "dtype": "float32"}
+            "is_native": cfg.pos_resize == "sincos2d_aimv2", "attention_dropout": 0.0, "initializer_range": 0.02, "dtype": "float32"}
 
 
 def write_notes(cfg: ViTConfig) -> list:
