@@ -284,3 +284,25 @@ def test_a_bare_hf_aimv2_file_says_what_it_assumes(tmp_path):
         want = model(pixel_values=_x(32)).pooler_output
         assert (load(tmp_path / "bare.safetensors", num_heads=2)(_x(32)) - want).abs().max().item() > 1e-5
         _close(load(tmp_path / "bare.safetensors", num_heads=2, norm_eps=1e-6)(_x(32)), want)
+
+
+def test_packed_swiglu_is_written_apart_for_hugging_face(tmp_path):
+    """swiglu_unpacked is storage only: a model whose fc1 is stored packed (as DINOv2's) is written
+    to Aimv2 as gate_proj/up_proj all the same, the same function."""
+    from safetensors import safe_open
+
+    from vitconv.config import ViTConfig
+
+    model = _timm(AIMV2, num_classes=0)
+    convert(_save(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = ViTConfig.from_json(metadata["vitconv_config"]).replace(swiglu_unpacked=False)
+    save_file(state, str(tmp_path / "packed.safetensors"), metadata={**metadata, "vitconv_config": cfg.to_json()})
+    with open_checkpoint(tmp_path / "packed.safetensors") as c:
+        assert c.config.swiglu_unpacked is False
+    convert(tmp_path / "packed.safetensors", tmp_path / "hf")
+    hf, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        _close(hf.eval()(pixel_values=_x(32)).last_hidden_state.mean(1), model(_x(32)))

@@ -85,7 +85,7 @@ CARRIES = (
     Carry("norm_eps", key="rms_norm_eps", argument="rms_norm_eps", default=1e-5),
     Carry("norm", values=("rmsnorm",), why="every norm of Aimv2 is Aimv2RMSNorm"),
     Carry("mlp", values=("swiglu",), why="Aimv2's MLP is down(act(gate) * up)"),
-    Carry("swiglu_unpacked", values=(True,), why="Aimv2 keeps gate_proj and up_proj apart"),
+    # swiglu_unpacked: no row, a storage field: gate_proj and up_proj are always apart here
     Carry("patch_embed_norm", values=(True,), why="Aimv2 always normalises the patch embeddings"),
     Carry("class_token", values=(False,), why="Aimv2 has no class token"),
     Carry("qkv_bias", key="qkv_bias"),
