@@ -29,11 +29,11 @@ from typing import Optional, Tuple
 
 from ..config import ViTConfig
 from ..errors import MappingError
+from ..ops import posemb_sincos_2d_aimv2
 from ..preprocess import CLIP, Usage
 from .base import Carry, Rule
 from .hf import ACT_TO_HF, hf_files, semantics
 from .inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
-from ..ops import posemb_sincos_2d_aimv2
 from .layout import BATCH_AXIS, GLU_CONCAT, IDENTITY, QKV_CONCAT, Q_KV_CONCAT, LayoutOp
 from .registry import Layout, Probe, register
 
