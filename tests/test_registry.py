@@ -73,6 +73,19 @@ VARIANTS.update({
                                                 layer_scale=True, num_reg_tokens=4, mlp="swiglu", mlp_dim=128,
                                                 key_bias=False, abs_pos_embed=False, rope="dinov3", num_classes=0,
                                                 mask_token=True),
+    # AIMv2 (timm and Hugging Face): RMSNorm, no biases but the patch projection's, unpacked SwiGLU
+    "aimv2": _SMALL.replace(act="silu", norm="rmsnorm", norm_eps=1e-5, qkv_bias=False, proj_bias=False,
+                            mlp_bias=False, mlp="swiglu", mlp_dim=176, swiglu_unpacked=True, patch_embed_norm=True,
+                            classifier="gap", class_token=False, num_classes=0, pos_resize="bicubic_aa"),
+    "aimv2 head": _SMALL.replace(act="silu", norm="rmsnorm", norm_eps=1e-5, qkv_bias=False, proj_bias=False,
+                                 mlp_bias=False, mlp="swiglu", mlp_dim=176, swiglu_unpacked=True,
+                                 patch_embed_norm=True, classifier="map", pool_head="aimv2", class_token=False,
+                                 num_classes=0, pos_resize="bicubic_aa"),
+    "aimv2 native": _SMALL.replace(act="silu", norm="rmsnorm", norm_eps=1e-5, qkv_bias=False, proj_bias=False,
+                                   mlp_bias=False, mlp="swiglu", mlp_dim=176, swiglu_unpacked=True,
+                                   patch_embed_norm=True, classifier="map", pool_head="aimv2", class_token=False,
+                                   num_classes=0, pos_resize="sincos2d_aimv2"),
+    "qk-norm": _SMALL.replace(act="gelu", qk_norm=True, pos_resize="bicubic_aa"),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
          for name in VARIANTS]

@@ -18,7 +18,7 @@ from vitconv.synthetic import PRESETS
 
 #: Fields that change what the model computes but no tensor's shape.
 NO_SHAPE = {"norm_eps", "act", "pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps", "key_bias", "rope",
-            "rope_theta"}
+            "rope_theta", "swiglu_unpacked"}
 
 #: One strategy per field that can change a shape; a field missing here and from NO_SHAPE fails
 #: test_every_field_is_swept, so a new model feature cannot slip past the comparison.
@@ -51,6 +51,12 @@ FIELDS = {
     "mlp": st.sampled_from(["mlp", "swiglu"]),
     "mask_token": st.booleans(),
     "abs_pos_embed": st.booleans(),
+    "norm": st.sampled_from(["layernorm", "rmsnorm"]),
+    "proj_bias": st.booleans(),
+    "mlp_bias": st.booleans(),
+    "patch_embed_norm": st.booleans(),
+    "qk_norm": st.booleans(),
+    "pool_head": st.sampled_from(["siglip", "aimv2"]),
 }
 
 

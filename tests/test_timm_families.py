@@ -120,7 +120,6 @@ def test_set_refuses_fields_the_file_records(tmp_path):
     ("beit_base_patch16_224", {}, "relative position bias"),
     ("eva02_tiny_patch14_224", {}, "rotary position embeddings with separate query/value biases"),
     ("vit_base_patch16_rope_reg1_gap_256", {}, "rotary position embeddings"),
-    ("vit_base_patch16_224", dict(qk_norm=True), "qk-norm"),
 ])
 def test_out_of_scope_features_are_refused_by_name(arch, kw, feature, tmp_path):
     """The issue's out-of-scope list, built by the real timm: refused naming the feature, not as

@@ -48,8 +48,11 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: (transformers' ``Siglip2VisionEmbeddings``: the same weights as ``F.interpolate(mode=
 #: 'bilinear', align_corners=False, antialias=True)``, in float32, rows row-major) and timm
 #: NaFlexVit's with ``pos_embed_interp_mode='bilinear'``; at the table's own grid it is the
-#: identity. Grids need not be square. Prefix rows are always kept.
-POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear")
+#: identity. Grids need not be square. "sincos2d_aimv2": no parameter either, but Hugging Face
+#: AIMv2's native table (``is_native``): [sin x, cos x, sin y, cos y] with
+#: ``w = 10000 ** -(k / (width/4))`` (not big_vision's ``width/4 - 1``), computed in float64 and
+#: rounded once. Prefix rows are always kept.
+POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear", "sincos2d_aimv2")
 MLPS = ("mlp", "swiglu")
 #: Rotary position embeddings (RoPE), rotating each head's queries and keys of the patch tokens
 #: by angles computed from the patch grid at run time (prefix tokens are left unrotated); no
@@ -61,6 +64,17 @@ MLPS = ("mlp", "swiglu")
 #: Other forms (EVA-02's ``cat``, timm's ``rope_mixed`` with learned per-head frequencies,
 #: Perception Encoder's 2-D RoPE) are further values of this field, with ``rope_theta`` their base.
 ROPES = ("none", "dinov3")
+#: The normalisation layer. "layernorm": ``nn.LayerNorm`` (weight and bias). "rmsnorm":
+#: ``x * rsqrt(mean(x^2) + eps) * weight``, weight only (timm ``RmsNorm``, Hugging Face
+#: ``Aimv2RMSNorm``: AIMv2), the statistics taken in float32.
+NORMS = ("layernorm", "rmsnorm")
+#: The attention-pooling head's form (``classifier='map'``). "siglip": big_vision's ``MAPHead``
+#: (timm ``AttentionPoolLatent``, HF SigLIP): the probe goes through a query projection, the
+#: output projection follows, then ``x + mlp(norm(x))``. "aimv2": Hugging Face's
+#: ``Aimv2AttentionPoolingHead``: the probe itself is the query (no projection), keys and values
+#: are projected with the blocks' ``qkv_bias``, then an output projection with a bias, and nothing
+#: after it.
+POOL_HEADS = ("siglip", "aimv2")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector
 #: ("pooled", timm's ``fc_norm``). For a class-token model the two are the same function
@@ -159,6 +173,21 @@ class ViTConfig:
     #: DINOv2's ``mask_token``: used only by masked training, kept so conversions round-trip.
     mask_token: bool = _field(False, "mask token (training only)", training_only=("mask_token",))
     pos_resize: str = _field("zoom", "how the position table is resized for another resolution")
+    norm: str = _field("layernorm", "normalisation layer (LayerNorm or RMSNorm)")
+    #: The attention output projection's bias (timm ``proj_bias``; AIMv2 has none).
+    proj_bias: bool = _field(True, "attention output projection bias")
+    #: The MLP's biases, fc1 and fc2 alike (timm ``proj_bias`` sets both; HF AIMv2 ``mlp_bias``).
+    mlp_bias: bool = _field(True, "MLP biases")
+    #: A norm on the projected patches before the position table is added (timm
+    #: ``embed_norm_layer``, AIMv2's patchifier norm); not vit-pytorch's pair (``patch_norm``).
+    patch_embed_norm: bool = _field(False, "a norm on the patch embeddings before the position table")
+    #: qk-norm: the model's norm over each head's queries and keys (``head_dim`` channels) before
+    #: attention (timm ``qk_norm=True``: ``attn.q_norm``, ``attn.k_norm``).
+    qk_norm: bool = _field(False, "a norm over each head's queries and keys (qk-norm)")
+    pool_head: str = _field("siglip", "form of the attention-pooling head")
+    #: SwiGLU's gate and up kept as two linears (timm ``SwiGLU``'s ``fc1_g``/``fc1_x``, HF AIMv2's
+    #: ``gate_proj``/``up_proj``) rather than one packed ``fc1``: the same function, stored apart.
+    swiglu_unpacked: bool = _field(False, "SwiGLU's gate and up stored as two linears", storage=True)
     #: big_vision's ``scan=True``: every block's tensors stacked along a leading axis in one array.
     scan: bool = _field(False, "blocks stored stacked along a leading axis (big_vision scan=True)", storage=True)
     #: A learned absolute position table (``pos_embed``) added to the tokens. DINOv3 has none (its
@@ -177,7 +206,7 @@ class ViTConfig:
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS), ("rope", ROPES)):
+                              ("mlp", MLPS), ("rope", ROPES), ("norm", NORMS), ("pool_head", POOL_HEADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:
@@ -189,6 +218,13 @@ class ViTConfig:
                              "has no meaning there")
         if not self.num_classes and not self.head_bias:
             object.__setattr__(self, "head_bias", True)  # no head, no bias to leave out; one spelling
+        if self.swiglu_unpacked and self.mlp != "swiglu":
+            object.__setattr__(self, "swiglu_unpacked", False)  # nothing to unpack; one spelling
+        if self.pool_head != "siglip" and self.classifier != "map":
+            object.__setattr__(self, "pool_head", "siglip")  # no pooling head; one spelling
+        if self.patch_norm and self.patch_embed_norm:
+            raise ValueError("patch_norm already normalises the patch embeddings (patch_norm_post): "
+                             "patch_embed_norm is for a model without vit-pytorch's pair")
         if self.num_reg_tokens < 0:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
         if self.pos_embed_prefix == "class" and not self.class_token:
@@ -339,6 +375,17 @@ class ViTConfig:
             extras.append("LayerScale")
         if self.mlp != "mlp":
             extras.append(self.mlp)
+        if self.norm != "layernorm":
+            extras.append(self.norm)
+        if self.qk_norm:
+            extras.append("qk-norm")
+        if self.patch_embed_norm:
+            extras.append("patch embedding norm")
+        if self.classifier == "map" and self.pool_head != "siglip":
+            extras.append(f"{self.pool_head} pooling head")
+        if not (self.proj_bias and self.mlp_bias):
+            extras.append("bias-free " + " and ".join(n for n, b in (("attention projection", self.proj_bias),
+                                                                       ("MLP", self.mlp_bias)) if not b))
         if self.representation_size:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:
@@ -378,12 +425,17 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         if bias:
             out.append((f"{name}.bias", (n_out,)))
 
-    def norm(name: str, n: int) -> None:  # LayerNorm and GroupNorm alike: weight, bias
+    def norm(name: str, n: int) -> None:  # GroupNorm (the stem): weight, bias
         out.extend(((f"{name}.weight", (n,)), (f"{name}.bias", (n,))))
 
-    def mlp(name: str, glu: bool) -> None:
-        linear(f"{name}.fc1", d, 2 * cfg.mlp_dim if glu else cfg.mlp_dim)
-        linear(f"{name}.fc2", cfg.mlp_dim, d)
+    def model_norm(name: str, n: int) -> None:  # model.norm_layer: LayerNorm (weight, bias) or RMSNorm
+        out.append((f"{name}.weight", (n,)))
+        if cfg.norm == "layernorm":
+            out.append((f"{name}.bias", (n,)))
+
+    def mlp(name: str, glu: bool, bias: bool = True) -> None:
+        linear(f"{name}.fc1", d, 2 * cfg.mlp_dim if glu else cfg.mlp_dim, bias)
+        linear(f"{name}.fc2", cfg.mlp_dim, d, bias)
 
     # VisionTransformer's own parameters first
     for name, present, rows in (("cls_token", cfg.class_token, (1, 1)), ("dist_token", cfg.distilled, (1, 1)),
@@ -415,28 +467,37 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
     if cfg.patch_bias:
         out.append(("patch_embed.bias", (d,)))
     if cfg.patch_norm:
-        norm("patch_norm_pre", cfg.embed_in_chans * p * p)
-        norm("patch_norm_post", d)
+        model_norm("patch_norm_pre", cfg.embed_in_chans * p * p)
+        model_norm("patch_norm_post", d)
+    if cfg.patch_embed_norm:
+        model_norm("patch_embed_norm", d)
     if cfg.norm_pre:
-        norm("norm_pre", d)
+        model_norm("norm_pre", d)
     for i in range(cfg.depth):
         b = f"blocks.{i}"
-        norm(f"{b}.norm1", d)
+        model_norm(f"{b}.norm1", d)
         linear(f"{b}.attn.qkv", d, 3 * cfg.attn_dim, cfg.qkv_bias)
-        linear(f"{b}.attn.proj", cfg.attn_dim, d)
+        if cfg.qk_norm:
+            model_norm(f"{b}.attn.q_norm", cfg.head_dim)
+            model_norm(f"{b}.attn.k_norm", cfg.head_dim)
+        linear(f"{b}.attn.proj", cfg.attn_dim, d, cfg.proj_bias)
         if cfg.layer_scale:
             out.append((f"{b}.ls1.gamma", (d,)))
-        norm(f"{b}.norm2", d)
-        mlp(f"{b}.mlp", cfg.mlp == "swiglu")
+        model_norm(f"{b}.norm2", d)
+        mlp(f"{b}.mlp", cfg.mlp == "swiglu", cfg.mlp_bias)
         if cfg.layer_scale:
             out.append((f"{b}.ls2.gamma", (d,)))
     if cfg.final_norm != "none":
-        norm("norm", d)
-    if cfg.classifier == "map":  # AttentionPool: the probe, then qkv, proj, norm, a plain MLP
+        model_norm("norm", d)
+    if cfg.classifier == "map" and cfg.pool_head == "aimv2":  # the probe, [k; v], proj
+        out.append(("attn_pool.latent", (1, 1, d)))
+        linear("attn_pool.kv", d, 2 * d, cfg.qkv_bias)
+        linear("attn_pool.proj", d, d)
+    elif cfg.classifier == "map":  # AttentionPool: the probe, then qkv, proj, norm, a plain MLP
         out.append(("attn_pool.latent", (1, 1, d)))
         linear("attn_pool.qkv", d, 3 * d)
         linear("attn_pool.proj", d, d)
-        norm("attn_pool.norm", d)
+        model_norm("attn_pool.norm", d)
         mlp("attn_pool.mlp", glu=False)
     if cfg.representation_size:
         linear("pre_logits", d, cfg.representation_size)

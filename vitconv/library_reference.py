@@ -39,7 +39,8 @@ HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTMo
               "hf_dinov2": ("Dinov2Model", "pooler_output"), "hf_dinov2_reg": ("Dinov2WithRegistersModel", "pooler_output"),
               "hf_clip": ("CLIPVisionModel", "pooler_output"), "hf_clip_proj": ("CLIPVisionModelWithProjection",
                                                                               "image_embeds"),
-              "hf_siglip": ("SiglipVisionModel", "pooler_output"), "hf_dinov3": ("DINOv3ViTModel", "pooler_output")}
+              "hf_siglip": ("SiglipVisionModel", "pooler_output"), "hf_dinov3": ("DINOv3ViTModel", "pooler_output"),
+              "hf_aimv2": ("Aimv2VisionModel", "aimv2")}
 LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_eva", "timm_naflexvit", "dinov2", "clip")
 
 
@@ -149,19 +150,22 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
             model = getattr(transformers, cls).from_pretrained(Path(src), dtype=torch.float32).eval().float()
     except Exception as e:  # the library's own loader refuses the directory
         raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
-    own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to
+    own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to; Aimv2 never (a native
+    # one generates its table for any grid)
 
     def run(x):
-        resize = ({} if layout.startswith(("hf_dinov2", "hf_dinov3")) or x.shape[-1] == own
-                  else {"interpolate_pos_encoding": True})  # DINOv3: rotary, computed for any grid
+        resize = ({} if layout.startswith(("hf_dinov2", "hf_dinov3")) or layout == "hf_aimv2" or x.shape[-1] == own
+                  else {"interpolate_pos_encoding": True})  # DINOv3: rotary, computed for any grid; AIMv2: never
         o = model(pixel_values=x, output_hidden_states=True, **resize)
         stages = {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])}}
         if output == "pooler":  # ViTModel: its tanh pooler is Google's pre_logits, else the normed class token
             stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state[:, 0]
+        elif output == "aimv2":  # its attention head, or without one timm's AIMv2 pooling (the tokens' mean)
+            stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state.mean(1)
         else:
             stages["logits"] = getattr(o, output)
         return stages
-    return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run)
+    return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run, fixed_size=layout == "hf_aimv2" and not model.config.is_native)
 
 
 def _naflex_patches(x, patch: int):
@@ -232,7 +236,10 @@ def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     else:
         import torch
 
-        kw = dict(model_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps), dynamic_img_size=True)
+        norm = partial(timm.layers.RmsNorm if cfg.norm == "rmsnorm" else torch.nn.LayerNorm, eps=cfg.norm_eps)
+        kw = dict(model_args(cfg), norm_layer=norm, dynamic_img_size=True)
+        if cfg.patch_embed_norm:  # AIMv2: the patch embedding's own norm, of the same kind
+            kw["embed_norm_layer"] = norm
         model = _load_strict(timm.create_model(architecture(cfg), pretrained=False, **kw), ckpt, src)
         how = "timm, built with the arguments vitconv read (the file records none)"
     return LibraryReference(how, cfg, _hooked(model, list(model.blocks)))

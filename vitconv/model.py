@@ -189,9 +189,32 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last axis, weight only (AIMv2).
+
+    timm's ``RmsNorm`` (``fast_norm.rms_norm``) and Hugging Face's ``Aimv2RMSNorm`` compute the
+    same operations in the same order, ``x.pow(2).mean(-1)``, ``+ eps`` inside the ``rsqrt``, the
+    product with ``x``, then the weight; the Hugging Face one takes the statistics in float32 and
+    casts back before the weight, which is followed here (in float32 the two are the same bits).
+    Written out rather than ``F.rms_norm``, whose fused kernel may round otherwise."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(x.dtype) * self.weight
+
+
 def norm_layer(cfg: ViTConfig, dim: int) -> nn.Module:
     """The model's normalisation layer over ``dim`` channels (every LayerNorm of the encoder,
-    its heads and patch norms is made here, so a family's other norm is one change)."""
+    its heads and patch norms is made here, so a family's other norm is one change):
+    ``config.norm`` picks LayerNorm or RMSNorm, ``config.norm_eps`` its epsilon."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
@@ -200,13 +223,17 @@ class Attention(nn.Module):
 
     Rows of ``qkv.weight`` are ``[q; k; v]``, each ``(num_heads * head_dim)`` rows ordered
     head-major, which is what Google's ``(D, heads, head_dim)`` kernels flatten to.
-    Scaling is ``1/sqrt(head_dim)`` as in flax."""
+    Scaling is ``1/sqrt(head_dim)`` as in flax. With qk-norm (timm ``qk_norm=True``) the model's
+    norm, over ``head_dim`` channels, is applied to each head's queries and keys before the
+    product, as timm's ``Attention`` does (its ``norm_layer``, so its epsilon)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.attn_dim, cfg.width)
+        self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.proj = nn.Linear(cfg.attn_dim, cfg.width, bias=cfg.proj_bias)
         self.key_bias = cfg.key_bias
         self.num_prefix_tokens = cfg.num_prefix_tokens
 
@@ -221,6 +248,8 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.q_norm is not None:  # qk-norm comes before the rotation, as in timm Eva
+            q, k = self.q_norm(q), self.k_norm(k)
         if pos.rope is not None:  # rotate the patch tokens' queries and keys; prefix tokens stay
             q, k = self._rotate(q, pos.rope), self._rotate(k, pos.rope)
         out = F.scaled_dot_product_attention(q, k, v)
@@ -242,8 +271,8 @@ class Mlp(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_in_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_in_dim, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width, bias=cfg.mlp_bias)
         self.act = _activation(cfg.act)
         self.glu = cfg.mlp == "swiglu"
 
@@ -259,27 +288,42 @@ class AttentionPool(nn.Module):
     """Attention pooling (big_vision's ``MAPHead``, timm's ``AttentionPoolLatent``, Hugging Face
     SigLIP's head): a learned probe attends over every token (``qkv`` rows are [q; k; v], the
     probe makes the query, the tokens the keys and values), the output projection follows, then
-    ``x + mlp(norm(x))``: a residual around the MLP only."""
+    ``x + mlp(norm(x))``: a residual around the MLP only.
+
+    ``config.pool_head='aimv2'`` (Hugging Face ``Aimv2AttentionPoolingHead``): the probe is the
+    query as it is, ``kv`` holds the [k; v] projections (biases as the blocks' ``qkv_bias``), the
+    output projection (always a bias) is the result: no query projection, norm or MLP."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         d = cfg.width
         self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
         self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.plain = cfg.pool_head == "aimv2"
+        if self.plain:
+            self.kv = nn.Linear(d, 2 * d, bias=cfg.qkv_bias)
+            self.proj = nn.Linear(d, d)
+            return
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.norm = norm_layer(cfg, d)
-        self.mlp = Mlp(cfg.replace(mlp="mlp") if cfg.mlp != "mlp" else cfg)
+        self.mlp = Mlp(cfg.replace(mlp="mlp", mlp_bias=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        w_q, w_kv = self.qkv.weight[:d], self.qkv.weight[d:]
-        b_q, b_kv = self.qkv.bias[:d], self.qkv.bias[d:]
-        q = F.linear(self.latent.expand(b, -1, -1), w_q, b_q).reshape(b, 1, self.num_heads, self.head_dim)
-        kv = F.linear(x, w_kv, b_kv).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.plain:
+            q = self.latent.expand(b, -1, -1).reshape(b, 1, self.num_heads, self.head_dim)
+            kv = self.kv(x)
+        else:
+            w_q, w_kv = self.qkv.weight[:d], self.qkv.weight[d:]
+            b_q, b_kv = self.qkv.bias[:d], self.qkv.bias[d:]
+            q = F.linear(self.latent.expand(b, -1, -1), w_q, b_q).reshape(b, 1, self.num_heads, self.head_dim)
+            kv = F.linear(x, w_kv, b_kv)
+        kv = kv.reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1])
         out = self.proj(out.transpose(1, 2).reshape(b, 1, d))
-        out = out + self.mlp(self.norm(out))
+        if not self.plain:
+            out = out + self.mlp(self.norm(out))
         return out[:, 0]
 
 
@@ -335,6 +379,8 @@ class VisionTransformer(nn.Module):
             patch_dim = cfg.embed_in_chans * cfg.patch_size ** 2
             self.patch_norm_pre = norm_layer(cfg, patch_dim)
             self.patch_norm_post = norm_layer(cfg, d)
+        # AIMv2 (timm embed_norm_layer): the projected patches normalised before the table is added
+        self.patch_embed_norm = norm_layer(cfg, d) if cfg.patch_embed_norm else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, d)) if cfg.num_reg_tokens else None
@@ -368,6 +414,8 @@ class VisionTransformer(nn.Module):
             x = self.patch_embed(x)
             gh, gw = x.shape[-2], x.shape[-1]
             x = x.flatten(2).transpose(1, 2)
+        if self.patch_embed_norm is not None:
+            x = self.patch_embed_norm(x)
         b = x.shape[0]
         tokens = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         mode = self.config.pos_embed_prefix

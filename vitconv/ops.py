@@ -67,6 +67,31 @@ def posemb_sincos_2d_torch(h, w, width: int, temperature: float = 10_000.0) -> "
     return torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=1)[None]
 
 
+def posemb_sincos_2d_aimv2(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Hugging Face AIMv2's native table (``Aimv2VisionEmbeddings`` with ``is_native``,
+    ``build_2d_sinusoidal_position_embedding`` with its halves swapped): ``(1, h*w, width)``
+    float32, rows in raster order, columns [sin(x*w), cos(x*w), sin(y*w), cos(y*w)] with
+    ``w = temperature ** -(k / (width/4))``, computed in float64 and rounded to float32 once."""
+    if width % 4:
+        raise ValueError(f"AIMv2's sin-cos table needs a width that is a multiple of 4, got {width}")
+    omega = 1.0 / temperature ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+    y, x = np.mgrid[:h, :w]
+    y = np.outer(y.reshape(-1).astype(np.float64), omega)
+    x = np.outer(x.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+
+
+def posemb_sincos_2d_aimv2_torch(h, w, width: int, temperature: float = 10_000.0) -> "torch.Tensor":
+    """:func:`posemb_sincos_2d_aimv2` in traceable torch ops (``h``, ``w`` may be symbolic)."""
+    import torch
+
+    n = width // 4
+    omega = 1.0 / temperature ** (torch.arange(n, dtype=torch.float64) / n)
+    ys = torch.arange(h, dtype=torch.float64)[:, None].expand(-1, w).reshape(-1, 1) * omega
+    xs = torch.arange(w, dtype=torch.float64)[None, :].expand(h, -1).reshape(-1, 1) * omega
+    return torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=1)[None].float()
+
+
 def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
                      num_prefix_tokens: int, mode: str = "zoom") -> np.ndarray:
     """Resize a ``(1, prefix + g*g, D)`` table to ``new_grid``, keeping the prefix rows, the way
@@ -79,8 +104,9 @@ def resize_pos_embed(posemb: np.ndarray, new_grid: Union[int, Sequence[int]],
     prefix, grid, g = split_pos_embed(np.asarray(posemb), num_prefix_tokens)
     if (gh, gw) == (g, g):
         return np.asarray(posemb)
-    if mode == "sincos2d":  # a function of the grid, not a table to resample
-        table = posemb_sincos_2d(gh, gw, posemb.shape[-1]).astype(posemb.dtype)
+    if mode in ("sincos2d", "sincos2d_aimv2"):  # a function of the grid, not a table to resample
+        make = posemb_sincos_2d if mode == "sincos2d" else posemb_sincos_2d_aimv2
+        table = make(gh, gw, posemb.shape[-1]).astype(posemb.dtype)
         return np.concatenate([prefix, table], axis=1)
     if mode != "zoom":
         import torch  # the bicubic modes are torch's F.interpolate, as in their families' code
@@ -107,8 +133,9 @@ def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
     n = posemb.shape[1] - num_prefix_tokens
     g = math.isqrt(n)
     prefix = posemb[:, :num_prefix_tokens]
-    if mode == "sincos2d":
-        table = posemb_sincos_2d_torch(new_grid[0], new_grid[1], posemb.shape[-1]).to(posemb.dtype)
+    if mode in ("sincos2d", "sincos2d_aimv2"):
+        make = posemb_sincos_2d_torch if mode == "sincos2d" else posemb_sincos_2d_aimv2_torch
+        table = make(new_grid[0], new_grid[1], posemb.shape[-1]).to(posemb.dtype)
         return torch.cat([prefix, table], dim=1)
     grid = posemb[:, num_prefix_tokens:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
     if mode == "zoom":

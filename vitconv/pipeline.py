@@ -61,7 +61,8 @@ Progress = Callable[[int, int, str], None]
 RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transformers",
                 "bicubic_aa": "bicubic with antialiasing, as timm", "dinov2": "bicubic with DINOv2's +0.1 offset",
                 "sincos2d": "big_vision's sincos2d table generated for the new grid",
-                "bilinear": "bilinear with antialiasing, as FlexiViT's jax.image.resize and SigLIP 2 (NaFlex)"}
+                "bilinear": "bilinear with antialiasing, as FlexiViT's jax.image.resize and SigLIP 2 (NaFlex)",
+                "sincos2d_aimv2": "AIMv2's native sin-cos table generated for the new grid"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
 DTYPES = ("float32", "float16", "bfloat16")
 #: The canonical modules a new classifier replaces (``num_classes=``): the head, DeiT's
@@ -305,7 +306,7 @@ def _repatch(ckpt: Checkpoint, patch_size: int, image_size: int, path: PathLike)
     if cfg.resnet_layers is not None or cfg.patch_norm:
         raise BadInputError("--patch-size resamples a plain patch projection; this model has "
                             "a ResNet stem or patch LayerNorms", path)
-    if cfg.pos_resize == "sincos2d":
+    if cfg.pos_resize in ("sincos2d", "sincos2d_aimv2"):
         raise BadInputError("--patch-size: a sincos2d table is generated for any grid; convert with "
                             "--image-size instead", path)
     ckpt.repatched_from, ckpt.resized_from = cfg.patch_size, cfg.grid_size

@@ -156,12 +156,12 @@ def _features(model, block) -> List[str]:
         out.append("rotary position embeddings")
     if getattr(attn, "relative_position_bias_table", None) is not None:
         out.append("relative position bias")
-    for n in ("q_norm", "k_norm"):
-        if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity"):
+    norm = type(getattr(block, "norm1", None)).__name__
+    for n in ("q_norm", "k_norm"):  # vitconv computes qk-norm with the model's own norm (timm's norm_layer)
+        if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity", norm):
             out.append("qk-norm")
             break
-    norm = type(getattr(block, "norm1", None)).__name__
-    if norm not in ("LayerNorm", "LayerNormFp32", "NoneType"):
+    if norm not in ("LayerNorm", "LayerNormFp32", "RmsNorm", "NoneType"):
         out.append(f"{norm} instead of LayerNorm")
     if type(getattr(block, "mlp", None)).__name__ not in ("Mlp", "SwiGLUPacked", "GluMlp", "SwiGLU"):
         out.append(f"{type(getattr(block, 'mlp', None)).__name__} MLP")
@@ -234,7 +234,8 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             "patch": int(patch[0] if isinstance(patch, (tuple, list)) else patch),
             "image_size": int(embed.img_size[0]) if getattr(embed, "img_size", None) else None,
             "features": _features(model, b),
-            "swiglu": bool(fc2 is not None and getattr(getattr(mlp, "fc1", None), "out_features", 0) == 2 * fc2.in_features),
+            "swiglu": bool(fc2 is not None and (getattr(getattr(mlp, "fc1", None), "out_features", 0) == 2 * fc2.in_features
+                                                or hasattr(mlp, "fc1_g"))),  # SwiGLUPacked, or SwiGLU (AIMv2)
             "keys": sorted(signature(model.state_dict())),
             **extra,
         })
@@ -283,7 +284,8 @@ def openclip_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]
 #: Hugging Face model types vitconv reads (always with their config.json, which records the
 #: semantics): their defaults, for --arch and for naming.
 HF_TYPES = (("vit", "ViTConfig"), ("dinov2", "Dinov2Config"), ("dinov2_with_registers", "Dinov2WithRegistersConfig"),
-            ("clip_vision_model", "CLIPVisionConfig"), ("siglip_vision_model", "SiglipVisionConfig"))
+            ("clip_vision_model", "CLIPVisionConfig"), ("siglip_vision_model", "SiglipVisionConfig"),
+            ("aimv2_vision_model", "Aimv2VisionConfig"))
 
 
 def hf_rows() -> List[Dict[str, Any]]:
@@ -295,9 +297,10 @@ def hf_rows() -> List[Dict[str, Any]]:
         act = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
                "gelu_new": "gelu_tanh", "silu": "silu", "swish": "silu"}.get(c.hidden_act, c.hidden_act)
         rows.append({"name": f"hf:{model_type}", "source": "transformers", "layout": "hf", "class": cls,
-                     "act": act, "norm_eps": float(c.layer_norm_eps), "width": c.hidden_size,
+                     "act": act, "norm_eps": float(getattr(c, "layer_norm_eps", None) or c.rms_norm_eps),  # Aimv2: RMSNorm's
+                     "width": c.hidden_size,
                      "heads": c.num_attention_heads, "mlp_dim": getattr(c, "intermediate_size", None),
-                     "patch": c.patch_size, "image_size": c.image_size, "features": [], "swiglu": False,
+                     "patch": c.patch_size, "image_size": c.image_size, "features": [], "swiglu": model_type == "aimv2_vision_model",
                      "keys": None})
     return rows
 

@@ -5,8 +5,8 @@ Importing this package registers every layout (each module calls
 :func:`~vitconv.rules.registry.register` for its own); :data:`LAYOUTS` then holds them all.
 """
 
-from . import (big_vision, canonical, clip, dinov2, google, hf, hf_clip, hf_dinov2, hf_dinov3, hf_siglip2,  # noqa: F401 (registration)
-               jeonsworld, lucidrains, timm, timm_eva, timm_naflexvit)
+from . import (big_vision, canonical, clip, dinov2, google, hf, hf_aimv2, hf_clip, hf_dinov2, hf_dinov3,  # noqa: F401
+               hf_siglip2, jeonsworld, lucidrains, timm, timm_eva, timm_naflexvit)  # (registration)
 from .base import Carry, Rule, expand_rules
 from .registry import LAYOUTS, Layout, Probe, detect_layout, targets
 

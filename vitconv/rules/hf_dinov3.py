@@ -31,7 +31,7 @@ from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, Usage
 from .base import Carry, Rule, fill
 from .hf import ACT_TO_HF, hf_files, semantics
 from .inference import build, config_json, count_blocks, need
-from .layout import GATE_UP, IDENTITY, Q_V_BIAS, QKV_CONCAT, LayoutOp
+from .layout import GLU_CONCAT, IDENTITY, Q_V_BIAS, QKV_CONCAT, LayoutOp
 from .registry import Layout, Probe, register
 
 _E, _B = "embeddings.", "layer.{i}."
@@ -81,7 +81,7 @@ def _table() -> Tuple[Rule, ...]:
         Rule("blocks.{i}.norm2.bias", (_B + "norm2.bias",), IDENTITY, "block"),
         *(Rule(f"blocks.{{i}}.mlp.fc1.{p}", (_B + f"mlp.up_proj.{p}",), IDENTITY, "block", "mlp=mlp")
           for p in ("weight", "bias")),
-        *(Rule(f"blocks.{{i}}.mlp.fc1.{p}", (_B + f"mlp.gate_proj.{p}", _B + f"mlp.up_proj.{p}"), GATE_UP,
+        *(Rule(f"blocks.{{i}}.mlp.fc1.{p}", (_B + f"mlp.gate_proj.{p}", _B + f"mlp.up_proj.{p}"), GLU_CONCAT,
                "block", "mlp=swiglu") for p in ("weight", "bias")),
         Rule("blocks.{i}.mlp.fc2.weight", (_B + "mlp.down_proj.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.bias", (_B + "mlp.down_proj.bias",), IDENTITY, "block"),

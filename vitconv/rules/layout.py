@@ -285,7 +285,9 @@ def _split_q_v_bias(b: np.ndarray, cfg: ViTConfig) -> List[np.ndarray]:
 #: ``[q_bias; v_bias]`` <-> canonical ``qkv.bias`` with a zero key third (``key_bias=False``).
 Q_V_BIAS = LayoutOp("q_v_bias", _q_v_bias, _split_q_v_bias, 2,
                     shapes=lambda s, cfg: [(cfg.attn_dim,), (cfg.attn_dim,)])
-#: timm's unpacked SwiGLU: ``fc1_g`` (gate) and ``fc1_x`` (up) <-> canonical ``fc1`` = [gate; up].
-GATE_UP = LayoutOp("concat_gate_up", lambda a, cfg: np.ascontiguousarray(np.concatenate(a, axis=0)),
-                   lambda a, cfg: [np.ascontiguousarray(p) for p in np.split(a, 2, axis=0)], 2,
-                   shapes=lambda s, cfg: [(s[0] // 2,) + tuple(s[1:])] * 2)
+#: SwiGLU stored unpacked (timm ``SwiGLU``'s ``fc1_g``/``fc1_x``, Hugging Face AIMv2's
+#: ``gate_proj``/``up_proj``): the gate's rows, then the up rows, are the canonical packed ``fc1``
+#: ([gate; up]); weights and biases alike.
+GLU_CONCAT = LayoutOp("concat_gate_up", lambda a, cfg: np.ascontiguousarray(np.concatenate(a, axis=0)),
+                      lambda a, cfg: [np.ascontiguousarray(p) for p in np.split(a, 2, axis=0)], 2,
+                      shapes=lambda s, cfg: [(s[0] // 2,) + tuple(s[1:])] * 2)

@@ -10,7 +10,12 @@ without prefix rows, the prefix tokens concatenated after it is added), ``pre_no
 out, normalised after pooling with ``fc_norm``, or before it with ``fc_norm=False``) / 'map'
 (``attn_pool``: ``latent``, ``q`` and ``kv`` ([k; v]) that the canonical ``qkv`` holds as
 [q; k; v], ``proj``, ``norm``, ``mlp``), DeiT's ``dist_token`` and ``head_dist`` (logits are
-the mean of both heads in eval mode), and the ``pre_logits.fc`` (Linear + Tanh) of timm < 0.9.
+the mean of both heads in eval mode), the ``pre_logits.fc`` (Linear + Tanh) of timm < 0.9, and
+AIMv2's (``aimv2_*``): ``norm_layer=RmsNorm`` (a weight-only norm everywhere, qk-norm and the
+pooling head's included), ``proj_bias=False`` (no attention-projection or MLP biases: timm ties
+the two), ``embed_norm_layer`` (``patch_embed.norm``, before the table is added) and
+``mlp_layer=SwiGLU`` (``fc1_g``, the gate, and ``fc1_x`` apart: concatenated into the canonical
+``fc1``); and ``qk_norm=True`` (``attn.q_norm``/``k_norm``: the model's norm over each head).
 
 A bare state dict records none of the constructor's semantic arguments: the heads, the
 activation, the epsilon and how the table is resized at another resolution (timm: bicubic
@@ -31,7 +36,7 @@ from ..errors import MappingError
 from ..preprocess import Usage
 from .base import Carry, Rule, fill
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
-from .layout import IDENTITY, Q_KV_CONCAT
+from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from .registry import Layout, Probe, register
 
 POS_KEYS = {"timm": "pos_embed", "timm_posembs": "pos_embedding.pos_embedding"}
@@ -49,23 +54,33 @@ def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
             Rule("reg_token", ("reg_token",), IDENTITY, "model", "num_reg_tokens"),
             Rule("pos_embed", (pos_key,), IDENTITY),
             Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", "norm_pre"),
-            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", "norm_pre")]
-    for name, when in (("norm1.weight", "always"), ("norm1.bias", "always"),
+            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", "norm_pre&norm=layernorm"),
+            # AIMv2 (embed_norm_layer): PatchEmbed's own norm, after the projection
+            Rule("patch_embed_norm.weight", ("patch_embed.norm.weight",), IDENTITY, "model", "patch_embed_norm"),
+            Rule("patch_embed_norm.bias", ("patch_embed.norm.bias",), IDENTITY, "model",
+                 "patch_embed_norm&norm=layernorm")]
+    ln = "norm=layernorm"  # RmsNorm has a weight only
+    for name, when in (("norm1.weight", "always"), ("norm1.bias", ln),
                        ("attn.qkv.weight", "always"), ("attn.qkv.bias", "qkv_bias"),
-                       ("attn.proj.weight", "always"), ("attn.proj.bias", "always"),
+                       ("attn.q_norm.weight", "qk_norm"), ("attn.q_norm.bias", "qk_norm&" + ln),
+                       ("attn.k_norm.weight", "qk_norm"), ("attn.k_norm.bias", "qk_norm&" + ln),
+                       ("attn.proj.weight", "always"), ("attn.proj.bias", "proj_bias"),
                        ("ls1.gamma", "layer_scale"),  # DeiT-3, DINOv2 (init_values)
-                       ("norm2.weight", "always"), ("norm2.bias", "always"),
-                       ("mlp.fc1.weight", "always"), ("mlp.fc1.bias", "always"),
-                       ("mlp.fc2.weight", "always"), ("mlp.fc2.bias", "always"),
+                       ("norm2.weight", "always"), ("norm2.bias", ln),
+                       ("mlp.fc1.weight", "swiglu_unpacked=False"), ("mlp.fc1.bias", "swiglu_unpacked=False&mlp_bias"),
+                       ("mlp.fc2.weight", "always"), ("mlp.fc2.bias", "mlp_bias"),
                        ("ls2.gamma", "layer_scale")):
         rows.append(Rule(_B + name, (_B + name,), IDENTITY, "block", when))
+    # timm SwiGLU (AIMv2): the gate and up linears apart, fc1_g the gate
+    rows += [Rule(_B + "mlp.fc1." + p, (_B + "mlp.fc1_g." + p, _B + "mlp.fc1_x." + p), GLU_CONCAT, "block",
+                  "swiglu_unpacked" + ("&mlp_bias" if p == "bias" else "")) for p in ("weight", "bias")]
     rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
-             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
+             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none&" + ln),
              # SigLIP (global_pool='map')
              Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", "classifier=map"),
              Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", "classifier=map"),
              Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", "classifier=map"),
-             *(Rule(_P + n, (_P + n,), IDENTITY, "model", "classifier=map")
+             *(Rule(_P + n, (_P + n,), IDENTITY, "model", "classifier=map" + ("&" + ln if n == "norm.bias" else ""))
                for n in ("proj.weight", "proj.bias", "norm.weight", "norm.bias", "mlp.fc1.weight",
                          "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")),
              Rule("pre_logits.weight", ("pre_logits.fc.weight",), IDENTITY, "model", "representation_size"),
@@ -109,6 +124,11 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("pos_embed_prefix", values=("all", "none"),
               why="timm's position table has rows for every prefix token or none (no_embed_class)"),
         Carry("norm_pre"), Carry("mlp"),
+        # RmsNorm (AIMv2) has a weight only: the tensors say which norm; its epsilon is norm_eps's
+        Carry("norm"), Carry("patch_embed_norm"), Carry("qk_norm"), Carry("swiglu_unpacked"),
+        *(Carry(f, holds=lambda c: c.proj_bias == c.mlp_bias,
+                why="timm's proj_bias sets the attention projection's and the MLP's biases together")
+          for f in ("proj_bias", "mlp_bias")),
         Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
               why="timm ties the patch bias to pre_norm (bias = not pre_norm)"),
         Carry("head_bias", argument="timm's head always has a bias: a bias-free head (CLIP's proj) is "
@@ -143,6 +163,8 @@ def _model_args(probe: Probe) -> Dict[str, Any]:
         raise MappingError("config.json: model_args is not an object", probe.path)
     row = archs.table().get(named_arch(probe) or "")
     implied = {"norm_eps": row.norm_eps} if row is not None and row.layout == "timm" and row.norm_eps else {}
+    if isinstance(args.get("norm_layer"), str):  # a norm named in JSON: timm's class at its default eps
+        implied["norm_eps"] = 1e-6
     return {**implied, **args}
 
 
@@ -196,11 +218,22 @@ def infer(layout: str):
         if not _square(rows):
             raise MappingError(f"{pos_key} {pos} holds neither {prefix} prefix row(s) plus a square "
                                "grid nor a square grid alone (no_embed_class)", path)
-        fc1 = need(shapes, _B.format(i=0) + "mlp.fc1.weight", layout, path)
+        unpacked = _B.format(i=0) + "mlp.fc1_g.weight" in shapes  # timm SwiGLU (AIMv2): gate and up apart
         fc2 = need(shapes, _B.format(i=0) + "mlp.fc2.weight", layout, path)
-        swiglu = fc1[0] == 2 * fc2[1]
-        if not swiglu and fc1[0] != fc2[1]:
-            raise MappingError(f"mlp.fc1 {fc1} and mlp.fc2 {fc2} are neither an MLP nor a packed SwiGLU", path)
+        if unpacked:
+            gate = need(shapes, _B.format(i=0) + "mlp.fc1_g.weight", layout, path)
+            up = need(shapes, _B.format(i=0) + "mlp.fc1_x.weight", layout, path)
+            if gate != up or gate[0] != fc2[1]:
+                raise MappingError(f"mlp.fc1_g {gate}, mlp.fc1_x {up} and mlp.fc2 {fc2} are not a SwiGLU", path)
+            swiglu = True
+        else:
+            fc1 = need(shapes, _B.format(i=0) + "mlp.fc1.weight", layout, path)
+            swiglu = fc1[0] == 2 * fc2[1]
+            if not swiglu and fc1[0] != fc2[1]:
+                raise MappingError(f"mlp.fc1 {fc1} and mlp.fc2 {fc2} are neither an MLP nor a packed SwiGLU", path)
+        # a weight-only norm is timm's RmsNorm (AIMv2): its LayerNorm always has a bias here
+        first = _B.format(i=0) + "norm1" if depth else ("fc_norm" if fc_norm else "norm")
+        rms = f"{first}.weight" in shapes and f"{first}.bias" not in shapes
         rep = shapes["pre_logits.fc.weight"][0] if "pre_logits.fc.weight" in shapes else None
         head = shapes.get("head.weight")
         final = "pooled" if fc_norm else ("encoder" if "norm.weight" in shapes else "none")
@@ -220,7 +253,11 @@ def infer(layout: str):
                      pos_embed_prefix="none" if no_embed_class else "all",
                      norm_pre="norm_pre.weight" in shapes, patch_bias="patch_embed.proj.bias" in shapes,
                      mlp="swiglu" if swiglu else "mlp", head_bias=not head or "head.bias" in shapes,
-                     pos_resize="bicubic_aa")
+                     pos_resize="bicubic_aa", norm="rmsnorm" if rms else "layernorm",
+                     proj_bias=not depth or _B.format(i=0) + "attn.proj.bias" in shapes,
+                     mlp_bias=not depth or _B.format(i=0) + "mlp.fc2.bias" in shapes,
+                     patch_embed_norm="patch_embed.norm.weight" in shapes,
+                     qk_norm=_B.format(i=0) + "attn.q_norm.weight" in shapes, swiglu_unpacked=unpacked)
     return infer_config
 
 
@@ -230,6 +267,8 @@ def architecture(cfg: ViTConfig) -> str:
     ViT-g's ``SwiGLUPacked``); a LayerNorm epsilon of 1e-5 (the CLIP models' ``norm_layer``)."""
     if cfg.distilled:
         return "deit_base_distilled_patch16_224"
+    if cfg.swiglu_unpacked:  # timm's SwiGLU (fc1_g, fc1_x) and RmsNorm eps 1e-5: AIMv2's
+        return "aimv2_large_patch14_224"
     if cfg.mlp == "swiglu":
         return "vit_giant_patch14_dinov2"
     return "vit_base_patch16_clip_224" if cfg.norm_eps == 1e-5 else "vit_base_patch16_224"
@@ -241,7 +280,9 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     ``norm_layer``, which JSON cannot hold: the write notes say so."""
     kw: Dict[str, Any] = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes, embed_dim=cfg.width, depth=cfg.depth,
-                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_in_dim / cfg.width,
+                              num_heads=cfg.num_heads,
+                              # timm's SwiGLU makes each of fc1_g, fc1_x int(width * mlp_ratio) wide
+                              mlp_ratio=(cfg.mlp_dim if cfg.swiglu_unpacked else cfg.mlp_in_dim) / cfg.width,
                               qkv_bias=cfg.qkv_bias, act_layer=cfg.act)
     kw["global_pool"] = {"token": "token", "gap": "avg", "map": "map"}[cfg.classifier]
     if not cfg.class_token:
@@ -258,6 +299,23 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     # any value creates ls1/ls2 (the weights hold the trained scales); explicit None, as the
     # DINOv2 architecture defaults to LayerScale
     kw["init_values"] = 1e-5 if cfg.layer_scale else None
+    aimv2 = architecture(cfg) == "aimv2_large_patch14_224"
+    if aimv2:  # its defaults differ from VisionTransformer's: say each
+        kw.update(class_token=cfg.class_token, proj_bias=cfg.proj_bias, fc_norm=cfg.final_norm == "pooled")
+    elif not cfg.proj_bias:
+        kw["proj_bias"] = False
+    if cfg.qk_norm:
+        kw["qk_norm"] = True
+    name = {"layernorm": "layernorm", "rmsnorm": "rmsnorm"}[cfg.norm]
+    # JSON names a norm class, at timm's default eps 1e-6; AIMv2's RmsNorm eps 1e-5 is its architecture's
+    arch_norm = ("rmsnorm", 1e-5) if aimv2 else ("layernorm", None)
+    if (cfg.norm, cfg.norm_eps) != arch_norm and (cfg.norm != "layernorm" or aimv2) and cfg.norm_eps == 1e-6:
+        kw["norm_layer"] = name
+    if cfg.patch_embed_norm:
+        if "norm_layer" in kw or not aimv2:
+            kw["embed_norm_layer"] = name
+    elif aimv2:
+        kw["embed_norm_layer"] = None
     return kw
 
 
@@ -265,16 +323,36 @@ def _py(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else repr(v)
 
 
+def _eps_in_directory(cfg: ViTConfig) -> bool:
+    """Whether a timm directory's config.json rebuilds the norm's epsilon: 1e-6 is timm's default
+    for a norm named in JSON; 1e-5 comes only with an architecture whose norm_layer has it (the CLIP
+    towers' LayerNorm with a plain MLP, AIMv2's RmsNorm with its unpacked SwiGLU)."""
+    if cfg.norm_eps == 1e-6:
+        return True
+    if cfg.norm_eps != 1e-5:
+        return False
+    if cfg.swiglu_unpacked:
+        return cfg.norm == "rmsnorm"
+    return cfg.norm == "layernorm" and cfg.mlp != "swiglu"
+
+
 def write_notes(cfg: ViTConfig) -> List[str]:
     """The timm constructor call under which timm computes what the canonical model does."""
     cls = "deit.VisionTransformerDistilled" if cfg.distilled else "VisionTransformer"
-    call = ", ".join(f"{k}={_py(v)}" for k, v in model_args(cfg).items())
-    if cfg.norm_eps != 1e-6:
-        call += f", norm_layer=partial(nn.LayerNorm, eps={cfg.norm_eps:g})"
+    args = model_args(cfg)
+    call = ", ".join(f"{k}={_py(v)}" for k, v in args.items())
+    norm_cls = "RmsNorm" if cfg.norm == "rmsnorm" else "nn.LayerNorm"
+    if cfg.norm_eps != 1e-6 or (cfg.norm == "rmsnorm" and "norm_layer" not in args):
+        call += f", norm_layer=partial({norm_cls}, eps={cfg.norm_eps:g})"
+        if cfg.patch_embed_norm:
+            call += f", embed_norm_layer=partial({norm_cls}, eps={cfg.norm_eps:g})"
+    if cfg.mlp == "swiglu":
+        call += ", mlp_layer=" + ("SwiGLU" if cfg.swiglu_unpacked else "SwiGLUPacked")
     notes = [f"timm: {cls}({call}) computes the same function"]
-    if cfg.norm_eps not in (1e-6, 1e-5) or (cfg.norm_eps == 1e-5 and cfg.mlp == "swiglu"):
-        notes.append(f"LayerNorm eps {cfg.norm_eps:g}: no timm architecture's default; a timm directory's "
-                     "config.json cannot say it, so build the model with the norm_layer above")
+    if not _eps_in_directory(cfg):
+        notes.append(f"{'RmsNorm' if cfg.norm == 'rmsnorm' else 'LayerNorm'} eps {cfg.norm_eps:g}: no timm "
+                     "architecture's default; a timm directory's config.json cannot say it, so build the model "
+                     "with the norm_layer above")
     if cfg.final_norm == "none":
         notes.append("no final LayerNorm: timm >= 1.0 needs final_norm=False")
     if cfg.distilled:
@@ -313,7 +391,11 @@ def sources(layout: str):
         "classifier": "attn_pool (map), fc_norm or no cls_token (avg), else the class token",
         "num_reg_tokens": "reg_token [1]", "image_size": f"{pos} [1] (grid x patch)",
         "patch_size": "patch_embed.proj.weight [2]", "width": "patch_embed.proj.weight [0]",
-        "mlp_dim": "blocks.0.mlp.fc2.weight [1]"}
+        "mlp_dim": "blocks.0.mlp.fc2.weight [1]",
+        "norm": "blocks.0.norm1 with or without a bias (RmsNorm: a weight only)",
+        "qk_norm": "blocks.0.attn.q_norm", "patch_embed_norm": "patch_embed.norm",
+        "swiglu_unpacked": "blocks.0.mlp.fc1_g/fc1_x (timm SwiGLU) or one fc1 (SwiGLUPacked)",
+        "proj_bias": "blocks.0.attn.proj.bias", "mlp_bias": "blocks.0.mlp.fc2.bias"}
 
 
 def _register(layout: str, description: str, **extra: Any) -> None:

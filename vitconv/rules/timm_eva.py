@@ -35,7 +35,7 @@ from ..errors import MappingError
 from ..preprocess import Usage
 from .base import Carry, Rule
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
-from .layout import GATE_UP, IDENTITY, Q_V_BIAS
+from .layout import GLU_CONCAT, IDENTITY, Q_V_BIAS
 from .registry import Layout, Probe, register
 
 _B = "blocks.{i}."
@@ -60,9 +60,9 @@ def _table(norm_key: str) -> Tuple[Rule, ...]:
             ("mlp.fc2.bias", "mlp.fc2.bias", "always", IDENTITY)):
         rows.append(Rule(_B + canonical, (_B + key,), op, "block", when))
     rows += [Rule(_B + "attn.qkv.bias", (_B + "attn.q_bias", _B + "attn.v_bias"), Q_V_BIAS, "block", "qkv_bias"),
-             Rule(_B + "mlp.fc1.weight", (_B + "mlp.fc1_g.weight", _B + "mlp.fc1_x.weight"), GATE_UP, "block",
+             Rule(_B + "mlp.fc1.weight", (_B + "mlp.fc1_g.weight", _B + "mlp.fc1_x.weight"), GLU_CONCAT, "block",
                   "mlp=swiglu"),
-             Rule(_B + "mlp.fc1.bias", (_B + "mlp.fc1_g.bias", _B + "mlp.fc1_x.bias"), GATE_UP, "block",
+             Rule(_B + "mlp.fc1.bias", (_B + "mlp.fc1_g.bias", _B + "mlp.fc1_x.bias"), GLU_CONCAT, "block",
                   "mlp=swiglu"),
              Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
              Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
@@ -115,7 +115,8 @@ def detect(probe: Probe) -> bool:
     s = probe.shapes
     if "patch_embed.proj.weight" not in s or not any(k in s for k in _EVA_MARKERS):
         return False
-    return "pos_embed" not in s or "blocks.0.attn.qkv.weight" not in s
+    table = "pos_embed" in s or "pos_embedding.pos_embedding" in s  # timm's and the PositionEmbs variant's
+    return not table or "blocks.0.attn.qkv.weight" not in s
 
 
 def _not_yet(probe: Probe) -> Optional[str]:

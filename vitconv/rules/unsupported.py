@@ -42,7 +42,6 @@ UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = (
     ("relative position bias (BEiT, data2vec)", _any(r"relative_position_bias_table$")),
     ("rotary position embeddings with separate query/value biases (timm Eva: EVA-02, *_rope_* models)",
      _all(_any(r"(^|\.)attn\.q_bias$"), lambda keys: not _dinov3_eva(keys))),
-    ("qk-norm (a LayerNorm on queries and keys)", _any(r"(^|\.)(q_norm|k_norm)\.weight$")),
 )
 
 
