@@ -17,7 +17,7 @@ from vitconv.pipeline import open_checkpoint
 from vitconv.synthetic import PRESETS
 
 #: Fields that change what the model computes but no tensor's shape.
-NO_SHAPE = {"norm_eps", "act", "pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps"}
+NO_SHAPE = {"norm_eps", "act", "pos_resize", "rel_pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps"}
 
 #: One strategy per field that can change a shape; a field missing here and from NO_SHAPE fails
 #: test_every_field_is_swept, so a new model feature cannot slip past the comparison.
@@ -49,6 +49,9 @@ FIELDS = {
     "head_bias": st.booleans(),
     "mlp": st.sampled_from(["mlp", "swiglu"]),
     "mask_token": st.booleans(),
+    "rel_pos_bias": st.booleans(),
+    "rel_pos_bias_shared": st.booleans(),
+    "abs_pos_embed": st.booleans(),
 }
 
 

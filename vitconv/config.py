@@ -46,6 +46,15 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: (``jax.image.resize(..., "linear")``, as FlexiViT resizes its table for another patch size).
 #: Prefix rows are always kept.
 POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear")
+#: How a relative position bias table (BEiT) is resized when the patch grid differs from the one
+#: it was trained at; the converted model follows its source's. "geometric": timm's
+#: ``resize_rel_pos_bias_table`` (from BEiT's own fine-tuning code): each axis of the
+#: ``(2g-1)`` distance table is placed at geometric-progression offsets (ratio found by bisection
+#: so the outermost source offset reaches the new half-width) and read at integer offsets by
+#: linear interpolation, edges clamped. "bilinear": Hugging Face's ``BeitRelativePositionBias``:
+#: ``F.interpolate(mode='bilinear', align_corners=False)`` over the distance table, no
+#: antialiasing. Both keep the three class-token rows.
+REL_POS_RESIZES = ("geometric", "bilinear")
 MLPS = ("mlp", "swiglu")
 #: Where the last LayerNorm sits. Google normalises every token and then pools
 #: ("encoder"); timm's avg-pool models pool first and normalise the pooled vector
@@ -145,13 +154,25 @@ class ViTConfig:
     #: DINOv2's ``mask_token``: used only by masked training, kept so conversions round-trip.
     mask_token: bool = _field(False, "mask token (training only)", training_only=("mask_token",))
     pos_resize: str = _field("zoom", "how the position table is resized for another resolution")
+    #: BEiT's learned relative position bias, added to every attention logit: a table of
+    #: ``(2g-1)^2 + 3`` rows (one per 2-D offset between patches, then class->token, token->class,
+    #: class->class) by heads, read through an index built for the grid. ``rel_pos_bias``: one
+    #: table per block (timm ``use_rel_pos_bias``, HF ``use_relative_position_bias``);
+    #: ``rel_pos_bias_shared``: one table for all blocks (timm ``use_shared_rel_pos_bias``, HF
+    #: ``use_shared_relative_position_bias``); with both, the two are added.
+    rel_pos_bias: bool = _field(False, "relative position bias table in each block (BEiT)")
+    rel_pos_bias_shared: bool = _field(False, "one relative position bias table shared by all blocks (BEiT)")
+    rel_pos_resize: str = _field("geometric", "how the relative position bias table is resized for another grid")
+    #: The learned absolute position table (``pos_embed``); BEiT's models mostly have none
+    #: (timm ``use_abs_pos_emb=False``, HF ``use_absolute_position_embeddings=False``).
+    abs_pos_embed: bool = _field(True, "absolute position table")
     #: big_vision's ``scan=True``: every block's tensors stacked along a leading axis in one array.
     scan: bool = _field(False, "blocks stored stacked along a leading axis (big_vision scan=True)", storage=True)
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS)):
+                              ("mlp", MLPS), ("rel_pos_resize", REL_POS_RESIZES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:
@@ -163,6 +184,14 @@ class ViTConfig:
                              "has no meaning there")
         if not self.num_classes and not self.head_bias:
             object.__setattr__(self, "head_bias", True)  # no head, no bias to leave out; one spelling
+        if not self.abs_pos_embed:  # no table: where its rows sit and how it resizes mean nothing; one spelling
+            object.__setattr__(self, "pos_embed_prefix", "all")
+            object.__setattr__(self, "pos_resize", "zoom")
+        if not (self.rel_pos_bias or self.rel_pos_bias_shared):  # no table to resize; one spelling
+            object.__setattr__(self, "rel_pos_resize", "geometric")
+        elif self.num_prefix_tokens != int(self.class_token) or not self.class_token:
+            raise ValueError("a relative position bias needs exactly one prefix token, the class token "
+                             "(its table has rows for class->token, token->class and class->class only)")
         if self.num_reg_tokens < 0:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
         if self.pos_embed_prefix == "class" and not self.class_token:
@@ -226,6 +255,11 @@ class ViTConfig:
     def num_pos_rows(self) -> int:
         """Rows of the position table."""
         return self.grid_size ** 2 + self.num_pos_prefix
+
+    @property
+    def rel_pos_rows(self) -> int:
+        """Rows of a relative position bias table: every 2-D offset, then the 3 class-token rows."""
+        return (2 * self.grid_size - 1) ** 2 + 3
 
     @property
     def mlp_in_dim(self) -> int:
@@ -300,6 +334,11 @@ class ViTConfig:
             extras.append("LayerScale")
         if self.mlp != "mlp":
             extras.append(self.mlp)
+        if self.rel_pos_bias or self.rel_pos_bias_shared:
+            extras.append("relative position bias" + (" (shared)" if not self.rel_pos_bias else "")
+                          + (" + shared" if self.rel_pos_bias and self.rel_pos_bias_shared else ""))
+        if not self.abs_pos_embed:
+            extras.append("no absolute position table")
         if self.representation_size:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:
@@ -346,7 +385,10 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
                                 ("mask_token", cfg.mask_token, (1,))):
         if present:
             out.append((name, (*rows, d)))
-    out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
+    if cfg.abs_pos_embed:
+        out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
+    if cfg.rel_pos_bias_shared:
+        out.append(("rel_pos_table", (cfg.rel_pos_rows, cfg.num_heads)))
     if cfg.resnet_layers is not None:  # ResNetStem: root, then bottleneck units stage by stage
         w = cfg.resnet_width
         out.append(("stem.conv_root.weight", (w, cfg.in_chans, 7, 7)))
@@ -376,6 +418,8 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
     for i in range(cfg.depth):
         b = f"blocks.{i}"
         norm(f"{b}.norm1", d)
+        if cfg.rel_pos_bias:  # Attention's own parameter, before its submodules
+            out.append((f"{b}.attn.rel_pos_table", (cfg.rel_pos_rows, cfg.num_heads)))
         linear(f"{b}.attn.qkv", d, 3 * cfg.attn_dim, cfg.qkv_bias)
         linear(f"{b}.attn.proj", cfg.attn_dim, d)
         if cfg.layer_scale:

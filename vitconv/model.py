@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ViTConfig
-from .ops import resize_pos_embed_torch
+from .ops import rel_pos_index, resize_pos_embed_torch, resize_rel_pos_table_torch
 
 
 def _activation(name: str):
@@ -152,6 +152,20 @@ class Positions:
     fills it in ``positions``, so blocks never recompute it and any grid works."""
 
     grid: Tuple[int, int]
+    #: BEiT: the ``(N+1, N+1)`` rows of a relative position table for this grid's token pairs
+    #: (:func:`vitconv.ops.rel_pos_index`), and the bias of the model's shared table, ``(1, heads,
+    #: N+1, N+1)``, which every block adds to its own; None without them.
+    rel_index: Optional[torch.Tensor] = None
+    rel_shared: Optional[torch.Tensor] = None
+
+
+def relative_bias(table: torch.Tensor, cfg: ViTConfig, pos: Positions) -> torch.Tensor:
+    """``(1, heads, N+1, N+1)`` attention-logit bias of a BEiT relative position table for the
+    grid of ``pos``: the table resized from the config's grid in the source's way
+    (``cfg.rel_pos_resize``; the same table at its own grid), then read through the index."""
+    t = resize_rel_pos_table_torch(table, cfg.grid_size, pos.grid, cfg.rel_pos_resize)
+    n = pos.rel_index.shape[0]
+    return t[pos.rel_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
 
 def norm_layer(cfg: ViTConfig, dim: int) -> nn.Module:
@@ -165,18 +179,25 @@ class Attention(nn.Module):
 
     Rows of ``qkv.weight`` are ``[q; k; v]``, each ``(num_heads * head_dim)`` rows ordered
     head-major, which is what Google's ``(D, heads, head_dim)`` kernels flatten to.
-    Scaling is ``1/sqrt(head_dim)`` as in flax."""
+    Scaling is ``1/sqrt(head_dim)`` as in flax. BEiT: a relative position bias (the block's own
+    table, plus the model's shared one) is added to the logits before the softmax."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        self.cfg = cfg
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.rel_pos_table = (nn.Parameter(torch.zeros(cfg.rel_pos_rows, cfg.num_heads))
+                              if cfg.rel_pos_bias else None)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.attn_dim, cfg.width)
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        bias = relative_bias(self.rel_pos_table, self.cfg, pos) if self.rel_pos_table is not None else None
+        if pos.rel_shared is not None:  # timm and transformers alike: the block's own, then the shared
+            bias = pos.rel_shared if bias is None else bias + pos.rel_shared
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
@@ -283,7 +304,9 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, d)) if cfg.num_reg_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None  # training only
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d)) if cfg.abs_pos_embed else None
+        self.rel_pos_table = (nn.Parameter(torch.zeros(cfg.rel_pos_rows, cfg.num_heads))
+                              if cfg.rel_pos_bias_shared else None)  # BEiT's shared table
         self.norm_pre = norm_layer(cfg, d) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = norm_layer(cfg, d) if cfg.final_norm != "none" else None
@@ -316,7 +339,9 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed_for(gh, gw)
         tokens = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         mode = self.config.pos_embed_prefix
-        if mode == "all":
+        if pos is None:  # BEiT without an absolute table
+            x = torch.cat(tokens + [x], dim=1)
+        elif mode == "all":
             x = torch.cat(tokens + [x], dim=1) + pos
         elif mode == "none":
             x = torch.cat(tokens + [x + pos], dim=1)
@@ -328,7 +353,12 @@ class VisionTransformer(nn.Module):
 
     def positions(self, gh: int, gw: int) -> Positions:
         """What the blocks need to know of a ``gh`` x ``gw`` patch grid (see :class:`Positions`)."""
-        return Positions(grid=(gh, gw))
+        pos = Positions(grid=(gh, gw))
+        if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
+            pos.rel_index = rel_pos_index(gh, gw)
+            if self.rel_pos_table is not None:
+                pos.rel_shared = relative_bias(self.rel_pos_table, self.config, pos)
+        return pos
 
     def _embed_normed_patches(self, x: torch.Tensor):
         """Patch embedding with LayerNorms around it: the per-patch LN needs the flattened
@@ -341,7 +371,9 @@ class VisionTransformer(nn.Module):
         x = F.linear(self.patch_norm_pre(patches), w, self.patch_embed.bias)
         return self.patch_norm_post(x), gh, gw
 
-    def pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+    def pos_embed_for(self, gh: int, gw: int) -> Optional[torch.Tensor]:
+        if self.pos_embed is None:
+            return None
         g = self.config.grid_size
         if isinstance(gh, int) and isinstance(gw, int) and (gh, gw) == (g, g):
             return self.pos_embed

@@ -22,7 +22,7 @@ mode to its family's own code.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -184,3 +184,94 @@ def resample_patch_embed(weight: np.ndarray, new_patch: int) -> np.ndarray:
     flat = weight.reshape(-1, old * old).astype(np.float64)
     out = flat @ np.linalg.pinv(resize.T).T
     return out.reshape(*weight.shape[:2], new_patch, new_patch).astype(weight.dtype)
+
+
+# -- relative position bias tables (BEiT) -----------------------------------------------
+def geometric_offsets(src: int, dst: int) -> List[float]:
+    """Where timm's ``resize_rel_pos_bias_table`` (BEiT's fine-tuning code) places the ``src``
+    rows of one axis of a distance table that must cover ``dst`` rows: at offsets 0, ±1,
+    ±(1 + q), ±(1 + q + q^2), ... whose ratio ``q`` in [1.01, 1.5] is bisected (Python floats,
+    down to a bracket of 1e-6; the last midpoint is used) until ``1 + q + ... + q^(src//2 - 1)``
+    just reaches ``dst // 2``. Shrinking, ``q`` stays near 1.01 and the offsets overshoot."""
+    half = src // 2
+    lo, hi, q = 1.01, 1.5, 1.01
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        if (1.0 - q ** half) / (1.0 - q) > dst // 2:
+            hi = q
+        else:
+            lo = q
+    out, cur = [], 1.0
+    for i in range(half):
+        out.append(cur)
+        cur += q ** (i + 1)
+    return [-o for o in reversed(out)] + [0.0] + out
+
+
+def _linear_matrix(points: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+    """``(len(targets), len(points))`` weights of linear interpolation over the increasing,
+    possibly uneven ``points``, held at the edge values outside them (as timm's
+    ``RegularGridInterpolator``: ``bucketize`` for the right neighbour, distances clamped at 0,
+    a target on a point takes that point)."""
+    import torch
+
+    n = points.numel()
+    right = torch.bucketize(targets, points).clamp(max=n - 1)
+    left = (right - 1).clamp(min=0)
+    d_left = (targets - points[left]).clamp(min=0)
+    d_right = (points[right] - targets).clamp(min=0)
+    both = (d_left == 0) & (d_right == 0)
+    d_left, d_right = torch.where(both, 1.0, d_left), torch.where(both, 1.0, d_right)
+    total = d_left + d_right
+    m = torch.zeros(targets.numel(), n, dtype=torch.float32)
+    m.scatter_add_(1, left[:, None], (d_right / total)[:, None])
+    m.scatter_add_(1, right[:, None], (d_left / total)[:, None])
+    return m
+
+
+def resize_rel_pos_table_torch(table: "torch.Tensor", grid: int, new_grid: Tuple[int, int],
+                               mode: str = "geometric") -> "torch.Tensor":
+    """A BEiT relative position bias table ``((2g-1)^2 + 3, heads)`` trained on a ``grid`` x
+    ``grid`` patch grid, for a ``gh`` x ``gw`` grid: the distance rows resized as a
+    ``(heads, 2g-1, 2g-1)`` image to ``(2gh-1, 2gw-1)`` in the source family's way
+    (:data:`vitconv.config.REL_POS_RESIZES`), the 3 class-token rows kept. Computed in float32
+    and cast back. The same grid returns the table itself."""
+    import torch
+    import torch.nn.functional as F
+
+    src, dst = 2 * grid - 1, (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
+    if isinstance(dst[0], int) and isinstance(dst[1], int) and dst == (src, src):
+        return table
+    heads = table.shape[1]
+    body = table[:src * src].float().t().reshape(1, heads, src, src)
+    if mode == "bilinear":  # transformers' BeitRelativePositionBias
+        out = F.interpolate(body, size=dst, mode="bilinear", align_corners=False)[0]
+    elif mode == "geometric":  # timm's resize_rel_pos_bias_table (scipy-free path)
+        if not (isinstance(dst[0], int) and isinstance(dst[1], int)):
+            raise ValueError("timm's geometric resize of a relative position table is computed in Python "
+                             "for each grid: it cannot follow a symbolic (dynamic) input size")
+        rows, cols = (_linear_matrix(torch.tensor(geometric_offsets(src, n), dtype=torch.float32),
+                                     torch.arange(n, dtype=torch.float32) - float(n // 2)) for n in dst)
+        out = torch.einsum("hi,nij,wj->nhw", rows, body[0], cols)
+    else:
+        raise ValueError(f"unknown relative position table resize {mode!r}")
+    out = out.reshape(heads, -1).t().to(table.dtype)
+    return torch.cat([out, table[src * src:]], dim=0)
+
+
+def rel_pos_index(gh, gw) -> "torch.Tensor":
+    """``(N+1, N+1)`` rows of a BEiT relative position table for every (query, key) pair of a
+    ``gh`` x ``gw`` grid with a class token first (``N = gh*gw``, raster order), as BEiT's
+    ``gen_relative_position_index``: patch pairs take ``(dy + gh-1) * (2gw-1) + (dx + gw-1)``
+    with ``d = query - key``; then class->token, token->class and class->class take the three
+    rows after the ``(2gh-1)(2gw-1)`` distance rows. Built from ``arange`` and ``cat`` so that
+    it traces with symbolic sizes."""
+    import torch
+
+    ys = torch.arange(gh)[:, None].expand(gh, gw).reshape(-1)
+    xs = torch.arange(gw)[None, :].expand(gh, gw).reshape(-1)
+    idx = (ys[:, None] - ys[None, :] + (gh - 1)) * (2 * gw - 1) + (xs[:, None] - xs[None, :] + (gw - 1))
+    n, rows = idx.shape[0], (2 * gh - 1) * (2 * gw - 1)
+    top = torch.cat([torch.full((1, 1), 2, dtype=torch.long), torch.zeros((1, n), dtype=torch.long)], dim=1)
+    body = torch.cat([torch.ones((n, 1), dtype=torch.long), idx - rows], dim=1)
+    return torch.cat([top, body], dim=0) + rows
