@@ -266,3 +266,24 @@ BATCH_AXIS = LayoutOp("add_batch_axis", _one(add_batch_axis), lambda a, cfg: [dr
 POS_EMPTY_CLS = LayoutOp("pos_with_empty_cls", lambda a, cfg: pos_with_empty_cls(*a),
                          lambda a, cfg: [drop_batch_axis(a), np.zeros((0, a.shape[-1]), a.dtype)], 2,
                          shapes=lambda s, cfg: [tuple(s[1:]), (0, s[-1])])
+
+
+def q_v_to_qkv_bias(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """BEiT's ``q_bias`` and ``v_bias`` (its key projection has no bias) -> the fused ``[q; 0; v]``
+    bias, whose zero key third computes what no key bias does."""
+    if q.shape != v.shape or q.ndim != 1:
+        raise ValueError(f"q and v biases must be vectors of one length, got {q.shape} and {v.shape}")
+    return np.ascontiguousarray(np.concatenate([q, np.zeros_like(q), v]))
+
+
+def qkv_bias_to_q_v(b: np.ndarray) -> List[np.ndarray]:
+    q, k, v = np.split(b, 3)
+    if np.any(k != 0):
+        raise ValueError(f"its key third is not zero (max |k bias| {float(np.abs(k).max()):.3g}), and BEiT's "
+                         "key projection has no bias")
+    return [np.ascontiguousarray(q), np.ascontiguousarray(v)]
+
+
+#: canonical ``qkv.bias`` <-> BEiT's separate query and value biases (no key bias)
+Q_V_BIAS = LayoutOp("q_v_to_qkv_bias", lambda a, cfg: q_v_to_qkv_bias(*a), lambda a, cfg: qkv_bias_to_q_v(a), 2,
+                    shapes=lambda s, cfg: [(s[0] // 3,)] * 2)

@@ -32,9 +32,9 @@ def _none(pattern: str) -> Callable[[Keys], bool]:
 
 #: (feature, what shows it), most specific first
 UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = (
-    ("relative position bias (BEiT, data2vec)", _any(r"relative_position_bias_table$")),
+    # BEiT has separate query/value biases too: its relative position tables tell it apart
     ("rotary position embeddings with separate query/value biases (timm Eva: EVA-02, *_rope_* models)",
-     _any(r"(^|\.)attn\.q_bias$")),
+     _all(_any(r"(^|\.)attn\.q_bias$"), _none(r"relative_position_bias_table$"))),
     ("rotary position embeddings (DINOv3: no position table)",
      _all(_any(r"(^|\.)layer\.\d+\.attention\.q_proj\.weight$"), _any(r"embeddings\.patch_embeddings\.weight$"),
           _none(r"position_embedding"))),
