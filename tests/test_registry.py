@@ -65,6 +65,9 @@ VARIANTS.update({
                                     mlp_dim=176, pos_resize="bicubic"),
     "timm reg no_embed_class": _SMALL.replace(act="gelu", num_reg_tokens=4, pos_embed_prefix="none",
                                               layer_scale=True, pos_resize="bicubic_aa"),
+    "beit": _SMALL.replace(act="gelu", layer_scale=True, classifier="gap", final_norm="pooled", rel_pos_bias=True,
+                           abs_pos_embed=False),
+    "beit shared, abs table": _SMALL.replace(act="gelu", rel_pos_bias_shared=True, pos_resize="bicubic_aa"),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
          for name in VARIANTS]

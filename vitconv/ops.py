@@ -259,6 +259,14 @@ def resize_rel_pos_table_torch(table: "torch.Tensor", grid: int, new_grid: Tuple
     return torch.cat([out, table[src * src:]], dim=0)
 
 
+def resize_rel_pos_table(table: np.ndarray, grid: int, new_grid: int, mode: str) -> np.ndarray:
+    """:func:`resize_rel_pos_table_torch` for a NumPy table (a conversion to another resolution)."""
+    import torch
+
+    out = resize_rel_pos_table_torch(torch.from_numpy(np.ascontiguousarray(table)), grid, (new_grid, new_grid), mode)
+    return out.numpy().astype(table.dtype)
+
+
 def rel_pos_index(gh, gw) -> "torch.Tensor":
     """``(N+1, N+1)`` rows of a BEiT relative position table for every (query, key) pair of a
     ``gh`` x ``gw`` grid with a class token first (``N = gh*gw``, raster order), as BEiT's

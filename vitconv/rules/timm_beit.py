@@ -145,7 +145,7 @@ def model_args(cfg: ViTConfig) -> dict:
                 num_classes=cfg.num_classes, global_pool="avg" if cfg.classifier == "gap" else "token",
                 use_fc_norm=cfg.final_norm == "pooled", embed_dim=cfg.width, depth=cfg.depth,
                 num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
-                init_values=0.1 if cfg.layer_scale else None, use_abs_pos_emb=cfg.abs_pos_embed,
+                init_values=0.1 if cfg.layer_scale else 0.0, use_abs_pos_emb=cfg.abs_pos_embed,
                 use_rel_pos_bias=cfg.rel_pos_bias, use_shared_rel_pos_bias=cfg.rel_pos_bias_shared)
 
 
