@@ -68,6 +68,8 @@ VARIANTS.update({
     "beit": _SMALL.replace(act="gelu", layer_scale=True, classifier="gap", final_norm="pooled", rel_pos_bias=True,
                            abs_pos_embed=False),
     "beit shared, abs table": _SMALL.replace(act="gelu", rel_pos_bias_shared=True, pos_resize="bicubic_aa"),
+    "hf beit, no head": _SMALL.replace(act="gelu", norm_eps=1e-12, layer_scale=True, classifier="gap", final_norm="pooled",
+                                       rel_pos_bias=True, abs_pos_embed=False, num_classes=0, rel_pos_resize="bilinear"),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers
          for name in VARIANTS]
