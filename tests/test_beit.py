@@ -198,3 +198,104 @@ def test_a_plain_vit_is_not_written_as_beit(tmp_path):
 
     report = convert(golden_path("jax/tiny_gap_p8_32.npz"), tmp_path / "t.safetensors", to="timm")
     assert report.target_layout == "timm"
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+                patch_size=8)
+#: name -> (model class, config class, config, output, --to, layout, what must be read)
+HF = {
+    "beit": ("BeitModel", "BeitConfig", dict(use_relative_position_bias=True), "pooler_output", "hf", "hf_beit",
+             dict(rel_pos_bias=True, classifier="gap", final_norm="pooled", layer_scale=True, num_classes=0)),
+    "beit_shared_abs_token": ("BeitModel", "BeitConfig", dict(use_shared_relative_position_bias=True,
+                              use_absolute_position_embeddings=True, use_mean_pooling=False), "pooler_output", "hf",
+                              "hf_beit", dict(rel_pos_bias_shared=True, abs_pos_embed=True, classifier="token",
+                                              final_norm="encoder", pos_resize="bicubic")),
+    "beit_cls_both_tables": ("BeitForImageClassification", "BeitConfig", dict(
+        use_relative_position_bias=True, use_shared_relative_position_bias=True, layer_scale_init_value=0.0,
+        num_labels=7), "logits", "hf", "hf_beit_cls", dict(rel_pos_bias=True, rel_pos_bias_shared=True,
+                                                             layer_scale=False, num_classes=7)),
+    # Data2VecVisionModel has no pooler by default: with mean pooling, no final norm at all
+    "data2vec": ("Data2VecVisionModel", "Data2VecVisionConfig", dict(use_relative_position_bias=True),
+                 "last_hidden_state", "hf_data2vec_vision", "hf_data2vec_vision",
+                 dict(rel_pos_bias=True, classifier="gap", final_norm="none")),
+    "data2vec_pooler": ("Data2VecVisionModel", "Data2VecVisionConfig", dict(use_relative_position_bias=True),
+                        "pooler_output", "hf_data2vec_vision", "hf_data2vec_vision",
+                        dict(rel_pos_bias=True, classifier="gap", final_norm="pooled")),
+    "data2vec_cls_shared": ("Data2VecVisionForImageClassification", "Data2VecVisionConfig", dict(
+        use_shared_relative_position_bias=True, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_labels=7),
+        "logits", "hf_data2vec_vision", "hf_data2vec_vision_cls", dict(rel_pos_bias_shared=True, act="gelu_tanh",
+                                                                       norm_eps=1e-6, num_classes=7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF))
+def test_hf_beit_reads_resizes_and_writes_back(name, tmp_path):
+    cls, config_cls, kw, output, to, layout, expect = HF[name]
+    pooler = {"add_pooling_layer": True} if name == "data2vec_pooler" else {}
+    model = _seed(getattr(transformers, cls)(getattr(transformers, config_cls)(**HF_SMALL, **kw), **pooler))
+    model.save_pretrained(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "c.safetensors")
+    assert report.layout == layout and not any("assumed" in n for n in report.notes), report.notes
+    for field, value in expect.items():
+        assert getattr(report.config, field) == value, field
+    assert report.config.rel_pos_resize == "bilinear"
+    canonical = load(tmp_path / "c.safetensors")
+    ours = canonical.forward_features if output == "last_hidden_state" else canonical
+    with torch.no_grad():
+        _close(ours(_x(32)), getattr(model(pixel_values=_x(32)), output))
+        for size in SIZES:  # transformers resizing its tables its own way
+            want = getattr(model(pixel_values=_x(*size), interpolate_pos_encoding=True), output)
+            _close(ours(_x(*size)), want)
+            _close(ours(_x(*size)), getattr(model(pixel_values=_x(*size)), output))  # the flag changes nothing
+        at48 = load(tmp_path / "c.safetensors", image_size=48)
+        _close((at48.forward_features if output == "last_hidden_state" else at48)(_x(48)),
+               getattr(model(pixel_values=_x(48), interpolate_pos_encoding=True), output))
+    back = convert(tmp_path / "c.safetensors", tmp_path / "back", to=to)
+    assert back.target_layout == layout
+    again, info = type(model).from_pretrained(tmp_path / "back", output_loading_info=True, **pooler)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        _close(getattr(again.eval()(pixel_values=_x(32)), output), getattr(model(pixel_values=_x(32)), output))
+    a = load_file(str(tmp_path / "src" / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
+    """timm's BEiT written as a Hugging Face directory computes timm's logits in transformers
+    (config.json carries timm's epsilon and exact GELU; transformers' defaults would be 1e-12);
+    a transformers BEiT written for timm loads strictly into a timm Beit built with its epsilon
+    and computes its pooler_output. At other grids each library resizes its own way, and the
+    notes say the written model will resize as its new library does."""
+    from functools import partial
+
+    from torch import nn
+
+    arch, extra, _ = TIMM["beit"]
+    tm = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
+    _save(tm, tmp_path / "t.safetensors")
+    report = convert(tmp_path / "t.safetensors", tmp_path / "hf", to="hf")
+    assert report.target_layout == "hf_beit_cls"
+    assert any("rel_pos_resize='geometric'" in n for n in report.notes), report.notes
+    hf, info = transformers.BeitForImageClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        _close(hf.eval()(pixel_values=_x(32)).logits, tm(_x(32)))
+    # and back: bit for bit
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
+    a, b = load_file(str(tmp_path / "t.safetensors")), load_file(str(tmp_path / "back.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    cls, config_cls, kw, output, _, _, _ = HF["beit"]
+    hm = _seed(transformers.BeitModel(transformers.BeitConfig(**HF_SMALL, **kw)))
+    hm.save_pretrained(tmp_path / "h")
+    report = convert(tmp_path / "h", tmp_path / "h.safetensors", to="timm")
+    assert any("norm_layer=partial(nn.LayerNorm, eps=1e-12)" in n for n in report.notes), report.notes
+    built = timm.create_model(arch, pretrained=False, **SMALL, num_classes=0, mlp_ratio=2,
+                              norm_layer=partial(nn.LayerNorm, eps=1e-12)).eval()
+    built.load_state_dict(load_file(str(tmp_path / "h.safetensors")), strict=True)
+    with torch.no_grad():
+        _close(built(_x(32)), hm(pixel_values=_x(32)).pooler_output)

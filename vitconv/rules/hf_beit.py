@@ -14,7 +14,9 @@ canonical ``qkv.bias`` holds a zero key third (a model with another one is refus
 
 Semantics (``modeling_beit.py``): ``pooler_output`` is ``pooler.layernorm`` over the mean of the
 patch tokens (``use_mean_pooling``: canonical ``gap`` with ``final_norm='pooled'``), or the class
-token after ``layernorm`` (``token``); the classifier reads it. At any input grid the relative
+token after ``layernorm`` (``token``); the classifier reads it. A mean-pooling model without its
+pooler (``add_pooling_layer=False``, ``Data2VecVisionModel``'s default) has no final norm at all
+(``final_norm='none'``; its ``last_hidden_state`` is the canonical encoding). At any input grid the relative
 tables are resized bilinearly (``align_corners=False``, no antialiasing: ``rel_pos_resize=
 'bilinear'``; at the table's own grid this is the identity), the block's own and the shared one
 added; the absolute table is resized bicubic without antialiasing whenever the grid differs.
@@ -77,8 +79,8 @@ def _table(layout: str, pooled: bool) -> Tuple[Rule, ...]:
         Rule("blocks.{i}.mlp.fc2.weight", (b + "output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.bias", (b + "output.dense.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.ls2.gamma", (b + "lambda_2",), IDENTITY, "block", "layer_scale"),
-        Rule("norm.weight", (norm + ".weight",), IDENTITY),
-        Rule("norm.bias", (norm + ".bias",), IDENTITY),
+        Rule("norm.weight", (norm + ".weight",), IDENTITY, "model", "final_norm!=none"),
+        Rule("norm.bias", (norm + ".bias",), IDENTITY, "model", "final_norm!=none"),
     ]
     if prefix:  # the classifier reads pooler_output
         rows += [Rule("head.weight", ("classifier.weight",), IDENTITY, "model", "num_classes"),
@@ -101,9 +103,10 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("qkv_bias", values=(True,), why="transformers' BEiT always has query and value biases"),
         Carry("classifier", values=("token", "gap"), why="transformers' BEiT pools the class token or the mean "
               "of the patch tokens"),
-        Carry("final_norm", holds=lambda c: c.final_norm == ("pooled" if c.classifier == "gap" else "encoder"),
+        Carry("final_norm", holds=lambda c: (c.classifier, c.final_norm) in (
+              ("token", "encoder"), ("gap", "pooled"), ("gap", "none")),
               why="transformers' BEiT normalises every token before taking the class token, and the mean of "
-                  "the patch tokens after pooling (use_mean_pooling)"),
+                  "the patch tokens after pooling (use_mean_pooling; no norm at all without its pooler)"),
         Carry("layer_scale"), Carry("rel_pos_bias"), Carry("rel_pos_bias_shared"), Carry("abs_pos_embed"),
     )
 
@@ -165,18 +168,18 @@ def infer(layout: str):
         if grid is None:
             raise MappingError("neither a position table nor a relative position table: the grid is unknown",
                                path)
-        pooled = p + "pooler.layernorm.weight" in shapes
-        if not pooled and p + "layernorm.weight" not in shapes:
-            raise MappingError("neither layernorm nor pooler.layernorm: a BEiT with mean pooling and no pooler "
-                               "has no pooled output", path)
-        if "use_mean_pooling" in hc and bool(hc["use_mean_pooling"]) != pooled:
+        pooled, normed = p + "pooler.layernorm.weight" in shapes, p + "layernorm.weight" in shapes
+        mean = pooled or not normed  # use_mean_pooling without a pooler (add_pooling_layer=False): no norm at all
+        if "use_mean_pooling" in hc and bool(hc["use_mean_pooling"]) != mean:
             raise MappingError(f"config.json says use_mean_pooling={hc['use_mean_pooling']!r}, but the weights "
-                               f"have {'pooler.layernorm' if pooled else 'layernorm'}", path)
+                               f"have {'pooler.layernorm' if pooled else 'layernorm' if normed else 'no final norm'}",
+                               path)
         head = shapes.get("classifier.weight") if p else None
         return build(probe, image_size=grid * patch, patch_size=patch, in_chans=in_chans, width=width,
                      depth=depth, num_heads=heads, head_dim=head_dim,
                      mlp_dim=need(shapes, b0 + "intermediate.dense.weight", layout, path)[0],
-                     classifier="gap" if pooled else "token", final_norm="pooled" if pooled else "encoder",
+                     classifier="gap" if mean else "token",
+                     final_norm="pooled" if pooled else "encoder" if normed else "none",
                      num_classes=head[0] if head else 0, qkv_bias=True, norm_eps=eps, act=act,
                      layer_scale=b0 + "lambda_1" in shapes, rel_pos_bias=per_block, rel_pos_bias_shared=shared,
                      abs_pos_embed=abs_pos, pos_resize="bicubic", rel_pos_resize="bilinear")
@@ -211,8 +214,12 @@ RESTATES = ("hidden_size", "num_hidden_layers", "intermediate_size", "image_size
 
 
 def write_notes(cfg: ViTConfig) -> List[str]:
-    return [f"config.json: hidden_act {ACT_TO_HF[cfg.act]!r}, layer_norm_eps {cfg.norm_eps:g}, use_mean_pooling "
-            f"{cfg.classifier == 'gap'} (pooler_output is what the canonical model pools)"]
+    notes = [f"config.json: hidden_act {ACT_TO_HF[cfg.act]!r}, layer_norm_eps {cfg.norm_eps:g}, use_mean_pooling "
+             f"{cfg.classifier == 'gap'} (pooler_output is what the canonical model pools)"]
+    if cfg.final_norm == "none":
+        notes.append("no final norm: a mean-pooling model without its pooler; load it with "
+                     "from_pretrained(dir, add_pooling_layer=False) (last_hidden_state is the canonical encoding)")
+    return notes
 
 
 for _name, (_type, _class, _prefix) in LAYOUTS.items():
