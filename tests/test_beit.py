@@ -299,3 +299,53 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
     built.load_state_dict(load_file(str(tmp_path / "h.safetensors")), strict=True)
     with torch.no_grad():
         _close(built(_x(32)), hm(pixel_values=_x(32)).pooler_output)
+
+
+# ---------------------------------------------------------------------------- ONNX
+def _ort(path, x):
+    import onnxruntime as ort
+
+    return torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"pixel_values": x.numpy()})[0])
+
+
+def test_timm_beit_exports_to_onnx_at_a_fixed_size_and_refuses_dynamic_size(tmp_path):
+    """The index and the tables are built into the graph for its size: at the checkpoint's own
+    and at 48 px (the tables resized timm's way, baked in) the graph computes timm's output.
+    timm's geometric resize is bisected in Python for each grid: ``--dynamic-size`` is refused
+    in one line."""
+    pytest.importorskip("onnxruntime")
+    from vitconv.errors import BadInputError
+    from vitconv.export import ExportPlan, run_export
+
+    arch, extra, _ = TIMM["beit"]
+    model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
+    _save(model, tmp_path / "t.safetensors")
+    for size in (32, 48):
+        (result,) = run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / f"m{size}.onnx",
+                                                                      image_size=None if size == 32 else size))
+        assert result.ok and {p.size for p in result.parity} == {size}
+        with torch.no_grad():
+            want = _timm_at(arch, extra, model.state_dict(), size)(_x(size))
+        _close(_ort(tmp_path / f"m{size}.onnx", _x(size)), want)
+    with pytest.raises(BadInputError, match="--dynamic-size: timm resizes BEiT's relative position tables") as e:
+        run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / "d.onnx", dynamic_size=True))
+    assert "\n" not in str(e.value) and not (tmp_path / "d.onnx").exists()
+
+
+def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):
+    """transformers' bilinear resize follows symbolic sizes: one graph builds the index and
+    resizes both tables (and the absolute one) for any grid, and computes transformers' output
+    at sizes it never saw, square or not."""
+    pytest.importorskip("onnxruntime")
+    from vitconv.export import ExportPlan, run_export
+
+    model = _seed(transformers.BeitForImageClassification(transformers.BeitConfig(
+        **HF_SMALL, use_relative_position_bias=True, use_shared_relative_position_bias=True,
+        use_absolute_position_embeddings=True, num_labels=7)))
+    model.save_pretrained(tmp_path / "src")
+    (result,) = run_export(tmp_path / "src", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
+    assert result.ok and {p.size for p in result.parity} == {32, 40, 56}
+    with torch.no_grad():
+        for size in ((32, 32), (48, 48), (32, 48)):
+            want = model(pixel_values=_x(*size), interpolate_pos_encoding=True).logits
+            _close(_ort(tmp_path / "m.onnx", _x(*size)), want)
