@@ -146,7 +146,8 @@ class open_checkpoint_of:
 
 def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
     """The file records the heads (the tables' columns) and the grid (their rows), not the
-    LayerNorm epsilon: 1e-6 (timm's LayerNorm) is assumed and said, and ``--set norm_eps`` reads a
+    LayerNorm epsilon: 1e-6 (timm's LayerNorm, what every timm BEiT architecture uses) is taken and
+    said, and ``--set norm_eps`` reads a
     model built with another ``norm_layer`` (here 1e-2, far enough to move the output). timm's Beit always uses exact GELU: another activation
     can be neither set nor written, and neither can the head count."""
     from functools import partial
@@ -161,7 +162,9 @@ def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
     _save(model, tmp_path / "m.safetensors")
     with open_checkpoint(tmp_path / "m.safetensors") as c:
         assert c.config.norm_eps == 1e-6
-        assert any("norm_eps=1e-06 assumed" in n for n in c.notes), c.notes
+        # said, with the timm architectures whose keys fit (every one of them 1e-6)
+        assert any("norm_eps=1e-06: what every architecture whose keys and shapes fit computes (7: beit_base"
+                   in n for n in c.notes), c.notes
     with torch.no_grad():
         want = model(_x(32))
         assert (load(tmp_path / "m.safetensors")(_x(32)) - want).abs().max().item() > 1e-4

@@ -9,7 +9,7 @@ folded to ``{i}`` (the key signature a bare file of it has). Rerun when a librar
     python -m vitconv.archs.generate --check    # compares a fresh run with the shipped table
 
 Sources: every ``timm.create_model`` name of the modules whose state dicts vitconv's timm layout
-reads (``vision_transformer``, ``deit``) and of those whose keys can look the same with other math
+reads (``vision_transformer``, ``deit``; ``beit``, read as ``timm_beit``) and of those whose keys can look the same with other math
 (``eva``: rotary positions, Perception Encoder included); every OpenCLIP model config whose tower is
 OpenCLIP's own ``VisionTransformer`` (read as the ``clip`` layout); Hugging Face ``model_type``s from
 each config class's defaults. The hand-written rows (:data:`HAND_WRITTEN`) say why they are.
@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import TABLE, signature
 #: timm modules whose models are read (the others have keys vitconv's layouts never match).
-TIMM_MODULES = ("vision_transformer", "deit", "eva")
+TIMM_MODULES = ("vision_transformer", "deit", "eva", "beit")
 #: What no library declares in code these rows need; each says why.
 HAND_WRITTEN: Tuple[Dict[str, Any], ...] = (
     # OpenAI's clip package derives a tower's sizes from its weights (build_model), so it has no
@@ -139,8 +139,6 @@ def _features(model, block) -> List[str]:
     attn = getattr(block, "attn", None)
     if getattr(model, "rope", None) is not None or getattr(attn, "rope", None) is not None:
         out.append("rotary position embeddings")
-    if getattr(attn, "relative_position_bias_table", None) is not None:
-        out.append("relative position bias")
     for n in ("q_norm", "k_norm"):
         if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity"):
             out.append("qk-norm")
@@ -175,7 +173,8 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         attn = getattr(b, "attn", None)
         patch = model.patch_embed.patch_size
         rows.append({
-            "name": name, "source": "timm", "layout": "timm", "class": type(model).__name__,
+            "name": name, "source": "timm", "layout": "timm_beit" if type(model).__name__ == "Beit" else "timm",
+            "class": type(model).__name__,
             "act": activation(act_module) if act_module is not None else None,
             "norm_eps": float(getattr(getattr(b, "norm1", None), "eps", 0.0) or 0.0),
             "width": int(model.embed_dim), "heads": int(attn.num_heads) if attn is not None else None,
