@@ -352,3 +352,34 @@ def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):
         for size in ((32, 32), (48, 48), (32, 48)):
             want = model(pixel_values=_x(*size), interpolate_pos_encoding=True).logits
             _close(_ort(tmp_path / "m.onnx", _x(*size)), want)
+
+
+# ---------------------------------------------------------------------------- verify
+@pytest.mark.parametrize("name", ["timm", "beit", "data2vec"])
+def test_verify_runs_the_source_library_and_names_a_planted_table(name, tmp_path):
+    """``vitconv verify`` takes the source's own library as its reference (timm's Beit built with
+    what vitconv read, at its own size only; transformers' from_pretrained, also at 48 px, with
+    data2vec's pooler-less model as it loads by default); one offset of block 1's relative table
+    moved in the converted file is named as block 1."""
+    from vitconv.verify import verify
+
+    if name == "timm":
+        arch, extra, _ = TIMM["beit"]
+        _save(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
+        src, sizes, says = tmp_path / "src.safetensors", (32,), "timm's Beit"
+    else:
+        cls, config_cls, kw, *_ = HF[name]
+        _seed(getattr(transformers, cls)(getattr(transformers, config_cls)(**HF_SMALL, **kw))).save_pretrained(
+            tmp_path / "src")
+        src, sizes, says = tmp_path / "src", (32, 48), f"{cls}.from_pretrained"
+    convert(src, tmp_path / "c.safetensors")
+    for size in sizes:
+        report = verify(src, tmp_path / "c.safetensors", image_size=size)
+        assert report.ok and says in report.reference, report.lines()
+        assert [s.name for s in report.stages] == ["embed", "blocks.0.mlp", "blocks.1.mlp", "logits"]
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state["blocks.1.attn.rel_pos_table"][0] += 2.0  # one offset (the same shift everywhere cancels in softmax)
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
+    bad = verify(src, tmp_path / "bad.safetensors")
+    assert not bad.ok and bad.first_failure.name == "blocks.1.mlp"
