@@ -31,6 +31,7 @@ import numpy as np
 from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
 from .rules.timm import architecture, model_args
+from .rules.timm_beit import model_args as beit_args
 
 #: Hugging Face layout -> (transformers class, how its output gives the model's final output)
 HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTModel", "pooler"),
@@ -173,8 +174,6 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
 def _timm_beit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     """timm's ``Beit`` built with the arguments vitconv read; it has no dynamic input size (at
     another one timm builds a model for it and resizes the tables as it loads them)."""
-    from .rules.timm_beit import model_args as beit_args
-
     cfg = ckpt.source_config
     beit = _import("timm", src, "timm.models.beit")
     import torch
