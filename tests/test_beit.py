@@ -311,28 +311,26 @@ def _ort(path, x):
     return torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"pixel_values": x.numpy()})[0])
 
 
-def test_timm_beit_exports_to_onnx_at_a_fixed_size_and_refuses_dynamic_size(tmp_path):
-    """The index and the tables are built into the graph for its size: at the checkpoint's own
-    and at 48 px (the tables resized timm's way, baked in) the graph computes timm's output.
-    timm's geometric resize is bisected in Python for each grid: ``--dynamic-size`` is refused
-    in one line."""
+def test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size(tmp_path):
+    """One graph builds the index and resizes the tables for any grid, timm's way: its bisection of
+    the offsets' ratio is unrolled in the graph (it takes the same number of steps for every
+    size). At sizes it never saw, square or not, the ONNX and TorchScript artifacts compute what
+    timm computes with a model built for that size."""
     pytest.importorskip("onnxruntime")
-    from vitconv.errors import BadInputError
     from vitconv.export import ExportPlan, run_export
 
     arch, extra, _ = TIMM["beit"]
     model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
     _save(model, tmp_path / "t.safetensors")
-    for size in (32, 48):
-        (result,) = run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / f"m{size}.onnx",
-                                                                      image_size=None if size == 32 else size))
-        assert result.ok and {p.size for p in result.parity} == {size}
-        with torch.no_grad():
-            want = _timm_at(arch, extra, model.state_dict(), size)(_x(size))
-        _close(_ort(tmp_path / f"m{size}.onnx", _x(size)), want)
-    with pytest.raises(BadInputError, match="--dynamic-size: timm resizes BEiT's relative position tables") as e:
-        run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / "d.onnx", dynamic_size=True))
-    assert "\n" not in str(e.value) and not (tmp_path / "d.onnx").exists()
+    results = run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", torchscript=tmp_path / "m.ts",
+                                                                dynamic_size=True))
+    assert all(r.ok for r in results) and {p.size for r in results for p in r.parity} == {32, 40, 56}
+    traced = torch.jit.load(str(tmp_path / "m.ts"))
+    with torch.no_grad():
+        for size in ((32, 32), (48, 48), (32, 48), (24, 40)):
+            want = _timm_at(arch, extra, model.state_dict(), size)(_x(*size))
+            _close(_ort(tmp_path / "m.onnx", _x(*size)), want)
+            _close(traced(_x(*size)), want)
 
 
 def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):

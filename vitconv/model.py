@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ViTConfig
-from .ops import rel_pos_index, resize_pos_embed_torch, resize_rel_pos_table_torch
+from .ops import geometric_resize_weights, rel_pos_index, resize_pos_embed_torch, resize_rel_pos_table_torch
 
 
 def _activation(name: str):
@@ -157,13 +157,15 @@ class Positions:
     #: N+1, N+1)``, which every block adds to its own; None without them.
     rel_index: Optional[torch.Tensor] = None
     rel_shared: Optional[torch.Tensor] = None
+    #: timm's geometric resize of every table to this grid, as (rows, cols) matrices made once
+    rel_weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def relative_bias(table: torch.Tensor, cfg: ViTConfig, pos: Positions) -> torch.Tensor:
     """``(1, heads, N+1, N+1)`` attention-logit bias of a BEiT relative position table for the
     grid of ``pos``: the table resized from the config's grid in the source's way
     (``cfg.rel_pos_resize``; the same table at its own grid), then read through the index."""
-    t = resize_rel_pos_table_torch(table, cfg.grid_size, pos.grid, cfg.rel_pos_resize)
+    t = resize_rel_pos_table_torch(table, cfg.grid_size, pos.grid, cfg.rel_pos_resize, pos.rel_weights)
     n = pos.rel_index.shape[0]
     return t[pos.rel_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
@@ -356,6 +358,8 @@ class VisionTransformer(nn.Module):
         pos = Positions(grid=(gh, gw))
         if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
             pos.rel_index = rel_pos_index(gh, gw)
+            if self.config.rel_pos_resize == "geometric":
+                pos.rel_weights = geometric_resize_weights(self.config.grid_size, (gh, gw))
             if self.rel_pos_table is not None:
                 pos.rel_shared = relative_bias(self.rel_pos_table, self.config, pos)
         return pos

@@ -103,11 +103,6 @@ def run_export(src: PathLike, plan: ExportPlan,
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
                                 "symbolic sizes; export at a fixed resolution (--image-size N)", src)
-        rel = ckpt.config.rel_pos_bias or ckpt.config.rel_pos_bias_shared
-        if plan.dynamic_size and rel and ckpt.config.rel_pos_resize == "geometric":
-            raise BadInputError("--dynamic-size: timm resizes BEiT's relative position tables at offsets bisected "
-                                "in Python for each grid, which ONNX and torch.export cannot follow for symbolic "
-                                "sizes; export at a fixed resolution (--image-size N)", src)
         model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
         weights = ckpt.source.files()[0]  # a model directory's weights file
     cfg = model.config
