@@ -53,9 +53,9 @@ def _ints(text: str) -> List[int]:
               help="With --device: comma-separated eager (SDPA), compile (torch.compile), cudagraphs "
                    "(torch.compile reduce-overhead).")
 @click.option("--memory", "memory", is_flag=True,
-              help="Benchmark export and verify instead: MODELS are .npz files or presets (B/16 ... g/14); "
-                   "verify, export --onnx and --onnx --fp16 each in a fresh process, wall and peak RSS "
-                   "against the weight bytes.")
+              help="Benchmark memory instead: MODELS are .npz files or presets (B/16 ... g/14, 7B); "
+                   "convert, verify, export --onnx and --onnx --fp16, each a whole command: wall and peak "
+                   "RSS against the float32 weight bytes.")
 @click.option("--zoo", "zoo", type=click.IntRange(min=1), metavar="ROWS",
               help="Benchmark vitconv batch instead: ROWS synthetic copies of the MODEL preset (B/16 ...), "
                    "each converted and verified, with each --workers count and as Ray tasks.")
@@ -150,10 +150,10 @@ def _memory(ctx, models, workdir, as_json: bool) -> None:
             for r in bench_memory(path, tmp):
                 out.append(r | {"model": m})
                 if not as_json:
+                    said = f"; refused: {r['refused']}" if "refused" in r else ""
                     say(ctx, f"{m:>6} {r['task']:>9}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB = "
-                             f"{r['x_weights']:.2f}x the {r['weight_mib']:.0f} MiB of weights (after imports "
-                             f"{r['base_rss_mib']:.0f}); target {r['target_mib']:.0f} MiB: "
-                             f"{'met' if r['met'] else 'NOT met'}")
+                             f"{r['x_weights']:.2f}x the {r['weight_mib']:.0f} MiB of float32 weights; target "
+                             f"{r['target_mib']:.0f} MiB: {'met' if r['met'] else 'NOT met'}{said}")
             if path.parent == Path(tmp):
                 path.unlink()
     if as_json:

@@ -133,6 +133,8 @@ SLOW_TESTS = (
     "test_convert_verify.py::test_plain_verify_proves_a_rounded_file_later",
     "test_onnx_inputs.py::test_forged_and_foreign_onnx_inputs_fail_in_one_line",
     "test_predict_images.py::test_postscript_and_other_formats_named_as_images_never_run_a_program",
+    "test_siglip2.py::test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes",  # 15-20 s busy
+    "test_siglip2.py::test_verify_runs_siglip2_and_naflexvit_as_their_own_references",  # 9-14 s busy
     "test_beit.py::test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size",
     "test_beit.py::test_hf_beit_exports_to_onnx_with_dynamic_size",
 )

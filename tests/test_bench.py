@@ -80,14 +80,14 @@ def test_runtime_rows_report_model_flops_and_mfu():
         bench_runtimes(path, ["torch"], [1], iters=1, peak_tflops=0)
 
 
-def test_bench_memory_measures_verify_and_export_in_fresh_processes(tmp_path):
+def test_bench_memory_measures_each_whole_command(tmp_path):
     from vitconv.bench import bench_memory
 
     rows = bench_memory(golden_path("jax/tiny_token_p8_32.npz"), tmp_path)
-    assert [r["task"] for r in rows] == ["verify", "onnx", "onnx-fp16"]
+    assert [r["task"] for r in rows] == ["convert", "verify", "onnx", "onnx-fp16"]
     for r in rows:
-        # a fresh interpreter's VmHWM: at least what it held after its imports
-        assert r["peak_rss_mib"] >= r["base_rss_mib"] > 50 and r["wall_s"] > 0
+        # a whole vitconv process, its imports included: tens of MiB at least
+        assert r["peak_rss_mib"] > 30 and r["wall_s"] > 0 and "refused" not in r and r["met"]
         assert r["x_weights"] == pytest.approx(r["peak_rss_mib"] / r["weight_mib"])
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # its files removed
 

@@ -80,3 +80,24 @@ def test_a_conversion_never_waits_for_torch(tmp_path, args):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("args", [["convert", "{src}", "{out}/t.safetensors", "--to", "timm"],
+                                  ["convert", "{src}", "{out}/c.pt"],
+                                  ["inspect", "{src}"]], ids=lambda a: " ".join(a[:1] + a[-2:]))
+def test_a_safetensors_source_never_waits_for_torch(tmp_path, args):
+    """The same for a ``.safetensors`` source: its tensors are read with positional reads
+    (bfloat16 widened without torch), not through safetensors' torch frontend."""
+    golden = Path(__file__).resolve().parent.parent / "golden" / "jax" / "tiny_token_p8_32.npz"
+    src = tmp_path / "src.safetensors"
+    from _vitconv_cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(golden), str(src), "--dtype", "bfloat16"])
+    assert not e.value.code
+    argv = [a.format(src=src, out=tmp_path) for a in args]
+    code = ("import sys\nfrom _vitconv_cli.main import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

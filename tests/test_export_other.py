@@ -168,3 +168,30 @@ def test_every_target_in_one_run_with_the_model_handed_to_the_last(tmp_path):
     assert [r.kind for r in results] == ["torchscript", "pt2", "onnx", "safetensors"]
     assert all(r.ok for r in results) and all((tmp_path / n).is_file() for n in ("m.onnx", "m.ts", "m.pt2",
                                                                                  "m.safetensors"))
+
+
+def test_an_export_larger_than_memory_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    """Export proves every target against the whole model in memory: a model whose float32
+    weights (x the measured peak factor) exceed the machine's memory is refused in one line
+    naming the figures and what does work at that size, before a weight is read."""
+    from vitconv.export import run as export_run
+
+    monkeypatch.setattr(export_run, "physical_memory", lambda: 100_000)
+    r = CliRunner().invoke(main, ["export", str(golden_path("jax/tiny_token_p8_32.npz")),
+                                  "--onnx", str(tmp_path / "m.onnx")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "export holds the whole model in memory" in r.output and "this machine has 0.0 GB" in r.output
+    assert "vitconv convert" in r.output and not list(tmp_path.iterdir())
+
+
+def test_the_memory_bound_is_the_float32_weights_times_the_measured_peak():
+    """ViT-B/16 (224 px, 1000 classes) has 86,567,656 parameters (timm's and Google's count):
+    346.3 MB in float32, 519.4 MB at the 1.5x peak."""
+    from vitconv.export.run import WHOLE_MODEL_PEAK, refuse_whole_model_beyond_memory
+    from vitconv.synthetic import preset
+
+    assert WHOLE_MODEL_PEAK == 1.5
+    need = 1.5 * 4 * 86_567_656
+    refuse_whole_model_beyond_memory(preset("B/16"), "b16.npz", memory=int(need) + 1)
+    with pytest.raises(vitconv.errors.BadInputError, match=r"about 0\.5 GB \(1\.5x its 0\.3 GB"):
+        refuse_whole_model_beyond_memory(preset("B/16"), "b16.npz", memory=int(need) - 1)

@@ -225,3 +225,35 @@ def test_verify_on_mutated_inputs(ops, side):
         assert report.stages
     except VitconvError as e:
         assert str(e).startswith(str(p)) and "\n" not in str(e)
+
+
+def test_safetensors_read_after_the_file_shrank_names_the_tensor(tmp_path):
+    """The header is validated at open; the data is read later, tensor by tensor. A file cut
+    short in between is a one-line error naming the tensor, not a short array."""
+    from safetensors.numpy import save_file
+
+    from vitconv.errors import BadInputError
+
+    path = tmp_path / "a.safetensors"
+    save_file({"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float16)}, str(path))
+    with open_source(path) as src:
+        assert src.get("b").tolist() == [1.0] * 5
+        path.write_bytes(path.read_bytes()[:-4 * 4 - 10])  # 'b' gone, 'a' cut
+        with pytest.raises(BadInputError, match=r"tensor 'a' could not be read"):
+            src.get("a")
+
+
+def test_safetensors_widens_bfloat16_and_float8_as_torch_does(tmp_path):
+    """bfloat16 and float8 are read without torch and widened to float32 bit for bit as
+    ``torch.Tensor.float()`` widens them."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g) * 40
+    tensors = {"bf": x.bfloat16(), "e4": x.to(torch.float8_e4m3fn), "e5": x.to(torch.float8_e5m2)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    with open_source(tmp_path / "w.safetensors") as src:
+        for k, t in tensors.items():
+            got = src.get(k)
+            assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), t.float().numpy().view(np.uint32)), k
+        assert [src.stored_dtype(k) for k in ("bf", "e4", "e5")] == ["bfloat16", "float8_e4m3fn", "float8_e5m2"]

@@ -29,7 +29,7 @@ from .formats.safetensors_io import read_back
 from .pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from .predict import classifies
 from .rules.registry import Layout
-from .verify import DEFAULT_BATCH, VerifyReport, check_rounded, rounding_note, seeded_images, verify
+from .verify import DEFAULT_BATCH, CanonicalTensors, VerifyReport, check_rounded, rounding_note, seeded_images, verify
 
 PathLike = Union[str, os.PathLike]
 
@@ -104,7 +104,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
     every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
     ``dtype``, and that float32 model is verified against the reference at the usual
     tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
-    from .checkpoint import build_model  # torch
+    from .checkpoint import StreamedModel  # torch
 
     if patch_size is not None:
         raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
@@ -122,29 +122,26 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         told = layout.arguments(cfg, recorded=False)
     heads = told.pop("num_heads", None)
     try:
-        with open_checkpoint(where, source=source, num_heads=heads, overrides=told) as written:
-            state = written.state_dict()
-            read_cfg = written.config
+        # every model here runs block by block from its files (one block's weights in memory)
+        written = StreamedModel(lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told))
+        if dtype is None:
+            return verify(src, written, num_heads=num_heads, overrides=overrides)
+        images = np.ascontiguousarray(seeded_images(DEFAULT_BATCH, written.config.image_size,
+                                                    written.config.in_chans).transpose(0, 3, 1, 2))
+        moved = _output(written, images)  # the rounded model, as users will run it
+        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full, \
+                open_checkpoint(where, source=source, num_heads=heads, overrides=told) as back:
+            bad, changed, total = check_rounded(full.tensors(), CanonicalTensors(back), dtype)
+        if bad is not None:
+            raise VerificationError(bad)
     finally:
         if source is not None:
             source.close()
-    if dtype is not None:
-        images = np.ascontiguousarray(seeded_images(DEFAULT_BATCH, read_cfg.image_size, read_cfg.in_chans)
-                                      .transpose(0, 3, 1, 2))
-        moved = _output(build_model(read_cfg, state), images)  # the rounded model, as users will run it
-        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full:
-            bad, changed, total = check_rounded(full.tensors(), state, dtype)
-        if bad is not None:
-            raise VerificationError(bad)
-        del state
-        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full:
-            model = build_model(read_cfg, full.state_dict())  # the float32 weights, as the file is read
-    else:
-        model = build_model(read_cfg, state)
-        del state
+    # the float32 weights, read as the written file is (its architecture)
+    model = StreamedModel(lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides,
+                                                  image_size=image_size), written.config)
     report = verify(src, model, num_heads=num_heads, overrides=overrides)
-    if dtype is not None:
-        report.note = rounding_note(dtype, total, changed, _output(model, images), moved)
+    report.note = rounding_note(dtype, total, changed, _output(model, images), moved)
     return report
 
 

@@ -43,8 +43,12 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: ``scale_factor=((g + 0.1) / M)``, bicubic, no antialias. "sincos2d": the table is no
 #: parameter but big_vision's fixed 2-D sin-cos function of the grid (``posemb='sincos2d'``),
 #: generated afresh for any grid. "bilinear": half-pixel bilinear, antialiased when shrinking
-#: (``jax.image.resize(..., "linear")``, as FlexiViT resizes its table for another patch size).
-#: Prefix rows are always kept.
+#: (``jax.image.resize(..., "linear")``, as FlexiViT resizes its table for another patch size),
+#: which is also SigLIP 2's NaFlex resize of its square table to every image's own patch grid
+#: (transformers' ``Siglip2VisionEmbeddings``: the same weights as ``F.interpolate(mode=
+#: 'bilinear', align_corners=False, antialias=True)``, in float32, rows row-major) and timm
+#: NaFlexVit's with ``pos_embed_interp_mode='bilinear'``; at the table's own grid it is the
+#: identity. Grids need not be square. Prefix rows are always kept.
 POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear")
 #: How a relative position bias table (BEiT) is resized when the patch grid differs from the one
 #: it was trained at; the converted model follows its source's. "geometric": timm's

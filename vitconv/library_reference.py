@@ -32,6 +32,7 @@ from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
 from .rules.timm import architecture, model_args
 from .rules.timm_beit import model_args as beit_args
+from .rules.timm_naflexvit import INTERP
 
 #: Hugging Face layout -> (transformers class, how its output gives the model's final output)
 HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTModel", "pooler"),
@@ -42,7 +43,7 @@ HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTMo
               "hf_beit": ("BeitModel", "pooler_output"), "hf_beit_cls": ("BeitForImageClassification", "logits"),
               "hf_data2vec_vision": ("Data2VecVisionModel", "pooler_output"),
               "hf_data2vec_vision_cls": ("Data2VecVisionForImageClassification", "logits")}
-LAYOUTS = tuple(HF_CLASSES) + ("timm", "timm_beit", "dinov2", "clip")
+LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_beit", "timm_naflexvit", "dinov2", "clip")
 
 
 class LibraryMissing(BadInputError):
@@ -184,6 +185,62 @@ def _timm_beit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
                             _hooked(model, list(model.blocks)), fixed_size=True)
 
 
+def _naflex_patches(x, patch: int):
+    """NCHW images as NaFlex patches ``(B, rows*cols, p*p*C)``, each flattened (row, column,
+    channel) as ``Siglip2ImageProcessor`` and timm's ``batch_patchify`` lay them out, and the grid."""
+    b, c, h, w = x.shape
+    rows, cols = h // patch, w // patch
+    patches = x.reshape(b, c, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, -1)
+    return patches, rows, cols
+
+
+def _siglip2(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """``Siglip2VisionModel.from_pretrained`` on the image's patches, no padding: every slot valid,
+    ``spatial_shapes`` the image's grid, so transformers resizes the table its own way."""
+    cfg = ckpt.source_config
+    transformers = _import("transformers", src)
+    if not directory:
+        raise BadInputError("verify loads a Hugging Face source with Siglip2VisionModel.from_pretrained: give "
+                            "the model directory (config.json beside the weights)", src)
+    import torch
+
+    try:
+        with _quiet(transformers):
+            model = transformers.Siglip2VisionModel.from_pretrained(Path(src), dtype=torch.float32).eval().float()
+    except Exception as e:
+        raise BadInputError(f"Siglip2VisionModel.from_pretrained refuses it ({first_line(e)})", src) from None
+
+    def run(x):
+        patches, rows, cols = _naflex_patches(x, cfg.patch_size)
+        mask = torch.ones(patches.shape[:2], dtype=torch.long)
+        shapes = torch.tensor([[rows, cols]] * x.shape[0])
+        o = model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes, output_hidden_states=True)
+        return {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])},
+                "logits": o.pooler_output}
+    return LibraryReference("transformers Siglip2VisionModel.from_pretrained (NaFlex patches)", cfg, run)
+
+
+def _naflexvit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """timm's ``NaFlexVit`` built with the arguments vitconv read (a bare state dict records none),
+    run on the images themselves: timm patchifies and resizes its grid its own way."""
+    cfg = ckpt.source_config
+    _import("timm", src)
+    import torch
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    nf = NaFlexVitCfg(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+                      mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
+                      init_values=1.0 if cfg.layer_scale else None, class_token=cfg.class_token,
+                      reg_tokens=cfg.num_reg_tokens, pos_embed_grid_size=(cfg.grid_size, cfg.grid_size),
+                      pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
+                      global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
+                      fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
+                      act_layer=cfg.act, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+    model = _load_strict(NaFlexVit(nf, in_chans=cfg.in_chans, num_classes=cfg.num_classes), ckpt, src)
+    return LibraryReference("timm NaFlexVit, built with the arguments vitconv read (the file records none)", cfg,
+                            _hooked(model, list(model.blocks)))
+
+
 def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     cfg, path = ckpt.source_config, Path(src)
     timm = _import("timm", src)
@@ -265,8 +322,8 @@ def _clip(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
                             fixed_size=True)
 
 
-_BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "timm": _timm, "timm_beit": _timm_beit,
-             "dinov2": _dinov2, "clip": _clip}
+_BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "hf_siglip2": _siglip2, "timm": _timm,
+             "timm_beit": _timm_beit, "timm_naflexvit": _naflexvit, "dinov2": _dinov2, "clip": _clip}
 
 
 def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:

@@ -7,9 +7,10 @@ otherwise; each is named where it is made. Nothing here knows about file formats
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -424,17 +425,21 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.head_input(self.pool(self.forward_features(x))))
 
-    def forward_stages(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_stages(self, x: torch.Tensor,
+                       each_block: Optional[Callable[[int, "Block"], ContextManager]] = None
+                       ) -> Dict[str, torch.Tensor]:
         """Every intermediate, in execution order (``blocks.{i}.attn`` is the
         residual stream after the attention half of block i, ``blocks.{i}.mlp`` after the
-        whole block)."""
+        whole block). ``each_block(i, block)``: a context entered around each block's run (the
+        block-by-block runner loads the block's weights there and frees them after)."""
         out: Dict[str, torch.Tensor] = {}
         if self.stem is not None:
             out["stem"] = self.stem(x)
         x, pos = self.embed_with_positions(x)
         out["embed"] = x
         for i, blk in enumerate(self.blocks):
-            a, x = blk.forward_stages(x, pos)
+            with each_block(i, blk) if each_block is not None else contextlib.nullcontext():
+                a, x = blk.forward_stages(x, pos)
             out[f"blocks.{i}.attn"] = a
             out[f"blocks.{i}.mlp"] = x
         if self.config.final_norm == "encoder":

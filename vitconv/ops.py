@@ -117,6 +117,7 @@ def resize_pos_embed_torch(posemb: "torch.Tensor", new_grid: Tuple[int, int],
         grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False,
                              antialias=mode == "bicubic_aa")
     elif mode == "bilinear":  # jax.image.resize "linear": the triangle kernel, widened when shrinking
+        # (FlexiViT; SigLIP 2 / NaFlex, whose transformers code builds these weights as a matrix)
         grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=False, antialias=True)
     elif mode == "dinov2":  # dinov2/models/vision_transformer.py: interpolate_offset 0.1
         # DINOv2 keeps its table when both sides equal the checkpoint's grid; the offset makes

@@ -61,7 +61,7 @@ Progress = Callable[[int, int, str], None]
 RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transformers",
                 "bicubic_aa": "bicubic with antialiasing, as timm", "dinov2": "bicubic with DINOv2's +0.1 offset",
                 "sincos2d": "big_vision's sincos2d table generated for the new grid",
-                "bilinear": "bilinear, as FlexiViT's jax.image.resize"}
+                "bilinear": "bilinear with antialiasing, as FlexiViT's jax.image.resize and SigLIP 2 (NaFlex)"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
 DTYPES = ("float32", "float16", "bfloat16")
 #: The canonical modules a new classifier replaces (``num_classes=``): the head, DeiT's

@@ -321,7 +321,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
     (src_heads, src_set), (conv_heads, conv_set) = _arguments(src, converted, num_heads, dict(overrides or {}))
-    from .checkpoint import load  # torch
+    from .checkpoint import StreamedModel  # torch
 
     with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
         scfg = source.config
@@ -331,9 +331,10 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         read_as = source.semantics.arch
         stored = stored_dtypes(source.source)
     model, runner, kind, label = None, None, "canonical", "in-memory model"
-    owned = True  # loaded here, so released here before the reference is built
+    owned = True  # opened here, so released here before the reference is built
     if converted is None:
-        model = load(src, image_size=image_size, num_heads=src_heads, **src_set)
+        model = StreamedModel(lambda: open_checkpoint(src, image_size=image_size, num_heads=src_heads,
+                                                      overrides=src_set))
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
         label = os.fspath(converted)
@@ -344,7 +345,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         elif kind == "torchscript":
             runner = TorchRunner(load_torchscript(Path(converted)), Path(converted))
         else:
-            model = load(converted, num_heads=conv_heads, **conv_set)
+            model = StreamedModel(lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set))
     elif hasattr(converted, "forward_stages"):
         model, owned = converted, False
     else:
@@ -374,8 +375,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     # against the reference), with how far the rounding moves the output said, never hidden
     # behind a looser tolerance.
     rounding = None
-    if model is not None and isinstance(converted, (str, os.PathLike)):
-        rounding = held_exactly(t.numpy() for t in model.state_dict().values())
+    if isinstance(model, StreamedModel) and converted is not None:
+        rounding = held_exactly(t for _, t in model.tensors())
     written_size = model.config.image_size if rounding else None
     # The converted model runs first and is released; only then is the reference built (a
     # float64 NumPy copy of the weights, or the library's model): the two are never held at once.
@@ -461,27 +462,23 @@ def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nch
     tensors is the source's float32 conversion (at ``size``) rounded, bit for bit, then run
     that float32 conversion in the file's architecture. Returns its stages and the note saying
     how far the rounding alone moves the output, or ``(None, what is wrong)``. One tensor of
-    each is in memory at a time while checking; one model while running."""
-    from .checkpoint import build_model  # torch
+    each is in memory at a time while checking, one block's weights while running."""
+    from .checkpoint import StreamedModel  # torch
 
     opened = dict(image_size=size, num_heads=src_args[0], overrides=src_args[1])
     with open_checkpoint(src, **opened) as exact, \
             open_checkpoint(converted, num_heads=conv_args[0], overrides=conv_args[1]) as written:
-        cfg = written.config
-        bad, changed, total = check_rounded(exact.tensors(), _Lazy(written), dtype)
+        written_cfg = written.config
+        bad, changed, total = check_rounded(exact.tensors(), CanonicalTensors(written), dtype)
     if bad is not None:
         return None, bad
-    with open_checkpoint(src, **opened) as exact:
-        model = build_model(cfg, exact.state_dict())
-    got = _run_converted(model, None, nchw)
-    del model
-    gc.collect()
+    got = _run_converted(StreamedModel(lambda: open_checkpoint(src, **opened), written_cfg), None, nchw)
     final = "logits" if "logits" in got else "head_input"
     return got, rounding_note(dtype, total, changed, got[final], rounded[final])
 
 
-class _Lazy(Mapping):
-    """A checkpoint's canonical tensors as a mapping that reads each when asked."""
+class CanonicalTensors(Mapping):
+    """An open checkpoint's canonical tensors as a mapping that reads each when asked."""
 
     def __init__(self, ckpt) -> None:
         self._ckpt, self._names = ckpt, [s.name for s in ckpt.specs()]

@@ -25,7 +25,7 @@ from ..errors import BadInputError, MappingError
 
 TABLE = Path(__file__).with_name("table.json")
 #: The config fields a table row supplies to a file that leaves them open.
-FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm")
+FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm", "pos_resize")
 #: Where a semantic field's value came from (``Semantics.sources``).
 SOURCES = {"file": "the tensors", "config": "the file's config.json", "--arch": "--arch", "--set": "--set",
            "--num-heads": "--num-heads", "table": "every architecture whose keys and shapes fit agrees",
@@ -57,6 +57,7 @@ class Arch:
     swiglu: bool = False  # fc1 holds gate and up (timm SwiGLUPacked)
     classifier: Optional[str] = None  # where the file's keys cannot say (OpenCLIP pool_type)
     final_norm: Optional[str] = None  # likewise (OpenCLIP final_ln_after_pool)
+    pos_resize: Optional[str] = None  # where the layout's code takes it as an argument (timm NaFlexVit)
 
 
     def math(self, fields: Sequence[str]) -> Tuple[Any, ...]:
@@ -65,7 +66,7 @@ class Arch:
 
     def value(self, name: str) -> Any:
         return {"act": self.act, "norm_eps": self.norm_eps, "num_heads": self.heads, "classifier": self.classifier,
-                "final_norm": self.final_norm}[name]
+                "final_norm": self.final_norm, "pos_resize": self.pos_resize}[name]
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +79,8 @@ def table() -> Dict[str, Arch]:
         out[r["name"]] = Arch(r["name"], r["source"], r["layout"], r.get("act"), float(r.get("norm_eps") or 0.0),
                               r.get("width"), r.get("heads"), r.get("mlp_dim"), r.get("patch"), r.get("image_size"),
                               tuple(r.get("features") or ()), sigs[r["sig"]] if "sig" in r else None, r.get("why", ""),
-                              bool(r.get("swiglu")), r.get("classifier"), r.get("final_norm"))
+                              bool(r.get("swiglu")), r.get("classifier"), r.get("final_norm"),
+                              r.get("pos_resize"))
     return out
 
 

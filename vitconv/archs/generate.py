@@ -9,10 +9,12 @@ folded to ``{i}`` (the key signature a bare file of it has). Rerun when a librar
     python -m vitconv.archs.generate --check    # compares a fresh run with the shipped table
 
 Sources: every ``timm.create_model`` name of the modules whose state dicts vitconv's timm layout
-reads (``vision_transformer``, ``deit``; ``beit``, read as ``timm_beit``) and of those whose keys can look the same with other math
-(``eva``: rotary positions, Perception Encoder included); every OpenCLIP model config whose tower is
-OpenCLIP's own ``VisionTransformer`` (read as the ``clip`` layout); Hugging Face ``model_type``s from
-each config class's defaults. The hand-written rows (:data:`HAND_WRITTEN`) say why they are.
+reads (``vision_transformer``, ``deit``) and of those whose keys can look the same with other math
+(``eva``: rotary positions, Perception Encoder included), timm's ``naflexvit`` (read as the
+``timm_naflexvit`` layout, what its ``NaFlexEmbeds`` computes beyond it as features) and ``beit``
+(read as ``timm_beit``); every OpenCLIP model config whose tower is OpenCLIP's own
+``VisionTransformer`` (read as the ``clip`` layout); Hugging Face ``model_type``s from each config
+class's defaults. The hand-written rows (:data:`HAND_WRITTEN`) say why they are.
 
 timm and OpenCLIP import torchvision, which has no CPU build on some indexes; where it is missing
 :func:`torchvision_placeholder` answers for it while they are imported (their model code does not
@@ -35,7 +37,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import TABLE, signature
 #: timm modules whose models are read (the others have keys vitconv's layouts never match).
-TIMM_MODULES = ("vision_transformer", "deit", "eva", "beit")
+TIMM_MODULES = ("vision_transformer", "deit", "eva", "naflexvit", "beit")
+#: NaFlexVit's ``pos_embed_interp_mode`` (antialiased, corners not aligned) -> ``pos_resize``
+NAFLEX_RESIZES = {"bicubic": "bicubic_aa", "bilinear": "bilinear"}
 #: What no library declares in code these rows need; each says why.
 HAND_WRITTEN: Tuple[Dict[str, Any], ...] = (
     # OpenAI's clip package derives a tower's sizes from its weights (build_model), so it has no
@@ -153,6 +157,29 @@ def _features(model, block) -> List[str]:
     return sorted(set(out))
 
 
+def _naflex_features(embeds) -> List[str]:
+    """What a timm ``NaFlexEmbeds`` computes that the timm_naflexvit layout does not read."""
+    out = []
+    kind = embeds.pos_embed_type
+    if kind == "factorized":
+        out.append("factorized position embeddings")
+    if not embeds.is_linear:
+        out.append("a convolutional NaFlex patch embedding")
+    if embeds.norm_input is not None or type(embeds.norm).__name__ != "Identity":
+        out.append("a norm around the patch projection")
+    if kind == "learned":
+        if embeds.pos_embed_ar_preserving:
+            out.append("an aspect-preserving position resize")
+        how = [w for w, odd in (("without antialiasing", not embeds.pos_embed_antialias),
+                                ("with corners aligned", embeds.pos_embed_align_corners),
+                                ("by grid_sample", embeds.pos_embed_use_grid_sample)) if odd]
+        if how or embeds.pos_embed_interp_mode not in NAFLEX_RESIZES:
+            out.append(" ".join([f"a {embeds.pos_embed_interp_mode} position resize"] + how))
+        if embeds.pos_embed.shape[1] != embeds.pos_embed.shape[2]:
+            out.append("a non-square position table")
+    return out
+
+
 def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     import torch
 
@@ -171,7 +198,15 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         fc2 = getattr(mlp, "fc2", None)
         act_module = getattr(mlp, "act", None)
         attn = getattr(b, "attn", None)
-        patch = model.patch_embed.patch_size
+        naflex = type(model).__name__ == "NaFlexVit"  # its embedding is model.embeds
+        embed = model.embeds if naflex else model.patch_embed
+        patch = embed.patch_size
+        extra: Dict[str, Any] = {}
+        if naflex:
+            grid = embed.pos_embed_grid_size if embed.pos_embed_type == "learned" else None
+            extra = {"layout": "timm_naflexvit", "image_size": int(grid[0] * patch[0]) if grid else None,
+                     "features": sorted(set(_features(model, b) + _naflex_features(embed))),
+                     "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
         rows.append({
             "name": name, "source": "timm", "layout": "timm_beit" if type(model).__name__ == "Beit" else "timm",
             "class": type(model).__name__,
@@ -180,10 +215,11 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             "width": int(model.embed_dim), "heads": int(attn.num_heads) if attn is not None else None,
             "mlp_dim": int(fc2.in_features) if fc2 is not None else None,
             "patch": int(patch[0] if isinstance(patch, (tuple, list)) else patch),
-            "image_size": int(model.patch_embed.img_size[0]) if getattr(model.patch_embed, "img_size", None) else None,
+            "image_size": int(embed.img_size[0]) if getattr(embed, "img_size", None) else None,
             "features": _features(model, b),
             "swiglu": bool(fc2 is not None and getattr(getattr(mlp, "fc1", None), "out_features", 0) == 2 * fc2.in_features),
             "keys": sorted(signature(model.state_dict())),
+            **extra,
         })
     return rows
 

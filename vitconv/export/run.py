@@ -4,12 +4,15 @@ proved in its runtime before it is renamed into place (see :mod:`vitconv.export`
 from __future__ import annotations
 
 import gc
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..config import ViTConfig, parameter_shapes
 from ..errors import BadInputError, VerificationError
 from ..formats.atomic import check_writable, refuse_clobber
 from ..formats.base import sha256_file
@@ -45,6 +48,35 @@ class ExportPlan:
     #: What a bare state dict cannot record: config fields (``--set``) and ``arch`` (``--arch``,
     #: :mod:`vitconv.archs`), as :func:`vitconv.pipeline.open_checkpoint` takes them.
     overrides: Optional[Dict[str, object]] = None
+
+
+#: Peak memory of ``vitconv export`` as a multiple of the model's float32 weight bytes: every
+#: target is proved against the whole model in memory, and the ONNX, TorchScript and .pt2
+#: exporters trace it whole (BENCHMARKS.md, "Memory": 1.16-1.5x from B/16 to g/14).
+#: ``vitconv convert`` and ``vitconv verify`` run block by block and have no such bound.
+WHOLE_MODEL_PEAK = 1.5
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def refuse_whole_model_beyond_memory(cfg: ViTConfig, src: PathLike, memory: Optional[int] = None) -> None:
+    """Refuse, before anything is read, an export whose traced model would not fit in this
+    machine's memory: it would swap for hours or be killed, leaving the user nothing to go on."""
+    memory = physical_memory() if memory is None else memory
+    weights = 4 * sum(math.prod(s) for s in parameter_shapes(cfg).values())
+    need = WHOLE_MODEL_PEAK * weights
+    if memory and need > memory:
+        raise BadInputError(
+            f"export holds the whole model in memory: about {need / 1e9:.1f} GB ({WHOLE_MODEL_PEAK}x its "
+            f"{weights / 1e9:.1f} GB of float32 weights), and this machine has {memory / 1e9:.1f} GB; "
+            "vitconv convert (safetensors, .pt, every layout) and vitconv verify run block by block "
+            "at any size", src)
 
 
 def default_output(src: PathLike, kind: str) -> Path:
@@ -103,6 +135,7 @@ def run_export(src: PathLike, plan: ExportPlan,
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
                                 "symbolic sizes; export at a fixed resolution (--image-size N)", src)
+        refuse_whole_model_beyond_memory(ckpt.config, src)
         model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
         weights = ckpt.source.files()[0]  # a model directory's weights file
     cfg = model.config

@@ -39,6 +39,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (2-byte void or uint16) -> float32, exactly (the top 16 bits)."""
+    return (np.ascontiguousarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """``np.dtype(name)``, with ``bfloat16`` too."""
     return bfloat16() if name == "bfloat16" else np.dtype(name)

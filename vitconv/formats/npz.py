@@ -28,7 +28,7 @@ from zlib_ng.zlib_ng import crc32  # the stdlib's checksum, 11x faster (pyprojec
 
 from ..errors import BadInputError, first_line
 from .atomic import atomic_output
-from .base import StreamWriter, TensorSource
+from .base import StreamWriter, TensorSource, bf16_bits_to_float32
 from .writeback import Writeback
 
 
@@ -36,10 +36,6 @@ from .writeback import Writeback
 #: bfloat16 in an ``.npy``: a 2-byte void, the raw bits. Read as bfloat16, widened exactly.
 BF16_VOID = np.dtype("V2")
 
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (2-byte void or uint16) -> float32, exactly (the top 16 bits)."""
-    return (np.ascontiguousarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class NpzSource(TensorSource):

@@ -5,7 +5,7 @@ Importing this package registers every layout (each module calls
 :func:`~vitconv.rules.registry.register` for its own); :data:`LAYOUTS` then holds them all.
 """
 
-from . import big_vision, canonical, clip, dinov2, google, hf, hf_clip, hf_dinov2, jeonsworld, lucidrains, timm  # noqa: F401,E501 (registration)
+from . import big_vision, canonical, clip, dinov2, google, hf, hf_clip, hf_dinov2, hf_siglip2, jeonsworld, lucidrains, timm, timm_naflexvit  # noqa: F401,E501 (registration)
 from . import hf_beit, timm_beit  # noqa: F401 (registration; after hf and timm: --to tries plain ViTs first)
 from .base import Carry, Rule, expand_rules
 from .registry import LAYOUTS, Layout, Probe, detect_layout, targets

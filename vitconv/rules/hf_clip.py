@@ -118,8 +118,8 @@ def detect(layout: str):
             if p + "embeddings.patch_embedding.weight" not in s:
                 continue
             clip = p + "embeddings.class_embedding" in s
-            if layout == "hf_siglip":
-                return not clip and p + "head.probe" in s
+            if layout == "hf_siglip":  # a Conv2d kernel (SigLIP 2's Linear: hf_siglip2)
+                return not clip and p + "head.probe" in s and len(s[p + "embeddings.patch_embedding.weight"]) == 4
             return clip and ("visual_projection.weight" in s) == (layout == "hf_clip_proj")
         return False
     return found
@@ -147,6 +147,8 @@ def infer(layout: str):
         depth = count_blocks(shapes, r"^" + p.replace(".", r"\.") + r"encoder\.layers\.(\d+)\.",
                              p + "encoder.layers.N", path)
         emb = need(shapes, e + "patch_embedding.weight", layout, path)
+        if len(emb) != 4 or emb[2] != emb[3]:
+            raise MappingError(f"{e}patch_embedding.weight must be a square (out, in, k, k) kernel, got {emb}", path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, b + "self_attn.q_proj.weight", layout, path)
         heads, head_dim, act, eps = semantics(vc, probe, q[0], "gelu_pytorch_tanh" if siglip else "quick_gelu",

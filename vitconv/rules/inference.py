@@ -103,3 +103,24 @@ def prefix_holding(keys: Sequence[str], prefixes: Sequence[str], anchor: str, wh
             return p
     places = ", ".join(repr(p) for p in prefixes if p)
     raise MappingError(f"not a {what} checkpoint: no {anchor!r} (nor under {places})", path)
+
+
+def patch_from_columns(columns: int, patch: Any, channels: Any, key: str, path: Optional[str],
+                       default_channels: int = 3) -> Tuple[int, int]:
+    """``(patch, channels)`` of a patch projection stored as a Linear over flattened patches
+    (``columns = p*p*C``: one number for two fields). A ``config.json``'s ``patch_size`` /
+    ``num_channels`` where given (``None`` otherwise), else ``default_channels`` channels and the
+    square patch they leave."""
+    for name, v in (("patch_size", patch), ("num_channels", channels)):
+        if v is not None and (type(v) is not int or v <= 0):
+            raise MappingError(f"config.json: {name} {v!r} is not a positive integer", path)
+    if patch is not None:
+        if columns % (patch * patch) or (channels is not None and channels * patch * patch != columns):
+            raise MappingError(f"{key} has {columns} columns, not patch_size {patch} squared times "
+                               f"{channels if channels is not None else 'some number of'} channels", path)
+        return patch, columns // (patch * patch)
+    c = channels if channels is not None else default_channels
+    p = int(round((columns / c) ** 0.5)) if columns % c == 0 else 0
+    if p <= 0 or c * p * p != columns:
+        raise MappingError(f"{key} has {columns} columns, which is not {c} channels times a square patch", path)
+    return p, c
