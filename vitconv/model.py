@@ -358,9 +358,11 @@ class VisionTransformer(nn.Module):
         """What the blocks need to know of a ``gh`` x ``gw`` patch grid (see :class:`Positions`)."""
         pos = Positions(grid=(gh, gw))
         if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
-            pos.rel_index = rel_pos_index(gh, gw)
+            device = self.patch_embed.weight.device  # built on the CPU; the tables may live elsewhere
+            pos.rel_index = rel_pos_index(gh, gw).to(device)
             if self.config.rel_pos_resize == "geometric":
-                pos.rel_weights = geometric_resize_weights(self.config.grid_size, (gh, gw))
+                weights = geometric_resize_weights(self.config.grid_size, (gh, gw))
+                pos.rel_weights = None if weights is None else (weights[0].to(device), weights[1].to(device))
             if self.rel_pos_table is not None:
                 pos.rel_shared = relative_bias(self.rel_pos_table, self.config, pos)
         return pos
