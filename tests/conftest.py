@@ -138,6 +138,8 @@ SLOW_TESTS = (
     "test_siglip2.py::test_verify_runs_siglip2_and_naflexvit_as_their_own_references",  # 9-14 s busy
     "test_dinov3.py::test_onnx_dynamic_size_follows_timm_at_unseen_sizes",
     "test_dinov3.py::test_verify_runs_the_library_as_the_reference",
+    "test_beit.py::test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size",
+    "test_beit.py::test_hf_beit_exports_to_onnx_with_dynamic_size",
 )
 
 

@@ -17,8 +17,8 @@ from vitconv.pipeline import open_checkpoint
 from vitconv.synthetic import PRESETS
 
 #: Fields that change what the model computes but no tensor's shape.
-NO_SHAPE = {"norm_eps", "act", "pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps", "key_bias", "rope",
-            "rope_theta", "swiglu_unpacked"}
+NO_SHAPE = {"norm_eps", "act", "pos_resize", "rel_pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps", "key_bias",
+            "rope", "rope_theta", "swiglu_unpacked"}
 
 #: One strategy per field that can change a shape; a field missing here and from NO_SHAPE fails
 #: test_every_field_is_swept, so a new model feature cannot slip past the comparison.
@@ -57,6 +57,8 @@ FIELDS = {
     "patch_embed_norm": st.booleans(),
     "qk_norm": st.booleans(),
     "pool_head": st.sampled_from(["siglip", "aimv2"]),
+    "rel_pos_bias": st.booleans(),
+    "rel_pos_bias_shared": st.booleans(),
 }
 
 

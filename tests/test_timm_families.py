@@ -117,7 +117,6 @@ def test_set_refuses_fields_the_file_records(tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,feature", [
-    ("beit_base_patch16_224", {}, "relative position bias"),
     ("eva02_tiny_patch14_224", {}, "rotary position embeddings with separate query/value biases"),
     ("vit_base_patch16_rope_reg1_gap_256", {}, "rotary position embeddings"),
 ])

@@ -53,6 +53,15 @@ POS_EMBED_PREFIXES = ("all", "class", "none")
 #: ``w = 10000 ** -(k / (width/4))`` (not big_vision's ``width/4 - 1``), computed in float64 and
 #: rounded once. Prefix rows are always kept.
 POS_RESIZES = ("zoom", "bicubic", "bicubic_aa", "dinov2", "sincos2d", "bilinear", "sincos2d_aimv2")
+#: How a relative position bias table (BEiT) is resized when the patch grid differs from the one
+#: it was trained at; the converted model follows its source's. "geometric": timm's
+#: ``resize_rel_pos_bias_table`` (from BEiT's own fine-tuning code): each axis of the
+#: ``(2g-1)`` distance table is placed at geometric-progression offsets (ratio found by bisection
+#: so the outermost source offset reaches the new half-width) and read at integer offsets by
+#: linear interpolation, edges clamped. "bilinear": Hugging Face's ``BeitRelativePositionBias``:
+#: ``F.interpolate(mode='bilinear', align_corners=False)`` over the distance table, no
+#: antialiasing. Both keep the three class-token rows.
+REL_POS_RESIZES = ("geometric", "bilinear")
 MLPS = ("mlp", "swiglu")
 #: Rotary position embeddings (RoPE), rotating each head's queries and keys of the patch tokens
 #: by angles computed from the patch grid at run time (prefix tokens are left unrotated); no
@@ -188,6 +197,15 @@ class ViTConfig:
     #: SwiGLU's gate and up kept as two linears (timm ``SwiGLU``'s ``fc1_g``/``fc1_x``, HF AIMv2's
     #: ``gate_proj``/``up_proj``) rather than one packed ``fc1``: the same function, stored apart.
     swiglu_unpacked: bool = _field(False, "SwiGLU's gate and up stored as two linears", storage=True)
+    #: BEiT's learned relative position bias, added to every attention logit: a table of
+    #: ``(2g-1)^2 + 3`` rows (one per 2-D offset between patches, then class->token, token->class,
+    #: class->class) by heads, read through an index built for the grid. ``rel_pos_bias``: one
+    #: table per block (timm ``use_rel_pos_bias``, HF ``use_relative_position_bias``);
+    #: ``rel_pos_bias_shared``: one table for all blocks (timm ``use_shared_rel_pos_bias``, HF
+    #: ``use_shared_relative_position_bias``); with both, the two are added.
+    rel_pos_bias: bool = _field(False, "relative position bias table in each block (BEiT)")
+    rel_pos_bias_shared: bool = _field(False, "one relative position bias table shared by all blocks (BEiT)")
+    rel_pos_resize: str = _field("geometric", "how the relative position bias table is resized for another grid")
     #: big_vision's ``scan=True``: every block's tensors stacked along a leading axis in one array.
     scan: bool = _field(False, "blocks stored stacked along a leading axis (big_vision scan=True)", storage=True)
     #: A learned absolute position table (``pos_embed``) added to the tokens. DINOv3 has none (its
@@ -206,7 +224,8 @@ class ViTConfig:
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS), ("rope", ROPES), ("norm", NORMS), ("pool_head", POOL_HEADS)):
+                              ("mlp", MLPS), ("rope", ROPES), ("norm", NORMS), ("pool_head", POOL_HEADS),
+                              ("rel_pos_resize", REL_POS_RESIZES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:
@@ -225,6 +244,11 @@ class ViTConfig:
         if self.patch_norm and self.patch_embed_norm:
             raise ValueError("patch_norm already normalises the patch embeddings (patch_norm_post): "
                              "patch_embed_norm is for a model without vit-pytorch's pair")
+        if not (self.rel_pos_bias or self.rel_pos_bias_shared):  # no table to resize; one spelling
+            object.__setattr__(self, "rel_pos_resize", "geometric")
+        elif self.num_prefix_tokens != int(self.class_token) or not self.class_token:
+            raise ValueError("a relative position bias needs exactly one prefix token, the class token "
+                             "(its table has rows for class->token, token->class and class->class only)")
         if self.num_reg_tokens < 0:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
         if self.pos_embed_prefix == "class" and not self.class_token:
@@ -301,6 +325,11 @@ class ViTConfig:
     def num_pos_rows(self) -> int:
         """Rows of the position table."""
         return self.grid_size ** 2 + self.num_pos_prefix
+
+    @property
+    def rel_pos_rows(self) -> int:
+        """Rows of a relative position bias table: every 2-D offset, then the 3 class-token rows."""
+        return (2 * self.grid_size - 1) ** 2 + 3
 
     @property
     def mlp_in_dim(self) -> int:
@@ -386,6 +415,9 @@ class ViTConfig:
         if not (self.proj_bias and self.mlp_bias):
             extras.append("bias-free " + " and ".join(n for n, b in (("attention projection", self.proj_bias),
                                                                        ("MLP", self.mlp_bias)) if not b))
+        if self.rel_pos_bias or self.rel_pos_bias_shared:
+            extras.append("relative position bias" + (" (shared)" if not self.rel_pos_bias else "")
+                          + (" + shared" if self.rel_pos_bias and self.rel_pos_bias_shared else ""))
         if self.representation_size:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:
@@ -445,6 +477,8 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
             out.append((name, (*rows, d)))
     if cfg.abs_pos_embed:
         out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
+    if cfg.rel_pos_bias_shared:
+        out.append(("rel_pos_table", (cfg.rel_pos_rows, cfg.num_heads)))
     if cfg.resnet_layers is not None:  # ResNetStem: root, then bottleneck units stage by stage
         w = cfg.resnet_width
         out.append(("stem.conv_root.weight", (w, cfg.in_chans, 7, 7)))
@@ -476,6 +510,8 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
     for i in range(cfg.depth):
         b = f"blocks.{i}"
         model_norm(f"{b}.norm1", d)
+        if cfg.rel_pos_bias:  # Attention's own parameter, before its submodules
+            out.append((f"{b}.attn.rel_pos_table", (cfg.rel_pos_rows, cfg.num_heads)))
         linear(f"{b}.attn.qkv", d, 3 * cfg.attn_dim, cfg.qkv_bias)
         if cfg.qk_norm:
             model_norm(f"{b}.attn.q_norm", cfg.head_dim)

@@ -32,6 +32,7 @@ from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
 from .rules import timm_eva
 from .rules.timm import architecture, model_args
+from .rules.timm_beit import model_args as beit_args
 from .rules.timm_naflexvit import INTERP
 
 #: Hugging Face layout -> (transformers class, how its output gives the model's final output)
@@ -40,8 +41,11 @@ HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTMo
               "hf_clip": ("CLIPVisionModel", "pooler_output"), "hf_clip_proj": ("CLIPVisionModelWithProjection",
                                                                               "image_embeds"),
               "hf_siglip": ("SiglipVisionModel", "pooler_output"), "hf_dinov3": ("DINOv3ViTModel", "pooler_output"),
-              "hf_aimv2": ("Aimv2VisionModel", "aimv2")}
-LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_eva", "timm_naflexvit", "dinov2", "clip")
+              "hf_aimv2": ("Aimv2VisionModel", "aimv2"),
+              "hf_beit": ("BeitModel", "pooler_output"), "hf_beit_cls": ("BeitForImageClassification", "logits"),
+              "hf_data2vec_vision": ("Data2VecVisionModel", "pooler_output"),
+              "hf_data2vec_vision_cls": ("Data2VecVisionForImageClassification", "logits")}
+LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_beit", "timm_eva", "timm_naflexvit", "dinov2", "clip")
 
 
 class LibraryMissing(BadInputError):
@@ -145,9 +149,13 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
                             "model directory (config.json beside the weights)", src)
     import torch
 
+    # BEiT's model classes: with the pooler exactly where the file has its norm (a mean-pooling
+    # model without one has no final norm: from_pretrained would make a fresh one)
+    pooler = {"add_pooling_layer": cfg.final_norm != "none"} if cls in ("BeitModel", "Data2VecVisionModel") else {}
     try:  # float32 whatever the weights are stored as: transformers would keep a bfloat16 file's dtype
         with _quiet(transformers):
-            model = getattr(transformers, cls).from_pretrained(Path(src), dtype=torch.float32).eval().float()
+            model = getattr(transformers, cls).from_pretrained(Path(src), dtype=torch.float32,
+                                                               **pooler).eval().float()
     except Exception as e:  # the library's own loader refuses the directory
         raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
     own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to; Aimv2 never (a native
@@ -162,10 +170,25 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
             stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state[:, 0]
         elif output == "aimv2":  # its attention head, or without one timm's AIMv2 pooling (the tokens' mean)
             stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state.mean(1)
+        elif output == "pooler_output" and o.pooler_output is None:  # BEiT without its pooler: no norm
+            stages["logits"] = o.last_hidden_state[:, 1:].mean(dim=1)
         else:
             stages["logits"] = getattr(o, output)
         return stages
     return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run, fixed_size=layout == "hf_aimv2" and not model.config.is_native)
+
+
+def _timm_beit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """timm's ``Beit`` built with the arguments vitconv read; it has no dynamic input size (at
+    another one timm builds a model for it and resizes the tables as it loads them)."""
+    cfg = ckpt.source_config
+    beit = _import("timm", src, "timm.models.beit")
+    import torch
+
+    model = beit.Beit(**beit_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+    _load_strict(model, ckpt, src)
+    return LibraryReference("timm's Beit, built with the arguments vitconv read (the file records none)", cfg,
+                            _hooked(model, list(model.blocks)), fixed_size=True)
 
 
 def _naflex_patches(x, patch: int):
@@ -330,7 +353,8 @@ def _clip(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
 
 
 _BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "hf_siglip2": _siglip2, "timm": _timm,
-             "timm_eva": _timm_eva, "timm_naflexvit": _naflexvit, "dinov2": _dinov2, "clip": _clip}
+             "timm_beit": _timm_beit, "timm_eva": _timm_eva, "timm_naflexvit": _naflexvit, "dinov2": _dinov2,
+             "clip": _clip}
 
 
 def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ViTConfig
-from .ops import resize_pos_embed_torch
+from .ops import geometric_resize_weights, rel_pos_index, resize_pos_embed_torch, resize_rel_pos_table_torch
 
 
 def _activation(name: str):
@@ -158,6 +158,15 @@ class Positions:
     #: ``(gh * gw, head_dim)`` in the rotate-half layout; None without RoPE.
     rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
+    #: BEiT: the ``(N+1, N+1)`` rows of a relative position table for this grid's token pairs
+    #: (:func:`vitconv.ops.rel_pos_index`), and the bias of the model's shared table, ``(1, heads,
+    #: N+1, N+1)``, which every block adds to its own; None without them.
+    rel_index: Optional[torch.Tensor] = None
+    rel_shared: Optional[torch.Tensor] = None
+    #: timm's geometric resize of every table to this grid, as (rows, cols) matrices made once
+    rel_weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+
 
 def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """DINOv3's rotary ``(sin, cos)`` for a ``gh`` x ``gw`` patch grid (``gh``, ``gw`` may be
@@ -209,6 +218,15 @@ class RMSNorm(nn.Module):
         return h.to(x.dtype) * self.weight
 
 
+def relative_bias(table: torch.Tensor, cfg: ViTConfig, pos: Positions) -> torch.Tensor:
+    """``(1, heads, N+1, N+1)`` attention-logit bias of a BEiT relative position table for the
+    grid of ``pos``: the table resized from the config's grid in the source's way
+    (``cfg.rel_pos_resize``; the same table at its own grid), then read through the index."""
+    t = resize_rel_pos_table_torch(table, cfg.grid_size, pos.grid, cfg.rel_pos_resize, pos.rel_weights)
+    n = pos.rel_index.shape[0]
+    return t[pos.rel_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+
 def norm_layer(cfg: ViTConfig, dim: int) -> nn.Module:
     """The model's normalisation layer over ``dim`` channels (every LayerNorm of the encoder,
     its heads and patch norms is made here, so a family's other norm is one change):
@@ -225,11 +243,15 @@ class Attention(nn.Module):
     head-major, which is what Google's ``(D, heads, head_dim)`` kernels flatten to.
     Scaling is ``1/sqrt(head_dim)`` as in flax. With qk-norm (timm ``qk_norm=True``) the model's
     norm, over ``head_dim`` channels, is applied to each head's queries and keys before the
-    product, as timm's ``Attention`` does (its ``norm_layer``, so its epsilon)."""
+    product, as timm's ``Attention`` does (its ``norm_layer``, so its epsilon). BEiT: a relative position bias (the block's own
+    table, plus the model's shared one) is added to the logits before the softmax."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        self.cfg = cfg
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.rel_pos_table = (nn.Parameter(torch.zeros(cfg.rel_pos_rows, cfg.num_heads))
+                              if cfg.rel_pos_bias else None)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
         self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
@@ -252,7 +274,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if pos.rope is not None:  # rotate the patch tokens' queries and keys; prefix tokens stay
             q, k = self._rotate(q, pos.rope), self._rotate(k, pos.rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+        bias = relative_bias(self.rel_pos_table, self.cfg, pos) if self.rel_pos_table is not None else None
+        if pos.rel_shared is not None:  # timm and transformers alike: the block's own, then the shared
+            bias = pos.rel_shared if bias is None else bias + pos.rel_shared
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
     def _rotate(self, t: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -386,6 +411,8 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, d)) if cfg.num_reg_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None  # training only
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d)) if cfg.abs_pos_embed else None
+        self.rel_pos_table = (nn.Parameter(torch.zeros(cfg.rel_pos_rows, cfg.num_heads))
+                              if cfg.rel_pos_bias_shared else None)  # BEiT's shared table
         self.norm_pre = norm_layer(cfg, d) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = norm_layer(cfg, d) if cfg.final_norm != "none" else None
@@ -419,12 +446,10 @@ class VisionTransformer(nn.Module):
         b = x.shape[0]
         tokens = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         mode = self.config.pos_embed_prefix
-        if self.pos_embed is None:  # no position table (positions are rotary only: DINOv3)
-            x = torch.cat(tokens + [x], dim=1)
-            x = self.norm_pre(x) if self.norm_pre is not None else x
-            return x, self.positions(gh, gw)
         pos = self.pos_embed_for(gh, gw)
-        if mode == "all":
+        if pos is None:  # no absolute table (BEiT; DINOv3, whose positions are rotary only)
+            x = torch.cat(tokens + [x], dim=1)
+        elif mode == "all":
             x = torch.cat(tokens + [x], dim=1) + pos
         elif mode == "none":
             x = torch.cat(tokens + [x + pos], dim=1)
@@ -437,10 +462,18 @@ class VisionTransformer(nn.Module):
     def positions(self, gh: int, gw: int) -> Positions:
         """What the blocks need to know of a ``gh`` x ``gw`` patch grid (see :class:`Positions`)."""
         cfg = self.config
+        pos = Positions(grid=(gh, gw))
         if cfg.rope == "dinov3":
-            return Positions(grid=(gh, gw), rope=rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta,
-                                                             self.patch_embed.weight.device))
-        return Positions(grid=(gh, gw))
+            pos.rope = rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta, self.patch_embed.weight.device)
+        if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
+            device = self.patch_embed.weight.device  # built on the CPU; the tables may live elsewhere
+            pos.rel_index = rel_pos_index(gh, gw).to(device)
+            if self.config.rel_pos_resize == "geometric":
+                weights = geometric_resize_weights(self.config.grid_size, (gh, gw))
+                pos.rel_weights = None if weights is None else (weights[0].to(device), weights[1].to(device))
+            if self.rel_pos_table is not None:
+                pos.rel_shared = relative_bias(self.rel_pos_table, self.config, pos)
+        return pos
 
     def _embed_normed_patches(self, x: torch.Tensor):
         """Patch embedding with LayerNorms around it: the per-patch LN needs the flattened
@@ -453,7 +486,9 @@ class VisionTransformer(nn.Module):
         x = F.linear(self.patch_norm_pre(patches), w, self.patch_embed.bias)
         return self.patch_norm_post(x), gh, gw
 
-    def pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+    def pos_embed_for(self, gh: int, gw: int) -> Optional[torch.Tensor]:
+        if self.pos_embed is None:
+            return None
         g = self.config.grid_size
         if isinstance(gh, int) and isinstance(gw, int) and (gh, gw) == (g, g):
             return self.pos_embed

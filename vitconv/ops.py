@@ -22,7 +22,7 @@ mode to its family's own code.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -212,3 +212,141 @@ def resample_patch_embed(weight: np.ndarray, new_patch: int) -> np.ndarray:
     flat = weight.reshape(-1, old * old).astype(np.float64)
     out = flat @ np.linalg.pinv(resize.T).T
     return out.reshape(*weight.shape[:2], new_patch, new_patch).astype(weight.dtype)
+
+
+# -- relative position bias tables (BEiT) -----------------------------------------------
+#: timm's bisection of the ratio: [1.01, 1.5] halved until narrower than 1e-6, which takes the
+#: same number of steps whichever half is kept (so a traced graph can unroll it).
+_BISECT_LO, _BISECT_HI, _BISECT_WIDTH = 1.01, 1.5, 1e-6
+_BISECT_STEPS = next(k for k in range(64) if (_BISECT_HI - _BISECT_LO) / 2 ** k <= _BISECT_WIDTH)
+
+
+def geometric_offsets(src: int, dst) -> "torch.Tensor":
+    """Where timm's ``resize_rel_pos_bias_table`` (BEiT's fine-tuning code) places the ``src``
+    rows of one axis of a distance table that must cover ``dst`` rows, float32: at offsets 0, ±1,
+    ±(1 + q), ±(1 + q + q^2), ... whose ratio ``q`` in [1.01, 1.5] is bisected (in double, down
+    to a bracket of 1e-6; the last midpoint is used) until ``1 + q + ... + q^(src//2 - 1)`` just
+    reaches ``dst // 2``. Shrinking, ``q`` stays near 1.01 and the offsets overshoot. timm runs
+    the bisection in Python; here it is unrolled in torch ops (the bracket narrows by half each
+    step either way), so ``dst`` may be symbolic."""
+    import torch
+
+    half = src // 2
+    goal = torch.floor(_size_tensor(dst) / 2)
+    lo, hi = torch.tensor(_BISECT_LO, dtype=torch.float64), torch.tensor(_BISECT_HI, dtype=torch.float64)
+    q = lo
+    for _ in range(_BISECT_STEPS):
+        q = (lo + hi) / 2.0
+        over = (1.0 - q ** half) / (1.0 - q) > goal
+        lo, hi = torch.where(over, lo, q), torch.where(over, q, hi)
+    side = torch.cumsum(q ** torch.arange(half, dtype=torch.float64), dim=0)  # 1, 1 + q, 1 + q + q^2, ...
+    return torch.cat([-side.flip(0), torch.zeros(1, dtype=torch.float64), side]).float()
+
+
+def _size_tensor(n) -> "torch.Tensor":
+    """A (possibly symbolic or traced) size as a float64 tensor, read off ``arange``: turning it
+    into a tensor directly makes torch.export fix it to the example's value."""
+    import torch
+
+    return torch.ones_like(torch.arange(n, dtype=torch.float64)).sum()
+
+
+def _linear_matrix(points: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+    """``(len(targets), len(points))`` weights of linear interpolation over the increasing,
+    possibly uneven ``points``, held at the edge values outside them (as timm's
+    ``RegularGridInterpolator``: the right neighbour is the first point not below the target,
+    as ``bucketize``; distances clamped at 0; a target on a point takes that point). Built from
+    comparisons, not ``bucketize`` or a scatter, so that it exports."""
+    import torch
+
+    n = points.shape[0]
+    right = (points[None, :] < targets[:, None]).sum(dim=1).clamp(max=n - 1)
+    left = (right - 1).clamp(min=0)
+    d_left = (targets - points[left]).clamp(min=0)
+    d_right = (points[right] - targets).clamp(min=0)
+    both = (d_left == 0) & (d_right == 0)
+    d_left, d_right = torch.where(both, 1.0, d_left), torch.where(both, 1.0, d_right)
+    total = d_left + d_right
+    cols = torch.arange(n)[None, :]
+    return ((d_right / total)[:, None] * (cols == left[:, None]) +
+            (d_left / total)[:, None] * (cols == right[:, None]))
+
+
+def _geometric_matrix(src: int, dst, same) -> "torch.Tensor":
+    """``(dst, src)``: timm's geometric resize along one axis, or the identity where ``same``
+    (timm leaves the table alone when both axes keep their size; resized, even an axis of the
+    same size moves)."""
+    import torch
+
+    targets = torch.arange(dst, dtype=torch.float32) - (dst // 2)
+    resize = _linear_matrix(geometric_offsets(src, dst), targets)
+    keep = (torch.arange(dst)[:, None] == torch.arange(src)[None, :]).float()
+    return torch.where(same, keep, resize)
+
+
+def geometric_resize_weights(grid: int, new_grid: Tuple[int, int]) -> Optional[Tuple["torch.Tensor", "torch.Tensor"]]:
+    """The ``(rows, cols)`` matrices of timm's geometric resize of a ``grid`` table for
+    ``new_grid`` (None where the grid is its own): one pair serves every table of a forward pass."""
+    import torch
+
+    src, dst = 2 * grid - 1, (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
+    if isinstance(dst[0], int) and isinstance(dst[1], int) and dst == (src, src):
+        return None
+    same = (_size_tensor(dst[0]) == src) & (_size_tensor(dst[1]) == src)
+    rows, cols = (_geometric_matrix(src, n, same) for n in dst)
+    return rows, cols
+
+
+def resize_rel_pos_table_torch(table: "torch.Tensor", grid: int, new_grid: Tuple[int, int],
+                               mode: str = "geometric",
+                               weights: Optional[Tuple["torch.Tensor", "torch.Tensor"]] = None) -> "torch.Tensor":
+    """A BEiT relative position bias table ``((2g-1)^2 + 3, heads)`` trained on a ``grid`` x
+    ``grid`` patch grid, for a ``gh`` x ``gw`` grid: the distance rows resized as a
+    ``(heads, 2g-1, 2g-1)`` image to ``(2gh-1, 2gw-1)`` in the source family's way
+    (:data:`vitconv.config.REL_POS_RESIZES`), the 3 class-token rows kept. Computed in float32
+    and cast back. The same grid returns the table itself; ``new_grid`` may hold symbolic or
+    traced sizes (ONNX, torch.export, TorchScript tracing). ``weights``: the geometric matrices
+    for this grid, made once (:func:`geometric_resize_weights`)."""
+    import torch
+    import torch.nn.functional as F
+
+    src, dst = 2 * grid - 1, (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
+    if isinstance(dst[0], int) and isinstance(dst[1], int) and dst == (src, src):
+        return table
+    heads = table.shape[1]
+    body = table[:src * src].float().t().reshape(1, heads, src, src)
+    if mode == "bilinear":  # transformers' BeitRelativePositionBias (the identity at the same size)
+        out = F.interpolate(body, size=dst, mode="bilinear", align_corners=False)[0]
+    elif mode == "geometric":  # timm's resize_rel_pos_bias_table (its scipy-free path)
+        rows, cols = weights or geometric_resize_weights(grid, new_grid)
+        out = torch.einsum("hi,nij,wj->nhw", rows, body[0], cols)
+    else:
+        raise ValueError(f"unknown relative position table resize {mode!r}")
+    out = out.reshape(heads, -1).t().to(table.dtype)
+    return torch.cat([out, table[src * src:]], dim=0)
+
+
+def resize_rel_pos_table(table: np.ndarray, grid: int, new_grid: int, mode: str) -> np.ndarray:
+    """:func:`resize_rel_pos_table_torch` for a NumPy table (a conversion to another resolution)."""
+    import torch
+
+    out = resize_rel_pos_table_torch(torch.from_numpy(np.ascontiguousarray(table)), grid, (new_grid, new_grid), mode)
+    return out.numpy().astype(table.dtype)
+
+
+def rel_pos_index(gh, gw) -> "torch.Tensor":
+    """``(N+1, N+1)`` rows of a BEiT relative position table for every (query, key) pair of a
+    ``gh`` x ``gw`` grid with a class token first (``N = gh*gw``, raster order), as BEiT's
+    ``gen_relative_position_index``: patch pairs take ``(dy + gh-1) * (2gw-1) + (dx + gw-1)``
+    with ``d = query - key``; then class->token, token->class and class->class take the three
+    rows after the ``(2gh-1)(2gw-1)`` distance rows. Built from ``arange`` and ``cat`` so that
+    it traces with symbolic sizes."""
+    import torch
+
+    ys = torch.arange(gh)[:, None].expand(gh, gw).reshape(-1)
+    xs = torch.arange(gw)[None, :].expand(gh, gw).reshape(-1)
+    idx = (ys[:, None] - ys[None, :] + (gh - 1)) * (2 * gw - 1) + (xs[:, None] - xs[None, :] + (gw - 1))
+    n, rows = idx.shape[0], (2 * gh - 1) * (2 * gw - 1)
+    top = torch.cat([torch.full((1, 1), 2, dtype=torch.long), torch.zeros((1, n), dtype=torch.long)], dim=1)
+    body = torch.cat([torch.ones((n, 1), dtype=torch.long), idx - rows], dim=1)
+    return torch.cat([top, body], dim=0) + rows

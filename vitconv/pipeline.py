@@ -43,7 +43,7 @@ from .formats.stacked import StackedSource
 from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
 from .labels import check_count, from_id2label, load_labels, suggest
 from .labels import from_metadata as labels_from_metadata
-from .ops import resample_patch_embed, resize_pos_embed
+from .ops import resample_patch_embed, resize_pos_embed, resize_rel_pos_table
 from .preprocess import Usage
 from .readahead import ReadAhead
 from .rules import LAYOUTS, Layout, Probe, detect_layout
@@ -160,6 +160,9 @@ class Checkpoint:
                     t = resize_pos_embed(t, self.config.grid_size, self.source_config.num_pos_prefix,
                                          self.config.pos_resize if self.repatched_from else
                                          self.source_config.pos_resize)
+                if name.endswith("rel_pos_table") and self.resized_from is not None:  # BEiT: likewise
+                    t = resize_rel_pos_table(t, self.resized_from, self.config.grid_size,
+                                             self.source_config.rel_pos_resize)
                 if name == "patch_embed.weight" and self.repatched_from is not None:
                     t = resample_patch_embed(t, self.config.patch_size)
                 if self.dtype is not None and t.dtype != self.dtype:

@@ -10,11 +10,11 @@ folded to ``{i}`` (the key signature a bare file of it has). Rerun when a librar
 
 Sources: every ``timm.create_model`` name of the modules whose state dicts vitconv's timm layout
 reads (``vision_transformer``, ``deit``) and of those whose keys can look the same with other math
-(``eva``: rotary positions, Perception Encoder included), and timm's ``naflexvit`` (read as the
-``timm_naflexvit`` layout, what its ``NaFlexEmbeds`` computes beyond it as features); every
-OpenCLIP model config whose tower is OpenCLIP's own ``VisionTransformer`` (read as the ``clip``
-layout); Hugging Face ``model_type``s from each config class's defaults. The hand-written rows
-(:data:`HAND_WRITTEN`) say why they are.
+(``eva``: rotary positions, Perception Encoder included), timm's ``naflexvit`` (read as the
+``timm_naflexvit`` layout, what its ``NaFlexEmbeds`` computes beyond it as features) and ``beit``
+(read as ``timm_beit``); every OpenCLIP model config whose tower is OpenCLIP's own
+``VisionTransformer`` (read as the ``clip`` layout); Hugging Face ``model_type``s from each config
+class's defaults. The hand-written rows (:data:`HAND_WRITTEN`) say why they are.
 
 timm and OpenCLIP import torchvision, which has no CPU build on some indexes; where it is missing
 :func:`torchvision_placeholder` answers for it while they are imported (their model code does not
@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import TABLE, signature
 #: timm modules whose models are read (the others have keys vitconv's layouts never match).
-TIMM_MODULES = ("vision_transformer", "deit", "eva", "naflexvit")
+TIMM_MODULES = ("vision_transformer", "deit", "eva", "naflexvit", "beit")
 #: NaFlexVit's ``pos_embed_interp_mode`` (antialiased, corners not aligned) -> ``pos_resize``
 NAFLEX_RESIZES = {"bicubic": "bicubic_aa", "bilinear": "bilinear"}
 #: What no library declares in code these rows need; each says why.
@@ -154,8 +154,6 @@ def _features(model, block) -> List[str]:
     rotary = getattr(model, "rope", None) is not None or getattr(attn, "rope", None) is not None
     if rotary and not dinov3_rope(model):
         out.append("rotary position embeddings")
-    if getattr(attn, "relative_position_bias_table", None) is not None:
-        out.append("relative position bias")
     norm = type(getattr(block, "norm1", None)).__name__
     for n in ("q_norm", "k_norm"):  # vitconv computes qk-norm with the model's own norm (timm's norm_layer)
         if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity", norm):
@@ -225,7 +223,8 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             extra = {"rope_theta": float(model.rope.temperature),
                      "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool)}
         rows.append({
-            **extra, "name": name, "source": "timm", "layout": "timm_eva" if eva else "timm",
+            **extra, "name": name, "source": "timm",
+            "layout": "timm_eva" if eva else ("timm_beit" if type(model).__name__ == "Beit" else "timm"),
             "class": type(model).__name__,
             "act": activation(act_module) if act_module is not None else None,
             "norm_eps": float(getattr(getattr(b, "norm1", None), "eps", 0.0) or 0.0),

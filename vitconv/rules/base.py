@@ -235,8 +235,12 @@ def map_to_canonical(rules: Sequence[ExpandedRule], get: Callable[[str], np.ndar
 
 
 def map_from_canonical(rule: ExpandedRule, array: np.ndarray, cfg: ViTConfig) -> Dict[str, np.ndarray]:
-    """One row inverted: a canonical tensor -> its foreign ``{key: array}``."""
-    return dict(zip(rule.source, rule.op.from_canonical(np.asarray(array), cfg)))
+    """One row inverted: a canonical tensor -> its foreign ``{key: array}``; a tensor the layout
+    cannot hold (BEiT's key projection has no bias) is refused naming it."""
+    try:
+        return dict(zip(rule.source, rule.op.from_canonical(np.asarray(array), cfg)))
+    except ValueError as e:
+        raise MappingError(f"cannot write {rule.canonical or 'a fill'} as {', '.join(rule.source)}: {e}") from None
 
 
 def foreign_shapes(rules: Sequence[ExpandedRule], canonical: Mapping[str, Shape],

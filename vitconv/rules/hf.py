@@ -94,7 +94,9 @@ def carries(layout: str) -> Tuple[Carry, ...]:
 def detect(layout: str):
     key = PREFIX[layout] + "embeddings.patch_embeddings.projection.weight"
     block = PREFIX[layout] + "encoder.layer.0.layernorm_before.weight"  # DINOv2 shares the embeddings
-    return lambda probe: key in probe.shapes and block in probe.shapes
+    q, k = (PREFIX[layout] + f"encoder.layer.0.attention.attention.{n}.bias" for n in ("query", "key"))
+    return lambda probe: (key in probe.shapes and block in probe.shapes
+                          and (k in probe.shapes or q not in probe.shapes))  # BEiT: a query bias, no key bias
 
 
 def semantics(hc: dict, probe: Probe, attn_dim: int, act: str, eps: float) -> Tuple[int, int, str, float]:

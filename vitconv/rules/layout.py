@@ -268,22 +268,26 @@ POS_EMPTY_CLS = LayoutOp("pos_with_empty_cls", lambda a, cfg: pos_with_empty_cls
                          shapes=lambda s, cfg: [tuple(s[1:]), (0, s[-1])])
 
 
-# -- query/value biases only, an unpacked SwiGLU (timm Eva, Hugging Face DINOv3) -----------
-def _q_v_bias(arrays, cfg: ViTConfig) -> np.ndarray:
-    """Eva's ``q_bias`` and ``v_bias`` -> the canonical ``[q; 0; v]`` (the key bias held at zero)."""
-    q, v = arrays
+# -- query/value biases only, an unpacked SwiGLU (BEiT, timm Eva, Hugging Face DINOv3, AIMv2) --
+def q_v_to_qkv_bias(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Separate query and value biases (BEiT, timm Eva: the key projection has none) -> the fused
+    ``[q; 0; v]`` bias, whose zero key third computes what no key bias does."""
     if q.shape != v.shape or q.ndim != 1:
-        raise ValueError(f"q_bias {q.shape} and v_bias {v.shape} must be vectors of one length")
+        raise ValueError(f"q and v biases must be vectors of one length, got {q.shape} and {v.shape}")
     return np.ascontiguousarray(np.concatenate([q, np.zeros_like(q), v]))
 
 
-def _split_q_v_bias(b: np.ndarray, cfg: ViTConfig) -> List[np.ndarray]:
-    a = cfg.attn_dim
-    return [np.ascontiguousarray(b[:a]), np.ascontiguousarray(b[2 * a:])]
+def qkv_bias_to_q_v(b: np.ndarray) -> List[np.ndarray]:
+    q, k, v = np.split(b, 3)
+    if np.any(k != 0):
+        raise ValueError(f"its key third is not zero (max |k bias| {float(np.abs(k).max()):.3g}), and this "
+                         "layout's key projection has no bias")
+    return [np.ascontiguousarray(q), np.ascontiguousarray(v)]
 
 
-#: ``[q_bias; v_bias]`` <-> canonical ``qkv.bias`` with a zero key third (``key_bias=False``).
-Q_V_BIAS = LayoutOp("q_v_bias", _q_v_bias, _split_q_v_bias, 2,
+#: ``[q_bias; v_bias]`` <-> canonical ``qkv.bias`` with a zero key third (``key_bias=False``, BEiT);
+#: writing refuses a key third that is not zero, naming the tensor.
+Q_V_BIAS = LayoutOp("q_v_bias", lambda a, cfg: q_v_to_qkv_bias(*a), lambda a, cfg: qkv_bias_to_q_v(a), 2,
                     shapes=lambda s, cfg: [(cfg.attn_dim,), (cfg.attn_dim,)])
 #: SwiGLU stored unpacked (timm ``SwiGLU``'s ``fc1_g``/``fc1_x``, Hugging Face AIMv2's
 #: ``gate_proj``/``up_proj``): the gate's rows, then the up rows, are the canonical packed ``fc1``

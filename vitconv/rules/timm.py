@@ -140,7 +140,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
 def detect(layout: str):
     pos = POS_KEYS[layout]
     return lambda probe: ("patch_embed.proj.weight" in probe.shapes and "mask_token" not in probe.shapes
-                          and "blocks.0.attn.qkv.weight" in probe.shapes and pos in probe.shapes)
+                          and "blocks.0.attn.qkv.weight" in probe.shapes and pos in probe.shapes
+                          and not any(k.endswith("relative_position_bias_table") for k in probe.shapes))  # Beit
 
 
 def named_arch(probe: Probe) -> Optional[str]:

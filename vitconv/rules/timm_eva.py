@@ -115,6 +115,8 @@ def detect(probe: Probe) -> bool:
     s = probe.shapes
     if "patch_embed.proj.weight" not in s or not any(k in s for k in _EVA_MARKERS):
         return False
+    if any(k.endswith("relative_position_bias_table") for k in s):  # BEiT's (timm_beit)
+        return False
     table = "pos_embed" in s or "pos_embedding.pos_embedding" in s  # timm's and the PositionEmbs variant's
     return not table or "blocks.0.attn.qkv.weight" not in s
 

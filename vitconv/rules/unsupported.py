@@ -39,9 +39,9 @@ def _dinov3_eva(keys: Keys) -> bool:
 
 #: (feature, what shows it), most specific first
 UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = (
-    ("relative position bias (BEiT, data2vec)", _any(r"relative_position_bias_table$")),
+    # BEiT has separate query/value biases too: its relative position tables tell it apart
     ("rotary position embeddings with separate query/value biases (timm Eva: EVA-02, *_rope_* models)",
-     _all(_any(r"(^|\.)attn\.q_bias$"), lambda keys: not _dinov3_eva(keys))),
+     _all(_any(r"(^|\.)attn\.q_bias$"), lambda keys: not _dinov3_eva(keys), _none(r"relative_position_bias_table$"))),
 )
 
 
