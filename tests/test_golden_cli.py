@@ -118,3 +118,21 @@ def test_add_refuses_expectations_vitconv_does_not_reproduce(tmp_path):
             "--expected-logits", wrong, "--source", "nowhere", "--dir", d)
     assert r.exit_code == 3 and "not recorded" in r.output
     assert not d.exists() or not any(d.iterdir())
+
+
+def test_golden_add_records_what_a_bare_file_leaves_open(tmp_path):
+    """A bare timm DINOv3 file with q/k/v biases fits two architectures that pool differently:
+    ``golden add`` without ``--set`` refuses to record it, naming the choice; with
+    ``--set classifier=gap`` it records the case with its ``set``, and the case passes."""
+    case = CASES["timm_dinov3_qkvb_p8_32"]
+    args = ["golden", "add", "again", str(golden_path(case["checkpoint"])), "--input", str(golden_path(case["input"])),
+            "--expected-logits", str(golden_path(case["expected"]["logits"])), "--source", "timm 1.0.31 (test)",
+            "--dir", str(tmp_path)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "classifier='token'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, args + ["--set", "classifier=gap"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["cases"][0]["set"] == {"classifier": "gap"}
+    r = CliRunner().invoke(main, ["golden", "check", "--dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output

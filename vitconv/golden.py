@@ -237,11 +237,13 @@ def _place(src: Path, directory: Path, dest_rel: str) -> str:
 def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping[str, PathLike],
              source: str, directory: PathLike = "golden", image_size: Optional[int] = None,
              tolerance: float = DEFAULT_TOLERANCE, issue: Optional[str] = None,
-             accept: bool = False) -> CaseResult:
+             accept: bool = False, overrides: Optional[Mapping[str, object]] = None) -> CaseResult:
     """Record a case in ``directory/manifest.json`` (created if absent). Files outside the
-    directory are copied to ``cases/<name>/``. Raises :class:`BadInputError` for unreadable
-    files or an existing case without ``accept``, :class:`VerificationError` when vitconv does
-    not reproduce the expected outputs (nothing is written then)."""
+    directory are copied to ``cases/<name>/``. ``overrides``: what the checkpoint cannot record
+    and its keys leave open (``--set``/``--arch``, recorded as the case's ``set``). Raises
+    :class:`BadInputError` for unreadable files or an existing case without ``accept``,
+    :class:`VerificationError` when vitconv does not reproduce the expected outputs (nothing is
+    written then)."""
     directory = Path(directory)
     if not name or not all(ch.isalnum() or ch in "_-." for ch in name):
         raise BadInputError(f"case name {name!r}: use letters, digits, '_', '-', '.'")
@@ -268,7 +270,7 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
     trial = {"name": name, "checkpoint": str(srcs["checkpoint"].resolve()),
              "input": str(srcs["input"].resolve()), "input_layout": "NHWC", "image_size": image_size,
              "expected": {k: str(srcs[k].resolve()) for k in expected},
-             "tolerance": {"max_abs": float(tolerance)}}
+             "tolerance": {"max_abs": float(tolerance)}, **({"set": dict(overrides)} if overrides else {})}
     result = check_case(trial, directory)
     if not result.ok:
         bad = [f for f in result.figures if not f.ok]
@@ -297,7 +299,7 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
 
     from .checkpoint import load  # torch
 
-    model = load(directory / rel["checkpoint"], image_size=image_size)
+    model = load(directory / rel["checkpoint"], image_size=image_size, **dict(overrides or {}))
     logits = np.load(directory / rel["logits"], allow_pickle=False)
     case = {
         "name": name,
@@ -309,6 +311,7 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
         "num_params": int(sum(p.numel() for p in model.parameters())),
         "top1": [int(i) for i in np.asarray(logits).argmax(-1)],
         "tolerance": {"max_abs": float(tolerance)},
+        **({"set": dict(overrides)} if overrides else {}),
         "issue": issue or "added",
         "sha256": {r: sha256_file(directory / r) for r in dict.fromkeys(rel.values())},
         "provenance": {"source": source.strip(), "added_by": "vitconv golden add",

@@ -4,7 +4,8 @@ recorded with ``vitconv.golden.add_case`` (which refuses a case vitconv does not
 
 Run once, from the project root, with the libraries installed as ``.ci/run`` installs them:
 
-    python golden/families/make.py
+    python golden/families/make.py            # every case
+    python golden/families/make.py --2025     # the 2025 generation's alone
 
 Versions used for the files in git: torch 2.13.0 (CPU), timm 1.0.31, clip-anytorch 2.6.0,
 dinov2 0.0.1.dev2. The inputs are the Google cases' ``jax/inputs_{32,48}.npy`` (NHWC).
@@ -56,11 +57,12 @@ def inputs(size: int) -> torch.Tensor:
     return torch.from_numpy(np.load(GOLDEN / "jax" / f"inputs_{size}.npy").transpose(0, 3, 1, 2).copy())
 
 
-def record(name: str, checkpoint: Path, size: int, logits: torch.Tensor, source: str, image_size=None) -> None:
+def record(name: str, checkpoint: Path, size: int, logits: torch.Tensor, source: str, image_size=None,
+           issue: str = "modern families", overrides=None) -> None:
     out = HERE / f"{name}.logits.npy"
     np.save(out, logits.detach().float().numpy())
     result = add_case(name, checkpoint, GOLDEN / "jax" / f"inputs_{size}.npy", {"logits": out}, source,
-                      directory=GOLDEN, image_size=image_size, issue="modern families", accept=True)
+                      directory=GOLDEN, image_size=image_size, issue=issue, accept=True, overrides=overrides)
     worst = max(f.max_abs for f in result.figures if f.what != "top1")
     print(f"{name}: recorded, max abs {worst:.2e}")
 
@@ -118,7 +120,45 @@ def dinov2_case() -> None:
                "48 px: its own interpolate_pos_encoding with the 0.1 scale offset, float32 CPU", image_size=48)
 
 
+def generation_2025_cases() -> None:
+    """The 2025 generation, each built and run by timm 1.0.31 at width 128, 2 heads of 64, depth 2,
+    patch 8, 32 px, and (where timm runs any size) at 48 px with ``dynamic_img_size=True``."""
+    timm = import_timm()
+    small = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2)
+    cases = (
+        ("timm_dinov3_p8_32", "vit_small_patch16_dinov3", dict(dynamic_img_size=True), 11, None,
+         "DINOv3's rotary positions (periods from theta 100, per-axis normalised patch centres), 4 storage "
+         "tokens, LayerScale, no position table, mean pooling"),
+        ("timm_dinov3_qkvb_p8_32", "vit_small_patch16_dinov3_qkvb", dict(dynamic_img_size=True), 12,
+         {"classifier": "gap"}, "the same with q/k/v biases; its keys fit LingBot (class-token pooling) too: "
+         "the case says classifier=gap, as a user must"),
+        ("timm_beit_p8_32", "beit_base_patch16_224", dict(num_classes=10), 13, None,
+         "BEiT: a relative position bias table per block, q and v biases, LayerScale gamma_1/gamma_2, "
+         "mean pooling with fc_norm, a 10-class head"),
+        ("timm_aimv2_p8_32", "aimv2_large_patch14_224", dict(dynamic_img_size=True), 14, None,
+         "AIMv2: RMSNorm (eps 1e-5 from the architecture table), no biases but the patch projection's, "
+         "unpacked SwiGLU, a norm on the patch embeddings, the tokens' mean"),
+        ("timm_naflex_siglip_p8_32", "naflexvit_base_patch16_siglip", dict(), 15, None,
+         "SigLIP 2's NaFlexVit tower on a whole image: tanh GELU, MAP head, its learned square table"),
+    )
+    for name, arch, extra, seed, told, what in cases:
+        model = far_from_init(timm.create_model(arch, pretrained=False, **small, **extra), seed=seed)
+        path = HERE / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        source = (f"timm 1.0.31 {arch} (width 128, 2 heads, depth 2, patch 8, 32 px) forward, float32 CPU: {what}")
+        with torch.no_grad():
+            record(name, path, 32, model(inputs(32)), source, issue="2025 generation", overrides=told)
+            if extra.get("dynamic_img_size"):
+                record(name.replace("_32", "_32_to_48"), path, 48, model(inputs(48)),
+                       f"the same timm model run at 48 px (dynamic_img_size=True): {what}", image_size=48,
+                       issue="2025 generation", overrides=told)
+
+
 if __name__ == "__main__":
-    timm_cases()
-    openai_clip_case()
-    dinov2_case()
+    if sys.argv[1:] == ["--2025"]:  # only the cases added with the 2025 generation
+        generation_2025_cases()
+    else:
+        timm_cases()
+        openai_clip_case()
+        dinov2_case()
+        generation_2025_cases()
