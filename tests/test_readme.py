@@ -48,13 +48,14 @@ def test_every_readme_example_runs(tmp_path):
                                capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"README example failed:\n{body}\n--- stderr ---\n{r.stderr[-3000:]}"
         ran += 1
-    assert ran == len(BLOCKS) >= 11  # set-up, npz2pt, convert, export, verify, golden, inspect, bench, API, families, big_vision
+    assert ran == len(BLOCKS) >= 12  # set-up, npz2pt, convert, export, verify, golden, inspect, bench, API, families,
+    #                                  the 2025 generation, big_vision
     # the examples produced what they say they produce
     for name in ("tiny_vit.pt", "in21k_tiny.pt", "tiny48.safetensors", "tiny.onnx", "r50_ts.pt",
                  "r50.safetensors", "tiny_again.npz", "posembed.png"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "tiny_hf" / "config.json").is_file()
-    for name in ("dinov2_reg_back", "clip_timm", "siglip_bv_hf"):  # the families' examples
+    for name in ("dinov2_reg_back", "clip_timm", "siglip_bv_hf", "beit_hf", "aimv2_hf", "siglip2_hf"):  # families
         assert (tmp_path / name / "config.json").is_file(), name
     for name in ("siglip_bv.safetensors", "bf16_again.npz", "flexi_p4.safetensors"):
         assert (tmp_path / name).is_file(), name

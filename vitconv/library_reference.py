@@ -28,6 +28,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
+from .archs.generate import import_timm
 from .errors import BadInputError, first_line
 from .pipeline import Checkpoint
 from .rules import timm_eva
@@ -74,8 +75,12 @@ class LibraryReference:
 
 
 def _import(name: str, path, module: str = "", pip: str = ""):
-    """``module`` (default: the package ``name``), or :class:`LibraryMissing` naming the fix."""
+    """``module`` (default: the package ``name``), or :class:`LibraryMissing` naming the fix.
+    timm is imported with a placeholder for torchvision where none is installed (its model code
+    never uses it; its package imports do, and torchvision has no CPU wheel for every torch)."""
     try:
+        if name == "timm":
+            import_timm()
         return importlib.import_module(module or name)
     except Exception as e:
         fix = f"pip install {pip or name}" if getattr(e, "name", None) == name else "install what it needs"
