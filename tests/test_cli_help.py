@@ -73,13 +73,18 @@ def test_a_conversion_never_waits_for_torch(tmp_path, args):
     write weights must not import it, nor onnx or onnxruntime. (A model directory is another
     matter: its model card holds the figures of verify, which runs the model.)"""
     src = str(Path(__file__).resolve().parent.parent / "golden" / "jax" / "tiny_token_p8_32.npz")
-    argv = [a.format(src=src, out=tmp_path) for a in args]
+    assert _heavy_imports([a.format(src=src, out=tmp_path) for a in args]) == "[]"
+
+
+def _heavy_imports(argv) -> str:
+    """Run the CLI with ``argv`` in a fresh interpreter: which of torch, onnx, onnxruntime and
+    scipy it imported (printed as a sorted list)."""
     code = ("import sys\nfrom _vitconv_cli.main import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "[]"
+    return r.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("args", [["convert", "{src}", "{out}/t.safetensors", "--to", "timm"],
@@ -94,10 +99,4 @@ def test_a_safetensors_source_never_waits_for_torch(tmp_path, args):
     with pytest.raises(SystemExit) as e:
         main(["convert", str(golden), str(src), "--dtype", "bfloat16"])
     assert not e.value.code
-    argv = [a.format(src=src, out=tmp_path) for a in args]
-    code = ("import sys\nfrom _vitconv_cli.main import main\n"
-            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "[]"
+    assert _heavy_imports([a.format(src=src, out=tmp_path) for a in args]) == "[]"
