@@ -259,6 +259,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         arch = told.pop(ARCH, None)
         semantics, probe = _semantics(layout, probe, told, arch, path)
         cfg = _override(layout.infer(probe), layout, probe, {**semantics.values, **told}, path)
+        if layout.from_values is not None:  # a few values, not weights (DINOv3's rotary periods)
+            cfg = layout.from_values(cfg, lambda k: source.get(prefix + k), where)
         contradictions = layout.contradictions(cfg, probe)
         if contradictions:
             raise MappingError("config.json contradicts the weights: " + short_list(contradictions, 4), path)
