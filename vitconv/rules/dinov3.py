@@ -121,7 +121,9 @@ def from_values(cfg: ViTConfig, read: Callable[[str], Any], path: Optional[str])
 def _with_periods(cls: np.ndarray, stored: np.ndarray, cfg: ViTConfig) -> np.ndarray:
     if not _matches(np.asarray(stored, np.float32).reshape(-1), cfg.rope_theta, cfg.head_dim, cfg.rope_periods):
         raise ValueError(f"{PERIODS} are not those of rope_theta {cfg.rope_theta:g} ({cfg.rope_periods})")
-    return np.ascontiguousarray(cls)
+    # the common type of the two, as declared for the rule's output (a float16 model whose buffer
+    # stayed float32 gets a float32 class token: the same values)
+    return np.ascontiguousarray(cls, np.result_type(cls, stored))
 
 
 #: ``rope_embed.periods`` holds no weight: read with the class token, it is checked against the
