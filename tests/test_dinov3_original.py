@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from conftest import seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
-from vitconv.errors import MappingError
+from vitconv.errors import BadInputError, MappingError
 from vitconv.pipeline import convert, open_checkpoint
 
 timm = import_timm()
@@ -229,3 +229,22 @@ def test_local_cls_norm_is_left_out_and_inspect_names_the_layout(tmp_path):
     assert r.exit_code == 0, r.output
     for said in ("dinov3_original", "RoPE dinov3 (theta 100)", "rope_embed.periods", "no key bias"):
         assert said in r.output, (said, r.output)
+
+
+def test_the_dead_key_bias_is_not_computed_and_the_file_says_its_heads_and_theta(tmp_path):
+    """``LinearKMaskedBias`` multiplies the key third of ``qkv.bias`` by 0: a non-zero value stored
+    there changes nothing (read as zero, written back as zero). The head count and the base are
+    the periods', so ``--num-heads`` and ``--set rope_theta`` are refused rather than contradicting
+    the file."""
+    hf = _hf()
+    src = _original(hf)
+    src["blocks.0.attn.qkv.bias"][64:128] = torch.randn(64)
+    save_file(src, str(tmp_path / "orig.safetensors"))
+    with torch.no_grad():
+        _close(load(tmp_path / "orig.safetensors")(_x(32, 48)), hf(pixel_values=_x(32, 48)).pooler_output)
+    convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", to="dinov3")
+    assert not load_file(tmp_path / "back.safetensors")["blocks.0.attn.qkv.bias"][64:128].any()
+    with pytest.raises(BadInputError, match="records the heads"):
+        convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", num_heads=4)
+    with pytest.raises(BadInputError, match="reads it from the file"):
+        convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", overrides={"rope_theta": 50.0})

@@ -101,13 +101,14 @@ def theta_of(stored: np.ndarray, head_dim: int, path: Optional[str]) -> Tuple[Op
                            "(pos_embed_rope_base); the min_period/max_period form is not supported", path)
     precision = precision_of(p)
     if p.size == 1:
-        return None, precision
+        return None, "float32"
     k = np.arange(p.size, dtype=np.float64)
     estimate = math.exp(float(np.sum(k * np.log(p.astype(np.float64))) / np.sum(k * k)) * p.size)
     for digits in range(1, 17):
         theta = float(f"{estimate:.{digits}g}")
         if theta > 0 and _matches(p, theta, head_dim, precision):
-            return theta, precision
+            exact = periods(theta, head_dim)  # bfloat16 values already (theta 100, 8-dim heads: 1, 10)
+            return theta, "float32" if np.array_equal(to_bfloat16(exact), exact) else precision
     raise MappingError(f"{PERIODS} are not base ** (4k / head_dim) for any base (nearest: {estimate:.6g}): "
                        "not DINOv3's rotary periods", path)
 
