@@ -21,8 +21,11 @@ models'); ``forward`` returns the class token after ``norm``. The script's facts
   ``base ** (4k / head_dim)``, ``k < head_dim / 4``: its length records the head size (so the head
   count), its values ``rope_theta`` (``pos_embed_rope_base``), read by :func:`from_values`. The
   released checkpoints store it in bfloat16 and the model computes with those rounded values
-  (loaded into its float32 buffer): ``rope_periods='bfloat16'``. Periods of another form (the
-  ``min_period``/``max_period`` construction, a changed buffer) are refused.
+  (loaded into its float32 buffer): ``rope_periods='bfloat16'``; timm and transformers recompute
+  float32 periods, so such a model is refused as theirs. Periods of another form (the
+  ``min_period``/``max_period`` construction, a changed buffer) are refused. Written, the buffer
+  is made from ``rope_theta`` in float32 (NumPy's correctly rounded power: torch's float32
+  ``pow`` can differ from it in the last bit, which the reading tolerates).
 - ``mask_token`` is (1, D) here, (1, 1, D) in transformers; ``w1``/``w2``/``w3`` are the SwiGLU's
   gate (SiLU'd), up and down projections (canonical ``fc1`` = [w1; w2]).
 - ``local_cls_norm`` (``untie_global_and_local_cls_norm``) normalises the local crops' class
@@ -274,6 +277,7 @@ def sources(cfg: ViTConfig) -> dict:
             "rope_theta": f"{PERIODS} values", "rope_periods": f"{PERIODS} values (bfloat16-rounded or not)",
             "key_bias": "attn.qkv.bias_mask (masks the key third)", "qkv_bias": "attn.qkv.bias",
             "proj_bias": "attn.proj.bias", "mlp_bias": "mlp.fc2.bias or mlp.w3.bias", "layer_scale": "ls1.gamma", "num_reg_tokens": "storage_tokens [1]",
+            "image_size": "assumed: DINOv3's pretraining size (no position table records one)",
             "width": "patch_embed.proj.weight [0]", "patch_size": "patch_embed.proj.weight [2]",
             "mlp": "mlp.w1/w2/w3 (SwiGLU) or mlp.fc1/fc2", "abs_pos_embed": "no pos_embed"}
 
