@@ -177,7 +177,8 @@ def test_bfloat16_periods_are_computed_with_as_stored(tmp_path):
     src = _original(hf)
     src["rope_embed.periods"] = src["rope_embed.periods"].to(torch.bfloat16)
     save_file(src, str(tmp_path / "orig.safetensors"))
-    with open_checkpoint(tmp_path / "orig.safetensors") as c:
+    torch.save(src, tmp_path / "orig.pth")  # as released: a torch pickle
+    with open_checkpoint(tmp_path / "orig.pth") as c:
         assert (c.config.rope_theta, c.config.rope_periods) == (100.0, "bfloat16")
         assert any("stored in bfloat16" in n for n in c.notes), c.notes
     ours = load(tmp_path / "orig.safetensors")
