@@ -15,6 +15,7 @@ class token after ``norm``), at the native size, another and two non-square inpu
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import numpy as np
@@ -249,3 +250,18 @@ def test_the_dead_key_bias_is_not_computed_and_the_file_says_its_heads_and_theta
         convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", num_heads=4)
     with pytest.raises(BadInputError, match="reads it from the file"):
         convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", overrides={"rope_theta": 50.0})
+
+
+def test_verify_names_the_original_library_it_needs(tmp_path):
+    """``verify``'s reference for this layout is the original code (not installed here, nor on
+    PyPI): without it the reply says what to install, in one line."""
+    from vitconv.verify import verify
+
+    save_file(_original(_hf()), str(tmp_path / "orig.safetensors"))
+    convert(tmp_path / "orig.safetensors", tmp_path / "c.safetensors")
+    if importlib.util.find_spec("dinov3") is not None:  # the original code: it is the reference
+        report = verify(tmp_path / "orig.safetensors", tmp_path / "c.safetensors")
+        assert report.ok and "original DINOv3" in report.reference
+        return
+    with pytest.raises(BadInputError, match=r"dinov3, and it is not importable here .*facebookresearch/dinov3"):
+        verify(tmp_path / "orig.safetensors", tmp_path / "c.safetensors")
