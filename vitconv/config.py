@@ -73,6 +73,12 @@ MLPS = ("mlp", "swiglu")
 #: Other forms (EVA-02's ``cat``, timm's ``rope_mixed`` with learned per-head frequencies,
 #: Perception Encoder's 2-D RoPE) are further values of this field, with ``rope_theta`` their base.
 ROPES = ("none", "dinov3")
+#: The precision the rotary periods are held in, the arithmetic float32 either way. "float32":
+#: computed in float32 (timm, transformers). "bfloat16": each period rounded to bfloat16 first, as
+#: the original DINOv3 checkpoints hold them (``rope_embed.periods``, a persistent buffer made with
+#: ``pos_embed_rope_dtype='bf16'`` in training and loaded as stored): the rounding moves the angles
+#: by up to 2^-9 relative, which moves a real model's output by ~1e-3.
+ROPE_PERIODS = ("float32", "bfloat16")
 #: The normalisation layer. "layernorm": ``nn.LayerNorm`` (weight and bias). "rmsnorm":
 #: ``x * rsqrt(mean(x^2) + eps) * weight``, weight only (timm ``RmsNorm``, Hugging Face
 #: ``Aimv2RMSNorm``: AIMv2), the statistics taken in float32.
@@ -220,12 +226,14 @@ class ViTConfig:
     rope: str = _field("none", "rotary position embeddings")
     #: The base of the rotary periods (DINOv3's ``rope_temperature`` / ``rope_theta``: 100).
     rope_theta: float = _field(100.0, "the rotary embeddings' base period (temperature)")
+    #: See :data:`ROPE_PERIODS`: the original DINOv3 checkpoints' bfloat16-rounded periods.
+    rope_periods: str = _field("float32", "the precision the rotary periods are rounded to")
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
                               ("mlp", MLPS), ("rope", ROPES), ("norm", NORMS), ("pool_head", POOL_HEADS),
-                              ("rel_pos_resize", REL_POS_RESIZES)):
+                              ("rel_pos_resize", REL_POS_RESIZES), ("rope_periods", ROPE_PERIODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:
@@ -262,6 +270,7 @@ class ViTConfig:
             object.__setattr__(self, "key_bias", True)  # no biases at all; one spelling
         if self.rope == "none":
             object.__setattr__(self, "rope_theta", 100.0)  # no rotation, no base; one spelling
+            object.__setattr__(self, "rope_periods", "float32")
         else:
             object.__setattr__(self, "rope_theta", float(self.rope_theta))
             if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
@@ -425,7 +434,8 @@ class ViTConfig:
         if self.distilled:
             extras.append("distillation token")
         if self.rope != "none":
-            extras.append(f"RoPE {self.rope} (theta {self.rope_theta:g})")
+            extras.append(f"RoPE {self.rope} (theta {self.rope_theta:g}"
+                          + (", bfloat16 periods)" if self.rope_periods == "bfloat16" else ")"))
         if not self.abs_pos_embed:
             extras.append("no position table")
         if self.qkv_bias and not self.key_bias:

@@ -46,7 +46,8 @@ HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTMo
               "hf_beit": ("BeitModel", "pooler_output"), "hf_beit_cls": ("BeitForImageClassification", "logits"),
               "hf_data2vec_vision": ("Data2VecVisionModel", "pooler_output"),
               "hf_data2vec_vision_cls": ("Data2VecVisionForImageClassification", "logits")}
-LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_beit", "timm_eva", "timm_naflexvit", "dinov2", "clip")
+LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_beit", "timm_eva", "timm_naflexvit", "dinov2", "clip",
+                               "dinov3_original")
 
 
 class LibraryMissing(BadInputError):
@@ -357,9 +358,34 @@ def _clip(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
                             fixed_size=True)
 
 
+def _dinov3(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """The original DINOv3 ``DinoVisionTransformer`` (``facebookresearch/dinov3``, not on PyPI),
+    built as the hub's constructors build it (``pos_embed_rope_dtype='fp32'``: float32 arithmetic
+    on the periods as loaded) with the arguments vitconv read, and loaded strictly, the stored
+    ``rope_embed.periods`` included. Its blocks take and return lists of token tensors (its
+    multi-crop path), so only the final output (the normed class token) is compared."""
+    cfg = ckpt.source_config
+    _import("dinov3", src, "dinov3.models.vision_transformer", pip="git+https://github.com/facebookresearch/dinov3")
+    from dinov3.models.vision_transformer import DinoVisionTransformer
+
+    # SwiGLUFFN's width: int(int(width * ffn_ratio) * 2 / 3), rounded up to 8
+    ffn = (dict(ffn_layer="swiglu", ffn_ratio=1.5 * cfg.mlp_dim / cfg.width) if cfg.mlp == "swiglu"
+           else dict(ffn_layer="mlp", ffn_ratio=cfg.mlp_dim / cfg.width))
+    model = DinoVisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, pos_embed_rope_base=cfg.rope_theta,
+        pos_embed_rope_normalize_coords="separate", pos_embed_rope_dtype="fp32", embed_dim=cfg.width,
+        depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias,
+        layerscale_init=1.0 if cfg.layer_scale else None,
+        norm_layer="layernormbf16" if cfg.norm_eps == 1e-5 else "layernorm", ffn_bias=cfg.mlp_bias,
+        proj_bias=cfg.proj_bias, n_storage_tokens=cfg.num_reg_tokens, mask_k_bias=not cfg.key_bias, **ffn)
+    _load_strict(model, ckpt, src)
+    return LibraryReference("the original DINOv3 DinoVisionTransformer, built with the arguments vitconv read",
+                            cfg, lambda x: {"logits": model(x)})
+
+
 _BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "hf_siglip2": _siglip2, "timm": _timm,
              "timm_beit": _timm_beit, "timm_eva": _timm_eva, "timm_naflexvit": _naflexvit, "dinov2": _dinov2,
-             "clip": _clip}
+             "clip": _clip, "dinov3_original": _dinov3}
 
 
 def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:

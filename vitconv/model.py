@@ -168,7 +168,8 @@ class Positions:
 
 
 
-def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None,
+                periods_dtype: str = "float32") -> Tuple[torch.Tensor, torch.Tensor]:
     """DINOv3's rotary ``(sin, cos)`` for a ``gh`` x ``gw`` patch grid (``gh``, ``gw`` may be
     symbolic: nothing is baked for one size), in the order of operations of timm's
     ``RotaryEmbeddingDinoV3`` (``timm/layers/pos_embed_sincos.py``), so the angles are timm's bit
@@ -181,12 +182,16 @@ def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None) -> Tuple[torch
     ``2 pi c * (1 / theta ** arange(0, 1, 4 / head_dim))``, equal up to float32 rounding.
     The training-time coordinate augmentations (shift, jitter, rescale) are off in eval mode in
     both libraries and are not modelled. Always float32 (as both libraries): a half-precision
-    model rotates in float32 and rounds the result once (:meth:`Attention._rotate`)."""
+    model rotates in float32 and rounds the result once (:meth:`Attention._rotate`).
+    ``periods_dtype='bfloat16'``: the periods rounded to bfloat16 before use, the arithmetic still
+    float32, as the original DINOv3 code computes with its checkpoints' stored bfloat16 periods."""
     axes = [torch.arange(0.5, n, dtype=torch.float32, device=device) / n for n in (gh, gw)]
     coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)
     coords = (2.0 * coords - 1.0).flatten(0, 1)  # (gh * gw, 2)
     n = head_dim // 4
     periods = theta ** (2.0 * torch.arange(n, dtype=torch.float32, device=device) / (head_dim // 2))
+    if periods_dtype == "bfloat16":
+        periods = periods.to(torch.bfloat16).float()
     angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1)  # (gh * gw, head_dim / 2)
     sin, cos = angles.sin(), angles.cos()
     return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
@@ -464,7 +469,8 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         pos = Positions(grid=(gh, gw))
         if cfg.rope == "dinov3":
-            pos.rope = rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta, self.patch_embed.weight.device)
+            pos.rope = rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta, self.patch_embed.weight.device,
+                                   cfg.rope_periods)
         if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
             device = self.patch_embed.weight.device  # built on the CPU; the tables may live elsewhere
             pos.rel_index = rel_pos_index(gh, gw).to(device)

@@ -211,7 +211,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
     ``require_layout``, or one of them, when given), infer the architecture and audit the keys; optionally
     retarget the resolution (``image_size``: the position table resized as Google's
-    ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read.
+    ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read (but the few values a layout's
+    ``from_values`` reads: the original DINOv3's rotary periods).
 
     ``num_heads`` is for layouts whose files do not record the head count (64-dim heads are
     assumed otherwise); layouts that record it refuse it, and a file's own record must agree.
@@ -259,6 +260,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         arch = told.pop(ARCH, None)
         semantics, probe = _semantics(layout, probe, told, arch, path)
         cfg = _override(layout.infer(probe), layout, probe, {**semantics.values, **told}, path)
+        if layout.from_values is not None:  # a few values, not weights (DINOv3's rotary periods)
+            cfg = layout.from_values(cfg, lambda k: source.get(prefix + k), where)
         contradictions = layout.contradictions(cfg, probe)
         if contradictions:
             raise MappingError("config.json contradicts the weights: " + short_list(contradictions, 4), path)

@@ -8,6 +8,7 @@ Importing this package registers every layout (each module calls
 from . import (big_vision, canonical, clip, dinov2, google, hf, hf_aimv2, hf_clip, hf_dinov2, hf_dinov3,  # noqa: F401
                hf_siglip2, jeonsworld, lucidrains, timm, timm_eva, timm_naflexvit)  # (registration)
 from . import hf_beit, timm_beit  # noqa: F401 (registration; after hf and timm: --to tries plain ViTs first)
+from . import dinov3  # noqa: F401 (registration)
 from .base import Carry, Rule, expand_rules
 from .registry import LAYOUTS, Layout, Probe, detect_layout, targets
 

@@ -100,6 +100,10 @@ class Layout:
     #: The architecture the file's own metadata names (timm's config.json ``architecture``), if any:
     #: what it implies comes from :mod:`vitconv.archs`, as for ``--arch``.
     names_arch: Callable[[Probe], Optional[str]] = lambda probe: None
+    #: Fields a small tensor's values record where no shape does (the original DINOv3's
+    #: ``rope_embed.periods`` buffer holds ``rope_theta`` and its precision): ``(cfg, read, path) ->
+    #: cfg``, with ``read(key)`` that tensor's values, called once after ``infer``. None: shapes say all.
+    from_values: Optional[Callable[[ViTConfig, Callable[[str], Any], Optional[str]], ViTConfig]] = None
 
     @property
     def target_name(self) -> str:

@@ -6,7 +6,8 @@ Rotary position embeddings have no tensor of their own (timm and transformers co
 frequencies), so they are recognised by what comes with them: timm's Eva class (EVA-02,
 ``*_rope_*``) by its separate query/value biases. DINOv3's form (class and storage tokens,
 LayerScale, no position table) is computed (:mod:`vitconv.rules.timm_eva`,
-:mod:`vitconv.rules.hf_dinov3`) and left out here.
+:mod:`vitconv.rules.hf_dinov3`, and the original checkpoints, :mod:`vitconv.rules.dinov3`) and
+left out here.
 """
 
 from __future__ import annotations
