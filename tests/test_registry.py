@@ -86,10 +86,10 @@ VARIANTS.update({
                                    patch_embed_norm=True, classifier="map", pool_head="aimv2", class_token=False,
                                    num_classes=0, pos_resize="sincos2d_aimv2"),
     "qk-norm": _SMALL.replace(act="gelu", qk_norm=True, pos_resize="bicubic_aa"),
-    "beit": _SMALL.replace(act="gelu", layer_scale=True, classifier="gap", final_norm="pooled", rel_pos_bias=True,
+    "beit": _SMALL.replace(act="gelu", key_bias=False, layer_scale=True, classifier="gap", final_norm="pooled", rel_pos_bias=True,
                            abs_pos_embed=False),
-    "beit shared, abs table": _SMALL.replace(act="gelu", rel_pos_bias_shared=True, pos_resize="bicubic_aa"),
-    "hf beit, no head": _SMALL.replace(act="gelu", norm_eps=1e-12, layer_scale=True, classifier="gap", final_norm="pooled",
+    "beit shared, abs table": _SMALL.replace(act="gelu", key_bias=False, rel_pos_bias_shared=True, pos_resize="bicubic_aa"),
+    "hf beit, no head": _SMALL.replace(act="gelu", key_bias=False, norm_eps=1e-12, layer_scale=True, classifier="gap", final_norm="pooled",
                                        rel_pos_bias=True, abs_pos_embed=False, num_classes=0, rel_pos_resize="bilinear"),
 })
 CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUTS[layout].containers

@@ -101,6 +101,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
               "grid: the native resolution is unaffected",
               default=lambda c: "bilinear" if c.rel_pos_bias or c.rel_pos_bias_shared else "geometric"),
         Carry("qkv_bias", values=(True,), why="transformers' BEiT always has query and value biases"),
+        Carry("key_bias", values=(False,), why="transformers' BEiT has query and value biases only"),
         Carry("classifier", values=("token", "gap"), why="transformers' BEiT pools the class token or the mean "
               "of the patch tokens"),
         Carry("final_norm", holds=lambda c: (c.classifier, c.final_norm) in (
@@ -180,7 +181,7 @@ def infer(layout: str):
                      mlp_dim=need(shapes, b0 + "intermediate.dense.weight", layout, path)[0],
                      classifier="gap" if mean else "token",
                      final_norm="pooled" if pooled else "encoder" if normed else "none",
-                     num_classes=head[0] if head else 0, qkv_bias=True, norm_eps=eps, act=act,
+                     num_classes=head[0] if head else 0, qkv_bias=True, key_bias=False, norm_eps=eps, act=act,
                      layer_scale=b0 + "lambda_1" in shapes, rel_pos_bias=per_block, rel_pos_bias_shared=shared,
                      abs_pos_embed=abs_pos, pos_resize="bicubic", rel_pos_resize="bilinear")
     return infer_config

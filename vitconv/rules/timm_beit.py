@@ -82,6 +82,8 @@ CARRIES = (
     Carry("classifier", values=("token", "gap"), why="timm's Beit pools the class token or the patch tokens' mean"),
     Carry("final_norm", values=("encoder", "pooled"), why="timm's Beit always has norm or fc_norm"),
     Carry("qkv_bias"), Carry("layer_scale"), Carry("rel_pos_bias_shared"),
+    Carry("key_bias", holds=lambda c: not c.qkv_bias or not c.key_bias,
+          why="timm's Beit has query and value biases only"),
     Carry("rel_pos_bias", holds=lambda c: c.rel_pos_bias or c.rel_pos_bias_shared,
           why="a timm Beit file is told by its relative position tables: a model without any is a timm "
               "VisionTransformer"),
@@ -132,7 +134,7 @@ def infer(probe: Probe) -> ViTConfig:
     return build(probe, image_size=g * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
                  num_heads=heads, head_dim=width // heads, mlp_dim=fc1[0],
                  classifier="gap" if fc_norm else "token", final_norm="pooled" if fc_norm else "encoder",
-                 num_classes=head[0] if head else 0, qkv_bias="blocks.0.attn.q_bias" in shapes, norm_eps=1e-6,
+                 num_classes=head[0] if head else 0, qkv_bias="blocks.0.attn.q_bias" in shapes, key_bias=False, norm_eps=1e-6,
                  act="gelu", layer_scale="blocks.0.gamma_1" in shapes, rel_pos_bias=per_block,
                  rel_pos_bias_shared=shared, abs_pos_embed="pos_embed" in shapes, pos_resize="bicubic_aa",
                  rel_pos_resize="geometric")
