@@ -109,11 +109,11 @@ def trace(cfg, opset: int, batch: Optional[int], dynamic_size: bool):
         raise BadInputError("the streamed ONNX export does not fold the hybrid stem's weight "
                             "standardisation; export a hybrid whole (it fits: the stem is small)")
     x = example_input(cfg, batch).to("meta")
+    # as export_onnx calls it (the same FX names, the dynamic dims named as declared), unoptimised
     with quiet_exporter(), torch.no_grad():
-        program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes(cfg.total_stride, batch,
-                                                                                  dynamic_size))
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, optimize=False,
-                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+        onnx_program = torch.onnx.export(
+            model, (x,), dynamo=True, opset_version=opset, optimize=False, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes(cfg.total_stride, batch, dynamic_size))
     ir_model = onnx_program.model
     names = set(parameter_shapes(cfg))
     for name, value in ir_model.graph.initializers.items():
@@ -336,7 +336,8 @@ def cut(light, bounds: Boundaries, blocks_per_part: int) -> List[Part]:
 
     typed = onnx.ModelProto()  # the graph with its cut values typed (onnx's shape inference loses them)
     typed.CopyFrom(light)
-    typed.graph.value_info.extend(bounds.infos)
+    known = {v.name for v in typed.graph.value_info}  # (a float16 graph's: its converter's)
+    typed.graph.value_info.extend(v for v in bounds.infos if v.name not in known)
     ex = Extractor(typed)
     depth = len(bounds.outputs)
     parts: List[Part] = []
