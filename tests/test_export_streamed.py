@@ -84,7 +84,13 @@ def test_streamed_fp16_file_is_the_whole_model_fp16_file(tmp_path):
     s, w = onnx.load(str(tmp_path / "s.onnx")), onnx.load(str(tmp_path / "w.onnx"))
     assert _canonical(s) == _canonical(w)
     x = _inputs(32)
-    assert np.array_equal(_run(tmp_path / "s.onnx", x), _run(tmp_path / "w.onnx", x))
+    got = _run(tmp_path / "s.onnx", x)
+    assert np.array_equal(got, _run(tmp_path / "w.onnx", x))
+    import torch
+
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()  # the library's own forward
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
 
 
 def test_no_weight_is_held_by_the_trace_and_each_weight_is_read_as_it_is_written(monkeypatch, tmp_path):
@@ -206,3 +212,37 @@ def test_hybrid_is_refused_by_the_streamed_path(tmp_path):
     with pytest.raises(BadInputError, match="hybrid stem"):
         run_export(golden_path(CASES["tiny_r50_32"]["checkpoint"]), ExportPlan(onnx=tmp_path / "s.onnx",
                                                                                 streamed=True))
+
+
+#: timm families whose blocks read what the embedding computes from the grid: DINOv3's rotary
+#: angles, BEiT's relative-position bias index (seeded, saved as timm files)
+FAMILIES = {"vit_small_patch16_dinov3": dict(embed_dim=128, num_heads=2),
+            "beit_base_patch16_224": dict(embed_dim=64, num_heads=2, num_classes=10)}
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_rotary_and_relative_bias_families_stream_to_the_same_file(tmp_path, arch):
+    """The same file as the whole-model export, and timm's own output within 1e-5 (relative)."""
+    import safetensors.torch
+
+    from conftest import seeded
+    from timm_import import import_timm
+
+    timm = import_timm()
+    model = seeded(timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, depth=2, **FAMILIES[arch]))
+    src = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    streamed = run_export(src, ExportPlan(onnx=tmp_path / "s.onnx", streamed=True, image_size=32,
+                                          blocks_per_part=1))[0]
+    run_export(src, ExportPlan(onnx=tmp_path / "w.onnx", streamed=False, image_size=32))
+    assert streamed.ok
+    s, w = onnx.load(str(tmp_path / "s.onnx")), onnx.load(str(tmp_path / "w.onnx"))
+    assert _canonical(s) == _canonical(w)
+    x = _inputs(32)
+    got = _run(tmp_path / "s.onnx", x)
+    assert np.array_equal(got, _run(tmp_path / "w.onnx", x))
+    import torch
+
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()  # the library's own forward
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
