@@ -369,11 +369,13 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
     on each check's seeded input. Each block's output is compared with the canonical model's
     (``stages(batch, size)``: :func:`~vitconv.checkpoint.forward_stages_streamed`'s), within
     ``atol * max(1, max|want|)``; raises :class:`VerificationError` naming the first block past
-    it. Returns the logits' :class:`~vitconv.export.common.Parity` per check."""
+    it (float16: the cosine of the whole activation at least ``FP16_MIN_COSINE``, as the
+    logits'). Returns the logits' :class:`~vitconv.export.common.Parity` per check and each
+    block's ``(index, max|diff|, max|want|)``."""
     import onnx
     import onnxruntime as ort
 
-    from .common import compare, seeded_input
+    from .common import FP16_MIN_COSINE, compare, seeded_input
     from .onnx import INPUT_NAME, OUTPUT_NAME
 
     parts = cut(light, bounds, blocks_per_part)
@@ -403,12 +405,18 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
     for (batch, size), env in acts.items():
         want = stages(batch, size)
         for i, name in enumerate(bounds.outputs):
-            ref = want[f"blocks.{i}.mlp"]
-            err = float(np.abs(env[name].astype(np.float64) - ref).max())
-            if not fp16 and not err <= atol * max(1.0, float(np.abs(ref).max())):
+            ref = want[f"blocks.{i}.mlp"].astype(np.float64)
+            got = env[name].astype(np.float64)
+            err = float(np.abs(got - ref).max())
+            if fp16:  # float16 weights: the direction of the whole activation, as the logits' check
+                cos = float((got * ref).sum() / max(np.linalg.norm(got) * np.linalg.norm(ref), 1e-30))
+                bad, figure = not cos >= FP16_MIN_COSINE, f"cosine {cos:.6f} (max|diff| {err:.3g})"
+            else:
+                bad, figure = not err <= atol * max(1.0, float(np.abs(ref).max())), f"max|diff| {err:.3g}"
+            if bad:
                 raise VerificationError(
                     f"streamed ONNX export: block {i} (blocks.{i}) output disagrees with the canonical model "
-                    f"at b{batch} {size}px: max|diff| {err:.3g}; nothing written")
+                    f"at b{batch} {size}px: {figure}; nothing written")
             worst.append((i, err, float(np.abs(ref).max())))
         parity.append(compare(want["logits"] if "logits" in want else want["head_input"], env[OUTPUT_NAME],
                               batch, size, fp16, atol))
