@@ -30,6 +30,8 @@ onnxruntime session: three copies of a 25.8 GB model do not fit a 24 GB machine.
 
 from __future__ import annotations
 
+import ast
+import logging
 import math
 import os
 import time
@@ -39,7 +41,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..config import parameter_shapes
 from ..errors import BadInputError, VerificationError
+from ..formats.atomic import atomic_files
+from . import onnx_stream
+from .common import FP16_MIN_COSINE, trim, FP32_ATOL, ExportResult, Timer, compare, raise_if_failed, seeded_input
+from .onnx import INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter, to_fp16
 
 #: onnxscript's constant-folding limits (``_constant_folding.DEFAULT_CONSTANT_FOLD_*``): the
 #: whole-model export folds with these, so the lazy folding follows the same rules.
@@ -99,9 +106,7 @@ def trace(cfg, opset: int, batch: Optional[int], dynamic_size: bool):
     matrix), on ``meta`` it has no value to write."""
     import torch
 
-    from ..config import parameter_shapes
     from ..model import StdConv2d, VisionTransformer
-    from .onnx import INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter
 
     with torch.device("meta"):
         model = VisionTransformer(cfg).eval()
@@ -209,8 +214,6 @@ def skeleton(model, recipes: Dict[str, Recipe], read: Callable[[str], np.ndarray
     import onnx
     import onnx_ir as ir
 
-    from . import onnx_stream
-
     values = [v for v in model.graph.initializers.values() if v.const_value is None]
     for v in values:
         model.graph.initializers.pop(v.name)
@@ -234,8 +237,6 @@ def skeleton(model, recipes: Dict[str, Recipe], read: Callable[[str], np.ndarray
 def graph(cfg, opset: int, batch: Optional[int], dynamic_size: bool):
     """Trace (:func:`trace`), optimise with onnxscript's optimizer (what the whole-model export
     runs), fold the weights lazily (:func:`fold_weights`): ``(onnx_ir model, recipes)``."""
-    import logging
-
     import onnxscript.optimizer
 
     model = trace(cfg, opset, batch, dynamic_size)
@@ -254,8 +255,6 @@ def graph(cfg, opset: int, batch: Optional[int], dynamic_size: bool):
 # --------------------------------------------------------------------------- block-by-block parity
 def _block(node) -> Optional[int]:
     """The block a node was traced in (its name scope ``blocks.i``), or None."""
-    import ast
-
     scopes = node.metadata_props.get(_SCOPES) if hasattr(node, "metadata_props") else None
     if scopes is None:
         return None
@@ -332,8 +331,6 @@ def cut(light, bounds: Boundaries, blocks_per_part: int) -> List[Part]:
     import onnx
     from onnx.utils import Extractor
 
-    from .onnx import INPUT_NAME, OUTPUT_NAME
-
     typed = onnx.ModelProto()  # the graph with its cut values typed (onnx's shape inference loses them)
     typed.CopyFrom(light)
     known = {v.name for v in typed.graph.value_info}  # (a float16 graph's: its converter's)
@@ -375,9 +372,6 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
     import onnx
     import onnxruntime as ort
 
-    from .common import FP16_MIN_COSINE, compare, seeded_input
-    from .onnx import INPUT_NAME, OUTPUT_NAME
-
     parts = cut(light, bounds, blocks_per_part)
     paths = []
     for j, p in enumerate(parts):
@@ -388,6 +382,9 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
     acts: Dict[Tuple[int, int], Dict[str, np.ndarray]] = {k: {INPUT_NAME: x} for k, x in xs.items()}
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # without its memory arena: onnxruntime keeps an arena's memory after the session goes
+    # (measured on B/16, one block a part: resident memory grew by a block's weights each part)
+    opts.enable_cpu_mem_arena = False
     worst: List[Tuple[int, float, float]] = []
     try:
         for path in paths:
@@ -398,12 +395,14 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
                 got = sess.run(outs, {n: env[n] for n in names})
                 env.update(zip(outs, got))
             del sess
+            trim()  # the part's weights go back to the system before the next part loads
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
     parity = []
     for (batch, size), env in acts.items():
         want = stages(batch, size)
+        trim()
         for i, name in enumerate(bounds.outputs):
             ref = want[f"blocks.{i}.mlp"].astype(np.float64)
             got = env[name].astype(np.float64)
@@ -432,11 +431,6 @@ def export_onnx_streamed(open_ckpt, path, stages, checks, *, opset: int, batch: 
     ``stages(batch, size)``: the canonical model's stages on that check's seeded input.
     Returns an :class:`~vitconv.export.common.ExportResult`."""
     import onnx
-
-    from ..formats.atomic import atomic_files
-    from . import onnx_stream
-    from .common import FP32_ATOL, ExportResult, Timer, raise_if_failed
-    from .onnx import to_fp16
 
     with open_ckpt() as ckpt:
         cfg = ckpt.config

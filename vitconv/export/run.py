@@ -20,7 +20,8 @@ from ..formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from ..pipeline import open_checkpoint
 from .common import (Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready,
                      seeded_input)
-from .onnx import DEFAULT_OPSET, export_onnx
+from .onnx import DEFAULT_OPSET, export_metadata, export_onnx
+from .onnx_meta import export_onnx_streamed
 from .pt2 import export_pt2
 from .safetensors import export_safetensors
 from .torchscript import export_torchscript
@@ -110,15 +111,15 @@ def streamed_wanted(plan: ExportPlan, cfg: ViTConfig) -> bool:
 
 def blocks_per_part(plan: ExportPlan, cfg: ViTConfig) -> int:
     """Blocks per session of the block-by-block proof: the plan's, ``VITCONV_ONNX_BLOCKS``, or
-    as many blocks as a quarter of the physical memory holds (onnxruntime holds a part's
-    weights, and may pre-pack a copy)."""
+    as many blocks as an eighth of the physical memory holds (onnxruntime holds a part's
+    weights and may pre-pack a copy of each matrix; the machine's other users keep the rest)."""
     if plan.blocks_per_part:
         return plan.blocks_per_part
     if os.environ.get("VITCONV_ONNX_BLOCKS"):
         return max(1, int(os.environ["VITCONV_ONNX_BLOCKS"]))
     block = 4 * sum(math.prod(s) for n, s in parameter_shapes(cfg).items() if n.startswith("blocks.0."))
     memory = physical_memory() or 8 * 1024**3
-    return max(1, min(cfg.depth, int(memory / 4 // max(block, 1))))
+    return max(1, min(cfg.depth, int(memory / 8 // max(block, 1))))
 
 
 def streamed_stages(src: PathLike, plan: ExportPlan, native: int):
@@ -141,9 +142,6 @@ def streamed_stages(src: PathLike, plan: ExportPlan, native: int):
 def run_export_streamed(src: PathLike, plan: ExportPlan, cfg: ViTConfig, usage, weights: PathLike,
                         progress: Callable[[str], None]) -> List[ExportResult]:
     """The ONNX target of a model exported without holding it (:mod:`vitconv.export.onnx_meta`)."""
-    from .onnx import export_metadata
-    from .onnx_meta import export_onnx_streamed
-
     if plan.torchscript or plan.pt2 or plan.safetensors:
         raise BadInputError("the streamed ONNX export (a model larger than memory, or VITCONV_ONNX_STREAMED=1) "
                             "writes --onnx alone; convert to safetensors with vitconv convert", src)
