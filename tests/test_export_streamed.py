@@ -249,3 +249,17 @@ def test_rotary_and_relative_bias_families_stream_to_the_same_file(tmp_path, arc
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()  # the library's own forward
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_cli_streamed_and_whole_flags(monkeypatch, tmp_path):
+    """``--streamed`` asks for the streamed path, ``--whole`` for the whole-model one even where
+    the environment forces streaming."""
+    from click.testing import CliRunner
+
+    from _vitconv_cli.main import main
+
+    r = CliRunner().invoke(main, ["export", str(TINY), "--onnx", str(tmp_path / "s.onnx"), "--streamed"])
+    assert r.exit_code == 0 and "onnx (streamed)" in r.output and "proved block by block" in r.output
+    monkeypatch.setenv("VITCONV_ONNX_STREAMED", "1")
+    r = CliRunner().invoke(main, ["export", str(TINY), "--onnx", str(tmp_path / "w.onnx"), "--whole"])
+    assert r.exit_code == 0 and "onnx (streamed)" not in r.output and "proved block by block" not in r.output

@@ -439,7 +439,7 @@ def export_onnx_streamed(open_ckpt, path, stages, checks, *, opset: int, batch: 
     bounds = block_outputs(model, cfg.depth)
     with open_ckpt() as ckpt:
         def read(name: str) -> np.ndarray:
-            return next(iter(ckpt.tensors(order=[name])))[1]
+            return dict(ckpt.tensors(order=[name]))[name]
 
         skel = skeleton(model, recipes, read)
         del model
