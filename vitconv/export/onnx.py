@@ -27,6 +27,10 @@ Why these choices:
   table stay float32. It runs on the graph without its weights; each weight is rounded with
   the converter's own function as it is written, so the file is the one the converter would
   give on the whole model, without the whole model's copies.
+* **Larger than memory.** :mod:`~vitconv.export.onnx_meta` writes the same file from a model
+  traced on the ``meta`` device, each weight read from the checkpoint as it is written, and
+  proves it block by block (``vitconv export --streamed``; the default when the whole model
+  would not fit).
 * **Metadata.** ``metadata_props`` carry the vitconv config JSON, preprocessing, resolution,
   opset, which axes are dynamic and the source file's sha256.
 """
