@@ -54,7 +54,7 @@ class ExportPlan:
     #: (:func:`whole_model_fits`) or the environment says ``VITCONV_ONNX_STREAMED=1``; True / False force it.
     streamed: Optional[bool] = None
     #: Blocks per onnxruntime session of the block-by-block proof (None: ``VITCONV_ONNX_BLOCKS``, else
-    #: as many as a quarter of the memory holds).
+    #: as many as an eighth of the memory holds: :func:`blocks_per_part`).
     blocks_per_part: Optional[int] = None
 
 
@@ -216,14 +216,14 @@ def run_export(src: PathLike, plan: ExportPlan,
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
                                 "symbolic sizes; export at a fixed resolution (--image-size N)", src)
-        if plan.onnx and streamed_wanted(plan, ckpt.config):
+        streamed = bool(plan.onnx) and streamed_wanted(plan, ckpt.config)
+        if streamed:  # no model built: the exporter reads the checkpoint again, a weight at a time
             cfg, usage, weights = ckpt.config, ckpt.usage, ckpt.source.files()[0]
         else:
-            cfg = None
             refuse_whole_model_beyond_memory(ckpt.config, src)
             model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
             weights = ckpt.source.files()[0]  # a model directory's weights file
-    if cfg is not None:
+    if streamed:
         return run_export_streamed(src, plan, cfg, usage, weights, progress or (lambda s: None))
     cfg = model.config
     say = progress or (lambda s: None)
