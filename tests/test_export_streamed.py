@@ -263,3 +263,21 @@ def test_cli_streamed_and_whole_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("VITCONV_ONNX_STREAMED", "1")
     r = CliRunner().invoke(main, ["export", str(TINY), "--onnx", str(tmp_path / "w.onnx"), "--whole"])
     assert r.exit_code == 0 and "onnx (streamed)" not in r.output and "proved block by block" not in r.output
+
+
+def test_equal_weights_are_merged_only_by_the_whole_model_export(tmp_path):
+    """onnx_ir's initializer deduplication merges two weights of equal bytes in the whole-model
+    export (measured: two equal MLP biases; two equal kernels are not merged, their transposes
+    being folded after it runs); placeholders have no bytes to compare, so the streamed file
+    keeps both. The graphs differ by that one initializer; the outputs are equal to the bit."""
+    arrays = dict(np.load(TINY))
+    k0 = next(k for k in arrays if "encoderblock_0/MlpBlock" in k and k.endswith("Dense_0/bias"))
+    arrays[k0.replace("encoderblock_0", "encoderblock_1")] = arrays[k0].copy()
+    src = tmp_path / "dup.npz"
+    np.savez(src, **arrays)
+    run_export(src, ExportPlan(onnx=tmp_path / "s.onnx", streamed=True))
+    run_export(src, ExportPlan(onnx=tmp_path / "w.onnx", streamed=False))
+    s, w = onnx.load(str(tmp_path / "s.onnx")), onnx.load(str(tmp_path / "w.onnx"))
+    assert len(s.graph.initializer) == len(w.graph.initializer) + 1
+    x = _inputs(32)
+    assert np.array_equal(_run(tmp_path / "s.onnx", x), _run(tmp_path / "w.onnx", x))

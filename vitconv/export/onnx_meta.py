@@ -29,7 +29,8 @@ onnxruntime session: three copies of a 25.8 GB model do not fit a 24 GB machine.
 
 Where the file can differ from the whole-model export's: initializer names of small constants
 (the ``val_N`` numbering), and two weights with equal bytes, which onnx_ir's initializer
-deduplication merges in the whole model and cannot see here (placeholders have no bytes).
+deduplication merges in the whole model and cannot see here (placeholders have no bytes): one
+more initializer, the same outputs to the bit (``tests/test_export_streamed.py``).
 
 Memory (B/16, 346 MB of float32 weights, ``/usr/bin/time`` peak RSS of ``vitconv export``):
 whole model 0.84 GB; streamed, one block a session 0.69 GB, all twelve in one 0.94 GB. About
