@@ -40,13 +40,18 @@ def _target(flag: str, help_text: str):
               "compiling an AOTInductor package (seconds instead of minutes).")
 @click.option("--shard-size", type=float, default=5.0, show_default=True,
               help="--safetensors: shard above this many GB.")
+@click.option("--streamed/--whole", default=None,
+              help="--onnx: trace on the meta device, stream the weights from SRC and prove the file "
+              "block by block (default: when the whole model would not fit in memory, or "
+              "VITCONV_ONNX_STREAMED=1).")
 @labels_option
 @arch_option
 @click.pass_context
 def export(ctx: click.Context, src: Path, onnx: Optional[str], torchscript: Optional[str],
            pt2: Optional[str], safetensors: Optional[str], opset: int, batch: Optional[int],
            dynamic_size: bool, fp16: bool, image_size: Optional[int], no_aoti: bool,
-           shard_size: float, labels: Optional[str], arch: Optional[str]) -> None:
+           shard_size: float, labels: Optional[str], arch: Optional[str],
+           streamed: Optional[bool]) -> None:
     """Export a ViT checkpoint to ONNX, TorchScript, .pt2 and safetensors; every artifact is
     loaded back in its runtime and compared with the PyTorch model (exit 3 past tolerance).
 
@@ -62,7 +67,7 @@ def export(ctx: click.Context, src: Path, onnx: Optional[str], torchscript: Opti
     plan = ExportPlan(opset=opset, batch=batch, dynamic_size=dynamic_size, fp16=fp16,
                       image_size=image_size, aoti=not no_aoti,
                       shard_bytes=int(shard_size * 10**9), labels=labels,
-                      overrides=with_arch({}, arch), **paths)
+                      overrides=with_arch({}, arch), streamed=streamed, **paths)
     try:
         results = run_export(src, plan, progress=lambda s: say(ctx, s, dim=True))
     except VerificationError as e:

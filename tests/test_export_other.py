@@ -173,12 +173,13 @@ def test_every_target_in_one_run_with_the_model_handed_to_the_last(tmp_path):
 def test_an_export_larger_than_memory_is_refused_before_anything_is_read(tmp_path, monkeypatch):
     """Export proves every target against the whole model in memory: a model whose float32
     weights (x the measured peak factor) exceed the machine's memory is refused in one line
-    naming the figures and what does work at that size, before a weight is read."""
+    naming the figures and what does work at that size, before a weight is read. (``--onnx``
+    alone goes the streamed way: ``tests/test_export_streamed.py``.)"""
     from vitconv.export import run as export_run
 
     monkeypatch.setattr(export_run, "physical_memory", lambda: 100_000)
     r = CliRunner().invoke(main, ["export", str(golden_path("jax/tiny_token_p8_32.npz")),
-                                  "--onnx", str(tmp_path / "m.onnx")])
+                                  "--torchscript", str(tmp_path / "m.pt")])
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert "export holds the whole model in memory" in r.output and "this machine has 0.0 GB" in r.output
     assert "vitconv convert" in r.output and not list(tmp_path.iterdir())

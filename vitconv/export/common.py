@@ -215,6 +215,11 @@ def release(*modules) -> None:
         for m in modules:
             for t in list(m.parameters()) + list(m.buffers()):
                 t.data = torch.empty(0, dtype=t.dtype)
+    trim()
+
+
+def trim() -> None:
+    """Collect, and hand glibc's freed heap back to the system (see :func:`release`)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -27,6 +27,10 @@ Why these choices:
   table stay float32. It runs on the graph without its weights; each weight is rounded with
   the converter's own function as it is written, so the file is the one the converter would
   give on the whole model, without the whole model's copies.
+* **Larger than memory.** :mod:`~vitconv.export.onnx_meta` writes the same file from a model
+  traced on the ``meta`` device, each weight read from the checkpoint as it is written, and
+  proves it block by block (``vitconv export --streamed``; the default when the whole model
+  would not fit).
 * **Metadata.** ``metadata_props`` carry the vitconv config JSON, preprocessing, resolution,
   opset, which axes are dynamic and the source file's sha256.
 """
@@ -107,6 +111,24 @@ def preprocessing_metadata(usage: Usage) -> Dict[str, str]:
     return meta
 
 
+def export_metadata(cfg, usage: Optional[Usage], *, opset: int, batch: Optional[int], dynamic_size: bool,
+                    fp16: bool, source_sha256: str, source: Optional[PathLike]) -> Dict[str, str]:
+    """The ``metadata_props`` of an exported file (see the module docstring)."""
+    meta = {
+        "vitconv_config": cfg.to_json(),
+        **preprocessing_metadata(usage or Usage()),
+        "image_size": str(cfg.image_size),
+        "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
+                                    "size_multiple_of": cfg.total_stride}),
+        "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
+        "opset": str(opset),
+        "source_sha256": source_sha256,
+    }
+    if source is not None:
+        meta["source_file"] = Path(source).name
+    return meta
+
+
 def to_fp16(proto):
     """float32 -> float16 graph with float32 I/O and :data:`FP16_KEEP_FP32` ops kept float32."""
     return onnx_stream.to_fp16(proto, FP16_KEEP_FP32)
@@ -137,18 +159,8 @@ def export_onnx(model, path: PathLike, reference: Reference, checks: Sequence[Ch
     cfg = model.config
     ready = export_ready(model)
     x = example_input(cfg, batch)
-    meta = {
-        "vitconv_config": cfg.to_json(),
-        **preprocessing_metadata(usage or Usage()),
-        "image_size": str(cfg.image_size),
-        "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
-                                    "size_multiple_of": cfg.total_stride}),
-        "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
-        "opset": str(opset),
-        "source_sha256": source_sha256,
-    }
-    if source is not None:
-        meta["source_file"] = Path(source).name
+    meta = export_metadata(cfg, usage, opset=opset, batch=batch, dynamic_size=dynamic_size, fp16=fp16,
+                           source_sha256=source_sha256, source=source)
     with Timer() as t_export:
         with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(

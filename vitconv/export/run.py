@@ -20,7 +20,8 @@ from ..formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from ..pipeline import open_checkpoint
 from .common import (Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready,
                      seeded_input)
-from .onnx import DEFAULT_OPSET, export_onnx
+from .onnx import DEFAULT_OPSET, export_metadata, export_onnx
+from .onnx_meta import export_onnx_streamed
 from .pt2 import export_pt2
 from .safetensors import export_safetensors
 from .torchscript import export_torchscript
@@ -48,6 +49,13 @@ class ExportPlan:
     #: What a bare state dict cannot record: config fields (``--set``) and ``arch`` (``--arch``,
     #: :mod:`vitconv.archs`), as :func:`vitconv.pipeline.open_checkpoint` takes them.
     overrides: Optional[Dict[str, object]] = None
+    #: ONNX traced on the meta device, weights streamed from the checkpoint, proved block by
+    #: block (:mod:`vitconv.export.onnx_meta`): None (default) when the whole model would not fit
+    #: (:func:`whole_model_fits`) or the environment says ``VITCONV_ONNX_STREAMED=1``; True / False force it.
+    streamed: Optional[bool] = None
+    #: Blocks per onnxruntime session of the block-by-block proof (None: ``VITCONV_ONNX_BLOCKS``, else
+    #: as many as an eighth of the memory holds: :func:`blocks_per_part`).
+    blocks_per_part: Optional[int] = None
 
 
 #: Peak memory of ``vitconv export`` as a multiple of the model's float32 weight bytes: every
@@ -65,18 +73,91 @@ def physical_memory() -> int:
         return 0
 
 
+def float32_weight_bytes(cfg: ViTConfig) -> int:
+    return 4 * sum(math.prod(s) for s in parameter_shapes(cfg).values())
+
+
+def whole_model_fits(cfg: ViTConfig, memory: Optional[int] = None) -> bool:
+    """Whether the whole-model export's peak (:data:`WHOLE_MODEL_PEAK` x the float32 weights)
+    fits this machine's memory (True where the platform does not say)."""
+    memory = physical_memory() if memory is None else memory
+    return not (memory and WHOLE_MODEL_PEAK * float32_weight_bytes(cfg) > memory)
+
+
 def refuse_whole_model_beyond_memory(cfg: ViTConfig, src: PathLike, memory: Optional[int] = None) -> None:
     """Refuse, before anything is read, an export whose traced model would not fit in this
-    machine's memory: it would swap for hours or be killed, leaving the user nothing to go on."""
+    machine's memory: it would swap for hours or be killed, leaving the user nothing to go on.
+    (ONNX alone then goes the streamed way: :mod:`vitconv.export.onnx_meta`.)"""
     memory = physical_memory() if memory is None else memory
-    weights = 4 * sum(math.prod(s) for s in parameter_shapes(cfg).values())
+    weights = float32_weight_bytes(cfg)
     need = WHOLE_MODEL_PEAK * weights
-    if memory and need > memory:
+    if not whole_model_fits(cfg, memory):
         raise BadInputError(
             f"export holds the whole model in memory: about {need / 1e9:.1f} GB ({WHOLE_MODEL_PEAK}x its "
             f"{weights / 1e9:.1f} GB of float32 weights), and this machine has {memory / 1e9:.1f} GB; "
             "vitconv convert (safetensors, .pt, every layout) and vitconv verify run block by block "
-            "at any size", src)
+            "at any size; --onnx alone is exported block by block", src)
+
+
+def streamed_wanted(plan: ExportPlan, cfg: ViTConfig) -> bool:
+    """Whether ``plan``'s ONNX export goes the streamed way (see :attr:`ExportPlan.streamed`)."""
+    if plan.streamed is not None:
+        return plan.streamed
+    if os.environ.get("VITCONV_ONNX_STREAMED", "") == "1":
+        return True
+    alone = not (plan.torchscript or plan.pt2 or plan.safetensors)  # others need the whole model
+    return alone and not whole_model_fits(cfg)
+
+
+def blocks_per_part(plan: ExportPlan, cfg: ViTConfig) -> int:
+    """Blocks per session of the block-by-block proof: the plan's, ``VITCONV_ONNX_BLOCKS``, or
+    as many blocks as an eighth of the physical memory holds (onnxruntime holds a part's
+    weights and may pre-pack a copy of each matrix; the machine's other users keep the rest)."""
+    if plan.blocks_per_part:
+        return plan.blocks_per_part
+    if os.environ.get("VITCONV_ONNX_BLOCKS"):
+        return max(1, int(os.environ["VITCONV_ONNX_BLOCKS"]))
+    block = 4 * sum(math.prod(s) for n, s in parameter_shapes(cfg).items() if n.startswith("blocks.0."))
+    memory = physical_memory() or 8 * 1024**3
+    return max(1, min(cfg.depth, int(memory / 8 // max(block, 1))))
+
+
+def streamed_stages(src: PathLike, plan: ExportPlan, native: int):
+    """``stages(batch, size)``: the canonical model's stages on that check's seeded input, run
+    block by block from the checkpoint (:func:`~vitconv.checkpoint.forward_stages_streamed`),
+    converted at ``size`` where it is not the native one (as :func:`make_reference`)."""
+    import torch
+
+    from ..checkpoint import forward_stages_streamed
+
+    def stages(batch: int, size: int) -> Dict[str, np.ndarray]:
+        with open_checkpoint(src, image_size=plan.image_size if size == native else size, labels=plan.labels,
+                             overrides=plan.overrides) as ckpt:
+            x = torch.from_numpy(seeded_input(batch, size, ckpt.config.in_chans))
+            return {k: v.numpy() for k, v in forward_stages_streamed(ckpt, x).items()}
+
+    return stages
+
+
+def run_export_streamed(src: PathLike, plan: ExportPlan, cfg: ViTConfig, usage, weights: PathLike,
+                        progress: Callable[[str], None]) -> List[ExportResult]:
+    """The ONNX target of a model exported without holding it (:mod:`vitconv.export.onnx_meta`)."""
+    if plan.torchscript or plan.pt2 or plan.safetensors:
+        raise BadInputError("the streamed ONNX export (a model larger than memory, or VITCONV_ONNX_STREAMED=1) "
+                            "writes --onnx alone; convert to safetensors with vitconv convert", src)
+    checks = check_plan(cfg.image_size, cfg.total_stride, plan.batch, plan.dynamic_size)
+    meta = export_metadata(cfg, usage, opset=plan.opset, batch=plan.batch, dynamic_size=plan.dynamic_size,
+                           fp16=plan.fp16, source_sha256=sha256_file(weights), source=src)
+    k = blocks_per_part(plan, cfg)
+    progress(f"onnx -> {plan.onnx} (streamed: traced on the meta device, proved {k} block(s) at a time)")
+
+    def open_ckpt():
+        return open_checkpoint(src, image_size=plan.image_size, labels=plan.labels, overrides=plan.overrides)
+
+    result = export_onnx_streamed(open_ckpt, plan.onnx, streamed_stages(src, plan, cfg.image_size), checks,
+                                  opset=plan.opset, batch=plan.batch, dynamic_size=plan.dynamic_size,
+                                  fp16=plan.fp16, meta=meta, blocks_per_part=k)
+    return [result]
 
 
 def default_output(src: PathLike, kind: str) -> Path:
@@ -135,9 +216,15 @@ def run_export(src: PathLike, plan: ExportPlan,
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
                                 "scale_factor (g + 0.1) / M, which ONNX and torch.export cannot follow for "
                                 "symbolic sizes; export at a fixed resolution (--image-size N)", src)
-        refuse_whole_model_beyond_memory(ckpt.config, src)
-        model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
-        weights = ckpt.source.files()[0]  # a model directory's weights file
+        streamed = bool(plan.onnx) and streamed_wanted(plan, ckpt.config)
+        if streamed:  # no model built: the exporter reads the checkpoint again, a weight at a time
+            cfg, usage, weights = ckpt.config, ckpt.usage, ckpt.source.files()[0]
+        else:
+            refuse_whole_model_beyond_memory(ckpt.config, src)
+            model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
+            weights = ckpt.source.files()[0]  # a model directory's weights file
+    if streamed:
+        return run_export_streamed(src, plan, cfg, usage, weights, progress or (lambda s: None))
     cfg = model.config
     say = progress or (lambda s: None)
     checks = check_plan(cfg.image_size, cfg.total_stride, plan.batch, plan.dynamic_size)
