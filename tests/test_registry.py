@@ -72,7 +72,7 @@ VARIANTS.update({
     "dinov3 swiglu, q/v biases": _SMALL.replace(image_size=224, patch_size=16, act="silu", norm_eps=1e-5,
                                                 layer_scale=True, num_reg_tokens=4, mlp="swiglu", mlp_dim=128,
                                                 key_bias=False, abs_pos_embed=False, rope="dinov3", num_classes=0,
-                                                mask_token=True),
+                                                mask_token=True, swiglu_unpacked=True),
     # AIMv2 (timm and Hugging Face): RMSNorm, no biases but the patch projection's, unpacked SwiGLU
     "aimv2": _SMALL.replace(act="silu", norm="rmsnorm", norm_eps=1e-5, qkv_bias=False, proj_bias=False,
                             mlp_bias=False, mlp="swiglu", mlp_dim=176, swiglu_unpacked=True, patch_embed_norm=True,

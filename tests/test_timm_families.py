@@ -117,8 +117,8 @@ def test_set_refuses_fields_the_file_records(tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,feature", [
-    ("eva02_tiny_patch14_224", {}, "rotary position embeddings with separate query/value biases"),
-    ("vit_base_patch16_rope_reg1_gap_256", {}, "rotary position embeddings"),
+    ("vit_small_patch16_rope_mixed_224", {}, "learned per-head rotary frequencies (rope_mixed)"),
+    ("eva02_base_patch14_224", {}, "sub-LayerNorms or qk-norm inside attention/MLP"),
 ])
 def test_out_of_scope_features_are_refused_by_name(arch, kw, feature, tmp_path):
     """The issue's out-of-scope list, built by the real timm: refused naming the feature, not as

@@ -70,9 +70,18 @@ MLPS = ("mlp", "swiglu")
 #: per axis, each axis normalised by its own length and mapped to [-1, 1]; ``head_dim / 4``
 #: periods ``rope_theta ** (4k / head_dim)``; angles ``2 pi coord / period``, rows' angles first
 #: then columns', the whole repeated twice ("rotate-half" layout: ``x cos + rotate_half(x) sin``).
-#: Other forms (EVA-02's ``cat``, timm's ``rope_mixed`` with learned per-head frequencies,
-#: Perception Encoder's 2-D RoPE) are further values of this field, with ``rope_theta`` their base.
-ROPES = ("none", "dinov3")
+#: "cat": EVA's axial form (timm ``RotaryEmbeddingCat`` with ``in_pixels=False``: EVA-02, timm's
+#: ``*_rope_*`` ViTs, Perception Encoder's grid): integer patch indices per axis plus
+#: ``rope_grid_offset``, rescaled by ``rope_ref_grid`` where set (``i / n * ref``: the pretraining
+#: grid's span at any grid); ``head_dim / 4`` frequencies ``rope_theta ** -(k / (head_dim / 4))``;
+#: angles ``coord * frequency``, the first coordinate's then the second's (``rope_indexing``: "ij"
+#: rows first, "xy" columns first), laid out interleaved (``[a0, a0, a1, a1, ...]`` with timm's
+#: ``rot``: ``[-x1, x0, -x3, x2, ...]``) or rotate-half (``rope_half``).
+#: Other forms (timm's ``rope_mixed`` with learned per-head frequencies) are further values.
+ROPES = ("none", "dinov3", "cat")
+#: Which coordinate's angles come first in a rotary embedding: "ij" the row's, "xy" the column's
+#: (timm ``rope_grid_indexing``; the grid itself is row-major either way).
+ROPE_INDEXINGS = ("ij", "xy")
 #: The normalisation layer. "layernorm": ``nn.LayerNorm`` (weight and bias). "rmsnorm":
 #: ``x * rsqrt(mean(x^2) + eps) * weight``, weight only (timm ``RmsNorm``, Hugging Face
 #: ``Aimv2RMSNorm``: AIMv2), the statistics taken in float32.
@@ -220,11 +229,23 @@ class ViTConfig:
     rope: str = _field("none", "rotary position embeddings")
     #: The base of the rotary periods (DINOv3's ``rope_temperature`` / ``rope_theta``: 100).
     rope_theta: float = _field(100.0, "the rotary embeddings' base period (temperature)")
+    #: ``rope='cat'``: the grid the rotary coordinates are rescaled to (timm ``ref_feat_shape``,
+    #: rows then columns: a patch index ``i`` of an ``n``-long axis becomes ``i / n * ref``), so
+    #: any grid spans the pretraining grid's coordinates; None: raw patch indices.
+    rope_ref_grid: Optional[Tuple[int, int]] = _field(None, "the grid rotary coordinates are rescaled to")
+    #: ``rope='cat'``: added to every patch index before the rescale (timm ``rope_grid_offset``;
+    #: Perception Encoder: 1).
+    rope_grid_offset: float = _field(0.0, "an offset added to the rotary patch coordinates")
+    rope_indexing: str = _field("ij", "which coordinate's rotary angles come first (rows: ij, columns: xy)")
+    #: The rotary layout: the two halves rotated together (``rotate_half``: DINOv3's, timm's
+    #: ``rope_rotate_half=True``) or interleaved pairs ``(x0, x1), (x2, x3)...`` (False: timm's default
+    #: for ``cat``, EVA-02, the ``*_rope_*`` ViTs, Perception Encoder).
+    rope_half: bool = _field(True, "rotary pairs in two halves (rotate-half) rather than interleaved")
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS), ("rope", ROPES), ("norm", NORMS), ("pool_head", POOL_HEADS),
+                              ("mlp", MLPS), ("rope", ROPES), ("rope_indexing", ROPE_INDEXINGS), ("norm", NORMS), ("pool_head", POOL_HEADS),
                               ("rel_pos_resize", REL_POS_RESIZES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -260,6 +281,21 @@ class ViTConfig:
             object.__setattr__(self, "pos_resize", "zoom")
         if not self.qkv_bias and not self.key_bias:
             object.__setattr__(self, "key_bias", True)  # no biases at all; one spelling
+        if self.rope_ref_grid is not None:
+            object.__setattr__(self, "rope_ref_grid", tuple(int(n) for n in self.rope_ref_grid))
+            if len(self.rope_ref_grid) != 2 or min(self.rope_ref_grid) <= 0:
+                raise ValueError(f"rope_ref_grid must be two positive sizes, got {self.rope_ref_grid}")
+        object.__setattr__(self, "rope_grid_offset", float(self.rope_grid_offset))
+        if not math.isfinite(self.rope_grid_offset):
+            raise ValueError(f"rope_grid_offset must be finite, got {self.rope_grid_offset}")
+        if self.rope != "cat":  # only EVA's form has these; one spelling
+            if self.rope == "dinov3" and (self.rope_ref_grid is not None or self.rope_grid_offset
+                                          or self.rope_indexing != "ij" or not self.rope_half):
+                raise ValueError("rope 'dinov3' has no reference grid, offset, 'xy' order or interleaved "
+                                 "layout (those are rope 'cat''s)")
+            for name, default in (("rope_ref_grid", None), ("rope_grid_offset", 0.0), ("rope_indexing", "ij"),
+                                  ("rope_half", True)):
+                object.__setattr__(self, name, default)
         if self.rope == "none":
             object.__setattr__(self, "rope_theta", 100.0)  # no rotation, no base; one spelling
         else:
@@ -358,8 +394,9 @@ class ViTConfig:
     # ---- serialisation ------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["resnet_layers"] is not None:
-            d["resnet_layers"] = list(d["resnet_layers"])
+        for name in ("resnet_layers", "rope_ref_grid"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod
@@ -425,7 +462,11 @@ class ViTConfig:
         if self.distilled:
             extras.append("distillation token")
         if self.rope != "none":
-            extras.append(f"RoPE {self.rope} (theta {self.rope_theta:g})")
+            extras.append(f"RoPE {self.rope} (theta {self.rope_theta:g}"
+                          + (f", grid {self.rope_ref_grid[0]}x{self.rope_ref_grid[1]}" if self.rope_ref_grid else "")
+                          + (f", offset {self.rope_grid_offset:g}" if self.rope_grid_offset else "")
+                          + (", xy" if self.rope_indexing == "xy" else "")
+                          + (", interleaved" if not self.rope_half else "") + ")")
         if not self.abs_pos_embed:
             extras.append("no position table")
         if self.qkv_bias and not self.key_bias:

@@ -192,6 +192,39 @@ def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None) -> Tuple[torch
     return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
 
 
+def rope_cat(gh, gw, cfg: ViTConfig, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EVA's axial rotary ``(sin, cos)`` (``config.rope='cat'``) for a ``gh`` x ``gw`` patch grid,
+    each ``(gh * gw, head_dim)``, in the order of operations of timm's ``RotaryEmbeddingCat`` with
+    ``in_pixels=False`` (``build_rotary_pos_embed``: ``freq_bands(step=1)``, ``_build_grid('index')``)
+    so the angles are timm's bit for bit: ``head_dim / 4`` frequencies ``1 / theta ** (k / (head_dim / 4))``;
+    per axis the patch index as float32 plus ``rope_grid_offset``, then ``/ n * ref`` where a
+    reference grid is set (timm's ``ref_feat_shape``: EVA-02 fine-tuned at another size keeps its
+    pretraining span); angles ``coord * frequency``, the first coordinate's then the second's
+    (``rope_indexing``: 'ij' the row's first, 'xy' the column's; tokens stay row-major), laid out
+    interleaved ``[a0, a0, a1, a1, ...]`` or in halves ``[a0, a1, ..., a0, a1, ...]``. Always float32."""
+    n = cfg.head_dim // 4
+    exp = torch.arange(0, n, 1, dtype=torch.int64, device=device).to(torch.float32) / n
+    bands = 1.0 / (cfg.rope_theta ** exp)
+    sizes = [gh, gw]
+    ref = list(cfg.rope_ref_grid) if cfg.rope_ref_grid is not None else None
+    axes = [torch.arange(s, dtype=torch.int64, device=device).to(torch.float32) + cfg.rope_grid_offset for s in sizes]
+    if ref is not None:
+        axes = [a / s * r for a, s, r in zip(axes, sizes, ref)]
+    coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)  # (gh, gw, [row, col])
+    if cfg.rope_indexing == "xy":
+        coords = coords.flip(-1)  # [col, row]: timm's 'xy' meshgrid, the same values
+    angles = (coords.unsqueeze(-1) * bands).flatten(-2).flatten(0, -2)  # (gh * gw, head_dim / 2)
+    sin, cos = angles.sin(), angles.cos()
+    if cfg.rope_half:
+        return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
+    return sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+
+
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """``[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]`` (the interleaved RoPE layout, timm's ``rot``)."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``[x1, x2] -> [-x2, x1]`` over the last axis (the rotate-half RoPE layout)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -258,6 +291,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.attn_dim, cfg.width, bias=cfg.proj_bias)
         self.key_bias = cfg.key_bias
         self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.rotate = rotate_half if cfg.rope_half else rotate_interleaved
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         b, n, _ = x.shape
@@ -282,12 +316,13 @@ class Attention(nn.Module):
 
     def _rotate(self, t: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``t * cos + rotate_half(t) * sin`` on the tokens after the prefix (timm's
-        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``), in float32 sin and
-        cos and cast back to ``t``'s dtype once, as timm does."""
+        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``; with
+        ``rope_half=False`` the pairwise ``rotate_interleaved``, timm's ``half=False``), in float32
+        sin and cos and cast back to ``t``'s dtype once, as timm does."""
         sin, cos = rope
         p = self.num_prefix_tokens
         patches = t[:, :, p:]
-        return torch.cat([t[:, :, :p], (patches * cos + rotate_half(patches) * sin).to(t.dtype)], dim=2)
+        return torch.cat([t[:, :, :p], (patches * cos + self.rotate(patches) * sin).to(t.dtype)], dim=2)
 
 
 class Mlp(nn.Module):
@@ -465,6 +500,8 @@ class VisionTransformer(nn.Module):
         pos = Positions(grid=(gh, gw))
         if cfg.rope == "dinov3":
             pos.rope = rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta, self.patch_embed.weight.device)
+        elif cfg.rope == "cat":
+            pos.rope = rope_cat(gh, gw, cfg, self.patch_embed.weight.device)
         if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
             device = self.patch_embed.weight.device  # built on the CPU; the tables may live elsewhere
             pos.rel_index = rel_pos_index(gh, gw).to(device)
