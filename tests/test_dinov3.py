@@ -260,7 +260,7 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,what", [
-    ("eva02_base_patch14_224", {}, "sub-LayerNorms or qk-norm inside attention/MLP"),
+    ("vit_pe_core_tiny_patch16_384", {}, "an attention-pooling head (Perception Encoder core"),
     ("vit_small_patch16_rope_mixed_224", {}, "learned per-head rotary frequencies (rope_mixed)"),
 ])
 def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):

@@ -48,6 +48,13 @@ TIMM = {
     "eva02_tiny_patch14_224": (dict(), {}, dict(
         rope="cat", rope_ref_grid=(16, 16), abs_pos_embed=True, pos_embed_prefix="all", mlp="swiglu",
         act="silu", swiglu_unpacked=False, layer_scale=False, mlp_dim=341, final_norm="pooled")),
+    # EVA-02 B: separate q/k/v projections (no key bias), a sub-LayerNorm in the (unpacked) SwiGLU
+    "eva02_base_patch14_224": (dict(), {}, dict(
+        rope="cat", qkv_unfused=True, key_bias=False, mlp_norm=True, attn_norm=False, swiglu_unpacked=True,
+        mlp="swiglu", final_norm="pooled")),
+    # EVA-02 CLIP B: the same and a sub-LayerNorm on the attention output, class-token pooling, a head
+    "eva02_base_patch16_clip_224": (dict(num_classes=24), {}, dict(
+        rope="cat", qkv_unfused=True, mlp_norm=True, attn_norm=True, classifier="token", num_classes=24)),
     # Perception Encoder's spatial tower: grid offset 1, 'xy', a pre-norm and no patch bias, no final norm
     "vit_pe_spatial_tiny_patch16_512": (dict(), {}, dict(
         rope="cat", rope_grid_offset=1.0, rope_indexing="xy", rope_ref_grid=(32, 32), norm_pre=True,
@@ -142,7 +149,6 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
 
 @pytest.mark.parametrize("arch,what", [
     ("vit_small_patch16_rope_mixed_224", "learned per-head rotary frequencies (rope_mixed)"),
-    ("eva02_base_patch16_clip_224", "sub-LayerNorms or qk-norm inside attention/MLP"),
     ("vit_pe_core_tiny_patch16_384", "an attention-pooling head (Perception Encoder core"),
 ])
 def test_other_eva_forms_are_refused_by_name(arch, what, tmp_path):

@@ -241,6 +241,15 @@ class ViTConfig:
     #: ``rope_rotate_half=True``) or interleaved pairs ``(x0, x1), (x2, x3)...`` (False: timm's default
     #: for ``cat``, EVA-02, the ``*_rope_*`` ViTs, Perception Encoder).
     rope_half: bool = _field(True, "rotary pairs in two halves (rotate-half) rather than interleaved")
+    #: EVA-02's sub-LayerNorms (NormFormer-style): the model's norm over the attention output (its
+    #: ``num_heads * head_dim`` channels) before the output projection (timm Eva ``scale_attn_inner``,
+    #: ``attn.norm``), and over the MLP's hidden (after the activation or gating) before ``fc2``
+    #: (``scale_mlp``, ``mlp.norm``).
+    attn_norm: bool = _field(False, "a norm over the attention output before its projection (EVA-02)")
+    mlp_norm: bool = _field(False, "a norm over the MLP hidden before fc2 (EVA-02)")
+    #: q, k and v kept as three linears (timm Eva ``qkv_fused=False``: ``q_proj``/``k_proj``/``v_proj``)
+    #: rather than one fused ``qkv``: the same function, stored apart.
+    qkv_unfused: bool = _field(False, "q, k and v stored as three linears", storage=True)
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
@@ -459,6 +468,9 @@ class ViTConfig:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:
             extras.append("patch norms")
+        if self.attn_norm or self.mlp_norm:
+            extras.append("sub-LayerNorms in " + " and ".join(n for n, b in (("attention", self.attn_norm),
+                                                                           ("MLP", self.mlp_norm)) if b))
         if self.distilled:
             extras.append("distillation token")
         if self.rope != "none":
@@ -506,9 +518,11 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         if cfg.norm == "layernorm":
             out.append((f"{name}.bias", (n,)))
 
-    def mlp(name: str, glu: bool, bias: bool = True) -> None:
+    def mlp(name: str, glu: bool, bias: bool = True, sub_norm: bool = False) -> None:
         linear(f"{name}.fc1", d, 2 * cfg.mlp_dim if glu else cfg.mlp_dim, bias)
         linear(f"{name}.fc2", cfg.mlp_dim, d, bias)
+        if sub_norm:
+            model_norm(f"{name}.norm", cfg.mlp_dim)
 
     # VisionTransformer's own parameters first
     for name, present, rows in (("cls_token", cfg.class_token, (1, 1)), ("dist_token", cfg.distilled, (1, 1)),
@@ -557,11 +571,13 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         if cfg.qk_norm:
             model_norm(f"{b}.attn.q_norm", cfg.head_dim)
             model_norm(f"{b}.attn.k_norm", cfg.head_dim)
+        if cfg.attn_norm:
+            model_norm(f"{b}.attn.norm", cfg.attn_dim)
         linear(f"{b}.attn.proj", cfg.attn_dim, d, cfg.proj_bias)
         if cfg.layer_scale:
             out.append((f"{b}.ls1.gamma", (d,)))
         model_norm(f"{b}.norm2", d)
-        mlp(f"{b}.mlp", cfg.mlp == "swiglu", cfg.mlp_bias)
+        mlp(f"{b}.mlp", cfg.mlp == "swiglu", cfg.mlp_bias, cfg.mlp_norm)
         if cfg.layer_scale:
             out.append((f"{b}.ls2.gamma", (d,)))
     if cfg.final_norm != "none":

@@ -288,6 +288,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
         self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.norm = norm_layer(cfg, cfg.attn_dim) if cfg.attn_norm else None  # EVA-02's scale_attn_inner
         self.proj = nn.Linear(cfg.attn_dim, cfg.width, bias=cfg.proj_bias)
         self.key_bias = cfg.key_bias
         self.num_prefix_tokens = cfg.num_prefix_tokens
@@ -312,7 +313,8 @@ class Attention(nn.Module):
         if pos.rel_shared is not None:  # timm and transformers alike: the block's own, then the shared
             bias = pos.rel_shared if bias is None else bias + pos.rel_shared
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(self.norm(out) if self.norm is not None else out)
 
     def _rotate(self, t: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``t * cos + rotate_half(t) * sin`` on the tokens after the prefix (timm's
@@ -327,12 +329,14 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """``fc2(act(fc1(x)))``; SwiGLU: ``fc1`` holds [gate; up] and the hidden is ``act(gate) * up``
-    (DINOv2's ``w12``, timm's ``SwiGLUPacked``: the first half is the activated gate)."""
+    (DINOv2's ``w12``, timm's ``SwiGLUPacked``: the first half is the activated gate). With
+    ``mlp_norm`` the hidden is normalised before ``fc2`` (timm's ``Mlp``/``SwiGLU`` ``norm_layer``)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_in_dim, bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width, bias=cfg.mlp_bias)
+        self.norm = norm_layer(cfg, cfg.mlp_dim) if cfg.mlp_norm else None  # EVA-02's scale_mlp, before fc2
         self.act = _activation(cfg.act)
         self.glu = cfg.mlp == "swiglu"
 
@@ -340,8 +344,10 @@ class Mlp(nn.Module):
         h = self.fc1(x)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
-            return self.fc2(self.act(gate) * up)
-        return self.fc2(self.act(h))
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.fc2(self.norm(h) if self.norm is not None else h)
 
 
 class AttentionPool(nn.Module):
@@ -367,7 +373,7 @@ class AttentionPool(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.norm = norm_layer(cfg, d)
-        self.mlp = Mlp(cfg.replace(mlp="mlp", mlp_bias=True))
+        self.mlp = Mlp(cfg.replace(mlp="mlp", mlp_bias=True, mlp_norm=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

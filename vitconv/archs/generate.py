@@ -177,13 +177,12 @@ def _features(model, block) -> List[str]:
     if rotary and eva_rope(model) is None:
         out.append("rotary position embeddings")
     if type(model).__name__ == "Eva":  # what the timm_eva layout refuses by name (its _not_yet)
-        for part, what in (("norm", "a sub-LayerNorm in attention"), ("gate", "a gated attention output")):
+        # sub-LayerNorms (attn.norm, mlp.norm) and separate q/k/v are computed (attn_norm, mlp_norm)
+        for part, what in (("q_norm", "qk-norm (timm Eva)"), ("gate", "a gated attention output")):
             if type(getattr(attn, part, None)).__name__ not in ("NoneType", "Identity"):
                 out.append(what)
-        if type(getattr(getattr(block, "mlp", None), "norm", None)).__name__ not in ("NoneType", "Identity"):
-            out.append("a sub-LayerNorm in the MLP")
-        if getattr(attn, "q_proj", None) is not None:
-            out.append("separate q/k/v projections")
+        if getattr(attn, "num_kv_heads", getattr(attn, "num_heads", None)) != getattr(attn, "num_heads", None):
+            out.append("grouped-query attention")
         if getattr(model, "attn_pool", None) is not None:
             out.append("an attention-pooling head (Perception Encoder)")
         if (getattr(block, "gamma_1", None) is None) != (getattr(block, "gamma_2", None) is None):

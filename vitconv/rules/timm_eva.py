@@ -42,7 +42,7 @@ from ..preprocess import Usage
 from .. import archs
 from .base import Carry, Rule
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
-from .layout import GLU_CONCAT, IDENTITY, Q_V_BIAS
+from .layout import GLU_CONCAT, IDENTITY, Q_V_BIAS, QKV_CONCAT
 from .registry import Layout, Probe, register
 
 _B = "blocks.{i}."
@@ -60,9 +60,13 @@ def _table(norm_key: str) -> Tuple[Rule, ...]:
     for canonical, key, when, op in (
             ("ls1.gamma", "gamma_1", "layer_scale", IDENTITY), ("ls2.gamma", "gamma_2", "layer_scale", IDENTITY),
             ("norm1.weight", "norm1.weight", "always", IDENTITY), ("norm1.bias", "norm1.bias", "always", IDENTITY),
-            ("attn.qkv.weight", "attn.qkv.weight", "always", IDENTITY),
+            ("attn.qkv.weight", "attn.qkv.weight", "qkv_unfused=False", IDENTITY),
             # AttentionRope (attn_type='rope': the *_rope_* ViTs, Perception Encoder): one full qkv bias
-            ("attn.qkv.bias", "attn.qkv.bias", "qkv_bias&key_bias", IDENTITY),
+            ("attn.qkv.bias", "attn.qkv.bias", "qkv_unfused=False&qkv_bias&key_bias", IDENTITY),
+            ("attn.norm.weight", "attn.norm.weight", "attn_norm", IDENTITY),
+            ("attn.norm.bias", "attn.norm.bias", "attn_norm", IDENTITY),
+            ("mlp.norm.weight", "mlp.norm.weight", "mlp_norm", IDENTITY),
+            ("mlp.norm.bias", "mlp.norm.bias", "mlp_norm", IDENTITY),
             ("attn.proj.weight", "attn.proj.weight", "always", IDENTITY),
             ("attn.proj.bias", "attn.proj.bias", "always", IDENTITY),
             ("norm2.weight", "norm2.weight", "always", IDENTITY), ("norm2.bias", "norm2.bias", "always", IDENTITY),
@@ -71,8 +75,14 @@ def _table(norm_key: str) -> Tuple[Rule, ...]:
             ("mlp.fc2.weight", "mlp.fc2.weight", "always", IDENTITY),
             ("mlp.fc2.bias", "mlp.fc2.bias", "always", IDENTITY)):
         rows.append(Rule(_B + canonical, (_B + key,), op, "block", when))
+    qkv = tuple(_B + f"attn.{p}_proj." for p in "qkv")  # qkv_fused=False (EVA-02 CLIP)
     rows += [Rule(_B + "attn.qkv.bias", (_B + "attn.q_bias", _B + "attn.v_bias"), Q_V_BIAS, "block",
-                  "qkv_bias&key_bias=False"),
+                  "qkv_unfused=False&qkv_bias&key_bias=False"),
+             Rule(_B + "attn.qkv.weight", tuple(k + "weight" for k in qkv), QKV_CONCAT, "block", "qkv_unfused"),
+             Rule(_B + "attn.qkv.bias", (qkv[0] + "bias", qkv[2] + "bias"), Q_V_BIAS, "block",
+                  "qkv_unfused&qkv_bias&key_bias=False"),
+             Rule(_B + "attn.qkv.bias", tuple(k + "bias" for k in qkv), QKV_CONCAT, "block",
+                  "qkv_unfused&qkv_bias&key_bias"),
              Rule(_B + "mlp.fc1.weight", (_B + "mlp.fc1_g.weight", _B + "mlp.fc1_x.weight"), GLU_CONCAT, "block",
                   "swiglu_unpacked"),
              Rule(_B + "mlp.fc1.bias", (_B + "mlp.fc1_g.bias", _B + "mlp.fc1_x.bias"), GLU_CONCAT, "block",
@@ -138,6 +148,10 @@ CARRIES = (
     Carry("pos_resize", holds=lambda c: not c.abs_pos_embed or c.pos_resize == "bicubic_aa",
           why="timm's Eva resamples its table bicubic, antialiased"),
     Carry("norm_pre"),
+    Carry("qkv_unfused"),
+    Carry("attn_norm"),
+    Carry("mlp_norm", holds=lambda c: not (c.mlp_norm and c.mlp == "swiglu" and not c.swiglu_unpacked),
+          why="timm's Eva normalises a SwiGLU's hidden in its unpacked SwiGLU only (fc1_g/fc1_x)"),
     Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
           why="timm's Eva has a patch bias exactly when it has no pre-norm (use_pre_transformer_norm)"),
     Carry("rope", values=("none", "dinov3", "cat"), key="model_args.rope_type", argument="rope_type",
@@ -176,19 +190,18 @@ def _not_yet(probe: Probe) -> Optional[str]:
     s = probe.shapes
     if "rope.freqs" in s:
         return "learned per-head rotary frequencies (rope_mixed)"
-    if any(k.startswith("blocks.0.") and k.endswith(n) for k in s
-           for n in ("attn.norm.weight", "mlp.norm.weight", "attn.q_norm.weight", "attn.k_norm.weight")):
-        return "sub-LayerNorms or qk-norm inside attention/MLP (EVA-02 CLIP, Sapiens2)"
-    if "blocks.0.attn.q_proj.weight" in s:
-        return "separate q/k/v projections (EVA-02 CLIP)"
+    if "blocks.0.attn.q_norm.weight" in s or "blocks.0.attn.k_norm.weight" in s:
+        return "qk-norm (Sapiens2)"
+    if "blocks.0.attn.q_proj.weight" in s and s.get("blocks.0.attn.k_proj.weight") != s["blocks.0.attn.q_proj.weight"]:
+        return "fewer key/value heads than query heads (grouped-query attention)"
     if "blocks.0.attn.gate.weight" in s:
         return "a gated attention output"
     if any(k.startswith("attn_pool.") for k in s):
         return "an attention-pooling head (Perception Encoder core: its own head count)"
     if ("blocks.0.gamma_1" in s) != ("blocks.0.gamma_2" in s):
         return "LayerScale on one branch only (attn_only_layer_scale)"
-    if "blocks.0.attn.qkv.weight" not in s:
-        return "no fused qkv projection"
+    if "blocks.0.attn.qkv.weight" not in s and "blocks.0.attn.q_proj.weight" not in s:
+        return "no query/key/value projections"
     return None
 
 
@@ -252,7 +265,9 @@ def infer_config(probe: Probe) -> ViTConfig:
     if len(emb) != 4 or emb[2] != emb[3]:
         raise MappingError(f"patch_embed.proj.weight must be a square (out, in, k, k) kernel, got {emb}", path)
     width, in_chans, patch = emb[0], emb[1], emb[2]
-    qkv = need(shapes, "blocks.0.attn.qkv.weight", "timm_eva", path)
+    unfused = "blocks.0.attn.q_proj.weight" in shapes
+    qkv = need(shapes, "blocks.0.attn.qkv.weight", "timm_eva", path) if not unfused else \
+        tuple([3 * shapes["blocks.0.attn.q_proj.weight"][0]] + list(shapes["blocks.0.attn.q_proj.weight"][1:]))
     if qkv[0] != 3 * width:
         raise MappingError(f"attn.qkv.weight {qkv}: timm Eva's attention width must equal the embedding "
                            f"width {width}", path)
@@ -282,8 +297,8 @@ def infer_config(probe: Probe) -> ViTConfig:
                                    f"{n_prefix} prefix token(s)", path)
         else:
             prefix = "none" if n_prefix else "all"
-    key_bias = "blocks.0.attn.qkv.bias" in shapes
-    qkv_bias = key_bias or "blocks.0.attn.q_bias" in shapes
+    key_bias = "blocks.0.attn.k_proj.bias" in shapes if unfused else "blocks.0.attn.qkv.bias" in shapes
+    qkv_bias = key_bias or ("blocks.0.attn.q_proj.bias" if unfused else "blocks.0.attn.q_bias") in shapes
     rope = _rope_args(args, "dinov3" if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias)
                       else "none", path)
     pool = args.get("global_pool", "avg")
@@ -307,7 +322,8 @@ def infer_config(probe: Probe) -> ViTConfig:
                  class_token=class_token, num_reg_tokens=regs, mlp="swiglu" if swiglu else "mlp",
                  swiglu_unpacked=unpacked, abs_pos_embed=table is not None, pos_embed_prefix=prefix,
                  pos_resize="bicubic_aa", norm_pre="norm_pre.weight" in shapes,
-                 patch_bias="patch_embed.proj.bias" in shapes, **rope)
+                 patch_bias="patch_embed.proj.bias" in shapes, qkv_unfused=unfused,
+                 attn_norm="blocks.0.attn.norm.weight" in shapes, mlp_norm="blocks.0.mlp.norm.weight" in shapes, **rope)
 
 
 # --------------------------------------------------------------------------- writing
@@ -328,7 +344,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     ``GluMlp``): the MLP width is reached as ``int(width * mlp_ratio)`` rounded up to it."""
     kw: Dict[str, Any] = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes, embed_dim=cfg.width, depth=cfg.depth,
-                              num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, qkv_fused=True,
+                              num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, qkv_fused=not cfg.qkv_unfused,
                               attn_type="rope" if cfg.qkv_bias and cfg.key_bias else "eva",
                               init_values=1e-5 if cfg.layer_scale else None,
                               global_pool="token" if cfg.classifier == "token" else "avg",
@@ -337,7 +353,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                               use_pre_transformer_norm=cfg.norm_pre, class_token=cfg.class_token,
                               num_reg_tokens=cfg.num_reg_tokens, use_abs_pos_emb=cfg.abs_pos_embed,
                               no_embed_class=cfg.abs_pos_embed and cfg.pos_embed_prefix == "none",
-                              use_rot_pos_emb=cfg.rope != "none", scale_mlp=False, scale_attn_inner=False,
+                              use_rot_pos_emb=cfg.rope != "none", scale_mlp=cfg.mlp_norm, scale_attn_inner=cfg.attn_norm,
                               dynamic_img_size=True)
     if cfg.rope != "none":
         kw.update(rope_type=cfg.rope, rope_temperature=cfg.rope_theta, rope_rotate_half=cfg.rope_half,
