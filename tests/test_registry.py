@@ -73,6 +73,14 @@ VARIANTS.update({
                                                 layer_scale=True, num_reg_tokens=4, mlp="swiglu", mlp_dim=128,
                                                 key_bias=False, abs_pos_embed=False, rope="dinov3", num_classes=0,
                                                 mask_token=True, swiglu_unpacked=True),
+    # EVA's axial rotary form (timm Eva rope_type='cat'): EVA-02 CLIP's sub-LayerNorms, separate q/k/v,
+    # unpacked SwiGLU; and the RoPE-Axial ViT's full qkv bias, 'xy' angles and a patches-only table
+    "eva02 clip": _SMALL.replace(act="silu", mlp="swiglu", mlp_dim=96, swiglu_unpacked=True, mlp_norm=True,
+                                 attn_norm=True, qkv_unfused=True, key_bias=False, rope="cat", rope_theta=1e4,
+                                 rope_ref_grid=(16, 16), rope_half=False, pos_resize="bicubic_aa"),
+    "rope-axial ape": _SMALL.replace(act="gelu", layer_scale=True, rope="cat", rope_indexing="xy", rope_half=False,
+                                     rope_grid_offset=1.0, num_reg_tokens=1, pos_embed_prefix="none",
+                                     pos_resize="bicubic_aa"),
     # AIMv2 (timm and Hugging Face): RMSNorm, no biases but the patch projection's, unpacked SwiGLU
     "aimv2": _SMALL.replace(act="silu", norm="rmsnorm", norm_eps=1e-5, qkv_bias=False, proj_bias=False,
                             mlp_bias=False, mlp="swiglu", mlp_dim=176, swiglu_unpacked=True, patch_embed_norm=True,
