@@ -83,12 +83,20 @@ def test_clip_with_arch_converts_exactly_and_verifies(name, tmp_path):
     assert wrong > 1e-3, wrong
 
 
+@pytest.mark.parametrize("name", PE)
+def test_perception_encoder_with_arch_converts_exactly(name, tmp_path):
+    """Perception Encoder (timm Eva: EVA's 'cat' rotary angles offset by one, 'xy'; the core tower's
+    attention pool with its own 8 heads): --arch supplies what the file cannot say."""
+    model, src = _bare(name, tmp_path)
+    convert(src, tmp_path / "c.safetensors", overrides={"arch": name})
+    assert _gap(tmp_path / "c.safetensors", model) <= 1e-5
+
+
 def test_an_arch_vitconv_does_not_compute_is_refused_by_name(tmp_path):
-    """Perception Encoder's core tower pools with its own head count: refused naming that (its
-    spatial tower, rotary 'cat' angles and all, converts: tests/test_eva.py)."""
-    _, src = _bare("vit_pe_core_tiny_patch16_384", tmp_path)
-    with pytest.raises(MappingError, match="an attention-pooling head"):
-        convert(src, tmp_path / "c.safetensors", overrides={"arch": "vit_pe_core_tiny_patch16_384"})
+    """RoPE-Mixed learns its rotary frequencies per head: refused naming that."""
+    _, src = _bare("vit_small_patch16_rope_mixed_224", tmp_path)
+    with pytest.raises(MappingError, match="learned per-head rotary frequencies"):
+        convert(src, tmp_path / "c.safetensors", overrides={"arch": "vit_small_patch16_rope_mixed_224"})
     assert not (tmp_path / "c.safetensors").exists()
 
 

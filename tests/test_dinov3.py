@@ -230,7 +230,7 @@ def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
     with open_checkpoint(tmp_path / "s.safetensors") as c:
         assert (c.config.rope, c.config.rope_theta, c.config.norm_eps) == ("dinov3", 100.0, 1e-5)
         said = " ".join(c.notes)
-        assert "classifier='gap', norm_eps=1e-05, rope='dinov3', " in said, c.notes
+        assert "classifier='gap', norm_eps=1e-05, pool_heads=0, rope='dinov3', " in said, c.notes
         assert "rope_theta=100.0: what every architecture whose keys and shapes fit computes" in said, c.notes
         assert "native size 224 is assumed" in said, c.notes
     with open_checkpoint(tmp_path / "s.safetensors", overrides={"rope_theta": 1000.0}) as c:
@@ -260,7 +260,6 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,what", [
-    ("vit_pe_core_tiny_patch16_384", {}, "an attention-pooling head (Perception Encoder core"),
     ("vit_small_patch16_rope_mixed_224", {}, "learned per-head rotary frequencies (rope_mixed)"),
 ])
 def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):

@@ -55,6 +55,10 @@ TIMM = {
     # EVA-02 CLIP B: the same and a sub-LayerNorm on the attention output, class-token pooling, a head
     "eva02_base_patch16_clip_224": (dict(num_classes=24), {}, dict(
         rope="cat", qkv_unfused=True, mlp_norm=True, attn_norm=True, classifier="token", num_classes=24)),
+    # Perception Encoder's core tower: the same angles, attention pooling with its own 8 heads, a projection
+    "vit_pe_core_tiny_patch16_384": (dict(num_classes=24), {"rope_ref_grid": [24, 24]}, dict(
+        rope="cat", rope_grid_offset=1.0, rope_indexing="xy", rope_ref_grid=(24, 24), classifier="map",
+        pool_heads=8, norm_pre=True, final_norm="encoder", num_classes=24)),
     # Perception Encoder's spatial tower: grid offset 1, 'xy', a pre-norm and no patch bias, no final norm
     "vit_pe_spatial_tiny_patch16_512": (dict(), {}, dict(
         rope="cat", rope_grid_offset=1.0, rope_indexing="xy", rope_ref_grid=(32, 32), norm_pre=True,
@@ -149,7 +153,6 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
 
 @pytest.mark.parametrize("arch,what", [
     ("vit_small_patch16_rope_mixed_224", "learned per-head rotary frequencies (rope_mixed)"),
-    ("vit_pe_core_tiny_patch16_384", "an attention-pooling head (Perception Encoder core"),
 ])
 def test_other_eva_forms_are_refused_by_name(arch, what, tmp_path):
     model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,

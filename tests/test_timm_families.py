@@ -118,7 +118,6 @@ def test_set_refuses_fields_the_file_records(tmp_path):
 
 @pytest.mark.parametrize("arch,kw,feature", [
     ("vit_small_patch16_rope_mixed_224", {}, "learned per-head rotary frequencies (rope_mixed)"),
-    ("vit_pe_core_tiny_patch16_384", {}, "an attention-pooling head (Perception Encoder core"),
 ])
 def test_out_of_scope_features_are_refused_by_name(arch, kw, feature, tmp_path):
     """The issue's out-of-scope list, built by the real timm: refused naming the feature, not as

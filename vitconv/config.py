@@ -250,6 +250,9 @@ class ViTConfig:
     #: q, k and v kept as three linears (timm Eva ``qkv_fused=False``: ``q_proj``/``k_proj``/``v_proj``)
     #: rather than one fused ``qkv``: the same function, stored apart.
     qkv_unfused: bool = _field(False, "q, k and v stored as three linears", storage=True)
+    #: The attention-pooling head's own head count (timm ``attn_pool_num_heads``: Perception Encoder's
+    #: core tower pools with 8 heads whatever the blocks have); 0: the blocks' ``num_heads``.
+    pool_heads: int = _field(0, "the attention-pooling head's own head count")
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
@@ -271,6 +274,10 @@ class ViTConfig:
             object.__setattr__(self, "swiglu_unpacked", False)  # nothing to unpack; one spelling
         if self.pool_head != "siglip" and self.classifier != "map":
             object.__setattr__(self, "pool_head", "siglip")  # no pooling head; one spelling
+        if self.classifier != "map" or self.pool_heads == self.num_heads:
+            object.__setattr__(self, "pool_heads", 0)  # no pooling head, or the blocks' count; one spelling
+        elif self.pool_heads < 0 or (self.pool_heads and self.width % self.pool_heads):
+            raise ValueError(f"pool_heads {self.pool_heads} does not divide the width {self.width}")
         if self.patch_norm and self.patch_embed_norm:
             raise ValueError("patch_norm already normalises the patch embeddings (patch_norm_post): "
                              "patch_embed_norm is for a model without vit-pytorch's pair")
@@ -458,6 +465,8 @@ class ViTConfig:
             extras.append("patch embedding norm")
         if self.classifier == "map" and self.pool_head != "siglip":
             extras.append(f"{self.pool_head} pooling head")
+        if self.pool_heads:
+            extras.append(f"{self.pool_heads}-head pooling")
         if not (self.proj_bias and self.mlp_bias):
             extras.append("bias-free " + " and ".join(n for n, b in (("attention projection", self.proj_bias),
                                                                        ("MLP", self.mlp_bias)) if not b))

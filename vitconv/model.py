@@ -363,7 +363,8 @@ class AttentionPool(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         d = cfg.width
-        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        heads = cfg.pool_heads or cfg.num_heads  # its own count where it has one (Perception Encoder)
+        self.num_heads, self.head_dim = heads, d // heads
         self.latent = nn.Parameter(torch.zeros(1, 1, d))
         self.plain = cfg.pool_head == "aimv2"
         if self.plain:

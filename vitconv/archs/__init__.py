@@ -26,9 +26,10 @@ from ..errors import BadInputError, MappingError
 TABLE = Path(__file__).with_name("table.json")
 #: The config fields a table row supplies to a file that leaves them open.
 FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm", "pos_resize", "rope_theta", "rope",
-          "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half")
-#: The rotary fields a timm Eva row records (``rope``: its form, where vitconv computes it)
-ROPE_FIELDS = ("rope", "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half")
+          "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half", "pool_heads")
+#: The fields only a timm Eva row records: its rotary form and parameters (where vitconv computes
+#: them) and its attention pool's head count
+ROPE_FIELDS = ("rope", "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half", "pool_heads")
 #: Where a semantic field's value came from (``Semantics.sources``).
 SOURCES = {"file": "the tensors", "config": "the file's config.json", "--arch": "--arch", "--set": "--set",
            "--num-heads": "--num-heads", "table": "every architecture whose keys and shapes fit agrees",

@@ -183,8 +183,6 @@ def _features(model, block) -> List[str]:
                 out.append(what)
         if getattr(attn, "num_kv_heads", getattr(attn, "num_heads", None)) != getattr(attn, "num_heads", None):
             out.append("grouped-query attention")
-        if getattr(model, "attn_pool", None) is not None:
-            out.append("an attention-pooling head (Perception Encoder)")
         if (getattr(block, "gamma_1", None) is None) != (getattr(block, "gamma_2", None) is None):
             out.append("LayerScale on the attention branch only")
     norm = type(getattr(block, "norm1", None)).__name__
@@ -254,7 +252,9 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                      "features": sorted(set(_features(model, b) + _naflex_features(embed))),
                      "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
         elif eva:
-            extra = {**rope, "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool)}
+            pool = getattr(model, "attn_pool", None)
+            extra = {**rope, "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool),
+                     "pool_heads": int(pool.num_heads) if pool is not None and pool.num_heads != attn.num_heads else 0}
         rows.append({
             **extra, "name": name, "source": "timm",
             "layout": "timm_eva" if eva else ("timm_beit" if type(model).__name__ == "Beit" else "timm"),

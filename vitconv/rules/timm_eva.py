@@ -24,10 +24,12 @@ final norm, or ``fc_norm`` after pooling) or 'token'. RoPE rotates the patch tok
 keys only (class and register tokens unrotated). The position table is resampled bicubic,
 antialiased (``resample_abs_pos_embed``) for another grid (``dynamic_img_size=True``).
 
-Other ``Eva`` forms are refused, naming what is not supported yet: learned per-head frequencies
-(``rope_mixed``), sub-LayerNorms in attention or MLP and separate q/k/v projections (EVA-02 CLIP,
-``eva02_base``/``large``), Perception Encoder's attention-pooling head (its own head count), gated
-attention, LayerScale on one branch only.
+EVA-02 B/L (``qkv_fused=False``: ``q_proj``, ``k_proj`` without a bias, ``v_proj``; ``scale_mlp``:
+``mlp.norm``; EVA-02 CLIP's ``scale_attn_inner``: ``attn.norm``) and Perception Encoder's core tower
+(``global_pool='map'``: ``attn_pool.{latent, q, kv, proj, norm, mlp}``, ``attn_pool_num_heads`` its
+own head count) convert too. Other ``Eva`` forms are refused, naming what is not supported yet:
+learned per-head frequencies (``rope_mixed``), qk-norm and grouped-query attention (Sapiens2),
+gated attention, LayerScale on one branch only.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ from ..preprocess import Usage
 from .. import archs
 from .base import Carry, Rule
 from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
-from .layout import GLU_CONCAT, IDENTITY, Q_V_BIAS, QKV_CONCAT
+from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
 from .registry import Layout, Probe, register
 
 _B = "blocks.{i}."
+_P = "attn_pool."
 
 
 @lru_cache(maxsize=None)
@@ -89,6 +92,13 @@ def _table(norm_key: str) -> Tuple[Rule, ...]:
                   "swiglu_unpacked"),
              Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
              Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
+             # AttentionPoolLatent (global_pool='map': Perception Encoder core): q and [k; v] apart
+             Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", "classifier=map"),
+             Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", "classifier=map"),
+             Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", "classifier=map"),
+             *(Rule(_P + n, (_P + n,), IDENTITY, "model", "classifier=map")
+               for n in ("proj.weight", "proj.bias", "norm.weight", "norm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                         "mlp.fc2.weight", "mlp.fc2.bias")),
              Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
              Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes")]
     return tuple(rows)
@@ -137,8 +147,11 @@ CARRIES = (
     Carry("layer_scale"),
     Carry("class_token"),
     Carry("num_reg_tokens"),
-    Carry("classifier", values=("token", "gap"), key="model_args.global_pool", argument="global_pool",
-          default="gap", why="timm's Eva pools the class token or the patch tokens' mean here"),
+    Carry("classifier", values=("token", "gap", "map"), key="model_args.global_pool", argument="global_pool",
+          default="gap", holds=lambda c: c.classifier != "map" or c.act == "gelu",
+          why="timm's Eva pools the class token, the patch tokens' mean or attention (its pool's MLP a GELU one)"),
+    Carry("pool_head", values=("siglip",), why="timm's Eva pools with AttentionPoolLatent (SigLIP's form)"),
+    Carry("pool_heads", key="model_args.attn_pool_num_heads", argument="attn_pool_num_heads", default=0),
     Carry("final_norm"),
     Carry("mlp"),
     Carry("swiglu_unpacked"),
@@ -196,8 +209,6 @@ def _not_yet(probe: Probe) -> Optional[str]:
         return "fewer key/value heads than query heads (grouped-query attention)"
     if "blocks.0.attn.gate.weight" in s:
         return "a gated attention output"
-    if any(k.startswith("attn_pool.") for k in s):
-        return "an attention-pooling head (Perception Encoder core: its own head count)"
     if ("blocks.0.gamma_1" in s) != ("blocks.0.gamma_2" in s):
         return "LayerScale on one branch only (attn_only_layer_scale)"
     if "blocks.0.attn.qkv.weight" not in s and "blocks.0.attn.q_proj.weight" not in s:
@@ -301,9 +312,13 @@ def infer_config(probe: Probe) -> ViTConfig:
     qkv_bias = key_bias or ("blocks.0.attn.q_proj.bias" if unfused else "blocks.0.attn.q_bias") in shapes
     rope = _rope_args(args, "dinov3" if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias)
                       else "none", path)
-    pool = args.get("global_pool", "avg")
-    if pool not in ("avg", "token"):
-        raise MappingError(f"config.json: global_pool {pool!r}: the canonical model pools 'avg' or 'token'", path)
+    pool = "map" if _P + "latent" in shapes else args.get("global_pool", "avg")
+    if pool not in ("avg", "token", "map"):
+        raise MappingError(f"config.json: global_pool {pool!r}: the canonical model pools 'avg', 'token' or "
+                           "'map'", path)
+    pool_heads = args.get("attn_pool_num_heads") if pool == "map" else None
+    if pool_heads is not None and (type(pool_heads) is not int or pool_heads <= 0):
+        raise MappingError(f"config.json: attn_pool_num_heads {pool_heads!r} is not a positive integer", path)
     final = "pooled" if "fc_norm.weight" in shapes else ("encoder" if "norm.weight" in shapes else "none")
     head = shapes.get("head.weight")
     named = archs.table().get(named_arch(probe) or "")
@@ -316,7 +331,7 @@ def infer_config(probe: Probe) -> ViTConfig:
         size = patch * max(224 // patch, 1)
     return build(probe, image_size=size,
                  patch_size=patch, in_chans=in_chans, width=width, depth=depth, num_heads=heads, head_dim=head_dim,
-                 mlp_dim=fc2[1], classifier="token" if pool == "token" else "gap", num_classes=head[0] if head else 0,
+                 mlp_dim=fc2[1], classifier={"avg": "gap"}.get(pool, pool), pool_heads=pool_heads or 0, num_classes=head[0] if head else 0,
                  qkv_bias=qkv_bias, key_bias=key_bias or not qkv_bias, norm_eps=eps,
                  act="silu" if swiglu else "gelu", final_norm=final, layer_scale=layer_scale,
                  class_token=class_token, num_reg_tokens=regs, mlp="swiglu" if swiglu else "mlp",
@@ -347,7 +362,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                               num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, qkv_fused=not cfg.qkv_unfused,
                               attn_type="rope" if cfg.qkv_bias and cfg.key_bias else "eva",
                               init_values=1e-5 if cfg.layer_scale else None,
-                              global_pool="token" if cfg.classifier == "token" else "avg",
+                              global_pool={"gap": "avg"}.get(cfg.classifier, cfg.classifier),
                               use_fc_norm=cfg.final_norm == "pooled",
                               use_post_transformer_norm=cfg.final_norm == "encoder",
                               use_pre_transformer_norm=cfg.norm_pre, class_token=cfg.class_token,
@@ -355,6 +370,8 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                               no_embed_class=cfg.abs_pos_embed and cfg.pos_embed_prefix == "none",
                               use_rot_pos_emb=cfg.rope != "none", scale_mlp=cfg.mlp_norm, scale_attn_inner=cfg.attn_norm,
                               dynamic_img_size=True)
+    if cfg.classifier == "map":  # AttentionPoolLatent: its MLP as wide as the blocks'
+        kw.update(attn_pool_num_heads=cfg.pool_heads or cfg.num_heads, attn_pool_mlp_ratio=cfg.mlp_dim / cfg.width)
     if cfg.rope != "none":
         kw.update(rope_type=cfg.rope, rope_temperature=cfg.rope_theta, rope_rotate_half=cfg.rope_half,
                   rope_grid_offset=cfg.rope_grid_offset, rope_grid_indexing=cfg.rope_indexing)
