@@ -93,10 +93,10 @@ def test_perception_encoder_with_arch_converts_exactly(name, tmp_path):
 
 
 def test_an_arch_vitconv_does_not_compute_is_refused_by_name(tmp_path):
-    """RoPE-Mixed learns its rotary frequencies per head: refused naming that."""
-    _, src = _bare("vit_small_patch16_rope_mixed_224", tmp_path)
-    with pytest.raises(MappingError, match="learned per-head rotary frequencies"):
-        convert(src, tmp_path / "c.safetensors", overrides={"arch": "vit_small_patch16_rope_mixed_224"})
+    """Sapiens2 normalises queries and keys and shares key/value heads: refused naming that."""
+    _, src = _bare("vit_base_patch16_sapiens2", tmp_path, num_kv_heads=6)
+    with pytest.raises(MappingError, match="qk-norm"):
+        convert(src, tmp_path / "c.safetensors", overrides={"arch": "vit_base_patch16_sapiens2"})
     assert not (tmp_path / "c.safetensors").exists()
 
 

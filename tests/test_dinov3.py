@@ -260,7 +260,7 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,what", [
-    ("vit_small_patch16_rope_mixed_224", {}, "learned per-head rotary frequencies (rope_mixed)"),
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1), "qk-norm (Sapiens2)"),
 ])
 def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):
     model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,

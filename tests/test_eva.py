@@ -55,6 +55,9 @@ TIMM = {
     # EVA-02 CLIP B: the same and a sub-LayerNorm on the attention output, class-token pooling, a head
     "eva02_base_patch16_clip_224": (dict(num_classes=24), {}, dict(
         rope="cat", qkv_unfused=True, mlp_norm=True, attn_norm=True, classifier="token", num_classes=24)),
+    # RoPE-Mixed (naver): learned frequencies per block and head (rope.freqs, a tensor), 'xy' indices
+    "vit_small_patch16_rope_mixed_224": (dict(), {}, dict(
+        rope="mixed", rope_indexing="xy", rope_half=False, key_bias=True, classifier="token", num_heads=2)),
     # Perception Encoder's core tower: the same angles, attention pooling with its own 8 heads, a projection
     "vit_pe_core_tiny_patch16_384": (dict(num_classes=24), {"rope_ref_grid": [24, 24]}, dict(
         rope="cat", rope_grid_offset=1.0, rope_indexing="xy", rope_ref_grid=(24, 24), classifier="map",
@@ -151,12 +154,13 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
         assert c.config.rope_theta == 10.0
 
 
-@pytest.mark.parametrize("arch,what", [
-    ("vit_small_patch16_rope_mixed_224", "learned per-head rotary frequencies (rope_mixed)"),
+@pytest.mark.parametrize("arch,kw,what", [
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1), "qk-norm (Sapiens2)"),
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1, qk_norm=False), "grouped-query attention"),
 ])
-def test_other_eva_forms_are_refused_by_name(arch, what, tmp_path):
+def test_other_eva_forms_are_refused_by_name(arch, kw, what, tmp_path):
     model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,
-                              num_heads=2)
+                              num_heads=2, **kw)
     _save(model, tmp_path / "m.safetensors")
     with pytest.raises(MappingError) as e:
         convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")

@@ -77,8 +77,11 @@ MLPS = ("mlp", "swiglu")
 #: angles ``coord * frequency``, the first coordinate's then the second's (``rope_indexing``: "ij"
 #: rows first, "xy" columns first), laid out interleaved (``[a0, a0, a1, a1, ...]`` with timm's
 #: ``rot``: ``[-x1, x0, -x3, x2, ...]``) or rotate-half (``rope_half``).
-#: Other forms (timm's ``rope_mixed`` with learned per-head frequencies) are further values.
-ROPES = ("none", "dinov3", "cat")
+#: "mixed": RoPE-Mixed (timm ``RotaryEmbeddingMixed``, ``vit_*_rope_mixed_*``): learned 2-D
+#: frequencies per block and head (``rope_freqs``, ``(2, depth, heads, head_dim / 2)``: x's then y's),
+#: angles ``t_x * fx + t_y * fy`` over integer patch indices (``rope_indexing`` says which is x),
+#: interleaved; ``rope_theta`` only initialised the frequencies and is not kept.
+ROPES = ("none", "dinov3", "cat", "mixed")
 #: Which coordinate's angles come first in a rotary embedding: "ij" the row's, "xy" the column's
 #: (timm ``rope_grid_indexing``; the grid itself is row-major either way).
 ROPE_INDEXINGS = ("ij", "xy")
@@ -304,7 +307,11 @@ class ViTConfig:
         object.__setattr__(self, "rope_grid_offset", float(self.rope_grid_offset))
         if not math.isfinite(self.rope_grid_offset):
             raise ValueError(f"rope_grid_offset must be finite, got {self.rope_grid_offset}")
-        if self.rope != "cat":  # only EVA's form has these; one spelling
+        if self.rope == "mixed":  # integer indices, interleaved, learned frequencies; one spelling
+            for name, default in (("rope_ref_grid", None), ("rope_grid_offset", 0.0), ("rope_half", False),
+                                  ("rope_theta", 100.0)):
+                object.__setattr__(self, name, default)
+        elif self.rope != "cat":  # only EVA's form has these; one spelling
             if self.rope == "dinov3" and (self.rope_ref_grid is not None or self.rope_grid_offset
                                           or self.rope_indexing != "ij" or not self.rope_half):
                 raise ValueError("rope 'dinov3' has no reference grid, offset, 'xy' order or interleaved "
@@ -543,6 +550,8 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
     if cfg.rel_pos_bias_shared:
         out.append(("rel_pos_table", (cfg.rel_pos_rows, cfg.num_heads)))
+    if cfg.rope == "mixed":
+        out.append(("rope_freqs", (2, cfg.depth, cfg.num_heads, cfg.head_dim // 2)))
     if cfg.resnet_layers is not None:  # ResNetStem: root, then bottleneck units stage by stage
         w = cfg.resnet_width
         out.append(("stem.conv_root.weight", (w, cfg.in_chans, 7, 7)))

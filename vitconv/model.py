@@ -220,6 +220,21 @@ def rope_cat(gh, gw, cfg: ViTConfig, device=None) -> Tuple[torch.Tensor, torch.T
     return sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
 
 
+def rope_mixed(gh, gw, cfg: ViTConfig, freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RoPE-Mixed's ``(sin, cos)``, each ``(depth, heads, gh * gw, head_dim)``, in the order of
+    operations of timm's ``RotaryEmbeddingMixed.get_embed`` (``get_mixed_grid``, ``get_mixed_freqs``):
+    integer patch indices as float32, ``t_x`` the first coordinate (``rope_indexing`` 'xy': the
+    column), ``t_y`` the second; angles ``t_x * fx + t_y * fy`` per block and head with the learned
+    ``rope_freqs`` ``(2, depth, heads, head_dim / 2)`` in float32, laid out interleaved."""
+    axes = [torch.arange(s, dtype=torch.int64, device=freqs.device).to(torch.float32) for s in (gh, gw)]
+    coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1).reshape(-1, 2)  # [row, col]
+    if cfg.rope_indexing == "xy":
+        coords = coords.flip(-1)
+    f = freqs.float()
+    angles = coords[:, 0].unsqueeze(-1) * f[0].unsqueeze(-2) + coords[:, 1].unsqueeze(-1) * f[1].unsqueeze(-2)
+    return angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)
+
+
 def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
     """``[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]`` (the interleaved RoPE layout, timm's ``rot``)."""
     return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
@@ -293,6 +308,8 @@ class Attention(nn.Module):
         self.key_bias = cfg.key_bias
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.rotate = rotate_half if cfg.rope_half else rotate_interleaved
+        self.block_index = 0  # set by the model: RoPE-Mixed's angles differ per block
+        self.per_block = cfg.rope == "mixed"
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         b, n, _ = x.shape
@@ -322,6 +339,8 @@ class Attention(nn.Module):
         ``rope_half=False`` the pairwise ``rotate_interleaved``, timm's ``half=False``), in float32
         sin and cos and cast back to ``t``'s dtype once, as timm does."""
         sin, cos = rope
+        if self.per_block:  # (depth, heads, N, head_dim): this block's, per head
+            sin, cos = sin[self.block_index], cos[self.block_index]
         p = self.num_prefix_tokens
         patches = t[:, :, p:]
         return torch.cat([t[:, :, :p], (patches * cos + self.rotate(patches) * sin).to(t.dtype)], dim=2)
@@ -455,8 +474,13 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d)) if cfg.abs_pos_embed else None
         self.rel_pos_table = (nn.Parameter(torch.zeros(cfg.rel_pos_rows, cfg.num_heads))
                               if cfg.rel_pos_bias_shared else None)  # BEiT's shared table
+        # RoPE-Mixed: learned frequencies (x's, y's) per block and head
+        self.rope_freqs = (nn.Parameter(torch.zeros(2, cfg.depth, cfg.num_heads, cfg.head_dim // 2))
+                           if cfg.rope == "mixed" else None)
         self.norm_pre = norm_layer(cfg, d) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        for i, blk in enumerate(self.blocks):  # RoPE-Mixed: each block reads its own angles
+            blk.attn.block_index = i
         self.norm = norm_layer(cfg, d) if cfg.final_norm != "none" else None
         self.attn_pool = AttentionPool(cfg) if cfg.classifier == "map" else None
         if cfg.representation_size:
@@ -509,6 +533,8 @@ class VisionTransformer(nn.Module):
             pos.rope = rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta, self.patch_embed.weight.device)
         elif cfg.rope == "cat":
             pos.rope = rope_cat(gh, gw, cfg, self.patch_embed.weight.device)
+        elif cfg.rope == "mixed":
+            pos.rope = rope_mixed(gh, gw, cfg, self.rope_freqs)
         if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
             device = self.patch_embed.weight.device  # built on the CPU; the tables may live elsewhere
             pos.rel_index = rel_pos_index(gh, gw).to(device)

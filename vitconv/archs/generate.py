@@ -149,8 +149,8 @@ def dinov3_rope(model) -> bool:
 
 def eva_rope(model) -> Optional[Dict[str, Any]]:
     """The rotary fields of a timm ``Eva`` whose positions vitconv computes (``rope`` 'none',
-    'dinov3', or 'cat': ``RotaryEmbeddingCat`` over patch indices, ``in_pixels=False``), for its
-    row; None for another Eva (``rope_mixed``, pixel-based bands) or another class."""
+    'dinov3', 'cat': ``RotaryEmbeddingCat`` over patch indices, ``in_pixels=False``, or 'mixed'), for
+    its row; None for another Eva (pixel-based bands, MRoPE) or another class."""
     if type(model).__name__ != "Eva":
         return None
     rope = getattr(model, "rope", None)
@@ -160,6 +160,9 @@ def eva_rope(model) -> Optional[Dict[str, Any]]:
         return {"rope": "none", "rope_theta": 100.0, **plain}
     if dinov3_rope(model):
         return {"rope": "dinov3", "rope_theta": float(rope.temperature), **plain}
+    if type(rope).__name__ == "RotaryEmbeddingMixed":  # learned frequencies: only the axis order is code's
+        return {"rope": "mixed", "rope_theta": 100.0, **plain, "rope_indexing": rope.grid_indexing,
+                "rope_half": False}
     if type(rope).__name__ == "RotaryEmbeddingCat" and not rope.in_pixels and rope.grid_type == "index":
         ref = rope.ref_feat_shape
         return {"rope": "cat", "rope_theta": float(rope.temperature),

@@ -1,6 +1,7 @@
 """timm ``Eva`` state dicts <-> canonical: DINOv3 (``rope_type='dinov3'``), EVA (no rotation),
-EVA-02 (``eva02_*`` without sub-LayerNorms), timm's ``*_rope_*`` ViTs (RoPE-Axial, ``_ape``, the SBB
-``rope_reg*_gap`` models) and Perception Encoder's spatial tower (``rope_type='cat'``).
+EVA-02 (tiny to large, CLIP), timm's ``*_rope_*`` ViTs (RoPE-Axial, ``_ape``, the SBB
+``rope_reg*_gap`` models) and Perception Encoder (``rope_type='cat'``), RoPE-Mixed (``'mixed'``:
+learned frequencies ``rope.freqs``, the canonical ``rope_freqs``).
 
 Keys (``timm/models/eva.py``, ``Eva`` with ``qkv_fused=True``): ``cls_token``, ``reg_token``,
 ``pos_embed`` (``use_abs_pos_emb``; rows for the prefix tokens unless ``no_embed_class``),
@@ -28,7 +29,7 @@ EVA-02 B/L (``qkv_fused=False``: ``q_proj``, ``k_proj`` without a bias, ``v_proj
 ``mlp.norm``; EVA-02 CLIP's ``scale_attn_inner``: ``attn.norm``) and Perception Encoder's core tower
 (``global_pool='map'``: ``attn_pool.{latent, q, kv, proj, norm, mlp}``, ``attn_pool_num_heads`` its
 own head count) convert too. Other ``Eva`` forms are refused, naming what is not supported yet:
-learned per-head frequencies (``rope_mixed``), qk-norm and grouped-query attention (Sapiens2),
+qk-norm and grouped-query attention (Sapiens2),
 gated attention, LayerScale on one branch only.
 """
 
@@ -58,6 +59,7 @@ def _table(norm_key: str) -> Tuple[Rule, ...]:
             Rule("pos_embed", ("pos_embed",), IDENTITY, "model", "abs_pos_embed"),
             Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
             Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY, "model", "patch_bias"),
+            Rule("rope_freqs", ("rope.freqs",), IDENTITY, "model", "rope=mixed"),  # RoPE-Mixed's learned
             Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", "norm_pre"),
             Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", "norm_pre")]
     for canonical, key, when, op in (
@@ -121,6 +123,8 @@ def _dinov3_form(class_token: bool, reg_tokens: int, layer_scale: bool, table: b
 
 
 def _bare_rope(cfg: ViTConfig) -> str:
+    if cfg.rope == "mixed":  # its frequencies are a tensor: the file says it
+        return "mixed"
     return "dinov3" if _dinov3_form(cfg.class_token, cfg.num_reg_tokens, cfg.layer_scale, cfg.abs_pos_embed,
                                      cfg.qkv_bias and cfg.key_bias) else "none"
 
@@ -167,7 +171,7 @@ CARRIES = (
           why="timm's Eva normalises a SwiGLU's hidden in its unpacked SwiGLU only (fc1_g/fc1_x)"),
     Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
           why="timm's Eva has a patch bias exactly when it has no pre-norm (use_pre_transformer_norm)"),
-    Carry("rope", values=("none", "dinov3", "cat"), key="model_args.rope_type", argument="rope_type",
+    Carry("rope", values=("none", "dinov3", "cat", "mixed"), key="model_args.rope_type", argument="rope_type",
           default=_bare_rope, why="timm's Eva computes these rotary forms here"),
     # a bare file's reading (DINOv3's or none) spells the rest as the config does without them
     Carry("rope_theta", key="model_args.rope_temperature", argument="rope_temperature", default=100.0),
@@ -201,8 +205,6 @@ def detect(probe: Probe) -> bool:
 def _not_yet(probe: Probe) -> Optional[str]:
     """What Eva form vitconv does not compute the keys show, in words; None when it does."""
     s = probe.shapes
-    if "rope.freqs" in s:
-        return "learned per-head rotary frequencies (rope_mixed)"
     if "blocks.0.attn.q_norm.weight" in s or "blocks.0.attn.k_norm.weight" in s:
         return "qk-norm (Sapiens2)"
     if "blocks.0.attn.q_proj.weight" in s and s.get("blocks.0.attn.k_proj.weight") != s["blocks.0.attn.q_proj.weight"]:
@@ -233,9 +235,14 @@ def _rope_args(args: Dict[str, Any], bare_rope: str, path: Optional[str]) -> Dic
     rope = args.get("rope_type", bare_rope)
     if rope == "none":
         return dict(rope="none")
-    if rope not in ("dinov3", "cat"):
-        raise MappingError(f"config.json: rope_type={rope!r}: vitconv computes timm Eva's 'dinov3' and 'cat' "
-                           "rotary forms only", path)
+    if rope not in ("dinov3", "cat", "mixed") or (rope == "mixed") != (bare_rope == "mixed"):
+        raise MappingError(f"config.json: rope_type={rope!r}: vitconv computes timm Eva's 'dinov3', 'cat' and "
+                           "'mixed' rotary forms only, 'mixed' with its rope.freqs", path)
+    if rope == "mixed":  # learned frequencies: only the axis order is not in the tensor
+        indexing = args.get("rope_grid_indexing", "ij")
+        if indexing not in ("ij", "xy"):
+            raise MappingError(f"config.json: rope_grid_indexing {indexing!r} is not 'ij' or 'xy'", path)
+        return dict(rope="mixed", rope_indexing=indexing)
     theta = args.get("rope_temperature", _theta(rope))
     if type(theta) not in (int, float) or not (math.isfinite(theta) and theta > 0):
         raise MappingError(f"config.json: rope_temperature {theta!r} is not a positive number", path)
@@ -285,6 +292,8 @@ def infer_config(probe: Probe) -> ViTConfig:
     recorded = args.get("num_heads")
     if recorded is not None and type(recorded) is not int:
         raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+    if recorded is None and len(shapes.get("rope.freqs", ())) == 4:  # RoPE-Mixed's frequencies record it
+        recorded = shapes["rope.freqs"][2]
     heads, head_dim = heads_from_attn_dim(width, probe, recorded)
     unpacked = "blocks.0.mlp.fc1_g.weight" in shapes
     fc2 = need(shapes, "blocks.0.mlp.fc2.weight", "timm_eva", path)
@@ -310,8 +319,13 @@ def infer_config(probe: Probe) -> ViTConfig:
             prefix = "none" if n_prefix else "all"
     key_bias = "blocks.0.attn.k_proj.bias" in shapes if unfused else "blocks.0.attn.qkv.bias" in shapes
     qkv_bias = key_bias or ("blocks.0.attn.q_proj.bias" if unfused else "blocks.0.attn.q_bias") in shapes
-    rope = _rope_args(args, "dinov3" if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias)
-                      else "none", path)
+    bare = "mixed" if "rope.freqs" in shapes else \
+        "dinov3" if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias) else "none"
+    rope = _rope_args(args, bare, path)
+    freqs = shapes.get("rope.freqs")
+    if freqs is not None and tuple(freqs) != (2, depth, heads, head_dim // 2):
+        raise MappingError(f"rope.freqs {tuple(freqs)} is not (2, depth {depth}, heads {heads}, head_dim/2 "
+                           f"{head_dim // 2})", path)
     pool = "map" if _P + "latent" in shapes else args.get("global_pool", "avg")
     if pool not in ("avg", "token", "map"):
         raise MappingError(f"config.json: global_pool {pool!r}: the canonical model pools 'avg', 'token' or "
