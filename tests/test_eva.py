@@ -188,3 +188,19 @@ def test_eva02_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
         with torch.no_grad():
             want = model(_x(h, w, 5))
         _close(torch.from_numpy(got), want)
+
+
+@pytest.mark.parametrize("name", ["eva02_base_patch16_clip_224", "vit_small_patch16_rope_mixed_224"])
+def test_verify_runs_timm_as_the_reference(name, tmp_path):
+    """``vitconv verify``'s reference is timm's Eva itself, built with what vitconv read (a bare
+    file records none of it) or from a timm directory."""
+    from vitconv.verify import verify
+
+    model = _timm(name, **TIMM[name][0])
+    _save(model, tmp_path / "t.safetensors")
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
+    checked = verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
+    assert checked.ok, checked.verdict()
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    checked = verify(tmp_path / "tdir", tmp_path / "c.safetensors")
+    assert checked.ok, checked.verdict()

@@ -357,12 +357,25 @@ def infer_config(probe: Probe) -> ViTConfig:
 
 # --------------------------------------------------------------------------- writing
 def architecture(cfg: ViTConfig) -> str:
-    """An Eva architecture whose ``norm_layer`` holds the LayerNorm epsilon JSON cannot say (the
-    DINOv3 ones' 1e-5, the ``*_rope_*`` ViTs' Eva default 1e-6); ``model_args`` override every
-    size, flag and rotary parameter."""
-    if cfg.norm_eps != 1e-5:
-        return _ARCH_EPS[1e-6]
-    return "vit_small_plus_patch16_dinov3" if cfg.mlp == "swiglu" else "vit_small_patch16_dinov3"
+    """An Eva architecture whose defaults hold what ``model_args`` cannot say: the LayerNorm
+    epsilon of its ``norm_layer`` (the DINOv3 and PE ones' 1e-5, Eva's own 1e-6), and the two
+    arguments whose absence is None (timm's ``create_model`` drops None-valued arguments, so the
+    architecture's own ``init_values`` and ``ref_feat_shape`` stand): no LayerScale needs one
+    without ``init_values``, no reference grid one without ``ref_feat_shape``. ``model_args``
+    override every other size, flag and rotary parameter."""
+    ref = cfg.rope == "cat" and cfg.rope_ref_grid is not None
+    if cfg.norm_eps == 1e-5:
+        if not cfg.layer_scale:
+            return "vit_pe_spatial_tiny_patch16_512"  # ref_feat_shape (32, 32): a 'cat' one says its own
+        return "vit_small_plus_patch16_dinov3" if cfg.mlp == "swiglu" else "vit_small_patch16_dinov3"
+    if cfg.layer_scale:
+        return "vit_base_patch16_rope_reg1_gap_256" if ref else "vit_small_patch16_rope_224"
+    return "eva02_tiny_patch14_224" if ref else "eva_giant_patch14_224"
+
+
+def _no_dir_arch(cfg: ViTConfig) -> bool:
+    """Whether no architecture holds ``cfg``'s None-valued arguments (see :func:`architecture`)."""
+    return cfg.norm_eps == 1e-5 and not cfg.layer_scale and cfg.rope == "cat" and cfg.rope_ref_grid is None
 
 
 def model_args(cfg: ViTConfig) -> Dict[str, Any]:
@@ -401,6 +414,10 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
 def write_notes(cfg: ViTConfig) -> List[str]:
     call = ", ".join(f"{k}={v!r}" for k, v in model_args(cfg).items())
     notes = [f"timm: Eva({call}, norm_layer=partial(LayerNorm, eps={cfg.norm_eps:g})) computes the same function"]
+    if _no_dir_arch(cfg):
+        notes.append("no timm Eva architecture with LayerNorm eps 1e-5 and no LayerScale rotates without a "
+                     "reference grid, and timm's create_model drops ref_feat_shape=None: a timm directory of this "
+                     "model rebuilds it with (32, 32); load the bare file into the Eva above instead")
     if cfg.norm_eps not in _ARCH_EPS:
         notes.append(f"LayerNorm eps {cfg.norm_eps:g}: no Eva architecture's default; a timm directory's "
                      "config.json cannot say it, so build the model with the norm_layer above")
