@@ -117,6 +117,7 @@ SLOW_TESTS = (
     "test_bad_inputs.py::test_long_and_undecodable_output_names",
     "test_export_families.py::test_timm_family_exports_to_onnx_with_dynamic_size",
     "test_aimv2.py::test_aimv2_exports_to_onnx_with_dynamic_size",
+    "test_eva.py::test_eva02_onnx_dynamic_size_follows_timm_at_unseen_sizes",
     "test_hostile.py::test_hostile_inputs_one_line_exit_2_bounded",
     "test_hostile.py::test_zip_bomb_in_optimizer_state_is_never_read",
     "test_hostile.py::test_safetensors_detected_whatever_its_header_length",

@@ -60,8 +60,9 @@ def test_bare_file_is_refused_naming_arch_or_converted_exactly(name, tmp_path):
     model, src = _bare(name, tmp_path)
     try:
         convert(src, tmp_path / "c.safetensors")
-    except MappingError as e:
-        assert "--arch" in e.message and "fit" in e.message, e.message
+    except MappingError as e:  # naming the choices, or what vitconv does not compute (PE core's pool)
+        assert ("--arch" in e.message and "fit" in e.message) or "does not compute this feature" in e.message, \
+            e.message
     else:  # converted: it must be timm's function
         assert _gap(tmp_path / "c.safetensors", model) <= 1e-5
 
@@ -83,10 +84,19 @@ def test_clip_with_arch_converts_exactly_and_verifies(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", PE)
-def test_rotary_arch_is_refused_by_name(name, tmp_path):
-    _, src = _bare(name, tmp_path)
-    with pytest.raises(BadInputError, match="rotary position embeddings: not supported yet"):
-        convert(src, tmp_path / "c.safetensors", overrides={"arch": name})
+def test_perception_encoder_with_arch_converts_exactly(name, tmp_path):
+    """Perception Encoder (timm Eva: EVA's 'cat' rotary angles offset by one, 'xy'; the core tower's
+    attention pool with its own 8 heads): --arch supplies what the file cannot say."""
+    model, src = _bare(name, tmp_path)
+    convert(src, tmp_path / "c.safetensors", overrides={"arch": name})
+    assert _gap(tmp_path / "c.safetensors", model) <= 1e-5
+
+
+def test_an_arch_vitconv_does_not_compute_is_refused_by_name(tmp_path):
+    """Sapiens2 normalises queries and keys and shares key/value heads: refused naming that."""
+    _, src = _bare("vit_base_patch16_sapiens2", tmp_path, num_kv_heads=6)
+    with pytest.raises(MappingError, match="qk-norm"):
+        convert(src, tmp_path / "c.safetensors", overrides={"arch": "vit_base_patch16_sapiens2"})
     assert not (tmp_path / "c.safetensors").exists()
 
 

@@ -124,10 +124,11 @@ def test_the_rotation_and_its_base_move_the_output(tmp_path):
             assert (load(tmp_path / "src.safetensors", classifier="gap", **wrong)(_x(32, 48)) - want).abs().max() > 1e-3
 
 
-def test_the_key_bias_is_held_at_zero_and_refused_where_eva_has_none(tmp_path):
-    """timm's Eva has no key bias (a zero buffer); a canonical value there is ignored by the model
-    with key_bias=False, and a model with a key bias (Hugging Face key_bias=True) is refused by
-    the timm layout, naming it: with RoPE the rotated key bias changes the output."""
+def test_the_key_bias_is_held_at_zero_and_written_as_attention_rope_where_there_is_one(tmp_path):
+    """timm's Eva attention has no key bias (a zero buffer); a canonical value there is ignored by the
+    model with key_bias=False. A model with a key bias (Hugging Face key_bias=True; with RoPE the
+    rotated key bias changes the output) is written for timm's ``AttentionRope`` (``attn_type='rope'``,
+    one full qkv bias), which computes what Hugging Face does."""
     model = _timm("vit_base_patch16_dinov3_qkvb")
     _save(model, tmp_path / "src.safetensors")
     convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
@@ -135,8 +136,12 @@ def test_the_key_bias_is_held_at_zero_and_refused_where_eva_has_none(tmp_path):
     assert not state["blocks.0.attn.qkv.bias"][128:256].any()
     hf = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**HF, key_bias=True)))
     hf.save_pretrained(tmp_path / "kb")
-    with pytest.raises(MappingError, match=r"key_bias=True \(timm's Eva has query and value biases only"):
-        convert(tmp_path / "kb", tmp_path / "kb.safetensors", to="timm")
+    convert(tmp_path / "kb", tmp_path / "kb_timm", to="timm")
+    written = json.loads((tmp_path / "kb_timm" / "config.json").read_text())
+    assert written["model_args"]["attn_type"] == "rope"
+    built = timm.create_model(f"local-dir:{tmp_path / 'kb_timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        _close(built(_x(32, 48)), hf(pixel_values=_x(32, 48)).pooler_output)
 
 
 HF = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -225,8 +230,8 @@ def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
     with open_checkpoint(tmp_path / "s.safetensors") as c:
         assert (c.config.rope, c.config.rope_theta, c.config.norm_eps) == ("dinov3", 100.0, 1e-5)
         said = " ".join(c.notes)
-        assert "classifier='gap', norm_eps=1e-05, rope_theta=100.0: what every architecture whose keys and " \
-               "shapes fit computes" in said, c.notes
+        assert "classifier='gap', norm_eps=1e-05, pool_heads=0, rope='dinov3', " in said, c.notes
+        assert "rope_theta=100.0: what every architecture whose keys and shapes fit computes" in said, c.notes
         assert "native size 224 is assumed" in said, c.notes
     with open_checkpoint(tmp_path / "s.safetensors", overrides={"rope_theta": 1000.0}) as c:
         assert c.config.rope_theta == 1000.0
@@ -255,11 +260,7 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,what", [
-    ("eva02_tiny_patch14_224", {}, "rotary position embeddings with separate query/value biases"),
-    ("eva02_base_patch14_224", {}, "an absolute position table (EVA, EVA-02"),
-    ("vit_small_patch16_rope_mixed_224", {}, "learned per-head rotary frequencies (rope_mixed)"),
-    ("vit_mediumd_patch16_rope_reg1_gap_256", {}, "without a class token or registers"),
-    ("vit_small_patch16_rope_224", {}, "without a class token or registers"),
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1), "qk-norm (Sapiens2)"),
 ])
 def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):
     model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,

@@ -18,11 +18,15 @@ from vitconv.synthetic import PRESETS
 
 #: Fields that change what the model computes but no tensor's shape.
 NO_SHAPE = {"norm_eps", "act", "pos_resize", "rel_pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps", "key_bias",
-            "rope", "rope_theta", "swiglu_unpacked", "rope_periods"}
+            "rope_theta", "swiglu_unpacked", "rope_periods", "rope_ref_grid", "rope_grid_offset", "rope_indexing",
+            "rope_half", "qkv_unfused", "pool_heads"}
 
 #: One strategy per field that can change a shape; a field missing here and from NO_SHAPE fails
 #: test_every_field_is_swept, so a new model feature cannot slip past the comparison.
 FIELDS = {
+    "rope": st.sampled_from(["none", "mixed"]),  # RoPE-Mixed: learned frequencies per block and head
+    "attn_norm": st.booleans(),
+    "mlp_norm": st.booleans(),
     "image_size": st.sampled_from([16, 32, 48, 64]),
     "patch_size": st.sampled_from([1, 2, 4, 8, 16]),
     "in_chans": st.integers(1, 4),

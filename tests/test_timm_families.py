@@ -117,8 +117,7 @@ def test_set_refuses_fields_the_file_records(tmp_path):
 
 
 @pytest.mark.parametrize("arch,kw,feature", [
-    ("eva02_tiny_patch14_224", {}, "rotary position embeddings with separate query/value biases"),
-    ("vit_base_patch16_rope_reg1_gap_256", {}, "rotary position embeddings"),
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1), "qk-norm (Sapiens2)"),
 ])
 def test_out_of_scope_features_are_refused_by_name(arch, kw, feature, tmp_path):
     """The issue's out-of-scope list, built by the real timm: refused naming the feature, not as

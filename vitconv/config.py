@@ -70,9 +70,21 @@ MLPS = ("mlp", "swiglu")
 #: per axis, each axis normalised by its own length and mapped to [-1, 1]; ``head_dim / 4``
 #: periods ``rope_theta ** (4k / head_dim)``; angles ``2 pi coord / period``, rows' angles first
 #: then columns', the whole repeated twice ("rotate-half" layout: ``x cos + rotate_half(x) sin``).
-#: Other forms (EVA-02's ``cat``, timm's ``rope_mixed`` with learned per-head frequencies,
-#: Perception Encoder's 2-D RoPE) are further values of this field, with ``rope_theta`` their base.
-ROPES = ("none", "dinov3")
+#: "cat": EVA's axial form (timm ``RotaryEmbeddingCat`` with ``in_pixels=False``: EVA-02, timm's
+#: ``*_rope_*`` ViTs, Perception Encoder's grid): integer patch indices per axis plus
+#: ``rope_grid_offset``, rescaled by ``rope_ref_grid`` where set (``i / n * ref``: the pretraining
+#: grid's span at any grid); ``head_dim / 4`` frequencies ``rope_theta ** -(k / (head_dim / 4))``;
+#: angles ``coord * frequency``, the first coordinate's then the second's (``rope_indexing``: "ij"
+#: rows first, "xy" columns first), laid out interleaved (``[a0, a0, a1, a1, ...]`` with timm's
+#: ``rot``: ``[-x1, x0, -x3, x2, ...]``) or rotate-half (``rope_half``).
+#: "mixed": RoPE-Mixed (timm ``RotaryEmbeddingMixed``, ``vit_*_rope_mixed_*``): learned 2-D
+#: frequencies per block and head (``rope_freqs``, ``(2, depth, heads, head_dim / 2)``: x's then y's),
+#: angles ``t_x * fx + t_y * fy`` over integer patch indices (``rope_indexing`` says which is x),
+#: interleaved; ``rope_theta`` only initialised the frequencies and is not kept.
+ROPES = ("none", "dinov3", "cat", "mixed")
+#: Which coordinate's angles come first in a rotary embedding: "ij" the row's, "xy" the column's
+#: (timm ``rope_grid_indexing``; the grid itself is row-major either way).
+ROPE_INDEXINGS = ("ij", "xy")
 #: The precision the rotary periods are held in, the arithmetic float32 either way. "float32":
 #: computed in float32 (timm, transformers). "bfloat16": each period rounded to bfloat16 first, as
 #: the original DINOv3 checkpoints hold them (``rope_embed.periods``, a persistent buffer made with
@@ -228,12 +240,37 @@ class ViTConfig:
     rope_theta: float = _field(100.0, "the rotary embeddings' base period (temperature)")
     #: See :data:`ROPE_PERIODS`: the original DINOv3 checkpoints' bfloat16-rounded periods.
     rope_periods: str = _field("float32", "the precision the rotary periods are rounded to")
+    #: ``rope='cat'``: the grid the rotary coordinates are rescaled to (timm ``ref_feat_shape``,
+    #: rows then columns: a patch index ``i`` of an ``n``-long axis becomes ``i / n * ref``), so
+    #: any grid spans the pretraining grid's coordinates; None: raw patch indices.
+    rope_ref_grid: Optional[Tuple[int, int]] = _field(None, "the grid rotary coordinates are rescaled to")
+    #: ``rope='cat'``: added to every patch index before the rescale (timm ``rope_grid_offset``;
+    #: Perception Encoder: 1).
+    rope_grid_offset: float = _field(0.0, "an offset added to the rotary patch coordinates")
+    rope_indexing: str = _field("ij", "which coordinate's rotary angles come first (rows: ij, columns: xy)")
+    #: The rotary layout: the two halves rotated together (``rotate_half``: DINOv3's, timm's
+    #: ``rope_rotate_half=True``) or interleaved pairs ``(x0, x1), (x2, x3)...`` (False: timm's default
+    #: for ``cat``, EVA-02, the ``*_rope_*`` ViTs, Perception Encoder).
+    rope_half: bool = _field(True, "rotary pairs in two halves (rotate-half) rather than interleaved")
+    #: EVA-02's sub-LayerNorms (NormFormer-style): the model's norm over the attention output (its
+    #: ``num_heads * head_dim`` channels) before the output projection (timm Eva ``scale_attn_inner``,
+    #: ``attn.norm``), and over the MLP's hidden (after the activation or gating) before ``fc2``
+    #: (``scale_mlp``, ``mlp.norm``).
+    attn_norm: bool = _field(False, "a norm over the attention output before its projection (EVA-02)")
+    mlp_norm: bool = _field(False, "a norm over the MLP hidden before fc2 (EVA-02)")
+    #: q, k and v kept as three linears (timm Eva ``qkv_fused=False``: ``q_proj``/``k_proj``/``v_proj``)
+    #: rather than one fused ``qkv``: the same function, stored apart.
+    qkv_unfused: bool = _field(False, "q, k and v stored as three linears", storage=True)
+    #: The attention-pooling head's own head count (timm ``attn_pool_num_heads``: Perception Encoder's
+    #: core tower pools with 8 heads whatever the blocks have); 0: the blocks' ``num_heads``.
+    pool_heads: int = _field(0, "the attention-pooling head's own head count")
 
     def __post_init__(self) -> None:
         for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
                               ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS), ("rope", ROPES), ("norm", NORMS), ("pool_head", POOL_HEADS),
-                              ("rel_pos_resize", REL_POS_RESIZES), ("rope_periods", ROPE_PERIODS)):
+                              ("mlp", MLPS), ("rope", ROPES), ("rope_indexing", ROPE_INDEXINGS), ("norm", NORMS),
+                              ("pool_head", POOL_HEADS), ("rel_pos_resize", REL_POS_RESIZES),
+                              ("rope_periods", ROPE_PERIODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:
@@ -249,6 +286,10 @@ class ViTConfig:
             object.__setattr__(self, "swiglu_unpacked", False)  # nothing to unpack; one spelling
         if self.pool_head != "siglip" and self.classifier != "map":
             object.__setattr__(self, "pool_head", "siglip")  # no pooling head; one spelling
+        if self.classifier != "map" or self.pool_heads == self.num_heads:
+            object.__setattr__(self, "pool_heads", 0)  # no pooling head, or the blocks' count; one spelling
+        elif self.pool_heads < 0 or (self.pool_heads and self.width % self.pool_heads):
+            raise ValueError(f"pool_heads {self.pool_heads} does not divide the width {self.width}")
         if self.patch_norm and self.patch_embed_norm:
             raise ValueError("patch_norm already normalises the patch embeddings (patch_norm_post): "
                              "patch_embed_norm is for a model without vit-pytorch's pair")
@@ -268,9 +309,31 @@ class ViTConfig:
             object.__setattr__(self, "pos_resize", "zoom")
         if not self.qkv_bias and not self.key_bias:
             object.__setattr__(self, "key_bias", True)  # no biases at all; one spelling
+        if self.rope_ref_grid is not None:
+            object.__setattr__(self, "rope_ref_grid", tuple(int(n) for n in self.rope_ref_grid))
+            if len(self.rope_ref_grid) != 2 or min(self.rope_ref_grid) <= 0:
+                raise ValueError(f"rope_ref_grid must be two positive sizes, got {self.rope_ref_grid}")
+        object.__setattr__(self, "rope_grid_offset", float(self.rope_grid_offset))
+        if not math.isfinite(self.rope_grid_offset):
+            raise ValueError(f"rope_grid_offset must be finite, got {self.rope_grid_offset}")
+        if self.rope == "mixed":  # integer indices, interleaved, learned frequencies; one spelling
+            for name, default in (("rope_ref_grid", None), ("rope_grid_offset", 0.0), ("rope_half", False),
+                                  ("rope_theta", 100.0)):
+                object.__setattr__(self, name, default)
+        elif self.rope != "cat":  # only EVA's form has these; one spelling
+            if self.rope == "dinov3" and (self.rope_ref_grid is not None or self.rope_grid_offset
+                                          or self.rope_indexing != "ij" or not self.rope_half):
+                raise ValueError("rope 'dinov3' has no reference grid, offset, 'xy' order or interleaved "
+                                 "layout (those are rope 'cat''s)")
+            for name, default in (("rope_ref_grid", None), ("rope_grid_offset", 0.0), ("rope_indexing", "ij"),
+                                  ("rope_half", True)):
+                object.__setattr__(self, name, default)
         if self.rope == "none":
             object.__setattr__(self, "rope_theta", 100.0)  # no rotation, no base; one spelling
             object.__setattr__(self, "rope_periods", "float32")
+        elif self.rope != "dinov3" and self.rope_periods != "float32":
+            raise ValueError("rope_periods 'bfloat16' is the original DINOv3 checkpoints' (rope 'dinov3'); "
+                             f"rope {self.rope!r} computes its frequencies in float32")
         else:
             object.__setattr__(self, "rope_theta", float(self.rope_theta))
             if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
@@ -367,8 +430,9 @@ class ViTConfig:
     # ---- serialisation ------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["resnet_layers"] is not None:
-            d["resnet_layers"] = list(d["resnet_layers"])
+        for name in ("resnet_layers", "rope_ref_grid"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod
@@ -421,6 +485,8 @@ class ViTConfig:
             extras.append("patch embedding norm")
         if self.classifier == "map" and self.pool_head != "siglip":
             extras.append(f"{self.pool_head} pooling head")
+        if self.pool_heads:
+            extras.append(f"{self.pool_heads}-head pooling")
         if not (self.proj_bias and self.mlp_bias):
             extras.append("bias-free " + " and ".join(n for n, b in (("attention projection", self.proj_bias),
                                                                        ("MLP", self.mlp_bias)) if not b))
@@ -431,11 +497,18 @@ class ViTConfig:
             extras.append(f"pre_logits {self.representation_size}")
         if self.patch_norm:
             extras.append("patch norms")
+        if self.attn_norm or self.mlp_norm:
+            extras.append("sub-LayerNorms in " + " and ".join(n for n, b in (("attention", self.attn_norm),
+                                                                           ("MLP", self.mlp_norm)) if b))
         if self.distilled:
             extras.append("distillation token")
         if self.rope != "none":
             extras.append(f"RoPE {self.rope} (theta {self.rope_theta:g}"
-                          + (", bfloat16 periods)" if self.rope_periods == "bfloat16" else ")"))
+                          + (", bfloat16 periods" if self.rope_periods == "bfloat16" else "")
+                          + (f", grid {self.rope_ref_grid[0]}x{self.rope_ref_grid[1]}" if self.rope_ref_grid else "")
+                          + (f", offset {self.rope_grid_offset:g}" if self.rope_grid_offset else "")
+                          + (", xy" if self.rope_indexing == "xy" else "")
+                          + (", interleaved" if not self.rope_half else "") + ")")
         if not self.abs_pos_embed:
             extras.append("no position table")
         if self.qkv_bias and not self.key_bias:
@@ -475,9 +548,11 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         if cfg.norm == "layernorm":
             out.append((f"{name}.bias", (n,)))
 
-    def mlp(name: str, glu: bool, bias: bool = True) -> None:
+    def mlp(name: str, glu: bool, bias: bool = True, sub_norm: bool = False) -> None:
         linear(f"{name}.fc1", d, 2 * cfg.mlp_dim if glu else cfg.mlp_dim, bias)
         linear(f"{name}.fc2", cfg.mlp_dim, d, bias)
+        if sub_norm:
+            model_norm(f"{name}.norm", cfg.mlp_dim)
 
     # VisionTransformer's own parameters first
     for name, present, rows in (("cls_token", cfg.class_token, (1, 1)), ("dist_token", cfg.distilled, (1, 1)),
@@ -489,6 +564,8 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         out.append(("pos_embed", (1, cfg.num_pos_rows, d)))
     if cfg.rel_pos_bias_shared:
         out.append(("rel_pos_table", (cfg.rel_pos_rows, cfg.num_heads)))
+    if cfg.rope == "mixed":
+        out.append(("rope_freqs", (2, cfg.depth, cfg.num_heads, cfg.head_dim // 2)))
     if cfg.resnet_layers is not None:  # ResNetStem: root, then bottleneck units stage by stage
         w = cfg.resnet_width
         out.append(("stem.conv_root.weight", (w, cfg.in_chans, 7, 7)))
@@ -526,11 +603,13 @@ def _parameter_shapes(cfg: ViTConfig) -> Tuple[Tuple[str, Tuple[int, ...]], ...]
         if cfg.qk_norm:
             model_norm(f"{b}.attn.q_norm", cfg.head_dim)
             model_norm(f"{b}.attn.k_norm", cfg.head_dim)
+        if cfg.attn_norm:
+            model_norm(f"{b}.attn.norm", cfg.attn_dim)
         linear(f"{b}.attn.proj", cfg.attn_dim, d, cfg.proj_bias)
         if cfg.layer_scale:
             out.append((f"{b}.ls1.gamma", (d,)))
         model_norm(f"{b}.norm2", d)
-        mlp(f"{b}.mlp", cfg.mlp == "swiglu", cfg.mlp_bias)
+        mlp(f"{b}.mlp", cfg.mlp == "swiglu", cfg.mlp_bias, cfg.mlp_norm)
         if cfg.layer_scale:
             out.append((f"{b}.ls2.gamma", (d,)))
     if cfg.final_norm != "none":

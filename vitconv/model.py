@@ -197,6 +197,54 @@ def rope_dinov3(gh, gw, head_dim: int, theta: float, device=None,
     return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
 
 
+def rope_cat(gh, gw, cfg: ViTConfig, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EVA's axial rotary ``(sin, cos)`` (``config.rope='cat'``) for a ``gh`` x ``gw`` patch grid,
+    each ``(gh * gw, head_dim)``, in the order of operations of timm's ``RotaryEmbeddingCat`` with
+    ``in_pixels=False`` (``build_rotary_pos_embed``: ``freq_bands(step=1)``, ``_build_grid('index')``)
+    so the angles are timm's bit for bit: ``head_dim / 4`` frequencies ``1 / theta ** (k / (head_dim / 4))``;
+    per axis the patch index as float32 plus ``rope_grid_offset``, then ``/ n * ref`` where a
+    reference grid is set (timm's ``ref_feat_shape``: EVA-02 fine-tuned at another size keeps its
+    pretraining span); angles ``coord * frequency``, the first coordinate's then the second's
+    (``rope_indexing``: 'ij' the row's first, 'xy' the column's; tokens stay row-major), laid out
+    interleaved ``[a0, a0, a1, a1, ...]`` or in halves ``[a0, a1, ..., a0, a1, ...]``. Always float32."""
+    n = cfg.head_dim // 4
+    exp = torch.arange(0, n, 1, dtype=torch.int64, device=device).to(torch.float32) / n
+    bands = 1.0 / (cfg.rope_theta ** exp)
+    sizes = [gh, gw]
+    ref = list(cfg.rope_ref_grid) if cfg.rope_ref_grid is not None else None
+    axes = [torch.arange(s, dtype=torch.int64, device=device).to(torch.float32) + cfg.rope_grid_offset for s in sizes]
+    if ref is not None:
+        axes = [a / s * r for a, s, r in zip(axes, sizes, ref)]
+    coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1)  # (gh, gw, [row, col])
+    if cfg.rope_indexing == "xy":
+        coords = coords.flip(-1)  # [col, row]: timm's 'xy' meshgrid, the same values
+    angles = (coords.unsqueeze(-1) * bands).flatten(-2).flatten(0, -2)  # (gh * gw, head_dim / 2)
+    sin, cos = angles.sin(), angles.cos()
+    if cfg.rope_half:
+        return torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
+    return sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+
+
+def rope_mixed(gh, gw, cfg: ViTConfig, freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RoPE-Mixed's ``(sin, cos)``, each ``(depth, heads, gh * gw, head_dim)``, in the order of
+    operations of timm's ``RotaryEmbeddingMixed.get_embed`` (``get_mixed_grid``, ``get_mixed_freqs``):
+    integer patch indices as float32, ``t_x`` the first coordinate (``rope_indexing`` 'xy': the
+    column), ``t_y`` the second; angles ``t_x * fx + t_y * fy`` per block and head with the learned
+    ``rope_freqs`` ``(2, depth, heads, head_dim / 2)`` in float32, laid out interleaved."""
+    axes = [torch.arange(s, dtype=torch.int64, device=freqs.device).to(torch.float32) for s in (gh, gw)]
+    coords = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1).reshape(-1, 2)  # [row, col]
+    if cfg.rope_indexing == "xy":
+        coords = coords.flip(-1)
+    f = freqs.float()
+    angles = coords[:, 0].unsqueeze(-1) * f[0].unsqueeze(-2) + coords[:, 1].unsqueeze(-1) * f[1].unsqueeze(-2)
+    return angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)
+
+
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """``[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]`` (the interleaved RoPE layout, timm's ``rot``)."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``[x1, x2] -> [-x2, x1]`` over the last axis (the rotate-half RoPE layout)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -260,9 +308,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.attn_dim, bias=cfg.qkv_bias)
         self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.norm = norm_layer(cfg, cfg.attn_dim) if cfg.attn_norm else None  # EVA-02's scale_attn_inner
         self.proj = nn.Linear(cfg.attn_dim, cfg.width, bias=cfg.proj_bias)
         self.key_bias = cfg.key_bias
         self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.rotate = rotate_half if cfg.rope_half else rotate_interleaved
+        self.block_index = 0  # set by the model: RoPE-Mixed's angles differ per block
+        self.per_block = cfg.rope == "mixed"
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         b, n, _ = x.shape
@@ -283,26 +335,32 @@ class Attention(nn.Module):
         if pos.rel_shared is not None:  # timm and transformers alike: the block's own, then the shared
             bias = pos.rel_shared if bias is None else bias + pos.rel_shared
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(self.norm(out) if self.norm is not None else out)
 
     def _rotate(self, t: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``t * cos + rotate_half(t) * sin`` on the tokens after the prefix (timm's
-        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``), in float32 sin and
-        cos and cast back to ``t``'s dtype once, as timm does."""
+        ``apply_rot_embed(half=True)``, Hugging Face's ``apply_rotary_pos_emb``; with
+        ``rope_half=False`` the pairwise ``rotate_interleaved``, timm's ``half=False``), in float32
+        sin and cos and cast back to ``t``'s dtype once, as timm does."""
         sin, cos = rope
+        if self.per_block:  # (depth, heads, N, head_dim): this block's, per head
+            sin, cos = sin[self.block_index], cos[self.block_index]
         p = self.num_prefix_tokens
         patches = t[:, :, p:]
-        return torch.cat([t[:, :, :p], (patches * cos + rotate_half(patches) * sin).to(t.dtype)], dim=2)
+        return torch.cat([t[:, :, :p], (patches * cos + self.rotate(patches) * sin).to(t.dtype)], dim=2)
 
 
 class Mlp(nn.Module):
     """``fc2(act(fc1(x)))``; SwiGLU: ``fc1`` holds [gate; up] and the hidden is ``act(gate) * up``
-    (DINOv2's ``w12``, timm's ``SwiGLUPacked``: the first half is the activated gate)."""
+    (DINOv2's ``w12``, timm's ``SwiGLUPacked``: the first half is the activated gate). With
+    ``mlp_norm`` the hidden is normalised before ``fc2`` (timm's ``Mlp``/``SwiGLU`` ``norm_layer``)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_in_dim, bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width, bias=cfg.mlp_bias)
+        self.norm = norm_layer(cfg, cfg.mlp_dim) if cfg.mlp_norm else None  # EVA-02's scale_mlp, before fc2
         self.act = _activation(cfg.act)
         self.glu = cfg.mlp == "swiglu"
 
@@ -310,8 +368,10 @@ class Mlp(nn.Module):
         h = self.fc1(x)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
-            return self.fc2(self.act(gate) * up)
-        return self.fc2(self.act(h))
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.fc2(self.norm(h) if self.norm is not None else h)
 
 
 class AttentionPool(nn.Module):
@@ -327,7 +387,8 @@ class AttentionPool(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         d = cfg.width
-        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        heads = cfg.pool_heads or cfg.num_heads  # its own count where it has one (Perception Encoder)
+        self.num_heads, self.head_dim = heads, d // heads
         self.latent = nn.Parameter(torch.zeros(1, 1, d))
         self.plain = cfg.pool_head == "aimv2"
         if self.plain:
@@ -337,7 +398,7 @@ class AttentionPool(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.norm = norm_layer(cfg, d)
-        self.mlp = Mlp(cfg.replace(mlp="mlp", mlp_bias=True))
+        self.mlp = Mlp(cfg.replace(mlp="mlp", mlp_bias=True, mlp_norm=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -418,8 +479,13 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_rows, d)) if cfg.abs_pos_embed else None
         self.rel_pos_table = (nn.Parameter(torch.zeros(cfg.rel_pos_rows, cfg.num_heads))
                               if cfg.rel_pos_bias_shared else None)  # BEiT's shared table
+        # RoPE-Mixed: learned frequencies (x's, y's) per block and head
+        self.rope_freqs = (nn.Parameter(torch.zeros(2, cfg.depth, cfg.num_heads, cfg.head_dim // 2))
+                           if cfg.rope == "mixed" else None)
         self.norm_pre = norm_layer(cfg, d) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        for i, blk in enumerate(self.blocks):  # RoPE-Mixed: each block reads its own angles
+            blk.attn.block_index = i
         self.norm = norm_layer(cfg, d) if cfg.final_norm != "none" else None
         self.attn_pool = AttentionPool(cfg) if cfg.classifier == "map" else None
         if cfg.representation_size:
@@ -471,6 +537,10 @@ class VisionTransformer(nn.Module):
         if cfg.rope == "dinov3":
             pos.rope = rope_dinov3(gh, gw, cfg.head_dim, cfg.rope_theta, self.patch_embed.weight.device,
                                    cfg.rope_periods)
+        elif cfg.rope == "cat":
+            pos.rope = rope_cat(gh, gw, cfg, self.patch_embed.weight.device)
+        elif cfg.rope == "mixed":
+            pos.rope = rope_mixed(gh, gw, cfg, self.rope_freqs)
         if self.config.rel_pos_bias or self.config.rel_pos_bias_shared:
             device = self.patch_embed.weight.device  # built on the CPU; the tables may live elsewhere
             pos.rel_index = rel_pos_index(gh, gw).to(device)

@@ -25,7 +25,11 @@ from ..errors import BadInputError, MappingError
 
 TABLE = Path(__file__).with_name("table.json")
 #: The config fields a table row supplies to a file that leaves them open.
-FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm", "pos_resize", "rope_theta")
+FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm", "pos_resize", "rope_theta", "rope",
+          "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half", "pool_heads")
+#: The fields only a timm Eva row records: its rotary form and parameters (where vitconv computes
+#: them) and its attention pool's head count
+ROPE_FIELDS = ("rope", "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half", "pool_heads")
 #: Where a semantic field's value came from (``Semantics.sources``).
 SOURCES = {"file": "the tensors", "config": "the file's config.json", "--arch": "--arch", "--set": "--set",
            "--num-heads": "--num-heads", "table": "every architecture whose keys and shapes fit agrees",
@@ -59,13 +63,23 @@ class Arch:
     final_norm: Optional[str] = None  # likewise (OpenCLIP final_ln_after_pool)
     pos_resize: Optional[str] = None  # where the layout's code takes it as an argument (timm NaFlexVit)
     rope_theta: Optional[float] = None  # the rotary base (timm Eva's rope_temperature), where vitconv computes it
+    #: the rest of a timm Eva's rotary parameters (:data:`ROPE_FIELDS`), where vitconv computes them
+    rope: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
     def math(self, fields: Sequence[str]) -> Tuple[Any, ...]:
         """What this row says of ``fields``, and what it computes beyond vitconv."""
         return tuple(self.value(f) for f in fields) + (self.features,)
 
+    def says(self, name: str) -> bool:
+        """Whether this row decides ``name``: a value, or for a rotary field one recorded even
+        where it is None (no reference grid is a value)."""
+        return name in self.rope if name in ROPE_FIELDS else self.value(name) is not None
+
     def value(self, name: str) -> Any:
+        if name in ROPE_FIELDS:
+            value = self.rope.get(name)
+            return tuple(value) if isinstance(value, list) else value
         return {"act": self.act, "norm_eps": self.norm_eps, "num_heads": self.heads, "classifier": self.classifier,
                 "final_norm": self.final_norm, "pos_resize": self.pos_resize, "rope_theta": self.rope_theta}[name]
 
@@ -81,7 +95,8 @@ def table() -> Dict[str, Arch]:
                               r.get("width"), r.get("heads"), r.get("mlp_dim"), r.get("patch"), r.get("image_size"),
                               tuple(r.get("features") or ()), sigs[r["sig"]] if "sig" in r else None, r.get("why", ""),
                               bool(r.get("swiglu")), r.get("classifier"), r.get("final_norm"),
-                              r.get("pos_resize"), r.get("rope_theta"))
+                              r.get("pos_resize"), r.get("rope_theta"),
+                              {f: r[f] for f in ROPE_FIELDS if f in r})
     return out
 
 
@@ -93,6 +108,22 @@ def versions() -> Dict[str, str]:
 def signature(keys: Iterable[str]) -> FrozenSet[str]:
     """A state dict's key signature: block indices folded to ``{i}``, classifier keys left out."""
     return frozenset(_BLOCK.sub(".{i}.", k) for k in keys if not _HEAD.search(k))
+
+
+@lru_cache(maxsize=1)
+def _layouts_by_signature() -> Dict[FrozenSet[str], FrozenSet[str]]:
+    out: Dict[FrozenSet[str], set] = {}
+    for a in table().values():
+        if a.keys is not None:
+            out.setdefault(a.keys, set()).add(a.layout)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def layouts_with(keys: Iterable[str]) -> FrozenSet[str]:
+    """The layouts of the named architectures whose state dict has exactly these keys (block
+    indices folded, classifier keys aside): how a file whose keys any of several layouts could
+    read (Perception Encoder's Eva has a plain timm ViT's keys) is told apart by what it is."""
+    return _layouts_by_signature().get(signature(keys), frozenset())
 
 
 def lookup(name: str, path: Any = None) -> Arch:
@@ -206,7 +237,7 @@ def resolve(layout: str, keys: Iterable[str], cfg: ViTConfig, open_fields: Seque
         if arch is not None and arch != row.name:
             raise BadInputError(f"--arch {arch}, but the file's config names {row.name}", path)
         for f in undecided:
-            if row.value(f) is not None and (f != "num_heads" or row.width == cfg.width):
+            if row.says(f) and (f != "num_heads" or row.width == cfg.width):
                 sem.values[f], sem.sources[f] = row.value(f), "config"
         undecided = [f for f in undecided if f not in sem.values]
         sem.arch, arch = row.name, None
@@ -215,18 +246,19 @@ def resolve(layout: str, keys: Iterable[str], cfg: ViTConfig, open_fields: Seque
         _check_arch(a, layout, keys, cfg, path)
         sem.arch = a.name
         for f in undecided:
-            if a.value(f) is not None:
+            if a.says(f):
                 sem.values[f], sem.sources[f] = a.value(f), "--arch"
         undecided = [f for f in undecided if f not in sem.values]
     else:
         candidates, by_shape = fitting(layout, keys, cfg)
-        told = {**given, **({"num_heads": num_heads} if num_heads is not None else {})}
+        told = {**{f: tuple(v) if isinstance(v, list) else v for f, v in given.items()},  # JSON lists: tuples
+                **({"num_heads": num_heads} if num_heads is not None else {})}
         agreeing = [a for a in candidates if all(a.value(f) == v for f, v in told.items()
                                                  if f in FIELDS and (f != "num_heads" or by_shape))]
         candidates = agreeing or candidates
         sem.candidates = sorted(a.name for a in candidates)
         fields = [f for f in undecided if (f != "num_heads" or by_shape)
-                  and any(a.value(f) is not None for a in candidates)]
+                  and any(a.says(f) for a in candidates)]
         why = ambiguity(candidates, fields) if candidates else None
         if why is not None:
             raise MappingError(f"a bare {layout} state dict: {why}", path)

@@ -147,13 +147,47 @@ def dinov3_rope(model) -> bool:
             and rope.grid_indexing == "ij" and rope.min_period is None)
 
 
+def eva_rope(model) -> Optional[Dict[str, Any]]:
+    """The rotary fields of a timm ``Eva`` whose positions vitconv computes (``rope`` 'none',
+    'dinov3', 'cat': ``RotaryEmbeddingCat`` over patch indices, ``in_pixels=False``, or 'mixed'), for
+    its row; None for another Eva (pixel-based bands, MRoPE) or another class."""
+    if type(model).__name__ != "Eva":
+        return None
+    rope = getattr(model, "rope", None)
+    # the fields a form does not have are recorded as the config's one spelling of them
+    plain = {"rope_ref_grid": None, "rope_grid_offset": 0.0, "rope_indexing": "ij", "rope_half": True}
+    if rope is None:
+        return {"rope": "none", "rope_theta": 100.0, **plain}
+    if dinov3_rope(model):
+        return {"rope": "dinov3", "rope_theta": float(rope.temperature), **plain}
+    if type(rope).__name__ == "RotaryEmbeddingMixed":  # learned frequencies: only the axis order is code's
+        return {"rope": "mixed", "rope_theta": 100.0, **plain, "rope_indexing": rope.grid_indexing,
+                "rope_half": False}
+    if type(rope).__name__ == "RotaryEmbeddingCat" and not rope.in_pixels and rope.grid_type == "index":
+        ref = rope.ref_feat_shape
+        return {"rope": "cat", "rope_theta": float(rope.temperature),
+                "rope_ref_grid": [int(n) for n in ref] if ref is not None else None,
+                "rope_grid_offset": float(rope.grid_offset), "rope_indexing": rope.grid_indexing,
+                "rope_half": bool(rope.rotate_half)}
+    return None
+
+
 def _features(model, block) -> List[str]:
     """What the model computes that no vitconv layout expresses, in words."""
     out = []
     attn = getattr(block, "attn", None)
     rotary = getattr(model, "rope", None) is not None or getattr(attn, "rope", None) is not None
-    if rotary and not dinov3_rope(model):
+    if rotary and eva_rope(model) is None:
         out.append("rotary position embeddings")
+    if type(model).__name__ == "Eva":  # what the timm_eva layout refuses by name (its _not_yet)
+        # sub-LayerNorms (attn.norm, mlp.norm) and separate q/k/v are computed (attn_norm, mlp_norm)
+        for part, what in (("q_norm", "qk-norm (timm Eva)"), ("gate", "a gated attention output")):
+            if type(getattr(attn, part, None)).__name__ not in ("NoneType", "Identity"):
+                out.append(what)
+        if getattr(attn, "num_kv_heads", getattr(attn, "num_heads", None)) != getattr(attn, "num_heads", None):
+            out.append("grouped-query attention")
+        if (getattr(block, "gamma_1", None) is None) != (getattr(block, "gamma_2", None) is None):
+            out.append("LayerScale on the attention branch only")
     norm = type(getattr(block, "norm1", None)).__name__
     for n in ("q_norm", "k_norm"):  # vitconv computes qk-norm with the model's own norm (timm's norm_layer)
         if type(getattr(attn, n, None)).__name__ not in ("NoneType", "Identity", norm):
@@ -212,7 +246,8 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         naflex = type(model).__name__ == "NaFlexVit"  # its embedding is model.embeds
         embed = model.embeds if naflex else model.patch_embed
         patch = embed.patch_size
-        eva = dinov3_rope(model)  # DINOv3's Eva: its own layout, with what a bare file cannot say of it
+        eva = type(model).__name__ == "Eva"  # its own layout, with what a bare file cannot say of it
+        rope = eva_rope(model) or {}
         extra: Dict[str, Any] = {}
         if naflex:
             grid = embed.pos_embed_grid_size if embed.pos_embed_type == "learned" else None
@@ -220,8 +255,9 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                      "features": sorted(set(_features(model, b) + _naflex_features(embed))),
                      "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
         elif eva:
-            extra = {"rope_theta": float(model.rope.temperature),
-                     "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool)}
+            pool = getattr(model, "attn_pool", None)
+            extra = {**rope, "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool),
+                     "pool_heads": int(pool.num_heads) if pool is not None and pool.num_heads != attn.num_heads else 0}
         rows.append({
             **extra, "name": name, "source": "timm",
             "layout": "timm_eva" if eva else ("timm_beit" if type(model).__name__ == "Beit" else "timm"),

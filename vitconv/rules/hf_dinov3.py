@@ -145,7 +145,8 @@ def infer_config(probe: Probe) -> ViTConfig:
                  num_heads=heads, head_dim=head_dim, mlp_dim=down[1], num_classes=0, qkv_bias=has["q"],
                  key_bias=has["k"] or not has["q"], norm_eps=eps, act=act, layer_scale=True,
                  mask_token=True, num_reg_tokens=reg[1] if len(reg) == 3 else 0,
-                 mlp="swiglu" if gated else "mlp", abs_pos_embed=False, rope="dinov3", rope_theta=float(theta))
+                 mlp="swiglu" if gated else "mlp", swiglu_unpacked=gated, abs_pos_embed=False, rope="dinov3",
+                 rope_theta=float(theta))
 
 
 def hf_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> dict:

@@ -141,7 +141,10 @@ def detect(layout: str):
     pos = POS_KEYS[layout]
     return lambda probe: ("patch_embed.proj.weight" in probe.shapes and "mask_token" not in probe.shapes
                           and "blocks.0.attn.qkv.weight" in probe.shapes and pos in probe.shapes
-                          and not any(k.endswith("relative_position_bias_table") for k in probe.shapes))  # Beit
+                          and not any(k.endswith("relative_position_bias_table") for k in probe.shapes)  # Beit
+                          # timm's Eva (its LayerScale and q/v bias names; or keys only Eva models have: PE)
+                          and not any(k in probe.shapes for k in ("blocks.0.gamma_1", "blocks.0.attn.q_bias"))
+                          and archs.layouts_with(probe.shapes) != {"timm_eva"})
 
 
 def named_arch(probe: Probe) -> Optional[str]:

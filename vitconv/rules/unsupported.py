@@ -3,11 +3,8 @@ how a checkpoint shows it. A source that shows one is refused with the feature n
 any layout is tried (otherwise it would read as "unused keys" or "no known layout").
 
 Rotary position embeddings have no tensor of their own (timm and transformers compute the
-frequencies), so they are recognised by what comes with them: timm's Eva class (EVA-02,
-``*_rope_*``) by its separate query/value biases. DINOv3's form (class and storage tokens,
-LayerScale, no position table) is computed (:mod:`vitconv.rules.timm_eva`,
-:mod:`vitconv.rules.hf_dinov3`, and the original checkpoints, :mod:`vitconv.rules.dinov3`) and
-left out here.
+frequencies). timm's Eva class (DINOv3, EVA, EVA-02, ``*_rope_*``, Perception Encoder) is read by
+:mod:`vitconv.rules.timm_eva`, which refuses by name the Eva forms it does not compute.
 """
 
 from __future__ import annotations
@@ -32,18 +29,8 @@ def _none(pattern: str) -> Callable[[Keys], bool]:
     return lambda keys: not found(keys)
 
 
-def _dinov3_eva(keys: Keys) -> bool:
-    """timm's Eva in DINOv3's form: class and storage tokens, LayerScale, no position table."""
-    have = set(keys)
-    return ({"cls_token", "reg_token", "blocks.0.gamma_1"} <= have and "pos_embed" not in have)
-
-
 #: (feature, what shows it), most specific first
-UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = (
-    # BEiT has separate query/value biases too: its relative position tables tell it apart
-    ("rotary position embeddings with separate query/value biases (timm Eva: EVA-02, *_rope_* models)",
-     _all(_any(r"(^|\.)attn\.q_bias$"), lambda keys: not _dinov3_eva(keys), _none(r"relative_position_bias_table$"))),
-)
+UNSUPPORTED: Tuple[Tuple[str, Callable[[Keys], bool]], ...] = ()
 
 
 def unsupported_feature(keys: Iterable[str]) -> Optional[str]:

@@ -1,0 +1,206 @@
+"""timm's other ``Eva`` forms: EVA's axial rotary embeddings (``rope_type='cat'``: the ``*_rope_*``
+ViTs, EVA-02, Perception Encoder's spatial tower), with or without a position table, class token,
+registers and LayerScale; against the real timm 1.0.31, offline.
+
+Each model is built by timm at small width with every parameter seeded far from its init
+(LayerScale ``gamma_1``/``gamma_2`` log-uniform over 2e-4..11); timm's own forward is the reference,
+at the checkpoint's resolution, at another one and on non-square inputs (``dynamic_img_size=True``:
+timm computes the rotary angles for each input's grid and resamples its table). Written back, each
+loads strictly into timm and bit for bit; a timm directory rebuilds the same function from its
+config.json alone. What a bare file cannot record of the rotation (its form, base, reference grid,
+offset, axis order and layout) comes from the architectures whose keys fit, or ``--set``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import LAYER_SCALE_RANGE, seeded
+from timm_import import import_timm
+from vitconv.checkpoint import load
+from vitconv.errors import MappingError
+from vitconv.pipeline import convert, open_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+timm = import_timm()
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, dynamic_img_size=True)
+#: the native size, another, and two non-square inputs (rows != columns both ways)
+SIZES = ((32, 32), (48, 48), (32, 48), (56, 24))
+# name -> (extra create_model arguments, --set for what a bare file cannot say, what must be read)
+TIMM = {
+    # RoPE-Axial (naver): class token, LayerScale, one full qkv bias (AttentionRope), 'xy' angles, base 100
+    "vit_small_patch16_rope_224": (dict(), {}, dict(
+        rope="cat", rope_theta=100.0, rope_indexing="xy", rope_half=False, rope_ref_grid=None,
+        abs_pos_embed=False, key_bias=True, classifier="token", layer_scale=True, norm_eps=1e-6, act="gelu")),
+    # ... with an absolute table as well, its rows for the patches only (no_embed_class)
+    "vit_small_patch16_rope_ape_224": (dict(), {}, dict(
+        rope="cat", rope_indexing="xy", abs_pos_embed=True, pos_embed_prefix="none", pos_resize="bicubic_aa")),
+    # timm SBB: one register, no class token, mean pooling with fc_norm, angles rescaled to a 16x16 grid
+    "vit_base_patch16_rope_reg1_gap_256": (dict(), {}, dict(
+        rope="cat", rope_theta=10000.0, rope_ref_grid=(16, 16), rope_indexing="ij", class_token=False,
+        num_reg_tokens=1, classifier="gap", final_norm="pooled", key_bias=False, qkv_bias=True)),
+    # EVA-02: a table with a class row, q/v biases, packed SwiGLU (GluMlp), no LayerScale
+    "eva02_tiny_patch14_224": (dict(), {}, dict(
+        rope="cat", rope_ref_grid=(16, 16), abs_pos_embed=True, pos_embed_prefix="all", mlp="swiglu",
+        act="silu", swiglu_unpacked=False, layer_scale=False, mlp_dim=341, final_norm="pooled")),
+    # EVA-02 B: separate q/k/v projections (no key bias), a sub-LayerNorm in the (unpacked) SwiGLU
+    "eva02_base_patch14_224": (dict(), {}, dict(
+        rope="cat", qkv_unfused=True, key_bias=False, mlp_norm=True, attn_norm=False, swiglu_unpacked=True,
+        mlp="swiglu", final_norm="pooled")),
+    # EVA-02 CLIP B: the same and a sub-LayerNorm on the attention output, class-token pooling, a head
+    "eva02_base_patch16_clip_224": (dict(num_classes=24), {}, dict(
+        rope="cat", qkv_unfused=True, mlp_norm=True, attn_norm=True, classifier="token", num_classes=24)),
+    # RoPE-Mixed (naver): learned frequencies per block and head (rope.freqs, a tensor), 'xy' indices
+    "vit_small_patch16_rope_mixed_224": (dict(), {}, dict(
+        rope="mixed", rope_indexing="xy", rope_half=False, key_bias=True, classifier="token", num_heads=2)),
+    # Perception Encoder's core tower: the same angles, attention pooling with its own 8 heads, a projection
+    "vit_pe_core_tiny_patch16_384": (dict(num_classes=24), {"rope_ref_grid": [24, 24]}, dict(
+        rope="cat", rope_grid_offset=1.0, rope_indexing="xy", rope_ref_grid=(24, 24), classifier="map",
+        pool_heads=8, norm_pre=True, final_norm="encoder", num_classes=24)),
+    # Perception Encoder's spatial tower: grid offset 1, 'xy', a pre-norm and no patch bias, no final norm
+    "vit_pe_spatial_tiny_patch16_512": (dict(), {}, dict(
+        rope="cat", rope_grid_offset=1.0, rope_indexing="xy", rope_ref_grid=(32, 32), norm_pre=True,
+        patch_bias=False, final_norm="none", norm_eps=1e-5, classifier="gap")),
+}
+
+
+def _seed(model: torch.nn.Module) -> torch.nn.Module:
+    """:func:`conftest.seeded`, with Eva's LayerScale (``gamma_1``/``gamma_2``) log-uniform too."""
+    seeded(model, scale=0.2)
+    g = torch.Generator().manual_seed(7)
+    lo, hi = (float(np.log(v)) for v in LAYER_SCALE_RANGE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                p.copy_(torch.exp(torch.empty(p.shape).uniform_(lo, hi, generator=g)))
+    return model.eval()
+
+
+def _timm(name: str, **extra):
+    return _seed(timm.create_model(name, pretrained=False, **{**SMALL, **TIMM[name][0], **extra}))
+
+
+def _x(h, w, seed=1):
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, want):
+    scale = max(1.0, want.abs().max().item())
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * scale, err
+    return err
+
+
+def _save(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_eva_reads_at_any_size_and_writes_back(name, tmp_path):
+    extra, unsaid, expect = TIMM[name]
+    model = _timm(name)
+    _save(model, tmp_path / "src.safetensors")
+    report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides=unsaid)
+    assert report.layout == "timm_eva"
+    for field, value in expect.items():
+        assert getattr(report.config, field) == value, field
+    ours = load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        for h, w in SIZES:
+            _close(ours(_x(h, w)), model(_x(h, w)))
+    # back to timm: strict, bit for bit
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timm.create_model(name, pretrained=False, **{**SMALL, **extra}).load_state_dict(b, strict=True)
+    # a timm directory: create_model rebuilds the same function from config.json alone
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
+    with torch.no_grad():
+        for h, w in SIZES[1:3]:
+            _close(built(_x(h, w)), model(_x(h, w)))
+    with open_checkpoint(tmp_path / "tdir") as again:
+        assert again.config == report.config
+
+
+@pytest.mark.parametrize("wrong", [dict(rope_theta=1000.0), dict(rope_indexing="ij"), dict(rope_half=True),
+                                   dict(rope_grid_offset=0.5), dict(rope_ref_grid=(8, 8)), dict(rope="none")])
+def test_each_rotary_parameter_moves_the_output(wrong, tmp_path):
+    """Every rotary field matters well above rounding on a seeded model (rotating the class token
+    too, or another axis order, would break the exactness above)."""
+    model = _timm("vit_pe_spatial_tiny_patch16_512")
+    _save(model, tmp_path / "src.safetensors")
+    with torch.no_grad():
+        want = model(_x(32, 48))
+        _close(load(tmp_path / "src.safetensors")(_x(32, 48)), want)
+        assert (load(tmp_path / "src.safetensors", **wrong)(_x(32, 48)) - want).abs().max() > 1e-3
+
+
+def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tmp_path):
+    """A bare file records none of the rotary parameters: they come from the architectures whose
+    keys fit (here every RoPE-Axial ViT: 'xy', base 100), named in the notes; --set says others."""
+    model = _timm("vit_small_patch16_rope_224")
+    _save(model, tmp_path / "s.safetensors")
+    with open_checkpoint(tmp_path / "s.safetensors") as c:
+        assert (c.config.rope, c.config.rope_theta, c.config.rope_indexing) == ("cat", 100.0, "xy")
+        assert any("rope_indexing='xy'" in n and "every architecture whose keys and shapes fit" in n
+                   for n in c.notes), c.notes
+    with open_checkpoint(tmp_path / "s.safetensors", overrides={"rope_theta": 10.0}) as c:
+        assert c.config.rope_theta == 10.0
+
+
+@pytest.mark.parametrize("arch,kw,what", [
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1), "qk-norm (Sapiens2)"),
+    ("vit_base_patch16_sapiens2", dict(num_kv_heads=1, qk_norm=False), "grouped-query attention"),
+])
+def test_other_eva_forms_are_refused_by_name(arch, kw, what, tmp_path):
+    model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,
+                              num_heads=2, **kw)
+    _save(model, tmp_path / "m.safetensors")
+    with pytest.raises(MappingError) as e:
+        convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")
+    assert what in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "c.safetensors").exists()
+
+
+def test_eva02_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
+    """``vitconv export --onnx --dynamic-size`` of EVA-02: the graph computes the rescaled 'cat'
+    angles and resamples the table from its input's grid, so sizes other than the export size (one
+    of them non-square) give timm's output."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from _vitconv_cli.main import main
+
+    model = _timm("eva02_tiny_patch14_224")
+    _save(model, tmp_path / "t.safetensors")
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "c.safetensors"), "--onnx", str(tmp_path / "m.onnx"),
+                                  "--dynamic-size"])
+    assert r.exit_code == 0, r.output
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    for h, w in ((48, 48), (40, 64)):
+        got = session.run(None, {"pixel_values": _x(h, w, 5).numpy()})[0]
+        with torch.no_grad():
+            want = model(_x(h, w, 5))
+        _close(torch.from_numpy(got), want)
+
+
+@pytest.mark.parametrize("name", ["eva02_base_patch16_clip_224", "vit_small_patch16_rope_mixed_224"])
+def test_verify_runs_timm_as_the_reference(name, tmp_path):
+    """``vitconv verify``'s reference is timm's Eva itself, built with what vitconv read (a bare
+    file records none of it) or from a timm directory."""
+    from vitconv.verify import verify
+
+    model = _timm(name, **TIMM[name][0])
+    _save(model, tmp_path / "t.safetensors")
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
+    checked = verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
+    assert checked.ok, checked.verdict()
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    checked = verify(tmp_path / "tdir", tmp_path / "c.safetensors")
+    assert checked.ok, checked.verdict()
