@@ -87,6 +87,18 @@ def config_json(probe: Probe) -> Dict[str, Any]:
     return d
 
 
+def timm_model_args(probe: Probe) -> Dict[str, Any]:
+    """``model_args`` of a timm directory's ``config.json`` (the constructor arguments timm's
+    ``push_to_hf_hub`` records); empty for a bare state dict."""
+    d = config_json(probe)
+    if "architecture" not in d:
+        return {}
+    args = d.get("model_args", {})
+    if not isinstance(args, dict):
+        raise MappingError("config.json: model_args is not an object", probe.path)
+    return args
+
+
 def build(probe: Probe, **kwargs: Any) -> ViTConfig:
     """``ViTConfig(**kwargs)``, a contradiction among the inferred values named as a mapping error."""
     try:

@@ -35,7 +35,7 @@ from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from ..preprocess import Usage
 from .base import Carry, Rule, fill
-from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
+from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_model_args
 from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -159,12 +159,9 @@ def _model_args(probe: Probe) -> Dict[str, Any]:
     fixes that JSON does not say: the LayerNorm epsilon of its ``norm_layer`` (from
     :mod:`vitconv.archs`; the activation follows the same row through the read's semantics);
     empty for a bare state dict."""
-    d = config_json(probe)
-    if "architecture" not in d:
+    args = timm_model_args(probe)
+    if not args and "architecture" not in config_json(probe):
         return {}
-    args = d.get("model_args", {})
-    if not isinstance(args, dict):
-        raise MappingError("config.json: model_args is not an object", probe.path)
     row = archs.table().get(named_arch(probe) or "")
     implied = {"norm_eps": row.norm_eps} if row is not None and row.layout == "timm" and row.norm_eps else {}
     if isinstance(args.get("norm_layer"), str):  # a norm named in JSON: timm's class at its default eps

@@ -44,7 +44,7 @@ from ..errors import MappingError
 from ..preprocess import Usage
 from .. import archs
 from .base import Carry, Rule
-from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need
+from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_model_args
 from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -218,16 +218,6 @@ def _not_yet(probe: Probe) -> Optional[str]:
     return None
 
 
-def _model_args(probe: Probe) -> Dict[str, Any]:
-    d = config_json(probe)
-    if "architecture" not in d:
-        return {}
-    args = d.get("model_args", {})
-    if not isinstance(args, dict):
-        raise MappingError("config.json: model_args is not an object", probe.path)
-    return args
-
-
 def _rope_args(args: Dict[str, Any], bare_rope: str, path: Optional[str]) -> Dict[str, Any]:
     """The rotary fields from a timm directory's ``model_args``, else what Eva assumes for a bare file."""
     if args.get("use_rot_pos_emb", True) is False:
@@ -277,7 +267,7 @@ def infer_config(probe: Probe) -> ViTConfig:
     other = _not_yet(probe)
     if other is not None:
         raise MappingError(f"a timm Eva with {other}: vitconv does not compute this feature yet", path)
-    args = _model_args(probe)
+    args = timm_model_args(probe)
     depth = count_blocks(shapes, r"^blocks\.(\d+)\.", "blocks.N", path)
     emb = need(shapes, "patch_embed.proj.weight", "timm_eva", path)
     if len(emb) != 4 or emb[2] != emb[3]:
@@ -446,7 +436,7 @@ def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
     if cfg.rope == "none" or cfg.abs_pos_embed:
         return [] if cfg.rope == "none" else [f"RoPE {cfg.rope} (theta {cfg.rope_theta:g}) computed from the grid "
                                               "at any input size"]
-    said = "config.json's img_size" if isinstance(_model_args(probe).get("img_size"), int) else \
+    said = "config.json's img_size" if isinstance(timm_model_args(probe).get("img_size"), int) else \
         "assumed: DINOv3's pretraining size (no position table records it)"
     return [f"RoPE {cfg.rope} (theta {cfg.rope_theta:g}) computed from the grid at any input size; the native "
             f"size {cfg.image_size} is {said}: --image-size sets another"]

@@ -36,7 +36,8 @@ from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule
 from ..preprocess import Usage
-from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns
+from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns,
+                        timm_model_args)
 from .layout import IDENTITY, PATCH_LINEAR, LayoutOp
 from .registry import Layout, Probe, register
 from .timm import _table as _timm_table, named_arch
@@ -120,7 +121,7 @@ def infer(probe: Probe) -> ViTConfig:
     if len(proj) != 2:
         raise MappingError(f"{_E}proj.weight {proj}: a convolutional NaFlexVit patch embedding "
                            "(embed_proj_type='conv') is not read yet; only the Linear one", path)
-    args = _model_args(probe)
+    args = timm_model_args(probe)
     patch, in_chans = patch_from_columns(proj[1], args.get("patch_size"), args.get("in_chans"),
                                          _E + "proj.weight", path)
     width = proj[0]
@@ -164,21 +165,10 @@ def infer(probe: Probe) -> ViTConfig:
 
 
 def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
-    if "patch_size" in _model_args(probe):
+    if "patch_size" in timm_model_args(probe):
         return []
     return [f"patch {cfg.patch_size} x {cfg.patch_size} x {cfg.in_chans} channels assumed: embeds.proj's "
             f"{cfg.patch_size ** 2 * cfg.in_chans} columns read as 3-channel patches (the file records neither)"]
-
-
-def _model_args(probe: Probe) -> Dict[str, Any]:
-    """``model_args`` of a timm directory's ``config.json`` (empty for a bare state dict)."""
-    d = config_json(probe)
-    if "architecture" not in d:
-        return {}
-    args = d.get("model_args", {})
-    if not isinstance(args, dict):
-        raise MappingError("config.json: model_args is not an object", probe.path)
-    return args
 
 
 def mlp_ratio(cfg: ViTConfig) -> float:
