@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -93,6 +94,26 @@ def seeded(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.n
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model.eval()
+
+
+def images(h: int = 32, w: Optional[int] = None, seed: int = 1) -> torch.Tensor:
+    """Two seeded N(0, 1) NCHW images of ``h`` x ``w`` (square, 32 px by default)."""
+    return torch.randn(2, 3, h, w or h, generator=torch.Generator().manual_seed(seed))
+
+
+def close_to(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> float:
+    """Assert ``max|got - want| <= rel * max(1, max|want|)`` (the families' bar); the max abs."""
+    err = (got - want).abs().max().item()
+    assert err <= rel * max(1.0, want.abs().max().item()), err
+    return err
+
+
+def save_state(model: torch.nn.Module, path) -> Path:
+    """``model``'s state dict as a ``.safetensors`` file (contiguous tensors)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- tiers

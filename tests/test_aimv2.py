@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import seeded
+from conftest import close_to, images, save_state, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import BadInputError
@@ -28,24 +28,11 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2)
 AIMV2 = "aimv2_large_patch14_224"
 
 
-def _x(h=32, w=None, seed=1):
-    return torch.randn(2, 3, h, w or h, generator=torch.Generator().manual_seed(seed))
-
-
-def _close(got, want):
-    scale = max(1.0, want.abs().max().item())
-    err = (got - want).abs().max().item()
-    assert err <= 1e-5 * scale, err
-    return err
 
 
 def _timm(arch, **kw):
     return seeded(timm.create_model(arch, pretrained=False, **{**SMALL, **kw}), scale=0.2)
 
-
-def _save(model, path):
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _bitwise(a_path, b_path):
@@ -59,7 +46,7 @@ def test_timm_aimv2_reads_resizes_writes_back_and_rebuilds(tmp_path):
     the mean of the normalised tokens. A bare state dict does not record the eps or the
     activation: every timm architecture with these keys is an AIMv2, and they agree."""
     model = _timm(AIMV2, dynamic_img_size=True, num_classes=10)
-    src = _save(model, tmp_path / "aimv2.safetensors")
+    src = save_state(model, tmp_path / "aimv2.safetensors")
     report = convert(src, tmp_path / "c.safetensors")
     c = report.config
     assert (c.norm, c.norm_eps, c.act, c.mlp, c.swiglu_unpacked) == ("rmsnorm", 1e-5, "silu", "swiglu", True)
@@ -68,8 +55,8 @@ def test_timm_aimv2_reads_resizes_writes_back_and_rebuilds(tmp_path):
     assert any("what every architecture whose keys and shapes fit computes" in n for n in report.notes), report.notes
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
-        _close(ours(_x(32)), model(_x(32)))
-        _close(ours(_x(48, 40)), model(_x(48, 40)))  # timm resamples its table bicubic, antialiased
+        close_to(ours(images(32)), model(images(32)))
+        close_to(ours(images(48, 40)), model(images(48, 40)))  # timm resamples its table bicubic, antialiased
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
     _bitwise(src, tmp_path / "back.safetensors")
     timm.create_model(AIMV2, pretrained=False, **SMALL, num_classes=10).load_state_dict(
@@ -77,7 +64,7 @@ def test_timm_aimv2_reads_resizes_writes_back_and_rebuilds(tmp_path):
     convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
-        _close(built(_x(32)), model(_x(32)))
+        close_to(built(images(32)), model(images(32)))
     with open_checkpoint(tmp_path / "tdir") as again:
         assert again.config == c
 
@@ -86,12 +73,12 @@ def test_bare_aimv2_epsilon_is_the_architecture_s_and_the_norm_is_the_file_s(tmp
     """RMSNorm's eps moves the output past the tolerance (1e-6, timm's own default, would be
     wrong); the norm kind is in the tensors (a weight only), so --set cannot contradict it."""
     model = _timm(AIMV2)
-    src = _save(model, tmp_path / "a.safetensors")
+    src = save_state(model, tmp_path / "a.safetensors")
     with torch.no_grad():
-        want = model(_x())
-        wrong = load(src, norm_eps=1e-6)(_x())
+        want = model(images())
+        wrong = load(src, norm_eps=1e-6)(images())
         assert (wrong - want).abs().max().item() > 1e-5 * max(1.0, want.abs().max().item())
-        _close(load(src)(_x()), want)
+        close_to(load(src)(images()), want)
     with pytest.raises(BadInputError, match="--set norm: the timm layout reads it from the file"):
         open_checkpoint(src, overrides={"norm": "layernorm"})
     with open_checkpoint(src, overrides={"norm_eps": 1e-6}) as c:  # open: the user may say otherwise
@@ -106,24 +93,24 @@ def test_timm_qk_norm_both_ways(kw, tmp_path):
     head's queries and keys; with proj_bias=False the attention projection and MLP lose their
     biases together."""
     model = _timm("vit_base_patch16_224", dynamic_img_size=True, num_classes=10, **kw)
-    src = _save(model, tmp_path / "q.safetensors")
+    src = save_state(model, tmp_path / "q.safetensors")
     report = convert(src, tmp_path / "c.safetensors")
     assert report.config.qk_norm and report.config.proj_bias == kw.get("proj_bias", True)
     assert report.config.norm == kw.get("norm_layer", "layernorm")
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
-        _close(ours(_x(32)), model(_x(32)))
-        _close(ours(_x(40, 56)), model(_x(40, 56)))
+        close_to(ours(images(32)), model(images(32)))
+        close_to(ours(images(40, 56)), model(images(40, 56)))
         q_off = load(tmp_path / "c.safetensors")
         for blk in q_off.blocks:  # the feature moves the output: without it the logits differ
             blk.attn.q_norm = blk.attn.k_norm = None
-        assert (q_off(_x(32)) - model(_x(32))).abs().max().item() > 1e-3
+        assert (q_off(images(32)) - model(images(32))).abs().max().item() > 1e-3
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
     _bitwise(src, tmp_path / "back.safetensors")
     convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
-        _close(built(_x(32)), model(_x(32)))
+        close_to(built(images(32)), model(images(32)))
 
 
 # ------------------------------------------------------------------------------- Hugging Face
@@ -148,12 +135,12 @@ def test_hf_aimv2_with_its_head_reads_and_writes_back(kw, tmp_path):
     assert (c.norm_eps, c.qkv_bias, c.proj_bias, c.mlp_bias) == (
         kw.get("rms_norm_eps", 1e-5), kw.get("qkv_bias", False), kw.get("qkv_bias", False), kw.get("mlp_bias", False))
     with torch.no_grad():
-        _close(load(tmp_path / "c.safetensors")(_x(32)), model(pixel_values=_x(32)).pooler_output)
+        close_to(load(tmp_path / "c.safetensors")(images(32)), model(pixel_values=images(32)).pooler_output)
     convert(tmp_path / "c.safetensors", tmp_path / "back")
     again, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
-        _close(again.eval()(pixel_values=_x(32)).pooler_output, model(pixel_values=_x(32)).pooler_output)
+        close_to(again.eval()(pixel_values=images(32)).pooler_output, model(pixel_values=images(32)).pooler_output)
     _bitwise(tmp_path / "src" / "model.safetensors", tmp_path / "back" / "model.safetensors")
 
 
@@ -170,20 +157,20 @@ def test_timm_and_hf_aimv2_convert_into_each_other(tmp_path):
     """timm's AIMv2 (no classifier) is Aimv2VisionModel without a head: its output is the mean of
     HF's last_hidden_state. timm -> HF loads strictly; HF -> timm gives timm's tensors bit for bit."""
     model = _timm(AIMV2, num_classes=0, dynamic_img_size=True)
-    src = _save(model, tmp_path / "t.safetensors")
+    src = save_state(model, tmp_path / "t.safetensors")
     report = convert(src, tmp_path / "hf")
     assert report.target_layout == "hf_aimv2"
     hf, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert hf.config.use_head is False and hf.config.rms_norm_eps == 1e-5
     with torch.no_grad():
-        want = model(_x(32))
-        _close(hf.eval()(pixel_values=_x(32)).last_hidden_state.mean(1), want)
-        _close(load(tmp_path / "hf")(_x(32)), want)
+        want = model(images(32))
+        close_to(hf.eval()(pixel_values=images(32)).last_hidden_state.mean(1), want)
+        close_to(load(tmp_path / "hf")(images(32)), want)
         # transformers never resizes Aimv2's learned table; read from HF, the model resizes as timm does
         with pytest.raises((RuntimeError, ValueError)):
-            hf(pixel_values=_x(48))
-        _close(load(tmp_path / "hf")(_x(48, 40)), model(_x(48, 40)))
+            hf(pixel_values=images(48))
+        close_to(load(tmp_path / "hf")(images(48, 40)), model(images(48, 40)))
     convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
     _bitwise(src, tmp_path / "back.safetensors")
 
@@ -204,15 +191,15 @@ def test_hf_aimv2_native_generates_its_table_for_any_grid(use_head, tmp_path):
 
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
-        _close(ours(_x(32)), want(_x(32)))
-        _close(ours(_x(48, 40)), want(_x(48, 40)))
+        close_to(ours(images(32)), want(images(32)))
+        close_to(ours(images(48, 40)), want(images(48, 40)))
     convert(tmp_path / "c.safetensors", tmp_path / "back")
     again, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert again.config.is_native
     with torch.no_grad():
-        _close(want(_x(40)), again.eval()(pixel_values=_x(40)).pooler_output if use_head
-               else again(pixel_values=_x(40)).last_hidden_state.mean(1))
+        close_to(want(images(40)), again.eval()(pixel_values=images(40)).pooler_output if use_head
+               else again(pixel_values=images(40)).last_hidden_state.mean(1))
     _bitwise(tmp_path / "src" / "model.safetensors", tmp_path / "back" / "model.safetensors")
 
 
@@ -227,7 +214,7 @@ def test_aimv2_exports_to_onnx_with_dynamic_size(source, tmp_path):
 
     if source == "timm":
         model = _timm(AIMV2, num_classes=8, dynamic_img_size=True)
-        convert(_save(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
+        convert(save_state(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
     else:
         hf = _hf(is_native=True)
         hf.save_pretrained(tmp_path / "src")
@@ -235,7 +222,7 @@ def test_aimv2_exports_to_onnx_with_dynamic_size(source, tmp_path):
         model = lambda x: hf(pixel_values=x).pooler_output  # noqa: E731
     (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
     assert result.ok and max(p.max_abs for p in result.parity) <= 1e-4
-    x = _x(48, seed=5)
+    x = images(48, seed=5)
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"pixel_values": x.numpy()})[0]
     with torch.no_grad():
         assert abs(got - model(x).numpy()).max() <= 1e-4
@@ -249,7 +236,7 @@ def test_verify_runs_the_source_library_as_reference(source, tmp_path):
     from vitconv.verify import verify
 
     if source == "timm bare":
-        src = _save(_timm(AIMV2, num_classes=8), tmp_path / "t.safetensors")
+        src = save_state(_timm(AIMV2, num_classes=8), tmp_path / "t.safetensors")
     else:
         _hf(use_head=source != "hf no head", is_native=source == "hf native").save_pretrained(tmp_path / "src")
         src = tmp_path / "src"
@@ -281,9 +268,9 @@ def test_a_bare_hf_aimv2_file_says_what_it_assumes(tmp_path):
         assert (c.layout.name, c.config.norm_eps, c.config.act) == ("hf_aimv2", 1e-5, "silu")
         assert any("norm_eps=1e-05 assumed" in n for n in c.notes), c.notes
     with torch.no_grad():
-        want = model(pixel_values=_x(32)).pooler_output
-        assert (load(tmp_path / "bare.safetensors", num_heads=2)(_x(32)) - want).abs().max().item() > 1e-5
-        _close(load(tmp_path / "bare.safetensors", num_heads=2, norm_eps=1e-6)(_x(32)), want)
+        want = model(pixel_values=images(32)).pooler_output
+        assert (load(tmp_path / "bare.safetensors", num_heads=2)(images(32)) - want).abs().max().item() > 1e-5
+        close_to(load(tmp_path / "bare.safetensors", num_heads=2, norm_eps=1e-6)(images(32)), want)
 
 
 def test_packed_swiglu_is_written_apart_for_hugging_face(tmp_path):
@@ -294,7 +281,7 @@ def test_packed_swiglu_is_written_apart_for_hugging_face(tmp_path):
     from vitconv.config import ViTConfig
 
     model = _timm(AIMV2, num_classes=0)
-    convert(_save(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
+    convert(save_state(model, tmp_path / "t.safetensors"), tmp_path / "c.safetensors")
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
         metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     cfg = ViTConfig.from_json(metadata["vitconv_config"]).replace(swiglu_unpacked=False)
@@ -305,4 +292,4 @@ def test_packed_swiglu_is_written_apart_for_hugging_face(tmp_path):
     hf, info = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
-        _close(hf.eval()(pixel_values=_x(32)).last_hidden_state.mean(1), model(_x(32)))
+        close_to(hf.eval()(pixel_values=images(32)).last_hidden_state.mean(1), model(images(32)))

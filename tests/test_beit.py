@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import LAYER_SCALE_RANGE, seeded
+from conftest import LAYER_SCALE_RANGE, close_to, save_state, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
@@ -63,11 +63,6 @@ def _x(h, w=None):
     return torch.randn(2, 3, h, w or h, generator=torch.Generator().manual_seed(h * 100 + (w or h)))
 
 
-def _close(got, want):
-    err, scale = (got - want).abs().max().item(), max(1.0, want.abs().max().item())
-    assert err <= 1e-5 * scale, err
-    return err
-
 
 def _timm_at(arch, extra, state, size):
     """timm's own model for another input size: built for it, the weights loaded through
@@ -77,15 +72,12 @@ def _timm_at(arch, extra, state, size):
     return model
 
 
-def _save(model, path):
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-
 
 @pytest.mark.parametrize("name", sorted(TIMM))
 def test_timm_beit_reads_resizes_and_writes_back(name, tmp_path):
     arch, extra, expect = TIMM[name]
     model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors")
     assert report.layout == "timm_beit"
     for field, value in expect.items():
@@ -93,13 +85,13 @@ def test_timm_beit_reads_resizes_and_writes_back(name, tmp_path):
     assert (report.config.num_heads, report.config.rel_pos_resize) == (2, "geometric")
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
-        _close(ours(_x(32)), model(_x(32)))
+        close_to(ours(_x(32)), model(_x(32)))
         for size in SIZES:  # timm resizing its tables its own way
             want = _timm_at(arch, extra, model.state_dict(), size)(_x(*size))
-            _close(ours(_x(*size)), want)
+            close_to(ours(_x(*size)), want)
         # converted for 48 px, as timm loads it into a 48 px model
         want = _timm_at(arch, extra, model.state_dict(), 48)(_x(48))
-        _close(load(tmp_path / "c.safetensors", image_size=48)(_x(48)), want)
+        close_to(load(tmp_path / "c.safetensors", image_size=48)(_x(48)), want)
     # back to timm: strict, bit for bit
     back = convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
     assert back.target_layout == "timm_beit"
@@ -133,7 +125,7 @@ class open_checkpoint_of:
 
         self.dir = tempfile.TemporaryDirectory()
         self.path = os.path.join(self.dir.name, "m.safetensors")
-        _save(model, self.path)
+        save_state(model, self.path)
 
     def __enter__(self):
         self.ckpt = open_checkpoint(self.path)
@@ -159,7 +151,7 @@ def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
     arch, extra, _ = TIMM["beit"]
     model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra,
                                     norm_layer=partial(nn.LayerNorm, eps=1e-2)))
-    _save(model, tmp_path / "m.safetensors")
+    save_state(model, tmp_path / "m.safetensors")
     with open_checkpoint(tmp_path / "m.safetensors") as c:
         assert c.config.norm_eps == 1e-6
         # said, with the timm architectures whose keys fit (every one of them 1e-6)
@@ -168,7 +160,7 @@ def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
     with torch.no_grad():
         want = model(_x(32))
         assert (load(tmp_path / "m.safetensors")(_x(32)) - want).abs().max().item() > 1e-4
-        _close(load(tmp_path / "m.safetensors", norm_eps=1e-2)(_x(32)), want)
+        close_to(load(tmp_path / "m.safetensors", norm_eps=1e-2)(_x(32)), want)
     for field, value in (("act", "gelu_tanh"), ("rel_pos_resize", "bilinear")):
         with pytest.raises(BadInputError, match=f"--set {field}: the timm_beit layout reads it from the file"):
             open_checkpoint(tmp_path / "m.safetensors", overrides={field: value})
@@ -184,7 +176,7 @@ def test_a_key_bias_beit_cannot_hold_is_refused_by_name(tmp_path):
     """BEiT's key projection has no bias: canonical ``qkv.bias`` holds a zero key third, and a
     model whose key third is not zero is refused when written as BEiT, naming the tensor."""
     arch, extra, _ = TIMM["beit"]
-    _save(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
+    save_state(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
     convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors")
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -248,20 +240,20 @@ def test_hf_beit_reads_resizes_and_writes_back(name, tmp_path):
     canonical = load(tmp_path / "c.safetensors")
     ours = canonical.forward_features if output == "last_hidden_state" else canonical
     with torch.no_grad():
-        _close(ours(_x(32)), getattr(model(pixel_values=_x(32)), output))
+        close_to(ours(_x(32)), getattr(model(pixel_values=_x(32)), output))
         for size in SIZES:  # transformers resizing its tables its own way
             want = getattr(model(pixel_values=_x(*size), interpolate_pos_encoding=True), output)
-            _close(ours(_x(*size)), want)
-            _close(ours(_x(*size)), getattr(model(pixel_values=_x(*size)), output))  # the flag changes nothing
+            close_to(ours(_x(*size)), want)
+            close_to(ours(_x(*size)), getattr(model(pixel_values=_x(*size)), output))  # the flag changes nothing
         at48 = load(tmp_path / "c.safetensors", image_size=48)
-        _close((at48.forward_features if output == "last_hidden_state" else at48)(_x(48)),
+        close_to((at48.forward_features if output == "last_hidden_state" else at48)(_x(48)),
                getattr(model(pixel_values=_x(48), interpolate_pos_encoding=True), output))
     back = convert(tmp_path / "c.safetensors", tmp_path / "back", to=to)
     assert back.target_layout == layout
     again, info = type(model).from_pretrained(tmp_path / "back", output_loading_info=True, **pooler)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
-        _close(getattr(again.eval()(pixel_values=_x(32)), output), getattr(model(pixel_values=_x(32)), output))
+        close_to(getattr(again.eval()(pixel_values=_x(32)), output), getattr(model(pixel_values=_x(32)), output))
     a = load_file(str(tmp_path / "src" / "model.safetensors"))
     b = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -279,14 +271,14 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
 
     arch, extra, _ = TIMM["beit"]
     tm = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
-    _save(tm, tmp_path / "t.safetensors")
+    save_state(tm, tmp_path / "t.safetensors")
     report = convert(tmp_path / "t.safetensors", tmp_path / "hf", to="hf")
     assert report.target_layout == "hf_beit_cls"
     assert any("rel_pos_resize='geometric'" in n for n in report.notes), report.notes
     hf, info = transformers.BeitForImageClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
-        _close(hf.eval()(pixel_values=_x(32)).logits, tm(_x(32)))
+        close_to(hf.eval()(pixel_values=_x(32)).logits, tm(_x(32)))
     # and back: bit for bit
     convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
     a, b = load_file(str(tmp_path / "t.safetensors")), load_file(str(tmp_path / "back.safetensors"))
@@ -301,7 +293,7 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
                               norm_layer=partial(nn.LayerNorm, eps=1e-12)).eval()
     built.load_state_dict(load_file(str(tmp_path / "h.safetensors")), strict=True)
     with torch.no_grad():
-        _close(built(_x(32)), hm(pixel_values=_x(32)).pooler_output)
+        close_to(built(_x(32)), hm(pixel_values=_x(32)).pooler_output)
 
 
 # ---------------------------------------------------------------------------- ONNX
@@ -321,7 +313,7 @@ def test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size(tmp_path):
 
     arch, extra, _ = TIMM["beit"]
     model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
-    _save(model, tmp_path / "t.safetensors")
+    save_state(model, tmp_path / "t.safetensors")
     results = run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", torchscript=tmp_path / "m.ts",
                                                                 dynamic_size=True))
     assert all(r.ok for r in results) and {p.size for r in results for p in r.parity} == {32, 40, 56}
@@ -329,8 +321,8 @@ def test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size(tmp_path):
     with torch.no_grad():
         for size in ((32, 32), (48, 48), (32, 48), (24, 40)):
             want = _timm_at(arch, extra, model.state_dict(), size)(_x(*size))
-            _close(_ort(tmp_path / "m.onnx", _x(*size)), want)
-            _close(traced(_x(*size)), want)
+            close_to(_ort(tmp_path / "m.onnx", _x(*size)), want)
+            close_to(traced(_x(*size)), want)
 
 
 def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):
@@ -349,7 +341,7 @@ def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):
     with torch.no_grad():
         for size in ((32, 32), (48, 48), (32, 48)):
             want = model(pixel_values=_x(*size), interpolate_pos_encoding=True).logits
-            _close(_ort(tmp_path / "m.onnx", _x(*size)), want)
+            close_to(_ort(tmp_path / "m.onnx", _x(*size)), want)
 
 
 # ---------------------------------------------------------------------------- verify
@@ -363,7 +355,7 @@ def test_verify_runs_the_source_library_and_names_a_planted_table(name, tmp_path
 
     if name == "timm":
         arch, extra, _ = TIMM["beit"]
-        _save(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
+        save_state(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
         src, sizes, says = tmp_path / "src.safetensors", (32,), "timm's Beit"
     else:
         cls, config_cls, kw, *_ = HF[name]

@@ -19,9 +19,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import LAYER_SCALE_RANGE, seeded
+from conftest import LAYER_SCALE_RANGE, close_to, images, save_state, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import BadInputError, MappingError
@@ -68,26 +68,14 @@ def _timm(name: str, **extra):
     return _seed(timm.create_model(name, pretrained=False, **kw))
 
 
-def _x(h, w, seed=1):
-    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
-
-def _close(got, want):
-    scale = max(1.0, want.abs().max().item())
-    err = (got - want).abs().max().item()
-    assert err <= 1e-5 * scale, err
-    return err
-
-
-def _save(model, path):
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 @pytest.mark.parametrize("name", sorted(TIMM))
 def test_timm_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     extra, unsaid, heads, expect = TIMM[name]
     model = _timm(name)
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides=unsaid, num_heads=heads)
     assert report.layout == "timm_eva"
     for field, value in expect.items():
@@ -95,7 +83,7 @@ def test_timm_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
         for h, w in SIZES:  # timm computes the angles for each input's grid (dynamic_img_size=True)
-            _close(ours(_x(h, w)), model(_x(h, w)))
+            close_to(ours(images(h, w)), model(images(h, w)))
     # back to timm: strict, bit for bit
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
     a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
@@ -106,7 +94,7 @@ def test_timm_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         for h, w in SIZES[1:3]:
-            _close(built(_x(h, w)), model(_x(h, w)))
+            close_to(built(images(h, w)), model(images(h, w)))
     with open_checkpoint(tmp_path / "tdir") as again:
         assert again.config == report.config
 
@@ -116,12 +104,12 @@ def test_the_rotation_and_its_base_move_the_output(tmp_path):
     with another base, timm's output moves by more than 1e-3 (rotating the class and storage
     tokens too would break the exactness above)."""
     model = _timm("vit_base_patch16_dinov3_qkvb")
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     with torch.no_grad():
-        want = model(_x(32, 48))
-        _close(load(tmp_path / "src.safetensors", classifier="gap")(_x(32, 48)), want)
+        want = model(images(32, 48))
+        close_to(load(tmp_path / "src.safetensors", classifier="gap")(images(32, 48)), want)
         for wrong in (dict(rope_theta=10000.0), dict(rope="none")):
-            assert (load(tmp_path / "src.safetensors", classifier="gap", **wrong)(_x(32, 48)) - want).abs().max() > 1e-3
+            assert (load(tmp_path / "src.safetensors", classifier="gap", **wrong)(images(32, 48)) - want).abs().max() > 1e-3
 
 
 def test_the_key_bias_is_held_at_zero_and_written_as_attention_rope_where_there_is_one(tmp_path):
@@ -130,7 +118,7 @@ def test_the_key_bias_is_held_at_zero_and_written_as_attention_rope_where_there_
     rotated key bias changes the output) is written for timm's ``AttentionRope`` (``attn_type='rope'``,
     one full qkv bias), which computes what Hugging Face does."""
     model = _timm("vit_base_patch16_dinov3_qkvb")
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
     state = load_file(tmp_path / "c.safetensors")
     assert not state["blocks.0.attn.qkv.bias"][128:256].any()
@@ -141,7 +129,7 @@ def test_the_key_bias_is_held_at_zero_and_written_as_attention_rope_where_there_
     assert written["model_args"]["attn_type"] == "rope"
     built = timm.create_model(f"local-dir:{tmp_path / 'kb_timm'}", pretrained=True).eval()
     with torch.no_grad():
-        _close(built(_x(32, 48)), hf(pixel_values=_x(32, 48)).pooler_output)
+        close_to(built(images(32, 48)), hf(pixel_values=images(32, 48)).pooler_output)
 
 
 HF = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -167,12 +155,12 @@ def test_hf_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():  # pooler_output: the class token after the final norm
         for h, w in SIZES:
-            _close(ours(_x(h, w)), model(pixel_values=_x(h, w)).pooler_output)
+            close_to(ours(images(h, w)), model(pixel_values=images(h, w)).pooler_output)
     convert(tmp_path / "c.safetensors", tmp_path / "back")
     again, info = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
-        _close(again.eval()(pixel_values=_x(32, 48)).pooler_output, model(pixel_values=_x(32, 48)).pooler_output)
+        close_to(again.eval()(pixel_values=images(32, 48)).pooler_output, model(pixel_values=images(32, 48)).pooler_output)
     a = load_file(tmp_path / "src" / "model.safetensors")
     b = load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -184,7 +172,7 @@ def test_timm_to_hf_to_timm(name, tmp_path):
     pooler_output is timm's output; read back, it is timm's state dict byte for byte (HF's
     mask_token, masked training only, is written as zeros and left out again)."""
     model = _timm(name, global_pool="token", num_classes=0)
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     report = convert(tmp_path / "src.safetensors", tmp_path / "hf", overrides={"classifier": "token"}, to="hf")
     assert report.target_layout == "hf_dinov3"
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -193,7 +181,7 @@ def test_timm_to_hf_to_timm(name, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         for h, w in SIZES:
-            _close(hf.eval()(pixel_values=_x(h, w)).pooler_output, model(_x(h, w)))
+            close_to(hf.eval()(pixel_values=images(h, w)).pooler_output, model(images(h, w)))
     convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
     a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -208,17 +196,17 @@ def test_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
     from _vitconv_cli.main import main
 
     model = _timm("vit_small_plus_patch16_dinov3", qkv_bias=True)
-    _save(model, tmp_path / "t.safetensors")
+    save_state(model, tmp_path / "t.safetensors")
     convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", image_size=32, overrides={"classifier": "token"})
     r = CliRunner().invoke(main, ["export", str(tmp_path / "c.safetensors"), "--onnx", str(tmp_path / "m.onnx"),
                                   "--dynamic-size"])
     assert r.exit_code == 0, r.output
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     for h, w in ((48, 48), (40, 64)):
-        got = session.run(None, {"pixel_values": _x(h, w, 5).numpy()})[0]
+        got = session.run(None, {"pixel_values": images(h, w, 5).numpy()})[0]
         with torch.no_grad():
-            want = model(_x(h, w, 5))
-        _close(torch.from_numpy(got), want)
+            want = model(images(h, w, 5))
+        close_to(torch.from_numpy(got), want)
 
 
 def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
@@ -226,7 +214,7 @@ def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
     rope_type/rope_temperature), the pooling or the epsilon: they come from the architectures whose
     keys and shapes fit (vitconv/archs/table.json), named in the notes, or are said with --set."""
     model = _timm("vit_small_patch16_dinov3")
-    _save(model, tmp_path / "s.safetensors")
+    save_state(model, tmp_path / "s.safetensors")
     with open_checkpoint(tmp_path / "s.safetensors") as c:
         assert (c.config.rope, c.config.rope_theta, c.config.norm_eps) == ("dinov3", 100.0, 1e-5)
         said = " ".join(c.notes)
@@ -245,7 +233,7 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
     ('avg' and the class token): a bare file of either is refused naming both --arch choices, and
     --arch supplies the pooling, heads, epsilon and rotary base of the one named, timm's function."""
     model = _seed(timm.create_model(name, pretrained=False, img_size=32, depth=1))  # real width: 384, 6 heads
-    _save(model, tmp_path / "s.safetensors")
+    save_state(model, tmp_path / "s.safetensors")
     with pytest.raises(MappingError, match=r"classifier='gap' \(--arch vit_small_patch16_dinov3_qkvb\); "
                                            r"classifier='token' \(--arch vit_small_patch16_lingbot\)"):
         open_checkpoint(tmp_path / "s.safetensors")
@@ -253,10 +241,10 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
     assert any(f"rope_theta=100.0: from --arch {name}" in n for n in report.notes), report.notes
     assert (report.config.num_heads, report.config.rope_theta) == (6, 100.0)
     with torch.no_grad():
-        _close(load(tmp_path / "c.safetensors")(_x(32, 48)), model(_x(32, 48)))
+        close_to(load(tmp_path / "c.safetensors")(images(32, 48)), model(images(32, 48)))
     other = ({"vit_small_patch16_dinov3_qkvb", "vit_small_patch16_lingbot"} - {name}).pop()
     with torch.no_grad():
-        assert (load(tmp_path / "s.safetensors", arch=other)(_x(32, 48)) - model(_x(32, 48))).abs().max() > 1e-3
+        assert (load(tmp_path / "s.safetensors", arch=other)(images(32, 48)) - model(images(32, 48))).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch,kw,what", [
@@ -265,7 +253,7 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
 def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):
     model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,
                               num_heads=2, **kw)
-    _save(model, tmp_path / "m.safetensors")
+    save_state(model, tmp_path / "m.safetensors")
     with pytest.raises(MappingError) as e:
         convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")
     assert what in str(e.value) and "does not compute this feature yet" in str(e.value)
@@ -278,7 +266,7 @@ def test_verify_runs_the_library_as_the_reference(tmp_path):
     from vitconv.verify import verify
 
     model = _timm("vit_base_patch16_dinov3_qkvb")
-    _save(model, tmp_path / "t.safetensors")
+    save_state(model, tmp_path / "t.safetensors")
     convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
     assert verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"}).ok
     convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
@@ -301,12 +289,12 @@ def test_coordinate_augmentations_are_training_only(tmp_path):
     convert(tmp_path / "hf", tmp_path / "h.safetensors")
     ours = load(tmp_path / "h.safetensors")
     model = _timm("vit_small_patch16_dinov3", rope_rescale_coords=2.0, rope_jitter_coords=1.5, rope_shift_coords=0.2)
-    _save(model, tmp_path / "t.safetensors")
+    save_state(model, tmp_path / "t.safetensors")
     convert(tmp_path / "t.safetensors", tmp_path / "t_c.safetensors")
     ours_t = load(tmp_path / "t_c.safetensors")
     with torch.no_grad():
-        _close(ours(_x(32, 48)), hf(pixel_values=_x(32, 48)).pooler_output)
-        _close(ours_t(_x(32, 48)), model(_x(32, 48)))
+        close_to(ours(images(32, 48)), hf(pixel_values=images(32, 48)).pooler_output)
+        close_to(ours_t(images(32, 48)), model(images(32, 48)))
         torch.manual_seed(0)
-        assert (hf.train()(pixel_values=_x(32, 48)).pooler_output - ours(_x(32, 48))).abs().max() > 1e-5
-        assert (model.train()(_x(32, 48)) - ours_t(_x(32, 48))).abs().max() > 1e-5
+        assert (hf.train()(pixel_values=images(32, 48)).pooler_output - ours(images(32, 48))).abs().max() > 1e-5
+        assert (model.train()(images(32, 48)) - ours_t(images(32, 48))).abs().max() > 1e-5

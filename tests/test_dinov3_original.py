@@ -24,7 +24,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import seeded
+from conftest import close_to, images, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import BadInputError, MappingError
@@ -98,15 +98,6 @@ def _hf(**extra):
     return seeded(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**{**HF, **extra})))
 
 
-def _x(h, w, seed=1):
-    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _close(got, want):
-    scale = max(1.0, want.abs().max().item())
-    err = (got - want).abs().max().item()
-    assert err <= 1e-5 * scale, err
-    return err
 
 
 def _bitwise(a: dict, b: dict):
@@ -129,7 +120,7 @@ def test_original_reads_like_transformers_and_writes_back(name, tmp_path):
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
         for h, w in SIZES:
-            _close(ours(_x(h, w)), hf(pixel_values=_x(h, w)).pooler_output)
+            close_to(ours(images(h, w)), hf(pixel_values=images(h, w)).pooler_output)
     # back to the original layout: every key, bit for bit (the periods regenerated from theta)
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="dinov3")
     _bitwise(src, load_file(tmp_path / "back.safetensors"))
@@ -147,7 +138,7 @@ def test_original_to_transformers_to_original(name, tmp_path):
     again, info = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
-        _close(again.eval()(pixel_values=_x(32, 48)).pooler_output, hf(pixel_values=_x(32, 48)).pooler_output)
+        close_to(again.eval()(pixel_values=images(32, 48)).pooler_output, hf(pixel_values=images(32, 48)).pooler_output)
     convert(tmp_path / "hf", tmp_path / "back.safetensors", to="dinov3")
     _bitwise(src, load_file(tmp_path / "back.safetensors"))
 
@@ -165,7 +156,7 @@ def test_original_to_timm_eva(name, tmp_path):
     built.load_state_dict(state, strict=True)
     with torch.no_grad():
         for h, w in SIZES:
-            _close(built(_x(h, w)), hf(pixel_values=_x(h, w)).pooler_output)
+            close_to(built(images(h, w)), hf(pixel_values=images(h, w)).pooler_output)
 
 
 def test_bfloat16_periods_are_computed_with_as_stored(tmp_path):
@@ -185,11 +176,11 @@ def test_bfloat16_periods_are_computed_with_as_stored(tmp_path):
     ours = load(tmp_path / "orig.safetensors")
     rope = next(m for m in hf.modules() if hasattr(m, "inv_freq"))
     with torch.no_grad():
-        fp32 = hf(pixel_values=_x(32, 48)).pooler_output
+        fp32 = hf(pixel_values=images(32, 48)).pooler_output
         rope.inv_freq.copy_(1 / src["rope_embed.periods"].float())
         for h, w in SIZES:
-            _close(ours(_x(h, w)), hf(pixel_values=_x(h, w)).pooler_output)
-        assert (ours(_x(32, 48)) - fp32).abs().max() > 1e-4
+            close_to(ours(images(h, w)), hf(pixel_values=images(h, w)).pooler_output)
+        assert (ours(images(32, 48)) - fp32).abs().max() > 1e-4
     convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", to="dinov3")
     back = load_file(tmp_path / "back.safetensors")
     assert torch.equal(back.pop("rope_embed.periods"), src.pop("rope_embed.periods").float())  # values, float32
@@ -226,7 +217,7 @@ def test_local_cls_norm_is_left_out_and_inspect_names_the_layout(tmp_path):
     report = convert(tmp_path / "orig.safetensors", tmp_path / "c.safetensors")
     assert any("local_cls_norm" in n for n in report.notes), report.notes
     with torch.no_grad():
-        _close(load(tmp_path / "c.safetensors")(_x(32, 32)), hf(pixel_values=_x(32, 32)).pooler_output)
+        close_to(load(tmp_path / "c.safetensors")(images(32, 32)), hf(pixel_values=images(32, 32)).pooler_output)
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "orig.safetensors")])
     assert r.exit_code == 0, r.output
     for said in ("dinov3_original", "RoPE dinov3 (theta 100)", "rope_embed.periods", "no key bias"):
@@ -243,7 +234,7 @@ def test_the_dead_key_bias_is_not_computed_and_the_file_says_its_heads_and_theta
     src["blocks.0.attn.qkv.bias"][64:128] = torch.randn(64)
     save_file(src, str(tmp_path / "orig.safetensors"))
     with torch.no_grad():
-        _close(load(tmp_path / "orig.safetensors")(_x(32, 48)), hf(pixel_values=_x(32, 48)).pooler_output)
+        close_to(load(tmp_path / "orig.safetensors")(images(32, 48)), hf(pixel_values=images(32, 48)).pooler_output)
     convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", to="dinov3")
     assert not load_file(tmp_path / "back.safetensors")["blocks.0.attn.qkv.bias"][64:128].any()
     with pytest.raises(BadInputError, match="records the heads"):

@@ -17,9 +17,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import LAYER_SCALE_RANGE, seeded
+from conftest import LAYER_SCALE_RANGE, close_to, images, save_state, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
@@ -85,26 +85,14 @@ def _timm(name: str, **extra):
     return _seed(timm.create_model(name, pretrained=False, **{**SMALL, **TIMM[name][0], **extra}))
 
 
-def _x(h, w, seed=1):
-    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
-
-def _close(got, want):
-    scale = max(1.0, want.abs().max().item())
-    err = (got - want).abs().max().item()
-    assert err <= 1e-5 * scale, err
-    return err
-
-
-def _save(model, path):
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 @pytest.mark.parametrize("name", sorted(TIMM))
 def test_timm_eva_reads_at_any_size_and_writes_back(name, tmp_path):
     extra, unsaid, expect = TIMM[name]
     model = _timm(name)
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides=unsaid)
     assert report.layout == "timm_eva"
     for field, value in expect.items():
@@ -112,7 +100,7 @@ def test_timm_eva_reads_at_any_size_and_writes_back(name, tmp_path):
     ours = load(tmp_path / "c.safetensors")
     with torch.no_grad():
         for h, w in SIZES:
-            _close(ours(_x(h, w)), model(_x(h, w)))
+            close_to(ours(images(h, w)), model(images(h, w)))
     # back to timm: strict, bit for bit
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
     a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
@@ -123,7 +111,7 @@ def test_timm_eva_reads_at_any_size_and_writes_back(name, tmp_path):
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         for h, w in SIZES[1:3]:
-            _close(built(_x(h, w)), model(_x(h, w)))
+            close_to(built(images(h, w)), model(images(h, w)))
     with open_checkpoint(tmp_path / "tdir") as again:
         assert again.config == report.config
 
@@ -134,18 +122,18 @@ def test_each_rotary_parameter_moves_the_output(wrong, tmp_path):
     """Every rotary field matters well above rounding on a seeded model (rotating the class token
     too, or another axis order, would break the exactness above)."""
     model = _timm("vit_pe_spatial_tiny_patch16_512")
-    _save(model, tmp_path / "src.safetensors")
+    save_state(model, tmp_path / "src.safetensors")
     with torch.no_grad():
-        want = model(_x(32, 48))
-        _close(load(tmp_path / "src.safetensors")(_x(32, 48)), want)
-        assert (load(tmp_path / "src.safetensors", **wrong)(_x(32, 48)) - want).abs().max() > 1e-3
+        want = model(images(32, 48))
+        close_to(load(tmp_path / "src.safetensors")(images(32, 48)), want)
+        assert (load(tmp_path / "src.safetensors", **wrong)(images(32, 48)) - want).abs().max() > 1e-3
 
 
 def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tmp_path):
     """A bare file records none of the rotary parameters: they come from the architectures whose
     keys fit (here every RoPE-Axial ViT: 'xy', base 100), named in the notes; --set says others."""
     model = _timm("vit_small_patch16_rope_224")
-    _save(model, tmp_path / "s.safetensors")
+    save_state(model, tmp_path / "s.safetensors")
     with open_checkpoint(tmp_path / "s.safetensors") as c:
         assert (c.config.rope, c.config.rope_theta, c.config.rope_indexing) == ("cat", 100.0, "xy")
         assert any("rope_indexing='xy'" in n and "every architecture whose keys and shapes fit" in n
@@ -161,7 +149,7 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
 def test_other_eva_forms_are_refused_by_name(arch, kw, what, tmp_path):
     model = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=1,
                               num_heads=2, **kw)
-    _save(model, tmp_path / "m.safetensors")
+    save_state(model, tmp_path / "m.safetensors")
     with pytest.raises(MappingError) as e:
         convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors")
     assert what in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "c.safetensors").exists()
@@ -177,17 +165,17 @@ def test_eva02_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
     from _vitconv_cli.main import main
 
     model = _timm("eva02_tiny_patch14_224")
-    _save(model, tmp_path / "t.safetensors")
+    save_state(model, tmp_path / "t.safetensors")
     convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
     r = CliRunner().invoke(main, ["export", str(tmp_path / "c.safetensors"), "--onnx", str(tmp_path / "m.onnx"),
                                   "--dynamic-size"])
     assert r.exit_code == 0, r.output
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     for h, w in ((48, 48), (40, 64)):
-        got = session.run(None, {"pixel_values": _x(h, w, 5).numpy()})[0]
+        got = session.run(None, {"pixel_values": images(h, w, 5).numpy()})[0]
         with torch.no_grad():
-            want = model(_x(h, w, 5))
-        _close(torch.from_numpy(got), want)
+            want = model(images(h, w, 5))
+        close_to(torch.from_numpy(got), want)
 
 
 @pytest.mark.parametrize("name", ["eva02_base_patch16_clip_224", "vit_small_patch16_rope_mixed_224"])
@@ -197,7 +185,7 @@ def test_verify_runs_timm_as_the_reference(name, tmp_path):
     from vitconv.verify import verify
 
     model = _timm(name, **TIMM[name][0])
-    _save(model, tmp_path / "t.safetensors")
+    save_state(model, tmp_path / "t.safetensors")
     convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
     checked = verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
     assert checked.ok, checked.verdict()

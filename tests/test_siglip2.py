@@ -22,7 +22,7 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-from conftest import golden_path, seeded
+from conftest import close_to, golden_path, seeded
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
 from vitconv.pipeline import convert
@@ -65,11 +65,6 @@ def _naflex_batch(images):
     return values, valid, coord
 
 
-def _close(got, want, scale=1e-5):
-    err = (got - want).abs().max().item()
-    assert err <= scale * max(1.0, want.abs().max().item()), err
-    return err
-
 
 def _same_files(a, b):
     a, b = load_file(str(a)), load_file(str(b))
@@ -102,11 +97,11 @@ def test_hf_siglip2_reads_every_aspect_ratio_and_writes_back(hf_siglip2, tmp_pat
     want = _hf_pooled(hf_siglip2, images)  # one padded batch: three grids, 256 slots each
     with torch.no_grad():
         for i, x in enumerate(images):
-            _close(ours(x), want[i:i + 1])
+            close_to(ours(x), want[i:i + 1])
     convert(tmp_path / "c.safetensors", tmp_path / "back", to="hf_siglip2")
     again, info = transformers.Siglip2VisionModel.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not any(info.values()), info
-    _close(_hf_pooled(again.eval(), images), want)
+    close_to(_hf_pooled(again.eval(), images), want)
     _same_files(tmp_path / "src" / "model.safetensors", tmp_path / "back" / "model.safetensors")
 
 
@@ -119,7 +114,7 @@ def test_hf_siglip2_without_padding_matches_at_12_by_20(hf_siglip2, tmp_path):
     with torch.no_grad():
         want = hf_siglip2(pixel_values=_patches(x), pixel_attention_mask=torch.ones(1, 240, dtype=torch.long),
                           spatial_shapes=shapes).pooler_output
-        _close(load(tmp_path / "c.safetensors")(x), want)
+        close_to(load(tmp_path / "c.safetensors")(x), want)
 
 
 def test_a_two_tower_siglip2_converts_its_vision_tower(tmp_path):
@@ -131,7 +126,7 @@ def test_a_two_tower_siglip2_converts_its_vision_tower(tmp_path):
     assert report.layout == "hf_siglip2"
     assert any("left out (the text tower)" in n for n in report.notes), report.notes
     x = _image(12, 20)
-    _close(load(tmp_path / "v.safetensors")(x), _hf_pooled(model.vision_model, [x]))
+    close_to(load(tmp_path / "v.safetensors")(x), _hf_pooled(model.vision_model, [x]))
 
 
 def test_a_bare_siglip2_state_dict_says_what_it_assumed(hf_siglip2, tmp_path):
@@ -196,8 +191,8 @@ def test_timm_naflexvit_reads_images_and_naflex_batches_and_writes_back(arch, tm
     with torch.no_grad():
         batch = model({"patches": values, "patch_valid": valid, "patch_coord": coord})
         for i, x in enumerate(images):
-            _close(ours(x), model(x))  # timm on the image: its own patchify and resize
-            _close(ours(x), batch[i:i + 1])  # timm's NaFlex batch, padded and masked
+            close_to(ours(x), model(x))  # timm on the image: its own patchify and resize
+            close_to(ours(x), batch[i:i + 1])  # timm's NaFlex batch, padded and masked
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm_naflexvit")
     fresh = _timm().create_model(arch, pretrained=False, num_classes=expect["num_classes"], **NAFLEX)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(str(tmp_path / "back.safetensors")).items()},
@@ -220,7 +215,7 @@ def test_a_bare_naflexvit_state_dict_takes_what_its_architectures_agree_on(tmp_p
     assert any("3 channels assumed" in n for n in report.notes), report.notes  # p*p*C is one number
     x = _image(12, 20, seed=5)
     with torch.no_grad():
-        _close(load(tmp_path / "c.safetensors")(x), model(x))
+        close_to(load(tmp_path / "c.safetensors")(x), model(x))
     report = convert(tmp_path / "c.safetensors", tmp_path / "w.safetensors", to="timm_naflexvit")
     assert any("pos_embed_interp_mode='bilinear'" in n and "act_layer='gelu_tanh'" in n
                for n in report.notes), report.notes
@@ -248,7 +243,7 @@ def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_p
     images = [_image(r, c, seed=3) for r, c in GRIDS]
     values, valid, coord = _naflex_batch(images)
     with torch.no_grad():
-        _close(model.eval()({"patches": values, "patch_valid": valid, "patch_coord": coord}),
+        close_to(model.eval()({"patches": values, "patch_valid": valid, "patch_coord": coord}),
                _hf_pooled(hf_siglip2, images))
     convert(tmp_path / "t.safetensors", tmp_path / "hf", to="hf_siglip2", num_heads=2,
             overrides={"act": "gelu_tanh", "pos_resize": "bilinear"})
@@ -266,7 +261,7 @@ def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip
     for rows, cols in ((12, 20), (10, 6)):
         x = _image(rows, cols, seed=4)
         got = torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
-        _close(got, _hf_pooled(hf_siglip2, [x]))
+        close_to(got, _hf_pooled(hf_siglip2, [x]))
 
 
 # --------------------------------------------------------------------------- verify
@@ -300,7 +295,7 @@ def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, t
                 got = open_reference(src, ckpt).forward_stages(images)["logits"]
             with torch.no_grad():
                 want = library[what](torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
-            _close(torch.from_numpy(got), want, scale=1e-6)
+            close_to(torch.from_numpy(got), want, rel=1e-6)
         with safe_open(str(converted), "pt") as f:
             metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         state["blocks.1.mlp.fc2.bias"] = state["blocks.1.mlp.fc2.bias"] + 0.5
@@ -391,7 +386,7 @@ def test_a_timm_naflexvit_directory_builds_itself(arch, tmp_path):
     images = [_image(r, c, seed=6) for r, c in GRIDS]
     values, valid, coord = _naflex_batch(images)
     with torch.no_grad():
-        _close(built({"patches": values, "patch_valid": valid, "patch_coord": coord}),
+        close_to(built({"patches": values, "patch_valid": valid, "patch_coord": coord}),
                model({"patches": values, "patch_valid": valid, "patch_coord": coord}))
     report = convert(tmp_path / "dir", tmp_path / "again.safetensors")
     assert report.layout == "timm_naflexvit" and not any("assumed" in n for n in report.notes), report.notes
