@@ -99,6 +99,29 @@ def timm_model_args(probe: Probe) -> Dict[str, Any]:
     return args
 
 
+def timm_named_arch(probe: Probe) -> Optional[str]:
+    """The timm architecture a directory's ``config.json`` names (the hub's seldom lists its
+    arguments: what the name implies comes from :mod:`vitconv.archs`)."""
+    name = config_json(probe).get("architecture")
+    return name if isinstance(name, str) else None
+
+
+def timm_directory_config(cfg: ViTConfig, usage: Any, architecture: str, model_args: Dict[str, Any],
+                          first_conv: str = "patch_embed.proj", classifier: Any = "head") -> Dict[str, Any]:
+    """``config.json`` of a timm model directory (the Hugging Face Hub layout timm writes with
+    ``push_to_hf_hub``), so ``timm.create_model('local-dir:DIR', pretrained=True)`` builds
+    ``architecture`` with ``model_args`` and loads ``model.safetensors``. ``pretrained_cfg`` holds
+    the model's preprocessing and class names when known (``usage``)."""
+    pretrained: Dict[str, Any] = {"input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
+                                  "num_classes": cfg.num_classes, "first_conv": first_conv, "classifier": classifier}
+    if usage is not None:
+        pretrained.update(usage.preprocessing.timm_cfg())
+        if usage.labels:
+            pretrained["label_names"] = list(usage.labels)
+    return {"architecture": architecture, "num_classes": cfg.num_classes, "num_features": cfg.width,
+            "model_args": model_args, "pretrained_cfg": pretrained}
+
+
 def build(probe: Probe, **kwargs: Any) -> ViTConfig:
     """``ViTConfig(**kwargs)``, a contradiction among the inferred values named as a mapping error."""
     try:

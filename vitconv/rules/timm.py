@@ -35,7 +35,8 @@ from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from ..preprocess import Usage
 from .base import Carry, Rule, fill
-from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_model_args
+from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
+                        timm_model_args, timm_named_arch)
 from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -147,13 +148,6 @@ def detect(layout: str):
                           and archs.layouts_with(probe.shapes) != {"timm_eva"})
 
 
-def named_arch(probe: Probe) -> Optional[str]:
-    """The timm architecture a directory's ``config.json`` names (the hub's seldom lists its
-    arguments: what the name implies comes from :mod:`vitconv.archs`)."""
-    name = config_json(probe).get("architecture")
-    return name if isinstance(name, str) else None
-
-
 def _model_args(probe: Probe) -> Dict[str, Any]:
     """``model_args`` of a timm directory's ``config.json`` over what its architecture's code
     fixes that JSON does not say: the LayerNorm epsilon of its ``norm_layer`` (from
@@ -162,7 +156,7 @@ def _model_args(probe: Probe) -> Dict[str, Any]:
     args = timm_model_args(probe)
     if not args and "architecture" not in config_json(probe):
         return {}
-    row = archs.table().get(named_arch(probe) or "")
+    row = archs.table().get(timm_named_arch(probe) or "")
     implied = {"norm_eps": row.norm_eps} if row is not None and row.layout == "timm" and row.norm_eps else {}
     if isinstance(args.get("norm_layer"), str):  # a norm named in JSON: timm's class at its default eps
         implied["norm_eps"] = 1e-6
@@ -367,21 +361,10 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 
 def timm_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> Dict[str, Any]:
-    """``config.json`` of a timm model directory (the Hugging Face Hub layout timm writes with
-    ``push_to_hf_hub``), so ``timm.create_model('local-dir:DIR', pretrained=True)`` builds the
-    model with :func:`model_args` and loads ``model.safetensors``. ``pretrained_cfg`` holds the
-    model's preprocessing (Google's: [-1, 1], squashed to size) and class names when known."""
-    pretrained: Dict[str, Any] = {"input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
-                                  "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
-                                  "classifier": ["head", "head_dist"] if cfg.distilled else "head"}
-    if usage is not None:
-        pretrained.update(usage.preprocessing.timm_cfg())
-        if usage.labels:
-            pretrained["label_names"] = list(usage.labels)
-    return {"architecture": architecture(cfg), "num_classes": cfg.num_classes,
-            "num_features": cfg.width, "model_args": model_args(cfg), "pretrained_cfg": pretrained}
-
-
+    """``config.json`` of a timm model directory: :func:`model_args` under :func:`architecture`;
+    Google's preprocessing ([-1, 1], squashed to size) and class names when known."""
+    return timm_directory_config(cfg, usage, architecture(cfg), model_args(cfg),
+                                 classifier=["head", "head_dist"] if cfg.distilled else "head")
 
 
 def sources(layout: str):
@@ -405,7 +388,7 @@ def _register(layout: str, description: str, **extra: Any) -> None:
                     sources=sources(layout), **extra))
 
 
-_register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"), names_arch=named_arch,
+_register("timm", "timm VisionTransformer state dict", containers=("safetensors", "pt", "dir"), names_arch=timm_named_arch,
           directory_config=timm_config, restates=("num_classes", "model_args.num_classes", "model_args.embed_dim",
                                                   "model_args.depth", "model_args.patch_size",
                                                   "model_args.in_chans"),

@@ -44,7 +44,8 @@ from ..errors import MappingError
 from ..preprocess import Usage
 from .. import archs
 from .base import Carry, Rule
-from .inference import build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_model_args
+from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
+                        timm_model_args, timm_named_arch)
 from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -325,7 +326,7 @@ def infer_config(probe: Probe) -> ViTConfig:
         raise MappingError(f"config.json: attn_pool_num_heads {pool_heads!r} is not a positive integer", path)
     final = "pooled" if "fc_norm.weight" in shapes else ("encoder" if "norm.weight" in shapes else "none")
     head = shapes.get("head.weight")
-    named = archs.table().get(named_arch(probe) or "")
+    named = archs.table().get(timm_named_arch(probe) or "")
     eps = named.norm_eps if named is not None and named.layout == "timm_eva" and named.norm_eps else \
         (1e-5 if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias) else 1e-6)
     size = args.get("img_size")
@@ -416,20 +417,7 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 def eva_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> Dict[str, Any]:
     """``config.json`` of a timm model directory: ``timm.create_model('local-dir:DIR', pretrained=True)``."""
-    pretrained: Dict[str, Any] = {"input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
-                                  "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
-                                  "classifier": "head"}
-    if usage is not None:
-        pretrained.update(usage.preprocessing.timm_cfg())
-        if usage.labels:
-            pretrained["label_names"] = list(usage.labels)
-    return {"architecture": architecture(cfg), "num_classes": cfg.num_classes, "num_features": cfg.width,
-            "model_args": model_args(cfg), "pretrained_cfg": pretrained}
-
-
-def named_arch(probe: Probe) -> Optional[str]:
-    name = config_json(probe).get("architecture")
-    return name if isinstance(name, str) else None
+    return timm_directory_config(cfg, usage, architecture(cfg), model_args(cfg))
 
 
 def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
@@ -453,7 +441,7 @@ def sources(cfg: ViTConfig) -> Dict[str, str]:
 
 register(Layout(name="timm_eva", target="timm", description="timm Eva state dict (DINOv3, EVA, the *_rope_* ViTs: rope_type 'dinov3'/'cat')",
                 table=table, detect=detect, infer=infer_config, carries=CARRIES,
-                containers=("safetensors", "pt", "dir"), names_arch=named_arch, directory_config=eva_config,
+                containers=("safetensors", "pt", "dir"), names_arch=timm_named_arch, directory_config=eva_config,
                 restates=("num_classes", "model_args.num_classes", "model_args.embed_dim", "model_args.depth",
                           "model_args.patch_size", "model_args.in_chans"),
                 write_notes=write_notes, read_notes=read_notes, sources=sources,

@@ -37,10 +37,10 @@ from ..errors import MappingError
 from .base import Carry, Rule
 from ..preprocess import Usage
 from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns,
-                        timm_model_args)
+                        timm_directory_config, timm_model_args, timm_named_arch)
 from .layout import IDENTITY, PATCH_LINEAR, LayoutOp
 from .registry import Layout, Probe, register
-from .timm import _table as _timm_table, named_arch
+from .timm import _table as _timm_table
 
 _E = "embeds."
 #: canonical tensors whose timm ViT rows the embedding rows here replace, and ViT's that NaFlexVit lacks
@@ -212,14 +212,7 @@ def constructor(cfg: ViTConfig) -> str:
 def directory_config(cfg: ViTConfig, usage: Optional[Usage] = None) -> Dict[str, Any]:
     """``config.json`` of a timm model directory, for ``timm.create_model('local-dir:DIR',
     pretrained=True)``."""
-    pretrained: Dict[str, Any] = {"input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
-                                  "num_classes": cfg.num_classes, "first_conv": "embeds.proj", "classifier": "head"}
-    if usage is not None:
-        pretrained.update(usage.preprocessing.timm_cfg())
-        if usage.labels:
-            pretrained["label_names"] = list(usage.labels)
-    return {"architecture": architecture(cfg), "num_classes": cfg.num_classes, "num_features": cfg.width,
-            "model_args": model_args(cfg), "pretrained_cfg": pretrained}
+    return timm_directory_config(cfg, usage, architecture(cfg), model_args(cfg), first_conv="embeds.proj")
 
 
 def write_notes(cfg: ViTConfig) -> List[str]:
@@ -228,7 +221,7 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="timm_naflexvit", description="timm NaFlexVit state dict (naflexvit_*)", table=table,
                 detect=detect, infer=infer, carries=CARRIES, write_notes=write_notes, read_notes=read_notes,
-                containers=("safetensors", "pt", "dir"), directory_config=directory_config, names_arch=named_arch,
+                containers=("safetensors", "pt", "dir"), directory_config=directory_config, names_arch=timm_named_arch,
                 restates=("num_classes", "model_args.num_classes", "model_args.embed_dim", "model_args.depth",
                           "model_args.patch_size", "model_args.in_chans"),
                 loads_with={"dir": "timm.create_model('local-dir:{path}', pretrained=True)"},
