@@ -55,7 +55,7 @@ def test_every_readme_example_runs(tmp_path):
                  "r50.safetensors", "tiny_again.npz", "posembed.png"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "tiny_hf" / "config.json").is_file()
-    for name in ("dinov2_reg_back", "clip_timm", "siglip_bv_hf", "beit_hf", "aimv2_hf", "siglip2_hf"):  # families
+    for name in ("dinov2_reg_back", "clip_timm", "siglip_bv_hf", "beit_hf", "aimv2_hf", "siglip2_hf", "eva02_timm"):
         assert (tmp_path / name / "config.json").is_file(), name
     for name in ("siglip_bv.safetensors", "bf16_again.npz", "flexi_p4.safetensors"):
         assert (tmp_path / name).is_file(), name

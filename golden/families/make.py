@@ -6,6 +6,7 @@ Run once, from the project root, with the libraries installed as ``.ci/run`` ins
 
     python golden/families/make.py            # every case
     python golden/families/make.py --2025     # the 2025 generation's alone
+    python golden/families/make.py --2025 timm_eva02_p8_32   # one of them
 
 Versions used for the files in git: torch 2.13.0 (CPU), timm 1.0.31, clip-anytorch 2.6.0,
 dinov2 0.0.1.dev2. The inputs are the Google cases' ``jax/inputs_{32,48}.npy`` (NHWC).
@@ -120,7 +121,7 @@ def dinov2_case() -> None:
                "48 px: its own interpolate_pos_encoding with the 0.1 scale offset, float32 CPU", image_size=48)
 
 
-def generation_2025_cases() -> None:
+def generation_2025_cases(only=()) -> None:
     """The 2025 generation, each built and run by timm 1.0.31 at width 128, 2 heads of 64, depth 2,
     patch 8, 32 px, and (where timm runs any size) at 48 px with ``dynamic_img_size=True``."""
     timm = import_timm()
@@ -140,8 +141,13 @@ def generation_2025_cases() -> None:
          "unpacked SwiGLU, a norm on the patch embeddings, the tokens' mean"),
         ("timm_naflex_siglip_p8_32", "naflexvit_base_patch16_siglip", dict(), 15, None,
          "SigLIP 2's NaFlexVit tower on a whole image: tanh GELU, MAP head, its learned square table"),
+        ("timm_eva02_p8_32", "eva02_tiny_patch14_224", dict(dynamic_img_size=True), 16, None,
+         "EVA-02: EVA's axial rotary embeddings (rope 'cat', reference grid 16x16, interleaved), a position "
+         "table, SwiGLU, q and v biases"),
     )
     for name, arch, extra, seed, told, what in cases:
+        if only and name not in only:
+            continue
         model = far_from_init(timm.create_model(arch, pretrained=False, **small, **extra), seed=seed)
         path = HERE / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
@@ -155,8 +161,8 @@ def generation_2025_cases() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--2025"]:  # only the cases added with the 2025 generation
-        generation_2025_cases()
+    if sys.argv[1:2] == ["--2025"]:  # only the cases added with the 2025 generation (or those named)
+        generation_2025_cases(sys.argv[2:])
     else:
         timm_cases()
         openai_clip_case()
