@@ -79,6 +79,7 @@ NO_HF = {
     "bv_tiny_flexi_p8_32": "hf: pos_embed_prefix='none'",
     "timm_dinov3_p8_32": "hf_dinov3: classifier='gap'",  # timm's DINOv3 pools the mean; HF's the class token
     "timm_dinov3_qkvb_p8_32": "hf_dinov3: classifier='gap'",
+    "timm_eva02_p8_32": "rope='cat'",  # transformers has no EVA-02 vision model
 }
 
 
