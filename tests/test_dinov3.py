@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import LAYER_SCALE_RANGE, close_to, images, save_state, seeded
-from timm_import import import_timm
+from timm_import import assert_timm_round_trip, import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import BadInputError, MappingError
 from vitconv.pipeline import convert, open_checkpoint
@@ -84,19 +84,7 @@ def test_timm_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     with torch.no_grad():
         for h, w in SIZES:  # timm computes the angles for each input's grid (dynamic_img_size=True)
             close_to(ours(images(h, w)), model(images(h, w)))
-    # back to timm: strict, bit for bit
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
-    a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    timm.create_model(name, pretrained=False, **{**SMALL, **extra}).load_state_dict(b, strict=True)
-    # a timm directory: create_model rebuilds the same function from config.json alone
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
-    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
-    with torch.no_grad():
-        for h, w in SIZES[1:3]:
-            close_to(built(images(h, w)), model(images(h, w)))
-    with open_checkpoint(tmp_path / "tdir") as again:
-        assert again.config == report.config
+    assert_timm_round_trip(tmp_path, name, {**SMALL, **extra}, model, SIZES[1:3], report)
 
 
 def test_the_rotation_and_its_base_move_the_output(tmp_path):

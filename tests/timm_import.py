@@ -26,3 +26,28 @@ def import_timm():
     with torchvision_placeholder():
         import timm
     return timm
+
+
+def assert_timm_round_trip(tmp_path, name: str, kwargs: dict, model, sizes, report) -> None:
+    """What every timm family test checks after reading ``tmp_path/src.safetensors`` (``model``'s
+    state dict, built as ``create_model(name, **kwargs)``) into ``tmp_path/c.safetensors``
+    (``report``): written back to timm it loads strictly, bit for bit; a timm directory rebuilds
+    the same function from its ``config.json`` alone (at ``sizes``) and reads back as the same config."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import close_to, images
+    from vitconv.pipeline import convert, open_checkpoint
+
+    timm = import_timm()
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timm.create_model(name, pretrained=False, **kwargs).load_state_dict(b, strict=True)
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
+    with torch.no_grad():
+        for h, w in sizes:
+            close_to(built(images(h, w)), model(images(h, w)))
+    with open_checkpoint(tmp_path / "tdir") as again:
+        assert again.config == report.config
