@@ -116,6 +116,36 @@ def save_state(model: torch.nn.Module, path) -> Path:
     return Path(path)
 
 
+#: Structural edits of a state dict for hypothesis (``st.lists(...)``): (which key, what, a number).
+STRUCTURAL_EDIT_KINDS = ("dim", "add_axis", "drop_axis", "delete", "rename")
+
+
+def structurally_edited(arrays: dict, edits) -> dict:
+    """``arrays`` with ``edits`` applied, the way a wrong or hand-edited checkpoint goes wrong:
+    a dimension changed, an axis added or dropped (the tensor then zeros of the new shape), a key
+    deleted or renamed. Each edit is ``(pick, kind, n)``: the key ``sorted(arrays)[pick % len]``."""
+    a, keys = dict(arrays), sorted(arrays)
+    for pick, kind, n in edits:
+        k = keys[pick % len(keys)]
+        if k not in a:
+            continue
+        s = list(a[k].shape)
+        if kind == "dim" and s:
+            s[n % len(s)] = n
+        elif kind == "add_axis":
+            s.append(n % 3 + 1)
+        elif kind == "drop_axis" and s:
+            s.pop()
+        elif kind == "delete":
+            del a[k]
+            continue
+        elif kind == "rename":
+            a[k.replace("0", str(n % 10))] = a.pop(k)
+            continue
+        a[k] = np.zeros(s, np.float32)
+    return a
+
+
 # ---------------------------------------------------------------------------- tiers
 #: The suite's tiers. `python -m pytest` (the README's command) runs the default tier: every
 #: test not listed here. `.ci/run` runs it, then `-m "slow or system"`. Durations are in

@@ -22,7 +22,7 @@ from vitconv.errors import VitconvError
 from vitconv.formats import open_source
 from vitconv.formats.base import DictSource
 from vitconv.pipeline import open_checkpoint
-from conftest import golden_path
+from conftest import STRUCTURAL_EDIT_KINDS, golden_path, structurally_edited
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -155,33 +155,13 @@ def test_mutated_google_checkpoint_through_conversion(ops):
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["dim", "add_axis", "drop_axis",
-                                                                         "delete", "rename"]),
-                                st.integers(0, 70)), min_size=1, max_size=3))
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(STRUCTURAL_EDIT_KINDS), st.integers(0, 70)),
+                      min_size=1, max_size=3))
 def test_structurally_mutated_google_arrays(edits):
     """Byte flips mostly hit CRCs; this edits the arrays themselves (a dimension, the rank,
     a missing or renamed key), the way a wrong or hand-edited checkpoint goes wrong."""
     with np.load(golden_path("jax/tiny_token_p8_32.npz")) as z:
-        a = {k: z[k] for k in z.files}
-    keys = sorted(a)
-    for pick, kind, n in edits:
-        k = keys[pick % len(keys)]
-        if k not in a:
-            continue
-        s = list(a[k].shape)
-        if kind == "dim" and s:
-            s[n % len(s)] = n
-        elif kind == "add_axis":
-            s.append(n % 3 + 1)
-        elif kind == "drop_axis" and s:
-            s.pop()
-        elif kind == "delete":
-            del a[k]
-            continue
-        elif kind == "rename":
-            a[k.replace("0", str(n % 10))] = a.pop(k)
-            continue
-        a[k] = np.zeros(s, np.float32)
+        a = structurally_edited({k: z[k] for k in z.files}, edits)
     try:
         open_checkpoint("edited.npz", source=DictSource(a, path="edited.npz")).state_dict()
     except VitconvError as e:

@@ -22,7 +22,7 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-from conftest import close_to, golden_path, seeded
+from conftest import STRUCTURAL_EDIT_KINDS, close_to, golden_path, seeded, structurally_edited
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
 from vitconv.pipeline import convert
@@ -328,33 +328,13 @@ def test_edited_siglip2_and_naflexvit_state_dicts_fail_in_one_line(which):
     from vitconv.pipeline import open_checkpoint
 
     base = _STATES.setdefault(which, _state(which))
-    keys = sorted(base)
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(edits=st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(["dim", "add_axis", "drop_axis",
-                                                                              "delete", "rename"]),
+    @given(edits=st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(STRUCTURAL_EDIT_KINDS),
                                     st.integers(0, 70)), min_size=1, max_size=3))
     def run(edits):
-        a = dict(base)
-        for pick, kind, n in edits:
-            k = keys[pick % len(keys)]
-            if k not in a:
-                continue
-            s = list(a[k].shape)
-            if kind == "dim" and s:
-                s[n % len(s)] = n
-            elif kind == "add_axis":
-                s.append(n % 3 + 1)
-            elif kind == "drop_axis" and s:
-                s.pop()
-            elif kind == "delete":
-                del a[k]
-                continue
-            elif kind == "rename":
-                a[k.replace("0", str(n % 10))] = a.pop(k)
-                continue
-            a[k] = np.zeros(s, np.float32)
+        a = structurally_edited(base, edits)
         try:
             open_checkpoint("edited.safetensors", source=DictSource(a, path="edited.safetensors"),
                             num_heads=2).state_dict()
