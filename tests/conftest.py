@@ -81,15 +81,21 @@ def read(path, **kwargs):
 LAYER_SCALE_RANGE = (2e-4, 11.0)
 
 
+#: LayerScale vectors' names: timm's and DINOv2's ``gamma``, BEiT's and timm Eva's ``gamma_1``/``gamma_2``,
+#: Hugging Face BEiT's ``lambda_1``/``lambda_2`` (and Hugging Face DINOv2's ``...lambda1``).
+LAYER_SCALE_NAMES = ("gamma", "gamma_1", "gamma_2", "lambda_1", "lambda_2")
+
+
 def seeded(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Every parameter far from its init, so each feature moves the output well above float32
-    rounding: weights, norms and biases N(0, scale^2); LayerScale vectors (``.gamma``, HF's
-    ``lambda1``) log-uniform over :data:`LAYER_SCALE_RANGE`. Returns the model in eval mode."""
+    rounding: weights, norms and biases N(0, scale^2); LayerScale vectors log-uniform over
+    :data:`LAYER_SCALE_RANGE` under each library's names (:data:`LAYER_SCALE_NAMES`). Returns the
+    model in eval mode."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = (float(np.log(v)) for v in LAYER_SCALE_RANGE)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".gamma") or name.endswith("lambda1"):
+            if name.rsplit(".", 1)[-1] in LAYER_SCALE_NAMES or name.endswith("lambda1"):
                 p.copy_(torch.exp(torch.empty(p.shape).uniform_(lo, hi, generator=g)))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -2,8 +2,8 @@
 a shared table with an absolute one) and transformers' ``BeitModel`` / ``Data2VecVisionModel``.
 
 Each model is built by its library at small width with every parameter seeded far from its
-init (``gamma_1``/``gamma_2`` and ``lambda_1``/``lambda_2`` log-uniform over 2e-4..11, as
-``seeded`` does for ``.gamma``; the relative tables N(0, 0.3^2)), and its own forward is the
+init (``seeded``: ``gamma_1``/``gamma_2`` and ``lambda_1``/``lambda_2`` log-uniform over 2e-4..11;
+the relative tables N(0, 0.3^2)), and its own forward is the
 reference: at the checkpoint's resolution, and at others where the library resizes the tables
 its own way. timm's ``Beit`` has no dynamic size: a model built for the other ``img_size``
 loads the weights through timm's ``checkpoint_filter_fn`` (geometric resize of the relative
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import LAYER_SCALE_RANGE, close_to, save_state, seeded
+from conftest import close_to, save_state, seeded
 from timm_import import import_timm
 from vitconv.checkpoint import load
 from vitconv.errors import MappingError
@@ -47,16 +46,6 @@ TIMM = {
 SIZES = [(48, 48), (24, 24), (32, 48)]
 
 
-def _seed(model):
-    """``seeded``, with BEiT's LayerScale names (``gamma_1``, HF ``lambda_1``) log-uniform too."""
-    seeded(model)
-    g = torch.Generator().manual_seed(7)
-    lo, hi = (float(np.log(v)) for v in LAYER_SCALE_RANGE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("gamma_1", "gamma_2", "lambda_1", "lambda_2"):
-                p.copy_(torch.exp(torch.empty(p.shape).uniform_(lo, hi, generator=g)))
-    return model.eval()
 
 
 def _x(h, w=None):
@@ -76,7 +65,7 @@ def _timm_at(arch, extra, state, size):
 @pytest.mark.parametrize("name", sorted(TIMM))
 def test_timm_beit_reads_resizes_and_writes_back(name, tmp_path):
     arch, extra, expect = TIMM[name]
-    model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
+    model = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra))
     save_state(model, tmp_path / "src.safetensors")
     report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors")
     assert report.layout == "timm_beit"
@@ -104,7 +93,7 @@ def test_the_resize_is_the_sources_own():
     """At another grid, the two libraries' resizes of one table differ far beyond rounding: the
     converted model must follow its source's (``rel_pos_resize``)."""
     arch, extra, _ = TIMM["beit"]
-    model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
+    model = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra))
     with open_checkpoint_of(model) as ckpt:
         cfg, state = ckpt.config, {k: torch.from_numpy(v) for k, v in ckpt.state_dict().items()}
     want = _timm_at(arch, extra, model.state_dict(), 48)(_x(48)).detach()
@@ -149,7 +138,7 @@ def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
     from vitconv.errors import BadInputError
 
     arch, extra, _ = TIMM["beit"]
-    model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra,
+    model = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra,
                                     norm_layer=partial(nn.LayerNorm, eps=1e-2)))
     save_state(model, tmp_path / "m.safetensors")
     with open_checkpoint(tmp_path / "m.safetensors") as c:
@@ -176,7 +165,7 @@ def test_a_key_bias_beit_cannot_hold_is_refused_by_name(tmp_path):
     """BEiT's key projection has no bias: canonical ``qkv.bias`` holds a zero key third, and a
     model whose key third is not zero is refused when written as BEiT, naming the tensor."""
     arch, extra, _ = TIMM["beit"]
-    save_state(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
+    save_state(seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
     convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors")
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -230,7 +219,7 @@ HF = {
 def test_hf_beit_reads_resizes_and_writes_back(name, tmp_path):
     cls, config_cls, kw, output, to, layout, expect = HF[name]
     pooler = {"add_pooling_layer": True} if name == "data2vec_pooler" else {}
-    model = _seed(getattr(transformers, cls)(getattr(transformers, config_cls)(**HF_SMALL, **kw), **pooler))
+    model = seeded(getattr(transformers, cls)(getattr(transformers, config_cls)(**HF_SMALL, **kw), **pooler))
     model.save_pretrained(tmp_path / "src")
     report = convert(tmp_path / "src", tmp_path / "c.safetensors")
     assert report.layout == layout and not any("assumed" in n for n in report.notes), report.notes
@@ -270,7 +259,7 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
     from torch import nn
 
     arch, extra, _ = TIMM["beit"]
-    tm = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
+    tm = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra))
     save_state(tm, tmp_path / "t.safetensors")
     report = convert(tmp_path / "t.safetensors", tmp_path / "hf", to="hf")
     assert report.target_layout == "hf_beit_cls"
@@ -285,7 +274,7 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     cls, config_cls, kw, output, _, _, _ = HF["beit"]
-    hm = _seed(transformers.BeitModel(transformers.BeitConfig(**HF_SMALL, **kw)))
+    hm = seeded(transformers.BeitModel(transformers.BeitConfig(**HF_SMALL, **kw)))
     hm.save_pretrained(tmp_path / "h")
     report = convert(tmp_path / "h", tmp_path / "h.safetensors", to="timm")
     assert any("norm_layer=partial(nn.LayerNorm, eps=1e-12)" in n for n in report.notes), report.notes
@@ -312,7 +301,7 @@ def test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size(tmp_path):
     from vitconv.export import ExportPlan, run_export
 
     arch, extra, _ = TIMM["beit"]
-    model = _seed(timm.create_model(arch, pretrained=False, **SMALL, **extra))
+    model = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra))
     save_state(model, tmp_path / "t.safetensors")
     results = run_export(tmp_path / "t.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", torchscript=tmp_path / "m.ts",
                                                                 dynamic_size=True))
@@ -332,7 +321,7 @@ def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):
     pytest.importorskip("onnxruntime")
     from vitconv.export import ExportPlan, run_export
 
-    model = _seed(transformers.BeitForImageClassification(transformers.BeitConfig(
+    model = seeded(transformers.BeitForImageClassification(transformers.BeitConfig(
         **HF_SMALL, use_relative_position_bias=True, use_shared_relative_position_bias=True,
         use_absolute_position_embeddings=True, num_labels=7)))
     model.save_pretrained(tmp_path / "src")
@@ -355,11 +344,11 @@ def test_verify_runs_the_source_library_and_names_a_planted_table(name, tmp_path
 
     if name == "timm":
         arch, extra, _ = TIMM["beit"]
-        save_state(_seed(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
+        save_state(seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra)), tmp_path / "src.safetensors")
         src, sizes, says = tmp_path / "src.safetensors", (32,), "timm's Beit"
     else:
         cls, config_cls, kw, *_ = HF[name]
-        _seed(getattr(transformers, cls)(getattr(transformers, config_cls)(**HF_SMALL, **kw))).save_pretrained(
+        seeded(getattr(transformers, cls)(getattr(transformers, config_cls)(**HF_SMALL, **kw))).save_pretrained(
             tmp_path / "src")
         src, sizes, says = tmp_path / "src", (32, 48), f"{cls}.from_pretrained"
     convert(src, tmp_path / "c.safetensors")
