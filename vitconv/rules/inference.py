@@ -99,6 +99,14 @@ def timm_model_args(probe: Probe) -> Dict[str, Any]:
     return args
 
 
+def timm_recorded_heads(args: Dict[str, Any], path: Optional[str]) -> Optional[int]:
+    """The head count a timm directory's ``model_args`` records (None: not recorded)."""
+    recorded = args.get("num_heads")
+    if recorded is not None and type(recorded) is not int:
+        raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+    return recorded
+
+
 def timm_named_arch(probe: Probe) -> Optional[str]:
     """The timm architecture a directory's ``config.json`` names (the hub's seldom lists its
     arguments: what the name implies comes from :mod:`vitconv.archs`)."""

@@ -36,7 +36,7 @@ from ..errors import MappingError
 from ..preprocess import Usage
 from .base import Carry, Rule, fill
 from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
-                        timm_model_args, timm_named_arch)
+                        timm_model_args, timm_named_arch, timm_recorded_heads)
 from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -184,9 +184,7 @@ def infer(layout: str):
         if qkv[0] != 3 * width:
             raise MappingError(f"attn.qkv.weight {qkv}: timm's attention width must equal the "
                                f"embedding width {width}", path)
-        recorded = args.get("num_heads")
-        if recorded is not None and (type(recorded) is not int):
-            raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+        recorded = timm_recorded_heads(args, path)
         heads, head_dim = heads_from_attn_dim(qkv[0] // 3, probe, recorded)
         token = "cls_token" in shapes
         distilled = "dist_token" in shapes

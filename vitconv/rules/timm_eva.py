@@ -44,8 +44,8 @@ from ..errors import MappingError
 from ..preprocess import Usage
 from .. import archs
 from .base import Carry, Rule
-from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
-                        timm_model_args, timm_named_arch)
+from .inference import (build, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
+                        timm_model_args, timm_named_arch, timm_recorded_heads)
 from .layout import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
 from .registry import Layout, Probe, register
 
@@ -280,9 +280,7 @@ def infer_config(probe: Probe) -> ViTConfig:
     if qkv[0] != 3 * width:
         raise MappingError(f"attn.qkv.weight {qkv}: timm Eva's attention width must equal the embedding "
                            f"width {width}", path)
-    recorded = args.get("num_heads")
-    if recorded is not None and type(recorded) is not int:
-        raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+    recorded = timm_recorded_heads(args, path)
     if recorded is None and len(shapes.get("rope.freqs", ())) == 4:  # RoPE-Mixed's frequencies record it
         recorded = shapes["rope.freqs"][2]
     heads, head_dim = heads_from_attn_dim(width, probe, recorded)

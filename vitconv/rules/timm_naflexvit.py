@@ -36,8 +36,8 @@ from ..config import ACTIVATIONS, ViTConfig
 from ..errors import MappingError
 from .base import Carry, Rule
 from ..preprocess import Usage
-from .inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns,
-                        timm_directory_config, timm_model_args, timm_named_arch)
+from .inference import (build, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns,
+                        timm_directory_config, timm_model_args, timm_named_arch, timm_recorded_heads)
 from .layout import IDENTITY, PATCH_LINEAR, LayoutOp
 from .registry import Layout, Probe, register
 from .timm import _table as _timm_table
@@ -134,9 +134,7 @@ def infer(probe: Probe) -> ViTConfig:
     if qkv[0] != 3 * width:
         raise MappingError(f"blocks.0.attn.qkv.weight {qkv}: the attention width must equal the embedding "
                            f"width {width}", path)
-    recorded = args.get("num_heads")
-    if recorded is not None and type(recorded) is not int:
-        raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
+    recorded = timm_recorded_heads(args, path)
     heads, head_dim = heads_from_attn_dim(width, probe, recorded)
     act, interp = args.get("act_layer", "gelu"), args.get("pos_embed_interp_mode", "bicubic")
     if act not in ACTIVATIONS:
