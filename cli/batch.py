@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vitconv.batch import run_batch
+from vitconv.conversion.batch import run_batch
 from vitconv.errors import VitconvError
 
 from .common import say

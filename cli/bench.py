@@ -10,9 +10,9 @@ from typing import List
 
 import click
 
-from vitconv.bench import RUNTIMES, bench_batch, bench_convert, bench_memory, bench_runtimes
-from vitconv.device_bench import bench_device, format_rows
-from vitconv.synthetic import make_synthetic, preset
+from vitconv.tools.bench import RUNTIMES, bench_batch, bench_convert, bench_memory, bench_runtimes
+from vitconv.tools.device_bench import bench_device, format_rows
+from vitconv.tools.synthetic import make_synthetic, preset
 
 from .common import say
 
@@ -114,7 +114,7 @@ def _device(ctx, models, device: str, dtypes: str, modes: str, batches: List[int
             image_size, as_json: bool) -> None:
     import torch
 
-    from vitconv.checkpoint import load
+    from vitconv.conversion.loading import load
     from vitconv.model import VisionTransformer
 
     if len(models) != 1:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import click
 
-from vitconv.card import cli_command, convert as convert_any
-from vitconv.pipeline import DTYPES
-from vitconv.targets import target_names
+from vitconv.conversion.service import cli_command, convert as convert_any
+from vitconv.conversion.pipeline import DTYPES
+from vitconv.conversion.targets import target_names
 
 from .common import arch_option, labels_option, num_classes_option, parse_overrides, progress_bar, summary, with_arch
 

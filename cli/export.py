@@ -8,8 +8,8 @@ from typing import Optional
 import click
 
 from vitconv.errors import VerificationError
-from vitconv.export import ExportPlan, default_output, run_export
-from vitconv.export.onnx import DEFAULT_OPSET
+from vitconv.runtime.export import ExportPlan, default_output, run_export
+from vitconv.runtime.export.onnx import DEFAULT_OPSET
 
 from .common import arch_option, labels_option, say, summary, with_arch
 

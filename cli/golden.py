@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vitconv import golden as lib
+from vitconv.verification import golden as lib
 from vitconv.errors import VerificationError
 
 from .common import arch_option, parse_overrides, say, with_arch

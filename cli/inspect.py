@@ -11,9 +11,9 @@ import click
 
 from vitconv.errors import MappingError
 from vitconv.formats.atomic import refuse_clobber
-from vitconv.inspect import format_text, inspect_path, read_pos_embed, total_bytes
-from vitconv.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
-from vitconv.storage import local_input
+from vitconv.tools.inspection import format_text, inspect_path, read_pos_embed, total_bytes
+from vitconv.tools.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
+from vitconv.formats.storage import local_input
 
 from .common import arch_option, say
 
@@ -49,7 +49,7 @@ def inspect(ctx: click.Context, src: str, as_json: bool, plot_posembed: Path | N
         require_matplotlib()  # fail before any work, not after
         refuse_clobber([plot_posembed], [src, *(Path(src).rglob("*") if Path(src).is_dir() else ())])
     err = sys.stderr
-    with local_input(src) as (path, _):  # a URL is staged (vitconv.storage)
+    with local_input(src) as (path, _):  # a URL is staged (vitconv.formats.storage)
         size = total_bytes(path) if path.exists() else 0
         show = size >= _BAR_BYTES and not quiet and err.isatty()  # never litter logs or pipes
         bar = click.progressbar(length=size, label="sha256", file=err) if show else contextlib.nullcontext()

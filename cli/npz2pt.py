@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from vitconv.card import cli_command, convert
-from vitconv.pipeline import DTYPES
+from vitconv.conversion.service import cli_command, convert
+from vitconv.conversion.pipeline import DTYPES
 
 from .common import arch_option, labels_option, num_classes_option, progress_bar, summary, with_arch
 

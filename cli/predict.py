@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import click
 
-from vitconv.predict import display_name, open_predictor, predict as predict_images
+from vitconv.runtime.predict import display_name, open_predictor, predict as predict_images
 
 from .common import arch_option, labels_option, say, with_arch
 

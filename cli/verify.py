@@ -7,8 +7,8 @@ from __future__ import annotations
 import click
 
 from vitconv.errors import VerificationError
-from vitconv.storage import local_input
-from vitconv.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
+from vitconv.formats.storage import local_input
+from vitconv.verification.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
 
 from .common import arch_option, parse_overrides, say, with_arch
 

@@ -1,4 +1,4 @@
-"""Stand-ins for ``vitconv.batch.run_row`` that worker processes import by name (spawned
+"""Stand-ins for ``vitconv.conversion.batch.run_row`` that worker processes import by name (spawned
 workers unpickle a task by its module and name), and a range-capable HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from vitconv.batch import run_row
+from vitconv.conversion.batch import run_row
 from vitconv.formats.atomic import atomic_output
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 FORK_DRIVER = r"""
 import json, os, resource, signal, sys
 from _vitconv_cli.main import main
-import torch, vitconv.model, vitconv.pipeline  # imported once here, not in every child
+import torch, vitconv.model, vitconv.conversion.pipeline  # imported once here, not in every child
 jobs = json.loads(sys.argv[1])
 out = []
 for i, job in enumerate(jobs):

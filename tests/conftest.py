@@ -71,7 +71,7 @@ def skip_unless_installed(what: str) -> None:
 
 def read(path, **kwargs):
     """``(layout name, config, canonical state, notes)`` of a checkpoint, through the one path."""
-    from vitconv.pipeline import open_checkpoint
+    from vitconv.conversion.pipeline import open_checkpoint
 
     with open_checkpoint(path, **kwargs) as c:
         return c.layout.name, c.config, c.state_dict(), c.notes

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import close_to, images, save_state, seeded
 from timm_import import import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = import_timm()
@@ -210,7 +210,7 @@ def test_aimv2_exports_to_onnx_with_dynamic_size(source, tmp_path):
     run_export at unseen sizes, and against the library itself at one more."""
     import onnxruntime as ort
 
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.runtime.export import ExportPlan, run_export
 
     if source == "timm":
         model = _timm(AIMV2, num_classes=8, dynamic_img_size=True)
@@ -233,7 +233,7 @@ def test_verify_runs_the_source_library_as_reference(source, tmp_path):
     """``verify``: timm's AIMv2 built from the bare file (RmsNorm and the patch norm as vitconv read
     them), or Aimv2VisionModel.from_pretrained; every stage within the tolerance, and a tensor
     moved in block 1 is named there."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     if source == "timm bare":
         src = save_state(_timm(AIMV2, num_classes=8), tmp_path / "t.safetensors")

@@ -16,8 +16,8 @@ from timm_import import import_timm
 from vitconv import archs, load
 from vitconv.archs import generate
 from vitconv.errors import BadInputError, MappingError
-from vitconv.pipeline import convert, open_checkpoint
-from vitconv.verify import verify
+from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.verification.verify import verify
 
 timm = import_timm()
 
@@ -183,7 +183,7 @@ def test_shipped_table_matches_a_fresh_run_on_a_sample():
 
 
 def test_batch_row_takes_arch(tmp_path):
-    from vitconv.batch import read_manifest, run_row
+    from vitconv.conversion.batch import read_manifest, run_row
 
     name = "vit_base_patch16_clip_224"
     model, src = _bare(name, tmp_path)

@@ -246,7 +246,7 @@ def test_sigkill_at_every_moment_of_the_write_never_leaves_a_partial_output(tmp_
 #: could be after the conversion had finished).
 SIGNAL_MID_DIRECTORY = (
     "import os, signal, sys\n"
-    "import vitconv.pipeline as p\n"
+    "import vitconv.conversion.pipeline as p\n"
     "real = p._Pipelined.write\n"
     "calls = []\n"
     "def write(self, name, array, nbytes):\n"
@@ -286,8 +286,8 @@ def test_outputs_get_the_umask_mode(tmp_path, monkeypatch):
     user's umask gives a new file (mkstemp/mkdtemp make 0600/0700; onnx writes its external
     data 0600)."""
     import vitconv
-    from vitconv.export import onnx_stream
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.runtime.export import onnx_stream
+    from vitconv.runtime.export import ExportPlan, run_export
 
     old = os.umask(0o027)
     try:

@@ -444,7 +444,7 @@ def test_export_refuses_an_unwritable_directory_before_any_work(tmp_path, monkey
     import errno as _errno
     import tempfile
 
-    import vitconv.checkpoint
+    import vitconv.conversion.loading
     import vitconv.formats.atomic as atomic
 
     locked = tmp_path / "locked"
@@ -458,7 +458,7 @@ def test_export_refuses_an_unwritable_directory_before_any_work(tmp_path, monkey
 
     built = []
     monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(vitconv.checkpoint, "build_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(vitconv.conversion.loading, "build_model", lambda *a, **k: built.append(1))
     for flag in ("--onnx", "--torchscript", "--pt2", "--safetensors"):
         r = CliRunner().invoke(main, ["export", str(GOLDEN), flag, str(locked / "m.out")])
         assert r.exit_code == 1, r.output

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import vitconv
 from batch_helpers import dies_on_marked_rows, slow_writer, with_timm
 from conftest import CASES, golden_expected, golden_input, golden_path, seeded
-from vitconv.batch import BatchReport, read_manifest, run_local
+from vitconv.conversion.batch import BatchReport, read_manifest, run_local
 from vitconv.errors import BadInputError
 
 
@@ -214,8 +214,8 @@ def test_a_rerun_reads_a_source_only_when_its_fingerprint_changed(tmp_path, monk
     """The output records the source's fingerprint (size and modification time, from
     metadata): a rerun skips on it without reading the source; a touched file (same bytes) is
     hashed once, and still skipped; changed bytes are converted again."""
-    import vitconv.batch as batch
-    from vitconv.batch import FINGERPRINT_KEY, Row, run_row
+    import vitconv.conversion.batch as batch
+    from vitconv.conversion.batch import FINGERPRINT_KEY, Row, run_row
 
     src = tmp_path / "m.npz"
     shutil.copy(golden_path("jax/tiny_token_p8_32.npz"), src)
@@ -296,7 +296,7 @@ def test_interrupt_stops_workers_leaves_no_partial_output_and_reports_what_finis
     """Ctrl-C reaches the batch while it waits for its workers, once the first row is in and a
     slow row holds its half-written temporary: raised there from a hook, not by a timer, so the
     moment is the same on any machine, however loaded."""
-    import vitconv.batch as batch
+    import vitconv.conversion.batch as batch
 
     g = str(golden_path("jax/tiny_token_p8_32.npz"))
     rows = read_manifest(_write_manifest(tmp_path / "m.jsonl", [
@@ -329,7 +329,7 @@ def test_interrupt_stops_workers_leaves_no_partial_output_and_reports_what_finis
 def test_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
     import sys
 
-    from vitconv.batch import run_ray
+    from vitconv.conversion.batch import run_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(BadInputError, match=r'--ray needs Ray, an optional extra: pip install "vitconv\[ray\]"'):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from conftest import golden_path
-from vitconv.batch import run_batch
+from vitconv.conversion.batch import run_batch
 
 
 def test_a_rerun_skips_pt_and_safetensors_rows_alike(tmp_path):

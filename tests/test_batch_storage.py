@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from batch_helpers import RangeServer
 from conftest import golden_path
-from vitconv import storage
-from vitconv.batch import run_batch
+from vitconv.formats import storage
+from vitconv.conversion.batch import run_batch
 
 TOKEN = golden_path("jax/tiny_token_p8_32.npz")
 GAP = golden_path("jax/tiny_gap_p8_32.npz")

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import close_to, save_state, seeded
 from timm_import import import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.model import VisionTransformer
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 timm = import_timm()
 from timm.models.beit import checkpoint_filter_fn  # noqa: E402 (after the torchvision placeholder)
@@ -298,7 +298,7 @@ def test_timm_beit_exports_to_onnx_and_torchscript_with_dynamic_size(tmp_path):
     size). At sizes it never saw, square or not, the ONNX and TorchScript artifacts compute what
     timm computes with a model built for that size."""
     pytest.importorskip("onnxruntime")
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.runtime.export import ExportPlan, run_export
 
     arch, extra, _ = TIMM["beit"]
     model = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra))
@@ -319,7 +319,7 @@ def test_hf_beit_exports_to_onnx_with_dynamic_size(tmp_path):
     resizes both tables (and the absolute one) for any grid, and computes transformers' output
     at sizes it never saw, square or not."""
     pytest.importorskip("onnxruntime")
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.runtime.export import ExportPlan, run_export
 
     model = seeded(transformers.BeitForImageClassification(transformers.BeitConfig(
         **HF_SMALL, use_relative_position_bias=True, use_shared_relative_position_bias=True,
@@ -340,7 +340,7 @@ def test_verify_runs_the_source_library_and_names_a_planted_table(name, tmp_path
     what vitconv read, at its own size only; transformers' from_pretrained, also at 48 px, with
     data2vec's pooler-less model as it loads by default); one offset of block 1's relative table
     moved in the converted file is named as block 1."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     if name == "timm":
         arch, extra, _ = TIMM["beit"]

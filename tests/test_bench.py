@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import golden_path
-from vitconv.bench import bench_convert, bench_runtimes
+from vitconv.tools.bench import bench_convert, bench_runtimes
 
 
 def test_bench_runtimes_torch_and_ort():
@@ -64,7 +64,7 @@ def test_cli_bench_json():
 
 
 def test_runtime_rows_report_model_flops_and_mfu():
-    from vitconv.bench import bench_runtimes
+    from vitconv.tools.bench import bench_runtimes
     from vitconv.errors import BadInputError
 
     path = golden_path("jax/tiny_token_p8_32.npz")
@@ -81,7 +81,7 @@ def test_runtime_rows_report_model_flops_and_mfu():
 
 
 def test_bench_memory_measures_each_whole_command(tmp_path):
-    from vitconv.bench import bench_memory
+    from vitconv.tools.bench import bench_memory
 
     rows = bench_memory(golden_path("jax/tiny_token_p8_32.npz"), tmp_path)
     assert [r["task"] for r in rows] == ["convert", "verify", "onnx", "onnx-fp16"]
@@ -97,8 +97,8 @@ def test_device_bench_runs_its_code_path_on_the_cpu():
     float32 on the CPU is the reference itself (difference 0); bfloat16's rounding shows."""
     import torch
 
-    from vitconv.checkpoint import load
-    from vitconv.device_bench import bench_device
+    from vitconv.conversion.loading import load
+    from vitconv.tools.device_bench import bench_device
 
     model = load(golden_path("jax/tiny_token_p8_32.npz"))
     rows = bench_device(model, "cpu", ["float32", "bfloat16"], ["eager", "cudagraphs"], batch=4, iters=2,

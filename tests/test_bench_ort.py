@@ -17,8 +17,8 @@ import onnx
 import pytest
 
 from conftest import CASES, golden_expected, golden_input, golden_path
-from vitconv.bench import _export_onnx, _ort_session, _vit_fusion_options, bench_runtimes
-from vitconv.checkpoint import load
+from vitconv.tools.bench import _export_onnx, _ort_session, _vit_fusion_options, bench_runtimes
+from vitconv.conversion.loading import load
 
 CASE = CASES["tiny_token_p8_32"]  # tanh GELU, class token: Google's ImageNet form
 

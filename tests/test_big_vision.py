@@ -22,7 +22,7 @@ import vitconv
 from _vitconv_cli.main import main
 from conftest import GOLDEN
 from vitconv.formats.npz import NpzSource
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 BV = GOLDEN / "bv"
 UPSTREAM = json.loads((BV / "manifest.json").read_text())
@@ -72,7 +72,7 @@ def test_the_numpy_reference_reproduces_big_vision_reading_one_tensor_at_a_time(
     """The reference verify uses for big_vision files, against big_vision's own outputs, every
     variant. It reads the file as its forward pass goes: each member once, a stacked
     (``scan=True``) member one block's slice at a time, never whole."""
-    from vitconv.big_vision_reference import BigVisionReference
+    from vitconv.verification.references.big_vision_numpy import BigVisionReference
     from vitconv.formats.npz import NpzSource
 
     case = VARIANTS[name]
@@ -190,7 +190,7 @@ def test_verify_has_an_independent_reference_stage_by_stage(tmp_path):
     golden outputs check too): every stage compared; exact GELU instead of big_vision's tanh
     approximation, a silent error elsewhere, is named at block 0's MLP."""
     from vitconv.model import VisionTransformer
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     src = BV / "tiny_map_head_p8_32.npz"
     report = verify(src)
@@ -227,7 +227,7 @@ def _real_width_file(path, cfg, scan=False, bf16=False, seed=0):
     """A big_vision file at a real width: canonical weights drawn at a realistic scale, written
     with the big_vision table (read back by the NumPy reference's own key logic, not the table)."""
     from vitconv.model import parameter_shapes
-    from vitconv.pipeline import LAYOUTS, map_state
+    from vitconv.conversion.pipeline import LAYOUTS, map_state
 
     rng = np.random.default_rng(seed)
     state = {}
@@ -263,7 +263,7 @@ def test_real_widths_against_the_reference(what, kw, size, tmp_path):
     """Depth 2, but the real widths, head sizes (So400m's 72), MLP widths (4304), sincos tables
     and a 224 -> 384 resize: the converter against the independent reference, every stage."""
     from vitconv.config import ViTConfig
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     bf16, scan = kw.pop("bf16", False), kw.get("scan", False)
     cfg = ViTConfig(image_size=224, depth=2, pos_embed_prefix="none", num_classes=kw.pop("num_classes", 0), **kw)
@@ -281,8 +281,8 @@ def test_exports_with_dynamic_size(name, tmp_path):
     resized by big_vision's zoom; at 48 px the graph matches the reference's own resize."""
     import onnxruntime as ort
 
-    from vitconv.big_vision_reference import BigVisionReference
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.verification.references.big_vision_numpy import BigVisionReference
+    from vitconv.runtime.export import ExportPlan, run_export
 
     src = BV / f"{name}.npz"
     convert(src, tmp_path / "c.safetensors", image_size=32)

@@ -9,7 +9,7 @@ import re
 
 import vitconv
 from conftest import golden_path
-from vitconv.verify import verify
+from vitconv.verification.verify import verify
 
 SRC = golden_path("jax/tiny_token_p8_32.npz")
 

@@ -134,7 +134,7 @@ def test_the_rounding_is_made_visible(dtype, torch_dtype, tmp_path):
 
     import torch
 
-    from vitconv.verify import seeded_images
+    from vitconv.verification.verify import seeded_images
 
     report = vitconv.convert(SRC, tmp_path / "x.safetensors", dtype=dtype, verify=True)
     said = float(re.search(r"max abs ([0-9.e+-]+) \(cosine", report.checked.note).group(1))
@@ -157,7 +157,7 @@ def test_plain_verify_proves_a_rounded_file_later(dst, to, dtype, tmp_path):
     """``vitconv verify SRC FILE`` on a file written ``--dtype`` (with or without ``--verify``)
     proves it as ``convert --verify`` did, the same figures included, instead of failing the
     float32 tolerance on the rounding alone."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     at_write = vitconv.convert(SRC, tmp_path / dst, to=to, dtype=dtype, verify=True).checked
     later = verify(SRC, tmp_path / dst)
@@ -175,7 +175,7 @@ def test_plain_verify_names_a_tensor_that_is_not_the_rounding(tmp_path):
     where a float32 tolerance loose enough for the rounding would have passed it."""
     from safetensors.numpy import load_file, save_file
 
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     good = tmp_path / "h.safetensors"
     vitconv.convert(SRC, good, dtype="float16")
@@ -200,7 +200,7 @@ def test_num_heads_and_set_reach_a_bare_converted_file(tmp_path):
     --num-heads and --set go to the converted file when the source records them; a wrong
     value is another model, failing where it acts; one both files record is refused."""
     from vitconv.errors import BadInputError, MappingError
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     vitconv.convert(SRC, tmp_path / "t.pth", to="timm")
     with pytest.raises(MappingError, match="pass --num-heads"):

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from conftest import close_to, images, save_state, seeded
 from timm_import import assert_timm_round_trip, import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError, MappingError
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = import_timm()
@@ -243,7 +243,7 @@ def test_other_eva_forms_are_refused_in_one_line(arch, kw, what, tmp_path):
 def test_verify_runs_the_library_as_the_reference(tmp_path):
     """``vitconv verify``'s reference is the source's own library: timm's Eva (built with what
     vitconv read, or from a timm directory) and transformers' DINOv3ViTModel."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     model = _timm("vit_base_patch16_dinov3_qkvb")
     save_state(model, tmp_path / "t.safetensors")

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import close_to, images, seeded
 from timm_import import import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError, MappingError
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 timm = import_timm()
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -246,7 +246,7 @@ def test_the_dead_key_bias_is_not_computed_and_the_file_says_its_heads_and_theta
 def test_verify_names_the_original_library_it_needs(tmp_path):
     """``verify``'s reference for this layout is the original code (not installed here, nor on
     PyPI): without it the reply says what to install, in one line."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     save_file(_original(_hf()), str(tmp_path / "orig.safetensors"))
     convert(tmp_path / "orig.safetensors", tmp_path / "c.safetensors")

@@ -19,9 +19,9 @@ import torch
 
 from conftest import close_to, images, save_state, seeded
 from timm_import import assert_timm_round_trip, import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = import_timm()
@@ -161,7 +161,7 @@ def test_eva02_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
 def test_verify_runs_timm_as_the_reference(name, tmp_path):
     """``vitconv verify``'s reference is timm's Eva itself, built with what vitconv read (a bare
     file records none of it) or from a timm directory."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     model = _timm(name, **TIMM[name][0])
     save_state(model, tmp_path / "t.safetensors")

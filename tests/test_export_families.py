@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from _vitconv_cli.main import main
 from conftest import seeded
 from timm_import import import_timm
-from vitconv.export import ExportPlan, run_export
-from vitconv.pipeline import convert
+from vitconv.runtime.export import ExportPlan, run_export
+from vitconv.conversion.pipeline import convert
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=8)
 

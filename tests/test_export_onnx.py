@@ -16,8 +16,8 @@ import torch
 import vitconv
 from conftest import CASES, golden_expected, golden_input, golden_path
 from vitconv.config import ViTConfig
-from vitconv.export import ExportPlan, run_export
-from vitconv.export.onnx import to_fp16
+from vitconv.runtime.export import ExportPlan, run_export
+from vitconv.runtime.export.onnx import to_fp16
 
 ATOL = 1e-4
 
@@ -133,9 +133,9 @@ def test_hybrid_r50_exports_and_matches_golden(tmp_path):
 def test_a_handed_over_model_is_freed_once_its_weights_are_written(tmp_path):
     """run_export hands ONNX the model (a one-element list): its weights are emptied in place
     after the file is written, before onnxruntime loads it; a model passed as itself is left alone."""
-    from vitconv.checkpoint import load
-    from vitconv.export import check_plan, make_reference
-    from vitconv.export.onnx import export_onnx
+    from vitconv.conversion.loading import load
+    from vitconv.runtime.export import check_plan, make_reference
+    from vitconv.runtime.export.onnx import export_onnx
 
     src = golden_path("jax/tiny_token_p8_32.npz")
     model = load(src)
@@ -154,9 +154,9 @@ def _exported(src="jax/tiny_token_p8_32.npz"):
     (what ``onnx_ir.save`` would write)."""
     import onnx_ir
 
-    from vitconv.checkpoint import load
-    from vitconv.export.common import export_ready
-    from vitconv.export.onnx import example_input
+    from vitconv.conversion.loading import load
+    from vitconv.runtime.export.common import export_ready
+    from vitconv.runtime.export.onnx import example_input
 
     model = load(golden_path(src))
     program = torch.onnx.export(export_ready(model), (example_input(model.config, None),), dynamo=True)
@@ -173,7 +173,7 @@ def test_the_streamed_file_is_the_protobuf_the_whole_model_gives(tmp_path, fp16,
     message of the whole model: onnx_ir's own serialisation (fp32), or onnxruntime's
     converter run on the whole model, weights and all (fp16); and the checker, given the
     returned light model beside an inline file, must accept it."""
-    from vitconv.export import onnx_stream
+    from vitconv.runtime.export import onnx_stream
 
     model, whole = _exported()
     skel = onnx_stream.skeleton(model)
@@ -207,7 +207,7 @@ def test_the_streamed_file_is_the_protobuf_the_whole_model_gives(tmp_path, fp16,
 def test_external_data_export_verifies_like_the_inline_one(tmp_path, monkeypatch, fp16):
     """Above protobuf's 2 GB limit the weights go to OUT.onnx.data; with the limit lowered, a
     golden model takes that path and gives the same parity figures as the inline file."""
-    from vitconv.export import onnx_stream
+    from vitconv.runtime.export import onnx_stream
 
     src = golden_path(CASES["tiny_token_p8_32"]["checkpoint"])
     inline = run_export(src, ExportPlan(onnx=tmp_path / "a.onnx", fp16=fp16))[0]
@@ -226,7 +226,7 @@ def test_plain_verify_judges_a_float16_graph_as_export_does(tmp_path):
     so its output is judged by export's rule (every top-1 equal, cosine >= 0.9999), with the
     max abs the float32 tolerance would have failed on still shown; a float16 graph of another
     model fails it."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     src = golden_path(CASES["tiny_token_p8_32"]["checkpoint"])
     run_export(src, ExportPlan(onnx=tmp_path / "h.onnx", fp16=True))
@@ -248,7 +248,7 @@ def test_float16_rounding_is_the_converter_s_bit_for_bit():
     every threshold, both signs, zeros, infinities, NaN and ordinary weights."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from vitconv.export.onnx_stream import to_float16
+    from vitconv.runtime.export.onnx_stream import to_float16
 
     edges = np.array([0.0, 5.96e-08, 65504.0, 65519.0, 65520.0, 1e5, 3e38, 1e-8, 5.9e-8, 6e-8, 1e-7,
                       6.1e-5, 1.0, np.inf, np.nan], np.float32)
@@ -270,7 +270,7 @@ def test_the_parity_run_reads_the_written_file_s_own_bytes(tmp_path, monkeypatch
     data at its offset in the file itself): a weight altered in the file after it is written
     must fail the parity run, and nothing appears."""
     from vitconv.errors import VerificationError
-    from vitconv.export import onnx_stream
+    from vitconv.runtime.export import onnx_stream
 
     write = onnx_stream.write
 

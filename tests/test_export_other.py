@@ -17,8 +17,8 @@ import vitconv
 from _vitconv_cli.main import main
 from conftest import CASES, golden_expected, golden_input, golden_path
 from vitconv.errors import VerificationError
-from vitconv.export import ExportPlan, check_plan, run_export
-from vitconv.export.torchscript import export_torchscript
+from vitconv.runtime.export import ExportPlan, check_plan, run_export
+from vitconv.runtime.export.torchscript import export_torchscript
 
 ATOL = 1e-4
 
@@ -139,9 +139,9 @@ def test_cli_rejects_fp16_torchscript_and_nothing_to_do(tmp_path):
 def test_a_handed_over_model_is_freed_before_the_file_is_loaded_back(kind, tmp_path):
     """As for ONNX: given a one-element list, the exporter frees the weights once written
     (parameters emptied in place); given the module, it leaves it alone; same parity."""
-    from vitconv.checkpoint import load
-    from vitconv.export import make_reference
-    from vitconv.export.pt2 import export_pt2
+    from vitconv.conversion.loading import load
+    from vitconv.runtime.export import make_reference
+    from vitconv.runtime.export.pt2 import export_pt2
 
     src = golden_path("jax/tiny_token_p8_32.npz")
     model = load(src)
@@ -175,7 +175,7 @@ def test_an_export_larger_than_memory_is_refused_before_anything_is_read(tmp_pat
     weights (x the measured peak factor) exceed the machine's memory is refused in one line
     naming the figures and what does work at that size, before a weight is read. (``--onnx``
     alone goes the streamed way: ``tests/test_export_streamed.py``.)"""
-    from vitconv.export import run as export_run
+    from vitconv.runtime.export import run as export_run
 
     monkeypatch.setattr(export_run, "physical_memory", lambda: 100_000)
     r = CliRunner().invoke(main, ["export", str(golden_path("jax/tiny_token_p8_32.npz")),
@@ -188,8 +188,8 @@ def test_an_export_larger_than_memory_is_refused_before_anything_is_read(tmp_pat
 def test_the_memory_bound_is_the_float32_weights_times_the_measured_peak():
     """ViT-B/16 (224 px, 1000 classes) has 86,567,656 parameters (timm's and Google's count):
     346.3 MB in float32, 519.4 MB at the 1.5x peak."""
-    from vitconv.export.run import WHOLE_MODEL_PEAK, refuse_whole_model_beyond_memory
-    from vitconv.synthetic import preset
+    from vitconv.runtime.export.run import WHOLE_MODEL_PEAK, refuse_whole_model_beyond_memory
+    from vitconv.tools.synthetic import preset
 
     assert WHOLE_MODEL_PEAK == 1.5
     need = 1.5 * 4 * 86_567_656

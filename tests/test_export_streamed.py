@@ -1,4 +1,4 @@
-"""The streamed ONNX export (issue 33, :mod:`vitconv.export.onnx_meta`): a model traced on the
+"""The streamed ONNX export (issue 33, :mod:`vitconv.runtime.export.onnx_meta`): a model traced on the
 ``meta`` device, its weights streamed from the checkpoint, the file proved block by block.
 
 On small models it writes the whole-model export's file: the same nodes, attributes, inputs,
@@ -18,8 +18,8 @@ import pytest
 
 from conftest import CASES, golden_path
 from vitconv.errors import BadInputError, VerificationError
-from vitconv.export import ExportPlan, onnx_meta, onnx_stream, run_export
-from vitconv.export import run as export_run
+from vitconv.runtime.export import ExportPlan, onnx_meta, onnx_stream, run_export
+from vitconv.runtime.export import run as export_run
 
 TINY = golden_path(CASES["tiny_token_p8_32"]["checkpoint"])
 
@@ -101,7 +101,7 @@ def test_no_weight_is_held_by_the_trace_and_each_weight_is_read_as_it_is_written
         return evaluate(self, counted)
 
     monkeypatch.setattr(onnx_meta.Recipe, "evaluate", spy)
-    from vitconv.pipeline import open_checkpoint
+    from vitconv.conversion.pipeline import open_checkpoint
 
     with open_checkpoint(TINY) as ckpt:
         cfg, names = ckpt.config, [n for n, _ in ckpt.tensors()]

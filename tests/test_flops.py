@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from vitconv.config import ViTConfig
-from vitconv.flops import flops_per_image, macs_per_image, mfu
-from vitconv.synthetic import preset
+from vitconv.tools.flops import flops_per_image, macs_per_image, mfu
+from vitconv.tools.synthetic import preset
 
 TINY = dict(width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=128, num_classes=10)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from vitconv.errors import VitconvError
 from vitconv.formats import open_source
 from vitconv.formats.base import DictSource
-from vitconv.pipeline import open_checkpoint
+from vitconv.conversion.pipeline import open_checkpoint
 from conftest import STRUCTURAL_EDIT_KINDS, golden_path, structurally_edited
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -189,7 +189,7 @@ def test_verify_on_mutated_inputs(ops, side):
     """``verify`` reads both of its inputs through the conversion's readers: a mutated source
     (the NumPy reference's input) or a mutated converted file gives a report (agreeing or
     not) or the project's own error naming the file, nothing else."""
-    from vitconv.verify import verify
+    from vitconv.verification.verify import verify
 
     golden = golden_path("jax/tiny_token_p8_32.npz")
     if side == "source":

@@ -85,7 +85,7 @@ def test_dynamic_resolution_forward_equals_converted_at_that_size():
 def test_a_reference_that_fails_fails_the_case(monkeypatch):
     """The NumPy reference is half of what `golden check` holds: if it cannot run on a Google
     case, the case fails with the reason, rather than passing on the converter's figures alone."""
-    from vitconv import golden
+    from vitconv.verification import golden
 
     def broken(*args, **kwargs):
         raise KeyError("Transformer/encoder_norm/scale")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from _vitconv_cli.main import main
 from conftest import CASES, GOLDEN, golden_path
 from timm_import import import_timm
-from vitconv import golden
+from vitconv.verification import golden
 from vitconv.formats.base import sha256_file
 
 

@@ -10,8 +10,8 @@ from vitconv.errors import MappingError
 from vitconv.formats.base import DictSource
 from vitconv.formats.npz import NpzSource
 from vitconv.model import parameter_shapes
-from vitconv.pipeline import LAYOUTS, convert, map_state, open_checkpoint
-from vitconv.rules import Probe, google
+from vitconv.conversion.pipeline import LAYOUTS, convert, map_state, open_checkpoint
+from vitconv.layouts import Probe, google
 from conftest import GOOGLE_CASES, golden_path
 
 CHECKPOINTS = sorted({c["checkpoint"] for c in GOOGLE_CASES.values()})
@@ -96,7 +96,7 @@ def test_published_parameter_counts():
 
 
 def test_rule_table_produces_every_model_parameter_exactly_once():
-    from vitconv.rules.base import expand_rules
+    from vitconv.layouts.table import expand_rules
 
     for cfg in REAL.values():
         rules = expand_rules(google.TABLE, cfg)
@@ -179,7 +179,7 @@ def test_library_and_cli_start_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, vitconv, vitconv.inspect, vitconv.verify, vitconv.export, vitconv.bench, "
+    code = ("import sys, vitconv, vitconv.tools.inspection, vitconv.verification.verify, vitconv.runtime.export, vitconv.tools.bench, "
             "_vitconv_cli.main; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -345,7 +345,7 @@ def test_safetensors_detected_whatever_its_header_length(tmp_path):
     safetensors with its vitconv config; legacy torch pickles of protocols 2-5 still read as
     pickles; and the 0x80 file goes through inspect, convert and verify as a user runs them."""
     from vitconv.formats.open import sniff
-    from vitconv.pipeline import open_checkpoint
+    from vitconv.conversion.pipeline import open_checkpoint
 
     good = tmp_path / "good.safetensors"
     vitconv.convert(GOLDEN, good, hash_source=False)

@@ -87,7 +87,7 @@ def test_tf_same_padding_is_asymmetric_for_stride_two():
 def test_real_stage_layout_agrees_with_the_independent_numpy_reference(tmp_path):
     """The golden hybrid has one unit per stage; here (3, 4, 9) exercises the identity-residual
     units too, checked against the NumPy reference that reads Google's keys directly."""
-    from vitconv.reference import reference_forward
+    from vitconv.verification.references.google_numpy import reference_forward
 
     src = tmp_path / "r50.npz"
     synthetic_npz(R50_SMALL_VIT, src, seed=7)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from _vitconv_cli.main import main
 from conftest import CASES, golden_path
-from vitconv.plot import posembed_cosine_grid
+from vitconv.tools.plot import posembed_cosine_grid
 
 TOKEN = "jax/tiny_token_p8_32.npz"
 
@@ -50,7 +50,7 @@ def test_golden_npz_report_matches_the_manifest(name):
     case = CASES[name]
     path = golden_path(case["checkpoint"])
     d = run_json(path)
-    assert d["schema"] == "vitconv.inspect/1" and d["kind"] == "checkpoint"
+    assert d["schema"] == "vitconv.tools.inspection/1" and d["kind"] == "checkpoint"
     assert d["format"] == "npz" and d["layout"] == "google"
     assert d["num_params"] == case["num_params"]
     shapes = npz_shapes(path)
@@ -83,7 +83,7 @@ def test_text_report_has_the_architecture_table():
 
 
 def test_progress_callback_sees_every_byte_and_quiet_prints_nothing():
-    from vitconv.inspect import inspect_path, total_bytes
+    from vitconv.tools.inspection import inspect_path, total_bytes
 
     path = golden_path("jax/tiny_r50_32.npz")
     seen = []
@@ -294,14 +294,14 @@ def test_plot_posembed_writes_a_png_of_the_documented_size(tmp_path, src):
     r = run("inspect", golden_path(src), "--plot-posembed", out)
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output and "4x4 grid" in r.output
-    assert png_size(out) == (900, 800)  # 9 x 8 inches at 100 dpi, documented in vitconv.plot
+    assert png_size(out) == (900, 800)  # 9 x 8 inches at 100 dpi, documented in vitconv.tools.plot
     with Image.open(out) as im:
         im.verify()
     assert [p.name for p in tmp_path.iterdir()] == ["pe.png"]  # no temporary left behind
 
 
 def test_fine_grids_get_an_integer_resolution_scale():
-    from vitconv.plot import figure_pixels
+    from vitconv.tools.plot import figure_pixels
 
     # ViT-B/16 at 224 (14x14) fits 900x800; at 384 (24x24) each cell needs the 3x dpi.
     assert figure_pixels(14) == (900, 800)

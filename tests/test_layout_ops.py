@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vitconv.config import ViTConfig
-from vitconv.rules import layout as L
+from vitconv.layouts import transforms as L
 
 RNG = np.random.default_rng(0)
 CFG = ViTConfig(image_size=32, patch_size=8, width=12, depth=1, num_heads=3, head_dim=5, mlp_dim=7,

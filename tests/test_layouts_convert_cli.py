@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.formats.npz import NpzSource
 from conftest import CASES, golden_expected, golden_input, golden_path
 

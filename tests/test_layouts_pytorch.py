@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitconv.checkpoint import build_model
+from vitconv.conversion.loading import build_model
 from vitconv.errors import MappingError
-from vitconv.pipeline import open_checkpoint, to_layout
+from vitconv.conversion.pipeline import open_checkpoint, to_layout
 from conftest import CASES, golden_expected, golden_input, golden_path, read
 from layout_refs import JeonsworldViT, PrenormViT, TimmLikeViT
 
@@ -130,9 +130,9 @@ def test_num_heads_is_refused_where_the_file_records_the_heads(tmp_path):
     """convert and load share one rule: Google and canonical files record the heads in their
     shapes or config, so --num-heads is refused; a Hugging Face config.json that says
     otherwise is a contradiction, not something to note over."""
-    from vitconv.checkpoint import load
+    from vitconv.conversion.loading import load
     from vitconv.errors import BadInputError
-    from vitconv.pipeline import convert
+    from vitconv.conversion.pipeline import convert
 
     npz = golden_path("jax/tiny_token_p8_32.npz")
     for reader in (lambda p, h: read(p, num_heads=h), lambda p, h: load(p, num_heads=h)):

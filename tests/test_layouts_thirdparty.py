@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitconv.checkpoint import build_model
+from vitconv.conversion.loading import build_model
 from vitconv.errors import MappingError
-from vitconv.pipeline import convert, to_layout
+from vitconv.conversion.pipeline import convert, to_layout
 from conftest import CASES, golden_expected, golden_input, golden_path, read, skip_unless_installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,7 +19,7 @@ from conftest import CASES, golden_expected, golden_input, golden_path
 from vitconv.config import ViTConfig
 from vitconv.formats.base import DictSource
 from vitconv.model import VisionTransformer
-from vitconv.pipeline import open_checkpoint
+from vitconv.conversion.pipeline import open_checkpoint
 
 PRELOGITS = CASES["tiny_prelogits_p8_32"]  # an in21k-style model: pre_logits 48 + a 10-way head
 

@@ -25,7 +25,7 @@ IMAGE = golden_path("images/shapes_64x48.png")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.runtime.export import ExportPlan, run_export
 
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     run_export(GOLDEN, ExportPlan(onnx=out, labels=[f"c{i}" for i in range(10)]))

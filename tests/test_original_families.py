@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from conftest import seeded, skip_unless_installed
 from timm_import import import_timm
 from vitconv.archs.generate import import_openclip_transformer
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

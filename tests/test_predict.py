@@ -20,10 +20,10 @@ from click.testing import CliRunner
 import vitconv
 from _vitconv_cli.main import main
 from conftest import CASES, golden_path
-from vitconv import preprocess
+from vitconv.runtime import preprocess
 from vitconv.errors import MappingError
-from vitconv.export import ExportPlan, run_export
-from vitconv.predict import open_predictor, predict
+from vitconv.runtime.export import ExportPlan, run_export
+from vitconv.runtime.predict import open_predictor, predict
 
 IMAGE = golden_path("images/shapes_64x48.png")
 LABELS = ["house", "sun", "field", "sky", "roof", "door", "tree", "cloud", "road", "bird"]
@@ -147,7 +147,7 @@ def test_labels_round_trip_through_every_output(tmp_path):
 
 
 def test_shipped_label_lists_and_their_suggestion(tmp_path):
-    from vitconv.labels import load_labels, suggest
+    from vitconv.runtime.labels import load_labels, suggest
 
     in1k, in21k = load_labels("imagenet-1k"), load_labels("imagenet-21k")
     assert (len(in1k), len(in21k)) == (1000, 21843)

@@ -24,7 +24,7 @@ import vitconv
 from cli_children import fork_run
 from conftest import VITCONV, golden_path
 from vitconv.errors import BadInputError
-from vitconv.predict import open_predictor, predict
+from vitconv.runtime.predict import open_predictor, predict
 
 GOLDEN = golden_path("jax/tiny_token_p8_32.npz")
 

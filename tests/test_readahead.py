@@ -1,4 +1,4 @@
-"""Read-ahead (vitconv.readahead): same values, errors in order, bounded memory, clean stop."""
+"""Read-ahead (vitconv.formats.readahead): same values, errors in order, bounded memory, clean stop."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError
-from vitconv.readahead import ReadAhead
-from vitconv.pipeline import convert
-from vitconv.synthetic import make_synthetic
+from vitconv.formats.readahead import ReadAhead
+from vitconv.conversion.pipeline import convert
+from vitconv.tools.synthetic import make_synthetic
 
 KEYS = [f"k{i}" for i in range(20)]
 

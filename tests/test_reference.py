@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CASES, GOLDEN, golden_expected, golden_path
-from vitconv import reference as R
+from vitconv.verification.references import google_numpy as R
 
 STAGE_OF = {"logits": "logits", "pooled": "pooled", "prelogits": "head_input"}
 GOOGLE = {v["name"]: v["config"] for v in json.loads((GOLDEN / "jax/manifest.json").read_text())["variants"]}
@@ -67,10 +67,10 @@ def test_architecture_read_off_keys_matches_googles_config(name):
 
 
 def test_reference_imports_no_converter_mapping_code():
-    code = ("import sys, vitconv.reference; "
+    code = ("import sys, vitconv.verification.references.google_numpy; "
             "print(sorted(m for m in sys.modules if m.startswith('vitconv.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for banned in ("vitconv.rules", "vitconv.layouts", "vitconv.model", "vitconv.checkpoint"):
+    for banned in ("vitconv.layouts", "vitconv.layouts", "vitconv.model", "vitconv.conversion.loading"):
         assert banned not in out, out
 
 

@@ -19,8 +19,8 @@ import pytest
 
 from vitconv.config import ViTConfig, storage_only, training_only
 from vitconv.model import parameter_shapes
-from vitconv.rules import LAYOUTS, Probe, detect_layout
-from vitconv.rules.base import foreign_shapes
+from vitconv.layouts import LAYOUTS, Probe, detect_layout
+from vitconv.layouts.table import foreign_shapes
 
 _SMALL = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=96,
                    num_classes=10)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from conftest import CASES, golden_path
 from vitconv.config import ViTConfig, parameter_shapes
 from vitconv.model import parameter_shapes as model_shapes
-from vitconv.pipeline import open_checkpoint
-from vitconv.synthetic import PRESETS
+from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.tools.synthetic import PRESETS
 
 #: Fields that change what the model computes but no tensor's shape.
 NO_SHAPE = {"norm_eps", "act", "pos_resize", "rel_pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps", "key_bias",

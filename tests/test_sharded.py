@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import CASES, golden_expected, golden_input, golden_path
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError
 from vitconv.formats.npz import NpzSource
-from vitconv.pipeline import convert
+from vitconv.conversion.pipeline import convert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -23,9 +23,9 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from conftest import STRUCTURAL_EDIT_KINDS, close_to, golden_path, seeded, structurally_edited
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
-from vitconv.pipeline import convert
+from vitconv.conversion.pipeline import convert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -252,7 +252,7 @@ def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_p
 
 def test_onnx_dynamic_size_export_computes_siglip2_at_non_square_sizes(hf_siglip2, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from vitconv.export import ExportPlan, run_export
+    from vitconv.runtime.export import ExportPlan, run_export
 
     convert(tmp_path / "src", tmp_path / "c.safetensors")
     (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
@@ -271,9 +271,9 @@ def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, t
     another one that each library resizes its own way; a fault planted in block 1 is named there."""
     from safetensors import safe_open
 
-    from vitconv.library_reference import open_reference
-    from vitconv.pipeline import open_checkpoint
-    from vitconv.verify import seeded_images, verify
+    from vitconv.verification.references.library import open_reference
+    from vitconv.conversion.pipeline import open_checkpoint
+    from vitconv.verification.verify import seeded_images, verify
 
     model = seeded(_timm().create_model("naflexvit_so150m2_patch16_reg1_gap", pretrained=False, num_classes=5,
                                         **NAFLEX))
@@ -325,7 +325,7 @@ def test_edited_siglip2_and_naflexvit_state_dicts_fail_in_one_line(which):
 
     from vitconv.errors import VitconvError
     from vitconv.formats.base import DictSource
-    from vitconv.pipeline import open_checkpoint
+    from vitconv.conversion.pipeline import open_checkpoint
 
     base = _STATES.setdefault(which, _state(which))
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import golden_path
-from vitconv.pipeline import convert
+from vitconv.conversion.pipeline import convert
 
 SRC = golden_path("jax/tiny_token_p8_32.npz")
 DIGEST = hashlib.sha256(SRC.read_bytes()).hexdigest()

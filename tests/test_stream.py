@@ -23,14 +23,14 @@ from safetensors.torch import save_file
 
 from conftest import CASES, GOOGLE_CASES, golden_path
 import vitconv
-from vitconv.checkpoint import build_model
+from vitconv.conversion.loading import build_model
 from vitconv.config import ViTConfig
 from vitconv.errors import OutputError
 from vitconv.formats import open_source
 from vitconv.formats.base import BFLOAT16, TensorSpec
 from vitconv.formats.safetensors_stream import SafetensorsStreamWriter
-from vitconv.pipeline import LAYOUTS, convert, map_state, open_checkpoint
-from vitconv.synthetic import PRESETS, google_shapes, make_synthetic, preset
+from vitconv.conversion.pipeline import LAYOUTS, convert, map_state, open_checkpoint
+from vitconv.tools.synthetic import PRESETS, google_shapes, make_synthetic, preset
 
 CKPTS = sorted({c["checkpoint"] for c in CASES.values()})
 #: what each bare checkpoint's keys leave open (golden cases' "set")
@@ -182,7 +182,7 @@ def test_outputs_past_the_held_bytes_are_read_again_to_the_same_file(src, to, ou
     """A fused qkv row gives three outputs; those whose turn is not next are held while they fit
     in HELD_BYTES, and the row is read again for the others. Holding nothing must write the
     same bytes, reading each qkv once per output; holding everything, once."""
-    import vitconv.pipeline as pipeline
+    import vitconv.conversion.pipeline as pipeline
 
     reads = []
     real = pipeline.map_to_canonical

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError, OutputError
 from vitconv.formats.npz import NpzSource
-from vitconv.rules import layout as L
-from vitconv.pipeline import convert
-from vitconv.synthetic import make_synthetic
+from vitconv.layouts import transforms as L
+from vitconv.conversion.pipeline import convert
+from vitconv.tools.synthetic import make_synthetic
 
 RNG = np.random.default_rng(7)
 

@@ -1,4 +1,4 @@
-"""The block-by-block runner (:class:`vitconv.checkpoint.StreamedModel`), which verify and
+"""The block-by-block runner (:class:`vitconv.conversion.loading.StreamedModel`), which verify and
 ``convert --verify`` use for every model they read from a file, against the whole model built
 in memory: every stage equal to the bit, on every golden case (hybrid stem, MAP head,
 registers, big_vision's scan-stacked and bfloat16 files, a resize), and one block's weights
@@ -11,8 +11,8 @@ import torch
 
 from conftest import CASES, golden_input, golden_path
 from vitconv import model as model_module
-from vitconv.checkpoint import StreamedModel, load
-from vitconv.pipeline import open_checkpoint
+from vitconv.conversion.loading import StreamedModel, load
+from vitconv.conversion.pipeline import open_checkpoint
 
 
 def _case_args(case: dict) -> dict:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import seeded
 from timm_import import import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
-from vitconv.pipeline import convert, open_checkpoint
+from vitconv.conversion.pipeline import convert, open_checkpoint
 
 timm = import_timm()
 

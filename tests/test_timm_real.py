@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import CASES, golden_expected, golden_input, golden_path, seeded
 from timm_import import import_timm
-from vitconv.checkpoint import load
+from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.formats.npz import NpzSource
-from vitconv.pipeline import convert
+from vitconv.conversion.pipeline import convert
 
 timm = import_timm()
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
@@ -162,7 +162,7 @@ def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
     """A bare timm state dict does not record heads or activation: inspect says the heads are
     assumed and the activation is what every named architecture with its keys computes; a timm
     directory's config.json records both, and inspect names it."""
-    from vitconv.inspect import inspect_checkpoint
+    from vitconv.tools.inspection import inspect_checkpoint
 
     model = _randomize(VisionTransformer(**SMALL))
     _save(model, tmp_path / "t.safetensors")

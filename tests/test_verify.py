@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from _vitconv_cli.main import main
 from conftest import golden_path
-from vitconv.checkpoint import build_model
-from vitconv.pipeline import open_checkpoint
-from vitconv.verify import DEFAULT_TOLERANCE, describe_stage, verify
+from vitconv.conversion.loading import build_model
+from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.verification.verify import DEFAULT_TOLERANCE, describe_stage, verify
 
 
 def canonical(name: str, **kw):

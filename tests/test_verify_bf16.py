@@ -17,7 +17,7 @@ import torch
 
 import vitconv
 from conftest import golden_path, seeded
-from vitconv.verify import DEFAULT_TOLERANCE, seeded_images, verify
+from vitconv.verification.verify import DEFAULT_TOLERANCE, seeded_images, verify
 
 
 def _logits(model, images: np.ndarray) -> np.ndarray:

@@ -31,9 +31,9 @@ from conftest import seeded
 from test_original_families import _dinov2, _openai_clip, _openclip_transformer
 from timm_import import import_timm
 from vitconv.errors import BadInputError
-from vitconv.library_reference import open_reference
-from vitconv.pipeline import convert, open_checkpoint
-from vitconv.verify import seeded_images, verify
+from vitconv.verification.references.library import open_reference
+from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.verification.verify import seeded_images, verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")

@@ -37,7 +37,7 @@ def assert_timm_round_trip(tmp_path, name: str, kwargs: dict, model, sizes, repo
     from safetensors.torch import load_file
 
     from conftest import close_to, images
-    from vitconv.pipeline import convert, open_checkpoint
+    from vitconv.conversion.pipeline import convert, open_checkpoint
 
     timm = import_timm()
     convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")

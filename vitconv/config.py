@@ -8,7 +8,7 @@ default can silently leak into another.
 
 A layout carries a field either through its tensors' shapes (:data:`SHAPE_FIELDS`, which
 every layout's tensors hold) or through a row of its table
-(:class:`vitconv.rules.base.Carry`); a field a layout has no row for can only hold the
+(:class:`vitconv.layouts.table.Carry`); a field a layout has no row for can only hold the
 default here, so a new field needs no change to the layouts that cannot express it.
 """
 

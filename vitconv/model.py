@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ViTConfig
-from .ops import geometric_resize_weights, rel_pos_index, resize_pos_embed_torch, resize_rel_pos_table_torch
+from vitconv.config import ViTConfig
+from vitconv.ops import geometric_resize_weights, rel_pos_index, resize_pos_embed_torch, resize_rel_pos_table_torch
 
 
 def _activation(name: str):

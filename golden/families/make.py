@@ -1,6 +1,6 @@
 """How the ``families/`` golden cases were made: each checkpoint is built and run by its own
 library (timm, OpenAI's ``clip/model.py``, the original DINOv2 code), never by vitconv, and
-recorded with ``vitconv.golden.add_case`` (which refuses a case vitconv does not reproduce).
+recorded with ``vitconv.verification.golden.add_case`` (which refuses a case vitconv does not reproduce).
 
 Run once, from the project root, with the libraries installed as ``.ci/run`` installs them:
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # timm without torchvision, as the test
 
 from timm_import import import_timm  # noqa: E402
 
-from vitconv.golden import add_case  # noqa: E402
+from vitconv.verification.golden import add_case  # noqa: E402
 
 # heads of width 64, as every released model of these families has: a bare state dict does not
 # record the head count, and vitconv (like timm's and OpenAI's own loaders) assumes that width

@@ -20,8 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from ..config import ViTConfig
-from ..errors import BadInputError, MappingError
+from vitconv.config import ViTConfig
+from vitconv.errors import BadInputError, MappingError
 
 TABLE = Path(__file__).with_name("table.json")
 #: The config fields a table row supplies to a file that leaves them open.

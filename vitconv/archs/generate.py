@@ -35,7 +35,7 @@ import types
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import TABLE, signature
+from vitconv.archs import TABLE, signature
 #: timm modules whose models are read (the others have keys vitconv's layouts never match).
 TIMM_MODULES = ("vision_transformer", "deit", "eva", "naflexvit", "beit")
 #: NaFlexVit's ``pos_embed_interp_mode`` (antialiased, corners not aligned) -> ``pos_resize``

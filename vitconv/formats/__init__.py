@@ -8,9 +8,9 @@ order declared up front by :class:`TensorSpec` s.
 
 from __future__ import annotations
 
-from .atomic import atomic_directory, atomic_output
-from .base import DictSource, TensorSource, TensorSpec, sha256_file
-from .open import open_source, sniff
+from vitconv.formats.atomic import atomic_directory, atomic_output
+from vitconv.formats.base import DictSource, TensorSource, TensorSpec, sha256_file
+from vitconv.formats.open import open_source, sniff
 
 __all__ = ["TensorSource", "TensorSpec", "DictSource", "open_source", "sniff", "sha256_file",
            "atomic_output", "atomic_directory"]

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
 
-from ..errors import OutputError
+from vitconv.errors import OutputError
 
 _SUFFIX = ".tmp"
 

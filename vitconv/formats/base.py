@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from ..errors import BadInputError, OutputError, first_line
+from vitconv.errors import BadInputError, OutputError, first_line
 
 @functools.cache
 def bfloat16() -> np.dtype:
@@ -59,7 +59,7 @@ class TensorSource:
     metadata: Dict[str, str]
     #: ``get`` may run on another thread while this one calls ``get`` too (positional
     #: reads, nothing shared moves); streaming conversion then reads ahead
-    #: (:mod:`vitconv.readahead`).
+    #: (:mod:`vitconv.formats.readahead`).
     concurrent_reads: bool = False
 
     def keys(self) -> List[str]:

@@ -5,7 +5,7 @@
 The weights file is opened by the ordinary readers; ``config.json`` travels as the
 ``hf_config`` metadata string, which the Hugging Face layout reads for what shapes cannot
 say (heads, ``layer_norm_eps``, ``hidden_act``), and ``preprocessor_config.json`` as
-``hf_preprocessor`` (the model's preprocessing, :mod:`vitconv.preprocess`). Sharded weights are read through their
+``hf_preprocessor`` (the model's preprocessing, :mod:`vitconv.runtime.preprocess`). Sharded weights are read through their
 ``*.index.json`` (:mod:`vitconv.formats.sharded`).
 """
 
@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from ..errors import BadInputError
-from .base import TensorSource
-from .json_doc import read_json
+from vitconv.errors import BadInputError
+from vitconv.formats.base import TensorSource
+from vitconv.formats.json_doc import read_json
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 #: Sharded weights (``save_pretrained`` above ``max_shard_size``): read through the index.

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Type
 
-from ..errors import BadInputError, first_line
+from vitconv.errors import BadInputError, first_line
 
 #: Largest JSON document read: an ImageNet-21k ``config.json`` with labels is about 1 MB, a
 #: shard index of a 100-shard model about 100 KB.

@@ -26,10 +26,10 @@ from typing import Dict, List, Tuple
 import numpy as np
 from zlib_ng.zlib_ng import crc32  # the stdlib's checksum, 11x faster (pyproject.toml)
 
-from ..errors import BadInputError, first_line
-from .atomic import atomic_output
-from .base import StreamWriter, TensorSource, bf16_bits_to_float32
-from .writeback import Writeback
+from vitconv.errors import BadInputError, first_line
+from vitconv.formats.atomic import atomic_output
+from vitconv.formats.base import StreamWriter, TensorSource, bf16_bits_to_float32
+from vitconv.formats.writeback import Writeback
 
 
 #: How big_vision (and any writer without a bfloat16 dtype, e.g. numpy with ``ml_dtypes``) stores

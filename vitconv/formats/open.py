@@ -14,13 +14,13 @@ import struct
 import zipfile
 from pathlib import Path
 
-from ..errors import BadInputError, first_line
-from .base import TensorSource
-from .hf_dir import open_hf_dir
-from .npz import NpzSource
-from .safetensors_io import SafetensorsSource
-from .sharded import ShardedSource
-from .torch_pt import open_torch
+from vitconv.errors import BadInputError, first_line
+from vitconv.formats.base import TensorSource
+from vitconv.formats.hf_dir import open_hf_dir
+from vitconv.formats.npz import NpzSource
+from vitconv.formats.safetensors_io import SafetensorsSource
+from vitconv.formats.sharded import ShardedSource
+from vitconv.formats.torch_pt import open_torch
 
 #: A safetensors header longer than this is not one (the format's own reader refuses 100 MB).
 _MAX_HEADER = 100_000_000

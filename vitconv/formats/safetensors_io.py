@@ -21,8 +21,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from safetensors import safe_open
 
-from ..errors import BadInputError, first_line
-from .base import TensorSource, bf16_bits_to_float32
+from vitconv.errors import BadInputError, first_line
+from vitconv.formats.base import TensorSource, bf16_bits_to_float32
 
 
 #: safetensors' dtype codes as numpy-style names.

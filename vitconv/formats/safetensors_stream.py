@@ -23,10 +23,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import OutputError
-from .atomic import atomic_output
-from .base import StreamWriter, TensorSpec, has_deferred, resolve
-from .writeback import Writeback
+from vitconv.errors import OutputError
+from vitconv.formats.atomic import atomic_output
+from vitconv.formats.base import StreamWriter, TensorSpec, has_deferred, resolve
+from vitconv.formats.writeback import Writeback
 
 #: Shard above this many bytes of tensor data: Hugging Face's ``max_shard_size="5GB"`` default
 #: (decimal units), used by every writer of sharded outputs.

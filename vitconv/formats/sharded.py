@@ -18,9 +18,9 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from ..errors import BadInputError
-from .base import TensorSource
-from .json_doc import read_json
+from vitconv.errors import BadInputError
+from vitconv.formats.base import TensorSource
+from vitconv.formats.json_doc import read_json
 
 
 class ShardedSource(TensorSource):

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .base import TensorSource
+from vitconv.formats.base import TensorSource
 
 
 class StackedSource(TensorSource):

@@ -18,8 +18,8 @@ import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 
-from ..errors import BadInputError, first_line, one_line
-from .base import DictSource, tensor_to_numpy
+from vitconv.errors import BadInputError, first_line, one_line
+from vitconv.formats.base import DictSource, tensor_to_numpy
 
 FORMAT_NAME = "vitconv"
 FORMAT_VERSION = 1

@@ -28,12 +28,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import OutputError
-from .atomic import atomic_output
-from .base import StreamWriter, TensorSpec, has_deferred, resolve
-from .torch_pickle import StoredTensor, dumps
-from .torch_pt import FORMAT_NAME, FORMAT_VERSION
-from .writeback import Writeback
+from vitconv.errors import OutputError
+from vitconv.formats.atomic import atomic_output
+from vitconv.formats.base import StreamWriter, TensorSpec, has_deferred, resolve
+from vitconv.formats.torch_pickle import StoredTensor, dumps
+from vitconv.formats.torch_pt import FORMAT_NAME, FORMAT_VERSION
+from vitconv.formats.writeback import Writeback
 
 #: The archive's top folder. torch.load accepts any one name; torch itself uses "archive"
 #: when it has no file name to go by.

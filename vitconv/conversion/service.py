@@ -1,0 +1,191 @@
+"""The model card (``README.md``) of every model directory vitconv writes: where the weights
+came from (file, sha256, layout), the architecture, how to load it, the preprocessing and
+labels, vitconv's version and command, and the figures of ``verify`` run on the written
+files against the source's own reference, before the directory appears. Front matter in the
+Hugging Face Hub's format, so the directory can be pushed as it is.
+
+The same check, before commit, on any output: ``convert(..., verify=True)`` (``vitconv
+convert --verify``, every row of ``vitconv batch``) renames nothing into place unless the
+written files, read back, compute what the source computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from vitconv import __version__
+from vitconv.formats import storage
+from vitconv.config import ViTConfig
+from vitconv.errors import VerificationError, VitconvError
+from vitconv.formats.atomic import atomic_output
+from vitconv.formats.hf_dir import JSON_FILES
+from vitconv.formats.safetensors_io import read_back
+from vitconv.conversion.pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
+from vitconv.runtime.predict import classifies
+from vitconv.layouts.layout import Layout
+from vitconv.verification.verify import DEFAULT_BATCH, CanonicalTensors, VerifyReport, check_rounded, rounding_note, seeded_images, verify
+
+PathLike = Union[str, os.PathLike]
+
+
+def cli_command() -> str:
+    """The command line that is running, as a user would type it."""
+    return "vitconv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+#: Metadata of an output whose files were verified before they were renamed into place:
+#: present only then, so a file that holds it was verified by construction.
+VERIFIED_KEY = "vitconv_verified"
+
+
+def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, verify: bool = False,
+            **kwargs: Any) -> ConversionReport:
+    """:func:`vitconv.conversion.pipeline.convert`, with a model card in a directory output; ``command``
+    is recorded in it (default: a Python call). The written files are read back and checked
+    against the source's reference (:func:`verify_written`) before they are renamed into place:
+    for the card's figures, and with ``verify`` for every output, which then appears only if
+    the check passes (else :class:`VerificationError`, nothing written) and records
+    ``vitconv_verified`` in its metadata; the report's ``checked`` holds the figures."""
+    said = command or f"vitconv.convert({os.fspath(src)!r}, {os.fspath(dst)!r})"
+    if storage.is_url(src) or storage.is_url(dst):  # staged and uploaded (vitconv.formats.storage)
+        with storage.local_input(src) as (local_src, digest), storage.local_output(dst) as local_dst:
+            if digest is not None:  # hashed as it was downloaded
+                kwargs["source_sha256"] = digest
+            report = convert(local_src, local_dst, command=said, verify=verify, **kwargs)
+        where = os.fspath(dst).rstrip("/").rsplit("/", 1)[0] if storage.is_url(dst) else None
+        files = [where + "/" + Path(f).relative_to(Path(local_dst).parent).as_posix() if where else f
+                 for f in report.files]
+        return dataclasses.replace(report, source=os.fspath(src), output=files[-1], files=files)
+    num_heads, overrides = kwargs.get("num_heads"), kwargs.get("overrides")
+    if verify:
+        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), VERIFIED_KEY: "true"}
+
+    def on_written(ckpt: Checkpoint, layout: Layout, container: str, temporaries: List[Path],
+                   digest: str) -> Optional[VerifyReport]:
+        if not verify and container != "dir":
+            return None
+        try:
+            if ckpt.new_head:
+                raise VitconvError("the classifier was replaced by a new zero-initialised one; every other "
+                                   "tensor is the source's, unchanged")
+            report: Union[VerifyReport, VitconvError] = verify_written(
+                src, ckpt.config, layout, container, temporaries, num_heads=num_heads, overrides=overrides,
+                image_size=kwargs.get("image_size"), patch_size=kwargs.get("patch_size"),
+                dtype=kwargs.get("dtype"))
+        except VitconvError as e:
+            if verify:  # named as the output the user asked for, not its temporary file
+                raise type(e)(e.message, dst) from None
+            report = e
+        if verify and not report.ok:
+            raise VerificationError(report.verdict(), dst)
+        if container == "dir":
+            with atomic_output(temporaries[0].parent / "README.md") as tmp:
+                tmp.write_text(model_card(src, ckpt, layout, digest, said, report), encoding="utf-8")
+        return report if isinstance(report, VerifyReport) else None
+    return convert_checkpoint(src, dst, on_written=on_written, **kwargs)
+
+
+def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str, temporaries: Sequence[Path], *,
+                   num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
+                   image_size: Optional[int] = None, patch_size: Optional[int] = None,
+                   dtype: Optional[str] = None) -> VerifyReport:
+    """``verify`` on the files just written (still under their temporary names), read back as
+    a user would read them (a directory with its config and preprocessing files; a bare file
+    told only what its layout cannot record), against the source's reference (given
+    ``num_heads``/``overrides`` as the conversion was).
+
+    Weights written in a narrower ``dtype`` are checked in two steps that together are exact:
+    every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
+    ``dtype``, and that float32 model is verified against the reference at the usual
+    tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
+    from vitconv.conversion.loading import StreamedModel  # torch
+
+    if patch_size is not None:
+        raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
+                           "source's own patch size")
+    source, where, told = None, Path(temporaries[0]), {}
+    if container in ("dir", "safetensors"):
+        weights = list(temporaries[:-1] if len(temporaries) > 1 else temporaries)  # shards, then the index
+        source = read_back(weights)
+    if container == "dir":
+        where = where.parent
+        for name, key in JSON_FILES.items():
+            if (where / name).is_file():
+                source.metadata[key] = (where / name).read_text(encoding="utf-8")
+    else:
+        told = layout.arguments(cfg, recorded=False)
+    heads = told.pop("num_heads", None)
+    try:
+        # every model here runs block by block from its files (one block's weights in memory)
+        written = StreamedModel(lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told))
+        if dtype is None:
+            return verify(src, written, num_heads=num_heads, overrides=overrides)
+        images = np.ascontiguousarray(seeded_images(DEFAULT_BATCH, written.config.image_size,
+                                                    written.config.in_chans).transpose(0, 3, 1, 2))
+        moved = _output(written, images)  # the rounded model, as users will run it
+        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full, \
+                open_checkpoint(where, source=source, num_heads=heads, overrides=told) as back:
+            bad, changed, total = check_rounded(full.tensors(), CanonicalTensors(back), dtype)
+        if bad is not None:
+            raise VerificationError(bad)
+    finally:
+        if source is not None:
+            source.close()
+    # the float32 weights, read as the written file is (its architecture)
+    model = StreamedModel(lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides,
+                                                  image_size=image_size), written.config)
+    report = verify(src, model, num_heads=num_heads, overrides=overrides)
+    report.note = rounding_note(dtype, total, changed, _output(model, images), moved)
+    return report
+
+
+def _output(model, nchw: np.ndarray) -> np.ndarray:
+    """The model's final output (float64) on ``nchw``."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(nchw)).double().numpy()
+
+
+def model_card(src: PathLike, ckpt: Checkpoint, layout: Layout, digest: str, command: str,
+               report: Union[VerifyReport, VitconvError]) -> str:
+    """The card's text; ``report``: :func:`verify_written`'s figures, or why there are none."""
+    cfg, usage = ckpt.config, ckpt.usage
+    library = layout.loads_with.get("dir", "").split(".")[0].split("(")[0] or None
+    task = "image-classification" if classifies(cfg) else "image-feature-extraction"
+    if isinstance(report, VerifyReport):
+        figures = [f"`vitconv verify` on the written files, before they were renamed into place: "
+                   f"{report.verdict()}", "",
+                   f"Reference: {report.reference}; {report.batch} seeded images at {report.image_size}px, "
+                   f"tolerance {report.tolerance:g} x max(1, rms) per stage.", "",
+                   "| stage | max abs diff | bound |", "|---|---|---|"]
+        figures += [f"| {s.what} | {s.max_abs:.3g} | {s.bound:.3g} |" for s in report.stages]
+    else:
+        figures = [f"Not verified: {report.message}"]
+    labels = usage.labels
+    front = ["---", "tags:", "  - vision", "  - vision-transformer", "  - vitconv", f"pipeline_tag: {task}"]
+    if library:
+        front.insert(1, f"library_name: {library}")
+    front.append("---")
+    lines = front + [
+        "", f"# {Path(src).name}, converted by vitconv", "",
+        f"Converted from `{Path(src).name}` ({ckpt.layout.name} layout: {ckpt.layout.description})"
+        + (f", sha256 `{digest}`" if digest else "") + f", to the {layout.name} layout ({layout.description}).",
+        "", "## Architecture", "", f"{cfg.describe()}; {sum(s.numel for s in ckpt.specs()):,} parameters.",
+        "", "## Use", "", "```python", layout.loads_with.get("dir", "").format(path="."), "```", "",
+        "## Preprocessing", "", usage.preprocessing.describe() + ".", "",
+        "## Labels", "",
+        (f"{len(labels):,} classes, from `{labels[0]}` to `{labels[-1]}` (`id2label` / `label_names`)."
+         if labels else ("Not known: the classes are numbered." if cfg.num_classes else "No classifier.")),
+        "", "## Verification", "", *figures, "",
+        "## Conversion", "", f"vitconv {__version__}: `{command}`", "",
+        *[f"- {n}" for n in ckpt.notes], "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Canonical ``.safetensors`` through the one conversion path (:func:`vitconv.conversion.pipeline.convert`:
+the same bytes ``vitconv convert SRC OUT.safetensors`` writes), verified before it is
+renamed into place by reading every written file back into :func:`vitconv.build_model`.
+
+This is a checkpoint, not a graph: the hybrid stem keeps its raw kernels (standardised at
+run time), so the file converts back to Google's ``.npz`` bit for bit. Above
+``shard_bytes`` the tensors are split into ``STEM-0000k-of-0000N.safetensors`` plus
+``STEM.safetensors.index.json`` (Hugging Face's index format); with
+``OUT = DIR/model.safetensors`` these are exactly the names Hugging Face loaders look for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from vitconv.formats.safetensors_io import read_back
+from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
+from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.runtime.export.common import Check, ExportResult, PathLike, Reference, Timer, raise_if_failed, verify
+
+
+def export_safetensors(src: PathLike, path: PathLike, reference: Reference, checks: Sequence[Check], *,
+                       image_size: Optional[int] = None, fp16: bool = False,
+                       shard_bytes: int = DEFAULT_SHARD_BYTES, labels=None,
+                       overrides: Optional[dict] = None) -> ExportResult:
+    """Convert ``src`` to the canonical ``.safetensors`` at ``path`` (float16 with ``fp16``),
+    read every file back, rebuild the model from what was read and verify it on ``checks``.
+    Files are renamed into place only after verification."""
+    import torch
+
+    from vitconv.conversion.loading import build_model
+
+    results: List[ExportResult] = []
+    with Timer() as t_total:
+        def check(temporaries: List[Path]) -> None:
+            if len(temporaries) > 1:  # shards, then their index
+                temporaries = temporaries[:-1]
+            with Timer() as t_verify:
+                with open_checkpoint(temporaries[0], source=read_back(temporaries)) as ckpt:
+                    rebuilt = build_model(ckpt.config, ckpt.state_dict())
+
+                def run(a):
+                    with torch.no_grad():
+                        return rebuilt(torch.from_numpy(a)).numpy()
+
+                parity = verify(run, reference, checks, rebuilt.config.in_chans, fp16=fp16)
+            n = len(temporaries)
+            notes = [f"{n} shards + index" if n > 1 else "single file",
+                     "format: pt, vitconv_config in __metadata__" + (", float16 weights" if fp16 else "")]
+            result = ExportResult("safetensors" + (" fp16" if fp16 else ""), [Path(path)], 0.0, t_verify.s,
+                                  parity, notes, fp16)
+            results.append(result)
+            raise_if_failed(result, path)
+
+        report = convert(src, path, to="canonical", image_size=image_size,
+                         dtype="float16" if fp16 else None, shard_bytes=shard_bytes, before_commit=check,
+                         labels=labels, overrides=overrides)
+    result = results[0]
+    result.export_s, result.paths = t_total.s - result.verify_s, [Path(p) for p in report.files]
+    return result

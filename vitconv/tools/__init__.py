@@ -1,0 +1,1 @@
+"""Around the conversion, not in it: benchmarks, FLOPs, plots, synthetic checkpoints, ``inspect``."""

@@ -1,0 +1,2 @@
+"""Proof that a conversion computes what its source computes: the comparison core, the golden
+regression suite, and the independent references (``references/``)."""

@@ -1,0 +1,398 @@
+"""The source library's own model as ``verify``'s reference, for sources that are not Google
+``.npz`` files (those have the independent NumPy reference, :mod:`vitconv.verification.references.google_numpy`).
+
+A Hugging Face directory is loaded with ``transformers``' ``from_pretrained`` and a timm
+directory with ``timm.create_model('local-dir:…')``: both from the files alone, so nothing of
+vitconv's reading enters the reference. A bare state dict (timm, the original DINOv2, OpenAI
+CLIP / OpenCLIP) records no constructor arguments: the library's class is built with the
+arguments vitconv read off the file and loads it strictly, which checks every name and shape
+but takes the semantics the file does not record (activation, epsilon) from vitconv, as the
+report says.
+
+Stages, where the library exposes them: ``embed`` (the tokens entering block 0), each block's
+output (``blocks.{i}.mlp``) and the final output (``logits``: logits, or the embedding a
+headless model returns). The libraries are optional dependencies, imported here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+from vitconv.archs.generate import import_timm
+from vitconv.errors import BadInputError, first_line
+from vitconv.conversion.pipeline import Checkpoint
+from vitconv.layouts import timm_eva
+from vitconv.layouts.timm import architecture, model_args
+from vitconv.layouts.timm_beit import model_args as beit_args
+from vitconv.layouts.timm_naflexvit import INTERP
+
+#: Hugging Face layout -> (transformers class, how its output gives the model's final output)
+HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTModel", "pooler"),
+              "hf_dinov2": ("Dinov2Model", "pooler_output"), "hf_dinov2_reg": ("Dinov2WithRegistersModel", "pooler_output"),
+              "hf_clip": ("CLIPVisionModel", "pooler_output"), "hf_clip_proj": ("CLIPVisionModelWithProjection",
+                                                                              "image_embeds"),
+              "hf_siglip": ("SiglipVisionModel", "pooler_output"), "hf_dinov3": ("DINOv3ViTModel", "pooler_output"),
+              "hf_aimv2": ("Aimv2VisionModel", "aimv2"),
+              "hf_beit": ("BeitModel", "pooler_output"), "hf_beit_cls": ("BeitForImageClassification", "logits"),
+              "hf_data2vec_vision": ("Data2VecVisionModel", "pooler_output"),
+              "hf_data2vec_vision_cls": ("Data2VecVisionForImageClassification", "logits")}
+LAYOUTS = tuple(HF_CLASSES) + ("hf_siglip2", "timm", "timm_beit", "timm_eva", "timm_naflexvit", "dinov2", "clip",
+                               "dinov3_original")
+
+
+class LibraryMissing(BadInputError):
+    """The source's library is not installed: no reference can run (``golden`` notes it)."""
+
+
+class LibraryReference:
+    """``forward_stages(images_nhwc) -> {stage: array}`` through the library's model, in float32
+    whatever dtype the file stores (a bfloat16 release's reference would otherwise round every
+    layer, and a conversion that is exact would fail by bfloat16's rounding)."""
+
+    reference_dtype = "float32"
+
+    def __init__(self, description: str, cfg, run: Callable, fixed_size: bool = False):
+        self.description = f"{description}, run in float32"
+        self.image_size, self.stride, self.in_chans = cfg.image_size, cfg.total_stride, cfg.in_chans
+        self.fixed_size = fixed_size  # the library runs at the checkpoint's resolution only
+        self._run = run
+
+    def forward_stages(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
+        with torch.no_grad():
+            return {k: v.detach().float().numpy() for k, v in self._run(x).items()}
+
+
+def _import(name: str, path, module: str = "", pip: str = ""):
+    """``module`` (default: the package ``name``), or :class:`LibraryMissing` naming the fix.
+    timm is imported with a placeholder for torchvision where none is installed (its model code
+    never uses it; its package imports do, and torchvision has no CPU wheel for every torch)."""
+    try:
+        if name == "timm":
+            import_timm()
+        return importlib.import_module(module or name)
+    except Exception as e:
+        fix = f"pip install {pip or name}" if getattr(e, "name", None) == name else "install what it needs"
+        raise LibraryMissing(f"the reference is the source's own library, {name}, and it is not importable "
+                             f"here ({first_line(e)}): {fix}", path) from None
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No loading progress bar on the user's terminal; the setting is restored after."""
+    logging = transformers.utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _capture(blocks: List, blocks_first: bool = False):
+    """Block outputs (and the input of the first block, the embedding) through hooks."""
+    out: Dict[str, object] = {}
+    handles = []
+
+    def keep(name, transpose):
+        return lambda module, args, result: out.__setitem__(name, result.transpose(0, 1) if transpose else result)
+
+    handles.append(blocks[0].register_forward_pre_hook(
+        lambda module, args: out.__setitem__("embed", args[0].transpose(0, 1) if blocks_first else args[0])))
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(keep(f"blocks.{i}.mlp", blocks_first)))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _load_strict(model, ckpt: Checkpoint, path):
+    """The file's tensors into the library's model, every name and shape checked."""
+    import torch
+
+    src, prefix = ckpt.source, ckpt.prefix
+    state = {k[len(prefix):]: torch.from_numpy(np.ascontiguousarray(src.get(k))) for k in src.keys()
+             if k.startswith(prefix) and k not in ckpt.ignored}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BadInputError(f"the library's model does not take this file as vitconv read it "
+                            f"({first_line(e)})", path) from None
+    return model.eval().float()
+
+
+def _hooked(model, blocks, blocks_first=False) -> Callable:
+    """``model(x)`` as the final output, with the embedding and block outputs from hooks."""
+    def run(x):
+        with _capture(blocks, blocks_first=blocks_first) as out:
+            out["logits"] = model(x)
+        return out
+    return run
+
+
+def _hugging_face(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    layout, cfg = ckpt.layout.name, ckpt.source_config
+    transformers = _import("transformers", src)
+    cls, output = HF_CLASSES[layout]
+    if not directory:
+        raise BadInputError(f"verify loads a Hugging Face source with {cls}.from_pretrained: give the "
+                            "model directory (config.json beside the weights)", src)
+    import torch
+
+    # BEiT's model classes: with the pooler exactly where the file has its norm (a mean-pooling
+    # model without one has no final norm: from_pretrained would make a fresh one)
+    pooler = {"add_pooling_layer": cfg.final_norm != "none"} if cls in ("BeitModel", "Data2VecVisionModel") else {}
+    try:  # float32 whatever the weights are stored as: transformers would keep a bfloat16 file's dtype
+        with _quiet(transformers):
+            model = getattr(transformers, cls).from_pretrained(Path(src), dtype=torch.float32,
+                                                               **pooler).eval().float()
+    except Exception as e:  # the library's own loader refuses the directory
+        raise BadInputError(f"{cls}.from_pretrained refuses it ({first_line(e)})", src) from None
+    own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to; Aimv2 never (a native
+    # one generates its table for any grid)
+
+    def run(x):
+        resize = ({} if layout.startswith(("hf_dinov2", "hf_dinov3")) or layout == "hf_aimv2" or x.shape[-1] == own
+                  else {"interpolate_pos_encoding": True})  # DINOv3: rotary, computed for any grid; AIMv2: never
+        o = model(pixel_values=x, output_hidden_states=True, **resize)
+        stages = {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])}}
+        if output == "pooler":  # ViTModel: its tanh pooler is Google's pre_logits, else the normed class token
+            stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state[:, 0]
+        elif output == "aimv2":  # its attention head, or without one timm's AIMv2 pooling (the tokens' mean)
+            stages["logits"] = o.pooler_output if o.pooler_output is not None else o.last_hidden_state.mean(1)
+        elif output == "pooler_output" and o.pooler_output is None:  # BEiT without its pooler: no norm
+            stages["logits"] = o.last_hidden_state[:, 1:].mean(dim=1)
+        else:
+            stages["logits"] = getattr(o, output)
+        return stages
+    return LibraryReference(f"transformers {cls}.from_pretrained", cfg, run, fixed_size=layout == "hf_aimv2" and not model.config.is_native)
+
+
+def _timm_beit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """timm's ``Beit`` built with the arguments vitconv read; it has no dynamic input size (at
+    another one timm builds a model for it and resizes the tables as it loads them)."""
+    cfg = ckpt.source_config
+    beit = _import("timm", src, "timm.models.beit")
+    import torch
+
+    model = beit.Beit(**beit_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+    _load_strict(model, ckpt, src)
+    return LibraryReference("timm's Beit, built with the arguments vitconv read (the file records none)", cfg,
+                            _hooked(model, list(model.blocks)), fixed_size=True)
+
+
+def _naflex_patches(x, patch: int):
+    """NCHW images as NaFlex patches ``(B, rows*cols, p*p*C)``, each flattened (row, column,
+    channel) as ``Siglip2ImageProcessor`` and timm's ``batch_patchify`` lay them out, and the grid."""
+    b, c, h, w = x.shape
+    rows, cols = h // patch, w // patch
+    patches = x.reshape(b, c, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, -1)
+    return patches, rows, cols
+
+
+def _siglip2(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """``Siglip2VisionModel.from_pretrained`` on the image's patches, no padding: every slot valid,
+    ``spatial_shapes`` the image's grid, so transformers resizes the table its own way."""
+    cfg = ckpt.source_config
+    transformers = _import("transformers", src)
+    if not directory:
+        raise BadInputError("verify loads a Hugging Face source with Siglip2VisionModel.from_pretrained: give "
+                            "the model directory (config.json beside the weights)", src)
+    import torch
+
+    try:
+        with _quiet(transformers):
+            model = transformers.Siglip2VisionModel.from_pretrained(Path(src), dtype=torch.float32).eval().float()
+    except Exception as e:
+        raise BadInputError(f"Siglip2VisionModel.from_pretrained refuses it ({first_line(e)})", src) from None
+
+    def run(x):
+        patches, rows, cols = _naflex_patches(x, cfg.patch_size)
+        mask = torch.ones(patches.shape[:2], dtype=torch.long)
+        shapes = torch.tensor([[rows, cols]] * x.shape[0])
+        o = model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes, output_hidden_states=True)
+        return {"embed": o.hidden_states[0], **{f"blocks.{i}.mlp": h for i, h in enumerate(o.hidden_states[1:])},
+                "logits": o.pooler_output}
+    return LibraryReference("transformers Siglip2VisionModel.from_pretrained (NaFlex patches)", cfg, run)
+
+
+def _naflexvit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """timm's ``NaFlexVit`` built with the arguments vitconv read (a bare state dict records none),
+    run on the images themselves: timm patchifies and resizes its grid its own way."""
+    cfg = ckpt.source_config
+    _import("timm", src)
+    import torch
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    nf = NaFlexVitCfg(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+                      mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
+                      init_values=1.0 if cfg.layer_scale else None, class_token=cfg.class_token,
+                      reg_tokens=cfg.num_reg_tokens, pos_embed_grid_size=(cfg.grid_size, cfg.grid_size),
+                      pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
+                      global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
+                      fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
+                      act_layer=cfg.act, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+    model = _load_strict(NaFlexVit(nf, in_chans=cfg.in_chans, num_classes=cfg.num_classes), ckpt, src)
+    return LibraryReference("timm NaFlexVit, built with the arguments vitconv read (the file records none)", cfg,
+                            _hooked(model, list(model.blocks)))
+
+
+def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    cfg, path = ckpt.source_config, Path(src)
+    timm = _import("timm", src)
+    if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
+        try:
+            model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True).eval().float()
+        except Exception as e:
+            raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
+        how = "timm.create_model('local-dir:…')"
+    else:
+        import torch
+
+        norm = partial(timm.layers.RmsNorm if cfg.norm == "rmsnorm" else torch.nn.LayerNorm, eps=cfg.norm_eps)
+        kw = dict(model_args(cfg), norm_layer=norm, dynamic_img_size=True)
+        if cfg.patch_embed_norm:  # AIMv2: the patch embedding's own norm, of the same kind
+            kw["embed_norm_layer"] = norm
+        model = _load_strict(timm.create_model(architecture(cfg), pretrained=False, **kw), ckpt, src)
+        how = "timm, built with the arguments vitconv read (the file records none)"
+    return LibraryReference(how, cfg, _hooked(model, list(model.blocks)))
+
+
+def _timm_eva(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """timm's ``Eva`` (DINOv3): a timm directory through ``create_model('local-dir:…')``, a bare
+    state dict built with the arguments vitconv read (rope_type, rope_temperature, pooling, eps:
+    the file records none) and loaded strictly."""
+    cfg, path = ckpt.source_config, Path(src)
+    timm = _import("timm", src)
+    if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
+        try:
+            model = timm.create_model(f"local-dir:{path}", pretrained=True).eval().float()
+        except Exception as e:
+            raise BadInputError(f"timm.create_model('local-dir:…') refuses it ({first_line(e)})", src) from None
+        how = "timm.create_model('local-dir:…')"
+    else:
+        import torch
+
+        kw = dict(timm_eva.model_args(cfg), norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+        model = _load_strict(timm.create_model(timm_eva.architecture(cfg), pretrained=False, **kw), ckpt, src)
+        how = "timm Eva, built with the arguments vitconv read (the file records none)"
+    return LibraryReference(how, cfg, _hooked(model, list(model.blocks)))
+
+
+def _dinov2(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    cfg = ckpt.source_config
+    _import("dinov2", src)
+    from dinov2.layers import MemEffAttention
+    from dinov2.layers import NestedTensorBlock as Block
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    kw = {"ffn_layer": "swiglufused"} if cfg.mlp == "swiglu" else {"mlp_ratio": cfg.mlp_dim / cfg.width}
+    if cfg.num_reg_tokens:  # releases after April 2023
+        if "num_register_tokens" not in inspect.signature(DinoVisionTransformer).parameters:
+            raise BadInputError("verify runs the installed dinov2 code as the reference and it predates "
+                                "register tokens: install DINOv2 from its repository", src)
+        kw.update(num_register_tokens=cfg.num_reg_tokens, interpolate_antialias=True, interpolate_offset=0.0)
+    model = DinoVisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
+                                  depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, init_values=1.0,
+                                  block_chunks=0, block_fn=partial(Block, attn_class=MemEffAttention), **kw)
+    _load_strict(model, ckpt, src)
+    return LibraryReference("the original DINOv2 DinoVisionTransformer, built with the arguments vitconv read",
+                            cfg, _hooked(model, list(model.blocks)))
+
+
+def _clip(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """OpenAI's ``clip/model.py`` where it computes the tower (QuickGELU, ``ln_pre``, class
+    token, no LayerScale), else OpenCLIP's ``VisionTransformer``. Neither resizes its table."""
+    cfg = ckpt.source_config
+    if not cfg.num_classes:
+        raise BadInputError("verify builds the CLIP tower with its projection (proj): this file has none", src)
+    if cfg.act == "quick_gelu" and not cfg.layer_scale and cfg.norm_pre and cfg.classifier == "token":
+        spec = importlib.util.find_spec("clip")  # the model file alone: clip/__init__ needs torchvision
+        if spec is None:
+            raise LibraryMissing("the reference is OpenAI's clip/model.py and it is not importable here: "
+                                 "pip install clip-anytorch", src)
+        mspec = importlib.util.spec_from_file_location(
+            "_vitconv_openai_clip_model", os.path.join(spec.submodule_search_locations[0], "model.py"))
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+        model = module.VisionTransformer(input_resolution=cfg.image_size, patch_size=cfg.patch_size,
+                                         width=cfg.width, layers=cfg.depth, heads=cfg.num_heads,
+                                         output_dim=cfg.num_classes)
+        _load_strict(model, ckpt, src)
+        return LibraryReference("OpenAI's clip/model.py VisionTransformer, built with the arguments vitconv read",
+                                cfg, _hooked(model, list(model.transformer.resblocks), blocks_first=True),
+                                fixed_size=True)
+    oct = _import("open_clip", src, "open_clip.transformer", "open-clip-torch")
+    if cfg.act not in ("gelu", "quick_gelu") or cfg.classifier not in ("token", "gap"):
+        raise BadInputError(f"OpenCLIP's VisionTransformer computes GELU or QuickGELU with class-token or "
+                            f"mean pooling, not act={cfg.act!r} classifier={cfg.classifier!r}", src)
+    import torch
+
+    model = oct.VisionTransformer(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.depth,
+        heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, ls_init_value=1.0 if cfg.layer_scale else None,
+        output_dim=cfg.num_classes, no_ln_pre=not cfg.norm_pre, pool_type="tok" if cfg.classifier == "token" else "avg",
+        final_ln_after_pool=cfg.final_norm == "pooled",
+        act_layer=oct.QuickGELU if cfg.act == "quick_gelu" else torch.nn.GELU,
+        norm_layer=partial(oct.LayerNorm, eps=cfg.norm_eps))
+    _load_strict(model, ckpt, src)
+    blocks_first = not getattr(model.transformer, "batch_first", True)
+    return LibraryReference("OpenCLIP's VisionTransformer, built with the arguments vitconv read", cfg,
+                            _hooked(model, list(model.transformer.resblocks), blocks_first=blocks_first),
+                            fixed_size=True)
+
+
+def _dinov3(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
+    """The original DINOv3 ``DinoVisionTransformer`` (``facebookresearch/dinov3``, not on PyPI),
+    built as the hub's constructors build it (``pos_embed_rope_dtype='fp32'``: float32 arithmetic
+    on the periods as loaded) with the arguments vitconv read, and loaded strictly, the stored
+    ``rope_embed.periods`` included. Its blocks take and return lists of token tensors (its
+    multi-crop path), so only the final output (the normed class token) is compared."""
+    cfg = ckpt.source_config
+    _import("dinov3", src, "dinov3.models.vision_transformer", pip="git+https://github.com/facebookresearch/dinov3")
+    from dinov3.models.vision_transformer import DinoVisionTransformer
+
+    # SwiGLUFFN's width: int(int(width * ffn_ratio) * 2 / 3), rounded up to 8
+    ffn = (dict(ffn_layer="swiglu", ffn_ratio=1.5 * cfg.mlp_dim / cfg.width) if cfg.mlp == "swiglu"
+           else dict(ffn_layer="mlp", ffn_ratio=cfg.mlp_dim / cfg.width))
+    model = DinoVisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, pos_embed_rope_base=cfg.rope_theta,
+        pos_embed_rope_normalize_coords="separate", pos_embed_rope_dtype="fp32", embed_dim=cfg.width,
+        depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias,
+        layerscale_init=1.0 if cfg.layer_scale else None,
+        norm_layer="layernormbf16" if cfg.norm_eps == 1e-5 else "layernorm", ffn_bias=cfg.mlp_bias,
+        proj_bias=cfg.proj_bias, n_storage_tokens=cfg.num_reg_tokens, mask_k_bias=not cfg.key_bias, **ffn)
+    _load_strict(model, ckpt, src)
+    return LibraryReference("the original DINOv3 DinoVisionTransformer, built with the arguments vitconv read",
+                            cfg, lambda x: {"logits": model(x)})
+
+
+_BUILDERS = {**{name: _hugging_face for name in HF_CLASSES}, "hf_siglip2": _siglip2, "timm": _timm,
+             "timm_beit": _timm_beit, "timm_eva": _timm_eva, "timm_naflexvit": _naflexvit, "dinov2": _dinov2,
+             "clip": _clip, "dinov3_original": _dinov3}
+
+
+def open_reference(src: os.PathLike | str, ckpt: Checkpoint) -> LibraryReference:
+    """The library model of ``src`` (already opened as ``ckpt``), or a one-line error saying why not."""
+    build = _BUILDERS.get(ckpt.layout.name)
+    if build is None:
+        raise BadInputError(f"verify has no reference for the {ckpt.layout.name} layout (references: Google "
+                            f".npz files and {', '.join(LAYOUTS)} sources)", src)
+    path = Path(src)
+    return build(src, ckpt, path.is_dir() and (path / "config.json").is_file())
