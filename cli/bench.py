@@ -15,6 +15,10 @@ from vitconv.tools.device_bench import bench_device, format_rows
 from vitconv.tools.synthetic import make_synthetic, preset
 
 from .common import say
+from vitconv.lazy import lazy_module
+
+canonical_model = lazy_module("vitconv.model")  # torch, for --device
+loading = lazy_module("vitconv.conversion.loading")  # torch, for --device
 
 
 def _ints(text: str) -> List[int]:
@@ -114,21 +118,18 @@ def _device(ctx, models, device: str, dtypes: str, modes: str, batches: List[int
             image_size, as_json: bool) -> None:
     import torch
 
-    from vitconv.conversion.loading import load
-    from vitconv.model import VisionTransformer
-
     if len(models) != 1:
         raise click.UsageError("give one MODEL with --device")
     m = models[0]
     if Path(m).exists():
-        model = load(m, image_size=image_size)
+        model = loading.load(m, image_size=image_size)
     else:
         try:
             cfg = preset(m)
         except KeyError as e:
             raise click.BadParameter(f"{m}: neither a file nor a preset ({e.args[0]})") from None
         torch.manual_seed(0)
-        model = VisionTransformer(cfg.replace(image_size=image_size) if image_size else cfg)  # its own init
+        model = canonical_model.VisionTransformer(cfg.replace(image_size=image_size) if image_size else cfg)  # its own init
     out = []
     for b in batches:
         out += bench_device(model, device, [d.strip() for d in dtypes.split(",") if d.strip()],

@@ -8,29 +8,25 @@ runtimes, proven exact against reference outputs.
 
 from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError, MappingError, VerificationError, VitconvError
+from vitconv.lazy import lazy_module
 
 __version__ = "0.1.0"
 __all__ = ["ViTConfig", "load", "convert", "open_checkpoint", "VisionTransformer", "VitconvError",
            "BadInputError", "MappingError", "VerificationError", "__version__"]
 
 
+#: Loaded on first use: `import vitconv.verification.references.google_numpy` stays free of the
+#: converter's mapping code, and `import vitconv` (and the CLI) start without torch.
+_pipeline = lazy_module("vitconv.conversion.pipeline")
+_service = lazy_module("vitconv.conversion.service")  # the pipeline's convert, with a model card in a directory
+_loading = lazy_module("vitconv.conversion.loading")  # torch
+_model = lazy_module("vitconv.model")  # torch
+_LAZY = {"open_checkpoint": (_pipeline, "open_checkpoint"), "convert": (_service, "convert"),
+         "load": (_loading, "load"), "VisionTransformer": (_model, "VisionTransformer")}
+
+
 def __getattr__(name):
-    # The pipeline and torch load on first use: `import vitconv.verification.references.google_numpy` stays free of the
-    # converter's mapping code, and `import vitconv` (and the CLI) start without torch.
-    if name == "open_checkpoint":
-        from vitconv.conversion import pipeline
-
-        return pipeline.open_checkpoint
-    if name == "convert":  # the pipeline's, with a model card in a directory output
-        from vitconv.conversion.service import convert
-
-        return convert
-    if name == "load":
-        from vitconv.conversion.loading import load
-
-        return load
-    if name == "VisionTransformer":
-        from vitconv.model import VisionTransformer
-
-        return VisionTransformer
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(module, attr)
     raise AttributeError(f"module 'vitconv' has no attribute {name!r}")

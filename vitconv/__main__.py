@@ -2,12 +2,16 @@
 
 import sys
 
+try:
+    from _vitconv_cli.main import main
+except ImportError as e:  # the library works without click; the CLI does not
+    main = None
+    _missing = e
+
 
 def _run() -> None:
-    try:
-        from _vitconv_cli.main import main
-    except ImportError as e:  # the library works without click; the CLI does not
-        sys.stderr.write(f"vitconv: the command line needs click and an installed vitconv ({e})\n")
+    if main is None:
+        sys.stderr.write(f"vitconv: the command line needs click and an installed vitconv ({_missing})\n")
         raise SystemExit(1)
     main()
 

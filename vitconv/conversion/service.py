@@ -31,6 +31,9 @@ from vitconv.conversion.pipeline import Checkpoint, ConversionReport, convert as
 from vitconv.runtime.predict import classifies
 from vitconv.layouts.layout import Layout
 from vitconv.verification.verify import DEFAULT_BATCH, CanonicalTensors, VerifyReport, check_rounded, rounding_note, seeded_images, verify
+from vitconv.lazy import lazy_module
+
+loading = lazy_module("vitconv.conversion.loading")  # torch, only to verify what was written
 
 PathLike = Union[str, os.PathLike]
 
@@ -105,8 +108,6 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
     every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
     ``dtype``, and that float32 model is verified against the reference at the usual
     tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
-    from vitconv.conversion.loading import StreamedModel  # torch
-
     if patch_size is not None:
         raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
                            "source's own patch size")
@@ -124,7 +125,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
     heads = told.pop("num_heads", None)
     try:
         # every model here runs block by block from its files (one block's weights in memory)
-        written = StreamedModel(lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told))
+        written = loading.StreamedModel(lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told))
         if dtype is None:
             return verify(src, written, num_heads=num_heads, overrides=overrides)
         images = np.ascontiguousarray(seeded_images(DEFAULT_BATCH, written.config.image_size,
@@ -139,7 +140,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         if source is not None:
             source.close()
     # the float32 weights, read as the written file is (its architecture)
-    model = StreamedModel(lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides,
+    model = loading.StreamedModel(lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides,
                                                   image_size=image_size), written.config)
     report = verify(src, model, num_heads=num_heads, overrides=overrides)
     report.note = rounding_note(dtype, total, changed, _output(model, images), moved)

@@ -29,6 +29,9 @@ from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.canonical import parse_config
 from vitconv.runtime.runners import MAX_IMAGE_SIZE, OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
+from vitconv.lazy import lazy_module
+
+loading = lazy_module("vitconv.conversion.loading")  # torch, for a checkpoint (not for ONNX)
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,11 +83,9 @@ def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: 
     if kind == "canonical":
         import torch
 
-        from vitconv.conversion.loading import build_model
-
         with open_checkpoint(p, image_size=image_size, num_heads=num_heads, labels=labels,
                              overrides=overrides) as ckpt:
-            model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
+            model, usage = loading.build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():

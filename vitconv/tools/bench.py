@@ -47,6 +47,11 @@ from vitconv.formats.npz import NpzSource
 from vitconv.formats.writeback import Writeback
 from vitconv.conversion.pipeline import convert
 from vitconv.verification.verify import check
+from vitconv.lazy import lazy_module
+
+canonical_model = lazy_module("vitconv.model")  # torch, for inference and memory benchmarks
+flops = lazy_module("vitconv.tools.flops")  # torch
+loading = lazy_module("vitconv.conversion.loading")  # torch
 
 #: Runtime names ``bench_runtimes`` understands. ``onnxruntime`` is ORT_ENABLE_ALL, its
 #: default; ``-basic``/``-disabled`` lower the graph-optimisation level. ``onnxruntime-vit``
@@ -173,9 +178,6 @@ def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("to
     ``peak_tflops`` (the device's dense peak for the precision run) adds MFU to each row."""
     import torch
 
-    from vitconv.conversion.loading import load  # torch
-    from vitconv.tools.flops import flops_per_image
-
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BadInputError(f"unknown runtime(s) {', '.join(unknown)} (known: {', '.join(RUNTIMES)})")
@@ -185,7 +187,7 @@ def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("to
         raise BadInputError("--peak-tflops must be positive")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    model = load(model_path, image_size=image_size)
+    model = loading.load(model_path, image_size=image_size)
     cfg = model.config
     size = cfg.image_size
     in_chans = cfg.in_chans
@@ -240,7 +242,7 @@ def bench_runtimes(model_path: os.PathLike | str, runtimes: Sequence[str] = ("to
                 med = statistics.median(times[r])
                 p90 = float(np.percentile(times[r], 90))
                 ips = b / med
-                achieved = flops_per_image(cfg) * ips
+                achieved = flops.flops_per_image(cfg) * ips
                 bench.results.append(RuntimeResult(
                     r, b, threads, iters, med * 1e3, p90 * 1e3, ips, statistics.median(cpu[r]) * 1e3,
                     gflops_per_s=achieved / 1e9, mfu=achieved / (peak_tflops * 1e12) if peak_tflops else None,
@@ -345,7 +347,7 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
     if mode in ("verify", "onnx", "onnx-fp16"):
         # What these commands import (verify and export run the model, in torch and
         # onnxruntime): imported before the clock starts, so the figures are the work's.
-        from vitconv import model  # noqa: F401
+        canonical_model.module  # noqa: B018 (the property imports it, here)
         import onnxruntime  # noqa: F401
     base = _rss_mib("VmRSS")
     c0 = time.process_time()  # every thread's user + system time, ns resolution

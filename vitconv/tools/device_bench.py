@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
 from vitconv.errors import BadInputError, first_line
+from vitconv.lazy import lazy_module
+
+flops_counter = lazy_module("vitconv.tools.flops")  # torch
 
 MODES = ("eager", "compile", "cudagraphs")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -63,8 +66,6 @@ def bench_device(model, device: str = "cuda", dtypes: Sequence[str] = ("float16"
 
     import torch
 
-    from vitconv.tools.flops import flops_per_image
-
     bad = [d for d in dtypes if d not in DTYPES] + [m for m in modes if m not in MODES]
     if bad:
         raise BadInputError(f"unknown dtype or mode {', '.join(bad)} (dtypes: {', '.join(DTYPES)}; "
@@ -79,7 +80,7 @@ def bench_device(model, device: str = "cuda", dtypes: Sequence[str] = ("float16"
     x_cpu = torch.rand(batch, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     with torch.no_grad():
         want = model.eval()(x_cpu[:COMPARED]).double()
-    flops = flops_per_image(cfg)
+    flops = flops_counter.flops_per_image(cfg)
     out: List[DeviceResult] = []
     for dtype in dtypes:
         m = copy.deepcopy(model).to(dev, getattr(torch, dtype)).eval()

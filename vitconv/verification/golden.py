@@ -37,6 +37,9 @@ from vitconv.verification.references.library import LAYOUTS as LIBRARY_LAYOUTS
 from vitconv.verification.references.library import LibraryMissing
 from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.verification.verify import reference_for
+from vitconv.lazy import lazy_module
+
+loading = lazy_module("vitconv.conversion.loading")  # torch, when a case runs
 
 PathLike = Union[str, os.PathLike]
 
@@ -158,8 +161,6 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
     """Run one manifest case; relative paths resolve against ``directory``."""
     import torch
 
-    from vitconv.conversion.loading import load  # torch
-
     base = Path(directory)
     res = CaseResult(str(case.get("name")))
     for rel, digest in (case.get("sha256") or {}).items():
@@ -179,7 +180,7 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
 
     # what a bare file cannot record and its keys leave open (vitconv.archs): said by the case
     told = dict(case.get("set") or {})
-    model = load(ckpt, image_size=case.get("image_size"), **told)
+    model = loading.load(ckpt, image_size=case.get("image_size"), **told)
     with torch.no_grad():
         got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).items()}
     ref = want_ref = None
@@ -297,9 +298,7 @@ def add_case(name: str, checkpoint: PathLike, input: PathLike, expected: Mapping
             with atomic_output(dest) as tmp:
                 shutil.copyfile(srcs[k], tmp)
 
-    from vitconv.conversion.loading import load  # torch
-
-    model = load(directory / rel["checkpoint"], image_size=image_size, **dict(overrides or {}))
+    model = loading.load(directory / rel["checkpoint"], image_size=image_size, **dict(overrides or {}))
     logits = np.load(directory / rel["logits"], allow_pickle=False)
     case = {
         "name": name,

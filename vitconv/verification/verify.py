@@ -60,6 +60,9 @@ from vitconv.verification.references.library import LibraryReference, open_refer
 from vitconv.conversion.pipeline import ARCH, left_open, open_checkpoint
 from vitconv.verification.references.google_numpy import GoogleViTReference
 from vitconv.runtime.runners import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
+from vitconv.lazy import lazy_module
+
+loading = lazy_module("vitconv.conversion.loading")  # torch, when a model runs
 
 PathLike = Union[str, os.PathLike]
 
@@ -321,8 +324,6 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
     (src_heads, src_set), (conv_heads, conv_set) = _arguments(src, converted, num_heads, dict(overrides or {}))
-    from vitconv.conversion.loading import StreamedModel  # torch
-
     with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
         scfg = source.config
         semantics = {f.name: {"value": getattr(source.source_config, f.name),
@@ -333,7 +334,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # opened here, so released here before the reference is built
     if converted is None:
-        model = StreamedModel(lambda: open_checkpoint(src, image_size=image_size, num_heads=src_heads,
+        model = loading.StreamedModel(lambda: open_checkpoint(src, image_size=image_size, num_heads=src_heads,
                                                       overrides=src_set))
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
@@ -345,7 +346,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         elif kind == "torchscript":
             runner = TorchRunner(load_torchscript(Path(converted)), Path(converted))
         else:
-            model = StreamedModel(lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set))
+            model = loading.StreamedModel(lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set))
     elif hasattr(converted, "forward_stages"):
         model, owned = converted, False
     else:
@@ -375,7 +376,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     # against the reference), with how far the rounding moves the output said, never hidden
     # behind a looser tolerance.
     rounding = None
-    if isinstance(model, StreamedModel) and converted is not None:
+    if isinstance(model, loading.StreamedModel) and converted is not None:
         rounding = held_exactly(t for _, t in model.tensors())
     written_size = model.config.image_size if rounding else None
     # The converted model runs first and is released; only then is the reference built (a
@@ -463,8 +464,6 @@ def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nch
     that float32 conversion in the file's architecture. Returns its stages and the note saying
     how far the rounding alone moves the output, or ``(None, what is wrong)``. One tensor of
     each is in memory at a time while checking, one block's weights while running."""
-    from vitconv.conversion.loading import StreamedModel  # torch
-
     opened = dict(image_size=size, num_heads=src_args[0], overrides=src_args[1])
     with open_checkpoint(src, **opened) as exact, \
             open_checkpoint(converted, num_heads=conv_args[0], overrides=conv_args[1]) as written:
@@ -472,7 +471,7 @@ def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nch
         bad, changed, total = check_rounded(exact.tensors(), CanonicalTensors(written), dtype)
     if bad is not None:
         return None, bad
-    got = _run_converted(StreamedModel(lambda: open_checkpoint(src, **opened), written_cfg), None, nchw)
+    got = _run_converted(loading.StreamedModel(lambda: open_checkpoint(src, **opened), written_cfg), None, nchw)
     final = "logits" if "logits" in got else "head_input"
     return got, rounding_note(dtype, total, changed, got[final], rounded[final])
 

@@ -11,6 +11,8 @@ the :class:`~vitconv.errors.VerificationError` (CLI exit 3). Shared pieces are i
 
 from __future__ import annotations
 
+from vitconv.lazy import lazy_module
+
 #: What :mod:`vitconv.runtime.export.run` gives the package: taken from there on first use (PEP 562),
 #: so that importing one exporter's shared pieces (``vitconv.runtime.export.common``, which
 #: :mod:`vitconv.verification.verify` uses) does not load every exporter (onnx, onnxruntime's converter,
@@ -20,9 +22,10 @@ _RUN = ("ExportPlan", "ExportResult", "Parity", "Check", "run_export", "default_
 __all__ = list(_RUN)
 
 
+_run = lazy_module("vitconv.runtime.export.run")  # the exporters, on first use (see _RUN)
+
+
 def __getattr__(name: str):
     if name in _RUN:
-        from vitconv.runtime.export import run  # the exporters, on first use (see _RUN)
-
-        return getattr(run, name)
+        return getattr(_run, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

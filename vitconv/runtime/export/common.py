@@ -19,6 +19,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from vitconv.errors import VerificationError
+from vitconv.lazy import lazy_module
+
+canonical_model = lazy_module("vitconv.model")  # torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,20 +97,18 @@ def export_ready(model):
     import torch
     from torch import nn
 
-    from vitconv.model import StdConv2d, tf_same_pad
-
     class FoldedStdConv(nn.Conv2d):
         """TF-SAME padded conv with a pre-standardised kernel (export form of StdConv2d)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = tf_same_pad(x, self.kernel_size[0], self.stride[0])
+            x = canonical_model.tf_same_pad(x, self.kernel_size[0], self.stride[0])
             return torch.nn.functional.conv2d(x, self.weight, None, self.stride)
 
-    if not any(isinstance(m, StdConv2d) for m in model.modules()):
+    if not any(isinstance(m, canonical_model.StdConv2d) for m in model.modules()):
         return model.eval()  # nothing to fold: no copy (a copy is the model's size again)
     model = copy.deepcopy(model).eval()
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, StdConv2d):
+        if isinstance(mod, canonical_model.StdConv2d):
             with torch.no_grad():
                 w = mod.standardized_weight().detach().clone()
             folded = FoldedStdConv(mod.in_channels, mod.out_channels, mod.kernel_size[0],

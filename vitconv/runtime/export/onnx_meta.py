@@ -57,6 +57,9 @@ from vitconv.formats.atomic import atomic_files
 from vitconv.runtime.export import onnx_stream
 from vitconv.runtime.export.common import FP16_MIN_COSINE, trim, FP32_ATOL, ExportResult, Timer, compare, raise_if_failed, seeded_input
 from vitconv.runtime.export.onnx import INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter, to_fp16
+from vitconv.lazy import lazy_module
+
+canonical_model = lazy_module("vitconv.model")  # torch
 
 #: onnxscript's constant-folding limits (``_constant_folding.DEFAULT_CONSTANT_FOLD_*``): the
 #: whole-model export folds with these, so the lazy folding follows the same rules.
@@ -116,11 +119,9 @@ def trace(cfg, opset: int, batch: Optional[int], dynamic_size: bool):
     matrix), on ``meta`` it has no value to write."""
     import torch
 
-    from vitconv.model import StdConv2d, VisionTransformer
-
     with torch.device("meta"):
-        model = VisionTransformer(cfg).eval()
-    if any(isinstance(m, StdConv2d) for m in model.modules()):
+        model = canonical_model.VisionTransformer(cfg).eval()
+    if any(isinstance(m, canonical_model.StdConv2d) for m in model.modules()):
         raise BadInputError("the streamed ONNX export does not fold the hybrid stem's weight "
                             "standardisation; export a hybrid whole (it fits: the stem is small)")
     x = example_input(cfg, batch).to("meta")

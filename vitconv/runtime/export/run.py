@@ -25,6 +25,9 @@ from vitconv.runtime.export.onnx_meta import export_onnx_streamed
 from vitconv.runtime.export.pt2 import export_pt2
 from vitconv.runtime.export.safetensors import export_safetensors
 from vitconv.runtime.export.torchscript import export_torchscript
+from vitconv.lazy import lazy_module
+
+loading = lazy_module("vitconv.conversion.loading")  # torch
 
 __all__ = ["ExportPlan", "ExportResult", "Parity", "Check", "run_export", "default_output", "check_plan",
            "export_ready"]
@@ -128,13 +131,11 @@ def streamed_stages(src: PathLike, plan: ExportPlan, native: int):
     converted at ``size`` where it is not the native one (as :func:`make_reference`)."""
     import torch
 
-    from vitconv.conversion.loading import forward_stages_streamed
-
     def stages(batch: int, size: int) -> Dict[str, np.ndarray]:
         with open_checkpoint(src, image_size=plan.image_size if size == native else size, labels=plan.labels,
                              overrides=plan.overrides) as ckpt:
             x = torch.from_numpy(seeded_input(batch, size, ckpt.config.in_chans))
-            return {k: v.numpy() for k, v in forward_stages_streamed(ckpt, x).items()}
+            return {k: v.numpy() for k, v in loading.forward_stages_streamed(ckpt, x).items()}
 
     return stages
 
@@ -176,11 +177,9 @@ def make_reference(src: PathLike, model, image_size: int, checks: Sequence[Check
     they embed. Each resized model is released before the next is loaded."""
     import torch
 
-    from vitconv.conversion.loading import load  # torch
-
     outputs: Dict[Tuple[int, int], np.ndarray] = {}
     for size in dict.fromkeys(c.size for c in checks):
-        m = model if size == image_size else load(src, image_size=size)
+        m = model if size == image_size else loading.load(src, image_size=size)
         with torch.no_grad():
             for c in checks:
                 if c.size == size:
@@ -199,8 +198,6 @@ def run_export(src: PathLike, plan: ExportPlan,
     """Load ``src`` (anything :func:`vitconv.load` reads), write each requested artifact and
     verify it in its runtime. Raises :class:`VerificationError` after all targets ran if any
     disagreed (those were not written); its ``results`` attribute holds every target's figures."""
-    from vitconv.conversion.loading import build_model  # torch
-
     if plan.fp16 and (plan.torchscript or plan.pt2):
         raise BadInputError("--fp16 applies to --onnx and --safetensors only (TorchScript and "
                             ".pt2 are written in float32)", src)
@@ -221,7 +218,7 @@ def run_export(src: PathLike, plan: ExportPlan,
             cfg, usage, weights = ckpt.config, ckpt.usage, ckpt.source.files()[0]
         else:
             refuse_whole_model_beyond_memory(ckpt.config, src)
-            model, usage = build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
+            model, usage = loading.build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
             weights = ckpt.source.files()[0]  # a model directory's weights file
     if streamed:
         return run_export_streamed(src, plan, cfg, usage, weights, progress or (lambda s: None))

@@ -21,6 +21,9 @@ from vitconv.formats.safetensors_io import read_back
 from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from vitconv.conversion.pipeline import convert, open_checkpoint
 from vitconv.runtime.export.common import Check, ExportResult, PathLike, Reference, Timer, raise_if_failed, verify
+from vitconv.lazy import lazy_module
+
+loading = lazy_module("vitconv.conversion.loading")  # torch
 
 
 def export_safetensors(src: PathLike, path: PathLike, reference: Reference, checks: Sequence[Check], *,
@@ -32,8 +35,6 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
     Files are renamed into place only after verification."""
     import torch
 
-    from vitconv.conversion.loading import build_model
-
     results: List[ExportResult] = []
     with Timer() as t_total:
         def check(temporaries: List[Path]) -> None:
@@ -41,7 +42,7 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
                 temporaries = temporaries[:-1]
             with Timer() as t_verify:
                 with open_checkpoint(temporaries[0], source=read_back(temporaries)) as ckpt:
-                    rebuilt = build_model(ckpt.config, ckpt.state_dict())
+                    rebuilt = loading.build_model(ckpt.config, ckpt.state_dict())
 
                 def run(a):
                     with torch.no_grad():
