@@ -29,6 +29,7 @@ from .formats.safetensors_io import read_back
 from .pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from .predict import classifies
 from .rules.registry import Layout
+from vitconv.formats.provenance import KEY_OF, Provenance
 from .verify import DEFAULT_BATCH, CanonicalTensors, VerifyReport, check_rounded, rounding_note, seeded_images, verify
 
 PathLike = Union[str, os.PathLike]
@@ -41,7 +42,7 @@ def cli_command() -> str:
 
 #: Metadata of an output whose files were verified before they were renamed into place:
 #: present only then, so a file that holds it was verified by construction.
-VERIFIED_KEY = "vitconv_verified"
+VERIFIED_KEY = KEY_OF["verified"]
 
 
 def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, verify: bool = False,
@@ -64,7 +65,7 @@ def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, veri
         return dataclasses.replace(report, source=os.fspath(src), output=files[-1], files=files)
     num_heads, overrides = kwargs.get("num_heads"), kwargs.get("overrides")
     if verify:
-        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), VERIFIED_KEY: "true"}
+        kwargs["metadata"] = Provenance.of(kwargs.get("metadata")).updated(Provenance(verified=True))
 
     def on_written(ckpt: Checkpoint, layout: Layout, container: str, temporaries: List[Path],
                    digest: str) -> Optional[VerifyReport]:

@@ -27,7 +27,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from .formats.open import open_source
 from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
 from .formats.stacked import StackedSource
 from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
+from vitconv.formats.provenance import Provenance
 from .labels import check_count, from_id2label, load_labels, suggest
 from .labels import from_metadata as labels_from_metadata
 from .ops import resample_patch_embed, resize_pos_embed, resize_rel_pos_table
@@ -49,7 +50,6 @@ from .readahead import ReadAhead
 from .rules import LAYOUTS, Layout, Probe, detect_layout
 from .rules.registry import has_key
 from .rules.base import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical, short_list
-from .rules.canonical import CONFIG_KEY
 from .rules.inference import DEFAULT_HEAD_DIM
 from .rules.layout import all_finite
 from .targets import candidates
@@ -321,8 +321,6 @@ def _repatch(ckpt: Checkpoint, patch_size: int, image_size: int, path: PathLike)
 
 #: The key of ``overrides`` that names an architecture (``--arch``) rather than a config field.
 ARCH = "arch"
-#: Metadata of an output read as a named architecture: its name (where the output has metadata).
-ARCH_KEY = "vitconv_arch"
 
 
 def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Optional[str],
@@ -385,9 +383,9 @@ def _usage(layout: Layout, metadata: Dict[str, str], cfg: ViTConfig, given: Opti
     else the layout's family; ``given`` labels win over recorded ones."""
     hc = json.loads(metadata.get("hf_config") or "{}")
     timm_cfg = hc.get("pretrained_cfg") if isinstance(hc.get("pretrained_cfg"), dict) else {}
-    pre = None
-    if "vitconv_preprocessing" in metadata:
-        pre = preprocess.from_json(metadata["vitconv_preprocessing"], path)
+    pre, own = None, Provenance.from_metadata(metadata)
+    if own.preprocessing is not None:
+        pre = preprocess.from_json(own.preprocessing, path)
     elif "hf_preprocessor" in metadata:
         pre = preprocess.from_hf_processor(json.loads(metadata["hf_preprocessor"]), path)
     elif "mean" in timm_cfg and "std" in timm_cfg:
@@ -396,8 +394,8 @@ def _usage(layout: Layout, metadata: Dict[str, str], cfg: ViTConfig, given: Opti
     if given is not None:
         check_count(given, cfg.num_classes, path)
         names = given
-    elif "vitconv_labels" in metadata:
-        names = labels_from_metadata(metadata["vitconv_labels"], path)
+    elif own.labels is not None:
+        names = labels_from_metadata(own.labels, path)
     elif "id2label" in hc:
         names = from_id2label(hc["id2label"], path)
     elif isinstance(timm_cfg.get("label_names"), list):
@@ -663,20 +661,21 @@ def _order(specs: List[TensorSpec], container: str) -> List[TensorSpec]:
 
 
 def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
-          extra: Optional[Dict[str, str]] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
+          extra: Optional[Provenance] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
           progress: Optional[Progress] = None,
           before_commit: Optional[Callable[[List[Path]], None]] = None) -> List[Path]:
     """Stream ``ckpt`` into ``dst`` in ``layout`` and ``container``; returns the final paths
-    (a sharded file's index last; a directory's path). ``extra``: provenance strings (source
-    hash and name, vitconv's version), kept wherever the container has metadata: every
-    safetensors header, a shard index's ``metadata``, a canonical ``.pt`` (a Google ``.npz``
-    and a foreign ``.pt`` state dict have no place for them). ``before_commit(temporary
+    (a sharded file's index last; a directory's path). ``extra``: provenance (source hash and
+    name, vitconv's version ...), kept wherever the container has metadata: every safetensors
+    header, a shard index's ``metadata``, a canonical ``.pt`` (a Google ``.npz`` and a foreign
+    ``.pt`` state dict have no place for it). A canonical output adds what its model's users
+    need (config, preprocessing, labels), for the conversions after it. ``before_commit(temporary
     paths)`` runs once every byte is written and before anything is renamed into place: an
     exception there leaves nothing."""
     cfg, canonical = ckpt.config, layout.name == "canonical"
-    extra = dict(extra or {})
+    prov = extra or Provenance()
     if canonical:  # a vitconv file keeps what its users need, for the conversions after it
-        extra = {**ckpt.usage.metadata(), **extra}
+        prov = ckpt.usage.provenance(config=cfg.to_json()).updated(prov)
     canon = {s.name: s for s in ckpt.specs()}
     rules = layout.rules(cfg)
     shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
@@ -703,14 +702,13 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
                 with atomic_output(folder / name) as tmp:
                     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
-            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored, {"format": "pt", **extra},
-                                             shard_bytes=shard_bytes)
+            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored,
+                                             {"format": "pt", **prov.metadata()}, shard_bytes=shard_bytes)
         elif container == "safetensors":
-            meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json()} if canonical else {}), **extra}
-            writer = SafetensorsStreamWriter(dst, stored, meta, shard_bytes=shard_bytes)
-        elif container == "pt":
-            writer = PtStreamWriter(dst, stored, vitconv_payload(cfg.to_dict(), extra) if canonical else None,
-                                    state_order)
+            writer = SafetensorsStreamWriter(dst, stored, {"format": "pt", **prov.metadata()}, shard_bytes=shard_bytes)
+        elif container == "pt":  # the config as a dict beside the state dict
+            wrap = vitconv_payload(cfg.to_dict(), prov.metadata(without=("config",))) if canonical else None
+            writer = PtStreamWriter(dst, stored, wrap, state_order)
         else:
             writer = NpzStreamWriter(dst, stored)
         with writer:
@@ -777,7 +775,8 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
             on_written: Optional[Callable[["Checkpoint", Layout, str, List[Path], str], Any]] = None,
             before_commit: Optional[Callable[[List[Path]], None]] = None,
-            metadata: Optional[Dict[str, str]] = None, source_sha256: Optional[str] = None) -> ConversionReport:
+            metadata: Union[Provenance, Mapping[str, str], None] = None,
+            source_sha256: Optional[str] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.targets`), streaming, atomically; refuses, naming each reason,
     a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
@@ -787,8 +786,10 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     written, before anything is renamed into place (:mod:`vitconv.card` verifies the files
     there and writes a model directory's ``README.md``); what it returns is the report's
     ``checked``, and an exception leaves nothing.
-    ``metadata``: more provenance strings, recorded with the source's hash and vitconv's
-    version wherever the output has metadata (:func:`write`). ``source_sha256``: the source's
+    ``metadata``: more provenance (a :class:`~vitconv.formats.provenance.Provenance`, or strings),
+    recorded with the source's hash and vitconv's version wherever the output has metadata
+    (:func:`write`), and with what a vitconv source's own provenance hands on
+    (:meth:`~vitconv.formats.provenance.Provenance.carried`). ``source_sha256``: the source's
     hash when the caller already has it (a download hashed as it streamed, a batch row that
     hashed it to decide whether to skip), so the file is not read again for it.
 
@@ -810,9 +811,11 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         digest: str = source_sha256 or ""
         if hash_source and not source_sha256:
             digest = Deferred(stack.enter_context(_hashing(ckpt.source.files()[0])), 64)
-        extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
-                 "vitconv_version": __version__,
-                 **({ARCH_KEY: ckpt.semantics.arch} if ckpt.semantics.arch else {}), **(metadata or {})}
+        # what the source's own provenance hands on (a vitconv output's architecture, keys a
+        # newer vitconv recorded), then this write's
+        extra = Provenance.from_metadata(ckpt.source.metadata).carried().updated(Provenance(
+            source_sha256=digest if hash_source else None, source=src.name if hash_source else None,
+            version=__version__, arch=ckpt.semantics.arch)).updated(Provenance.of(metadata))
         specs = ckpt.specs()
         checked: List[Any] = []
 

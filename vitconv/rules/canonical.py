@@ -19,8 +19,7 @@ from .base import Carry, Rule
 from .inference import count_blocks
 from .layout import IDENTITY
 from .registry import Layout, Probe, register
-
-CONFIG_KEY = "vitconv_config"
+from vitconv.formats.provenance import CONFIG_KEY
 
 
 def table(cfg: ViTConfig) -> Tuple[Rule, ...]:

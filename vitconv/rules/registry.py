@@ -22,6 +22,7 @@ from ..errors import MappingError
 from ..preprocess import Preprocessing, Usage
 from .base import Carry, ExpandedRule, Rule, expand_rules, short_list
 from .unsupported import unsupported_feature
+from vitconv.formats.provenance import CONFIG_KEY
 
 Shape = Tuple[int, ...]
 
@@ -276,7 +277,7 @@ def detect_layout(probe: Probe) -> Layout:
     candidates when none or several do. The canonical layout (a vitconv config in the
     metadata, or bare canonical names) is tried last: foreign tables win a tie."""
     canonical = LAYOUTS.get("canonical")
-    if canonical is not None and "vitconv_config" in probe.metadata:
+    if canonical is not None and CONFIG_KEY in probe.metadata:
         return canonical
     feature = unsupported_feature(probe.shapes)
     if feature is not None:
