@@ -24,7 +24,7 @@ from . import __version__, storage
 from .config import ViTConfig
 from .errors import VerificationError, VitconvError
 from .formats.atomic import atomic_output
-from .formats.hf_dir import JSON_FILES
+from vitconv.formats.hf_dir import read_documents
 from .formats.safetensors_io import read_back
 from .pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from .predict import classifies
@@ -116,9 +116,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         source = read_back(weights)
     if container == "dir":
         where = where.parent
-        for name, key in JSON_FILES.items():
-            if (where / name).is_file():
-                source.metadata[key] = (where / name).read_text(encoding="utf-8")
+        source.documents = read_documents(where)  # as a user's read of the directory parses them
     else:
         told = layout.arguments(cfg, recorded=False)
     heads = told.pop("num_heads", None)

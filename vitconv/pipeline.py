@@ -42,6 +42,7 @@ from .formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWr
 from .formats.stacked import StackedSource
 from .formats.torch_pt_stream import PtStreamWriter, vitconv_payload
 from vitconv.formats.provenance import Provenance
+from vitconv.formats.hf_dir import CONFIG_JSON, PREPROCESSOR_JSON
 from .labels import check_count, from_id2label, load_labels, suggest
 from .labels import from_metadata as labels_from_metadata
 from .ops import resample_patch_embed, resize_pos_embed, resize_rel_pos_table
@@ -197,7 +198,7 @@ def left_open(path: PathLike) -> Set[str]:
     records): what ``num_heads`` and ``overrides`` may set when it is read."""
     with open_source(path) as source:
         shapes = {k: tuple(source.shape(k)) for k in source.keys()}
-        probe = Probe(shapes, dict(source.metadata), source.path or os.fspath(path))
+        probe = Probe.of(source, shapes, source.path or os.fspath(path))
         layout = detect_layout(probe)
         opened = set(layout.assumed(probe))
         return opened | ({ARCH, f"{ARCH}:{layout.name}"} if opened else set())
@@ -244,7 +245,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         where = source.path or os.fspath(path)
         keys = source.keys()
         shapes = {k: tuple(source.shape(k)) for k in keys}
-        layout = detect_layout(Probe(shapes, dict(source.metadata), where))
+        layout = detect_layout(Probe.of(source, shapes, where))
         if num_heads is not None and not takes_num_heads(layout):
             raise BadInputError(f"--num-heads: the {layout.name} layout records the heads", path)
         prefix = layout.prefix(keys, where)
@@ -255,7 +256,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
             shapes = {k: tuple(source.shape(k)) for k in keys}
         kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
         inner = [k[len(prefix):] for k in kept]
-        probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
+        probe = Probe.of(source, {k: shapes[prefix + k] for k in inner}, where, num_heads)
         told = dict(overrides or {})
         arch = told.pop(ARCH, None)
         semantics, probe = _semantics(layout, probe, told, arch, path)
@@ -295,7 +296,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
                 raise BadInputError(f"--num-classes must be 0 or more, got {num_classes}", path)
             ckpt.new_head = True
             ckpt.config = ckpt.config.replace(num_classes=num_classes, representation_size=None, head_bias=True)
-        ckpt.usage = _usage(layout, probe.metadata, ckpt.config, labels, path)
+        ckpt.usage = _usage(layout, probe.metadata, source.documents, ckpt.config, labels, path)
         ckpt.notes = _read_notes(ckpt, probe)
     except BaseException:
         if opened:
@@ -334,7 +335,7 @@ def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Opt
     fixed = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in SHAPE_FIELDS and (
         (c := layout.carry(f.name)) is None or (c.values is not None and len(c.values) == 1)
         or (c.argument is not None and not c.argument.isidentifier()))]
-    recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.metadata, c.key)]
+    recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.config, c.key)]
     if not open_fields:
         if arch is not None:
             raise BadInputError(f"--arch {arch}: the {layout.name} file records its architecture's semantics", path)
@@ -376,18 +377,19 @@ def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str,
         raise BadInputError(f"--set: {e}", path) from None
 
 
-def _usage(layout: Layout, metadata: Dict[str, str], cfg: ViTConfig, given: Optional[Sequence[str]],
-           path: PathLike) -> Usage:
+def _usage(layout: Layout, metadata: Dict[str, str], documents: Mapping[str, Mapping[str, Any]], cfg: ViTConfig,
+           given: Optional[Sequence[str]], path: PathLike) -> Usage:
     """The model's preprocessing and class names: vitconv's own metadata, else what a model
-    directory records (``preprocessor_config.json``, ``id2label``, timm's ``pretrained_cfg``),
-    else the layout's family; ``given`` labels win over recorded ones."""
-    hc = json.loads(metadata.get("hf_config") or "{}")
+    directory records (its ``documents``: ``preprocessor_config.json``, ``config.json``'s
+    ``id2label`` or timm's ``pretrained_cfg``), else the layout's family; ``given`` labels win
+    over recorded ones."""
+    hc = documents.get(CONFIG_JSON, {})
     timm_cfg = hc.get("pretrained_cfg") if isinstance(hc.get("pretrained_cfg"), dict) else {}
     pre, own = None, Provenance.from_metadata(metadata)
     if own.preprocessing is not None:
         pre = preprocess.from_json(own.preprocessing, path)
-    elif "hf_preprocessor" in metadata:
-        pre = preprocess.from_hf_processor(json.loads(metadata["hf_preprocessor"]), path)
+    elif PREPROCESSOR_JSON in documents:
+        pre = preprocess.from_hf_processor(documents[PREPROCESSOR_JSON], path)
     elif "mean" in timm_cfg and "std" in timm_cfg:
         pre = preprocess.from_timm_cfg(timm_cfg, path)
     names: Optional[Sequence[str]] = None
