@@ -28,41 +28,40 @@ def parse_json(text: str | bytes, what: str, path: Optional[os.PathLike | str] =
         raise error(f"{what} is not valid JSON ({first_line(e)})", path) from None
 
 
-class ReadOnlyDict(dict):
+class _ReadOnly:
+    """What :class:`ReadOnlyDict` and :class:`ReadOnlyList` share: mutators that raise, and
+    copies (pickled, ``copy``) that stay read-only."""
+
+    _plain: type = object  # the builtin it is a read-only kind of
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a parsed checkpoint document is read-only: change a copy (dict(d), list(a))")
+
+    def __reduce__(self):
+        return type(self), (self._plain(self),)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo: dict):
+        return self
+
+
+class ReadOnlyDict(_ReadOnly, dict):
     """A JSON object parsed once and handed to every reader of it, none of which may change it
     for the others. A ``dict`` (so ``isinstance``, equality, ``repr`` and ``json.dumps`` are a
     parsed document's) whose every mutator raises."""
 
-    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError("a parsed checkpoint document is read-only: copy it (dict(d)) to change it")
-
-    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
-
-    def __reduce__(self):
-        return ReadOnlyDict, (dict(self),)
-
-    def __copy__(self) -> "ReadOnlyDict":
-        return self
-
-    def __deepcopy__(self, memo: dict) -> "ReadOnlyDict":
-        return self
+    _plain = dict
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _ReadOnly._read_only
 
 
-class ReadOnlyList(list):
+class ReadOnlyList(_ReadOnly, list):
     """A JSON array of a :class:`ReadOnlyDict`: a ``list`` whose every mutator raises."""
 
-    _read_only = ReadOnlyDict._read_only
+    _plain = list
     __setitem__ = __delitem__ = __iadd__ = __imul__ = append = extend = insert = pop = remove = \
-        clear = sort = reverse = _read_only
-
-    def __reduce__(self):
-        return ReadOnlyList, (list(self),)
-
-    def __copy__(self) -> "ReadOnlyList":
-        return self
-
-    def __deepcopy__(self, memo: dict) -> "ReadOnlyList":
-        return self
+        clear = sort = reverse = _ReadOnly._read_only
 
 
 #: The document of a file that is not there: nothing recorded.
