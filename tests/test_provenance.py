@@ -51,7 +51,7 @@ def test_the_schema_reads_what_it_writes_in_the_order_outputs_have_always_had():
             "vitconv_batch_row": '{"to": "timm"}', "vitconv_source_fingerprint": "file:1:2",
             "vitconv_verified": "true", **NEWER}
     shuffled = dict(reversed(list(meta.items())))
-    read = Provenance.from_metadata({**shuffled, "format": "pt", "hf_config": "{}", "opset": "17"})
+    read = Provenance.from_metadata({**shuffled, "format": "pt", "total_size": "9", "opset": "17"})
     assert list(read.metadata().items()) == list(meta.items())
     assert read.verified is True and read.batch_row == '{"to": "timm"}' and dict(read.other) == NEWER
     assert Provenance.from_metadata({"vitconv_verified": "no"}).metadata() == {}

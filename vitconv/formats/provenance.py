@@ -76,7 +76,7 @@ class Provenance:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], keep_all: bool = False) -> "Provenance":
         """The provenance in a file's metadata strings. Keys that are not provenance (safetensors'
-        ``format``, a directory's ``hf_config``, ONNX's ``opset``) are left out unless
+        ``format``, a shard index's ``total_size``, ONNX's ``opset``) are left out unless
         ``keep_all`` (a caller's own strings, to be written with the rest)."""
         known = {key: name for name, key, _ in KEYS}
         values: Dict[str, object] = {}
