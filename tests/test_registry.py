@@ -20,6 +20,7 @@ import pytest
 from vitconv.config import ViTConfig, storage_only, training_only
 from vitconv.model import parameter_shapes
 from vitconv.layouts import LAYOUTS, Probe, detect_layout
+from vitconv.formats.json_doc import EMPTY, read_only
 from vitconv.layouts.table import foreign_shapes
 
 _SMALL = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=96,
@@ -105,14 +106,15 @@ CASES = [(layout, container, name) for layout in LAYOUTS for container in LAYOUT
 
 
 def _written(layout, cfg: ViTConfig, container: str):
-    """Shapes and metadata of what ``layout`` writes for ``cfg`` in ``container``."""
+    """Shapes, metadata and ``config.json`` (as a directory's reader parses it) of what ``layout``
+    writes for ``cfg`` in ``container``."""
     shapes = foreign_shapes(layout.rules(cfg), parameter_shapes(cfg), cfg)
-    meta = {}
+    meta, config = {}, EMPTY
     if container == "dir":
-        meta["hf_config"] = json.dumps(layout.directory_config(cfg, None))
+        config = read_only(json.loads(json.dumps(layout.directory_config(cfg, None))))
     if layout.name == "canonical":
         meta["vitconv_config"] = cfg.to_json()
-    return shapes, meta
+    return shapes, meta, config
 
 
 def _assert_names_what_it_refuses(problem: str, layout, cfg: ViTConfig) -> None:
@@ -142,11 +144,11 @@ def test_what_a_layout_accepts_reads_back_as_the_same_model(layout, container, v
         for p in problems:
             _assert_names_what_it_refuses(p, layout, cfg)
         return
-    shapes, meta = _written(layout, cfg, container)
+    shapes, meta, config = _written(layout, cfg, container)
     heads = layout.carry("num_heads")
     given = cfg.num_heads if heads.argument is not None and not heads.recorded(cfg, recorded) else None
-    assert detect_layout(Probe(shapes, meta)) is layout
-    got = layout.infer(Probe(shapes, meta, None, given))
+    assert detect_layout(Probe(shapes, meta, config=config)) is layout
+    got = layout.infer(Probe(shapes, meta, None, given, config))
     # a bare file does not record the layout's constructor arguments: its code's defaults return
     want = cfg
     for c in layout.carries:

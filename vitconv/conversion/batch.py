@@ -39,6 +39,7 @@ from vitconv.formats.base import sha256_file
 from vitconv.formats.open import open_source
 from vitconv.conversion.pipeline import DTYPES
 from vitconv.conversion.targets import candidates
+from vitconv.formats.provenance import CONFIG_KEY, KEY_OF, Provenance
 
 PathLike = Union[str, os.PathLike]
 
@@ -48,8 +49,8 @@ COLUMNS: Dict[str, type] = {"src": str, "dst": str, "to": str, "image_size": int
 #: The options that make two conversions of one source different outputs.
 OPTIONS = ("to", "image_size", "patch_size", "dtype", "num_heads", "labels", "verify", "arch", "set")
 MAX_MANIFEST_BYTES = 64 << 20
-ROW_KEY = "vitconv_batch_row"  # the row's options, in the output's metadata
-FINGERPRINT_KEY = "vitconv_source_fingerprint"  # storage.fingerprint of the source, in the output's metadata
+ROW_KEY = KEY_OF["batch_row"]  # the row's options, in the output's metadata
+FINGERPRINT_KEY = KEY_OF["source_fingerprint"]  # storage.fingerprint of the source, in the output's metadata
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def output_provenance(dst: str) -> Optional[Dict[str, str]]:
     elif name.endswith((".pt", ".pth", ".bin")) and not storage.is_url(url) and Path(url).is_file():
         try:
             with open_source(url) as src:
-                return dict(src.metadata) if "vitconv_config" in src.metadata else None
+                return dict(src.metadata) if CONFIG_KEY in src.metadata else None
         except VitconvError:
             return None
     else:
@@ -292,10 +293,12 @@ def _same_source(record: Dict[str, Any], sha: Optional[str], fp: Optional[str], 
 
 
 def _current(row: Row, meta: Optional[Dict[str, str]], sha: Optional[str] = None, fp: Optional[str] = None) -> bool:
-    return (meta is not None and _same_source(meta, sha, fp, "source_sha256", FINGERPRINT_KEY)
-            and meta.get("vitconv_version") == __version__
-            and meta.get(ROW_KEY) == json.dumps(row.options(), sort_keys=True)
-            and (not row.verify or meta.get("vitconv_verified") == "true"))
+    """The output's own provenance says it is this row's conversion of this source, by this vitconv."""
+    if meta is None:
+        return False
+    own = Provenance.from_metadata(meta)
+    return (_same_source(meta, sha, fp, KEY_OF["source_sha256"], FINGERPRINT_KEY) and own.version == __version__
+            and own.batch_row == json.dumps(row.options(), sort_keys=True) and (not row.verify or own.verified))
 
 
 def _recorded(row: Row, previous: Optional[Dict[str, Any]], sha: Optional[str] = None,
@@ -407,7 +410,7 @@ def _convert_row(row: Row, force: bool, previous: Optional[Dict[str, Any]], comm
         result.source_bytes = sum(f.stat().st_size for f in _output_files([os.fspath(src)]))
         if not force and (_current(row, meta_now, sha=digest) or _recorded(row, previous, sha=digest)):
             return skipped(digest)
-        meta = {ROW_KEY: json.dumps(row.options(), sort_keys=True), **({FINGERPRINT_KEY: fp} if fp else {})}
+        meta = Provenance(batch_row=json.dumps(row.options(), sort_keys=True), source_fingerprint=fp or None)
         if not storage.is_url(row.dst):  # a zoo's tree of outputs: its folders are made
             Path(row.dst).parent.mkdir(parents=True, exist_ok=True)
         with storage.local_output(row.dst) as dst:

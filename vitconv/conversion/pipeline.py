@@ -27,7 +27,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -42,6 +42,8 @@ from vitconv.formats.open import open_source
 from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES, SafetensorsStreamWriter, safetensors_order
 from vitconv.formats.stacked import StackedSource
 from vitconv.formats.torch_pt_stream import PtStreamWriter, vitconv_payload
+from vitconv.formats.provenance import Provenance
+from vitconv.formats.hf_dir import CONFIG_JSON, PREPROCESSOR_JSON
 from vitconv.runtime.labels import check_count, from_id2label, load_labels, suggest
 from vitconv.runtime.labels import from_metadata as labels_from_metadata
 from vitconv.ops import resample_patch_embed, resize_pos_embed, resize_rel_pos_table
@@ -50,7 +52,6 @@ from vitconv.formats.readahead import ReadAhead
 from vitconv.layouts import LAYOUTS, Layout, Probe, detect_layout
 from vitconv.layouts.layout import has_key
 from vitconv.layouts.table import ExpandedRule, audit, foreign_shapes, map_from_canonical, map_to_canonical, short_list
-from vitconv.layouts.canonical import CONFIG_KEY
 from vitconv.layouts.inference import DEFAULT_HEAD_DIM
 from vitconv.layouts.transforms import all_finite
 from vitconv.conversion.targets import candidates
@@ -198,7 +199,7 @@ def left_open(path: PathLike) -> Set[str]:
     records): what ``num_heads`` and ``overrides`` may set when it is read."""
     with open_source(path) as source:
         shapes = {k: tuple(source.shape(k)) for k in source.keys()}
-        probe = Probe(shapes, dict(source.metadata), source.path or os.fspath(path))
+        probe = Probe.of(source, shapes, source.path or os.fspath(path))
         layout = detect_layout(probe)
         opened = set(layout.assumed(probe))
         return opened | ({ARCH, f"{ARCH}:{layout.name}"} if opened else set())
@@ -245,7 +246,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         where = source.path or os.fspath(path)
         keys = source.keys()
         shapes = {k: tuple(source.shape(k)) for k in keys}
-        layout = detect_layout(Probe(shapes, dict(source.metadata), where))
+        layout = detect_layout(Probe.of(source, shapes, where))
         if num_heads is not None and not takes_num_heads(layout):
             raise BadInputError(f"--num-heads: the {layout.name} layout records the heads", path)
         prefix = layout.prefix(keys, where)
@@ -256,7 +257,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
             shapes = {k: tuple(source.shape(k)) for k in keys}
         kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
         inner = [k[len(prefix):] for k in kept]
-        probe = Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), where, num_heads)
+        probe = Probe.of(source, {k: shapes[prefix + k] for k in inner}, where, num_heads)
         told = dict(overrides or {})
         arch = told.pop(ARCH, None)
         semantics, probe = _semantics(layout, probe, told, arch, path)
@@ -296,7 +297,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
                 raise BadInputError(f"--num-classes must be 0 or more, got {num_classes}", path)
             ckpt.new_head = True
             ckpt.config = ckpt.config.replace(num_classes=num_classes, representation_size=None, head_bias=True)
-        ckpt.usage = _usage(layout, probe.metadata, ckpt.config, labels, path)
+        ckpt.usage = _usage(layout, probe.metadata, source.documents, ckpt.config, labels, path)
         ckpt.notes = _read_notes(ckpt, probe)
     except BaseException:
         if opened:
@@ -322,8 +323,6 @@ def _repatch(ckpt: Checkpoint, patch_size: int, image_size: int, path: PathLike)
 
 #: The key of ``overrides`` that names an architecture (``--arch``) rather than a config field.
 ARCH = "arch"
-#: Metadata of an output read as a named architecture: its name (where the output has metadata).
-ARCH_KEY = "vitconv_arch"
 
 
 def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Optional[str],
@@ -337,7 +336,7 @@ def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Opt
     fixed = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in SHAPE_FIELDS and (
         (c := layout.carry(f.name)) is None or (c.values is not None and len(c.values) == 1)
         or (c.argument is not None and not c.argument.isidentifier()))]
-    recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.metadata, c.key)]
+    recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.config, c.key)]
     if not open_fields:
         if arch is not None:
             raise BadInputError(f"--arch {arch}: the {layout.name} file records its architecture's semantics", path)
@@ -379,26 +378,27 @@ def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str,
         raise BadInputError(f"--set: {e}", path) from None
 
 
-def _usage(layout: Layout, metadata: Dict[str, str], cfg: ViTConfig, given: Optional[Sequence[str]],
-           path: PathLike) -> Usage:
+def _usage(layout: Layout, metadata: Dict[str, str], documents: Mapping[str, Mapping[str, Any]], cfg: ViTConfig,
+           given: Optional[Sequence[str]], path: PathLike) -> Usage:
     """The model's preprocessing and class names: vitconv's own metadata, else what a model
-    directory records (``preprocessor_config.json``, ``id2label``, timm's ``pretrained_cfg``),
-    else the layout's family; ``given`` labels win over recorded ones."""
-    hc = json.loads(metadata.get("hf_config") or "{}")
+    directory records (its ``documents``: ``preprocessor_config.json``, ``config.json``'s
+    ``id2label`` or timm's ``pretrained_cfg``), else the layout's family; ``given`` labels win
+    over recorded ones."""
+    hc = documents.get(CONFIG_JSON, {})
     timm_cfg = hc.get("pretrained_cfg") if isinstance(hc.get("pretrained_cfg"), dict) else {}
-    pre = None
-    if "vitconv_preprocessing" in metadata:
-        pre = preprocess.from_json(metadata["vitconv_preprocessing"], path)
-    elif "hf_preprocessor" in metadata:
-        pre = preprocess.from_hf_processor(json.loads(metadata["hf_preprocessor"]), path)
+    pre, own = None, Provenance.from_metadata(metadata)
+    if own.preprocessing is not None:
+        pre = preprocess.from_json(own.preprocessing, path)
+    elif PREPROCESSOR_JSON in documents:
+        pre = preprocess.from_hf_processor(documents[PREPROCESSOR_JSON], path)
     elif "mean" in timm_cfg and "std" in timm_cfg:
         pre = preprocess.from_timm_cfg(timm_cfg, path)
     names: Optional[Sequence[str]] = None
     if given is not None:
         check_count(given, cfg.num_classes, path)
         names = given
-    elif "vitconv_labels" in metadata:
-        names = labels_from_metadata(metadata["vitconv_labels"], path)
+    elif own.labels is not None:
+        names = labels_from_metadata(own.labels, path)
     elif "id2label" in hc:
         names = from_id2label(hc["id2label"], path)
     elif isinstance(timm_cfg.get("label_names"), list):
@@ -664,20 +664,21 @@ def _order(specs: List[TensorSpec], container: str) -> List[TensorSpec]:
 
 
 def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
-          extra: Optional[Dict[str, str]] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
+          extra: Optional[Provenance] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
           progress: Optional[Progress] = None,
           before_commit: Optional[Callable[[List[Path]], None]] = None) -> List[Path]:
     """Stream ``ckpt`` into ``dst`` in ``layout`` and ``container``; returns the final paths
-    (a sharded file's index last; a directory's path). ``extra``: provenance strings (source
-    hash and name, vitconv's version), kept wherever the container has metadata: every
-    safetensors header, a shard index's ``metadata``, a canonical ``.pt`` (a Google ``.npz``
-    and a foreign ``.pt`` state dict have no place for them). ``before_commit(temporary
+    (a sharded file's index last; a directory's path). ``extra``: provenance (source hash and
+    name, vitconv's version ...), kept wherever the container has metadata: every safetensors
+    header, a shard index's ``metadata``, a canonical ``.pt`` (a Google ``.npz`` and a foreign
+    ``.pt`` state dict have no place for it). A canonical output adds what its model's users
+    need (config, preprocessing, labels), for the conversions after it. ``before_commit(temporary
     paths)`` runs once every byte is written and before anything is renamed into place: an
     exception there leaves nothing."""
     cfg, canonical = ckpt.config, layout.name == "canonical"
-    extra = dict(extra or {})
+    prov = extra or Provenance()
     if canonical:  # a vitconv file keeps what its users need, for the conversions after it
-        extra = {**ckpt.usage.metadata(), **extra}
+        prov = ckpt.usage.provenance(config=cfg.to_json()).updated(prov)
     canon = {s.name: s for s in ckpt.specs()}
     rules = layout.rules(cfg)
     shapes = foreign_shapes(rules, {n: s.shape for n, s in canon.items()}, cfg)
@@ -704,14 +705,13 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
                 with atomic_output(folder / name) as tmp:
                     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
-            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored, {"format": "pt", **extra},
-                                             shard_bytes=shard_bytes)
+            writer = SafetensorsStreamWriter(folder / "model.safetensors", stored,
+                                             {"format": "pt", **prov.metadata()}, shard_bytes=shard_bytes)
         elif container == "safetensors":
-            meta = {"format": "pt", **({CONFIG_KEY: cfg.to_json()} if canonical else {}), **extra}
-            writer = SafetensorsStreamWriter(dst, stored, meta, shard_bytes=shard_bytes)
-        elif container == "pt":
-            writer = PtStreamWriter(dst, stored, vitconv_payload(cfg.to_dict(), extra) if canonical else None,
-                                    state_order)
+            writer = SafetensorsStreamWriter(dst, stored, {"format": "pt", **prov.metadata()}, shard_bytes=shard_bytes)
+        elif container == "pt":  # the config as a dict beside the state dict
+            wrap = vitconv_payload(cfg.to_dict(), prov.metadata(without=("config",))) if canonical else None
+            writer = PtStreamWriter(dst, stored, wrap, state_order)
         else:
             writer = NpzStreamWriter(dst, stored)
         with writer:
@@ -778,7 +778,8 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
             labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
             on_written: Optional[Callable[["Checkpoint", Layout, str, List[Path], str], Any]] = None,
             before_commit: Optional[Callable[[List[Path]], None]] = None,
-            metadata: Optional[Dict[str, str]] = None, source_sha256: Optional[str] = None) -> ConversionReport:
+            metadata: Union[Provenance, Mapping[str, str], None] = None,
+            source_sha256: Optional[str] = None) -> ConversionReport:
     """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
     from ``dst``: :mod:`vitconv.conversion.targets`), streaming, atomically; refuses, naming each reason,
     a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
@@ -788,8 +789,10 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
     written, before anything is renamed into place (:mod:`vitconv.conversion.service` verifies the files
     there and writes a model directory's ``README.md``); what it returns is the report's
     ``checked``, and an exception leaves nothing.
-    ``metadata``: more provenance strings, recorded with the source's hash and vitconv's
-    version wherever the output has metadata (:func:`write`). ``source_sha256``: the source's
+    ``metadata``: more provenance (a :class:`~vitconv.formats.provenance.Provenance`, or strings),
+    recorded with the source's hash and vitconv's version wherever the output has metadata
+    (:func:`write`), and with what a vitconv source's own provenance hands on
+    (:meth:`~vitconv.formats.provenance.Provenance.carried`). ``source_sha256``: the source's
     hash when the caller already has it (a download hashed as it streamed, a batch row that
     hashed it to decide whether to skip), so the file is not read again for it.
 
@@ -811,9 +814,11 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         digest: str = source_sha256 or ""
         if hash_source and not source_sha256:
             digest = Deferred(stack.enter_context(_hashing(ckpt.source.files()[0])), 64)
-        extra = {**({"source_sha256": digest, "source": src.name} if hash_source else {}),
-                 "vitconv_version": __version__,
-                 **({ARCH_KEY: ckpt.semantics.arch} if ckpt.semantics.arch else {}), **(metadata or {})}
+        # what the source's own provenance hands on (a vitconv output's architecture, keys a
+        # newer vitconv recorded), then this write's
+        extra = Provenance.from_metadata(ckpt.source.metadata).carried().updated(Provenance(
+            source_sha256=digest if hash_source else None, source=src.name if hash_source else None,
+            version=__version__, arch=ckpt.semantics.arch)).updated(Provenance.of(metadata))
         specs = ckpt.specs()
         checked: List[Any] = []
 

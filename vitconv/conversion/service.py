@@ -25,11 +25,12 @@ from vitconv.formats import storage
 from vitconv.config import ViTConfig
 from vitconv.errors import VerificationError, VitconvError
 from vitconv.formats.atomic import atomic_output
-from vitconv.formats.hf_dir import JSON_FILES
+from vitconv.formats.hf_dir import read_documents
 from vitconv.formats.safetensors_io import read_back
 from vitconv.conversion.pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
 from vitconv.runtime.predict import classifies
 from vitconv.layouts.layout import Layout
+from vitconv.formats.provenance import KEY_OF, Provenance
 from vitconv.verification.verify import DEFAULT_BATCH, CanonicalTensors, VerifyReport, check_rounded, rounding_note, seeded_images, verify
 from vitconv.lazy import lazy_module
 
@@ -45,7 +46,7 @@ def cli_command() -> str:
 
 #: Metadata of an output whose files were verified before they were renamed into place:
 #: present only then, so a file that holds it was verified by construction.
-VERIFIED_KEY = "vitconv_verified"
+VERIFIED_KEY = KEY_OF["verified"]
 
 
 def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, verify: bool = False,
@@ -68,7 +69,7 @@ def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, veri
         return dataclasses.replace(report, source=os.fspath(src), output=files[-1], files=files)
     num_heads, overrides = kwargs.get("num_heads"), kwargs.get("overrides")
     if verify:
-        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), VERIFIED_KEY: "true"}
+        kwargs["metadata"] = Provenance.of(kwargs.get("metadata")).updated(Provenance(verified=True))
 
     def on_written(ckpt: Checkpoint, layout: Layout, container: str, temporaries: List[Path],
                    digest: str) -> Optional[VerifyReport]:
@@ -117,9 +118,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         source = read_back(weights)
     if container == "dir":
         where = where.parent
-        for name, key in JSON_FILES.items():
-            if (where / name).is_file():
-                source.metadata[key] = (where / name).read_text(encoding="utf-8")
+        source.documents = read_documents(where)  # as a user's read of the directory parses them
     else:
         told = layout.arguments(cfg, recorded=False)
     heads = told.pop("num_heads", None)

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from vitconv.errors import BadInputError, OutputError, first_line
+from vitconv.formats.json_doc import EMPTY
 
 @functools.cache
 def bfloat16() -> np.dtype:
@@ -53,10 +54,14 @@ class TensorSource:
     """Lazy, read-only mapping of tensor names to numpy arrays.
 
     ``metadata`` holds format-level strings (safetensors ``__metadata__``, the config a
-    vitconv ``.pt`` carries); ``path`` names the file in every error."""
+    vitconv ``.pt`` carries); ``documents`` the JSON files beside the weights of a model
+    directory, by file name (``config.json``), each parsed once where the directory was opened
+    and read-only (:func:`~vitconv.formats.json_doc.read_only`); ``path`` names the file in
+    every error."""
 
     path: Optional[str] = None
     metadata: Dict[str, str]
+    documents: Mapping[str, Mapping[str, Any]] = EMPTY
     #: ``get`` may run on another thread while this one calls ``get`` too (positional
     #: reads, nothing shared moves); streaming conversion then reads ahead
     #: (:mod:`vitconv.formats.readahead`).

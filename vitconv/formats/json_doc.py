@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Type
+from typing import Any, NoReturn, Optional, Type
 
 from vitconv.errors import BadInputError, first_line
 
@@ -26,6 +26,55 @@ def parse_json(text: str | bytes, what: str, path: Optional[os.PathLike | str] =
         raise error(f"{what} is not usable JSON (nested deeper than the parser's limit)", path) from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
         raise error(f"{what} is not valid JSON ({first_line(e)})", path) from None
+
+
+class _ReadOnly:
+    """What :class:`ReadOnlyDict` and :class:`ReadOnlyList` share: mutators that raise, and
+    copies (pickled, ``copy``) that stay read-only."""
+
+    _plain: type = object  # the builtin it is a read-only kind of
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a parsed checkpoint document is read-only: change a copy (dict(d), list(a))")
+
+    def __reduce__(self):
+        return type(self), (self._plain(self),)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo: dict):
+        return self
+
+
+class ReadOnlyDict(_ReadOnly, dict):
+    """A JSON object parsed once and handed to every reader of it, none of which may change it
+    for the others. A ``dict`` (so ``isinstance``, equality, ``repr`` and ``json.dumps`` are a
+    parsed document's) whose every mutator raises."""
+
+    _plain = dict
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _ReadOnly._read_only
+
+
+class ReadOnlyList(_ReadOnly, list):
+    """A JSON array of a :class:`ReadOnlyDict`: a ``list`` whose every mutator raises."""
+
+    _plain = list
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = extend = insert = pop = remove = \
+        clear = sort = reverse = _ReadOnly._read_only
+
+
+#: The document of a file that is not there: nothing recorded.
+EMPTY = ReadOnlyDict()
+
+
+def read_only(doc: Any) -> Any:
+    """A parsed JSON document with every object and array in it read-only."""
+    if isinstance(doc, dict):
+        return ReadOnlyDict((k, read_only(v)) for k, v in doc.items())
+    if isinstance(doc, list):
+        return ReadOnlyList(read_only(v) for v in doc)
+    return doc
 
 
 def read_json(path: os.PathLike | str, what: str) -> Any:

@@ -22,7 +22,7 @@ class StackedSource(TensorSource):
     ``per_block`` keys (the same prefix with ``{i}``)."""
 
     def __init__(self, source: TensorSource, stacked: str, per_block: str):
-        self.inner, self.path, self.metadata = source, source.path, source.metadata
+        self.inner, self.path, self.metadata, self.documents = source, source.path, source.metadata, source.documents
         self.concurrent_reads = source.concurrent_reads
         self._split: Dict[str, Tuple[str, int]] = {}
         self._keys: List[str] = []

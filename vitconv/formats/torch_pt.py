@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from vitconv.errors import BadInputError, first_line, one_line
 from vitconv.formats.base import DictSource, tensor_to_numpy
+from vitconv.formats.provenance import CONFIG_KEY
 
 FORMAT_NAME = "vitconv"
 FORMAT_VERSION = 1
@@ -94,7 +95,7 @@ def open_torch(path: os.PathLike | str) -> DictSource:
     meta: Dict[str, str] = {}
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
         try:  # handed on as JSON text, as safetensors metadata carries it; validated by the layout
-            meta["vitconv_config"] = json.dumps(obj.get("config"))
+            meta[CONFIG_KEY] = json.dumps(obj.get("config"))
         except (TypeError, ValueError, RecursionError) as e:
             raise BadInputError(f"vitconv config is not plain data ({first_line(e)})", path) from None
         # every provenance string the writer recorded beside the config and the weights (as a

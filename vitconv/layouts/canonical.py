@@ -19,8 +19,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.inference import count_blocks
 from vitconv.layouts.transforms import IDENTITY
 from vitconv.layouts.layout import Layout, Probe, register
-
-CONFIG_KEY = "vitconv_config"
+from vitconv.formats.provenance import CONFIG_KEY
 
 
 def table(cfg: ViTConfig) -> Tuple[Rule, ...]:

@@ -11,11 +11,10 @@ argument, and the conversion report says so. Callers that know better pass ``num
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
-from vitconv.formats.json_doc import parse_json
 from vitconv.layouts.table import Carry
 from vitconv.layouts.layout import Probe
 
@@ -76,15 +75,10 @@ def need(shapes: Shapes, key: str, layout: str, path: Optional[str]) -> Tuple[in
     return shapes[key]
 
 
-def config_json(probe: Probe) -> Dict[str, Any]:
-    """The ``config.json`` that came with the weights (a model directory), or ``{}``."""
-    text = probe.metadata.get("hf_config")
-    if not text:
-        return {}
-    d = parse_json(text, "config.json", probe.path, MappingError)
-    if not isinstance(d, dict):
-        raise MappingError("config.json is not a JSON object", probe.path)
-    return d
+def config_json(probe: Probe) -> Mapping[str, Any]:
+    """The ``config.json`` that came with the weights (a model directory), or ``{}``: parsed
+    and checked once, when the directory was opened (:func:`vitconv.formats.hf_dir.read_documents`)."""
+    return probe.config
 
 
 def timm_model_args(probe: Probe) -> Dict[str, Any]:

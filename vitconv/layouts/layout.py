@@ -15,13 +15,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from vitconv.config import SHAPE_FIELDS, ViTConfig, describe_field, storage_only, training_only
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Preprocessing, Usage
 from vitconv.layouts.table import Carry, ExpandedRule, Rule, expand_rules, short_list
 from vitconv.layouts.unsupported import unsupported_feature
+from vitconv.formats.provenance import CONFIG_KEY
+from vitconv.formats.base import TensorSource
+from vitconv.formats.hf_dir import CONFIG_JSON
+from vitconv.formats.json_doc import EMPTY, ReadOnlyDict
 
 Shape = Tuple[int, ...]
 
@@ -33,13 +37,22 @@ CONTAINERS = ("safetensors", "pt", "npz", "dir")
 @dataclass(frozen=True)
 class Probe:
     """What recognition and inference see: tensor shapes (model prefix stripped for
-    ``infer``), the source's metadata strings (a ``config.json`` arrives as ``hf_config``),
-    its path for messages, and a head count the caller gave (``--num-heads``)."""
+    ``infer``), the source's metadata strings, its path for messages, a head count the caller
+    gave (``--num-heads``), and the ``config.json`` beside the weights (a model directory;
+    parsed once when it was opened, read-only; empty for a single file)."""
 
     shapes: Dict[str, Shape]
     metadata: Dict[str, str] = field(default_factory=dict)
     path: Optional[str] = None
     num_heads: Optional[int] = None
+    config: Mapping[str, Any] = field(default_factory=ReadOnlyDict)
+
+    @classmethod
+    def of(cls, source: TensorSource, shapes: Dict[str, Shape], path: Optional[str] = None,
+           num_heads: Optional[int] = None) -> "Probe":
+        """The probe of what ``source`` holds (``path``: default the source's)."""
+        return cls(shapes, dict(source.metadata), path if path is not None else source.path, num_heads,
+                   source.documents.get(CONFIG_JSON, EMPTY))
 
 
 def _nothing(*args) -> List[str]:
@@ -192,7 +205,7 @@ class Layout:
         for c in self.carries:
             if c.argument is None or not c.argument.isidentifier():  # not per model: the code fixes it
                 continue
-            if c.key is not None and has_key(probe.metadata, c.key):
+            if c.key is not None and has_key(probe.config, c.key):
                 continue
             if c.field == "num_heads" and probe.num_heads is not None:
                 continue
@@ -203,10 +216,10 @@ class Layout:
     def contradictions(self, cfg: ViTConfig, probe: Probe) -> List[str]:
         """``restates`` keys of the source's ``config.json`` that disagree with the weights
         (``cfg``, as inferred from their shapes), each as ``key=value (the weights: value)``."""
-        text = probe.metadata.get("hf_config")
-        if not text or self.directory_config is None or not self.restates:
+        root = probe.config
+        if not root or self.directory_config is None or not self.restates:
             return []
-        root, written = json.loads(text), self.directory_config(cfg, None)
+        written = self.directory_config(cfg, None)
         out = []
         for key in self.restates:
             have, want = _lookup(root, key), _lookup(written, key)
@@ -237,17 +250,10 @@ def _found_at(root: object, key: str) -> str:
     return next(a for a in key.split("|") if _lookup(root, a) is not _ABSENT)
 
 
-def has_key(metadata: Dict[str, str], key: str) -> bool:
-    """Whether the ``config.json`` a source carries holds ``key`` (dotted: ``model_args.x``;
-    alternatives joined by ``|``: ``hidden_act|vision_config.hidden_act``)."""
-    text = metadata.get("hf_config")
-    if not text:
-        return False
-    try:
-        root = json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return _lookup(root, key) is not _ABSENT
+def has_key(config: Mapping[str, Any], key: str) -> bool:
+    """Whether the ``config.json`` a source carries (:attr:`Probe.config`) holds ``key``
+    (dotted: ``model_args.x``; alternatives joined by ``|``: ``hidden_act|vision_config.hidden_act``)."""
+    return _lookup(config, key) is not _ABSENT
 
 
 LAYOUTS: Dict[str, Layout] = {}
@@ -276,7 +282,7 @@ def detect_layout(probe: Probe) -> Layout:
     candidates when none or several do. The canonical layout (a vitconv config in the
     metadata, or bare canonical names) is tried last: foreign tables win a tie."""
     canonical = LAYOUTS.get("canonical")
-    if canonical is not None and "vitconv_config" in probe.metadata:
+    if canonical is not None and CONFIG_KEY in probe.metadata:
         return canonical
     feature = unsupported_feature(probe.shapes)
     if feature is not None:

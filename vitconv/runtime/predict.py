@@ -28,6 +28,7 @@ from vitconv.runtime.labels import from_metadata as labels_from_metadata
 from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.canonical import parse_config
+from vitconv.formats.provenance import Provenance
 from vitconv.runtime.runners import MAX_IMAGE_SIZE, OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 from vitconv.lazy import lazy_module
 
@@ -99,12 +100,12 @@ def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: 
     else:
         runner = TorchRunner(load_torchscript(p, meta), p)
         runtime = "torch (TorchScript)"
-    if "vitconv_config" not in meta:
+    own = Provenance.from_metadata(meta)
+    if own.config is None:
         raise BadInputError(f"{kind} file without vitconv metadata: its preprocessing and size are "
                             "unknown (export it with vitconv, or predict on the checkpoint)", p)
-    cfg = parse_config(meta["vitconv_config"], p)
-    pre = (preprocess.from_json(meta["vitconv_preprocessing"], p) if "vitconv_preprocessing" in meta
-           else preprocess.TIMM_DEFAULT)
+    cfg = parse_config(own.config, p)
+    pre = preprocess.from_json(own.preprocessing, p) if own.preprocessing is not None else preprocess.TIMM_DEFAULT
     if isinstance(runner, OnnxRunner):  # what the graph says agrees with what its metadata says
         runner.check_channels(cfg.in_chans)
         width = runner.output_width()
@@ -114,8 +115,8 @@ def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: 
     names = None
     if labels is not None:
         names = load_labels(labels, p)
-    elif "vitconv_labels" in meta:
-        names = labels_from_metadata(meta["vitconv_labels"], p)
+    elif own.labels is not None:
+        names = labels_from_metadata(own.labels, p)
     if names is not None:
         check_count(names, cfg.num_classes, p, "--labels" if labels is not None else "its vitconv_labels metadata")
     size = image_size or (getattr(runner, "static_size", lambda: None)() or cfg.image_size)

@@ -26,6 +26,7 @@ import numpy as np
 from vitconv.errors import BadInputError
 from vitconv.formats.json_doc import parse_json
 from vitconv.runtime.labels import to_metadata
+from vitconv.formats.provenance import Provenance
 
 Triple = Tuple[float, float, float]
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
@@ -186,12 +187,15 @@ class Usage:
     preprocessing: Preprocessing = TIMM_DEFAULT
     labels: Optional[Tuple[str, ...]] = None
 
+    def provenance(self, config: Optional[str] = None) -> Provenance:
+        """The preprocessing and (when known) the labels as provenance, with ``config``
+        (a :meth:`ViTConfig.to_json`) where the output records the model's."""
+        return Provenance(config=config, preprocessing=self.preprocessing.to_json(),
+                          labels=to_metadata(self.labels) if self.labels else None)
+
     def metadata(self) -> Dict[str, str]:
         """``vitconv_preprocessing`` and (when known) ``vitconv_labels`` metadata strings."""
-        out = {"vitconv_preprocessing": self.preprocessing.to_json()}
-        if self.labels:
-            out["vitconv_labels"] = to_metadata(self.labels)
-        return out
+        return self.provenance().metadata()
 
     def id2label(self, num_classes: int) -> Dict[str, str]:
         names = self.labels or tuple(f"LABEL_{i}" for i in range(num_classes))

@@ -161,7 +161,7 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None,
         layout, cfg, prefix, audit, notes, semantics = _read(source, keys, shapes, arch)
         model_keys = [k for k in keys if k.startswith(prefix)]
         num_params = int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in model_keys))
-        probe = Probe({k[len(prefix):]: shapes[k] for k in model_keys}, dict(source.metadata), source.path)
+        probe = Probe.of(source, {k[len(prefix):]: shapes[k] for k in model_keys})
         rows = architecture_rows(cfg, layout, probe, semantics) if cfg is not None else []
         candidates = semantics.candidates
         if layout is not None and cfg is not None and not candidates and layout.assumed(probe):
@@ -189,12 +189,12 @@ def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int
         layout = cfg = None
         prefix = ""
         try:
-            layout = detect_layout(Probe(shapes, dict(source.metadata), source.path))
+            layout = detect_layout(Probe.of(source, shapes))
             prefix = layout.prefix(keys, source.path)
             kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
             inner = [k[len(prefix):] for k in kept]
             ignored = sorted(set(keys) - set(kept))
-            cfg = layout.infer(Probe({k: shapes[prefix + k] for k in inner}, dict(source.metadata), source.path))
+            cfg = layout.infer(Probe.of(source, {k: shapes[prefix + k] for k in inner}))
             missing, unused = audit_report(layout.rules(cfg), inner)
             return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message), [], archs.Semantics()
         except MappingError as e:
@@ -227,7 +227,7 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
                                     f" (not stored in the file; {'--num-heads' if c.field == 'num_heads' else c.argument})")
             elif c.field in sources:
                 continue
-            elif c.key is not None and c.recorded(cfg, True) and has_key(probe.metadata, c.key):
+            elif c.key is not None and c.recorded(cfg, True) and has_key(probe.config, c.key):
                 sources[c.field] = f"config.json {c.key.split('|')[0]}"
             elif c.argument is not None and not c.argument.isidentifier():
                 sources[c.field] = f"{layout.name} code: {c.argument}"

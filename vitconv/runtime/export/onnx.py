@@ -50,6 +50,7 @@ import numpy as np
 
 from vitconv.formats.atomic import atomic_files
 from vitconv.runtime.preprocess import Usage
+from vitconv.formats.provenance import CONFIG_KEY, Provenance
 from vitconv.runtime.export import onnx_stream
 from vitconv.runtime.export.common import (EXAMPLE_BATCH, FP32_ATOL, Check, ExportResult, PathLike, Reference, Timer, export_ready,
                      raise_if_failed, release, take, verify)
@@ -115,14 +116,14 @@ def export_metadata(cfg, usage: Optional[Usage], *, opset: int, batch: Optional[
                     fp16: bool, source_sha256: str, source: Optional[PathLike]) -> Dict[str, str]:
     """The ``metadata_props`` of an exported file (see the module docstring)."""
     meta = {
-        "vitconv_config": cfg.to_json(),
+        CONFIG_KEY: cfg.to_json(),
         **preprocessing_metadata(usage or Usage()),
         "image_size": str(cfg.image_size),
         "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
                                     "size_multiple_of": cfg.total_stride}),
         "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
         "opset": str(opset),
-        "source_sha256": source_sha256,
+        **Provenance(source_sha256=source_sha256).metadata(),
     }
     if source is not None:
         meta["source_file"] = Path(source).name

@@ -46,7 +46,7 @@ def export_torchscript(model, path: PathLike, reference: Reference, checks: Sequ
     final = Path(path)
     with atomic_output(final, suffix=".pt") as tmp:
         with Timer() as t_save:
-            extra = {TORCHSCRIPT_EXTRA: json.dumps({"vitconv_config": cfg.to_json(), **(usage or Usage()).metadata()})}
+            extra = {TORCHSCRIPT_EXTRA: json.dumps((usage or Usage()).provenance(config=cfg.to_json()).metadata())}
             # streamed to the path, in a child: a failed write aborts the process inside torch
             write_in_child(lambda where: torch.jit.save(traced, where, _extra_files=extra), tmp)
         del traced  # it shares the model's tensors

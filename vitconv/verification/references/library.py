@@ -20,7 +20,6 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,7 @@ from vitconv.layouts import timm_eva
 from vitconv.layouts.timm import architecture, model_args
 from vitconv.layouts.timm_beit import model_args as beit_args
 from vitconv.layouts.timm_naflexvit import INTERP
+from vitconv.formats.hf_dir import CONFIG_JSON
 
 #: Hugging Face layout -> (transformers class, how its output gives the model's final output)
 HF_CLASSES = {"hf": ("ViTForImageClassification", "logits"), "hf_model": ("ViTModel", "pooler"),
@@ -256,7 +256,7 @@ def _naflexvit(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
 def _timm(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     cfg, path = ckpt.source_config, Path(src)
     timm = _import("timm", src)
-    if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
+    if directory and "architecture" in ckpt.source.documents.get(CONFIG_JSON, {}):
         try:
             model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True).eval().float()
         except Exception as e:
@@ -280,7 +280,7 @@ def _timm_eva(src, ckpt: Checkpoint, directory: bool) -> LibraryReference:
     the file records none) and loaded strictly."""
     cfg, path = ckpt.source_config, Path(src)
     timm = _import("timm", src)
-    if directory and "architecture" in json.loads(ckpt.source.metadata.get("hf_config") or "{}"):
+    if directory and "architecture" in ckpt.source.documents.get(CONFIG_JSON, {}):
         try:
             model = timm.create_model(f"local-dir:{path}", pretrained=True).eval().float()
         except Exception as e:
