@@ -25,6 +25,7 @@ import numpy as np
 
 from vitconv.errors import OutputError
 from vitconv.formats.atomic import atomic_output
+from vitconv.formats import direct_io
 from vitconv.formats.base import StreamWriter, TensorSpec, has_deferred, resolve
 from vitconv.formats.writeback import Writeback
 
@@ -116,6 +117,8 @@ class SafetensorsStreamWriter(StreamWriter):
         self._shard_of = [i for i, group in enumerate(self.shards) for _ in group]
         self._handles: List = []
         self._writeback: List[Writeback] = []
+        self._direct: List[Optional[direct_io.DirectAppender]] = []  # per shard, while it is written
+        self._last_of_shard = {len(group) - 1 + sum(len(g) for g in self.shards[:i]) for i, group in enumerate(self.shards)}
         self._index_tmp: Optional[Path] = None
         self._header_bytes: List[int] = []
 
@@ -125,21 +128,36 @@ class SafetensorsStreamWriter(StreamWriter):
         for final, group in zip(self.files, self.shards):
             tmp = stack.enter_context(atomic_output(final))
             f = stack.enter_context(open(tmp, "wb"))
-            self._header_bytes.append(f.write(build_header(group, self.metadata)))
+            header = build_header(group, self.metadata)
+            direct = None
+            if direct_io.wanted(len(header) + sum(s.nbytes for s in group)):  # past the page cache
+                direct = direct_io.DirectAppender(f)
+                stack.callback(direct.abandon)  # closed below when written; on a failure, let go
+            self._header_bytes.append((direct or f).write(header))
             self._handles.append(f)
             self._writeback.append(Writeback(f))
+            self._direct.append(direct)
 
     def _write(self, index: int, a: np.ndarray) -> None:
         if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
             a = a.astype(a.dtype.newbyteorder("<"))  # safetensors is little-endian
         a = np.ascontiguousarray(a)
         shard = self._shard_of[index]
+        direct = self._direct[shard]
+        if direct is not None:
+            direct.write(a)
+            if index in self._last_of_shard:  # the shard's tail, now: its buffer is freed before the next
+                direct.close()
+            return
         self._handles[shard].write(memoryview(a.reshape(-1).view(np.uint8)))  # bfloat16 has no buffer format
         self._writeback[shard].advance()
 
     def _finish(self) -> List[Path]:
         """Data flushed, deferred metadata written in place of its placeholders (each header
         keeps its length), index written: temporary paths, data files first, the index last."""
+        for direct in self._direct:
+            if direct is not None:
+                direct.close()  # (a shard without tensors has only its header staged)
         for f in self._handles:
             f.flush()
         if has_deferred(self.metadata):
