@@ -78,7 +78,7 @@ def test_every_reader_gets_the_one_read_only_mapping(directories):
     ("config.json", "[1, 2]", "config.json is not a JSON object"),
     ("config.json", "[" * 100_000, "config.json is not usable JSON"),
     ("preprocessor_config.json", "{]", "preprocessor_config.json is not valid JSON"),
-])
+], ids=["truncated", "an-array", "nested-too-deep", "preprocessor"])
 def test_a_malformed_document_is_one_line_naming_the_file(directories, tmp_path, name, text, words):
     src = tmp_path / "hf"
     src.mkdir()

@@ -664,7 +664,7 @@ def _order(specs: List[TensorSpec], container: str) -> List[TensorSpec]:
 
 
 def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
-          extra: Optional[Provenance] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
+          extra: Union[Provenance, Mapping[str, str], None] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
           progress: Optional[Progress] = None,
           before_commit: Optional[Callable[[List[Path]], None]] = None) -> List[Path]:
     """Stream ``ckpt`` into ``dst`` in ``layout`` and ``container``; returns the final paths
@@ -676,7 +676,7 @@ def write(ckpt: Checkpoint, layout: Layout, container: str, dst: PathLike, *,
     paths)`` runs once every byte is written and before anything is renamed into place: an
     exception there leaves nothing."""
     cfg, canonical = ckpt.config, layout.name == "canonical"
-    prov = extra or Provenance()
+    prov = Provenance.of(extra)
     if canonical:  # a vitconv file keeps what its users need, for the conversions after it
         prov = ckpt.usage.provenance(config=cfg.to_json()).updated(prov)
     canon = {s.name: s for s in ckpt.specs()}
