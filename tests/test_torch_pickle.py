@@ -106,6 +106,19 @@ def test_zip64_records_load(tmp_path, monkeypatch):
         assert np.array_equal(ours["state_dict"][k].numpy(), v), k
 
 
+
+@pytest.mark.parametrize("zip64_limit", [None, 16])
+def test_tensor_records_are_the_bytes_zipfiles_own_writer_gives(tmp_path, monkeypatch, zip64_limit):
+    """Tensors skip zipfile's writer (its stdlib CRC-32 on the writer's thread): their records,
+    local headers included, must be what zipfile's ``open(mode="w")`` writes, zip64 too."""
+    if zip64_limit is not None:
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", zip64_limit)
+    _write(tmp_path / "fast.pt", ARRAYS, CONFIG)
+    monkeypatch.setattr(PtStreamWriter, "_write",
+                        lambda self, i, a: self._record(f"data/{i}", np.ascontiguousarray(a).reshape(-1)))
+    _write(tmp_path / "zipfile.pt", ARRAYS, CONFIG)
+    assert (tmp_path / "fast.pt").read_bytes() == (tmp_path / "zipfile.pt").read_bytes()
+
 @pytest.mark.parametrize("value", [1.5, -(2**31), 2**31 - 1, 2**31, 255, 256, 65535, 65536, -1,
                                    2**63, -(2**63) - 1, "", "a\nb", [[1], (2,)], {"k": {"j": None}}])
 def test_plain_values_unpickle_as_themselves(value):
