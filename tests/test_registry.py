@@ -150,7 +150,7 @@ def test_what_a_layout_accepts_reads_back_as_the_same_model(layout, container, v
     # a bare file does not record the layout's constructor arguments: its code's defaults return
     want = cfg
     for c in layout.carries:
-        if c.argument is not None and c.field != "num_heads" and not c.recorded(cfg, recorded):
+        if c.set_by_code and c.field != "num_heads" and not c.recorded(cfg, recorded):
             want = want.replace(**{c.field: c.default_for(cfg)})
     stored = []  # how tensors are laid out: a layout without a place for it writes its own way
     for f in dataclasses.fields(ViTConfig):  # training-only tensors a layout lacks are left out
