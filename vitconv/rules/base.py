@@ -186,7 +186,8 @@ class Carry:
             raise ValueError(f"Carry({self.field!r}): argument {self.argument!r} is not a keyword "
                              "(code that fixes the value is said with hardcoded=)")
         if self.argument is not None and self.hardcoded is not None:
-            raise ValueError(f"Carry({self.field!r}): an argument sets the value; hardcoded code fixes it: not both")
+            raise ValueError(f"Carry({self.field!r}): an argument sets the value; hardcoded code fixes it: "
+                             "not both")
 
     @property
     def set_by_code(self) -> bool:
