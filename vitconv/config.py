@@ -107,6 +107,11 @@ POOL_HEADS = ("siglip", "aimv2")
 #: ("pooled", timm's ``fc_norm``). For a class-token model the two are the same function
 #: (a LayerNorm acts on each token alone), and the config says "encoder" for both.
 FINAL_NORMS = ("encoder", "pooled", "none")
+#: The values each text field may take (checked on construction, and by rule conditions).
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "classifier": CLASSIFIERS, "act": ACTIVATIONS, "final_norm": FINAL_NORMS, "pos_embed_prefix": POS_EMBED_PREFIXES,
+    "pos_resize": POS_RESIZES, "mlp": MLPS, "rope": ROPES, "rope_indexing": ROPE_INDEXINGS, "norm": NORMS,
+    "pool_head": POOL_HEADS, "rel_pos_resize": REL_POS_RESIZES, "rope_periods": ROPE_PERIODS}
 #: Fields every layout carries in its tensors' shapes (sizes and counts).
 SHAPE_FIELDS = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "num_classes")
 
@@ -266,11 +271,7 @@ class ViTConfig:
     pool_heads: int = _field(0, "the attention-pooling head's own head count")
 
     def __post_init__(self) -> None:
-        for name, allowed in (("classifier", CLASSIFIERS), ("act", ACTIVATIONS), ("final_norm", FINAL_NORMS),
-                              ("pos_embed_prefix", POS_EMBED_PREFIXES), ("pos_resize", POS_RESIZES),
-                              ("mlp", MLPS), ("rope", ROPES), ("rope_indexing", ROPE_INDEXINGS), ("norm", NORMS),
-                              ("pool_head", POOL_HEADS), ("rel_pos_resize", REL_POS_RESIZES),
-                              ("rope_periods", ROPE_PERIODS)):
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.classifier == "token" and not self.class_token:

@@ -335,7 +335,7 @@ def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Opt
     # only, or an argument the code hard-codes); otherwise, unless open, the tensors say it
     fixed = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in SHAPE_FIELDS and (
         (c := layout.carry(f.name)) is None or (c.values is not None and len(c.values) == 1)
-        or (c.argument is not None and not c.argument.isidentifier()))]
+        or c.hardcoded is not None)]
     recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.config, c.key)]
     if not open_fields:
         if arch is not None:

@@ -29,6 +29,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.inference import build, count_blocks, grid_from_tokens, need, prefix_holding
 from vitconv.layouts.transforms import ATTN_OUT, CONV, DENSE, IDENTITY, QKV_BIAS, QKV_KERNEL, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, MAP, Condition, When
 
 _B = "Transformer/encoderblock_{i}/"
 _A = _B + "MultiHeadDotProductAttention_0/"
@@ -41,7 +42,7 @@ SINCOS2D = LayoutOp("sincos2d", lambda arrays, cfg: posemb_sincos_2d(cfg.grid_si
                     lambda t, cfg: [], arity=0, shapes=lambda shape, cfg: [])
 
 
-def _attention(canonical: str, a: str, scope: str, when: str = "always") -> Tuple[Rule, ...]:
+def _attention(canonical: str, a: str, scope: str, when: Condition = ALWAYS) -> Tuple[Rule, ...]:
     return (Rule(canonical + "qkv.weight", tuple(a + f"{n}/kernel" for n in ("query", "key", "value")),
                  QKV_KERNEL, scope, when),
             Rule(canonical + "qkv.bias", tuple(a + f"{n}/bias" for n in ("query", "key", "value")),
@@ -50,12 +51,12 @@ def _attention(canonical: str, a: str, scope: str, when: str = "always") -> Tupl
             Rule(canonical + "proj.bias", (a + "out/bias",), IDENTITY, scope, when))
 
 
-def _mlp(canonical: str, m: str, scope: str, when: str = "always") -> Tuple[Rule, ...]:
+def _mlp(canonical: str, m: str, scope: str, when: Condition = ALWAYS) -> Tuple[Rule, ...]:
     return tuple(Rule(canonical + f"fc{n + 1}.{w}", (m + f"Dense_{n}/{k}",), op, scope, when)
                  for n in (0, 1) for w, k, op in (("weight", "kernel", DENSE), ("bias", "bias", IDENTITY)))
 
 
-def _norm(canonical: str, key: str, scope: str, when: str = "always") -> Tuple[Rule, ...]:
+def _norm(canonical: str, key: str, scope: str, when: Condition = ALWAYS) -> Tuple[Rule, ...]:
     return (Rule(canonical + "weight", (key + "scale",), IDENTITY, scope, when),
             Rule(canonical + "bias", (key + "bias",), IDENTITY, scope, when))
 
@@ -64,22 +65,22 @@ def _norm(canonical: str, key: str, scope: str, when: str = "always") -> Tuple[R
 TABLE: Tuple[Rule, ...] = (
     Rule("patch_embed.weight", ("embedding/kernel",), CONV),
     Rule("patch_embed.bias", ("embedding/bias",), IDENTITY),
-    Rule("cls_token", ("cls",), IDENTITY, "model", "class_token"),
-    Rule("pos_embed", ("pos_embedding",), IDENTITY, "model", "pos_resize!=sincos2d"),
-    Rule("pos_embed", (), SINCOS2D, "model", "pos_resize=sincos2d"),
+    Rule("cls_token", ("cls",), IDENTITY, "model", When("class_token")),
+    Rule("pos_embed", ("pos_embedding",), IDENTITY, "model", When("pos_resize", "!=", "sincos2d")),
+    Rule("pos_embed", (), SINCOS2D, "model", When("pos_resize", "==", "sincos2d")),
     *_norm("blocks.{i}.norm1.", _B + "LayerNorm_0/", "block"),
     *_attention("blocks.{i}.attn.", _A, "block"),
     *_norm("blocks.{i}.norm2.", _B + "LayerNorm_1/", "block"),
     *_mlp("blocks.{i}.mlp.", _B + "MlpBlock_0/", "block"),
     *_norm("norm.", "Transformer/encoder_norm/", "model"),
-    Rule("attn_pool.latent", (_M + "probe",), IDENTITY, "model", "classifier=map"),
-    *_attention("attn_pool.", _MA, "model", "classifier=map"),
-    *_norm("attn_pool.norm.", _M + "LayerNorm_0/", "model", "classifier=map"),
-    *_mlp("attn_pool.mlp.", _M + "MlpBlock_0/", "model", "classifier=map"),
-    Rule("pre_logits.weight", ("pre_logits/kernel",), DENSE, "model", "representation_size"),
-    Rule("pre_logits.bias", ("pre_logits/bias",), IDENTITY, "model", "representation_size"),
-    Rule("head.weight", ("head/kernel",), DENSE, "model", "num_classes"),
-    Rule("head.bias", ("head/bias",), IDENTITY, "model", "num_classes"),
+    Rule("attn_pool.latent", (_M + "probe",), IDENTITY, "model", MAP),
+    *_attention("attn_pool.", _MA, "model", MAP),
+    *_norm("attn_pool.norm.", _M + "LayerNorm_0/", "model", MAP),
+    *_mlp("attn_pool.mlp.", _M + "MlpBlock_0/", "model", MAP),
+    Rule("pre_logits.weight", ("pre_logits/kernel",), DENSE, "model", When("representation_size")),
+    Rule("pre_logits.bias", ("pre_logits/bias",), IDENTITY, "model", When("representation_size")),
+    Rule("head.weight", ("head/kernel",), DENSE, "model", When("num_classes")),
+    Rule("head.bias", ("head/bias",), IDENTITY, "model", When("num_classes")),
 )
 
 #: Where big_vision files keep the model: a two-tower file's image tower first.
@@ -183,7 +184,7 @@ CARRIES = (
     Carry("norm_eps", values=(1e-6,), why="big_vision's LayerNorm epsilon is Flax's 1e-6"),
     Carry("pos_embed_prefix", holds=lambda c: c.pos_embed_prefix == "none" or not c.num_prefix_tokens,
           why="big_vision adds the position table to the patches before the class token joins"),
-    Carry("pos_resize", argument="big_vision's load resizes a learned table with scipy's order-1 zoom "
+    Carry("pos_resize", hardcoded="big_vision's load resizes a learned table with scipy's order-1 zoom "
           "(vit.resample_posemb); the native resolution is unaffected",
           default=lambda cfg: "sincos2d" if cfg.pos_resize == "sincos2d" else "zoom"),
     Carry("scan"),

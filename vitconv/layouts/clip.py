@@ -31,6 +31,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from vitconv.layouts.transforms import BATCH_AXIS, DENSE, IDENTITY, VECTOR_TOKEN
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, When
 
 _R = "transformer.resblocks.{i}."
 PREFIXES = ("visual.", "module.visual.")
@@ -38,25 +39,25 @@ PREFIXES = ("visual.", "module.visual.")
 
 @lru_cache(maxsize=None)
 def _table() -> Tuple[Rule, ...]:
-    block = lambda canonical, key, when="always": Rule("blocks.{i}." + canonical, (_R + key,), IDENTITY,  # noqa: E731
+    block = lambda canonical, key, when=ALWAYS: Rule("blocks.{i}." + canonical, (_R + key,), IDENTITY,  # noqa: E731
                                                        "block", when)
     return (
         Rule("patch_embed.weight", ("conv1.weight",), IDENTITY),
         Rule("cls_token", ("class_embedding",), VECTOR_TOKEN),
         Rule("pos_embed", ("positional_embedding",), BATCH_AXIS),
-        Rule("norm_pre.weight", ("ln_pre.weight",), IDENTITY, "model", "norm_pre"),
-        Rule("norm_pre.bias", ("ln_pre.bias",), IDENTITY, "model", "norm_pre"),
+        Rule("norm_pre.weight", ("ln_pre.weight",), IDENTITY, "model", When("norm_pre")),
+        Rule("norm_pre.bias", ("ln_pre.bias",), IDENTITY, "model", When("norm_pre")),
         block("norm1.weight", "ln_1.weight"), block("norm1.bias", "ln_1.bias"),
         block("attn.qkv.weight", "attn.in_proj_weight"), block("attn.qkv.bias", "attn.in_proj_bias"),
         block("attn.proj.weight", "attn.out_proj.weight"), block("attn.proj.bias", "attn.out_proj.bias"),
-        block("ls1.gamma", "ls_1.gamma", "layer_scale"),
+        block("ls1.gamma", "ls_1.gamma", When("layer_scale")),
         block("norm2.weight", "ln_2.weight"), block("norm2.bias", "ln_2.bias"),
         block("mlp.fc1.weight", "mlp.c_fc.weight"), block("mlp.fc1.bias", "mlp.c_fc.bias"),
         block("mlp.fc2.weight", "mlp.c_proj.weight"), block("mlp.fc2.bias", "mlp.c_proj.bias"),
-        block("ls2.gamma", "ls_2.gamma", "layer_scale"),
+        block("ls2.gamma", "ls_2.gamma", When("layer_scale")),
         Rule("norm.weight", ("ln_post.weight",), IDENTITY),
         Rule("norm.bias", ("ln_post.bias",), IDENTITY),
-        Rule("head.weight", ("proj",), DENSE, "model", "num_classes"),
+        Rule("head.weight", ("proj",), DENSE, "model", When("num_classes")),
     )
 
 
@@ -73,7 +74,7 @@ CARRIES = (
     Carry("norm_pre"), Carry("layer_scale"),
     Carry("patch_bias", values=(False,), why="CLIP's conv1 has no bias"),
     Carry("head_bias", holds=lambda c: not c.num_classes or not c.head_bias, why="CLIP's proj has no bias"),
-    Carry("pos_resize", argument="OpenCLIP resizes position tables bicubic with antialiasing (OpenAI CLIP "
+    Carry("pos_resize", hardcoded="OpenCLIP resizes position tables bicubic with antialiasing (OpenAI CLIP "
           "never does): the native resolution is unaffected", default="bicubic_aa"),
 )
 

@@ -29,25 +29,26 @@ from vitconv.layouts.table import Carry, Rule, fill
 from vitconv.layouts.inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from vitconv.layouts.transforms import IDENTITY
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, PLAIN_MLP, SWIGLU, When
 
 _B = "blocks.{i}."
 
 
 @lru_cache(maxsize=None)
 def _table() -> Tuple[Rule, ...]:
-    same = lambda name, scope="model", when="always": Rule(name, (name,), IDENTITY, scope, when)  # noqa: E731
+    same = lambda name, scope="model", when=ALWAYS: Rule(name, (name,), IDENTITY, scope, when)  # noqa: E731
     return (
         Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
         Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY), same("cls_token"),
-        Rule("reg_token", ("register_tokens",), IDENTITY, "model", "num_reg_tokens"),
-        same("mask_token", when="mask_token"), fill("mask_token", lambda c: (1, c.width), "mask_token=False"),
+        Rule("reg_token", ("register_tokens",), IDENTITY, "model", When("num_reg_tokens")),
+        same("mask_token", when=When("mask_token")), fill("mask_token", lambda c: (1, c.width), ~When("mask_token")),
         same("pos_embed"),
         *(same(_B + n, "block") for n in ("norm1.weight", "norm1.bias", "attn.qkv.weight")),
-        same(_B + "attn.qkv.bias", "block", "qkv_bias"),
+        same(_B + "attn.qkv.bias", "block", When("qkv_bias")),
         *(same(_B + n, "block") for n in ("attn.proj.weight", "attn.proj.bias", "ls1.gamma", "norm2.weight",
                                            "norm2.bias", "ls2.gamma")),
-        *(same(_B + f"mlp.fc{n}.{w}", "block", "mlp=mlp") for n in (1, 2) for w in ("weight", "bias")),
-        *(Rule(_B + f"mlp.fc{n}.{w}", (_B + f"mlp.{k}.{w}",), IDENTITY, "block", "mlp=swiglu")
+        *(same(_B + f"mlp.fc{n}.{w}", "block", PLAIN_MLP) for n in (1, 2) for w in ("weight", "bias")),
+        *(Rule(_B + f"mlp.fc{n}.{w}", (_B + f"mlp.{k}.{w}",), IDENTITY, "block", SWIGLU)
           for n, k in ((1, "w12"), (2, "w3")) for w in ("weight", "bias")),
         same("norm.weight"), same("norm.bias"),
     )
@@ -61,11 +62,11 @@ CARRIES = (
     Carry("norm_eps", values=(1e-6,), why="DINOv2's LayerNorms have eps 1e-6"),
     Carry("qkv_bias"), Carry("mlp"), Carry("num_reg_tokens"),
     Carry("layer_scale", values=(True,), why="the released DINOv2 backbones always have LayerScale"),
-    Carry("mask_token", argument="DinoVisionTransformer always has a mask_token (masked training only): "
+    Carry("mask_token", hardcoded="DinoVisionTransformer always has a mask_token (masked training only): "
           "written as zeros", default=True),
     Carry("pos_embed_prefix", holds=lambda c: c.pos_embed_prefix == ("class" if c.num_reg_tokens else "all"),
           why="DINOv2's registers have no position rows"),
-    Carry("pos_resize", argument="DINOv2 resizes position tables its own way at other resolutions (interpolate_"
+    Carry("pos_resize", hardcoded="DINOv2 resizes position tables its own way at other resolutions (interpolate_"
           "offset 0.1 without registers, antialiased bicubic with them): the native resolution is unaffected",
           default=lambda c: "bicubic_aa" if c.num_reg_tokens else "dinov2"),
 )

@@ -50,6 +50,7 @@ from vitconv.layouts.hf_dinov3 import DINOV3
 from vitconv.layouts.inference import build, count_blocks, need
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, PLAIN_MLP, SWIGLU, When
 
 _B = "blocks.{i}."
 PERIODS = "rope_embed.periods"
@@ -168,27 +169,29 @@ MASKED_BIAS = LayoutOp("masked_key_bias", lambda a, cfg: masked_bias(*a), lambda
 
 @lru_cache(maxsize=None)
 def _table() -> Tuple[Rule, ...]:
-    same = lambda name, scope="model", when="always": Rule(name, (name,), IDENTITY, scope, when)  # noqa: E731
+    same = lambda name, scope="model", when=ALWAYS: Rule(name, (name,), IDENTITY, scope, when)  # noqa: E731
     return (
         Rule("cls_token", ("cls_token", PERIODS), CLS_PERIODS),
-        Rule("reg_token", ("storage_tokens",), IDENTITY, "model", "num_reg_tokens"),
-        same("mask_token", when="mask_token"), fill("mask_token", lambda c: (1, c.width), "mask_token=False"),
+        Rule("reg_token", ("storage_tokens",), IDENTITY, "model", When("num_reg_tokens")),
+        same("mask_token", when=When("mask_token")), fill("mask_token", lambda c: (1, c.width), ~When("mask_token")),
         Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
         Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY),
         *(same(_B + n, "block") for n in ("norm1.weight", "norm1.bias", "attn.qkv.weight")),
-        same(_B + "attn.qkv.bias", "block", "qkv_bias&key_bias"),
+        same(_B + "attn.qkv.bias", "block", When("qkv_bias") & When("key_bias")),
         Rule(_B + "attn.qkv.bias", (_B + "attn.qkv.bias", _B + "attn.qkv.bias_mask"), MASKED_BIAS, "block",
-             "qkv_bias&key_bias=False"),
-        same(_B + "attn.proj.weight", "block"), same(_B + "attn.proj.bias", "block", "proj_bias"),
-        same(_B + "ls1.gamma", "block", "layer_scale"), same(_B + "ls2.gamma", "block", "layer_scale"),
+             When("qkv_bias") & ~When("key_bias")),
+        same(_B + "attn.proj.weight", "block"), same(_B + "attn.proj.bias", "block", When("proj_bias")),
+        same(_B + "ls1.gamma", "block", When("layer_scale")), same(_B + "ls2.gamma", "block", When("layer_scale")),
         same(_B + "norm2.weight", "block"), same(_B + "norm2.bias", "block"),
-        same(_B + "mlp.fc1.weight", "block", "mlp=mlp"), same(_B + "mlp.fc1.bias", "block", "mlp=mlp&mlp_bias"),
-        same(_B + "mlp.fc2.weight", "block", "mlp=mlp"), same(_B + "mlp.fc2.bias", "block", "mlp=mlp&mlp_bias"),
-        Rule(_B + "mlp.fc1.weight", (_B + "mlp.w1.weight", _B + "mlp.w2.weight"), GLU_CONCAT, "block", "mlp=swiglu"),
+        same(_B + "mlp.fc1.weight", "block", PLAIN_MLP),
+        same(_B + "mlp.fc1.bias", "block", PLAIN_MLP & When("mlp_bias")),
+        same(_B + "mlp.fc2.weight", "block", PLAIN_MLP),
+        same(_B + "mlp.fc2.bias", "block", PLAIN_MLP & When("mlp_bias")),
+        Rule(_B + "mlp.fc1.weight", (_B + "mlp.w1.weight", _B + "mlp.w2.weight"), GLU_CONCAT, "block", SWIGLU),
         Rule(_B + "mlp.fc1.bias", (_B + "mlp.w1.bias", _B + "mlp.w2.bias"), GLU_CONCAT, "block",
-             "mlp=swiglu&mlp_bias"),
-        Rule(_B + "mlp.fc2.weight", (_B + "mlp.w3.weight",), IDENTITY, "block", "mlp=swiglu"),
-        Rule(_B + "mlp.fc2.bias", (_B + "mlp.w3.bias",), IDENTITY, "block", "mlp=swiglu&mlp_bias"),
+             SWIGLU & When("mlp_bias")),
+        Rule(_B + "mlp.fc2.weight", (_B + "mlp.w3.weight",), IDENTITY, "block", SWIGLU),
+        Rule(_B + "mlp.fc2.bias", (_B + "mlp.w3.bias",), IDENTITY, "block", SWIGLU & When("mlp_bias")),
         same("norm.weight"), same("norm.bias"),
     )
 
@@ -202,7 +205,7 @@ CARRIES = (
           why="DINOv3's norm_layer is 'layernormbf16' (eps 1e-5) or 'layernorm' (1e-6)"),
     Carry("qkv_bias"), Carry("key_bias"), Carry("proj_bias"), Carry("mlp_bias"), Carry("mlp"),
     Carry("num_reg_tokens"), Carry("layer_scale"),
-    Carry("mask_token", argument="DinoVisionTransformer always has a mask_token (masked training only): "
+    Carry("mask_token", hardcoded="DinoVisionTransformer always has a mask_token (masked training only): "
           "written as zeros", default=True),
     Carry("abs_pos_embed", values=(False,), why="DINOv3's positions are rotary only"),
     Carry("rope", values=("dinov3",), why="DinoVisionTransformer always rotates its patch tokens"),

@@ -20,6 +20,7 @@ from vitconv.layouts.big_vision import detect as big_vision_names
 from vitconv.layouts.transforms import ATTN_OUT, CONV, DENSE, GN, IDENTITY, QKV_BIAS, QKV_KERNEL
 from vitconv.layouts.inference import build, prefix_holding
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import FINAL_NORM, When
 
 _B = "Transformer/encoderblock_{i}/"
 _A = _B + "MultiHeadDotProductAttention_1/"
@@ -28,9 +29,9 @@ _C = "stem.stages.{s}.{u}."
 
 # canonical name                       Google key(s)                                  op          scope    when
 TABLE: Tuple[Rule, ...] = (
-    Rule("stem.conv_root.weight",       ("conv_root/kernel",),                         CONV,       "model", "resnet_layers"),
-    Rule("stem.gn_root.weight",         ("gn_root/scale",),                            GN,         "model", "resnet_layers"),
-    Rule("stem.gn_root.bias",           ("gn_root/bias",),                             GN,         "model", "resnet_layers"),
+    Rule("stem.conv_root.weight",       ("conv_root/kernel",),                         CONV,       "model", When("resnet_layers")),
+    Rule("stem.gn_root.weight",         ("gn_root/scale",),                            GN,         "model", When("resnet_layers")),
+    Rule("stem.gn_root.bias",           ("gn_root/bias",),                             GN,         "model", When("resnet_layers")),
     *(Rule(_C + f"conv{n}.weight",       (_U + f"conv{n}/kernel",),                     CONV,       "unit") for n in (1, 2, 3)),
     *(Rule(_C + f"gn{n}.{p}",            (_U + f"gn{n}/{g}",),                          GN,         "unit")
       for n in (1, 2, 3) for p, g in (("weight", "scale"), ("bias", "bias"))),
@@ -39,14 +40,14 @@ TABLE: Tuple[Rule, ...] = (
     Rule(_C + "gn_proj.bias",           (_U + "gn_proj/bias",),                        GN,         "proj"),
     Rule("patch_embed.weight",          ("embedding/kernel",),                         CONV),
     Rule("patch_embed.bias",            ("embedding/bias",),                           IDENTITY),
-    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", "class_token"),
+    Rule("cls_token",                   ("cls",),                                      IDENTITY,   "model", When("class_token")),
     Rule("pos_embed",                   ("Transformer/posembed_input/pos_embedding",), IDENTITY),
     Rule("blocks.{i}.norm1.weight",     (_B + "LayerNorm_0/scale",),                   IDENTITY,   "block"),
     Rule("blocks.{i}.norm1.bias",       (_B + "LayerNorm_0/bias",),                    IDENTITY,   "block"),
     Rule("blocks.{i}.attn.qkv.weight",  tuple(_A + f"{n}/kernel" for n in ("query", "key", "value")),
                                                                                        QKV_KERNEL, "block"),
     Rule("blocks.{i}.attn.qkv.bias",    tuple(_A + f"{n}/bias" for n in ("query", "key", "value")),
-                                                                                       QKV_BIAS,   "block", "qkv_bias"),
+                                                                                       QKV_BIAS,   "block", When("qkv_bias")),
     Rule("blocks.{i}.attn.proj.weight", (_A + "out/kernel",),                          ATTN_OUT,   "block"),
     Rule("blocks.{i}.attn.proj.bias",   (_A + "out/bias",),                            IDENTITY,   "block"),
     Rule("blocks.{i}.norm2.weight",     (_B + "LayerNorm_2/scale",),                   IDENTITY,   "block"),
@@ -55,12 +56,12 @@ TABLE: Tuple[Rule, ...] = (
     Rule("blocks.{i}.mlp.fc1.bias",     (_B + "MlpBlock_3/Dense_0/bias",),             IDENTITY,   "block"),
     Rule("blocks.{i}.mlp.fc2.weight",   (_B + "MlpBlock_3/Dense_1/kernel",),           DENSE,      "block"),
     Rule("blocks.{i}.mlp.fc2.bias",     (_B + "MlpBlock_3/Dense_1/bias",),             IDENTITY,   "block"),
-    Rule("norm.weight",                 ("Transformer/encoder_norm/scale",),           IDENTITY,   "model", "final_norm!=none"),
-    Rule("norm.bias",                   ("Transformer/encoder_norm/bias",),            IDENTITY,   "model", "final_norm!=none"),
-    Rule("pre_logits.weight",           ("pre_logits/kernel",),                        DENSE,      "model", "representation_size"),
-    Rule("pre_logits.bias",             ("pre_logits/bias",),                          IDENTITY,   "model", "representation_size"),
-    Rule("head.weight",                 ("head/kernel",),                              DENSE,      "model", "num_classes"),
-    Rule("head.bias",                   ("head/bias",),                                IDENTITY,   "model", "num_classes"),
+    Rule("norm.weight",                 ("Transformer/encoder_norm/scale",),           IDENTITY,   "model", FINAL_NORM),
+    Rule("norm.bias",                   ("Transformer/encoder_norm/bias",),            IDENTITY,   "model", FINAL_NORM),
+    Rule("pre_logits.weight",           ("pre_logits/kernel",),                        DENSE,      "model", When("representation_size")),
+    Rule("pre_logits.bias",             ("pre_logits/bias",),                          IDENTITY,   "model", When("representation_size")),
+    Rule("head.weight",                 ("head/kernel",),                              DENSE,      "model", When("num_classes")),
+    Rule("head.bias",                   ("head/bias",),                                IDENTITY,   "model", When("num_classes")),
 )
 
 #: Prefixes under which Google's and big_vision's savers nest the parameters.
@@ -172,7 +173,7 @@ CARRIES = (
     Carry("final_norm", values=("encoder", "none"), why="Google normalises every token before pooling"),
     Carry("resnet_layers"), Carry("resnet_width"),
     Carry("act", values=("gelu_tanh",), why="an .npz always means Flax's tanh GELU"),
-    Carry("pos_resize", argument="vit_jax resizes position tables with its order-1 zoom (load_pretrained); "
+    Carry("pos_resize", hardcoded="vit_jax resizes position tables with its order-1 zoom (load_pretrained); "
           "the native resolution is unaffected", default="zoom"),
     Carry("norm_eps", values=(1e-6,), why="an .npz always means Flax's LayerNorm epsilon 1e-6"),
 )

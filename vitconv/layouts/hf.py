@@ -27,6 +27,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.transforms import IDENTITY, QKV_CONCAT
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import FINAL_NORM, When
 
 #: layout name -> prefix of the ViTModel inside the checkpoint.
 PREFIX = {"hf": "vit.", "hf_model": ""}
@@ -50,7 +51,7 @@ def _table(prefix: str) -> Tuple[Rule, ...]:
         Rule("blocks.{i}.attn.qkv.weight", tuple(a + f"{n}.weight" for n in ("query", "key", "value")),
              QKV_CONCAT, "block"),
         Rule("blocks.{i}.attn.qkv.bias", tuple(a + f"{n}.bias" for n in ("query", "key", "value")),
-             QKV_CONCAT, "block", "qkv_bias"),
+             QKV_CONCAT, "block", When("qkv_bias")),
         Rule("blocks.{i}.attn.proj.weight", (b + "attention.output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.proj.bias", (b + "attention.output.dense.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.norm2.weight", (b + "layernorm_after.weight",), IDENTITY, "block"),
@@ -59,15 +60,15 @@ def _table(prefix: str) -> Tuple[Rule, ...]:
         Rule("blocks.{i}.mlp.fc1.bias", (b + "intermediate.dense.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.weight", (b + "output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.bias", (b + "output.dense.bias",), IDENTITY, "block"),
-        Rule("norm.weight", (prefix + "layernorm.weight",), IDENTITY, "model", "final_norm!=none"),
-        Rule("norm.bias", (prefix + "layernorm.bias",), IDENTITY, "model", "final_norm!=none"),
+        Rule("norm.weight", (prefix + "layernorm.weight",), IDENTITY, "model", FINAL_NORM),
+        Rule("norm.bias", (prefix + "layernorm.bias",), IDENTITY, "model", FINAL_NORM),
     ]
     if prefix:  # ViTForImageClassification: always a classifier, never the pooler
         rows += [Rule("head.weight", ("classifier.weight",), IDENTITY),
                  Rule("head.bias", ("classifier.bias",), IDENTITY)]
     else:  # ViTModel: the pooler is Google's pre_logits (Dense + tanh), no classifier
-        rows += [Rule("pre_logits.weight", ("pooler.dense.weight",), IDENTITY, "model", "representation_size"),
-                 Rule("pre_logits.bias", ("pooler.dense.bias",), IDENTITY, "model", "representation_size")]
+        rows += [Rule("pre_logits.weight", ("pooler.dense.weight",), IDENTITY, "model", When("representation_size")),
+                 Rule("pre_logits.bias", ("pooler.dense.bias",), IDENTITY, "model", When("representation_size"))]
     return tuple(rows)
 
 
@@ -83,7 +84,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
               why="Hugging Face's attention width is the hidden size"),
         Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="gelu"),
         Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-12),
-        Carry("pos_resize", argument="transformers resizes position tables bicubic without antialiasing "
+        Carry("pos_resize", hardcoded="transformers resizes position tables bicubic without antialiasing "
               "(interpolate_pos_encoding=True); the native resolution is unaffected", default="bicubic"),
         Carry("qkv_bias"), rep,
         Carry("classifier", values=("token",), why="Hugging Face ViT always classifies the class token"),

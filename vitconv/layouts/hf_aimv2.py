@@ -36,6 +36,7 @@ from vitconv.layouts.hf import ACT_TO_HF, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import BATCH_AXIS, GLU_CONCAT, IDENTITY, QKV_CONCAT, Q_KV_CONCAT, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import MAP, When
 
 MODEL_TYPE = "aimv2_vision_model"
 #: ``is_native``: no table stored; generated for the model's grid when read, written as nothing.
@@ -44,37 +45,39 @@ SINCOS2D_AIMV2 = LayoutOp("sincos2d_aimv2",
                           lambda t, cfg: [], arity=0, shapes=lambda shape, cfg: [])
 _E, _B, _H = "embeddings.", "encoder.layers.{i}.", "head."
 _A, _F = _B + "attention.", _B + "ffn."
+#: The native sin-cos table (``is_native``): no parameter.
+_NATIVE = When("pos_resize", "==", "sincos2d_aimv2")
 
 
 @lru_cache(maxsize=None)
 def _table() -> Tuple[Rule, ...]:
     return (
-        Rule("pos_embed", (_E + "position_embedding.weight",), BATCH_AXIS, "model", "pos_resize!=sincos2d_aimv2"),
-        Rule("pos_embed", (), SINCOS2D_AIMV2, "model", "pos_resize=sincos2d_aimv2"),
+        Rule("pos_embed", (_E + "position_embedding.weight",), BATCH_AXIS, "model", ~_NATIVE),
+        Rule("pos_embed", (), SINCOS2D_AIMV2, "model", _NATIVE),
         Rule("patch_embed.weight", (_E + "patch_embed.weight",), IDENTITY),
         Rule("patch_embed.bias", (_E + "patch_embed.bias",), IDENTITY),
         Rule("patch_embed_norm.weight", (_E + "rms_norm.weight",), IDENTITY),
         Rule("blocks.{i}.norm1.weight", (_B + "rms_norm1.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.qkv.weight", tuple(_A + f"{n}_proj.weight" for n in "qkv"), QKV_CONCAT, "block"),
         Rule("blocks.{i}.attn.qkv.bias", tuple(_A + f"{n}_proj.bias" for n in "qkv"), QKV_CONCAT, "block",
-             "qkv_bias"),
+             When("qkv_bias")),
         Rule("blocks.{i}.attn.proj.weight", (_A + "out_proj.weight",), IDENTITY, "block"),
-        Rule("blocks.{i}.attn.proj.bias", (_A + "out_proj.bias",), IDENTITY, "block", "proj_bias"),
+        Rule("blocks.{i}.attn.proj.bias", (_A + "out_proj.bias",), IDENTITY, "block", When("proj_bias")),
         Rule("blocks.{i}.norm2.weight", (_B + "rms_norm2.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc1.weight", (_F + "gate_proj.weight", _F + "up_proj.weight"), GLU_CONCAT, "block"),
         Rule("blocks.{i}.mlp.fc1.bias", (_F + "gate_proj.bias", _F + "up_proj.bias"), GLU_CONCAT, "block",
-             "mlp_bias"),
+             When("mlp_bias")),
         Rule("blocks.{i}.mlp.fc2.weight", (_F + "down_proj.weight",), IDENTITY, "block"),
-        Rule("blocks.{i}.mlp.fc2.bias", (_F + "down_proj.bias",), IDENTITY, "block", "mlp_bias"),
+        Rule("blocks.{i}.mlp.fc2.bias", (_F + "down_proj.bias",), IDENTITY, "block", When("mlp_bias")),
         Rule("norm.weight", ("rms_norm.weight",), IDENTITY),
         # use_head: Aimv2AttentionPoolingHead; [k; v] split at the width, as timm's [q; kv]
-        Rule("attn_pool.latent", (_H + "cls_token",), IDENTITY, "model", "classifier=map"),
+        Rule("attn_pool.latent", (_H + "cls_token",), IDENTITY, "model", MAP),
         Rule("attn_pool.kv.weight", (_H + "k_proj.weight", _H + "v_proj.weight"), Q_KV_CONCAT, "model",
-             "classifier=map"),
+             MAP),
         Rule("attn_pool.kv.bias", (_H + "k_proj.bias", _H + "v_proj.bias"), Q_KV_CONCAT, "model",
-             "classifier=map&qkv_bias"),
-        Rule("attn_pool.proj.weight", (_H + "output_proj.weight",), IDENTITY, "model", "classifier=map"),
-        Rule("attn_pool.proj.bias", (_H + "output_proj.bias",), IDENTITY, "model", "classifier=map"),
+             MAP & When("qkv_bias")),
+        Rule("attn_pool.proj.weight", (_H + "output_proj.weight",), IDENTITY, "model", MAP),
+        Rule("attn_pool.proj.bias", (_H + "output_proj.bias",), IDENTITY, "model", MAP),
     )
 
 
@@ -99,7 +102,7 @@ CARRIES = (
           why="Aimv2's head is Aimv2AttentionPoolingHead (pool_head='aimv2'), not SigLIP's MAP head"),
     # is_native records the generated table; a learned one transformers never resizes
     Carry("pos_resize", key="is_native", records=("sincos2d_aimv2",),
-          argument="transformers' Aimv2 (is_native=False) never resizes its table: another resolution fails "
+          hardcoded="transformers' Aimv2 (is_native=False) never resizes its table: another resolution fails "
           "there; the converted model resizes as timm's AIMv2 does", default="bicubic_aa",
           holds=lambda c: c.pos_resize != "sincos2d_aimv2" or c.width % 4 == 0,
           why="AIMv2's sin-cos table needs a width that is a multiple of 4"),

@@ -38,6 +38,7 @@ from vitconv.layouts.inference import build, config_json, count_blocks, grid_fro
 from vitconv.layouts.transforms import IDENTITY, Q_V_BIAS, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.timm_beit import TABLE, grid_from_table
+from vitconv.layouts.table import FINAL_NORM, When
 
 #: layout -> (model_type, class, prefix of the model's keys)
 LAYOUTS = {"hf_beit": ("beit", "BeitModel", ""),
@@ -61,30 +62,30 @@ def _table(layout: str, pooled: bool) -> Tuple[Rule, ...]:
         Rule("patch_embed.weight", (e + "patch_embeddings.projection.weight",), IDENTITY),
         Rule("patch_embed.bias", (e + "patch_embeddings.projection.bias",), IDENTITY),
         Rule("cls_token", (e + "cls_token",), IDENTITY),
-        Rule("pos_embed", (e + "position_embeddings",), IDENTITY, "model", "abs_pos_embed"),
-        Rule("rel_pos_table", (prefix + "encoder." + _REL,), IDENTITY, "model", "rel_pos_bias_shared"),
+        Rule("pos_embed", (e + "position_embeddings",), IDENTITY, "model", When("abs_pos_embed")),
+        Rule("rel_pos_table", (prefix + "encoder." + _REL,), IDENTITY, "model", When("rel_pos_bias_shared")),
         Rule("blocks.{i}.norm1.weight", (b + "layernorm_before.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm1.bias", (b + "layernorm_before.bias",), IDENTITY, "block"),
-        Rule("blocks.{i}.attn.rel_pos_table", (a + _REL,), IDENTITY, "block", "rel_pos_bias"),
+        Rule("blocks.{i}.attn.rel_pos_table", (a + _REL,), IDENTITY, "block", When("rel_pos_bias")),
         Rule("blocks.{i}.attn.qkv.weight", tuple(a + f"{n}.weight" for n in ("query", "key", "value")),
              QKV_CONCAT, "block"),
         Rule("blocks.{i}.attn.qkv.bias", (a + "query.bias", a + "value.bias"), Q_V_BIAS, "block"),
         Rule("blocks.{i}.attn.proj.weight", (b + "attention.output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.proj.bias", (b + "attention.output.dense.bias",), IDENTITY, "block"),
-        Rule("blocks.{i}.ls1.gamma", (b + "lambda_1",), IDENTITY, "block", "layer_scale"),
+        Rule("blocks.{i}.ls1.gamma", (b + "lambda_1",), IDENTITY, "block", When("layer_scale")),
         Rule("blocks.{i}.norm2.weight", (b + "layernorm_after.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm2.bias", (b + "layernorm_after.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc1.weight", (b + "intermediate.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc1.bias", (b + "intermediate.dense.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.weight", (b + "output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.bias", (b + "output.dense.bias",), IDENTITY, "block"),
-        Rule("blocks.{i}.ls2.gamma", (b + "lambda_2",), IDENTITY, "block", "layer_scale"),
-        Rule("norm.weight", (norm + ".weight",), IDENTITY, "model", "final_norm!=none"),
-        Rule("norm.bias", (norm + ".bias",), IDENTITY, "model", "final_norm!=none"),
+        Rule("blocks.{i}.ls2.gamma", (b + "lambda_2",), IDENTITY, "block", When("layer_scale")),
+        Rule("norm.weight", (norm + ".weight",), IDENTITY, "model", FINAL_NORM),
+        Rule("norm.bias", (norm + ".bias",), IDENTITY, "model", FINAL_NORM),
     ]
     if prefix:  # the classifier reads pooler_output
-        rows += [Rule("head.weight", ("classifier.weight",), IDENTITY, "model", "num_classes"),
-                 Rule("head.bias", ("classifier.bias",), IDENTITY, "model", "num_classes")]
+        rows += [Rule("head.weight", ("classifier.weight",), IDENTITY, "model", When("num_classes")),
+                 Rule("head.bias", ("classifier.bias",), IDENTITY, "model", When("num_classes"))]
     return tuple(rows)
 
 
@@ -94,10 +95,10 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="BEiT's attention width is the hidden size"),
         Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="gelu"),
         Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-12),
-        Carry("pos_resize", argument="transformers resizes the absolute table bicubic without antialiasing at "
+        Carry("pos_resize", hardcoded="transformers resizes the absolute table bicubic without antialiasing at "
               "another grid: the native resolution is unaffected",
               default=lambda c: "bicubic" if c.abs_pos_embed else "zoom"),  # no table: the one spelling
-        Carry("rel_pos_resize", argument="transformers resizes relative position tables bilinearly at another "
+        Carry("rel_pos_resize", hardcoded="transformers resizes relative position tables bilinearly at another "
               "grid: the native resolution is unaffected",
               default=lambda c: "bilinear" if c.rel_pos_bias or c.rel_pos_bias_shared else "geometric"),
         Carry("qkv_bias", values=(True,), why="transformers' BEiT always has query and value biases"),

@@ -32,6 +32,7 @@ from vitconv.layouts.hf import ACT_TO_HF, RESTATES, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import BATCH_AXIS, IDENTITY, QKV_CONCAT, VECTOR_TOKEN
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import When
 
 VISION = "vision_model."
 #: layout -> (transformers class, model_type, the names' prefix inside the table)
@@ -48,7 +49,7 @@ def _table(layout: str) -> Tuple[Rule, ...]:
     a = b + "self_attn."
     rows = [
         Rule("patch_embed.weight", (e + "patch_embedding.weight",), IDENTITY),
-        Rule("patch_embed.bias", (e + "patch_embedding.bias",), IDENTITY, "model", "patch_bias"),
+        Rule("patch_embed.bias", (e + "patch_embedding.bias",), IDENTITY, "model", When("patch_bias")),
         Rule("pos_embed", (e + "position_embedding.weight",), BATCH_AXIS),
         Rule("blocks.{i}.norm1.weight", (b + "layer_norm1.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm1.bias", (b + "layer_norm1.bias",), IDENTITY, "block"),
@@ -91,7 +92,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("act", values=tuple(ACT_TO_HF), key=key("hidden_act"), argument="hidden_act",
               default="gelu_tanh" if siglip else "quick_gelu"),
         Carry("norm_eps", key=key("layer_norm_eps"), argument="layer_norm_eps", default=1e-6 if siglip else 1e-5),
-        Carry("pos_resize", argument="transformers resizes position tables bicubic without antialiasing "
+        Carry("pos_resize", hardcoded="transformers resizes position tables bicubic without antialiasing "
               "(interpolate_pos_encoding=True): the native resolution is unaffected", default="bicubic"),
     )
     if siglip:

@@ -31,6 +31,7 @@ from vitconv.layouts.hf import ACT_TO_HF, RESTATES, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import IDENTITY, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import PLAIN_MLP, SWIGLU, When
 
 MODEL_TYPES = {"hf_dinov2": "dinov2", "hf_dinov2_reg": "dinov2_with_registers"}
 CLASSES = {"hf_dinov2": "Dinov2Model", "hf_dinov2_reg": "Dinov2WithRegistersModel"}
@@ -44,30 +45,30 @@ def _table(layout: str) -> Tuple[Rule, ...]:
         Rule("patch_embed.weight", (_E + "patch_embeddings.projection.weight",), IDENTITY),
         Rule("patch_embed.bias", (_E + "patch_embeddings.projection.bias",), IDENTITY),
         Rule("cls_token", (_E + "cls_token",), IDENTITY),
-        Rule("mask_token", (_E + "mask_token",), IDENTITY, "model", "mask_token"),
+        Rule("mask_token", (_E + "mask_token",), IDENTITY, "model", When("mask_token")),
         Rule("pos_embed", (_E + "position_embeddings",), IDENTITY),
         Rule("blocks.{i}.norm1.weight", (_B + "norm1.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm1.bias", (_B + "norm1.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.qkv.weight", tuple(_A + f"{n}.weight" for n in ("query", "key", "value")),
              QKV_CONCAT, "block"),
         Rule("blocks.{i}.attn.qkv.bias", tuple(_A + f"{n}.bias" for n in ("query", "key", "value")),
-             QKV_CONCAT, "block", "qkv_bias"),
+             QKV_CONCAT, "block", When("qkv_bias")),
         Rule("blocks.{i}.attn.proj.weight", (_B + "attention.output.dense.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.proj.bias", (_B + "attention.output.dense.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.ls1.gamma", (_B + "layer_scale1.lambda1",), IDENTITY, "block"),
         Rule("blocks.{i}.norm2.weight", (_B + "norm2.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm2.bias", (_B + "norm2.bias",), IDENTITY, "block"),
-        *(Rule(f"blocks.{{i}}.mlp.fc{n}.{p}", (_B + f"mlp.fc{n}.{p}",), IDENTITY, "block", "mlp=mlp")
+        *(Rule(f"blocks.{{i}}.mlp.fc{n}.{p}", (_B + f"mlp.fc{n}.{p}",), IDENTITY, "block", PLAIN_MLP)
           for n in (1, 2) for p in ("weight", "bias")),
-        *(Rule(f"blocks.{{i}}.mlp.fc{n}.{p}", (_B + f"mlp.{w}.{p}",), IDENTITY, "block", "mlp=swiglu")
+        *(Rule(f"blocks.{{i}}.mlp.fc{n}.{p}", (_B + f"mlp.{w}.{p}",), IDENTITY, "block", SWIGLU)
           for n, w in ((1, "weights_in"), (2, "weights_out")) for p in ("weight", "bias")),
         Rule("blocks.{i}.ls2.gamma", (_B + "layer_scale2.lambda1",), IDENTITY, "block"),
         Rule("norm.weight", ("layernorm.weight",), IDENTITY),
         Rule("norm.bias", ("layernorm.bias",), IDENTITY),
     ]
     if layout == "hf_dinov2_reg":
-        rows += [Rule("reg_token", (_E + "register_tokens",), IDENTITY, "model", "num_reg_tokens"),
-                 fill(_E + "mask_token", lambda c: (1, c.width), "mask_token=False")]
+        rows += [Rule("reg_token", (_E + "register_tokens",), IDENTITY, "model", When("num_reg_tokens")),
+                 fill(_E + "mask_token", lambda c: (1, c.width), ~When("mask_token"))]
     return tuple(rows)
 
 
@@ -95,13 +96,13 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("mlp", holds=lambda c: mlp_ratio(c) is not None,
               why="config.json's integer mlp_ratio cannot give this MLP width"),
         Carry("layer_scale", values=(True,), why="Hugging Face DINOv2 always has layer_scale1/2"),
-        Carry("mask_token", argument="the register model always has a mask_token (masked training "
+        Carry("mask_token", hardcoded="the register model always has a mask_token (masked training "
               "only): written as zeros", default=True) if reg else Carry("mask_token", key="use_mask_token"),
         *((Carry("num_reg_tokens"),
            Carry("pos_embed_prefix", holds=lambda c: c.pos_embed_prefix == ("class" if c.num_reg_tokens else "all"),
                  why="DINOv2's registers have no position rows"))
           if reg else ()),
-        Carry("pos_resize", argument="transformers resizes position tables bicubic " + (
+        Carry("pos_resize", hardcoded="transformers resizes position tables bicubic " + (
               "with" if reg else "without") + " antialiasing: the native resolution is unaffected",
               default="bicubic_aa" if reg else "bicubic"),
     )

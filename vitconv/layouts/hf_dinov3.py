@@ -33,6 +33,7 @@ from vitconv.layouts.hf import ACT_TO_HF, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, need
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_V_BIAS, QKV_CONCAT, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import PLAIN_MLP, SWIGLU, When
 
 _E, _B = "embeddings.", "layer.{i}."
 _A = _B + "attention."
@@ -60,29 +61,29 @@ def _cls_empty(cls: np.ndarray, reg: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=None)
 def _table() -> Tuple[Rule, ...]:
     return (
-        Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", "num_reg_tokens"),
-        Rule("cls_token", (_E + "cls_token", _E + "register_tokens"), _CLS_EMPTY_REG, "model", "num_reg_tokens=0"),
-        Rule("reg_token", (_E + "register_tokens",), IDENTITY, "model", "num_reg_tokens"),
-        Rule("mask_token", (_E + "mask_token",), _MASK, "model", "mask_token"),
-        fill(_E + "mask_token", lambda c: (1, 1, c.width), "mask_token=False"),
+        Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", When("num_reg_tokens")),
+        Rule("cls_token", (_E + "cls_token", _E + "register_tokens"), _CLS_EMPTY_REG, "model", ~When("num_reg_tokens")),
+        Rule("reg_token", (_E + "register_tokens",), IDENTITY, "model", When("num_reg_tokens")),
+        Rule("mask_token", (_E + "mask_token",), _MASK, "model", When("mask_token")),
+        fill(_E + "mask_token", lambda c: (1, 1, c.width), ~When("mask_token")),
         Rule("patch_embed.weight", (_E + "patch_embeddings.weight",), IDENTITY),
         Rule("patch_embed.bias", (_E + "patch_embeddings.bias",), IDENTITY),
         Rule("blocks.{i}.norm1.weight", (_B + "norm1.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm1.bias", (_B + "norm1.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.qkv.weight", tuple(_A + f"{n}_proj.weight" for n in "qkv"), QKV_CONCAT, "block"),
         Rule("blocks.{i}.attn.qkv.bias", tuple(_A + f"{n}_proj.bias" for n in "qkv"), QKV_CONCAT, "block",
-             "qkv_bias&key_bias"),
+             When("qkv_bias") & When("key_bias")),
         Rule("blocks.{i}.attn.qkv.bias", (_A + "q_proj.bias", _A + "v_proj.bias"), Q_V_BIAS, "block",
-             "qkv_bias&key_bias=False"),
+             When("qkv_bias") & ~When("key_bias")),
         Rule("blocks.{i}.attn.proj.weight", (_A + "o_proj.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.attn.proj.bias", (_A + "o_proj.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.ls1.gamma", (_B + "layer_scale1.lambda1",), IDENTITY, "block"),
         Rule("blocks.{i}.norm2.weight", (_B + "norm2.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.norm2.bias", (_B + "norm2.bias",), IDENTITY, "block"),
-        *(Rule(f"blocks.{{i}}.mlp.fc1.{p}", (_B + f"mlp.up_proj.{p}",), IDENTITY, "block", "mlp=mlp")
+        *(Rule(f"blocks.{{i}}.mlp.fc1.{p}", (_B + f"mlp.up_proj.{p}",), IDENTITY, "block", PLAIN_MLP)
           for p in ("weight", "bias")),
         *(Rule(f"blocks.{{i}}.mlp.fc1.{p}", (_B + f"mlp.gate_proj.{p}", _B + f"mlp.up_proj.{p}"), GLU_CONCAT,
-               "block", "mlp=swiglu") for p in ("weight", "bias")),
+               "block", SWIGLU) for p in ("weight", "bias")),
         Rule("blocks.{i}.mlp.fc2.weight", (_B + "mlp.down_proj.weight",), IDENTITY, "block"),
         Rule("blocks.{i}.mlp.fc2.bias", (_B + "mlp.down_proj.bias",), IDENTITY, "block"),
         Rule("blocks.{i}.ls2.gamma", (_B + "layer_scale2.lambda1",), IDENTITY, "block"),
@@ -98,7 +99,7 @@ CARRIES = (
     Carry("norm_eps", key="layer_norm_eps"),
     Carry("qkv_bias"), Carry("key_bias"), Carry("mlp"), Carry("num_reg_tokens"),
     Carry("layer_scale", values=(True,), why="Hugging Face DINOv3 always has layer_scale1/2"),
-    Carry("mask_token", argument="DINOv3ViTModel always has a mask_token (masked training only): written as zeros",
+    Carry("mask_token", hardcoded="DINOv3ViTModel always has a mask_token (masked training only): written as zeros",
           default=True),
     Carry("abs_pos_embed", values=(False,), why="DINOv3's positions are rotary only"),
     Carry("rope", values=("dinov3",), why="DINOv3ViTModel always rotates its patch tokens"),

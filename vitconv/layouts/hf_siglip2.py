@@ -61,7 +61,7 @@ def carries() -> Tuple[Carry, ...]:
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="the attention width is the hidden size"),
         Carry("act", values=tuple(ACT_TO_HF), key=key("hidden_act"), argument="hidden_act", default="gelu_tanh"),
         Carry("norm_eps", key=key("layer_norm_eps"), argument="layer_norm_eps", default=1e-6),
-        Carry("pos_resize", argument="transformers resizes SigLIP 2 position tables to every image's patch "
+        Carry("pos_resize", hardcoded="transformers resizes SigLIP 2 position tables to every image's patch "
               "grid, bilinear with antialiasing: the table's own grid is unaffected", default="bilinear"),
         Carry("class_token", values=(False,), why="SigLIP 2 has no class token"),
         Carry("classifier", values=("map",), why="SigLIP 2 pools with its attention head"),

@@ -26,6 +26,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.transforms import IDENTITY, QKV_CONCAT
 from vitconv.layouts.inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import FINAL_NORM, When
 
 _E = "transformer.embeddings."
 _B = "transformer.encoder.layer.{i}."
@@ -34,9 +35,9 @@ _U = _H + "body.block{s1}.unit{u1}."
 _C = "stem.stages.{s}.{u}."
 
 TABLE: Tuple[Rule, ...] = (
-    Rule("stem.conv_root.weight", (_H + "root.conv.weight",), IDENTITY, "model", "resnet_layers"),
-    Rule("stem.gn_root.weight", (_H + "root.gn.weight",), IDENTITY, "model", "resnet_layers"),
-    Rule("stem.gn_root.bias", (_H + "root.gn.bias",), IDENTITY, "model", "resnet_layers"),
+    Rule("stem.conv_root.weight", (_H + "root.conv.weight",), IDENTITY, "model", When("resnet_layers")),
+    Rule("stem.gn_root.weight", (_H + "root.gn.weight",), IDENTITY, "model", When("resnet_layers")),
+    Rule("stem.gn_root.bias", (_H + "root.gn.bias",), IDENTITY, "model", When("resnet_layers")),
     *(Rule(_C + f"conv{n}.weight", (_U + f"conv{n}.weight",), IDENTITY, "unit") for n in (1, 2, 3)),
     *(Rule(_C + f"gn{n}.{p}", (_U + f"gn{n}.{p}",), IDENTITY, "unit") for n in (1, 2, 3) for p in ("weight", "bias")),
     Rule(_C + "conv_proj.weight", (_U + "downsample.weight",), IDENTITY, "proj"),
@@ -51,7 +52,7 @@ TABLE: Tuple[Rule, ...] = (
     Rule("blocks.{i}.attn.qkv.weight", tuple(_B + f"attn.{n}.weight" for n in ("query", "key", "value")),
          QKV_CONCAT, "block"),
     Rule("blocks.{i}.attn.qkv.bias", tuple(_B + f"attn.{n}.bias" for n in ("query", "key", "value")),
-         QKV_CONCAT, "block", "qkv_bias"),
+         QKV_CONCAT, "block", When("qkv_bias")),
     Rule("blocks.{i}.attn.proj.weight", (_B + "attn.out.weight",), IDENTITY, "block"),
     Rule("blocks.{i}.attn.proj.bias", (_B + "attn.out.bias",), IDENTITY, "block"),
     Rule("blocks.{i}.norm2.weight", (_B + "ffn_norm.weight",), IDENTITY, "block"),
@@ -60,22 +61,22 @@ TABLE: Tuple[Rule, ...] = (
     Rule("blocks.{i}.mlp.fc1.bias", (_B + "ffn.fc1.bias",), IDENTITY, "block"),
     Rule("blocks.{i}.mlp.fc2.weight", (_B + "ffn.fc2.weight",), IDENTITY, "block"),
     Rule("blocks.{i}.mlp.fc2.bias", (_B + "ffn.fc2.bias",), IDENTITY, "block"),
-    Rule("norm.weight", ("transformer.encoder.encoder_norm.weight",), IDENTITY, "model", "final_norm!=none"),
-    Rule("norm.bias", ("transformer.encoder.encoder_norm.bias",), IDENTITY, "model", "final_norm!=none"),
-    Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
-    Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes"),
+    Rule("norm.weight", ("transformer.encoder.encoder_norm.weight",), IDENTITY, "model", FINAL_NORM),
+    Rule("norm.bias", ("transformer.encoder.encoder_norm.bias",), IDENTITY, "model", FINAL_NORM),
+    Rule("head.weight", ("head.weight",), IDENTITY, "model", When("num_classes")),
+    Rule("head.bias", ("head.bias",), IDENTITY, "model", When("num_classes")),
 )
 
 
 CARRIES = (
     heads_carry("num_heads"),  # CONFIGS[...].transformer["num_heads"]
     Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="jeonsworld's attention width is the hidden size"),
-    Carry("act", argument="its Mlp hard-codes exact GELU (ACT2FN['gelu']): patch models/modeling.py",
+    Carry("act", hardcoded="its Mlp hard-codes exact GELU (ACT2FN['gelu']): patch models/modeling.py",
           default="gelu"),
-    Carry("norm_eps", argument="its LayerNorms hard-code eps 1e-6: patch models/modeling.py", default=1e-6),
+    Carry("norm_eps", hardcoded="its LayerNorms hard-code eps 1e-6: patch models/modeling.py", default=1e-6),
     Carry("classifier", values=("token",), why="jeonsworld always classifies the class token"),
     Carry("qkv_bias"), Carry("resnet_layers"), Carry("resnet_width"),
-    Carry("pos_resize", argument="jeonsworld resizes position tables with Google's order-1 zoom (load_from); "
+    Carry("pos_resize", hardcoded="jeonsworld resizes position tables with Google's order-1 zoom (load_from); "
           "the native resolution is unaffected", default="zoom"),
 )
 

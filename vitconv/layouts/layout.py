@@ -150,7 +150,7 @@ class Layout:
                 out.append(f"{f.name}={value!r} ({c.why})")
             elif c.not_in_dir and recorded and value != f.default:
                 out.append(f"{f.name}={value!r} in a model directory ({c.not_in_dir})")
-            elif (c.key is not None and c.argument is None and not c.recorded(cfg, recorded)
+            elif (c.key is not None and not c.set_by_code and not c.recorded(cfg, recorded)
                   and value != c.default_for(cfg)):
                 out.append(f"{f.name}={value!r} (recorded only in config.json: write a model directory)")
         if out:
@@ -177,13 +177,13 @@ class Layout:
         not record them (a bare state dict): the value and the argument that sets it."""
         out = []
         for c in self.carries:
-            if c.argument is None or c.recorded(cfg, recorded):
+            if not c.set_by_code or c.recorded(cfg, recorded):
                 continue
             value, default = getattr(cfg, c.field), c.default_for(cfg)
             if value == default:
                 continue
-            if not c.argument.isidentifier():  # code that fixes the value: what to do about it
-                out.append(f"{c.field}={value!r}, but the {self.name} code assumes {default!r}: {c.argument}")
+            if c.hardcoded is not None:  # code that fixes the value: what to do about it
+                out.append(f"{c.field}={value!r}, but the {self.name} code assumes {default!r}: {c.hardcoded}")
                 continue
             how = f"pass {c.argument}={value!r}"
             if c.field == "num_heads":  # vitconv itself assumes 64-dim heads when reading
@@ -196,14 +196,14 @@ class Layout:
         field the container does not record (``recorded``: it has the layout's config.json)
         that the layout's code takes as a constructor argument, with ``cfg``'s value."""
         return {c.field: getattr(cfg, c.field) for c in self.carries
-                if c.argument is not None and c.argument.isidentifier() and not c.recorded(cfg, recorded)}
+                if c.argument is not None and not c.recorded(cfg, recorded)}
 
     def assumed(self, probe: Probe) -> List[str]:
         """Fields a read took from the layout's conventions because the source does not
         record them (no config.json key, no head count given)."""
         out = []
         for c in self.carries:
-            if c.argument is None or not c.argument.isidentifier():  # not per model: the code fixes it
+            if c.argument is None:  # nothing to pass, or not per model: the code fixes it
                 continue
             if c.key is not None and has_key(probe.config, c.key):
                 continue

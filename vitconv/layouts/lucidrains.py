@@ -30,6 +30,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.transforms import BATCH_AXIS, IDENTITY, PATCH_LINEAR, PATCH_VECTOR, POS_EMPTY_CLS
 from vitconv.layouts.inference import build, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import When
 
 _L = "transformer.layers.{i}."
 
@@ -59,8 +60,8 @@ def _current(token: bool) -> Tuple[Rule, ...]:
         Rule("blocks.{i}.mlp.fc2.bias", (_L + "1.net.4.bias",), IDENTITY, "block"),
         Rule("norm.weight", ("transformer.norm.weight",), IDENTITY),
         Rule("norm.bias", ("transformer.norm.bias",), IDENTITY),
-        Rule("head.weight", ("mlp_head.weight",), IDENTITY, "model", "num_classes"),
-        Rule("head.bias", ("mlp_head.bias",), IDENTITY, "model", "num_classes"),
+        Rule("head.weight", ("mlp_head.weight",), IDENTITY, "model", When("num_classes")),
+        Rule("head.bias", ("mlp_head.bias",), IDENTITY, "model", When("num_classes")),
     )
 
 
@@ -98,10 +99,10 @@ def carries(layout: str) -> Tuple[Carry, ...]:
     exact GELU, PyTorch's LayerNorm epsilon and a bias-free ``to_qkv``."""
     hard = "hard-coded in vit_pytorch/vit.py: patch it"
     common = (heads_carry("heads"), Carry("head_dim"),
-              Carry("act", argument=f"nn.GELU() is {hard}", default="gelu"),
-              Carry("norm_eps", argument=f"nn.LayerNorm's eps 1e-5 is {hard}", default=1e-5),
+              Carry("act", hardcoded=f"nn.GELU() is {hard}", default="gelu"),
+              Carry("norm_eps", hardcoded=f"nn.LayerNorm's eps 1e-5 is {hard}", default=1e-5),
               Carry("qkv_bias", values=(False,), why="vit-pytorch's to_qkv has no bias"),
-              Carry("pos_resize", argument="vit-pytorch never resizes its position table: it runs at its own "
+              Carry("pos_resize", hardcoded="vit-pytorch never resizes its position table: it runs at its own "
                     "resolution only", default="zoom"))
     if layout == "lucidrains":
         return common + (Carry("classifier", values=("token", "gap"), why="vit-pytorch pools the class token or "

@@ -4,8 +4,8 @@ config field a layout carries.
 A :class:`Rule` names a canonical parameter, the foreign key(s) it comes from and the
 :class:`~vitconv.layouts.transforms.LayoutOp` between them. Templates use ``{i}`` for the
 encoder block, ``{s}``/``{u}`` (and ``{s1}``/``{u1}``, one-based) for hybrid stem stages
-and units. ``when`` selects rows by architecture in the config's own words (see
-:func:`condition`), so the expanded table for a config is exactly the set of tensors that
+and units. ``when`` selects rows by architecture in the config's own terms (a :class:`When` or an
+:class:`All` of them), so the expanded table for a config is exactly the set of tensors that
 model has: the strict audit compares key sets against it before a single weight is read.
 
 A :class:`Carry` says how a layout holds one :class:`~vitconv.config.ViTConfig` field that
@@ -18,18 +18,108 @@ its table (:func:`vitconv.layouts.layout.Layout.problems`).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.layouts.transforms import LayoutOp
+from vitconv.config import CHOICES
 
 Shape = Tuple[int, ...]
+
+
+#: What a :class:`When` asks of its field: truthy, falsy, equal to or other than ``value``.
+_OPS = ("truthy", "falsy", "==", "!=")
+
+
+@dataclass(frozen=True)
+class When:
+    """A row selector in the config's own terms, one test of one field: ``When("qkv_bias")`` (the
+    field is truthy), ``~When("head_bias")`` (falsy), ``When("classifier", "==", "map")``,
+    ``When("final_norm", "!=", "none")``. ``&`` joins tests into an :class:`All`.
+
+    Typed, not text: a field that is not a :class:`~vitconv.config.ViTConfig` field, a value of
+    the wrong type, or a text value the field cannot take fails where the table is built, not
+    when a model happens to reach the row; and inspect and messages read the field and value
+    off the object instead of parsing a string again."""
+
+    field: str
+    op: str = "truthy"
+    value: Any = None
+
+    def __post_init__(self) -> None:
+        f = ViTConfig.__dataclass_fields__.get(self.field)
+        if f is None:
+            raise ValueError(f"rule condition {self.describe()}: {self.field!r} is not a ViTConfig field")
+        if self.op not in _OPS:
+            raise ValueError(f"rule condition on {self.field}: unknown test {self.op!r} (one of {', '.join(_OPS)})")
+        if (self.value is None) != (self.op in ("truthy", "falsy")) and f.default is not None:
+            raise ValueError(f"rule condition {self.describe()}: ==/!= need a value, truthy/falsy none")
+        if self.op in ("==", "!=") and f.default is not None and type(self.value) is not type(f.default):
+            raise ValueError(f"rule condition {self.describe()}: "
+                             f"{self.field} holds {type(f.default).__name__} values")
+        if self.op in ("==", "!=") and self.value not in CHOICES.get(self.field, (self.value,)):
+            raise ValueError(f"rule condition {self.describe()}: {self.field} is one of {CHOICES[self.field]}")
+
+    @property
+    def parts(self) -> Tuple["When", ...]:
+        return (self,)
+
+    def holds(self, cfg: ViTConfig) -> bool:
+        """Whether ``cfg`` meets the test: the one place a row condition is evaluated."""
+        value = getattr(cfg, self.field)
+        if self.op == "truthy":
+            return bool(value)
+        if self.op == "falsy":
+            return not value
+        return (value == self.value) == (self.op == "==")
+
+    def describe(self) -> str:
+        """The test in the config's words (``qk_norm``, ``not head_bias``, ``classifier='map'``):
+        the one place a row condition is put into words."""
+        if self.op == "truthy":
+            return self.field
+        if self.op == "falsy":
+            return f"not {self.field}"
+        return f"{self.field}{'=' if self.op == '==' else self.op}{self.value!r}"
+
+    def __invert__(self) -> "When":
+        flipped = {"truthy": "falsy", "falsy": "truthy", "==": "!=", "!=": "=="}[self.op]
+        return When(self.field, flipped, self.value)
+
+    def __and__(self, other: "Condition") -> "All":
+        return All(self.parts + other.parts)
+
+
+@dataclass(frozen=True)
+class All:
+    """Every one of ``parts`` holds (none: always)."""
+
+    parts: Tuple[When, ...] = ()
+
+    def holds(self, cfg: ViTConfig) -> bool:
+        return all(p.holds(cfg) for p in self.parts)
+
+    def describe(self) -> str:
+        return " & ".join(p.describe() for p in self.parts) or "always"
+
+    def __and__(self, other: "Condition") -> "All":
+        return All(self.parts + other.parts)
+
+
+Condition = Union[When, All]
+#: The condition of a row every model has.
+ALWAYS = All()
+#: Conditions many tables share: a LayerNorm's bias (RMSNorm has a weight only), a final norm, an
+#: attention-pooling head, the two MLP forms.
+LAYERNORM = When("norm", "==", "layernorm")
+FINAL_NORM = When("final_norm", "!=", "none")
+MAP = When("classifier", "==", "map")
+PLAIN_MLP = When("mlp", "==", "mlp")
+SWIGLU = When("mlp", "==", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -38,10 +128,15 @@ class Rule:
     source: Tuple[str, ...]
     op: LayoutOp
     scope: str = "model"  # "model", "block" ({i}), "unit" ({s},{u}), "proj" (unit with projection)
-    when: str = "always"
+    when: Condition = ALWAYS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.when, (When, All)):
+            raise TypeError(f"rule {self.canonical or self.source}: when must be a When or All, "
+                            f"got {self.when!r}")
 
 
-def fill(key: str, shape: Callable[[ViTConfig], Tuple[int, ...]], when: str, scope: str = "model") -> Rule:
+def fill(key: str, shape: Callable[[ViTConfig], Tuple[int, ...]], when: Condition, scope: str = "model") -> Rule:
     """A write-only row: a tensor the layout's code always has and the canonical model does not,
     written as zeros where zeros compute the same function (a zero bias; a mask token that
     only masked training reads). It has no canonical name, is never read, and is active only
@@ -64,9 +159,10 @@ class Carry:
 
     ``values``: the values it can hold (None: any). ``key``: where the layout's own metadata
     (``config.json``) records it, when the container has such a file. ``argument``: the
-    constructor argument its code takes for it where nothing records it (a bare state dict);
-    its code then assumes ``default``, and a model with another value needs the argument
-    (not an identifier: what to do instead, for code that hard-codes the value).
+    constructor keyword its code takes for it where nothing records it (a bare state dict);
+    its code then assumes ``default``, and a model with another value needs the argument.
+    ``hardcoded``: instead of an argument, code that fixes the value at ``default`` where nothing
+    records it, in words: what to do about another value (patch the code; how it resizes).
     ``holds``: a condition on the whole config the value must meet (Hugging Face: the
     attention width is the hidden size). ``default`` may be a function of the config.
     ``why``: one phrase said with a refusal (why the layout cannot hold other values)."""
@@ -75,6 +171,7 @@ class Carry:
     values: Optional[Tuple[Any, ...]] = None
     key: Optional[str] = None
     argument: Optional[str] = None
+    hardcoded: Optional[str] = None
     default: Any = None
     holds: Optional[Callable[[ViTConfig], bool]] = None
     why: str = ""
@@ -84,6 +181,20 @@ class Carry:
     #: it), where a bare file can: said with the refusal.
     not_in_dir: str = ""
 
+    def __post_init__(self) -> None:
+        if self.argument is not None and not self.argument.isidentifier():
+            raise ValueError(f"Carry({self.field!r}): argument {self.argument!r} is not a keyword "
+                             "(code that fixes the value is said with hardcoded=)")
+        if self.argument is not None and self.hardcoded is not None:
+            raise ValueError(f"Carry({self.field!r}): an argument sets the value; hardcoded code fixes it: "
+                             "not both")
+
+    @property
+    def set_by_code(self) -> bool:
+        """Whether the layout's code, not its files, decides the value where nothing records it:
+        through a constructor argument or hard-coded."""
+        return self.argument is not None or self.hardcoded is not None
+
     def default_for(self, cfg: ViTConfig) -> Any:
         return self.default(cfg) if callable(self.default) else self.default
 
@@ -92,33 +203,6 @@ class Carry:
         this field's value for ``cfg``."""
         return (has_config and self.key is not None
                 and (self.records is None or getattr(cfg, self.field) in self.records))
-
-
-@functools.lru_cache(maxsize=None)
-def condition(when: str) -> Callable[[ViTConfig], bool]:
-    """A row selector in the config's own terms: ``always``; ``FIELD`` (true when the field
-    is truthy: ``qkv_bias``, ``representation_size``, ``num_classes``); ``FIELD=VALUE`` and
-    ``FIELD!=VALUE`` (compared as text: ``classifier=token``, ``final_norm!=none``); several
-    joined by ``&``. Unknown field names fail when the table is first used."""
-    if when == "always":
-        return lambda cfg: True
-    names = {f.name for f in dataclasses.fields(ViTConfig)}
-    tests = []
-    for part in when.split("&"):
-        part = part.strip()
-        if "!=" in part:
-            name, value = part.split("!=", 1)
-            test = (lambda n, v: lambda c: str(getattr(c, n)) != v)(name, value)
-        elif "=" in part:
-            name, value = part.split("=", 1)
-            test = (lambda n, v: lambda c: str(getattr(c, n)) == v)(name, value)
-        else:
-            name = part
-            test = (lambda n: lambda c: bool(getattr(c, n)))(name)
-        if name not in names:
-            raise ValueError(f"rule condition {when!r}: {name!r} is not a ViTConfig field")
-        tests.append(test)
-    return lambda cfg: all(t(cfg) for t in tests)
 
 
 def _units(cfg: ViTConfig, projection_only: bool) -> Iterator[Dict[str, int]]:
@@ -133,7 +217,7 @@ def expand_rules(table: Sequence[Rule], cfg: ViTConfig) -> List[ExpandedRule]:
     """The concrete rows for ``cfg``: templates filled for every block and stem unit."""
     out: List[ExpandedRule] = []
     for r in table:
-        if not condition(r.when)(cfg):
+        if not r.when.holds(cfg):
             continue
         if r.scope == "model":
             envs: List[Dict[str, int]] = [{}]

@@ -39,6 +39,7 @@ from vitconv.layouts.inference import (build, config_json, count_blocks, heads_c
                         timm_model_args, timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, FINAL_NORM, LAYERNORM, MAP, When
 
 POS_KEYS = {"timm": "pos_embed", "timm_posembs": "pos_embedding.pos_embedding"}
 _B = "blocks.{i}."
@@ -49,48 +50,49 @@ _P = "attn_pool."
 def _table(pos_key: str, norm_key: str) -> Tuple[Rule, ...]:
     """One table for both directions; ``norm_key`` is ``norm`` or timm's ``fc_norm``."""
     rows = [Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
-            Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY, "model", "patch_bias"),
-            Rule("cls_token", ("cls_token",), IDENTITY, "model", "class_token"),
-            Rule("dist_token", ("dist_token",), IDENTITY, "model", "distilled"),
-            Rule("reg_token", ("reg_token",), IDENTITY, "model", "num_reg_tokens"),
+            Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY, "model", When("patch_bias")),
+            Rule("cls_token", ("cls_token",), IDENTITY, "model", When("class_token")),
+            Rule("dist_token", ("dist_token",), IDENTITY, "model", When("distilled")),
+            Rule("reg_token", ("reg_token",), IDENTITY, "model", When("num_reg_tokens")),
             Rule("pos_embed", (pos_key,), IDENTITY),
-            Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", "norm_pre"),
-            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", "norm_pre&norm=layernorm"),
+            Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", When("norm_pre")),
+            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", When("norm_pre") & LAYERNORM),
             # AIMv2 (embed_norm_layer): PatchEmbed's own norm, after the projection
-            Rule("patch_embed_norm.weight", ("patch_embed.norm.weight",), IDENTITY, "model", "patch_embed_norm"),
+            Rule("patch_embed_norm.weight", ("patch_embed.norm.weight",), IDENTITY, "model", When("patch_embed_norm")),
             Rule("patch_embed_norm.bias", ("patch_embed.norm.bias",), IDENTITY, "model",
-                 "patch_embed_norm&norm=layernorm")]
-    ln = "norm=layernorm"  # RmsNorm has a weight only
-    for name, when in (("norm1.weight", "always"), ("norm1.bias", ln),
-                       ("attn.qkv.weight", "always"), ("attn.qkv.bias", "qkv_bias"),
-                       ("attn.q_norm.weight", "qk_norm"), ("attn.q_norm.bias", "qk_norm&" + ln),
-                       ("attn.k_norm.weight", "qk_norm"), ("attn.k_norm.bias", "qk_norm&" + ln),
-                       ("attn.proj.weight", "always"), ("attn.proj.bias", "proj_bias"),
-                       ("ls1.gamma", "layer_scale"),  # DeiT-3, DINOv2 (init_values)
-                       ("norm2.weight", "always"), ("norm2.bias", ln),
-                       ("mlp.fc1.weight", "swiglu_unpacked=False"), ("mlp.fc1.bias", "swiglu_unpacked=False&mlp_bias"),
-                       ("mlp.fc2.weight", "always"), ("mlp.fc2.bias", "mlp_bias"),
-                       ("ls2.gamma", "layer_scale")):
+                 When("patch_embed_norm") & LAYERNORM)]
+    ln = LAYERNORM  # RmsNorm has a weight only
+    for name, when in (("norm1.weight", ALWAYS), ("norm1.bias", ln),
+                       ("attn.qkv.weight", ALWAYS), ("attn.qkv.bias", When("qkv_bias")),
+                       ("attn.q_norm.weight", When("qk_norm")), ("attn.q_norm.bias", When("qk_norm") & ln),
+                       ("attn.k_norm.weight", When("qk_norm")), ("attn.k_norm.bias", When("qk_norm") & ln),
+                       ("attn.proj.weight", ALWAYS), ("attn.proj.bias", When("proj_bias")),
+                       ("ls1.gamma", When("layer_scale")),  # DeiT-3, DINOv2 (init_values)
+                       ("norm2.weight", ALWAYS), ("norm2.bias", ln),
+                       ("mlp.fc1.weight", ~When("swiglu_unpacked")),
+                       ("mlp.fc1.bias", ~When("swiglu_unpacked") & When("mlp_bias")),
+                       ("mlp.fc2.weight", ALWAYS), ("mlp.fc2.bias", When("mlp_bias")),
+                       ("ls2.gamma", When("layer_scale"))):
         rows.append(Rule(_B + name, (_B + name,), IDENTITY, "block", when))
     # timm SwiGLU (AIMv2): the gate and up linears apart, fc1_g the gate
     rows += [Rule(_B + "mlp.fc1." + p, (_B + "mlp.fc1_g." + p, _B + "mlp.fc1_x." + p), GLU_CONCAT, "block",
-                  "swiglu_unpacked" + ("&mlp_bias" if p == "bias" else "")) for p in ("weight", "bias")]
-    rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
-             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none&" + ln),
+                  When("swiglu_unpacked") & (When("mlp_bias") if p == "bias" else ALWAYS)) for p in ("weight", "bias")]
+    rows += [Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", FINAL_NORM),
+             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", FINAL_NORM & ln),
              # SigLIP (global_pool='map')
-             Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", "classifier=map"),
-             Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", "classifier=map"),
-             Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", "classifier=map"),
-             *(Rule(_P + n, (_P + n,), IDENTITY, "model", "classifier=map" + ("&" + ln if n == "norm.bias" else ""))
+             Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", MAP),
+             Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", MAP),
+             Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", MAP),
+             *(Rule(_P + n, (_P + n,), IDENTITY, "model", MAP & (ln if n == "norm.bias" else ALWAYS))
                for n in ("proj.weight", "proj.bias", "norm.weight", "norm.bias", "mlp.fc1.weight",
                          "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")),
-             Rule("pre_logits.weight", ("pre_logits.fc.weight",), IDENTITY, "model", "representation_size"),
-             Rule("pre_logits.bias", ("pre_logits.fc.bias",), IDENTITY, "model", "representation_size"),
-             Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
-             Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes&head_bias"),
-             fill("head.bias", lambda c: (c.num_classes,), "num_classes&head_bias=False"),  # CLIP's proj
-             Rule("head_dist.weight", ("head_dist.weight",), IDENTITY, "model", "distilled&num_classes"),
-             Rule("head_dist.bias", ("head_dist.bias",), IDENTITY, "model", "distilled&num_classes")]
+             Rule("pre_logits.weight", ("pre_logits.fc.weight",), IDENTITY, "model", When("representation_size")),
+             Rule("pre_logits.bias", ("pre_logits.fc.bias",), IDENTITY, "model", When("representation_size")),
+             Rule("head.weight", ("head.weight",), IDENTITY, "model", When("num_classes")),
+             Rule("head.bias", ("head.bias",), IDENTITY, "model", When("num_classes") & When("head_bias")),
+             fill("head.bias", lambda c: (c.num_classes,), When("num_classes") & ~When("head_bias")),  # CLIP's proj
+             *(Rule(f"head_dist.{p}", (f"head_dist.{p}",), IDENTITY, "model", When("distilled") & When("num_classes"))
+               for p in ("weight", "bias"))]
     return tuple(rows)
 
 
@@ -116,7 +118,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         # a directory records 1e-5 or 1e-6 through its architecture's norm_layer (architecture())
         Carry("norm_eps", key="architecture" if layout == "timm" else None, records=(1e-6, 1e-5),
               argument="norm_layer", default=1e-6),
-        Carry("pos_resize", argument="timm resizes position tables bicubic with antialiasing "
+        Carry("pos_resize", hardcoded="timm resizes position tables bicubic with antialiasing "
               "(resample_abs_pos_embed): the native resolution is unaffected", default="bicubic_aa"),
         Carry("classifier"), Carry("class_token"), Carry("final_norm"),
         Carry("representation_size", not_in_dir="timm's create_model(pretrained=True) drops pre_logits "
@@ -132,7 +134,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
           for f in ("proj_bias", "mlp_bias")),
         Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
               why="timm ties the patch bias to pre_norm (bias = not pre_norm)"),
-        Carry("head_bias", argument="timm's head always has a bias: a bias-free head (CLIP's proj) is "
+        Carry("head_bias", hardcoded="timm's head always has a bias: a bias-free head (CLIP's proj) is "
               "written with a zero one, the same function", default=True),
         Carry("resnet_layers", values=(None,), why="timm's hybrid backbone has other names and semantics"),
     )

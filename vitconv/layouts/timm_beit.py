@@ -31,6 +31,7 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.inference import build, count_blocks, need
 from vitconv.layouts.transforms import IDENTITY, Q_V_BIAS
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, When
 
 _B = "blocks.{i}."
 TABLE = "relative_position_bias_table"
@@ -42,26 +43,26 @@ def _table(norm_key: str) -> Tuple[Rule, ...]:
     rows = [Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
             Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY),
             Rule("cls_token", ("cls_token",), IDENTITY),
-            Rule("pos_embed", ("pos_embed",), IDENTITY, "model", "abs_pos_embed"),
-            Rule("rel_pos_table", (SHARED,), IDENTITY, "model", "rel_pos_bias_shared")]
-    for canonical, key, when in (("norm1.weight", "norm1.weight", "always"), ("norm1.bias", "norm1.bias", "always"),
-                                 ("attn.rel_pos_table", "attn." + TABLE, "rel_pos_bias"),
-                                 ("attn.qkv.weight", "attn.qkv.weight", "always"),
-                                 ("attn.proj.weight", "attn.proj.weight", "always"),
-                                 ("attn.proj.bias", "attn.proj.bias", "always"),
-                                 ("ls1.gamma", "gamma_1", "layer_scale"),
-                                 ("norm2.weight", "norm2.weight", "always"), ("norm2.bias", "norm2.bias", "always"),
-                                 ("mlp.fc1.weight", "mlp.fc1.weight", "always"),
-                                 ("mlp.fc1.bias", "mlp.fc1.bias", "always"),
-                                 ("mlp.fc2.weight", "mlp.fc2.weight", "always"),
-                                 ("mlp.fc2.bias", "mlp.fc2.bias", "always"),
-                                 ("ls2.gamma", "gamma_2", "layer_scale")):
+            Rule("pos_embed", ("pos_embed",), IDENTITY, "model", When("abs_pos_embed")),
+            Rule("rel_pos_table", (SHARED,), IDENTITY, "model", When("rel_pos_bias_shared"))]
+    for canonical, key, when in (("norm1.weight", "norm1.weight", ALWAYS), ("norm1.bias", "norm1.bias", ALWAYS),
+                                 ("attn.rel_pos_table", "attn." + TABLE, When("rel_pos_bias")),
+                                 ("attn.qkv.weight", "attn.qkv.weight", ALWAYS),
+                                 ("attn.proj.weight", "attn.proj.weight", ALWAYS),
+                                 ("attn.proj.bias", "attn.proj.bias", ALWAYS),
+                                 ("ls1.gamma", "gamma_1", When("layer_scale")),
+                                 ("norm2.weight", "norm2.weight", ALWAYS), ("norm2.bias", "norm2.bias", ALWAYS),
+                                 ("mlp.fc1.weight", "mlp.fc1.weight", ALWAYS),
+                                 ("mlp.fc1.bias", "mlp.fc1.bias", ALWAYS),
+                                 ("mlp.fc2.weight", "mlp.fc2.weight", ALWAYS),
+                                 ("mlp.fc2.bias", "mlp.fc2.bias", ALWAYS),
+                                 ("ls2.gamma", "gamma_2", When("layer_scale"))):
         rows.append(Rule(_B + canonical, (_B + key,), IDENTITY, "block", when))
-    rows += [Rule(_B + "attn.qkv.bias", (_B + "attn.q_bias", _B + "attn.v_bias"), Q_V_BIAS, "block", "qkv_bias"),
+    rows += [Rule(_B + "attn.qkv.bias", (_B + "attn.q_bias", _B + "attn.v_bias"), Q_V_BIAS, "block", When("qkv_bias")),
              Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY),
              Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY),
-             Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
-             Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes")]
+             Rule("head.weight", ("head.weight",), IDENTITY, "model", When("num_classes")),
+             Rule("head.bias", ("head.bias",), IDENTITY, "model", When("num_classes"))]
     return tuple(rows)
 
 
@@ -74,10 +75,10 @@ CARRIES = (
     Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="timm's Beit attention width is the embedding width"),
     Carry("act", values=("gelu",), why="timm's Beit always uses exact GELU (nn.GELU)"),
     Carry("norm_eps", argument="norm_layer", default=1e-6),
-    Carry("pos_resize", argument="timm resizes the absolute table bicubic with antialiasing when a model of another "
+    Carry("pos_resize", hardcoded="timm resizes the absolute table bicubic with antialiasing when a model of another "
           "img_size loads it (checkpoint_filter_fn): the native resolution is unaffected",
           default=lambda c: "bicubic_aa" if c.abs_pos_embed else "zoom"),  # no table: the one spelling
-    Carry("rel_pos_resize", argument="timm resizes relative position tables its geometric way when a model of another "
+    Carry("rel_pos_resize", hardcoded="timm resizes relative position tables its geometric way when a model of another "
           "img_size loads them (checkpoint_filter_fn): the native resolution is unaffected", default="geometric"),
     Carry("classifier", values=("token", "gap"), why="timm's Beit pools the class token or the patch tokens' mean"),
     Carry("final_norm", values=("encoder", "pooled"), why="timm's Beit always has norm or fc_norm"),

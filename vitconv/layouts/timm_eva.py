@@ -48,6 +48,7 @@ from vitconv.layouts.inference import (build, count_blocks, heads_carry, heads_f
                         timm_model_args, timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
+from vitconv.layouts.table import ALWAYS, FINAL_NORM, MAP, When
 
 _B = "blocks.{i}."
 _P = "attn_pool."
@@ -55,55 +56,56 @@ _P = "attn_pool."
 
 @lru_cache(maxsize=None)
 def _table(norm_key: str) -> Tuple[Rule, ...]:
-    rows = [Rule("cls_token", ("cls_token",), IDENTITY, "model", "class_token"),
-            Rule("reg_token", ("reg_token",), IDENTITY, "model", "num_reg_tokens"),
-            Rule("pos_embed", ("pos_embed",), IDENTITY, "model", "abs_pos_embed"),
+    rows = [Rule("cls_token", ("cls_token",), IDENTITY, "model", When("class_token")),
+            Rule("reg_token", ("reg_token",), IDENTITY, "model", When("num_reg_tokens")),
+            Rule("pos_embed", ("pos_embed",), IDENTITY, "model", When("abs_pos_embed")),
             Rule("patch_embed.weight", ("patch_embed.proj.weight",), IDENTITY),
-            Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY, "model", "patch_bias"),
-            Rule("rope_freqs", ("rope.freqs",), IDENTITY, "model", "rope=mixed"),  # RoPE-Mixed's learned
-            Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", "norm_pre"),
-            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", "norm_pre")]
+            Rule("patch_embed.bias", ("patch_embed.proj.bias",), IDENTITY, "model", When("patch_bias")),
+            Rule("rope_freqs", ("rope.freqs",), IDENTITY, "model", When("rope", "==", "mixed")),  # RoPE-Mixed's learned
+            Rule("norm_pre.weight", ("norm_pre.weight",), IDENTITY, "model", When("norm_pre")),
+            Rule("norm_pre.bias", ("norm_pre.bias",), IDENTITY, "model", When("norm_pre"))]
     for canonical, key, when, op in (
-            ("ls1.gamma", "gamma_1", "layer_scale", IDENTITY), ("ls2.gamma", "gamma_2", "layer_scale", IDENTITY),
-            ("norm1.weight", "norm1.weight", "always", IDENTITY), ("norm1.bias", "norm1.bias", "always", IDENTITY),
-            ("attn.qkv.weight", "attn.qkv.weight", "qkv_unfused=False", IDENTITY),
+            ("ls1.gamma", "gamma_1", When("layer_scale"), IDENTITY),
+            ("ls2.gamma", "gamma_2", When("layer_scale"), IDENTITY),
+            ("norm1.weight", "norm1.weight", ALWAYS, IDENTITY), ("norm1.bias", "norm1.bias", ALWAYS, IDENTITY),
+            ("attn.qkv.weight", "attn.qkv.weight", ~When("qkv_unfused"), IDENTITY),
             # AttentionRope (attn_type='rope': the *_rope_* ViTs, Perception Encoder): one full qkv bias
-            ("attn.qkv.bias", "attn.qkv.bias", "qkv_unfused=False&qkv_bias&key_bias", IDENTITY),
-            ("attn.norm.weight", "attn.norm.weight", "attn_norm", IDENTITY),
-            ("attn.norm.bias", "attn.norm.bias", "attn_norm", IDENTITY),
-            ("mlp.norm.weight", "mlp.norm.weight", "mlp_norm", IDENTITY),
-            ("mlp.norm.bias", "mlp.norm.bias", "mlp_norm", IDENTITY),
-            ("attn.proj.weight", "attn.proj.weight", "always", IDENTITY),
-            ("attn.proj.bias", "attn.proj.bias", "always", IDENTITY),
-            ("norm2.weight", "norm2.weight", "always", IDENTITY), ("norm2.bias", "norm2.bias", "always", IDENTITY),
-            ("mlp.fc1.weight", "mlp.fc1.weight", "swiglu_unpacked=False", IDENTITY),
-            ("mlp.fc1.bias", "mlp.fc1.bias", "swiglu_unpacked=False", IDENTITY),
-            ("mlp.fc2.weight", "mlp.fc2.weight", "always", IDENTITY),
-            ("mlp.fc2.bias", "mlp.fc2.bias", "always", IDENTITY)):
+            ("attn.qkv.bias", "attn.qkv.bias", ~When("qkv_unfused") & When("qkv_bias") & When("key_bias"), IDENTITY),
+            ("attn.norm.weight", "attn.norm.weight", When("attn_norm"), IDENTITY),
+            ("attn.norm.bias", "attn.norm.bias", When("attn_norm"), IDENTITY),
+            ("mlp.norm.weight", "mlp.norm.weight", When("mlp_norm"), IDENTITY),
+            ("mlp.norm.bias", "mlp.norm.bias", When("mlp_norm"), IDENTITY),
+            ("attn.proj.weight", "attn.proj.weight", ALWAYS, IDENTITY),
+            ("attn.proj.bias", "attn.proj.bias", ALWAYS, IDENTITY),
+            ("norm2.weight", "norm2.weight", ALWAYS, IDENTITY), ("norm2.bias", "norm2.bias", ALWAYS, IDENTITY),
+            ("mlp.fc1.weight", "mlp.fc1.weight", ~When("swiglu_unpacked"), IDENTITY),
+            ("mlp.fc1.bias", "mlp.fc1.bias", ~When("swiglu_unpacked"), IDENTITY),
+            ("mlp.fc2.weight", "mlp.fc2.weight", ALWAYS, IDENTITY),
+            ("mlp.fc2.bias", "mlp.fc2.bias", ALWAYS, IDENTITY)):
         rows.append(Rule(_B + canonical, (_B + key,), op, "block", when))
     qkv = tuple(_B + f"attn.{p}_proj." for p in "qkv")  # qkv_fused=False (EVA-02 CLIP)
     rows += [Rule(_B + "attn.qkv.bias", (_B + "attn.q_bias", _B + "attn.v_bias"), Q_V_BIAS, "block",
-                  "qkv_unfused=False&qkv_bias&key_bias=False"),
-             Rule(_B + "attn.qkv.weight", tuple(k + "weight" for k in qkv), QKV_CONCAT, "block", "qkv_unfused"),
+                  ~When("qkv_unfused") & When("qkv_bias") & ~When("key_bias")),
+             Rule(_B + "attn.qkv.weight", tuple(k + "weight" for k in qkv), QKV_CONCAT, "block", When("qkv_unfused")),
              Rule(_B + "attn.qkv.bias", (qkv[0] + "bias", qkv[2] + "bias"), Q_V_BIAS, "block",
-                  "qkv_unfused&qkv_bias&key_bias=False"),
+                  When("qkv_unfused") & When("qkv_bias") & ~When("key_bias")),
              Rule(_B + "attn.qkv.bias", tuple(k + "bias" for k in qkv), QKV_CONCAT, "block",
-                  "qkv_unfused&qkv_bias&key_bias"),
+                  When("qkv_unfused") & When("qkv_bias") & When("key_bias")),
              Rule(_B + "mlp.fc1.weight", (_B + "mlp.fc1_g.weight", _B + "mlp.fc1_x.weight"), GLU_CONCAT, "block",
-                  "swiglu_unpacked"),
+                  When("swiglu_unpacked")),
              Rule(_B + "mlp.fc1.bias", (_B + "mlp.fc1_g.bias", _B + "mlp.fc1_x.bias"), GLU_CONCAT, "block",
-                  "swiglu_unpacked"),
-             Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", "final_norm!=none"),
-             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", "final_norm!=none"),
+                  When("swiglu_unpacked")),
+             Rule("norm.weight", (f"{norm_key}.weight",), IDENTITY, "model", FINAL_NORM),
+             Rule("norm.bias", (f"{norm_key}.bias",), IDENTITY, "model", FINAL_NORM),
              # AttentionPoolLatent (global_pool='map': Perception Encoder core): q and [k; v] apart
-             Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", "classifier=map"),
-             Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", "classifier=map"),
-             Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", "classifier=map"),
-             *(Rule(_P + n, (_P + n,), IDENTITY, "model", "classifier=map")
+             Rule(_P + "latent", (_P + "latent",), IDENTITY, "model", MAP),
+             Rule(_P + "qkv.weight", (_P + "q.weight", _P + "kv.weight"), Q_KV_CONCAT, "model", MAP),
+             Rule(_P + "qkv.bias", (_P + "q.bias", _P + "kv.bias"), Q_KV_CONCAT, "model", MAP),
+             *(Rule(_P + n, (_P + n,), IDENTITY, "model", MAP)
                for n in ("proj.weight", "proj.bias", "norm.weight", "norm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                          "mlp.fc2.weight", "mlp.fc2.bias")),
-             Rule("head.weight", ("head.weight",), IDENTITY, "model", "num_classes"),
-             Rule("head.bias", ("head.bias",), IDENTITY, "model", "num_classes")]
+             Rule("head.weight", ("head.weight",), IDENTITY, "model", When("num_classes")),
+             Rule("head.bias", ("head.bias",), IDENTITY, "model", When("num_classes"))]
     return tuple(rows)
 
 

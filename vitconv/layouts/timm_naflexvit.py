@@ -41,6 +41,7 @@ from vitconv.layouts.inference import (build, count_blocks, heads_carry, heads_f
 from vitconv.layouts.transforms import IDENTITY, PATCH_LINEAR, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.timm import _table as _timm_table
+from vitconv.layouts.table import When
 
 _E = "embeds."
 #: canonical tensors whose timm ViT rows the embedding rows here replace, and ViT's that NaFlexVit lacks
@@ -68,9 +69,9 @@ GRID_POS = LayoutOp("grid_to_rows", lambda a, cfg: grid_to_rows(a[0]), lambda a,
 @lru_cache(maxsize=None)
 def _table(norm_key: str) -> Tuple[Rule, ...]:
     rows = [Rule("patch_embed.weight", (_E + "proj.weight",), PATCH_LINEAR),
-            Rule("patch_embed.bias", (_E + "proj.bias",), IDENTITY, "model", "patch_bias"),
-            Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", "class_token"),
-            Rule("reg_token", (_E + "reg_token",), IDENTITY, "model", "num_reg_tokens"),
+            Rule("patch_embed.bias", (_E + "proj.bias",), IDENTITY, "model", When("patch_bias")),
+            Rule("cls_token", (_E + "cls_token",), IDENTITY, "model", When("class_token")),
+            Rule("reg_token", (_E + "reg_token",), IDENTITY, "model", When("num_reg_tokens")),
             Rule("pos_embed", (_E + "pos_embed",), GRID_POS)]
     return tuple(rows) + tuple(r for r in _timm_table("pos_embed", norm_key) if r.canonical not in _REPLACED)
 
@@ -94,7 +95,7 @@ CARRIES = (
           why="NaFlexVit's position grid never covers the prefix tokens"),
     Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
           why="timm ties the patch bias to pre_norm (bias = not pre_norm)"),
-    Carry("head_bias", argument="timm's head always has a bias: a bias-free head is written with a zero one, "
+    Carry("head_bias", hardcoded="timm's head always has a bias: a bias-free head is written with a zero one, "
           "the same function", default=True),
 )
 

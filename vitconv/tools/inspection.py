@@ -31,7 +31,7 @@ from vitconv.formats.base import TensorSource
 from vitconv.formats.open import open_source, sniff
 from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.layouts import LAYOUTS, Layout, Probe, detect_layout
-from vitconv.layouts.table import audit_report, condition
+from vitconv.layouts.table import audit_report
 from vitconv.layouts.layout import has_key
 from vitconv.layouts.canonical import CONFIG_KEY
 
@@ -229,8 +229,8 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
                 continue
             elif c.key is not None and c.recorded(cfg, True) and has_key(probe.config, c.key):
                 sources[c.field] = f"config.json {c.key.split('|')[0]}"
-            elif c.argument is not None and not c.argument.isidentifier():
-                sources[c.field] = f"{layout.name} code: {c.argument}"
+            elif c.hardcoded is not None:
+                sources[c.field] = f"{layout.name} code: {c.hardcoded}"
         fixed = {c.field for c in layout.carries if c.values is not None and len(c.values) == 1}
         carried = {c.field for c in layout.carries} - fixed
         for f in dataclasses.fields(ViTConfig):
@@ -251,16 +251,14 @@ def _row_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
     """Where a feature was read from, for the fields a table's rows are conditioned on: the
     presence (or absence) of the first key of the first such row (``layer_scale``: presence of
     ``blocks.0.ls1.gamma``)."""
-    names = {f.name for f in dataclasses.fields(ViTConfig)}
     out: Dict[str, str] = {}
     for r in layout.table(cfg):
-        if r.when == "always" or not r.source or not r.canonical:
+        if not r.when.parts or not r.source or not r.canonical:
             continue
         key = r.source[0].format(i=0, s=0, u=0, s1=1, u1=1)
-        for part in r.when.split("&"):
-            name = part.split("!=")[0].split("=")[0].strip()
-            if name in names and name not in out:
-                out[name] = f"{'presence' if condition(r.when)(cfg) else 'absence'} of {key}"
+        for part in r.when.parts:
+            if part.field not in out:
+                out[part.field] = f"{'presence' if r.when.holds(cfg) else 'absence'} of {key}"
     return out
 
 
