@@ -94,8 +94,11 @@ def cosine(got: np.ndarray, ref: np.ndarray, rows: bool = True) -> float:
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     if not rows:
         got, ref = got.reshape(1, -1), ref.reshape(1, -1)
-    denom = np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
-    return float(np.min((got * ref).sum(-1) / np.maximum(denom, 1e-30))) if got.size else 1.0
+    if not got.size:
+        return 1.0
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or infinity: a NaN cosine, which fails
+        denom = np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
+        return float(np.min((got * ref).sum(-1) / np.maximum(denom, 1e-30)))
 
 
 def _mismatch(got: Optional[np.ndarray], ref: Optional[np.ndarray], bound: float) -> Optional[Comparison]:
