@@ -181,3 +181,40 @@ def test_export_fp16_and_convert_float16_write_bytes_verify_accepts_and_a_flippe
     assert not report.ok and [s.name for s in report.stages] == ["weights"], report.lines()
     assert "blocks.0.attn.qkv.weight: the written tensor is not the float32 weight rounded to float16" \
         in report.verdict()
+
+
+def _near_tie(tmp_path):
+    """The golden tiny model with classes 0 and 1 made a near tie far above the rest: equal
+    kernels, biases 100 and 100 + 1e-4. float32 keeps the 1e-4 (its step at 100 is 7.6e-6), so
+    class 1 wins every row; float16 rounds both biases to 100 (its step there is 0.0625), so the
+    two tie and argmax picks class 0: the rounding flips every top-1."""
+    weights = dict(np.load(golden_path("jax/tiny_token_p8_32.npz")))
+    kernel, bias = weights["head/kernel"].copy(), weights["head/bias"].copy()
+    kernel[:, 1] = kernel[:, 0]
+    bias[0], bias[1] = 100.0, 100.0 + 1e-4
+    assert np.float16(bias[0]) == np.float16(bias[1]) and np.float32(bias[1]) > np.float32(bias[0])
+    weights["head/kernel"], weights["head/bias"] = kernel, bias
+    path = tmp_path / "tie.npz"
+    np.savez(path, **weights)
+    return path
+
+
+def test_a_float16_rounding_that_flips_top1_fails_convert_and_export_alike(tmp_path):
+    """The same bytes, the same verdict: ``convert --dtype float16 --verify`` and ``export
+    --safetensors --fp16`` both refuse a file whose rounding flips the top-1 (the float32
+    conversion itself verifies); ``bfloat16`` reports the figures and passes."""
+    from vitconv.errors import VerificationError
+
+    src = _near_tie(tmp_path)
+    with pytest.raises(VerificationError, match=r"output of the float16 weights.*top-1 0% equal"):
+        convert(src, tmp_path / "c.safetensors", to="canonical", dtype="float16", verify=True)
+    with pytest.raises(VerificationError, match=r"top-1 0%"):
+        run_export(src, ExportPlan(safetensors=tmp_path / "e.safetensors", fp16=True))
+    assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
+    convert(src, tmp_path / "u.safetensors", to="canonical", dtype="float16")  # unverified: written
+    report = verify(src, tmp_path / "u.safetensors")  # and verify judges it by the same rule
+    assert not report.ok and report.first_failure.name == "rounded", report.lines()
+    assert all(s.ok for s in report.stages[:-1]) and "top-1 0% equal" in report.verdict()
+    report = convert(src, tmp_path / "b.safetensors", to="canonical", dtype="bfloat16", verify=True).checked
+    assert report.ok and "written as bfloat16" in report.note
+    assert [s.name for s in report.stages][-1] == "logits"  # no "rounded" stage: bfloat16 is reported
