@@ -31,7 +31,8 @@ from vitconv.conversion.pipeline import Checkpoint, ConversionReport, convert as
 from vitconv.runtime.predict import classifies
 from vitconv.layouts.layout import Layout
 from vitconv.formats.provenance import KEY_OF, Provenance
-from vitconv.verification.verify import DEFAULT_BATCH, CanonicalTensors, VerifyReport, check_rounded, rounding_note, seeded_images, verify
+from vitconv.verification.compare import judge_rounded_output, rounding_note, seeded_nchw
+from vitconv.verification.verify import DEFAULT_BATCH, VerifyReport, prove_rounded, rounded_stage, verify
 from vitconv.lazy import lazy_module
 
 loading = lazy_module("vitconv.conversion.loading")  # torch, only to verify what was written
@@ -127,22 +128,22 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         written = loading.StreamedModel(lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told))
         if dtype is None:
             return verify(src, written, num_heads=num_heads, overrides=overrides)
-        images = np.ascontiguousarray(seeded_images(DEFAULT_BATCH, written.config.image_size,
-                                                    written.config.in_chans).transpose(0, 3, 1, 2))
+        images = seeded_nchw(DEFAULT_BATCH, written.config.image_size, written.config.in_chans)
         moved = _output(written, images)  # the rounded model, as users will run it
-        with open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size) as full, \
-                open_checkpoint(where, source=source, num_heads=heads, overrides=told) as back:
-            bad, changed, total = check_rounded(full.tensors(), CanonicalTensors(back), dtype)
-        if bad is not None:
-            raise VerificationError(bad)
+        model, said = prove_rounded(
+            lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size),
+            lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told), dtype)
+        if model is None:
+            raise VerificationError(said)
     finally:
         if source is not None:
             source.close()
     # the float32 weights, read as the written file is (its architecture)
-    model = loading.StreamedModel(lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides,
-                                                  image_size=image_size), written.config)
     report = verify(src, model, num_heads=num_heads, overrides=overrides)
-    report.note = rounding_note(dtype, total, changed, _output(model, images), moved)
+    moved = judge_rounded_output(moved, _output(model, images), dtype=dtype)
+    report.note = rounding_note(dtype, *said, moved)
+    if not moved.ok:
+        report.stages.append(rounded_stage(dtype, moved))
     return report
 
 

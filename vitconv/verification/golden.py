@@ -2,7 +2,8 @@
 
 ``golden/manifest.json`` lists cases (checkpoint, NHWC input, expected ``logits`` /
 ``pooled`` / ``prelogits`` / ``encoded`` and, for a resize case, ``posemb_resized``, a max-abs tolerance,
-sha256 of every file). :func:`check` runs every case twice, through the converter
+sha256 of every file; compared as every check compares, :mod:`vitconv.verification.compare`,
+with the recorded bound absolute). :func:`check` runs every case twice, through the converter
 (:func:`vitconv.load` -> canonical model) and through ``verify``'s reference for the
 checkpoint's layout (Google and big_vision ``.npz``: the independent NumPy references,
 :mod:`vitconv.verification.references.google_numpy` and :mod:`vitconv.verification.references.big_vision_numpy`;
@@ -38,6 +39,7 @@ from vitconv.verification.references.library import LibraryMissing
 from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.verification.verify import reference_for
 from vitconv.lazy import lazy_module
+from vitconv.verification.compare import compare, nchw
 
 loading = lazy_module("vitconv.conversion.loading")  # torch, when a case runs
 
@@ -151,10 +153,12 @@ def _load_expected(path: Path) -> np.ndarray:
 
 
 def _figure(engine: str, what: str, got: np.ndarray, want: np.ndarray, tol: float) -> Figure:
-    if got.shape != want.shape:
-        return Figure(engine, what, float("inf"), tol, False, f"{what} shape {got.shape} != {want.shape}")
-    err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()) if want.size else 0.0
-    return Figure(engine, what, err, tol, err <= tol)
+    """``got`` against the case's expected ``want`` by :func:`vitconv.verification.compare.compare`,
+    the rule of every check, with the manifest's ``max_abs`` as the bound: an absolute bound is
+    that rule with the scale fixed at 1 (``scale=1.0``), so each recorded tolerance keeps its
+    meaning (and a NaN fails, as before)."""
+    c = compare(got, want, tol, scale=1.0)
+    return Figure(engine, what, c.max_abs, tol, c.ok, f"{what} {c.note}" if c.note else "")
 
 
 def check_case(case: Mapping, directory: PathLike) -> CaseResult:
@@ -182,7 +186,7 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
     told = dict(case.get("set") or {})
     model = loading.load(ckpt, image_size=case.get("image_size"), **told)
     with torch.no_grad():
-        got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).items()}
+        got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(nchw(x))).items()}
     ref = want_ref = None
     try:  # a reference that cannot run is a failure of the case, never a missing figure
         with open_checkpoint(ckpt, overrides=told) as c:

@@ -10,7 +10,8 @@ leaves tolerance says *where* (a swapped head shows up in that block's attention
 activation in the first MLP, a mis-aligned position-table resize in the patch embedding).
 Stages are compared in execution order and the first one past tolerance is named in words.
 
-Tolerance (default :data:`DEFAULT_TOLERANCE` = 1e-4): a stage passes when
+Tolerance (default :data:`DEFAULT_TOLERANCE` = 1e-4; the rule and the inputs are
+:mod:`vitconv.verification.compare`'s, shared with convert, export, batch and golden): a stage passes when
 ``max|converted - reference| <= tolerance * max(1, rms(reference))``, i.e. an absolute bound
 for stages of order one and a relative one for large activations (the residual stream grows
 block by block, to hundreds in a real ViT-B, and float32 rounding grows with it). The scale is
@@ -46,15 +47,16 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
 from vitconv import archs
 from vitconv.config import SHAPE_FIELDS, ViTConfig
 from vitconv.errors import BadInputError, VerificationError, first_line
-from vitconv.runtime.export.common import FP16_MIN_COSINE, compare as compare_artifact
-from vitconv.formats.base import numpy_dtype
+from vitconv.verification.compare import (DEFAULT_SEED, DEFAULT_TOLERANCE, FP16_MIN_COSINE, CanonicalTensors,
+                                          Comparison, check_rounded, compare,
+                                          held_exactly, judge_rounded_output, nchw, rounding_note, seeded_images)
 from vitconv.verification.references.big_vision_numpy import BigVisionReference
 from vitconv.verification.references.library import LibraryReference, open_reference
 from vitconv.conversion.pipeline import ARCH, left_open, open_checkpoint
@@ -66,9 +68,7 @@ loading = lazy_module("vitconv.conversion.loading")  # torch, when a model runs
 
 PathLike = Union[str, os.PathLike]
 
-DEFAULT_TOLERANCE = 1e-4
 DEFAULT_BATCH = 2
-DEFAULT_SEED = 0
 
 
 def describe_stage(name: str) -> str:
@@ -190,83 +190,9 @@ class VerifyReport:
 # --------------------------------------------------------------------------- comparing
 def compare_stage(name: str, got: Optional[np.ndarray], ref: Optional[np.ndarray],
                   tolerance: float) -> StageResult:
-    what = describe_stage(name)
-    if got is None or ref is None:
-        missing = "converted model" if got is None else "reference"
-        return StageResult(name, what, math.inf, math.inf, math.nan, tolerance, False,
-                           f"stage missing from the {missing}")
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if got.shape != ref.shape:
-        return StageResult(name, what, math.inf, math.inf, math.nan, tolerance, False,
-                           f"shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
-    rms = float(np.sqrt(np.mean(ref ** 2))) if ref.size else 0.0
-    diff = np.abs(got - ref)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    if not np.isfinite(got).all():
-        max_abs = math.inf
-    bound = tolerance * max(1.0, rms)
-    max_rel = max_abs / rms if rms > 0 else (0.0 if max_abs == 0 else math.inf)
-    return StageResult(name, what, max_abs, max_rel, rms, bound, max_abs <= bound)
-
-
-def seeded_images(batch: int, image_size: int, channels: int = 3, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """``(batch, size, size, channels)`` float32 NHWC, uniform in [-1, 1] (the range Google's
-    input pipeline feeds), from ``numpy.random.default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    return rng.uniform(-1.0, 1.0, size=(batch, image_size, image_size, channels)).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- rounded weights
-#: The narrower float types a weights file may hold the float32 weights rounded to.
-ROUNDED_DTYPES = ("float16", "bfloat16")
-
-
-def held_exactly(arrays: Iterable[np.ndarray]) -> Optional[str]:
-    """The one narrower float type (float16 or bfloat16) that holds every array's values
-    exactly, or ``None``: float32 values, or values both hold (then rounding changes nothing).
-    Trained float32 weights fail both on the first tensor; a file written ``--dtype float16``
-    or ``bfloat16`` (read back widened) passes one."""
-    left = list(ROUNDED_DTYPES)
-    for a in arrays:
-        a = np.asarray(a, dtype=np.float32)
-        left = [d for d in left if np.array_equal(a.astype(numpy_dtype(d)).astype(np.float32), a, equal_nan=True)]
-        if not left:
-            return None
-    return left[0] if len(left) == 1 else None
-
-
-def check_rounded(exact: Iterable[Tuple[str, np.ndarray]], written: Mapping[str, np.ndarray],
-                  dtype: str) -> Tuple[Optional[str], int, int]:
-    """Whether each ``written`` tensor is, bit for bit, the ``exact`` (float32) tensor of the
-    same name rounded to ``dtype`` (read back as ``dtype`` or widened to float32): the first
-    that is not, in words, or ``None``; how many the rounding changed; how many there are.
-    ``exact`` is streamed (one tensor at a time)."""
-    want, changed, seen = numpy_dtype(dtype), 0, set()
-    for name, a in exact:
-        seen.add(name)
-        got = written.get(name)
-        rounded = a.astype(want).astype(np.float32)
-        if (got is None or got.dtype not in (want, np.float32) or got.shape != a.shape
-                or got.astype(np.float32).tobytes() != rounded.tobytes()):
-            return f"{name}: the written tensor is not the float32 weight rounded to {dtype}", changed, len(seen)
-        changed += rounded.tobytes() != a.astype(np.float32).tobytes()
-    extra = sorted(set(written) - seen)
-    if extra:
-        return f"{extra[0]}: written, but not a tensor of the source's conversion", changed, len(seen)
-    return None, changed, len(seen)
-
-
-def rounding_note(dtype: str, total: int, changed: int, full: np.ndarray, moved: np.ndarray) -> str:
-    """How far the rounding alone moves the output: the float32 model's ``full`` output
-    against the rounded model's ``moved`` on the same images (max abs and cosine)."""
-    full, moved = np.asarray(full, np.float64), np.asarray(moved, np.float64)
-    cos = float(np.min((full * moved).sum(-1) / np.maximum(
-        np.linalg.norm(full, axis=-1) * np.linalg.norm(moved, axis=-1), 1e-30)))
-    return (f"the {total} tensors written as {dtype} are the verified float32 weights rounded to {dtype}, "
-            f"bit for bit ({changed} changed by it); the stages are the float32 model's. The "
-            f"rounding alone moves the output by max abs {float(np.abs(full - moved).max()):.3g} "
-            f"(cosine {cos:.7f}) on the same images")
+    """One stage judged by :func:`vitconv.verification.compare.compare`, named in words."""
+    c = compare(got, ref, tolerance)
+    return StageResult(name, describe_stage(name), c.max_abs, c.max_rel, c.rms, c.bound, c.ok, c.note)
 
 
 # --------------------------------------------------------------------------- running artifacts
@@ -370,18 +296,18 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
             raise BadInputError(f"image size {size} is not a multiple of the model's stride {scfg.total_stride}", src)
         images = seeded_images(batch, size, scfg.in_chans, seed)
         used_seed = seed
-    nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    pixels = nchw(images)
     # A weights file holding float16 or bfloat16 values: proven as `convert --dtype --verify`
     # proves it (each tensor the float32 conversion's, rounded, bit for bit; the float32 model
     # against the reference), with how far the rounding moves the output said, never hidden
     # behind a looser tolerance.
-    rounding = None
+    rounding, moved = None, None
     if isinstance(model, loading.StreamedModel) and converted is not None:
         rounding = held_exactly(t for _, t in model.tensors())
     written_size = model.config.image_size if rounding else None
     # The converted model runs first and is released; only then is the reference built (a
     # float64 NumPy copy of the weights, or the library's model): the two are never held at once.
-    got = _run_converted(model, runner, nchw)
+    got = _run_converted(model, runner, pixels)
     half = bool(getattr(runner, "half", False))
     if owned:
         model = runner = None
@@ -390,9 +316,16 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
                           reference_dtype=np.dtype(reference_dtype).name, semantics=semantics, arch=read_as)
     if rounding is not None:
-        got, said = _float32_twin(src, converted, rounding, written_size, nchw, got,
-                                  (src_heads, src_set), (conv_heads, conv_set))
-        if got is None:  # a tensor is not the float32 one rounded: no stage is worth running
+        opened = dict(image_size=written_size, num_heads=src_heads, overrides=src_set)
+        twin, said = prove_rounded(lambda: open_checkpoint(src, **opened),
+                                   lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set),
+                                   rounding)
+        if twin is not None:  # the float32 conversion, in the file's architecture: its stages are judged
+            rounded, got = got, _run_converted(twin, None, pixels)
+            final = "logits" if "logits" in got else "head_input"
+            moved = judge_rounded_output(rounded[final], got[final], dtype=rounding)
+            said = rounding_note(rounding, *said, moved)
+        else:  # a tensor is not the float32 one rounded: no stage is worth running
             report.stages = [StageResult("weights", f"weights rounded to {rounding}", math.inf, math.inf,
                                          math.nan, tolerance, False, said)]
             return report
@@ -412,6 +345,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         # a library exposes some stages (embedding, block outputs, the output): those are compared
         names = list(want) + ([k for k in got if k not in want] if numpy_reference else [])
         report.stages = [compare_stage(n, got.get(n), want.get(n), tolerance) for n in names]
+        if moved is not None and not moved.ok:
+            report.stages.append(rounded_stage(rounding, moved))
     else:
         final = "logits" if "logits" in want else "head_input"
         report.stages = [compare_stage(final, got, want[final], tolerance)]
@@ -420,7 +355,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         report.note = (f"{pretty} artifacts expose only their final output: only {final} compared, "
                        "a failure cannot be localised to a stage")
         if half:
-            report.stages = [_half_stage(report.stages[0], want[final], got, size)]
+            report.stages = [_half_stage(report.stages[0], want[final], got)]
             report.note += (f"; a float16 graph (its metadata says so) is judged as export --fp16 judges it: "
                             f"every top-1 equal and cosine >= {FP16_MIN_COSINE}; its max abs is the rounding's")
     return report
@@ -446,63 +381,48 @@ def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], override
                  for o in opened)
 
 
-def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int) -> StageResult:
-    """A float16 graph's output stage, judged by top-1 and cosine (:func:`~vitconv.runtime.export.
-    common.compare`, export's own rule) instead of the float32 bound."""
-    p = compare_artifact(want, got, len(got), size, fp16=True)
-    said = f"float16 graph: top-1 {p.top1_agree:.0%} equal, min cosine {p.min_cosine:.6f}"
-    ok = p.ok and math.isfinite(stage.max_abs)
+def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray) -> StageResult:
+    """A float16 graph's output stage, judged by the rounded-weights rule (every top-1 equal,
+    cosine >= ``FP16_MIN_COSINE``: :func:`~vitconv.verification.compare.judge_rounded_output`, as
+    export judges it) instead of the float32 bound."""
+    c = judge_rounded_output(got, want)
+    said = f"float16 graph: top-1 {c.top1:.0%} equal, min cosine {c.cosine:.6f}"
+    ok = c.ok and math.isfinite(stage.max_abs)
     return replace(stage, ok=ok, rule=said if ok else "",
                    note="" if ok else f"{said} (needs 100% and >= {FP16_MIN_COSINE})")
 
 
-def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nchw: np.ndarray,
-                  rounded: Dict[str, np.ndarray], src_args: Tuple[Optional[int], Dict[str, Any]],
-                  conv_args: Tuple[Optional[int], Dict[str, Any]]):
-    """For a file of ``dtype`` weights whose model gave the stages ``rounded``: check each of its
-    tensors is the source's float32 conversion (at ``size``) rounded, bit for bit, then run
-    that float32 conversion in the file's architecture. Returns its stages and the note saying
-    how far the rounding alone moves the output, or ``(None, what is wrong)``. One tensor of
-    each is in memory at a time while checking, one block's weights while running."""
-    opened = dict(image_size=size, num_heads=src_args[0], overrides=src_args[1])
-    with open_checkpoint(src, **opened) as exact, \
-            open_checkpoint(converted, num_heads=conv_args[0], overrides=conv_args[1]) as written:
+def rounded_stage(dtype: str, moved: Comparison) -> StageResult:
+    """The stage that fails a report when the rounding to ``dtype`` moves the output past the
+    rounded-weights rule (``moved``: :func:`~vitconv.verification.compare.judge_rounded_output`)."""
+    return StageResult("rounded", f"output of the {dtype} weights", moved.max_abs, moved.max_rel, moved.rms,
+                       moved.bound, moved.ok, moved.note)
+
+
+def prove_rounded(open_exact: Callable[[], Any], open_written: Callable[[], Any], dtype: str):
+    """The weights half of the rounded-weights proof, for ``verify`` and ``convert --verify``
+    alike: whether each tensor of the file ``open_written()`` opens is the float32 conversion's
+    (``open_exact()``) rounded to ``dtype``, bit for bit (:func:`~vitconv.verification.compare.
+    check_rounded`, one tensor of each in memory at a time). Returns ``(the float32 conversion
+    in the written file's architecture, run block by block, (total, changed))`` or ``(None,
+    what is wrong)``; the caller verifies that model and judges the rounding's effect on the
+    output (:func:`~vitconv.verification.compare.judge_rounded_output`)."""
+    with open_exact() as exact, open_written() as written:
         written_cfg = written.config
         bad, changed, total = check_rounded(exact.tensors(), CanonicalTensors(written), dtype)
     if bad is not None:
         return None, bad
-    got = _run_converted(loading.StreamedModel(lambda: open_checkpoint(src, **opened), written_cfg), None, nchw)
-    final = "logits" if "logits" in got else "head_input"
-    return got, rounding_note(dtype, total, changed, got[final], rounded[final])
+    return loading.StreamedModel(open_exact, written_cfg), (total, changed)
 
 
-class CanonicalTensors(Mapping):
-    """An open checkpoint's canonical tensors as a mapping that reads each when asked."""
-
-    def __init__(self, ckpt) -> None:
-        self._ckpt, self._names = ckpt, [s.name for s in ckpt.specs()]
-        self._known = set(self._names)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._known:
-            raise KeyError(name)
-        return dict(self._ckpt.tensors(order=[name]))[name]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def _run_converted(model, runner, nchw: np.ndarray):
+def _run_converted(model, runner, pixels: np.ndarray):
     """A canonical model's every stage (a dict), or a runtime's final output (an array)."""
     if model is None:
-        return runner(nchw)
+        return runner(pixels)
     import torch
 
     with torch.no_grad():
-        return {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(nchw)).items()}
+        return {k: v.detach().float().numpy() for k, v in model.forward_stages(torch.from_numpy(pixels)).items()}
 
 
 def check(src: PathLike, converted: Union[PathLike, Any, None] = None, **kwargs) -> VerifyReport:

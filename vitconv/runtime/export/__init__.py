@@ -14,9 +14,8 @@ from __future__ import annotations
 from vitconv.lazy import lazy_module
 
 #: What :mod:`vitconv.runtime.export.run` gives the package: taken from there on first use (PEP 562),
-#: so that importing one exporter's shared pieces (``vitconv.runtime.export.common``, which
-#: :mod:`vitconv.verification.verify` uses) does not load every exporter (onnx, onnxruntime's converter,
-#: torch.export), which a conversion never needs.
+#: so that importing one exporter's shared pieces (``vitconv.runtime.export.common``) does not
+#: load every exporter (onnx, onnxruntime's converter, torch.export), which a conversion never needs.
 _RUN = ("ExportPlan", "ExportResult", "Parity", "Check", "run_export", "default_output", "check_plan",
         "export_ready", "make_reference")
 __all__ = list(_RUN)

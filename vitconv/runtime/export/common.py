@@ -3,6 +3,11 @@ the hybrid stem's weight standardisation folded into plain convolutions, so no f
 reaches a graph; TensorRT has no double), :func:`check_plan` (which batch sizes and
 resolutions to verify), :func:`verify` and :class:`Parity` (the figures), and
 :class:`ExportResult`. The driver is :func:`vitconv.runtime.export.run_export`.
+
+Parity is judged by :mod:`vitconv.verification.compare`, as ``verify`` and ``convert --verify``
+judge: the same seeded inputs (:func:`~vitconv.verification.compare.seeded_nchw`), float32
+artifacts within ``tolerance * max(1, rms(reference))``, float16 ones by the rounded-weights rule
+(every top-1 equal, cosine >= :data:`~vitconv.verification.compare.FP16_MIN_COSINE`).
 """
 
 from __future__ import annotations
@@ -20,21 +25,17 @@ import numpy as np
 
 from vitconv.errors import VerificationError
 from vitconv.lazy import lazy_module
+from vitconv.verification.compare import DEFAULT_TOLERANCE, Comparison, compare, judge_rounded_output, seeded_nchw
 
 canonical_model = lazy_module("vitconv.model")  # torch
 
 PathLike = Union[str, os.PathLike]
 
-#: fp32 artifacts must reproduce the PyTorch logits to this max abs difference.
-FP32_ATOL = 1e-4
-#: fp16 artifacts: every top-1 class equal and cosine similarity of logits at least this.
-FP16_MIN_COSINE = 0.9999
+#: fp32 artifacts must reproduce the PyTorch logits within this x max(1, rms(logits)).
+FP32_ATOL = DEFAULT_TOLERANCE
 #: The example batch handed to exporters when the batch dimension is dynamic: a batch of 1
 #: lets torch.export specialise the dimension to the constant 1.
 EXAMPLE_BATCH = 2
-#: Seeded verification inputs: uniform in [-1, 1], the range Google's preprocessing
-#: (``x / 127.5 - 1``) produces.
-SEED = 0
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Parity:
     top1_agree: float
     min_cosine: float
     ok: bool
+
+    @classmethod
+    def of(cls, batch: int, size: int, c: Comparison) -> "Parity":
+        return cls(batch, size, c.max_abs, c.top1, c.cosine, c.ok)
 
     def describe(self, fp16: bool) -> str:
         s = f"b{self.batch} {self.size}px max|diff| {self.max_abs:.2e}"
@@ -135,26 +140,11 @@ def check_plan(image_size: int, stride: int, batch: Optional[int], dynamic_size:
     return checks
 
 
-def seeded_input(batch: int, size: int, in_chans: int = 3, seed: int = SEED) -> np.ndarray:
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 100003 + batch * 1009 + size)
-    return (torch.rand(batch, in_chans, size, size, generator=g) * 2 - 1).numpy()
-
-
-def compare(ref: np.ndarray, got: np.ndarray, batch: int, size: int, fp16: bool,
-            atol: float = FP32_ATOL) -> Parity:
-    """fp32: max abs diff within ``atol``. fp16: every top-1 equal and cosine >= 0.9999."""
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got, np.float64)
-    if ref.shape != got.shape:
-        return Parity(batch, size, float("inf"), 0.0, 0.0, False)
-    max_abs = float(np.abs(ref - got).max())
-    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
-    denom = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
-    cos = float(np.min((ref * got).sum(-1) / np.maximum(denom, 1e-30)))
-    ok = (top1 == 1.0 and cos >= FP16_MIN_COSINE) if fp16 else max_abs <= atol
-    return Parity(batch, size, max_abs, top1, cos, bool(np.isfinite(max_abs) and ok))
+def compare_output(ref: np.ndarray, got: np.ndarray, batch: int, size: int, fp16: bool,
+                   atol: float = FP32_ATOL) -> Parity:
+    """fp32: max abs within ``atol * max(1, rms(ref))``; fp16: every top-1 equal and cosine >=
+    ``FP16_MIN_COSINE`` (:mod:`vitconv.verification.compare`)."""
+    return Parity.of(batch, size, judge_rounded_output(got, ref) if fp16 else compare(got, ref, atol))
 
 
 #: ``reference(batch, size) -> logits``: the PyTorch model's output on the seeded input.
@@ -167,8 +157,8 @@ def verify(run: Callable[[np.ndarray], np.ndarray], reference: Reference,
     """Run an artifact (``run``) and the reference on each check's seeded input."""
     out = []
     for c in checks:
-        x = seeded_input(c.batch, c.size, in_chans)
-        out.append(compare(reference(c.batch, c.size), run(x), c.batch, c.size, fp16, atol))
+        x = seeded_nchw(c.batch, c.size, in_chans)
+        out.append(compare_output(reference(c.batch, c.size), run(x), c.batch, c.size, fp16, atol))
     return out
 
 

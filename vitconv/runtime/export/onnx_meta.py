@@ -55,9 +55,10 @@ from vitconv.config import parameter_shapes
 from vitconv.errors import BadInputError, VerificationError
 from vitconv.formats.atomic import atomic_files
 from vitconv.runtime.export import onnx_stream
-from vitconv.runtime.export.common import FP16_MIN_COSINE, trim, FP32_ATOL, ExportResult, Timer, compare, raise_if_failed, seeded_input
+from vitconv.runtime.export.common import trim, FP32_ATOL, ExportResult, Timer, compare_output, raise_if_failed
 from vitconv.runtime.export.onnx import INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter, to_fp16
 from vitconv.lazy import lazy_module
+from vitconv.verification.compare import compare, judge_rounded_output, seeded_nchw
 
 canonical_model = lazy_module("vitconv.model")  # torch
 
@@ -376,10 +377,12 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
     session reading its weights from the written file (``folder``), the activations chained,
     on each check's seeded input. Each block's output is compared with the canonical model's
     (``stages(batch, size)``: :func:`~vitconv.conversion.loading.forward_stages_streamed`'s), within
-    ``atol * max(1, max|want|)``; raises :class:`VerificationError` naming the first block past
+    ``atol * max(1, rms(want))`` (:func:`vitconv.verification.compare.compare`, the rule of every
+    stage ``verify`` compares); raises :class:`VerificationError` naming the first block past
     it (float16: the cosine of the whole activation at least ``FP16_MIN_COSINE``, as the
-    logits'). Returns the logits' :class:`~vitconv.runtime.export.common.Parity` per check and each
-    block's ``(index, max|diff|, max|want|)``."""
+    logits': :func:`~vitconv.verification.compare.judge_rounded_output`). Returns the logits'
+    :class:`~vitconv.runtime.export.common.Parity` per check and each block's ``(index, max|diff|,
+    rms(want))``."""
     import onnx
     import onnxruntime as ort
 
@@ -389,7 +392,7 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
         paths.append(folder / f".part{j}.onnx")
         onnx.save_model(p.proto, os.fspath(paths[-1]))
     del parts[:]  # the part protos: weights are external, these are light, but not needed again
-    xs = {(c.batch, c.size): seeded_input(c.batch, c.size, in_chans) for c in checks}
+    xs = {(c.batch, c.size): seeded_nchw(c.batch, c.size, in_chans) for c in checks}
     acts: Dict[Tuple[int, int], Dict[str, np.ndarray]] = {k: {INPUT_NAME: x} for k, x in xs.items()}
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -415,21 +418,20 @@ def block_parity(light, folder: Path, bounds: Boundaries, stages: Callable[[int,
         want = stages(batch, size)
         trim()
         for i, name in enumerate(bounds.outputs):
-            ref = want[f"blocks.{i}.mlp"].astype(np.float64)
-            got = env[name].astype(np.float64)
-            err = float(np.abs(got - ref).max())
+            ref, got = want[f"blocks.{i}.mlp"], env[name]
             if fp16:  # float16 weights: the direction of the whole activation, as the logits' check
-                cos = float((got * ref).sum() / max(np.linalg.norm(got) * np.linalg.norm(ref), 1e-30))
-                bad, figure = not cos >= FP16_MIN_COSINE, f"cosine {cos:.6f} (max|diff| {err:.3g})"
+                c = judge_rounded_output(got, ref, rows=False)
+                figure = f"cosine {c.cosine:.6f} (max|diff| {c.max_abs:.3g})"
             else:
-                bad, figure = not err <= atol * max(1.0, float(np.abs(ref).max())), f"max|diff| {err:.3g}"
-            if bad:
+                c = compare(got, ref, atol)
+                figure = f"max|diff| {c.max_abs:.3g} > {c.bound:.3g}"
+            if not c.ok:
                 raise VerificationError(
                     f"streamed ONNX export: block {i} (blocks.{i}) output disagrees with the canonical model "
                     f"at b{batch} {size}px: {figure}; nothing written")
-            worst.append((i, err, float(np.abs(ref).max())))
-        parity.append(compare(want["logits"] if "logits" in want else want["head_input"], env[OUTPUT_NAME],
-                              batch, size, fp16, atol))
+            worst.append((i, c.max_abs, c.rms))
+        parity.append(compare_output(want["logits"] if "logits" in want else want["head_input"], env[OUTPUT_NAME],
+                                     batch, size, fp16, atol))
     return parity, worst
 
 
@@ -479,7 +481,7 @@ def export_onnx_streamed(open_ckpt, path, stages, checks, *, opset: int, batch: 
                      f"full_check passed; proved block by block ({blocks_per_part} a session), opset {opset}, "
                      "onnxruntime CPU"]
             if top:
-                notes.append(f"worst block output: block {top[0]} max|diff| {top[1]:.2e} (max|want| {top[2]:.3g})")
+                notes.append(f"worst block output: block {top[0]} max|diff| {top[1]:.2e} (rms(want) {top[2]:.3g})")
             if large:
                 notes.append(f"tensors in {data.name} (model above protobuf's 2 GB limit)")
             result = ExportResult("onnx" + (" fp16" if fp16 else "") + " (streamed)", files, export_s,

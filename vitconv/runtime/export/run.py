@@ -18,14 +18,14 @@ from vitconv.formats.atomic import check_writable, refuse_clobber
 from vitconv.formats.base import sha256_file
 from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from vitconv.conversion.pipeline import open_checkpoint
-from vitconv.runtime.export.common import (Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready,
-                     seeded_input)
+from vitconv.runtime.export.common import Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready
 from vitconv.runtime.export.onnx import DEFAULT_OPSET, export_metadata, export_onnx
 from vitconv.runtime.export.onnx_meta import export_onnx_streamed
 from vitconv.runtime.export.pt2 import export_pt2
 from vitconv.runtime.export.safetensors import export_safetensors
 from vitconv.runtime.export.torchscript import export_torchscript
 from vitconv.lazy import lazy_module
+from vitconv.verification.compare import seeded_nchw
 
 loading = lazy_module("vitconv.conversion.loading")  # torch
 
@@ -134,7 +134,7 @@ def streamed_stages(src: PathLike, plan: ExportPlan, native: int):
     def stages(batch: int, size: int) -> Dict[str, np.ndarray]:
         with open_checkpoint(src, image_size=plan.image_size if size == native else size, labels=plan.labels,
                              overrides=plan.overrides) as ckpt:
-            x = torch.from_numpy(seeded_input(batch, size, ckpt.config.in_chans))
+            x = torch.from_numpy(seeded_nchw(batch, size, ckpt.config.in_chans))
             return {k: v.numpy() for k, v in loading.forward_stages_streamed(ckpt, x).items()}
 
     return stages
@@ -183,7 +183,7 @@ def make_reference(src: PathLike, model, image_size: int, checks: Sequence[Check
         with torch.no_grad():
             for c in checks:
                 if c.size == size:
-                    x = torch.from_numpy(seeded_input(c.batch, size, model.config.in_chans))
+                    x = torch.from_numpy(seeded_nchw(c.batch, size, model.config.in_chans))
                     outputs[c.batch, size] = m(x).numpy()
         del m
 

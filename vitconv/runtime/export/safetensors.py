@@ -2,6 +2,11 @@
 the same bytes ``vitconv convert SRC OUT.safetensors`` writes), verified before it is
 renamed into place by reading every written file back into :func:`vitconv.build_model`.
 
+With ``fp16`` the file is proved as ``convert --dtype float16 --verify`` proves the same bytes
+(:mod:`vitconv.verification.compare`): every tensor the float32 conversion's rounded to float16,
+bit for bit, and the rounded model's logits by the rounded-weights rule (every top-1 equal,
+cosine >= 0.9999) against the float32 model's.
+
 This is a checkpoint, not a graph: the hybrid stem keeps its raw kernels (standardised at
 run time), so the file converts back to Google's ``.npz`` bit for bit. Above
 ``shard_bytes`` the tensors are split into ``STEM-0000k-of-0000N.safetensors`` plus
@@ -17,11 +22,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from vitconv.errors import VerificationError
 from vitconv.formats.safetensors_io import read_back
 from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from vitconv.conversion.pipeline import convert, open_checkpoint
 from vitconv.runtime.export.common import Check, ExportResult, PathLike, Reference, Timer, raise_if_failed, verify
 from vitconv.lazy import lazy_module
+from vitconv.verification.compare import CanonicalTensors, check_rounded
 
 loading = lazy_module("vitconv.conversion.loading")  # torch
 
@@ -40,9 +47,13 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
         def check(temporaries: List[Path]) -> None:
             if len(temporaries) > 1:  # shards, then their index
                 temporaries = temporaries[:-1]
+            bad = None
             with Timer() as t_verify:
                 with open_checkpoint(temporaries[0], source=read_back(temporaries)) as ckpt:
                     rebuilt = loading.build_model(ckpt.config, ckpt.state_dict())
+                    if fp16:  # the bytes: the float32 conversion rounded, tensor by tensor
+                        with open_checkpoint(src, image_size=image_size, labels=labels, overrides=overrides) as exact:
+                            bad = check_rounded(exact.tensors(), CanonicalTensors(ckpt), "float16")[0]
 
                 def run(a):
                     with torch.no_grad():
@@ -55,6 +66,10 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
             result = ExportResult("safetensors" + (" fp16" if fp16 else ""), [Path(path)], 0.0, t_verify.s,
                                   parity, notes, fp16)
             results.append(result)
+            if bad is not None:
+                err = VerificationError(f"safetensors fp16: {bad}; nothing written", path)
+                err.results = [result]  # type: ignore[attr-defined]
+                raise err
             raise_if_failed(result, path)
 
         report = convert(src, path, to="canonical", image_size=image_size,
