@@ -58,6 +58,7 @@ from vitconv.formats.base import numpy_dtype
 from vitconv.verification.references.big_vision_numpy import BigVisionReference
 from vitconv.verification.references.library import LibraryReference, open_reference
 from vitconv.conversion.pipeline import ARCH, left_open, open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.verification.references.google_numpy import GoogleViTReference
 from vitconv.runtime.runners import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 from vitconv.lazy import lazy_module
@@ -323,8 +324,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         raise BadInputError(f"batch must be positive, got {batch}")
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
-    (src_heads, src_set), (conv_heads, conv_set) = _arguments(src, converted, num_heads, dict(overrides or {}))
-    with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
+    src_as, conv_as = _arguments(src, converted, num_heads, dict(overrides or {}))
+    with open_checkpoint(src, src_as) as source:  # headers only
         scfg = source.config
         semantics = {f.name: {"value": getattr(source.source_config, f.name),
                               "from": source.semantics.sources[f.name]}
@@ -334,8 +335,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # opened here, so released here before the reference is built
     if converted is None:
-        model = loading.StreamedModel(lambda: open_checkpoint(src, image_size=image_size, num_heads=src_heads,
-                                                      overrides=src_set))
+        model = loading.StreamedModel(lambda: open_checkpoint(src, replace(src_as, image_size=image_size)))
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
         label = os.fspath(converted)
@@ -346,7 +346,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         elif kind == "torchscript":
             runner = TorchRunner(load_torchscript(Path(converted)), Path(converted))
         else:
-            model = loading.StreamedModel(lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set))
+            model = loading.StreamedModel(lambda: open_checkpoint(converted, conv_as))
     elif hasattr(converted, "forward_stages"):
         model, owned = converted, False
     else:
@@ -390,14 +390,13 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
                           reference_dtype=np.dtype(reference_dtype).name, semantics=semantics, arch=read_as)
     if rounding is not None:
-        got, said = _float32_twin(src, converted, rounding, written_size, nchw, got,
-                                  (src_heads, src_set), (conv_heads, conv_set))
+        got, said = _float32_twin(src, converted, rounding, written_size, nchw, got, src_as, conv_as)
         if got is None:  # a tensor is not the float32 one rounded: no stage is worth running
             report.stages = [StageResult("weights", f"weights rounded to {rounding}", math.inf, math.inf,
                                          math.nan, tolerance, False, said)]
             return report
         report.note, report.kind = said, f"{kind}, {rounding} weights"
-    with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # the layout decides the reference
+    with open_checkpoint(src, src_as) as source:  # the layout decides the reference
         ref = reference_for(src, source, reference_dtype)
     if size != ref.image_size and getattr(ref, "fixed_size", False):
         raise BadInputError(f"the reference ({ref.description}) runs at the checkpoint's {ref.image_size}px "
@@ -426,14 +425,16 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     return report
 
 
-def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]):
-    """``((num_heads, overrides) for the source, (the same) for the converted file)``: each goes
+def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]
+               ) -> Tuple[ReadOptions, ReadOptions]:
+    """How each side is read: ``(the source's, the converted file's)`` ``num_heads`` and
+    ``overrides``, as :class:`~vitconv.conversion.options.ReadOptions`. Each goes
     to the file(s) that leave it open (a bare state dict, source or converted, records neither
     heads nor GELU; the same model has the same). Given where both files record it, it is
     refused. ONNX, TorchScript and in-memory models take none."""
     if (num_heads is None and not overrides) or not isinstance(converted, (str, os.PathLike)) \
             or artifact_kind(converted) in ("onnx", "torchscript"):
-        return (num_heads, overrides), (None, {})
+        return ReadOptions(num_heads=num_heads, overrides=overrides), ReadOptions()
     given = {**overrides, **({"num_heads": num_heads} if num_heads is not None else {})}
     opened = [left_open(src), left_open(converted)]
     if ARCH in given:  # an architecture goes to the files of its layout that leave something open
@@ -442,8 +443,9 @@ def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], override
     closed = sorted(set(given) - opened[0] - opened[1])
     if closed:
         raise BadInputError(f"--num-heads/--set/--arch {', '.join(closed)}: both files record it", converted)
-    return tuple((num_heads if "num_heads" in o else None, {k: v for k, v in overrides.items() if k in o})
-                 for o in opened)
+    src_as, conv_as = (ReadOptions(num_heads=num_heads if "num_heads" in o else None,
+                                   overrides={k: v for k, v in overrides.items() if k in o}) for o in opened)
+    return src_as, conv_as
 
 
 def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int) -> StageResult:
@@ -457,21 +459,19 @@ def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray, size: int
 
 
 def _float32_twin(src: PathLike, converted: PathLike, dtype: str, size: int, nchw: np.ndarray,
-                  rounded: Dict[str, np.ndarray], src_args: Tuple[Optional[int], Dict[str, Any]],
-                  conv_args: Tuple[Optional[int], Dict[str, Any]]):
+                  rounded: Dict[str, np.ndarray], src_as: ReadOptions, conv_as: ReadOptions):
     """For a file of ``dtype`` weights whose model gave the stages ``rounded``: check each of its
     tensors is the source's float32 conversion (at ``size``) rounded, bit for bit, then run
     that float32 conversion in the file's architecture. Returns its stages and the note saying
     how far the rounding alone moves the output, or ``(None, what is wrong)``. One tensor of
     each is in memory at a time while checking, one block's weights while running."""
-    opened = dict(image_size=size, num_heads=src_args[0], overrides=src_args[1])
-    with open_checkpoint(src, **opened) as exact, \
-            open_checkpoint(converted, num_heads=conv_args[0], overrides=conv_args[1]) as written:
+    opened = replace(src_as, image_size=size)
+    with open_checkpoint(src, opened) as exact, open_checkpoint(converted, conv_as) as written:
         written_cfg = written.config
         bad, changed, total = check_rounded(exact.tensors(), CanonicalTensors(written), dtype)
     if bad is not None:
         return None, bad
-    got = _run_converted(loading.StreamedModel(lambda: open_checkpoint(src, **opened), written_cfg), None, nchw)
+    got = _run_converted(loading.StreamedModel(lambda: open_checkpoint(src, opened), written_cfg), None, nchw)
     final = "logits" if "logits" in got else "head_input"
     return got, rounding_note(dtype, total, changed, got[final], rounded[final])
 
