@@ -81,9 +81,10 @@ class ConvertOptions(ReadOptions):
         _frozen(self, "metadata", Provenance.of(self.metadata))
 
     @classmethod
-    def of(cls, read: ReadOptions, **write: object) -> "ConvertOptions":
-        """A conversion that reads as ``read`` does and writes as ``write`` says."""
-        return cls(**{f.name: getattr(read, f.name) for f in dataclasses.fields(ReadOptions)}, **write)
+    def of(cls, read: ReadOptions, **changes: object) -> "ConvertOptions":
+        """A conversion that reads as ``read`` does, but for ``changes`` (any field: the write's, or a
+        read-side one such as ``dtype``)."""
+        return cls(**{**{f.name: getattr(read, f.name) for f in dataclasses.fields(ReadOptions)}, **changes})
 
 
 __all__ = ["ReadOptions", "ConvertOptions"]
