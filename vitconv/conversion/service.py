@@ -1,4 +1,9 @@
-"""The model card (``README.md``) of every model directory vitconv writes: where the weights
+"""The convert service every command and :func:`vitconv.convert` use (:func:`convert`): stage
+URLs -> read -> write -> verify -> commit, as one frozen
+:class:`~vitconv.conversion.options.ConvertOptions` says, with one hook before the commit
+(``export --safetensors`` proves its parity there).
+
+The model card (``README.md``) of every model directory vitconv writes: where the weights
 came from (file, sha256, layout), the architecture, how to load it, the preprocessing and
 labels, vitconv's version and command, and the figures of ``verify`` run on the written
 files against the source's own reference, before the directory appears. Front matter in the
@@ -16,7 +21,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 

@@ -11,7 +11,6 @@ run time), so the file converts back to Google's ``.npz`` bit for bit. Above
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Sequence
 
