@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from vitconv.conversion.service import cli_command, convert as convert_any
+from vitconv.conversion.options import ConvertOptions
 from vitconv.conversion.pipeline import DTYPES
 from vitconv.conversion.targets import target_names
 
@@ -52,8 +53,9 @@ def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: i
     SRC and DST may be URLs (s3://, gs://, https://, with the s3/gcs/http extras): the source
     is streamed to a local temporary file once; the output is uploaded once complete.
     """
+    options = ConvertOptions(to=to, num_heads=num_heads, image_size=image_size, patch_size=patch_size, dtype=dtype,
+                             overrides=with_arch(parse_overrides(overrides), arch), labels=labels,
+                             num_classes=num_classes, command=cli_command(), verify=check)
     with progress_bar(ctx, "converting") as progress:
-        report = convert_any(src, dst, to=to, num_heads=num_heads, image_size=image_size, progress=progress,
-                             overrides=with_arch(parse_overrides(overrides), arch), dtype=dtype, patch_size=patch_size,
-                             labels=labels, num_classes=num_classes, command=cli_command(), verify=check)
+        report = convert_any(src, dst, options, progress=progress)
     summary(ctx, report.rows())

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from vitconv.conversion.service import cli_command, convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.conversion.pipeline import DTYPES
 
 from .common import arch_option, labels_option, num_classes_option, progress_bar, summary, with_arch
@@ -44,8 +45,9 @@ def npz2pt(ctx: click.Context, src: str, output: str | None, image_size: int | N
     # Google layouts required
     head, sep, name = src.rpartition("/")  # a URL too: its path is not a local Path's
     out = output or head + sep + str(Path(name).with_suffix(".pt"))
+    options = ConvertOptions(image_size=image_size, require_layout=("google", "big_vision"), dtype=dtype,
+                             patch_size=patch_size, labels=labels, num_classes=num_classes,
+                             overrides=with_arch({}, arch), command=cli_command())
     with progress_bar(ctx, "converting") as progress:
-        report = convert(src, out, image_size=image_size, require_layout=("google", "big_vision"),
-                         progress=progress, dtype=dtype, patch_size=patch_size, labels=labels,
-                         num_classes=num_classes, overrides=with_arch({}, arch), command=cli_command())
+        report = convert(src, out, options, progress=progress)
     summary(ctx, report.rows())

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import configuration as _hypothesis_configuration
 from hypothesis import settings
+from vitconv.conversion.options import ReadOptions
 
 # hypothesis keeps its example database and state under .hypothesis/ in the working directory;
 # send it to a temporary directory that goes with the session, and keep no database.
@@ -73,7 +74,7 @@ def read(path, **kwargs):
     """``(layout name, config, canonical state, notes)`` of a checkpoint, through the one path."""
     from vitconv.conversion.pipeline import open_checkpoint
 
-    with open_checkpoint(path, **kwargs) as c:
+    with open_checkpoint(path, ReadOptions(**kwargs)) as c:
         return c.layout.name, c.config, c.state_dict(), c.notes
 
 

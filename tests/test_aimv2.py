@@ -20,6 +20,7 @@ from timm_import import import_timm
 from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = import_timm()
@@ -57,11 +58,11 @@ def test_timm_aimv2_reads_resizes_writes_back_and_rebuilds(tmp_path):
     with torch.no_grad():
         close_to(ours(images(32)), model(images(32)))
         close_to(ours(images(48, 40)), model(images(48, 40)))  # timm resamples its table bicubic, antialiased
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     _bitwise(src, tmp_path / "back.safetensors")
     timm.create_model(AIMV2, pretrained=False, **SMALL, num_classes=10).load_state_dict(
         load_file(str(tmp_path / "back.safetensors")), strict=True)
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         close_to(built(images(32)), model(images(32)))
@@ -80,8 +81,8 @@ def test_bare_aimv2_epsilon_is_the_architecture_s_and_the_norm_is_the_file_s(tmp
         assert (wrong - want).abs().max().item() > 1e-5 * max(1.0, want.abs().max().item())
         close_to(load(src)(images()), want)
     with pytest.raises(BadInputError, match="--set norm: the timm layout reads it from the file"):
-        open_checkpoint(src, overrides={"norm": "layernorm"})
-    with open_checkpoint(src, overrides={"norm_eps": 1e-6}) as c:  # open: the user may say otherwise
+        open_checkpoint(src, ReadOptions(overrides={"norm": "layernorm"}))
+    with open_checkpoint(src, ReadOptions(overrides={"norm_eps": 1e-6})) as c:  # open: the user may say otherwise
         assert c.config.norm_eps == 1e-6
 
 
@@ -105,9 +106,9 @@ def test_timm_qk_norm_both_ways(kw, tmp_path):
         for blk in q_off.blocks:  # the feature moves the output: without it the logits differ
             blk.attn.q_norm = blk.attn.k_norm = None
         assert (q_off(images(32)) - model(images(32))).abs().max().item() > 1e-3
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     _bitwise(src, tmp_path / "back.safetensors")
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         close_to(built(images(32)), model(images(32)))
@@ -149,7 +150,7 @@ def test_hf_aimv2_head_is_not_timm_s_and_is_refused_there_by_name(tmp_path):
     from vitconv.errors import MappingError
 
     with pytest.raises(MappingError, match="pool_head='aimv2'"):
-        convert(tmp_path / "src", tmp_path / "t.safetensors", to="timm")
+        convert(tmp_path / "src", tmp_path / "t.safetensors", ConvertOptions(to="timm"))
     assert not (tmp_path / "t.safetensors").exists()
 
 
@@ -171,7 +172,7 @@ def test_timm_and_hf_aimv2_convert_into_each_other(tmp_path):
         with pytest.raises((RuntimeError, ValueError)):
             hf(pixel_values=images(48))
         close_to(load(tmp_path / "hf")(images(48, 40)), model(images(48, 40)))
-    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     _bitwise(src, tmp_path / "back.safetensors")
 
 
@@ -264,7 +265,7 @@ def test_a_bare_hf_aimv2_file_says_what_it_assumes(tmp_path):
     model = _hf(rms_norm_eps=1e-6)
     model.save_pretrained(tmp_path / "src")
     shutil.copy(tmp_path / "src" / "model.safetensors", tmp_path / "bare.safetensors")
-    with open_checkpoint(tmp_path / "bare.safetensors", num_heads=2) as c:
+    with open_checkpoint(tmp_path / "bare.safetensors", ReadOptions(num_heads=2)) as c:
         assert (c.layout.name, c.config.norm_eps, c.config.act) == ("hf_aimv2", 1e-5, "silu")
         assert any("norm_eps=1e-05 assumed" in n for n in c.notes), c.notes
     with torch.no_grad():

@@ -17,6 +17,7 @@ from vitconv import archs, load
 from vitconv.archs import generate
 from vitconv.errors import BadInputError, MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 from vitconv.verification.verify import verify
 
 timm = import_timm()
@@ -70,7 +71,7 @@ def test_bare_file_is_refused_naming_arch_or_converted_exactly(name, tmp_path):
 @pytest.mark.parametrize("name", CLIP)
 def test_clip_with_arch_converts_exactly_and_verifies(name, tmp_path):
     model, src = _bare(name, tmp_path)
-    report = convert(src, tmp_path / "c.safetensors", overrides={"arch": name})
+    report = convert(src, tmp_path / "c.safetensors", ConvertOptions(overrides={"arch": name}))
     assert _gap(tmp_path / "c.safetensors", model) <= 1e-5
     assert any(f"from --arch {name}" in n for n in report.notes), report.notes
     with open_checkpoint(tmp_path / "c.safetensors") as ckpt:
@@ -88,7 +89,7 @@ def test_perception_encoder_with_arch_converts_exactly(name, tmp_path):
     """Perception Encoder (timm Eva: EVA's 'cat' rotary angles offset by one, 'xy'; the core tower's
     attention pool with its own 8 heads): --arch supplies what the file cannot say."""
     model, src = _bare(name, tmp_path)
-    convert(src, tmp_path / "c.safetensors", overrides={"arch": name})
+    convert(src, tmp_path / "c.safetensors", ConvertOptions(overrides={"arch": name}))
     assert _gap(tmp_path / "c.safetensors", model) <= 1e-5
 
 
@@ -96,7 +97,7 @@ def test_an_arch_vitconv_does_not_compute_is_refused_by_name(tmp_path):
     """Sapiens2 normalises queries and keys and shares key/value heads: refused naming that."""
     _, src = _bare("vit_base_patch16_sapiens2", tmp_path, num_kv_heads=6)
     with pytest.raises(MappingError, match="qk-norm"):
-        convert(src, tmp_path / "c.safetensors", overrides={"arch": "vit_base_patch16_sapiens2"})
+        convert(src, tmp_path / "c.safetensors", ConvertOptions(overrides={"arch": "vit_base_patch16_sapiens2"}))
     assert not (tmp_path / "c.safetensors").exists()
 
 
@@ -150,19 +151,19 @@ def test_verify_is_not_ok_where_the_reference_assumed(tmp_path):
 def test_arch_contradicting_the_tensors_is_refused_naming_both(tmp_path):
     _, src = _bare("vit_base_patch16_clip_224", tmp_path)
     with pytest.raises(BadInputError, match=r"has width 1024 \(the file: 768\)"):
-        open_checkpoint(src, overrides={"arch": "vit_large_patch14_clip_224"})
+        open_checkpoint(src, ReadOptions(overrides={"arch": "vit_large_patch14_clip_224"}))
     with pytest.raises(BadInputError, match="contradicts the file's keys: the file has norm_pre"):
-        open_checkpoint(src, overrides={"arch": "vit_base_patch16_224"})
+        open_checkpoint(src, ReadOptions(overrides={"arch": "vit_base_patch16_224"}))
     with pytest.raises(BadInputError, match="nearest: vit_base_patch16_clip_224"):
-        open_checkpoint(src, overrides={"arch": "vit_base_patch16_clip_22"})
+        open_checkpoint(src, ReadOptions(overrides={"arch": "vit_base_patch16_clip_22"}))
     with pytest.raises(BadInputError, match="clip layout"):
-        open_checkpoint(src, overrides={"arch": "open_clip:ViT-B-16"})
+        open_checkpoint(src, ReadOptions(overrides={"arch": "open_clip:ViT-B-16"}))
 
 
 def test_set_decides_what_the_candidates_differ_in(tmp_path):
     """--set act picks the CLIP towers with that activation; their common eps (1e-5) follows."""
     model, src = _bare("vit_base_patch16_clip_quickgelu_224", tmp_path)
-    with open_checkpoint(src, overrides={"act": "quick_gelu"}) as ckpt:
+    with open_checkpoint(src, ReadOptions(overrides={"act": "quick_gelu"})) as ckpt:
         assert ckpt.config.norm_eps == 1e-5 and ckpt.semantics.sources["norm_eps"] == "table"
     assert _gap(src, model, act="quick_gelu") <= 1e-5
 
@@ -209,7 +210,7 @@ def test_a_hub_directory_is_read_as_the_architecture_its_config_names(tmp_path):
         assert ckpt.semantics.arch == name and ckpt.semantics.sources["act"] == "config"
     assert _gap(hub, model) <= 1e-5
     with pytest.raises(BadInputError, match="the file's config names vit_base_patch16_clip_quickgelu_224"):
-        open_checkpoint(hub, overrides={"arch": "vit_base_patch16_clip_224"})
+        open_checkpoint(hub, ReadOptions(overrides={"arch": "vit_base_patch16_clip_224"}))
 
 
 def test_a_google_file_leaves_nothing_open():

@@ -25,6 +25,7 @@ from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.model import VisionTransformer
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 timm = import_timm()
 from timm.models.beit import checkpoint_filter_fn  # noqa: E402 (after the torchvision placeholder)
@@ -82,7 +83,7 @@ def test_timm_beit_reads_resizes_and_writes_back(name, tmp_path):
         want = _timm_at(arch, extra, model.state_dict(), 48)(_x(48))
         close_to(load(tmp_path / "c.safetensors", image_size=48)(_x(48)), want)
     # back to timm: strict, bit for bit
-    back = convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    back = convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     assert back.target_layout == "timm_beit"
     a, b = load_file(str(tmp_path / "src.safetensors")), load_file(str(tmp_path / "back.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -152,12 +153,12 @@ def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
         close_to(load(tmp_path / "m.safetensors", norm_eps=1e-2)(_x(32)), want)
     for field, value in (("act", "gelu_tanh"), ("rel_pos_resize", "bilinear")):
         with pytest.raises(BadInputError, match=f"--set {field}: the timm_beit layout reads it from the file"):
-            open_checkpoint(tmp_path / "m.safetensors", overrides={field: value})
+            open_checkpoint(tmp_path / "m.safetensors", ReadOptions(overrides={field: value}))
     with pytest.raises(BadInputError, match="num_heads|heads"):
-        open_checkpoint(tmp_path / "m.safetensors", num_heads=4)
+        open_checkpoint(tmp_path / "m.safetensors", ReadOptions(num_heads=4))
     # written, the notes name the norm_layer timm needs
-    report = convert(tmp_path / "m.safetensors", tmp_path / "back.safetensors", to="timm",
-                     overrides={"norm_eps": 1e-2})
+    report = convert(tmp_path / "m.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm",
+                     overrides={"norm_eps": 1e-2}))
     assert any("norm_layer=partial(nn.LayerNorm, eps=0.01)" in n for n in report.notes), report.notes
 
 
@@ -172,7 +173,7 @@ def test_a_key_bias_beit_cannot_hold_is_refused_by_name(tmp_path):
     tensors["blocks.1.attn.qkv.bias"][64 + 3] = 0.5
     save_file(tensors, str(tmp_path / "k.safetensors"), metadata=meta)
     with pytest.raises(MappingError, match=r"blocks\.1\.attn\.qkv\.bias.*key third is not zero") as e:
-        convert(tmp_path / "k.safetensors", tmp_path / "out.safetensors", to="timm")
+        convert(tmp_path / "k.safetensors", tmp_path / "out.safetensors", ConvertOptions(to="timm"))
     assert "\n" not in str(e.value) and not (tmp_path / "out.safetensors").exists()
 
 
@@ -180,7 +181,7 @@ def test_a_plain_vit_is_not_written_as_beit(tmp_path):
     """``--to timm`` writes a model without relative tables as timm's VisionTransformer."""
     from conftest import golden_path
 
-    report = convert(golden_path("jax/tiny_gap_p8_32.npz"), tmp_path / "t.safetensors", to="timm")
+    report = convert(golden_path("jax/tiny_gap_p8_32.npz"), tmp_path / "t.safetensors", ConvertOptions(to="timm"))
     assert report.target_layout == "timm"
 
 
@@ -237,7 +238,7 @@ def test_hf_beit_reads_resizes_and_writes_back(name, tmp_path):
         at48 = load(tmp_path / "c.safetensors", image_size=48)
         close_to((at48.forward_features if output == "last_hidden_state" else at48)(_x(48)),
                getattr(model(pixel_values=_x(48), interpolate_pos_encoding=True), output))
-    back = convert(tmp_path / "c.safetensors", tmp_path / "back", to=to)
+    back = convert(tmp_path / "c.safetensors", tmp_path / "back", ConvertOptions(to=to))
     assert back.target_layout == layout
     again, info = type(model).from_pretrained(tmp_path / "back", output_loading_info=True, **pooler)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -261,7 +262,7 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
     arch, extra, _ = TIMM["beit"]
     tm = seeded(timm.create_model(arch, pretrained=False, **SMALL, **extra))
     save_state(tm, tmp_path / "t.safetensors")
-    report = convert(tmp_path / "t.safetensors", tmp_path / "hf", to="hf")
+    report = convert(tmp_path / "t.safetensors", tmp_path / "hf", ConvertOptions(to="hf"))
     assert report.target_layout == "hf_beit_cls"
     assert any("rel_pos_resize='geometric'" in n for n in report.notes), report.notes
     hf, info = transformers.BeitForImageClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -269,14 +270,14 @@ def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
     with torch.no_grad():
         close_to(hf.eval()(pixel_values=_x(32)).logits, tm(_x(32)))
     # and back: bit for bit
-    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     a, b = load_file(str(tmp_path / "t.safetensors")), load_file(str(tmp_path / "back.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     cls, config_cls, kw, output, _, _, _ = HF["beit"]
     hm = seeded(transformers.BeitModel(transformers.BeitConfig(**HF_SMALL, **kw)))
     hm.save_pretrained(tmp_path / "h")
-    report = convert(tmp_path / "h", tmp_path / "h.safetensors", to="timm")
+    report = convert(tmp_path / "h", tmp_path / "h.safetensors", ConvertOptions(to="timm"))
     assert any("norm_layer=partial(nn.LayerNorm, eps=1e-12)" in n for n in report.notes), report.notes
     built = timm.create_model(arch, pretrained=False, **SMALL, num_classes=0, mlp_ratio=2,
                               norm_layer=partial(nn.LayerNorm, eps=1e-12)).eval()

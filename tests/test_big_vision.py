@@ -23,6 +23,7 @@ from _vitconv_cli.main import main
 from conftest import GOLDEN
 from vitconv.formats.npz import NpzSource
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions
 
 BV = GOLDEN / "bv"
 UPSTREAM = json.loads((BV / "manifest.json").read_text())
@@ -115,9 +116,9 @@ def test_writes_back_bitwise(name, tmp_path):
     src, prefix = BV / case["checkpoint"], case["image_tower_prefix"]
     dtype = "bfloat16" if case["storage_dtype"] == "bfloat16" else None
     want = _members(src, prefix)
-    convert(src, tmp_path / "direct.npz", to="big_vision", dtype=dtype)
+    convert(src, tmp_path / "direct.npz", ConvertOptions(to="big_vision", dtype=dtype))
     assert list(_members(tmp_path / "direct.npz", "params/").items()) == list(want.items())
-    convert(src, tmp_path / "c.safetensors", dtype=dtype)
+    convert(src, tmp_path / "c.safetensors", ConvertOptions(dtype=dtype))
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "c.safetensors"), str(tmp_path / "back.npz"),
                                   "--to", "big_vision", *(["--dtype", dtype] if dtype else [])])
     assert r.exit_code == 0, r.output
@@ -147,11 +148,11 @@ def test_bfloat16_is_read_exactly_without_jax(tmp_path):
             assert z[k].dtype == np.dtype("V2")
             want = z[k].view(ml_dtypes.bfloat16).astype(np.float32)
             np.testing.assert_array_equal(ours.get(k[:-4] if k.endswith(".npy") else k), want)
-    convert(src, tmp_path / "b.safetensors", dtype="bfloat16")
+    convert(src, tmp_path / "b.safetensors", ConvertOptions(dtype="bfloat16"))
     with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
         t = f.get_tensor("blocks.0.mlp.fc1.weight")
     assert t.dtype == torch.bfloat16
-    convert(src, tmp_path / "b.pt", dtype="bfloat16")
+    convert(src, tmp_path / "b.pt", ConvertOptions(dtype="bfloat16"))
     state = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
     assert torch.equal(state["blocks.0.mlp.fc1.weight"], t)
     assert "jax" not in sys.modules
@@ -167,11 +168,11 @@ def test_siglip_tower_to_timm_and_hugging_face(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     src, x = BV / "tiny_siglip_map_p8_32.npz", _inputs(32)
     want = np.load(BV / "tiny_siglip_map_p8_32.logits.npy")
-    convert(src, tmp_path / "timm", to="timm")
+    convert(src, tmp_path / "timm", ConvertOptions(to="timm"))
     model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     with torch.no_grad():
         assert float(np.abs(model(x).numpy() - want).max()) <= TOL
-    convert(src, tmp_path / "hf", to="hf")
+    convert(src, tmp_path / "hf", ConvertOptions(to="hf"))
     hf, info = transformers.SiglipVisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
@@ -285,7 +286,7 @@ def test_exports_with_dynamic_size(name, tmp_path):
     from vitconv.runtime.export import ExportPlan, run_export
 
     src = BV / f"{name}.npz"
-    convert(src, tmp_path / "c.safetensors", image_size=32)
+    convert(src, tmp_path / "c.safetensors", ConvertOptions(image_size=32))
     (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
     assert result.ok and len({p.size for p in result.parity}) >= 2
     x = np.load(BV / "inputs_48.npy")

@@ -15,7 +15,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import golden_path
-from vitconv.conversion.service import convert
+from vitconv.conversion.api import convert  # the keyword form (vitconv.convert)
+from vitconv.errors import VerificationError
 from vitconv.runtime.export import ExportPlan, run_export
 from vitconv.runtime.export.common import compare_output
 from vitconv.verification.compare import (FP16_MIN_COSINE, check_rounded, compare, cosine, held_exactly,
@@ -203,8 +204,6 @@ def test_a_float16_rounding_that_flips_top1_fails_convert_and_export_alike(tmp_p
     """The same bytes, the same verdict: ``convert --dtype float16 --verify`` and ``export
     --safetensors --fp16`` both refuse a file whose rounding flips the top-1 (the float32
     conversion itself verifies); ``bfloat16`` reports the figures and passes."""
-    from vitconv.errors import VerificationError
-
     src = _near_tie(tmp_path)
     with pytest.raises(VerificationError, match=r"output of the float16 weights.*top-1 0% equal"):
         convert(src, tmp_path / "c.safetensors", to="canonical", dtype="float16", verify=True)

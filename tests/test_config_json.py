@@ -15,6 +15,7 @@ from conftest import golden_path
 from vitconv.formats.open import open_source
 from vitconv.tools.inspection import inspect_checkpoint
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.layouts import Probe
 
 SRC = golden_path("jax/tiny_token_p8_32.npz")
@@ -25,7 +26,7 @@ def directories(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dirs")
     out = {"hf": root / "hf", "timm": root / "timm"}
     convert(SRC, out["hf"])
-    convert(SRC, out["timm"], to="timm")
+    convert(SRC, out["timm"], ConvertOptions(to="timm"))
     return out
 
 

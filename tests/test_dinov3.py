@@ -25,6 +25,7 @@ from timm_import import assert_timm_round_trip, import_timm
 from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError, MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = import_timm()
@@ -68,7 +69,8 @@ def test_timm_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     extra, unsaid, heads, expect = TIMM[name]
     model = _timm(name)
     save_state(model, tmp_path / "src.safetensors")
-    report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides=unsaid, num_heads=heads)
+    report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors",
+                     ConvertOptions(overrides=unsaid, num_heads=heads))
     assert report.layout == "timm_eva"
     for field, value in expect.items():
         assert getattr(report.config, field) == value, field
@@ -99,12 +101,12 @@ def test_the_key_bias_is_held_at_zero_and_written_as_attention_rope_where_there_
     one full qkv bias), which computes what Hugging Face does."""
     model = _timm("vit_base_patch16_dinov3_qkvb")
     save_state(model, tmp_path / "src.safetensors")
-    convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
+    convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides={"classifier": "gap"}))
     state = load_file(tmp_path / "c.safetensors")
     assert not state["blocks.0.attn.qkv.bias"][128:256].any()
     hf = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**HF, key_bias=True)))
     hf.save_pretrained(tmp_path / "kb")
-    convert(tmp_path / "kb", tmp_path / "kb_timm", to="timm")
+    convert(tmp_path / "kb", tmp_path / "kb_timm", ConvertOptions(to="timm"))
     written = json.loads((tmp_path / "kb_timm" / "config.json").read_text())
     assert written["model_args"]["attn_type"] == "rope"
     built = timm.create_model(f"local-dir:{tmp_path / 'kb_timm'}", pretrained=True).eval()
@@ -153,7 +155,8 @@ def test_timm_to_hf_to_timm(name, tmp_path):
     mask_token, masked training only, is written as zeros and left out again)."""
     model = _timm(name, global_pool="token", num_classes=0)
     save_state(model, tmp_path / "src.safetensors")
-    report = convert(tmp_path / "src.safetensors", tmp_path / "hf", overrides={"classifier": "token"}, to="hf")
+    report = convert(tmp_path / "src.safetensors", tmp_path / "hf",
+                     ConvertOptions(overrides={"classifier": "token"}, to="hf"))
     assert report.target_layout == "hf_dinov3"
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (written["rope_theta"], written["layer_norm_eps"], written["key_bias"]) == (100.0, 1e-5, False)
@@ -162,7 +165,7 @@ def test_timm_to_hf_to_timm(name, tmp_path):
     with torch.no_grad():
         for h, w in SIZES:
             close_to(hf.eval()(pixel_values=images(h, w)).pooler_output, model(images(h, w)))
-    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -177,7 +180,8 @@ def test_onnx_dynamic_size_follows_timm_at_unseen_sizes(tmp_path):
 
     model = _timm("vit_small_plus_patch16_dinov3", qkv_bias=True)
     save_state(model, tmp_path / "t.safetensors")
-    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", image_size=32, overrides={"classifier": "token"})
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors",
+            ConvertOptions(image_size=32, overrides={"classifier": "token"}))
     r = CliRunner().invoke(main, ["export", str(tmp_path / "c.safetensors"), "--onnx", str(tmp_path / "m.onnx"),
                                   "--dynamic-size"])
     assert r.exit_code == 0, r.output
@@ -201,10 +205,10 @@ def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
         assert "classifier='gap', norm_eps=1e-05, pool_heads=0, rope='dinov3', " in said, c.notes
         assert "rope_theta=100.0: what every architecture whose keys and shapes fit computes" in said, c.notes
         assert "native size 224 is assumed" in said, c.notes
-    with open_checkpoint(tmp_path / "s.safetensors", overrides={"rope_theta": 1000.0}) as c:
+    with open_checkpoint(tmp_path / "s.safetensors", ReadOptions(overrides={"rope_theta": 1000.0})) as c:
         assert c.config.rope_theta == 1000.0
     with pytest.raises(BadInputError, match="--set abs_pos_embed: the timm_eva layout reads it from the file"):
-        open_checkpoint(tmp_path / "s.safetensors", overrides={"abs_pos_embed": True})
+        open_checkpoint(tmp_path / "s.safetensors", ReadOptions(overrides={"abs_pos_embed": True}))
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_dinov3_qkvb", "vit_small_patch16_lingbot"])
@@ -217,7 +221,7 @@ def test_arch_names_what_keys_alone_cannot(name, tmp_path):
     with pytest.raises(MappingError, match=r"classifier='gap' \(--arch vit_small_patch16_dinov3_qkvb\); "
                                            r"classifier='token' \(--arch vit_small_patch16_lingbot\)"):
         open_checkpoint(tmp_path / "s.safetensors")
-    report = convert(tmp_path / "s.safetensors", tmp_path / "c.safetensors", overrides={"arch": name})
+    report = convert(tmp_path / "s.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides={"arch": name}))
     assert any(f"rope_theta=100.0: from --arch {name}" in n for n in report.notes), report.notes
     assert (report.config.num_heads, report.config.rope_theta) == (6, 100.0)
     with torch.no_grad():
@@ -247,9 +251,9 @@ def test_verify_runs_the_library_as_the_reference(tmp_path):
 
     model = _timm("vit_base_patch16_dinov3_qkvb")
     save_state(model, tmp_path / "t.safetensors")
-    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"})
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides={"classifier": "gap"}))
     assert verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides={"classifier": "gap"}).ok
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     assert verify(tmp_path / "tdir", tmp_path / "c.safetensors").ok
     hf = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**HF, use_gated_mlp=True, hidden_act="silu")))
     hf.save_pretrained(tmp_path / "hf")

@@ -29,6 +29,7 @@ from timm_import import import_timm
 from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError, MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions
 
 timm = import_timm()
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -122,7 +123,7 @@ def test_original_reads_like_transformers_and_writes_back(name, tmp_path):
         for h, w in SIZES:
             close_to(ours(images(h, w)), hf(pixel_values=images(h, w)).pooler_output)
     # back to the original layout: every key, bit for bit (the periods regenerated from theta)
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="dinov3")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="dinov3"))
     _bitwise(src, load_file(tmp_path / "back.safetensors"))
 
 
@@ -133,13 +134,13 @@ def test_original_to_transformers_to_original(name, tmp_path):
     hf = _hf(**VARIANTS[name][0])
     src = _original(hf)
     save_file(src, str(tmp_path / "orig.safetensors"))
-    report = convert(tmp_path / "orig.safetensors", tmp_path / "hf", to="hf")
+    report = convert(tmp_path / "orig.safetensors", tmp_path / "hf", ConvertOptions(to="hf"))
     assert report.target_layout == "hf_dinov3"
     again, info = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         close_to(again.eval()(pixel_values=images(32, 48)).pooler_output, hf(pixel_values=images(32, 48)).pooler_output)
-    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="dinov3")
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", ConvertOptions(to="dinov3"))
     _bitwise(src, load_file(tmp_path / "back.safetensors"))
 
 
@@ -149,7 +150,7 @@ def test_original_to_timm_eva(name, tmp_path):
     (class-token pooling, as upstream), at every size."""
     hf = _hf(**VARIANTS[name][0])
     save_file(_original(hf), str(tmp_path / "orig.safetensors"))
-    report = convert(tmp_path / "orig.safetensors", tmp_path / "tdir", to="timm")
+    report = convert(tmp_path / "orig.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     assert report.target_layout == "timm_eva"
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=False).eval()
     state = load_file(tmp_path / "tdir" / "model.safetensors")
@@ -181,12 +182,12 @@ def test_bfloat16_periods_are_computed_with_as_stored(tmp_path):
         for h, w in SIZES:
             close_to(ours(images(h, w)), hf(pixel_values=images(h, w)).pooler_output)
         assert (ours(images(32, 48)) - fp32).abs().max() > 1e-4
-    convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", to="dinov3")
+    convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="dinov3"))
     back = load_file(tmp_path / "back.safetensors")
     assert torch.equal(back.pop("rope_embed.periods"), src.pop("rope_embed.periods").float())  # values, float32
     _bitwise(src, back)
     with pytest.raises(MappingError, match="rope_periods='bfloat16'"):
-        convert(tmp_path / "orig.safetensors", tmp_path / "hf", to="hf")
+        convert(tmp_path / "orig.safetensors", tmp_path / "hf", ConvertOptions(to="hf"))
 
 
 def test_periods_and_masks_of_another_form_are_refused(tmp_path):
@@ -235,12 +236,13 @@ def test_the_dead_key_bias_is_not_computed_and_the_file_says_its_heads_and_theta
     save_file(src, str(tmp_path / "orig.safetensors"))
     with torch.no_grad():
         close_to(load(tmp_path / "orig.safetensors")(images(32, 48)), hf(pixel_values=images(32, 48)).pooler_output)
-    convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", to="dinov3")
+    convert(tmp_path / "orig.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="dinov3"))
     assert not load_file(tmp_path / "back.safetensors")["blocks.0.attn.qkv.bias"][64:128].any()
     with pytest.raises(BadInputError, match="records the heads"):
-        convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", num_heads=4)
+        convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", ConvertOptions(num_heads=4))
     with pytest.raises(BadInputError, match="reads it from the file"):
-        convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors", overrides={"rope_theta": 50.0})
+        convert(tmp_path / "orig.safetensors", tmp_path / "x.safetensors",
+                ConvertOptions(overrides={"rope_theta": 50.0}))
 
 
 def test_verify_names_the_original_library_it_needs(tmp_path):

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from conftest import golden_path
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.errors import OutputError
 from vitconv.formats import direct_io
 from vitconv.formats.base import TensorSpec
@@ -69,9 +70,9 @@ def test_direct_writes_give_the_bytes_of_ordinary_writes(tmp_path, monkeypatch, 
 def test_a_conversion_written_directly_equals_one_written_through_the_cache(tmp_path, monkeypatch):
     """The whole path: the source's hash written into the headers at the end, in place."""
     monkeypatch.setenv("VITCONV_DIRECT_IO", "0")
-    convert(SRC, tmp_path / "plain.safetensors", shard_bytes=40_000)
+    convert(SRC, tmp_path / "plain.safetensors", ConvertOptions(shard_bytes=40_000))
     monkeypatch.setenv("VITCONV_DIRECT_IO", "1")
-    convert(SRC, tmp_path / "direct.safetensors", shard_bytes=40_000)
+    convert(SRC, tmp_path / "direct.safetensors", ConvertOptions(shard_bytes=40_000))
     plain = sorted(tmp_path.glob("plain-*.safetensors"))
     direct = sorted(tmp_path.glob("direct-*.safetensors"))
     assert len(plain) == len(direct) >= 3

@@ -22,6 +22,7 @@ from timm_import import assert_timm_round_trip, import_timm
 from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = import_timm()
@@ -84,7 +85,7 @@ def test_timm_eva_reads_at_any_size_and_writes_back(name, tmp_path):
     extra, unsaid, expect = TIMM[name]
     model = _timm(name)
     save_state(model, tmp_path / "src.safetensors")
-    report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", overrides=unsaid)
+    report = convert(tmp_path / "src.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides=unsaid))
     assert report.layout == "timm_eva"
     for field, value in expect.items():
         assert getattr(report.config, field) == value, field
@@ -117,7 +118,7 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
         assert (c.config.rope, c.config.rope_theta, c.config.rope_indexing) == ("cat", 100.0, "xy")
         assert any("rope_indexing='xy'" in n and "every architecture whose keys and shapes fit" in n
                    for n in c.notes), c.notes
-    with open_checkpoint(tmp_path / "s.safetensors", overrides={"rope_theta": 10.0}) as c:
+    with open_checkpoint(tmp_path / "s.safetensors", ReadOptions(overrides={"rope_theta": 10.0})) as c:
         assert c.config.rope_theta == 10.0
 
 
@@ -168,6 +169,6 @@ def test_verify_runs_timm_as_the_reference(name, tmp_path):
     convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
     checked = verify(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
     assert checked.ok, checked.verdict()
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     checked = verify(tmp_path / "tdir", tmp_path / "c.safetensors")
     assert checked.ok, checked.verdict()

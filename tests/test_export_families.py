@@ -17,6 +17,7 @@ from conftest import seeded
 from timm_import import import_timm
 from vitconv.runtime.export import ExportPlan, run_export
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=8)
 
@@ -30,7 +31,7 @@ def test_timm_family_exports_to_onnx_with_dynamic_size(arch, unsaid, tmp_path):
     timm = import_timm()
     model = seeded(timm.create_model(arch, pretrained=False, **SMALL), scale=0.2)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", overrides=unsaid)
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides=unsaid))
     (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
     assert result.ok and {p.size for p in result.parity} == {32, 40, 56}
     assert max(p.max_abs for p in result.parity) <= 1e-4

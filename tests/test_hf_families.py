@@ -21,6 +21,7 @@ from conftest import golden_path, seeded
 from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -116,14 +117,15 @@ def test_timm_and_hf_siglip_convert_into_each_other(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    report = convert(tmp_path / "t.safetensors", tmp_path / "hf", overrides={"act": "gelu"})  # or tanh: said
+    report = convert(tmp_path / "t.safetensors", tmp_path / "hf",
+                     ConvertOptions(overrides={"act": "gelu"}))  # or tanh: said
     assert report.target_layout == "hf_siglip"
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "gelu"
     hf, info = transformers.SiglipVisionModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         _close(hf.eval()(pixel_values=_x(32)).pooler_output, model(_x(32)))
-    convert(tmp_path / "hf", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "hf", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     a, b = load_file(str(tmp_path / "t.safetensors")), load_file(str(tmp_path / "back.safetensors"))
     assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
@@ -135,5 +137,5 @@ def test_what_hugging_face_cannot_hold_is_refused_by_name(tmp_path):
     with open_checkpoint(gap) as c:
         assert c.config.classifier == "gap"
     with pytest.raises(MappingError, match="classifier='gap'"):
-        convert(gap, tmp_path / "x", to="hf")
+        convert(gap, tmp_path / "x", ConvertOptions(to="hf"))
 

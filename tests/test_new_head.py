@@ -20,6 +20,7 @@ from vitconv.config import ViTConfig
 from vitconv.formats.base import DictSource
 from vitconv.model import VisionTransformer
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 
 PRELOGITS = CASES["tiny_prelogits_p8_32"]  # an in21k-style model: pre_logits 48 + a 10-way head
 
@@ -60,7 +61,7 @@ def test_distilled_model_gets_both_heads_replaced():
     torch.manual_seed(0)
     state = {k: v.numpy() + 0.5 for k, v in VisionTransformer(cfg).state_dict().items()}
     src = DictSource(state, path="deit.safetensors", metadata={"vitconv_config": cfg.to_json()})
-    with open_checkpoint("deit.safetensors", source=src, num_classes=3) as ckpt:
+    with open_checkpoint("deit.safetensors", ReadOptions(num_classes=3), source=src) as ckpt:
         sd = ckpt.state_dict()
         notes = ckpt.notes
     assert sd["head.weight"].shape == sd["head_dist.weight"].shape == (3, 48)

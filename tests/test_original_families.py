@@ -24,6 +24,7 @@ from vitconv.archs.generate import import_openclip_transformer
 from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -82,7 +83,7 @@ def test_dinov2_hub_reads_resizes_its_own_way_and_writes_back(ffn, tmp_path):
         _close(ours(_x(32)), model(_x(32)))
         _close(ours(_x(48)), model(_x(48)))
         _close(load(tmp_path / "c.safetensors", image_size=48)(_x(48)), model(_x(48)))
-    convert(tmp_path / "c.safetensors", tmp_path / "back.pth", to="dinov2")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.pth", ConvertOptions(to="dinov2"))
     back, src = torch.load(tmp_path / "back.pth", weights_only=True), model.state_dict()
     assert sorted(back) == sorted(src) and all(torch.equal(back[k], src[k]) for k in src)
     again = _dinov2(ffn_layer=ffn)
@@ -93,7 +94,7 @@ def test_dinov2_resize_differs_from_the_other_families(tmp_path):
     """The reason pos_resize exists: at 48 px the original DINOv2's table is not timm's."""
     model = seeded(_dinov2())
     torch.save(model.state_dict(), tmp_path / "d.pth")
-    convert(tmp_path / "d.pth", tmp_path / "t.safetensors", to="timm")
+    convert(tmp_path / "d.pth", tmp_path / "t.safetensors", ConvertOptions(to="timm"))
     timm = import_timm()
     t = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=32, patch_size=8, embed_dim=128,
                           depth=2, num_heads=2, dynamic_img_size=True).eval()
@@ -114,7 +115,7 @@ def test_dinov2_hub_to_hugging_face_and_timm(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         _close(hf.eval()(pixel_values=_x(32)).pooler_output, model(_x(32)))
-    convert(tmp_path / "d.pth", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "d.pth", tmp_path / "tdir", ConvertOptions(to="timm"))
     timm = import_timm()
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
@@ -133,7 +134,7 @@ def test_dinov2_with_registers_needs_class_only_rows_which_timm_lacks(tmp_path):
         assert c.config.num_reg_tokens == 4 and c.config.pos_embed_prefix == "class"
         assert c.config.pos_resize == "bicubic_aa"
     with pytest.raises(MappingError, match="pos_embed_prefix='class'"):
-        convert(tmp_path / "reg.pth", tmp_path / "t.safetensors", to="timm")
+        convert(tmp_path / "reg.pth", tmp_path / "t.safetensors", ConvertOptions(to="timm"))
     assert convert(tmp_path / "reg.pth", tmp_path / "hf").target_layout == "hf_dinov2_reg"
 
 
@@ -151,12 +152,12 @@ def test_openai_clip_full_checkpoint_reads_its_visual_tower(tmp_path):
     torch.save(full, tmp_path / "clip.pt")
     with pytest.raises(MappingError, match="act='quick_gelu' \\(--arch open_clip:"):  # OpenCLIP's GELU towers too
         convert(tmp_path / "clip.pt", tmp_path / "c.safetensors")
-    report = convert(tmp_path / "clip.pt", tmp_path / "c.safetensors", overrides={"act": "quick_gelu"})
+    report = convert(tmp_path / "clip.pt", tmp_path / "c.safetensors", ConvertOptions(overrides={"act": "quick_gelu"}))
     assert report.layout == "clip" and any("left out (the text tower)" in n for n in report.notes)
     assert (report.config.act, report.config.norm_eps, report.config.head_bias) == ("quick_gelu", 1e-5, False)
     with torch.no_grad():
         _close(load(tmp_path / "c.safetensors")(_x(32)), model(_x(32)))
-    convert(tmp_path / "c.safetensors", tmp_path / "back.pt", to="clip")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.pt", ConvertOptions(to="clip"))
     back, src = torch.load(tmp_path / "back.pt", weights_only=True), model.state_dict()
     assert sorted(back) == sorted(src) and all(torch.equal(back[k], src[k]) for k in src)
     again = _openai_clip()
@@ -169,14 +170,15 @@ def test_openai_clip_to_timm_and_hugging_face(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = seeded(_openai_clip())
     torch.save(model.state_dict(), tmp_path / "clip.pt")
-    report = convert(tmp_path / "clip.pt", tmp_path / "tdir", to="timm", overrides={"act": "quick_gelu"})
+    report = convert(tmp_path / "clip.pt", tmp_path / "tdir",
+                     ConvertOptions(to="timm", overrides={"act": "quick_gelu"}))
     assert any("written with a zero one" in n for n in report.notes), report.notes
     timm = import_timm()
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     assert built.head.bias.abs().max().item() == 0.0
     with torch.no_grad():
         _close(built(_x(32)), model(_x(32)))
-    convert(tmp_path / "clip.pt", tmp_path / "hf", overrides={"act": "quick_gelu"})
+    convert(tmp_path / "clip.pt", tmp_path / "hf", ConvertOptions(overrides={"act": "quick_gelu"}))
     hf, info = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
@@ -192,7 +194,7 @@ def test_openclip_tower_with_layer_scale_and_exact_gelu(pool, tmp_path):
                                           output_dim=24, ls_init_value=0.5, pool_type=pool))
     torch.save(model.state_dict(), tmp_path / "oc.pt")
     overrides = {"act": "gelu", **({"classifier": "gap"} if pool == "avg" else {})}
-    report = convert(tmp_path / "oc.pt", tmp_path / "c.safetensors", overrides=overrides)
+    report = convert(tmp_path / "oc.pt", tmp_path / "c.safetensors", ConvertOptions(overrides=overrides))
     assert report.config.layer_scale and report.config.classifier == ("gap" if pool == "avg" else "token")
     with torch.no_grad():
         _close(load(tmp_path / "c.safetensors")(_x(32)), model(_x(32)))

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from conftest import golden_path
 from vitconv.conversion.service import convert as card_convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.formats.provenance import KEY_OF, Provenance
 from vitconv.conversion.pipeline import convert
 
@@ -64,8 +65,9 @@ def test_a_vitconv_source_hands_on_its_architecture_and_unknown_keys_but_not_its
     vitconv); what describes the write that made the source (its source, hash, batch row,
     verification) is recorded afresh or not at all."""
     first = tmp_path / "first.safetensors"
-    card_convert(SRC, first, verify=True, metadata={"vitconv_arch": "vit_tiny_test", "vitconv_batch_row": "{}",
-                                                    "vitconv_source_fingerprint": "file:1:2", **NEWER})
+    given = {"vitconv_arch": "vit_tiny_test", "vitconv_batch_row": "{}", "vitconv_source_fingerprint": "file:1:2",
+             **NEWER}
+    card_convert(SRC, first, ConvertOptions(verify=True, metadata=given))
     recorded = _header(first)
     assert recorded["vitconv_verified"] == "true" and recorded["vitconv_arch"] == "vit_tiny_test"
     assert recorded["vitconv_future_field"] == NEWER["vitconv_future_field"]
@@ -88,8 +90,8 @@ def test_a_vitconv_source_hands_on_its_architecture_and_unknown_keys_but_not_its
 
 def test_a_pt_records_every_key_a_safetensors_header_records(tmp_path):
     extra = {"vitconv_batch_row": '{"src": "a"}', "vitconv_source_fingerprint": "file:1:2", **NEWER}
-    card_convert(SRC, tmp_path / "m.pt", verify=True, metadata=extra)
-    card_convert(SRC, tmp_path / "m.safetensors", verify=True, metadata=extra)
+    card_convert(SRC, tmp_path / "m.pt", ConvertOptions(verify=True, metadata=extra))
+    card_convert(SRC, tmp_path / "m.safetensors", ConvertOptions(verify=True, metadata=extra))
     pt, st = _pt_strings(tmp_path / "m.pt"), _header(tmp_path / "m.safetensors")
     assert st.pop("format") == "pt" and pt.pop("format") == "vitconv"  # each container's own
     assert json.loads(st.pop("vitconv_config")) == torch.load(tmp_path / "m.pt", weights_only=True)["config"]

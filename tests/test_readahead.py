@@ -13,6 +13,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError
 from vitconv.formats.readahead import ReadAhead
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.tools.synthetic import make_synthetic
 
 KEYS = [f"k{i}" for i in range(20)]
@@ -144,9 +145,9 @@ def test_stream_with_read_ahead_equals_without(tmp_path, monkeypatch):
 
     src = tmp_path / "m.npz"
     make_synthetic(MEDIUM, src)
-    convert(src, tmp_path / "on.safetensors", hash_source=False)
+    convert(src, tmp_path / "on.safetensors", ConvertOptions(hash_source=False))
     monkeypatch.setattr(NpzSource, "concurrent_reads", False)
-    convert(src, tmp_path / "off.safetensors", hash_source=False)
+    convert(src, tmp_path / "off.safetensors", ConvertOptions(hash_source=False))
     assert (tmp_path / "on.safetensors").read_bytes() == (tmp_path / "off.safetensors").read_bytes()
 
 
@@ -161,5 +162,5 @@ def test_corrupt_member_mid_stream_is_named_and_leaves_nothing(tmp_path):
     raw[info.header_offset + 30 + len(key) + 200] ^= 0x10  # a data byte, past the .npy header
     src.write_bytes(bytes(raw))
     with pytest.raises(BadInputError, match="Dense_0/kernel.*CRC"):
-        convert(src, tmp_path / "out.safetensors", hash_source=False)
+        convert(src, tmp_path / "out.safetensors", ConvertOptions(hash_source=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]

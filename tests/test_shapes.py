@@ -14,6 +14,7 @@ from conftest import CASES, golden_path
 from vitconv.config import ViTConfig, parameter_shapes
 from vitconv.model import parameter_shapes as model_shapes
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.tools.synthetic import PRESETS
 
 #: Fields that change what the model computes but no tensor's shape.
@@ -83,7 +84,7 @@ def test_presets(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_cases(name):
     case = CASES[name]  # with what a bare file cannot record, as the case says it
-    with open_checkpoint(golden_path(case["checkpoint"]), overrides=dict(case.get("set") or {})) as ckpt:
+    with open_checkpoint(golden_path(case["checkpoint"]), ReadOptions(overrides=dict(case.get("set") or {}))) as ckpt:
         _same(ckpt.source_config)
 
 

@@ -15,13 +15,14 @@ from vitconv.conversion.loading import load
 from vitconv.errors import BadInputError
 from vitconv.formats.npz import NpzSource
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _sharded(tmp_path):
     case = CASES["tiny_token_p8_32"]
-    convert(golden_path(case["checkpoint"]), tmp_path / "model.safetensors", shard_bytes=20_000)
+    convert(golden_path(case["checkpoint"]), tmp_path / "model.safetensors", ConvertOptions(shard_bytes=20_000))
     index = tmp_path / "model.safetensors.index.json"
     assert len(set(json.loads(index.read_text())["weight_map"].values())) > 2
     return case, index

@@ -26,6 +26,7 @@ from conftest import STRUCTURAL_EDIT_KINDS, close_to, golden_path, seeded, struc
 from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -98,7 +99,7 @@ def test_hf_siglip2_reads_every_aspect_ratio_and_writes_back(hf_siglip2, tmp_pat
     with torch.no_grad():
         for i, x in enumerate(images):
             close_to(ours(x), want[i:i + 1])
-    convert(tmp_path / "c.safetensors", tmp_path / "back", to="hf_siglip2")
+    convert(tmp_path / "c.safetensors", tmp_path / "back", ConvertOptions(to="hf_siglip2"))
     again, info = transformers.Siglip2VisionModel.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not any(info.values()), info
     close_to(_hf_pooled(again.eval(), images), want)
@@ -139,11 +140,11 @@ def test_a_bare_siglip2_state_dict_says_what_it_assumed(hf_siglip2, tmp_path):
     assert "act='gelu_tanh'" in notes and "norm_eps=1e-06" in notes and "assumed" in notes, notes
     assert "heads: 1 x 64 assumed" in notes, notes  # the weights do not record the heads
     assert "3 channels assumed" in notes, notes
-    report = convert(tmp_path / "bare.safetensors", tmp_path / "c.safetensors", num_heads=2,
-                     overrides={"act": "gelu"})
+    report = convert(tmp_path / "bare.safetensors", tmp_path / "c.safetensors", ConvertOptions(num_heads=2,
+                     overrides={"act": "gelu"}))
     assert report.config.act == "gelu" and "act='gelu' (given)" in " | ".join(report.notes)
     with pytest.raises(MappingError, match="pos_embed_prefix|class_token"):  # SigLIP 2 has no class token
-        convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "x", to="hf_siglip2")
+        convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "x", ConvertOptions(to="hf_siglip2"))
 
 
 def test_bad_siglip2_files_are_one_line_mapping_errors(hf_siglip2, tmp_path):
@@ -181,7 +182,8 @@ def test_timm_naflexvit_reads_images_and_naflex_batches_and_writes_back(arch, tm
     unsaid, expect = NAFLEXVIT[arch]
     model = seeded(_timm().create_model(arch, pretrained=False, num_classes=expect["num_classes"], **NAFLEX))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    report = convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", num_heads=2, overrides=unsaid)
+    report = convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors",
+                     ConvertOptions(num_heads=2, overrides=unsaid))
     assert report.layout == "timm_naflexvit"
     for field, value in expect.items():
         assert getattr(report.config, field) == value, field
@@ -193,7 +195,7 @@ def test_timm_naflexvit_reads_images_and_naflex_batches_and_writes_back(arch, tm
         for i, x in enumerate(images):
             close_to(ours(x), model(x))  # timm on the image: its own patchify and resize
             close_to(ours(x), batch[i:i + 1])  # timm's NaFlex batch, padded and masked
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm_naflexvit")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm_naflexvit"))
     fresh = _timm().create_model(arch, pretrained=False, num_classes=expect["num_classes"], **NAFLEX)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(str(tmp_path / "back.safetensors")).items()},
                           strict=True)
@@ -209,34 +211,34 @@ def test_a_bare_naflexvit_state_dict_takes_what_its_architectures_agree_on(tmp_p
     timm = _timm()
     model = seeded(timm.create_model("naflexvit_base_patch16_siglip", pretrained=False, **NAFLEX))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    report = convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", num_heads=2)
+    report = convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", ConvertOptions(num_heads=2))
     assert (report.config.act, report.config.pos_resize) == ("gelu_tanh", "bilinear")
     assert any("naflexvit_base_patch16_siglip" in n for n in report.notes), report.notes
     assert any("3 channels assumed" in n for n in report.notes), report.notes  # p*p*C is one number
     x = _image(12, 20, seed=5)
     with torch.no_grad():
         close_to(load(tmp_path / "c.safetensors")(x), model(x))
-    report = convert(tmp_path / "c.safetensors", tmp_path / "w.safetensors", to="timm_naflexvit")
+    report = convert(tmp_path / "c.safetensors", tmp_path / "w.safetensors", ConvertOptions(to="timm_naflexvit"))
     assert any("pos_embed_interp_mode='bilinear'" in n and "act_layer='gelu_tanh'" in n
                for n in report.notes), report.notes
 
     gap = seeded(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, **NAFLEX))
     save_file({k: v.contiguous() for k, v in gap.state_dict().items()}, str(tmp_path / "g.safetensors"))
     with pytest.raises(MappingError, match="aspect-preserving position resize") as e:
-        convert(tmp_path / "g.safetensors", tmp_path / "c.safetensors", num_heads=2)
+        convert(tmp_path / "g.safetensors", tmp_path / "c.safetensors", ConvertOptions(num_heads=2))
     assert "naflexvit_base_patch16_par_gap" in str(e.value) and "\n" not in str(e.value)
 
     fac = timm.create_model("naflexvit_base_patch16_parfac_gap", pretrained=False, **NAFLEX)
     save_file({k: v.contiguous() for k, v in fac.state_dict().items()}, str(tmp_path / "f.safetensors"))
     with pytest.raises(MappingError, match="factorized position embeddings"):
-        convert(tmp_path / "f.safetensors", tmp_path / "c.safetensors", num_heads=2)
+        convert(tmp_path / "f.safetensors", tmp_path / "c.safetensors", ConvertOptions(num_heads=2))
 
 
 def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_path):
     """The same SigLIP 2 tower in both libraries: HF's directory -> a timm NaFlexVit state dict
     that timm's own model (tanh GELU, bilinear resize) loads strictly and that computes HF's
     output on the same NaFlex batch; and back, bitwise."""
-    convert(tmp_path / "src", tmp_path / "t.safetensors", to="timm_naflexvit")
+    convert(tmp_path / "src", tmp_path / "t.safetensors", ConvertOptions(to="timm_naflexvit"))
     model = _timm().create_model("naflexvit_base_patch16_siglip", pretrained=False, mlp_ratio=2, **NAFLEX)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(str(tmp_path / "t.safetensors")).items()},
                           strict=True)
@@ -245,8 +247,8 @@ def test_hf_siglip2_and_timm_naflexvit_convert_into_each_other(hf_siglip2, tmp_p
     with torch.no_grad():
         close_to(model.eval()({"patches": values, "patch_valid": valid, "patch_coord": coord}),
                _hf_pooled(hf_siglip2, images))
-    convert(tmp_path / "t.safetensors", tmp_path / "hf", to="hf_siglip2", num_heads=2,
-            overrides={"act": "gelu_tanh", "pos_resize": "bilinear"})
+    convert(tmp_path / "t.safetensors", tmp_path / "hf", ConvertOptions(to="hf_siglip2", num_heads=2,
+            overrides={"act": "gelu_tanh", "pos_resize": "bilinear"}))
     _same_files(tmp_path / "src" / "model.safetensors", tmp_path / "hf" / "model.safetensors")
 
 
@@ -280,7 +282,7 @@ def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, t
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
     convert(tmp_path / "src", tmp_path / "c.safetensors")
     told = dict(num_heads=2, overrides={"pos_resize": "bicubic_aa"})  # what the bare file cannot say, said
-    convert(tmp_path / "t.safetensors", tmp_path / "tc.safetensors", **told)
+    convert(tmp_path / "t.safetensors", tmp_path / "tc.safetensors", ConvertOptions(**told))
     library = {"Siglip2VisionModel": lambda x: _hf_pooled(hf_siglip2, list(x.split(1))), "NaFlexVit": model}
     for src, converted, told, what in ((tmp_path / "src", tmp_path / "c.safetensors", {}, "Siglip2VisionModel"),
                                        (tmp_path / "t.safetensors", tmp_path / "tc.safetensors", told, "NaFlexVit")):
@@ -291,7 +293,8 @@ def test_verify_runs_siglip2_and_naflexvit_as_their_own_references(hf_siglip2, t
             assert what in report.reference
             # the reference is the library's function, not vitconv's: against the test's own model
             images = seeded_images(2, size, 3, 0)
-            with open_checkpoint(src, num_heads=told.get("num_heads"), overrides=told.get("overrides")) as ckpt:
+            with open_checkpoint(src,
+                                 ReadOptions(num_heads=told.get("num_heads"), overrides=told.get("overrides"))) as ckpt:
                 got = open_reference(src, ckpt).forward_stages(images)["logits"]
             with torch.no_grad():
                 want = library[what](torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
@@ -336,8 +339,8 @@ def test_edited_siglip2_and_naflexvit_state_dicts_fail_in_one_line(which):
     def run(edits):
         a = structurally_edited(base, edits)
         try:
-            open_checkpoint("edited.safetensors", source=DictSource(a, path="edited.safetensors"),
-                            num_heads=2).state_dict()
+            open_checkpoint("edited.safetensors",
+                            ReadOptions(num_heads=2), source=DictSource(a, path="edited.safetensors")).state_dict()
         except VitconvError as e:
             assert str(e).startswith("edited.safetensors: ") and "\n" not in str(e), e
 
@@ -360,8 +363,8 @@ def test_a_timm_naflexvit_directory_builds_itself(arch, tmp_path):
     timm = _timm()
     model = seeded(timm.create_model(arch, pretrained=False, num_classes=expect["num_classes"], **NAFLEX))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", num_heads=2, overrides=unsaid)
-    convert(tmp_path / "c.safetensors", tmp_path / "dir", to="timm_naflexvit")
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", ConvertOptions(num_heads=2, overrides=unsaid))
+    convert(tmp_path / "c.safetensors", tmp_path / "dir", ConvertOptions(to="timm_naflexvit"))
     built = timm.create_model(f"local-dir:{tmp_path / 'dir'}", pretrained=True).eval()
     images = [_image(r, c, seed=6) for r, c in GRIDS]
     values, valid, coord = _naflex_batch(images)

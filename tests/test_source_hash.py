@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from conftest import golden_path
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 
 SRC = golden_path("jax/tiny_token_p8_32.npz")
 DIGEST = hashlib.sha256(SRC.read_bytes()).hexdigest()
@@ -31,8 +32,8 @@ def _files(root: Path) -> dict:
 def test_the_hash_written_later_gives_the_bytes_of_the_hash_known_up_front(tmp_path, name, shard_bytes):
     later, upfront = tmp_path / "later", tmp_path / "upfront"
     later.mkdir(), upfront.mkdir()
-    a = convert(SRC, later / name, shard_bytes=shard_bytes)
-    b = convert(SRC, upfront / name, shard_bytes=shard_bytes, source_sha256=DIGEST)
+    a = convert(SRC, later / name, ConvertOptions(shard_bytes=shard_bytes))
+    b = convert(SRC, upfront / name, ConvertOptions(shard_bytes=shard_bytes, source_sha256=DIGEST))
     assert a.source_sha256 == b.source_sha256 == DIGEST
     got, want = _files(later / name), _files(upfront / name)
     assert len(got) == len(want) >= (3 if shard_bytes else 1)
@@ -40,7 +41,7 @@ def test_the_hash_written_later_gives_the_bytes_of_the_hash_known_up_front(tmp_p
 
 
 def test_every_place_records_the_source_s_own_hash(tmp_path):
-    convert(SRC, tmp_path / "m.safetensors", shard_bytes=40_000)
+    convert(SRC, tmp_path / "m.safetensors", ConvertOptions(shard_bytes=40_000))
     index = json.loads((tmp_path / "m.safetensors.index.json").read_text())
     assert index["metadata"]["source_sha256"] == DIGEST
     for shard in sorted(set(index["weight_map"].values())):
@@ -58,7 +59,7 @@ def test_a_pt_hands_on_every_provenance_string_it_records(tmp_path):
 
     extra = {"vitconv_batch_row": '{"src": "a"}', "vitconv_source_fingerprint": "file:1:2"}
     for name in ("m.pt", "m.safetensors"):
-        convert(SRC, tmp_path / name, metadata=extra)
+        convert(SRC, tmp_path / name, ConvertOptions(metadata=extra))
         with open_source(tmp_path / name) as src:
             meta = src.metadata
         assert {k: meta.get(k) for k in extra} == extra, name

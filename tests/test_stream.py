@@ -30,6 +30,7 @@ from vitconv.formats import open_source
 from vitconv.formats.base import BFLOAT16, TensorSpec
 from vitconv.formats.safetensors_stream import SafetensorsStreamWriter
 from vitconv.conversion.pipeline import LAYOUTS, convert, map_state, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 from vitconv.tools.synthetic import PRESETS, google_shapes, make_synthetic, preset
 
 CKPTS = sorted({c["checkpoint"] for c in CASES.values()})
@@ -51,8 +52,8 @@ def _torch_state(arrays):
 @pytest.mark.parametrize("ckpt", CKPTS)
 def test_canonical_safetensors_equals_save_file(ckpt, tmp_path):
     src = golden_path(ckpt)
-    report = convert(src, tmp_path / "b.safetensors", overrides=TOLD[ckpt])
-    with open_checkpoint(src, overrides=TOLD[ckpt]) as c:
+    report = convert(src, tmp_path / "b.safetensors", ConvertOptions(overrides=TOLD[ckpt]))
+    with open_checkpoint(src, ReadOptions(overrides=TOLD[ckpt])) as c:
         meta = {"format": "pt", "vitconv_config": c.config.to_json(), **c.usage.metadata(),
                 "source_sha256": report.source_sha256, "source": src.name, "vitconv_version": vitconv.__version__}
         save_file(_torch_state(c.state_dict()), str(tmp_path / "a.safetensors"), metadata=meta)
@@ -67,7 +68,7 @@ def test_canonical_safetensors_equals_save_file(ckpt, tmp_path):
 @pytest.mark.parametrize("to,dst", [("timm", "t.safetensors"), ("hf", "hf_dir")])
 def test_foreign_safetensors_equal_save_file(to, dst, tmp_path):
     src = golden_path("jax/tiny_prelogits_p8_32.npz" if to == "timm" else "jax/tiny_token_p8_32.npz")
-    report = convert(src, tmp_path / dst, to=to)
+    report = convert(src, tmp_path / dst, ConvertOptions(to=to))
     out = tmp_path / dst / "model.safetensors" if to == "hf" else tmp_path / dst
     with open_checkpoint(src) as c:
         arrays = map_state(c.state_dict(), c.config, LAYOUTS[report.target_layout])
@@ -81,8 +82,8 @@ def test_foreign_safetensors_equal_save_file(to, dst, tmp_path):
 def test_canonical_pt_loads_as_torch_save_would_write_it(ckpt, tmp_path):
     src = golden_path(ckpt)
     size = 48 if "p8_32" in ckpt else None
-    report = convert(src, tmp_path / "b.pt", image_size=size)
-    with open_checkpoint(src, image_size=size) as c:  # the torch module's own state_dict order
+    report = convert(src, tmp_path / "b.pt", ConvertOptions(image_size=size))
+    with open_checkpoint(src, ReadOptions(image_size=size)) as c:  # the torch module's own state_dict order
         ref = {"format": "vitconv", "format_version": 1, "config": c.config.to_dict(),
                "state_dict": build_model(c.config, c.state_dict()).state_dict(),
                **c.usage.metadata(), "source_sha256": report.source_sha256, "source": src.name,
@@ -101,7 +102,7 @@ def test_canonical_pt_loads_as_torch_save_would_write_it(ckpt, tmp_path):
 
 def test_foreign_pt_is_a_bare_state_dict_in_sorted_order(tmp_path):
     src = golden_path("jax/tiny_token_p8_32.npz")
-    convert(src, tmp_path / "j.pth", to="jeonsworld")
+    convert(src, tmp_path / "j.pth", ConvertOptions(to="jeonsworld"))
     with open_checkpoint(src) as c:
         ref = map_state(c.state_dict(), c.config, LAYOUTS["jeonsworld"])
     got = torch.load(tmp_path / "j.pth", weights_only=True)
@@ -136,7 +137,7 @@ def test_npz_output_is_reproducible(tmp_path):
 def test_sharding_and_index(tmp_path):
     src = golden_path("jax/tiny_gap_p8_32.npz")
     convert(src, tmp_path / "ref.safetensors")
-    report = convert(src, tmp_path / "model.safetensors", shard_bytes=20_000)
+    report = convert(src, tmp_path / "model.safetensors", ConvertOptions(shard_bytes=20_000))
     index_path = tmp_path / "model.safetensors.index.json"
     assert report.output == str(index_path)
     assert not (tmp_path / "model.safetensors").exists()
@@ -200,7 +201,7 @@ def test_outputs_past_the_held_bytes_are_read_again_to_the_same_file(src, to, ou
         monkeypatch.setattr(pipeline, "HELD_BYTES", held)
         reads.clear()
         dst = tmp_path / f"{held}_{out}"
-        convert(canonical, dst, to=to)
+        convert(canonical, dst, ConvertOptions(to=to))
         qkv = [n for n in reads if n.endswith("attn.qkv.weight")]
         written[held] = ((dst / "model.safetensors" if dst.is_dir() else dst).read_bytes(), len(qkv))
     (whole, once), (again, thrice) = written[default], written[0]
@@ -247,7 +248,7 @@ def test_progress_reports_every_tensor(tmp_path):
 
 
 def test_a_failed_check_before_commit_leaves_nothing(tmp_path):
-    """before_commit sees the finished temporaries; raising there renames nothing into place."""
+    """The hook sees the finished temporaries; raising there renames nothing into place."""
     seen = []
 
     def refuse(paths):
@@ -257,7 +258,7 @@ def test_a_failed_check_before_commit_leaves_nothing(tmp_path):
 
     for dst in ("x.safetensors", "x.pt", "x.npz", "xdir"):
         with pytest.raises(RuntimeError, match="no"):
-            convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / dst, before_commit=refuse)
+            convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / dst, hook=lambda w: refuse(w.temporaries))
     assert seen and list(tmp_path.iterdir()) == []
 
 

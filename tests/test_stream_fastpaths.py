@@ -21,6 +21,7 @@ from vitconv.errors import BadInputError, OutputError
 from vitconv.formats.npz import NpzSource
 from vitconv.layouts import transforms as L
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.tools.synthetic import make_synthetic
 
 RNG = np.random.default_rng(7)
@@ -130,7 +131,7 @@ def test_streamed_medium_model_matches_google_arrays(tmp_path):
     numpy: the banded transposes and the fused q/k/v write put every value in place."""
     src = tmp_path / "m.npz"
     make_synthetic(MEDIUM, src)
-    convert(src, tmp_path / "m.safetensors", hash_source=False)
+    convert(src, tmp_path / "m.safetensors", ConvertOptions(hash_source=False))
     g = np.load(src, allow_pickle=False)
     blk = "Transformer/encoderblock_1/"
     attn = blk + "MultiHeadDotProductAttention_1/"
@@ -164,6 +165,6 @@ def test_writer_failure_mid_stream_surfaces_and_leaves_nothing(tmp_path, monkeyp
 
     monkeypatch.setattr(safetensors_stream.SafetensorsStreamWriter, "write", failing)
     with pytest.raises(OutputError, match="no space left"):
-        convert(src, tmp_path / "out.safetensors", hash_source=False)
+        convert(src, tmp_path / "out.safetensors", ConvertOptions(hash_source=False))
     assert len(calls) in (5, 6)  # stopped at the failure (at most one more was handed over)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]

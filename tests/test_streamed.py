@@ -13,6 +13,7 @@ from conftest import CASES, golden_input, golden_path
 from vitconv import model as model_module
 from vitconv.conversion.loading import StreamedModel, load
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 
 
 def _case_args(case: dict) -> dict:
@@ -27,7 +28,7 @@ def test_block_by_block_equals_the_whole_model_bit_for_bit(name):
     x = golden_input(case)
     with torch.no_grad():
         whole = load(path, **args, **told).forward_stages(x)
-    streamed = StreamedModel(lambda: open_checkpoint(path, **args, overrides=told)).forward_stages(x)
+    streamed = StreamedModel(lambda: open_checkpoint(path, ReadOptions(**args, overrides=told))).forward_stages(x)
     assert list(streamed) == list(whole)
     for k in whole:
         assert torch.equal(streamed[k], whole[k]), k

@@ -19,6 +19,7 @@ from timm_import import import_timm
 from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 timm = import_timm()
 
@@ -65,19 +66,19 @@ def test_timm_family_reads_writes_and_rebuilds(name, tmp_path):
     model = _build(name, extra)
     src = tmp_path / "src.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
-    report = convert(src, tmp_path / "c.safetensors", overrides=unsaid)
+    report = convert(src, tmp_path / "c.safetensors", ConvertOptions(overrides=unsaid))
     for field, value in expect.items():
         assert getattr(report.config, field) == value, field
     with torch.no_grad():
         want = model(_x())
         _close(load(tmp_path / "c.safetensors")(_x()), want)
     # back to timm: strict, bit for bit
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     a, b = load_file(src), load_file(tmp_path / "back.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     timm.create_model(name.split(" ")[0], pretrained=False, **SMALL, **extra).load_state_dict(b, strict=True)
     # a timm directory: create_model rebuilds the same function from config.json alone
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         _close(built(_x()), want)
@@ -96,7 +97,7 @@ def test_bare_clip_state_dict_needs_its_epsilon_and_says_so(tmp_path):
     with pytest.raises(MappingError, match=r"act='gelu' \(--arch vit_base_patch16_clip_224.*act='quick_gelu' "
                                            r"\(--arch vit_base_patch16_clip_quickgelu_224"):
         open_checkpoint(tmp_path / "clip.safetensors")
-    with open_checkpoint(tmp_path / "clip.safetensors", overrides={"act": "quick_gelu"}) as c:
+    with open_checkpoint(tmp_path / "clip.safetensors", ReadOptions(overrides={"act": "quick_gelu"})) as c:
         assert (c.config.act, c.config.norm_eps) == ("quick_gelu", 1e-5)
         assert any("norm_eps=1e-05: what every architecture whose keys and shapes fit computes" in n
                    for n in c.notes), c.notes
@@ -113,7 +114,7 @@ def test_set_refuses_fields_the_file_records(tmp_path):
     model = _build("vit_small_patch14_dinov2", {})
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "d.safetensors"))
     with pytest.raises(BadInputError, match="--set layer_scale: the timm layout reads it from the file"):
-        open_checkpoint(tmp_path / "d.safetensors", overrides={"layer_scale": False})
+        open_checkpoint(tmp_path / "d.safetensors", ReadOptions(overrides={"layer_scale": False}))
 
 
 @pytest.mark.parametrize("arch,kw,feature", [
@@ -138,12 +139,12 @@ def test_pre_logits_is_refused_where_timm_would_drop_it(tmp_path):
 
     src = golden_path("jax/tiny_prelogits_p8_32.npz")
     with pytest.raises(MappingError, match="representation_size=48 in a model directory"):
-        convert(src, tmp_path / "dir", to="timm")
+        convert(src, tmp_path / "dir", ConvertOptions(to="timm"))
     assert not (tmp_path / "dir").exists()
-    report = convert(src, tmp_path / "bare.safetensors", to="timm")
+    report = convert(src, tmp_path / "bare.safetensors", ConvertOptions(to="timm"))
     assert any("drops them silently" in n for n in report.notes)
     # the hazard itself: the same weights in a timm directory load without complaint and compute otherwise
-    convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "plain", to="timm")
+    convert(golden_path("jax/tiny_token_p8_32.npz"), tmp_path / "plain", ConvertOptions(to="timm"))
     state = load_file(str(tmp_path / "bare.safetensors"))
     save_file(state, str(tmp_path / "plain" / "model.safetensors"))
     model = timm.create_model(f"local-dir:{tmp_path / 'plain'}", pretrained=True).eval()

@@ -15,11 +15,12 @@ from _vitconv_cli.main import main
 from conftest import golden_path
 from vitconv.conversion.loading import build_model
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.verification.verify import DEFAULT_TOLERANCE, describe_stage, verify
 
 
 def canonical(name: str, **kw):
-    with open_checkpoint(golden_path(f"jax/{name}.npz"), **kw) as c:
+    with open_checkpoint(golden_path(f"jax/{name}.npz"), ReadOptions(**kw)) as c:
         return c.config, c.state_dict()
 
 

@@ -33,6 +33,7 @@ from timm_import import import_timm
 from vitconv.errors import BadInputError
 from vitconv.verification.references.library import open_reference
 from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions
 from vitconv.verification.verify import seeded_images, verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,7 +114,7 @@ def test_timm_state_dict_and_directory(arch, tmp_path):
     model = _timm(arch)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
     told = {"overrides": UNSAID[arch]} if arch in UNSAID else {}
-    convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors", **told)
+    convert(tmp_path / "m.safetensors", tmp_path / "c.safetensors", ConvertOptions(**told))
     for size in (32, 48):  # timm's dynamic_img_size resize at 48
         report = _check(tmp_path / "m.safetensors", tmp_path / "c.safetensors", size, "arguments vitconv read",
                         **told)
@@ -123,7 +124,8 @@ def test_timm_state_dict_and_directory(arch, tmp_path):
             want.load_state_dict(model.state_dict())
             want = want.eval()(_nchw(size)).numpy()
         assert report.stages[-1].max_abs <= 1e-5 * max(1, np.abs(want).max())
-    convert(tmp_path / "c.safetensors", tmp_path / "dir", to="timm")  # config.json names the architecture
+    convert(tmp_path / "c.safetensors", tmp_path / "dir",
+            ConvertOptions(to="timm"))  # config.json names the architecture
     _check(tmp_path / "dir", tmp_path / "c.safetensors", None, "local-dir")
     bad = verify(tmp_path / "dir", _planted(tmp_path / "c.safetensors", tmp_path / "bad.safetensors"))
     assert bad.first_failure.name == "blocks.1.mlp"
@@ -141,7 +143,7 @@ def test_original_dinov2_and_openai_clip(tmp_path):
     clip = seeded(_openai_clip()).eval()
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
     openai = {"act": "quick_gelu"}  # OpenCLIP's GELU towers have these keys too
-    convert(tmp_path / "clip.pt", tmp_path / "c.safetensors", overrides=openai)
+    convert(tmp_path / "clip.pt", tmp_path / "c.safetensors", ConvertOptions(overrides=openai))
     report = _check(tmp_path / "clip.pt", tmp_path / "c.safetensors", None, "clip/model.py", overrides=openai)
     with torch.no_grad():
         want = clip(_nchw(32)).numpy()
@@ -188,7 +190,7 @@ def test_openclip_tower_needs_what_the_file_cannot_say(pool, tmp_path):
                                          output_dim=24, ls_init_value=0.5, pool_type=pool)).eval()
     torch.save(model.state_dict(), tmp_path / "oc.pt")
     overrides = {"act": "gelu", **({"classifier": "gap"} if pool == "avg" else {})}
-    convert(tmp_path / "oc.pt", tmp_path / "c.safetensors", overrides=overrides)
+    convert(tmp_path / "oc.pt", tmp_path / "c.safetensors", ConvertOptions(overrides=overrides))
     report = verify(tmp_path / "oc.pt", tmp_path / "c.safetensors", overrides=overrides)
     assert report.ok and "OpenCLIP's VisionTransformer" in report.reference, report.lines()
     with torch.no_grad():

@@ -15,6 +15,7 @@ import sys
 
 from conftest import skip_unless_installed
 from vitconv.archs.generate import torchvision_placeholder  # noqa: F401 - the one placeholder; tests import it here
+from vitconv.conversion.options import ConvertOptions
 
 
 def import_timm():
@@ -40,11 +41,11 @@ def assert_timm_round_trip(tmp_path, name: str, kwargs: dict, model, sizes, repo
     from vitconv.conversion.pipeline import convert, open_checkpoint
 
     timm = import_timm()
-    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
     a, b = load_file(tmp_path / "src.safetensors"), load_file(tmp_path / "back.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     timm.create_model(name, pretrained=False, **kwargs).load_state_dict(b, strict=True)
-    convert(tmp_path / "c.safetensors", tmp_path / "tdir", to="timm")
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm"))
     built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
     with torch.no_grad():
         for h, w in sizes:

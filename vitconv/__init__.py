@@ -11,17 +11,18 @@ from vitconv.errors import BadInputError, MappingError, VerificationError, Vitco
 from vitconv.lazy import lazy_module
 
 __version__ = "0.1.0"
-__all__ = ["ViTConfig", "load", "convert", "open_checkpoint", "VisionTransformer", "VitconvError",
-           "BadInputError", "MappingError", "VerificationError", "__version__"]
+__all__ = ["ViTConfig", "load", "convert", "open_checkpoint", "ReadOptions", "ConvertOptions", "VisionTransformer",
+           "VitconvError", "BadInputError", "MappingError", "VerificationError", "__version__"]
 
 
 #: Loaded on first use: `import vitconv.verification.references.google_numpy` stays free of the
 #: converter's mapping code, and `import vitconv` (and the CLI) start without torch.
-_pipeline = lazy_module("vitconv.conversion.pipeline")
-_service = lazy_module("vitconv.conversion.service")  # the pipeline's convert, with a model card in a directory
+_api = lazy_module("vitconv.conversion.api")  # keyword calls onto the convert service and the reader
+_options = lazy_module("vitconv.conversion.options")
 _loading = lazy_module("vitconv.conversion.loading")  # torch
 _model = lazy_module("vitconv.model")  # torch
-_LAZY = {"open_checkpoint": (_pipeline, "open_checkpoint"), "convert": (_service, "convert"),
+_LAZY = {"open_checkpoint": (_api, "open_checkpoint"), "convert": (_api, "convert"),
+         "ReadOptions": (_options, "ReadOptions"), "ConvertOptions": (_options, "ConvertOptions"),
          "load": (_loading, "load"), "VisionTransformer": (_model, "VisionTransformer")}
 
 

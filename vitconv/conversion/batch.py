@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from vitconv import __version__
 from vitconv.formats import storage
 from vitconv.conversion.service import convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.config import parse_settings
 from vitconv.errors import BadInputError, OutputError, VitconvError, failure, one_line
 from vitconv.formats.atomic import atomic_output, check_writable
@@ -71,6 +72,12 @@ class Row:
     def overrides(self) -> Dict[str, Any]:
         """``set`` and ``arch`` as :func:`vitconv.conversion.pipeline.open_checkpoint` takes them."""
         return {**parse_settings((self.set or "").split()), **({"arch": self.arch} if self.arch else {})}
+
+    def converting(self, **write: Any) -> ConvertOptions:
+        """The row as the convert service's options (``write``: what the run adds, its provenance)."""
+        return ConvertOptions(to=self.to, image_size=self.image_size, patch_size=self.patch_size, dtype=self.dtype,
+                              num_heads=self.num_heads, labels=self.labels, overrides=self.overrides(),
+                              verify=self.verify, **write)
 
     def options(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in OPTIONS if getattr(self, k) is not None}
@@ -414,11 +421,8 @@ def _convert_row(row: Row, force: bool, previous: Optional[Dict[str, Any]], comm
         if not storage.is_url(row.dst):  # a zoo's tree of outputs: its folders are made
             Path(row.dst).parent.mkdir(parents=True, exist_ok=True)
         with storage.local_output(row.dst) as dst:
-            report = convert(src, dst, to=row.to, image_size=row.image_size, patch_size=row.patch_size,
-                             dtype=row.dtype, num_heads=row.num_heads, labels=row.labels,
-                             overrides=row.overrides(),
-                             verify=row.verify, metadata=meta, source_sha256=digest,
-                             command=f"{command} (line {row.line})")
+            report = convert(src, dst, row.converting(metadata=meta, source_sha256=digest,
+                                                      command=f"{command} (line {row.line})"))
             hashes = {f: sha256_file(f) for f in _output_files(report.files)}
     if storage.is_url(row.dst):  # named where they now are
         base = row.dst.rstrip("/").rsplit("/", 1)[0]

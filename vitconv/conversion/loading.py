@@ -15,6 +15,7 @@ import torch
 from vitconv.config import ViTConfig, parameter_shapes
 from vitconv.model import Block, VisionTransformer
 from vitconv.conversion.pipeline import Checkpoint, PathLike, open_checkpoint
+from vitconv.conversion.options import ReadOptions
 
 
 def _torch(named: Iterable[Tuple[str, np.ndarray]], strip: str = "") -> Dict[str, torch.Tensor]:
@@ -105,6 +106,7 @@ def load(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[i
     >>> model = vitconv.load("golden/jax/tiny_token_p8_32.npz")   # doctest: +SKIP
     >>> logits = model(images_nchw)                                # doctest: +SKIP
     """
-    with open_checkpoint(path, image_size=image_size, num_heads=num_heads, overrides=overrides,
-                         patch_size=patch_size, num_classes=num_classes) as ckpt:
+    options = ReadOptions(image_size=image_size, num_heads=num_heads, overrides=overrides, patch_size=patch_size,
+                          num_classes=num_classes)
+    with open_checkpoint(path, options) as ckpt:
         return build_model(ckpt.config, ckpt.state_dict())

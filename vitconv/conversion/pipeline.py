@@ -55,6 +55,7 @@ from vitconv.layouts.table import ExpandedRule, audit, foreign_shapes, map_from_
 from vitconv.layouts.inference import DEFAULT_HEAD_DIM
 from vitconv.layouts.transforms import all_finite
 from vitconv.conversion.targets import candidates
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 
 PathLike = Union[str, os.PathLike]
 #: ``progress(done_bytes, total_bytes, tensor_name)``, called after each tensor is written.
@@ -205,13 +206,11 @@ def left_open(path: PathLike) -> Set[str]:
         return opened | ({ARCH, f"{ARCH}:{layout.name}"} if opened else set())
 
 
-def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_heads: Optional[int] = None,
-                    require_layout: Union[str, Sequence[str], None] = None, dtype: Optional[str] = None,
-                    overrides: Optional[Dict[str, object]] = None, patch_size: Optional[int] = None,
-                    source: Optional[TensorSource] = None, labels: Union[str, Sequence[str], None] = None,
-                    num_classes: Optional[int] = None) -> Checkpoint:
-    """Open ``path`` (or read through ``source``, which the caller then closes), recognise its layout (which must be
-    ``require_layout``, or one of them, when given), infer the architecture and audit the keys; optionally
+def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
+                    source: Optional[TensorSource] = None) -> Checkpoint:
+    """Open ``path`` (or read through ``source``, which the caller then closes) as ``options`` say
+    (:class:`~vitconv.conversion.options.ReadOptions`), recognise its layout (which must be
+    one of ``require_layout``, when given), infer the architecture and audit the keys; optionally
     retarget the resolution (``image_size``: the position table resized as Google's
     ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read (but the few values a layout's
     ``from_values`` reads: the original DINOv3's rotary periods).
@@ -236,8 +235,8 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
     ``patch_size`` resamples the model to another patch size as FlexiViT does: the patch
     kernel by its pseudo-inverse resize, the position table bilinearly to the new grid (at
     ``image_size``, default the source's); the model then resizes that way at other sizes too."""
-    if labels is not None:
-        labels = load_labels(labels, path)
+    image_size, patch_size, num_heads, dtype = options.image_size, options.patch_size, options.num_heads, options.dtype
+    labels = load_labels(options.labels, path) if options.labels is not None else None
     if dtype is not None and dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     opened = source is None
@@ -258,7 +257,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
         inner = [k[len(prefix):] for k in kept]
         probe = Probe.of(source, {k: shapes[prefix + k] for k in inner}, where, num_heads)
-        told = dict(overrides or {})
+        told = dict(options.overrides)
         arch = told.pop(ARCH, None)
         semantics, probe = _semantics(layout, probe, told, arch, path)
         cfg = _override(layout.infer(probe), layout, probe, {**semantics.values, **told}, path)
@@ -270,7 +269,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
         if stacked:
             cfg = cfg.replace(scan=True)
         # (a corrupt file is named as such above, before a layout complaint below)
-        allowed = (require_layout,) if isinstance(require_layout, str) else tuple(require_layout or ())
+        allowed = options.require_layout
         if allowed and layout.name not in allowed:
             raise BadInputError(f"expected a {' or '.join(allowed)} checkpoint, found the {layout.name} layout", path)
         try:
@@ -292,6 +291,7 @@ def open_checkpoint(path: PathLike, *, image_size: Optional[int] = None, num_hea
             ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
         ckpt.overridden = tuple(told)
         ckpt.semantics = semantics
+        num_classes = options.num_classes
         if num_classes is not None:
             if num_classes < 0:
                 raise BadInputError(f"--num-classes must be 0 or more, got {num_classes}", path)
@@ -524,7 +524,7 @@ class ConversionReport:
     notes: List[str] = field(default_factory=list)
     #: Every path written (shards, then their index; or the directory).
     files: List[str] = field(default_factory=list)
-    #: What the ``on_written`` hook returned: :mod:`vitconv.conversion.service`'s verification of the written files.
+    #: What :func:`convert`'s hook returned: :mod:`vitconv.conversion.service`'s verification of the written files.
     checked: Any = None
 
     def rows(self) -> List[Tuple[str, str]]:
@@ -770,43 +770,52 @@ def _hashing(path: Path) -> Iterator["Future[str]"]:
             stop.set()
 
 
-def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_size: Optional[int] = None,
-            num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
-            patch_size: Optional[int] = None, require_layout: Union[str, Sequence[str], None] = None,
-            dtype: Optional[str] = None, shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES,
-            progress: Optional[Progress] = None, hash_source: bool = True,
-            labels: Union[str, Sequence[str], None] = None, num_classes: Optional[int] = None,
-            on_written: Optional[Callable[["Checkpoint", Layout, str, List[Path], str], Any]] = None,
-            before_commit: Optional[Callable[[List[Path]], None]] = None,
-            metadata: Union[Provenance, Mapping[str, str], None] = None,
-            source_sha256: Optional[str] = None) -> ConversionReport:
-    """Read ``src`` in any layout vitconv knows and write ``dst`` in layout ``to`` (default
-    from ``dst``: :mod:`vitconv.conversion.targets`), streaming, atomically; refuses, naming each reason,
+@dataclass(frozen=True)
+class Written:
+    """What a conversion's hook is handed once every byte is written, before anything is
+    renamed into place: the checkpoint read, the layout and container written, the weights'
+    temporary files (shards, then their index; a directory's files inside its temporary
+    folder) and the source's SHA-256 ("" when not hashed)."""
+
+    ckpt: Checkpoint
+    layout: Layout
+    container: str
+    temporaries: List[Path]
+    source_sha256: str
+
+
+#: ``hook(written)``: see :func:`convert`; what it returns is the report's ``checked``.
+Hook = Callable[[Written], Any]
+
+
+def convert(src: PathLike, dst: PathLike, options: ConvertOptions = ConvertOptions(),
+            hook: Optional[Hook] = None, *, progress: Optional[Progress] = None) -> ConversionReport:
+    """Read ``src`` in any layout vitconv knows and write ``dst`` as ``options`` say
+    (:class:`~vitconv.conversion.options.ConvertOptions`: the layout ``to``, default from
+    ``dst``: :mod:`vitconv.conversion.targets`), streaming, atomically; refuses, naming each reason,
     a target that cannot express the model. ``hash_source=False`` skips the source's SHA-256
     (one more read of the file). Above ``shard_bytes`` a ``.safetensors`` output is sharded
-    with a ``.index.json`` (the report's ``output`` is then the index). ``on_written(checkpoint,
-    layout, container, the weights' temporary files, source sha256)`` runs once every byte is
-    written, before anything is renamed into place (:mod:`vitconv.conversion.service` verifies the files
-    there and writes a model directory's ``README.md``); what it returns is the report's
-    ``checked``, and an exception leaves nothing.
-    ``metadata``: more provenance (a :class:`~vitconv.formats.provenance.Provenance`, or strings),
-    recorded with the source's hash and vitconv's version wherever the output has metadata
-    (:func:`write`), and with what a vitconv source's own provenance hands on
-    (:meth:`~vitconv.formats.provenance.Provenance.carried`). ``source_sha256``: the source's
-    hash when the caller already has it (a download hashed as it streamed, a batch row that
-    hashed it to decide whether to skip), so the file is not read again for it.
+    with a ``.index.json`` (the report's ``output`` is then the index). ``hook(`` :class:`Written`
+    ``)`` runs once every byte is written, before anything is renamed into place
+    (:mod:`vitconv.conversion.service` verifies the files there and writes a model directory's
+    ``README.md``); what it returns is the report's ``checked``, and an exception leaves nothing.
+    ``metadata``: more provenance, recorded with the source's hash and vitconv's version
+    wherever the output has metadata (:func:`write`), and with what a vitconv source's own
+    provenance hands on (:meth:`~vitconv.formats.provenance.Provenance.carried`).
+    ``source_sha256``: the source's hash when the caller already has it (a download hashed as it
+    streamed, a batch row that hashed it to decide whether to skip), so the file is not read
+    again for it.
 
     >>> vitconv.convert("ViT-B_16.npz", "vit_hf")   # doctest: +SKIP
     """
     src, dst = Path(src), Path(dst)
-    target, container, layouts = candidates(dst, to)
+    hash_source, source_sha256 = options.hash_source, options.source_sha256
+    target, container, layouts = candidates(dst, options.to)
     refuse_clobber([dst], [src])
     if container != "dir":
         check_writable(dst)  # fail before reading a multi-GB source, not after
     with contextlib.ExitStack() as stack:
-        ckpt = stack.enter_context(open_checkpoint(
-            src, image_size=image_size, num_heads=num_heads, require_layout=require_layout, dtype=dtype,
-            overrides=overrides, patch_size=patch_size, labels=labels, num_classes=num_classes))
+        ckpt = stack.enter_context(open_checkpoint(src, options))
         refuse_clobber([dst], [src, *ckpt.source.files()])
         layout = choose_layout(layouts, ckpt.config, container, target, dst)
         # The source's hash is a second read of the whole file: it runs on its own thread
@@ -818,36 +827,34 @@ def convert(src: PathLike, dst: PathLike, *, to: Optional[str] = None, image_siz
         # newer vitconv recorded), then this write's
         extra = Provenance.from_metadata(ckpt.source.metadata).carried().updated(Provenance(
             source_sha256=digest if hash_source else None, source=src.name if hash_source else None,
-            version=__version__, arch=ckpt.semantics.arch)).updated(Provenance.of(metadata))
+            version=__version__, arch=ckpt.semantics.arch)).updated(options.metadata)
         specs = ckpt.specs()
         checked: List[Any] = []
 
         def commit(temporaries: List[Path]) -> None:
             nonlocal digest
             digest = resolve(digest)
-            if on_written is not None:
-                checked.append(on_written(ckpt, layout, container, temporaries, digest))
-            if before_commit is not None:
-                before_commit(temporaries)
-        outputs = write(ckpt, layout, container, dst, extra=extra, shard_bytes=shard_bytes,
+            if hook is not None:
+                checked.append(hook(Written(ckpt, layout, container, temporaries, digest)))
+        outputs = write(ckpt, layout, container, dst, extra=extra, shard_bytes=options.shard_bytes,
                         progress=progress, before_commit=commit)
     notes = list(ckpt.notes) + layout.argument_notes(ckpt.config, recorded=container == "dir")
     notes += [f"{t} left out: the {layout.name} layout has none, and only training reads it"
               for t in layout.dropped(ckpt.config)]
     notes += layout.write_notes(ckpt.config)
     if container != "dir" and len(outputs) > 1:
-        notes.append(f"sharded into {len(outputs) - 1} files of at most {shard_bytes:,} bytes "
+        notes.append(f"sharded into {len(outputs) - 1} files of at most {options.shard_bytes:,} bytes "
                      f"({', '.join(p.name for p in outputs[:-1])})")
     kind = f"{layout.name} layout: {layout.description}"
     if container in layout.loads_with:
         notes.append("load with " + layout.loads_with[container].format(path=dst))
-    if dtype is not None:
-        notes.append(f"weights written as {dtype}")
+    if options.dtype is not None:
+        notes.append(f"weights written as {options.dtype}")
     resized = (ckpt.resized_from, ckpt.config.grid_size) if ckpt.resized_from is not None else None
     return ConversionReport(str(src), ckpt.layout.name, digest, ckpt.config, sum(s.numel for s in specs),
                             str(outputs[-1]), kind, layout.name, resized, notes, [str(p) for p in outputs],
                             checked[0] if checked else None)
 
 
-__all__ = ["Checkpoint", "ConversionReport", "open_checkpoint", "convert", "write", "choose_layout",
+__all__ = ["Checkpoint", "ConversionReport", "Written", "Hook", "open_checkpoint", "convert", "write", "choose_layout",
            "map_state", "to_layout", "DEFAULT_SHARD_BYTES", "LAYOUTS"]

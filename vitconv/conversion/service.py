@@ -1,4 +1,9 @@
-"""The model card (``README.md``) of every model directory vitconv writes: where the weights
+"""The convert service every command and :func:`vitconv.convert` use (:func:`convert`): stage
+URLs -> read -> write -> verify -> commit, as one frozen
+:class:`~vitconv.conversion.options.ConvertOptions` says, with one hook before the commit
+(``export --safetensors`` proves its parity there).
+
+The model card (``README.md``) of every model directory vitconv writes: where the weights
 came from (file, sha256, layout), the architecture, how to load it, the preprocessing and
 labels, vitconv's version and command, and the figures of ``verify`` run on the written
 files against the source's own reference, before the directory appears. Front matter in the
@@ -16,7 +21,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -27,7 +32,9 @@ from vitconv.errors import VerificationError, VitconvError
 from vitconv.formats.atomic import atomic_output
 from vitconv.formats.hf_dir import read_documents
 from vitconv.formats.safetensors_io import read_back
-from vitconv.conversion.pipeline import Checkpoint, ConversionReport, convert as convert_checkpoint, open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
+from vitconv.conversion.pipeline import (Checkpoint, ConversionReport, Hook, Progress, Written,
+                                          convert as convert_checkpoint, open_checkpoint)
 from vitconv.runtime.predict import classifies
 from vitconv.layouts.layout import Layout
 from vitconv.formats.provenance import KEY_OF, Provenance
@@ -50,67 +57,71 @@ def cli_command() -> str:
 VERIFIED_KEY = KEY_OF["verified"]
 
 
-def convert(src: PathLike, dst: PathLike, *, command: Optional[str] = None, verify: bool = False,
-            **kwargs: Any) -> ConversionReport:
-    """:func:`vitconv.conversion.pipeline.convert`, with a model card in a directory output; ``command``
-    is recorded in it (default: a Python call). The written files are read back and checked
-    against the source's reference (:func:`verify_written`) before they are renamed into place:
-    for the card's figures, and with ``verify`` for every output, which then appears only if
-    the check passes (else :class:`VerificationError`, nothing written) and records
-    ``vitconv_verified`` in its metadata; the report's ``checked`` holds the figures."""
-    said = command or f"vitconv.convert({os.fspath(src)!r}, {os.fspath(dst)!r})"
+def convert(src: PathLike, dst: PathLike, options: ConvertOptions = ConvertOptions(), *,
+            hook: Optional[Hook] = None, progress: Optional[Progress] = None) -> ConversionReport:
+    """The convert service every command uses: stage URLs -> read -> write -> verify -> commit.
+    :func:`vitconv.conversion.pipeline.convert` with ``options``, with a model card in a directory
+    output; ``options.command`` is recorded in it (default: a Python call). The written files are
+    read back and checked against the source's reference (:func:`verify_written`) before they are
+    renamed into place: for the card's figures, and with ``options.verify`` for every output, which
+    then appears only if the check passes (else :class:`VerificationError`, nothing written) and
+    records ``vitconv_verified`` in its metadata; the report's ``checked`` holds the figures.
+    ``hook`` (:data:`~vitconv.conversion.pipeline.Hook`) runs after that check, still before the
+    commit (``export --safetensors`` checks its parity there); the report's ``checked`` is what it
+    returns when the service has no figures of its own."""
+    said = options.command or f"vitconv.convert({os.fspath(src)!r}, {os.fspath(dst)!r})"
     if storage.is_url(src) or storage.is_url(dst):  # staged and uploaded (vitconv.formats.storage)
         with storage.local_input(src) as (local_src, digest), storage.local_output(dst) as local_dst:
-            if digest is not None:  # hashed as it was downloaded
-                kwargs["source_sha256"] = digest
-            report = convert(local_src, local_dst, command=said, verify=verify, **kwargs)
+            staged = options if digest is None else dataclasses.replace(options, source_sha256=digest)  # hashed as downloaded
+            report = convert(local_src, local_dst, dataclasses.replace(staged, command=said), hook=hook,
+                             progress=progress)
         where = os.fspath(dst).rstrip("/").rsplit("/", 1)[0] if storage.is_url(dst) else None
         files = [where + "/" + Path(f).relative_to(Path(local_dst).parent).as_posix() if where else f
                  for f in report.files]
         return dataclasses.replace(report, source=os.fspath(src), output=files[-1], files=files)
-    num_heads, overrides = kwargs.get("num_heads"), kwargs.get("overrides")
+    verify = options.verify
     if verify:
-        kwargs["metadata"] = Provenance.of(kwargs.get("metadata")).updated(Provenance(verified=True))
+        options = dataclasses.replace(options, metadata=options.metadata.updated(Provenance(verified=True)))
 
-    def on_written(ckpt: Checkpoint, layout: Layout, container: str, temporaries: List[Path],
-                   digest: str) -> Optional[VerifyReport]:
-        if not verify and container != "dir":
-            return None
-        try:
-            if ckpt.new_head:
-                raise VitconvError("the classifier was replaced by a new zero-initialised one; every other "
-                                   "tensor is the source's, unchanged")
-            report: Union[VerifyReport, VitconvError] = verify_written(
-                src, ckpt.config, layout, container, temporaries, num_heads=num_heads, overrides=overrides,
-                image_size=kwargs.get("image_size"), patch_size=kwargs.get("patch_size"),
-                dtype=kwargs.get("dtype"))
-        except VitconvError as e:
-            if verify:  # named as the output the user asked for, not its temporary file
-                raise type(e)(e.message, dst) from None
-            report = e
-        if verify and not report.ok:
-            raise VerificationError(report.verdict(), dst)
-        if container == "dir":
-            with atomic_output(temporaries[0].parent / "README.md") as tmp:
-                tmp.write_text(model_card(src, ckpt, layout, digest, said, report), encoding="utf-8")
-        return report if isinstance(report, VerifyReport) else None
-    return convert_checkpoint(src, dst, on_written=on_written, **kwargs)
+    def on_written(written: Written) -> Any:
+        ckpt, layout, container, temporaries = written.ckpt, written.layout, written.container, written.temporaries
+        report: Union[VerifyReport, VitconvError, None] = None
+        if verify or container == "dir":
+            try:
+                if ckpt.new_head:
+                    raise VitconvError("the classifier was replaced by a new zero-initialised one; every other "
+                                       "tensor is the source's, unchanged")
+                report = verify_written(src, ckpt.config, layout, container, temporaries, options.reading())
+            except VitconvError as e:
+                if verify:  # named as the output the user asked for, not its temporary file
+                    raise type(e)(e.message, dst) from None
+                report = e
+            if verify and not report.ok:
+                raise VerificationError(report.verdict(), dst)
+            if container == "dir":
+                with atomic_output(temporaries[0].parent / "README.md") as tmp:
+                    tmp.write_text(model_card(src, ckpt, layout, written.source_sha256, said, report),
+                                   encoding="utf-8")
+        theirs = hook(written) if hook is not None else None
+        return report if isinstance(report, VerifyReport) else theirs
+    return convert_checkpoint(src, dst, options, on_written, progress=progress)
 
 
-def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str, temporaries: Sequence[Path], *,
-                   num_heads: Optional[int] = None, overrides: Optional[Dict[str, object]] = None,
-                   image_size: Optional[int] = None, patch_size: Optional[int] = None,
-                   dtype: Optional[str] = None) -> VerifyReport:
+def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str, temporaries: Sequence[Path],
+                   options: ReadOptions = ReadOptions()) -> VerifyReport:
     """``verify`` on the files just written (still under their temporary names), read back as
     a user would read them (a directory with its config and preprocessing files; a bare file
-    told only what its layout cannot record), against the source's reference (given
-    ``num_heads``/``overrides`` as the conversion was).
+    told only what its layout cannot record), against the source's reference (the source read
+    with the conversion's ``options``: its ``num_heads``, ``overrides``, ``image_size``).
 
     Weights written in a narrower ``dtype`` are checked in two steps that together are exact:
     every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
     ``dtype``, and that float32 model is verified against the reference at the usual
     tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
-    if patch_size is not None:
+    num_heads, overrides, dtype = options.num_heads, dict(options.overrides), options.dtype
+    # the source as the conversion read it, in its own dtype (the float32 side of a rounded proof)
+    as_read = ReadOptions(image_size=options.image_size, num_heads=num_heads, overrides=overrides)
+    if options.patch_size is not None:
         raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
                            "source's own patch size")
     source, where, told = None, Path(temporaries[0]), {}
@@ -122,17 +133,16 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         source.documents = read_documents(where)  # as a user's read of the directory parses them
     else:
         told = layout.arguments(cfg, recorded=False)
-    heads = told.pop("num_heads", None)
+    back_as = ReadOptions(num_heads=told.pop("num_heads", None), overrides=told)
     try:
         # every model here runs block by block from its files (one block's weights in memory)
-        written = loading.StreamedModel(lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told))
+        written = loading.StreamedModel(lambda: open_checkpoint(where, back_as, source=source))
         if dtype is None:
             return verify(src, written, num_heads=num_heads, overrides=overrides)
         images = seeded_nchw(DEFAULT_BATCH, written.config.image_size, written.config.in_chans)
         moved = _output(written, images)  # the rounded model, as users will run it
-        model, said = prove_rounded(
-            lambda: open_checkpoint(src, num_heads=num_heads, overrides=overrides, image_size=image_size),
-            lambda: open_checkpoint(where, source=source, num_heads=heads, overrides=told), dtype)
+        model, said = prove_rounded(lambda: open_checkpoint(src, as_read),
+                                    lambda: open_checkpoint(where, back_as, source=source), dtype)
         if model is None:
             raise VerificationError(said)
     finally:

@@ -21,7 +21,7 @@ import stat
 import struct
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 from zlib_ng.zlib_ng import crc32  # the stdlib's checksum, 11x faster (pyproject.toml)

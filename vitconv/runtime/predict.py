@@ -26,6 +26,7 @@ from vitconv.errors import BadInputError, first_line, one_line
 from vitconv.runtime.labels import check_count, load_labels
 from vitconv.runtime.labels import from_metadata as labels_from_metadata
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.canonical import parse_config
 from vitconv.formats.provenance import Provenance
@@ -84,8 +85,8 @@ def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: 
     if kind == "canonical":
         import torch
 
-        with open_checkpoint(p, image_size=image_size, num_heads=num_heads, labels=labels,
-                             overrides=overrides) as ckpt:
+        with open_checkpoint(p, ReadOptions(image_size=image_size, num_heads=num_heads, labels=labels,
+                                            overrides=overrides)) as ckpt:
             model, usage = loading.build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
 
         def run(x: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ from vitconv.formats.atomic import atomic_output
 from vitconv.formats.npz import NpzSource
 from vitconv.formats.writeback import Writeback
 from vitconv.conversion.pipeline import convert
+from vitconv.conversion.options import ConvertOptions
 from vitconv.verification.verify import check
 from vitconv.lazy import lazy_module
 
@@ -353,7 +354,7 @@ def _child(mode: str, src: str, dst: str, hash_source: bool) -> dict:
     c0 = time.process_time()  # every thread's user + system time, ns resolution
     t0 = time.perf_counter()
     if mode == "stream":
-        convert(src, dst, hash_source=hash_source)
+        convert(src, dst, ConvertOptions(hash_source=hash_source))
         n = os.path.getsize(dst)
     elif mode == "verify":  # dst: the converted file
         check(src, dst)

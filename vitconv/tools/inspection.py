@@ -30,6 +30,7 @@ from vitconv.errors import BadInputError, MappingError, first_line
 from vitconv.formats.base import TensorSource
 from vitconv.formats.open import open_source, sniff
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.layouts import LAYOUTS, Layout, Probe, detect_layout
 from vitconv.layouts.table import audit_report
 from vitconv.layouts.layout import has_key
@@ -182,7 +183,7 @@ def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int
     fails, its steps one by one, keeping whatever succeeds, so the report can list the
     missing and unused keys instead of only the first complaint."""
     try:
-        with open_checkpoint(source.path, source=source, overrides={"arch": arch} if arch else None) as ckpt:
+        with open_checkpoint(source.path, ReadOptions(overrides={"arch": arch} if arch else {}), source=source) as ckpt:
             return (ckpt.layout, ckpt.source_config, ckpt.prefix, Audit(ok=True, ignored=sorted(ckpt.ignored)),
                     list(ckpt.notes), ckpt.semantics)
     except MappingError as error:

@@ -37,6 +37,7 @@ from vitconv.formats.base import sha256_file
 from vitconv.verification.references.library import LAYOUTS as LIBRARY_LAYOUTS
 from vitconv.verification.references.library import LibraryMissing
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.verification.verify import reference_for
 from vitconv.lazy import lazy_module
 from vitconv.verification.compare import compare, nchw
@@ -189,7 +190,7 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
         got = {k: v.numpy() for k, v in model.forward_stages(torch.from_numpy(nchw(x))).items()}
     ref = want_ref = None
     try:  # a reference that cannot run is a failure of the case, never a missing figure
-        with open_checkpoint(ckpt, overrides=told) as c:
+        with open_checkpoint(ckpt, ReadOptions(overrides=told)) as c:
             if c.layout.name in ("google", "big_vision") or c.layout.name in LIBRARY_LAYOUTS:
                 ref = reference_for(ckpt, c)
                 want_ref = ref.forward_stages(x)

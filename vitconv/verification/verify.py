@@ -47,7 +47,7 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -60,6 +60,7 @@ from vitconv.verification.compare import (DEFAULT_SEED, DEFAULT_TOLERANCE, FP16_
 from vitconv.verification.references.big_vision_numpy import BigVisionReference
 from vitconv.verification.references.library import LibraryReference, open_reference
 from vitconv.conversion.pipeline import ARCH, left_open, open_checkpoint
+from vitconv.conversion.options import ReadOptions
 from vitconv.verification.references.google_numpy import GoogleViTReference
 from vitconv.runtime.runners import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 from vitconv.lazy import lazy_module
@@ -249,8 +250,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         raise BadInputError(f"batch must be positive, got {batch}")
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
-    (src_heads, src_set), (conv_heads, conv_set) = _arguments(src, converted, num_heads, dict(overrides or {}))
-    with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # headers only
+    src_as, conv_as = _arguments(src, converted, num_heads, dict(overrides or {}))
+    with open_checkpoint(src, src_as) as source:  # headers only
         scfg = source.config
         semantics = {f.name: {"value": getattr(source.source_config, f.name),
                               "from": source.semantics.sources[f.name]}
@@ -260,8 +261,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     model, runner, kind, label = None, None, "canonical", "in-memory model"
     owned = True  # opened here, so released here before the reference is built
     if converted is None:
-        model = loading.StreamedModel(lambda: open_checkpoint(src, image_size=image_size, num_heads=src_heads,
-                                                      overrides=src_set))
+        model = loading.StreamedModel(lambda: open_checkpoint(src, replace(src_as, image_size=image_size)))
         label = f"{src} converted on the fly"
     elif isinstance(converted, (str, os.PathLike)):
         label = os.fspath(converted)
@@ -272,7 +272,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
         elif kind == "torchscript":
             runner = TorchRunner(load_torchscript(Path(converted)), Path(converted))
         else:
-            model = loading.StreamedModel(lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set))
+            model = loading.StreamedModel(lambda: open_checkpoint(converted, conv_as))
     elif hasattr(converted, "forward_stages"):
         model, owned = converted, False
     else:
@@ -316,10 +316,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                           batch=int(images.shape[0]), seed=used_seed, tolerance=float(tolerance),
                           reference_dtype=np.dtype(reference_dtype).name, semantics=semantics, arch=read_as)
     if rounding is not None:
-        opened = dict(image_size=written_size, num_heads=src_heads, overrides=src_set)
-        twin, said = prove_rounded(lambda: open_checkpoint(src, **opened),
-                                   lambda: open_checkpoint(converted, num_heads=conv_heads, overrides=conv_set),
-                                   rounding)
+        twin, said = prove_rounded(lambda: open_checkpoint(src, replace(src_as, image_size=written_size)),
+                                   lambda: open_checkpoint(converted, conv_as), rounding)
         if twin is not None:  # the float32 conversion, in the file's architecture: its stages are judged
             rounded, got = got, _run_converted(twin, None, pixels)
             final = "logits" if "logits" in got else "head_input"
@@ -330,7 +328,7 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
                                          math.nan, tolerance, False, said)]
             return report
         report.note, report.kind = said, f"{kind}, {rounding} weights"
-    with open_checkpoint(src, num_heads=src_heads, overrides=src_set) as source:  # the layout decides the reference
+    with open_checkpoint(src, src_as) as source:  # the layout decides the reference
         ref = reference_for(src, source, reference_dtype)
     if size != ref.image_size and getattr(ref, "fixed_size", False):
         raise BadInputError(f"the reference ({ref.description}) runs at the checkpoint's {ref.image_size}px "
@@ -361,14 +359,16 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     return report
 
 
-def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]):
-    """``((num_heads, overrides) for the source, (the same) for the converted file)``: each goes
+def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]
+               ) -> Tuple[ReadOptions, ReadOptions]:
+    """How each side is read: ``(the source's, the converted file's)`` ``num_heads`` and
+    ``overrides``, as :class:`~vitconv.conversion.options.ReadOptions`. Each goes
     to the file(s) that leave it open (a bare state dict, source or converted, records neither
     heads nor GELU; the same model has the same). Given where both files record it, it is
     refused. ONNX, TorchScript and in-memory models take none."""
     if (num_heads is None and not overrides) or not isinstance(converted, (str, os.PathLike)) \
             or artifact_kind(converted) in ("onnx", "torchscript"):
-        return (num_heads, overrides), (None, {})
+        return ReadOptions(num_heads=num_heads, overrides=overrides), ReadOptions()
     given = {**overrides, **({"num_heads": num_heads} if num_heads is not None else {})}
     opened = [left_open(src), left_open(converted)]
     if ARCH in given:  # an architecture goes to the files of its layout that leave something open
@@ -377,8 +377,9 @@ def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], override
     closed = sorted(set(given) - opened[0] - opened[1])
     if closed:
         raise BadInputError(f"--num-heads/--set/--arch {', '.join(closed)}: both files record it", converted)
-    return tuple((num_heads if "num_heads" in o else None, {k: v for k, v in overrides.items() if k in o})
-                 for o in opened)
+    src_as, conv_as = (ReadOptions(num_heads=num_heads if "num_heads" in o else None,
+                                   overrides={k: v for k, v in overrides.items() if k in o}) for o in opened)
+    return src_as, conv_as
 
 
 def _half_stage(stage: StageResult, want: np.ndarray, got: np.ndarray) -> StageResult:

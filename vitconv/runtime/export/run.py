@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +18,7 @@ from vitconv.formats.atomic import check_writable, refuse_clobber
 from vitconv.formats.base import sha256_file
 from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
 from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.options import ConvertOptions, ReadOptions
 from vitconv.runtime.export.common import Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready
 from vitconv.runtime.export.onnx import DEFAULT_OPSET, export_metadata, export_onnx
 from vitconv.runtime.export.onnx_meta import export_onnx_streamed
@@ -59,6 +60,10 @@ class ExportPlan:
     #: Blocks per onnxruntime session of the block-by-block proof (None: ``VITCONV_ONNX_BLOCKS``, else
     #: as many as an eighth of the memory holds: :func:`blocks_per_part`).
     blocks_per_part: Optional[int] = None
+
+    def reading(self) -> ReadOptions:
+        """How every target reads the source: at ``image_size``, with ``labels`` and ``overrides``."""
+        return ReadOptions(image_size=self.image_size, labels=self.labels, overrides=self.overrides or {})
 
 
 #: Peak memory of ``vitconv export`` as a multiple of the model's float32 weight bytes: every
@@ -132,8 +137,8 @@ def streamed_stages(src: PathLike, plan: ExportPlan, native: int):
     import torch
 
     def stages(batch: int, size: int) -> Dict[str, np.ndarray]:
-        with open_checkpoint(src, image_size=plan.image_size if size == native else size, labels=plan.labels,
-                             overrides=plan.overrides) as ckpt:
+        with open_checkpoint(src, replace(plan.reading(), image_size=plan.image_size if size == native else size)
+                             ) as ckpt:
             x = torch.from_numpy(seeded_nchw(batch, size, ckpt.config.in_chans))
             return {k: v.numpy() for k, v in loading.forward_stages_streamed(ckpt, x).items()}
 
@@ -153,7 +158,7 @@ def run_export_streamed(src: PathLike, plan: ExportPlan, cfg: ViTConfig, usage, 
     progress(f"onnx -> {plan.onnx} (streamed: traced on the meta device, proved {k} block(s) at a time)")
 
     def open_ckpt():
-        return open_checkpoint(src, image_size=plan.image_size, labels=plan.labels, overrides=plan.overrides)
+        return open_checkpoint(src, plan.reading())
 
     result = export_onnx_streamed(open_ckpt, plan.onnx, streamed_stages(src, plan, cfg.image_size), checks,
                                   opset=plan.opset, batch=plan.batch, dynamic_size=plan.dynamic_size,
@@ -207,7 +212,7 @@ def run_export(src: PathLike, plan: ExportPlan,
     refuse_clobber(outputs, [src])
     for out in outputs:
         check_writable(out)  # a read-only or missing directory: said before minutes of export
-    with open_checkpoint(src, image_size=plan.image_size, labels=plan.labels, overrides=plan.overrides) as ckpt:
+    with open_checkpoint(src, plan.reading()) as ckpt:
         refuse_clobber(outputs, ckpt.source.files())
         if plan.dynamic_size and ckpt.config.pos_resize == "dinov2":
             raise BadInputError("--dynamic-size: the original DINOv2 resizes its position table with "
@@ -265,10 +270,8 @@ def run_export(src: PathLike, plan: ExportPlan,
     gc.collect()
     if plan.safetensors:
         say(f"safetensors -> {plan.safetensors}")
-        attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks,
-                                           image_size=plan.image_size, fp16=plan.fp16,
-                                           shard_bytes=plan.shard_bytes, labels=plan.labels,
-                                           overrides=plan.overrides))
+        attempt(lambda: export_safetensors(src, plan.safetensors, reference, checks, ConvertOptions.of(
+            plan.reading(), to="canonical", dtype="float16" if plan.fp16 else None, shard_bytes=plan.shard_bytes)))
     if failures:
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]

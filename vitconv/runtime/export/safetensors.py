@@ -1,4 +1,4 @@
-"""Canonical ``.safetensors`` through the one conversion path (:func:`vitconv.conversion.pipeline.convert`:
+"""Canonical ``.safetensors`` through the convert service (:func:`vitconv.conversion.service.convert`:
 the same bytes ``vitconv convert SRC OUT.safetensors`` writes), verified before it is
 renamed into place by reading every written file back into :func:`vitconv.build_model`.
 
@@ -16,16 +16,15 @@ run time), so the file converts back to Google's ``.npz`` bit for bit. Above
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
-
-import numpy as np
+from typing import List, Sequence
 
 from vitconv.errors import VerificationError
 from vitconv.formats.safetensors_io import read_back
-from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
-from vitconv.conversion.pipeline import convert, open_checkpoint
+from vitconv.conversion.options import ConvertOptions
+from vitconv.conversion.pipeline import Written, open_checkpoint
+from vitconv.conversion.service import convert
 from vitconv.runtime.export.common import Check, ExportResult, PathLike, Reference, Timer, raise_if_failed, verify
 from vitconv.lazy import lazy_module
 from vitconv.verification.compare import CanonicalTensors, check_rounded
@@ -33,18 +32,20 @@ from vitconv.verification.compare import CanonicalTensors, check_rounded
 loading = lazy_module("vitconv.conversion.loading")  # torch
 
 
-def export_safetensors(src: PathLike, path: PathLike, reference: Reference, checks: Sequence[Check], *,
-                       image_size: Optional[int] = None, fp16: bool = False,
-                       shard_bytes: int = DEFAULT_SHARD_BYTES, labels=None,
-                       overrides: Optional[dict] = None) -> ExportResult:
-    """Convert ``src`` to the canonical ``.safetensors`` at ``path`` (float16 with ``fp16``),
-    read every file back, rebuild the model from what was read and verify it on ``checks``.
-    Files are renamed into place only after verification."""
+def export_safetensors(src: PathLike, path: PathLike, reference: Reference, checks: Sequence[Check],
+                       options: ConvertOptions) -> ExportResult:
+    """Convert ``src`` to the canonical ``.safetensors`` at ``path`` through the convert service
+    (:func:`vitconv.conversion.service.convert`: staged, read, written, checked, committed) as
+    ``options`` say (float16 with ``dtype="float16"``), read every file back, rebuild the model
+    from what was read and verify it on ``checks`` in the service's hook. Files are renamed into
+    place only after verification."""
     import torch
 
+    fp16 = options.dtype == "float16"
     results: List[ExportResult] = []
     with Timer() as t_total:
-        def check(temporaries: List[Path]) -> None:
+        def check(written: Written) -> None:
+            temporaries = written.temporaries
             if len(temporaries) > 1:  # shards, then their index
                 temporaries = temporaries[:-1]
             bad = None
@@ -52,7 +53,7 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
                 with open_checkpoint(temporaries[0], source=read_back(temporaries)) as ckpt:
                     rebuilt = loading.build_model(ckpt.config, ckpt.state_dict())
                     if fp16:  # the bytes: the float32 conversion rounded, tensor by tensor
-                        with open_checkpoint(src, image_size=image_size, labels=labels, overrides=overrides) as exact:
+                        with open_checkpoint(src, replace(options.reading(), dtype=None)) as exact:
                             bad = check_rounded(exact.tensors(), CanonicalTensors(ckpt), "float16")[0]
 
                 def run(a):
@@ -72,9 +73,7 @@ def export_safetensors(src: PathLike, path: PathLike, reference: Reference, chec
                 raise err
             raise_if_failed(result, path)
 
-        report = convert(src, path, to="canonical", image_size=image_size,
-                         dtype="float16" if fp16 else None, shard_bytes=shard_bytes, before_commit=check,
-                         labels=labels, overrides=overrides)
+        report = convert(src, path, options, hook=check)
     result = results[0]
     result.export_s, result.paths = t_total.s - result.verify_s, [Path(p) for p in report.files]
     return result
