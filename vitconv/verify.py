@@ -374,8 +374,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     # proves it (each tensor the float32 conversion's, rounded, bit for bit; the float32 model
     # against the reference), with how far the rounding moves the output said, never hidden
     # behind a looser tolerance.
-    rounding = None
-    if isinstance(model, StreamedModel) and converted is not None:
+    rounding = None  # a file's (an in-memory model, a StreamedModel too, is what it computes)
+    if isinstance(model, StreamedModel) and isinstance(converted, (str, os.PathLike)):
         rounding = held_exactly(t for _, t in model.tensors())
     written_size = model.config.image_size if rounding else None
     # The converted model runs first and is released; only then is the reference built (a
