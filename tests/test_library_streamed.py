@@ -142,3 +142,47 @@ def test_verify_runs_the_streamed_reference_and_a_bad_file_is_still_refused(tmp_
         with pytest.raises(BadInputError, match="does not take this file"):
             open_reference(tmp_path / "short.safetensors", ckpt, stream=True)
         ckpt.source.close()
+
+
+#: the 7B presets' structure at test size (64-dim heads, as a bare layout assumes)
+SMALL = dict(width=128, depth=4, num_heads=2, head_dim=64, mlp_dim=256, image_size=56)
+
+
+def test_synthetic_map_tower_as_a_hugging_face_directory_verifies_block_by_block(tmp_path):
+    """``make_synthetic(..., layout='hf')`` of the ``7B-map`` structure: a bfloat16
+    ``SiglipVisionModel`` directory transformers loads with no key missing or unexpected, whose
+    block-by-block reference equals the whole one to the bit and agrees with vitconv's model; the
+    'tok' 7B structure (a class token) comes out as ``ViTForImageClassification``."""
+    import json
+
+    from vitconv.synthetic import make_synthetic, preset
+
+    cfg = make_synthetic(preset("7B-map").replace(**SMALL), tmp_path / "map", layout="hf", dtype="bfloat16")
+    assert cfg.classifier == "map" and not cfg.class_token
+    assert json.loads((tmp_path / "map" / "config.json").read_text())["architectures"] == ["SiglipVisionModel"]
+    _, info = transformers.SiglipVisionModel.from_pretrained(tmp_path / "map", output_loading_info=True)
+    assert not any(info.values()), info
+    _assert_equal_to_the_bit(tmp_path / "map", sizes=(56,))
+    report = verify(tmp_path / "map")
+    assert report.ok and report.reference.endswith("block by block") and report.source_dtype == "bfloat16"
+    make_synthetic(preset("7B").replace(**SMALL), tmp_path / "tok", layout="hf")
+    assert json.loads((tmp_path / "tok" / "config.json").read_text())["architectures"] == [
+        "ViTForImageClassification"]
+    assert not list(tmp_path.glob(".*npz"))  # the intermediate .npz is gone
+
+
+def test_bfloat16_big_vision_map_tower_converts_to_a_hugging_face_directory(tmp_path):
+    """The 7B's path at test size: a bfloat16 big_vision MAP tower -> an HF directory, whose model
+    card verifies it against big_vision's NumPy reference. Every value of such a file is exactly
+    bfloat16, and verify took the model card's in-memory model for a rounded file and failed."""
+    from vitconv.card import convert as convert_with_card
+    from vitconv.synthetic import make_synthetic, preset
+
+    make_synthetic(preset("7B-map").replace(**SMALL), tmp_path / "bv.npz", layout="big_vision", dtype="bfloat16")
+    for dtype in (None, "bfloat16"):
+        out = tmp_path / f"hf_{dtype}"
+        report = convert_with_card(tmp_path / "bv.npz", out, to="hf", dtype=dtype)
+        assert report.checked is not None and report.checked.ok, report.checked
+        assert "big_vision" in report.checked.reference
+        assert "OK:" in (out / "README.md").read_text()
+        assert verify(out).ok
