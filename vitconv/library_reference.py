@@ -294,9 +294,13 @@ def _hf_keys(model, ckpt: Checkpoint) -> Dict[str, str]:
     """The model's state names -> the directory's keys, as ``from_pretrained`` renames them
     (transformers' own renaming table: ``attention.attention.query`` -> ``q_proj``, ``gamma`` ->
     ``weight``, the base model's prefix added or taken away). Empty where one of the file's
-    keys needs a conversion that is more than a new name (fused or split tensors)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
+    keys needs a conversion that is more than a new name (fused or split tensors), or where
+    transformers has no such table (before 5.0: the whole model is loaded then)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:
+        return {}
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
