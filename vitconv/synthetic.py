@@ -23,6 +23,7 @@ from .formats.base import TensorSpec
 from .formats.npz import NpzStreamWriter
 from .rules import LAYOUTS
 from .rules.base import foreign_shapes
+from vitconv.pipeline import convert as convert_checkpoint
 
 #: Google's published ImageNet models (``vit_jax/configs/models.py``), 224 px, 1000 classes.
 PRESETS: Dict[str, ViTConfig] = {
@@ -129,15 +130,13 @@ def write_synthetic_hf(path: os.PathLike | str, cfg: ViTConfig, seed: int = 0, d
     removed. The rule tables pick the class (``SiglipVisionModel`` for a MAP tower,
     ``ViTForImageClassification`` for a class token), so the directory is what a conversion of
     the ``.npz`` gives, tensor for tensor."""
-    from vitconv.pipeline import convert
-
     out = Path(path)
     tmp = out.with_name(f".{out.name}.source.npz")
     google = cfg.class_token and cfg.pos_embed_prefix != "none"
     try:
         write_synthetic_npz(tmp, cfg, seed, layout="google" if google else "big_vision",
                             dtype="float32" if google else dtype)
-        convert(tmp, out, to="hf", dtype=dtype, hash_source=False)
+        convert_checkpoint(tmp, out, to="hf", dtype=dtype, hash_source=False)
     finally:
         tmp.unlink(missing_ok=True)
 
