@@ -207,6 +207,12 @@ SLOW_TESTS = (
     "test_export_streamed.py::test_equal_weights_are_merged_only_by_the_whole_model_export",
     "test_export_streamed.py::test_cli_streamed_and_whole_flags",
     "test_export_streamed.py::test_each_block_part_reads_only_its_blocks_weights",
+    # the block-by-block library references against the whole-model ones (5-10 s busy each)
+    "test_library_streamed.py::test_hugging_face_directory_streamed_equals_from_pretrained",
+    "test_library_streamed.py::test_timm_state_dict_and_directory_streamed",
+    "test_library_streamed.py::test_verify_runs_the_streamed_reference_and_a_bad_file_is_still_refused",
+    "test_library_streamed.py::test_synthetic_map_tower_as_a_hugging_face_directory_verifies_block_by_block",
+    "test_library_streamed.py::test_bfloat16_big_vision_map_tower_converts_to_a_hugging_face_directory",
 )
 
 

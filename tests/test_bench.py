@@ -84,7 +84,7 @@ def test_bench_memory_measures_each_whole_command(tmp_path):
     from vitconv.tools.bench import bench_memory
 
     rows = bench_memory(golden_path("jax/tiny_token_p8_32.npz"), tmp_path)
-    assert [r["task"] for r in rows] == ["convert", "verify", "onnx", "onnx-fp16"]
+    assert [r["task"] for r in rows] == ["convert", "verify", "convert-hf", "verify-hf", "onnx", "onnx-fp16"]
     for r in rows:
         # a whole vitconv process, its imports included: tens of MiB at least
         assert r["peak_rss_mib"] > 30 and r["wall_s"] > 0 and "refused" not in r and r["met"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -559,7 +560,10 @@ MEMORY_TARGET_MIB = 4096
 
 def bench_memory(src: os.PathLike | str, workdir: os.PathLike | str) -> List[dict]:
     """Each whole command a user runs on a model, in order: ``vitconv convert SRC OUT.safetensors
-    --dtype float32``, ``vitconv verify SRC OUT.safetensors``, ``vitconv export SRC --onnx`` and
+    --dtype float32``, ``vitconv verify SRC OUT.safetensors``, ``vitconv convert SRC HF_DIR --to hf``
+    (a Hugging Face directory, sharded above 5 GB, its model card's verification included) and
+    ``vitconv verify HF_DIR`` (transformers' model as the reference, run block by block; skipped
+    where the conversion is refused: a model no Hugging Face class holds), ``vitconv export SRC --onnx`` and
     ``... --onnx --fp16`` (their verification in onnxruntime included): wall time and peak RSS
     (:func:`run_measured`), also as a multiple of the float32 weight bytes, beside the targets
     (convert and verify: 4 GiB, issue 33; export: 1.5x the weights + 1 GiB, issue 20). A command
@@ -568,14 +572,19 @@ def bench_memory(src: os.PathLike | str, workdir: os.PathLike | str) -> List[dic
     converted = work / (src.stem + ".converted.safetensors")  # sharded above 5 GB: its index then
     index = converted.with_name(converted.name + ".index.json")
     onnx = work / (src.stem + ".onnx")
+    hf = work / (src.stem.replace(".", "_") + "_converted_hf")  # a directory: a name without an extension
     vitconv = [*vitconv_command(), "-q"]
     tasks = (("convert", [*vitconv, "convert", str(src), str(converted), "--dtype", "float32"], None),
              ("verify", [*vitconv, "verify", str(src), "{converted}"], None),
+             ("convert-hf", [*vitconv, "convert", str(src), str(hf), "--to", "hf"], None),
+             ("verify-hf", [*vitconv, "verify", str(hf)], None),
              ("onnx", [*vitconv, "export", str(src), "--onnx", str(onnx)], 1.5),
              ("onnx-fp16", [*vitconv, "export", str(src), "--onnx", str(onnx), "--fp16"], 1.5))
     out, weights = [], 0
     try:
         for task, argv, factor in tasks:
+            if task == "verify-hf" and not hf.is_dir():  # no Hugging Face class holds the model
+                continue
             got = run_measured([a.format(converted=index if index.exists() else converted) for a in argv])
             if task == "convert":
                 if got["rc"] != 0:
@@ -593,6 +602,7 @@ def bench_memory(src: os.PathLike | str, workdir: os.PathLike | str) -> List[dic
     finally:
         for p in work.glob(src.stem + ".converted*"):
             p.unlink()
+        shutil.rmtree(hf, ignore_errors=True)
     return out
 
 

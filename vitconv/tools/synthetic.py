@@ -13,6 +13,7 @@ shapes, so the generator cannot drift from what the converter reads.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -22,6 +23,8 @@ from vitconv.formats.base import TensorSpec
 from vitconv.formats.npz import NpzStreamWriter
 from vitconv.layouts import LAYOUTS
 from vitconv.layouts.table import foreign_shapes
+from vitconv.conversion.options import ConvertOptions
+from vitconv.conversion.pipeline import convert as convert_checkpoint
 
 #: Google's published ImageNet models (``vit_jax/configs/models.py``), 224 px, 1000 classes.
 PRESETS: Dict[str, ViTConfig] = {
@@ -38,12 +41,17 @@ PRESETS: Dict[str, ViTConfig] = {
     # the 7B class (DINOv3 ViT-7B/16, InternViT-6B): width 4096, 32 blocks of 32 heads, MLP 16384;
     # 6.4 B parameters, 25.8 GB in float32, more than this machine's memory
     "7B": ViTConfig(width=4096, depth=32, num_heads=32, head_dim=128, mlp_dim=16384, patch_size=14),
+    # the same 7B as an image tower with big_vision's MAP head and no class token (a SigLIP tower's
+    # structure, 6.6 B parameters with the head): a Hugging Face layout holds it (SiglipVisionModel),
+    # which the 'tok' 7B above (big_vision's table has no class-token row) has none of
+    "7B-map": ViTConfig(width=4096, depth=32, num_heads=32, head_dim=128, mlp_dim=16384, patch_size=14,
+                        classifier="map", class_token=False, num_classes=0),
 }
 
 
 #: How a preset is stored when generated, where not as Google's float32 ``.npz``: the 7B class in
 #: bfloat16, as big_vision ``.npz`` (models this size ship in bfloat16; 12.9 GB instead of 25.8).
-STORED: Dict[str, Tuple[str, str]] = {"7B": ("big_vision", "bfloat16")}
+STORED: Dict[str, Tuple[str, str]] = {"7B": ("big_vision", "bfloat16"), "7B-map": ("big_vision", "bfloat16")}
 
 
 def preset_name(name: str) -> str:
@@ -115,12 +123,32 @@ def write_synthetic_npz(path: os.PathLike | str, cfg: ViTConfig, seed: int = 0,
     return total
 
 
+def write_synthetic_hf(path: os.PathLike | str, cfg: ViTConfig, seed: int = 0, dtype: str = "float32") -> None:
+    """A Hugging Face model directory (sharded above 5 GB) at ``path``: the ``.npz`` of
+    :func:`write_synthetic_npz` (big_vision's in ``dtype`` for a tower without a class token,
+    else Google's float32, whose table has the class token's row) written beside it, converted as
+    ``vitconv convert --to hf --dtype`` converts (the model card's verification left out), and
+    removed. The rule tables pick the class (``SiglipVisionModel`` for a MAP tower,
+    ``ViTForImageClassification`` for a class token), so the directory is what a conversion of
+    the ``.npz`` gives, tensor for tensor."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.source.npz")
+    google = cfg.class_token and cfg.pos_embed_prefix != "none"
+    try:
+        write_synthetic_npz(tmp, cfg, seed, layout="google" if google else "big_vision",
+                            dtype="float32" if google else dtype)
+        convert_checkpoint(tmp, out, ConvertOptions(to="hf", dtype=dtype, hash_source=False))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def make_synthetic(name_or_cfg: "str | ViTConfig", path: os.PathLike | str, seed: int = 0,
                    image_size: Optional[int] = None, num_classes: Optional[int] = None,
                    layout: Optional[str] = None, dtype: Optional[str] = None) -> ViTConfig:
-    """Write a synthetic checkpoint for a preset name or a config (``layout`` ``google`` or
-    ``big_vision``, ``dtype`` ``float32`` or ``bfloat16``; a preset's default: :data:`STORED`,
-    else Google's float32); returns the config."""
+    """Write a synthetic checkpoint for a preset name or a config (``layout`` ``google``,
+    ``big_vision`` or ``hf``: a Hugging Face directory, :func:`write_synthetic_hf`; ``dtype``
+    ``float32`` or ``bfloat16``; a preset's default: :data:`STORED`, else Google's float32);
+    returns the config."""
     cfg = preset(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     stored = STORED.get(preset_name(name_or_cfg), ("google", "float32")) if isinstance(name_or_cfg, str) \
         else ("google", "float32")
@@ -129,5 +157,8 @@ def make_synthetic(name_or_cfg: "str | ViTConfig", path: os.PathLike | str, seed
     if layout == "big_vision":  # big_vision adds its table to the patches alone ('tok' pooling too)
         changes["pos_embed_prefix"] = "none"
     cfg = cfg.replace(**changes) if changes else cfg
-    write_synthetic_npz(path, cfg, seed, layout=layout, dtype=dtype)
+    if layout == "hf":
+        write_synthetic_hf(path, cfg, seed, dtype=dtype)
+    else:
+        write_synthetic_npz(path, cfg, seed, layout=layout, dtype=dtype)
     return cfg

@@ -301,8 +301,8 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     # proves it (each tensor the float32 conversion's, rounded, bit for bit; the float32 model
     # against the reference), with how far the rounding moves the output said, never hidden
     # behind a looser tolerance.
-    rounding, moved = None, None
-    if isinstance(model, loading.StreamedModel) and converted is not None:
+    rounding, moved = None, None  # a file's (an in-memory model, a StreamedModel too, is what it computes)
+    if isinstance(model, loading.StreamedModel) and isinstance(converted, (str, os.PathLike)):
         rounding = held_exactly(t for _, t in model.tensors())
     written_size = model.config.image_size if rounding else None
     # The converted model runs first and is released; only then is the reference built (a
