@@ -24,7 +24,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import BinaryIO, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, List, Optional
 
 import numpy as np
 
@@ -47,9 +48,10 @@ def wanted(nbytes: int) -> bool:
 class DirectAppender:
     """Append bytes to ``f`` (opened for writing, empty) from offset 0 with ``O_DIRECT``.
 
-    ``write`` copies into the staging buffer and writes each full buffer; ``close`` writes the
-    tail and truncates the file to the bytes given. ``f`` stays the caller's to flush, rewrite
-    in place (a deferred header) and close."""
+    ``write`` copies into one of two staging buffers; a full buffer is written on a thread of
+    its own while the next one fills, so the copy and the disk overlap (a direct write returns
+    only when the device has the bytes). ``close`` writes the tail and truncates the file to the
+    bytes given. ``f`` stays the caller's to flush, rewrite in place (a deferred header) and close."""
 
     def __init__(self, f: BinaryIO, staging_bytes: Optional[int] = None):
         staging_bytes = staging_bytes or STAGING_BYTES
@@ -60,11 +62,16 @@ class DirectAppender:
         try:
             self.fd = os.open(f.name, os.O_WRONLY | os.O_DIRECT)
         except (OSError, AttributeError, TypeError):
-            self.fd = None  # refused here: ordinary writes from the same buffer
-        self._buf = mmap.mmap(-1, staging_bytes)  # anonymous: page-aligned, as O_DIRECT needs
-        self._view = np.frombuffer(self._buf, np.uint8)
-        self._fill = 0  # bytes staged
-        self._offset = 0  # file offset of the staging buffer's first byte
+            self.fd = None  # refused here: ordinary writes from the same buffers
+        # anonymous mappings: page-aligned, as O_DIRECT needs
+        self._bufs = [mmap.mmap(-1, staging_bytes) for _ in range(2)]
+        self._views = [np.frombuffer(b, np.uint8) for b in self._bufs]
+        self._pending: List[Optional[Future]] = [None, None]  # each buffer's write in flight
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vitconv-direct")
+        self._cur = 0  # the buffer being filled
+        self._fill = 0  # bytes staged in it
+        self._offset = 0  # file offset of its first byte
+        self._first = True  # the first write runs here: a refusal (EINVAL) turns O_DIRECT off
         self.direct = self.fd is not None
 
     @property
@@ -74,38 +81,58 @@ class DirectAppender:
 
     def write(self, data) -> int:
         src = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
-        size, pos, cap = src.size, 0, self._view.size
+        size, pos = src.size, 0
         while pos < size:
-            n = min(cap - self._fill, size - pos)
-            self._view[self._fill:self._fill + n] = src[pos:pos + n]
+            view = self._views[self._cur]
+            n = min(view.size - self._fill, size - pos)
+            view[self._fill:self._fill + n] = src[pos:pos + n]
             self._fill += n
             pos += n
-            if self._fill == cap:
-                self._flush(cap)
+            if self._fill == view.size:
+                self._flush(view.size)
         return size
 
-    def _flush(self, length: int) -> None:
-        """Write the first ``length`` bytes of the buffer (a multiple of :data:`ALIGN`) at the
-        buffer's offset, and start the next buffer after them."""
-        view = memoryview(self._buf)
-        done = 0
-        while done < length:
-            if self.fd is not None:
-                try:
-                    n = os.pwrite(self.fd, view[done:length], self._offset + done)
-                except OSError as e:
-                    if e.errno != errno.EINVAL or done or self._offset:
-                        raise
-                    self._stop_direct()  # refused at the first write: not this file system's way
-                    continue
-            else:
-                n = os.pwrite(self.f.fileno(), view[done:length], self._offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write", self.f.name)
-            done += n
-        view.release()
+    def _flush(self, length: int, wait: bool = False) -> None:
+        """Write the first ``length`` bytes of the current buffer (a multiple of :data:`ALIGN`)
+        at its offset, in the background unless ``wait``; the next bytes go to the other buffer,
+        once its own write is done."""
+        i, offset = self._cur, self._offset
+        if self._first or wait:
+            self._first = False
+            self._write(i, length, offset)
+        else:
+            self._pending[i] = self._pool.submit(self._write, i, length, offset)
         self._offset += length
         self._fill = 0
+        self._cur = 1 - i
+        self._settle(self._cur)
+
+    def _settle(self, i: int) -> None:
+        """Wait for buffer ``i``'s write; its error is raised here, in the writer's thread."""
+        pending, self._pending[i] = self._pending[i], None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, i: int, length: int, offset: int) -> None:
+        view = memoryview(self._bufs[i])
+        try:
+            done = 0
+            while done < length:
+                if self.fd is not None:
+                    try:
+                        n = os.pwrite(self.fd, view[done:length], offset + done)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or done or offset:
+                            raise
+                        self._stop_direct()  # refused at the first write: not this file system's way
+                        continue
+                else:
+                    n = os.pwrite(self.f.fileno(), view[done:length], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write", self.f.name)
+                done += n
+        finally:
+            view.release()
 
     def _stop_direct(self) -> None:
         if self.fd is not None:
@@ -114,25 +141,28 @@ class DirectAppender:
         self.direct = False
 
     def close(self) -> None:
-        """Write what is staged (padded to a whole block, then cut back) and let go of the buffer."""
-        if self._buf.closed:
+        """Write what is staged (padded to a whole block, then cut back) and let go of the buffers."""
+        if self._pool is None:
             return
         try:
+            self._settle(1 - self._cur)
             tail = self._fill
             if tail:
                 padded = -(-tail // ALIGN) * ALIGN
-                self._view[tail:padded] = 0
-                self._flush(padded)
+                self._views[self._cur][tail:padded] = 0
+                self._flush(padded, wait=True)
                 self._offset -= padded - tail
             os.ftruncate(self.f.fileno(), self._offset)
         finally:
-            self._stop_direct()
-            del self._view
-            self._buf.close()
+            self.abandon()
 
     def abandon(self) -> None:
-        """Let go of the buffer and the descriptor without writing (the output is being removed)."""
-        if not self._buf.closed:
-            self._stop_direct()
-            del self._view
-            self._buf.close()
+        """Let go of the buffers and the descriptor (after any write in flight) without writing more."""
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=True)  # nothing may write into a file being removed, or from freed memory
+        self._pool = None
+        self._stop_direct()
+        del self._views
+        for b in self._bufs:
+            b.close()
