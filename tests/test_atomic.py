@@ -151,7 +151,7 @@ def google_npz(path: Path, width: int, depth: int, heads: int, mlp: int, patch: 
 #: Imports the CLI once, then forks one ``vitconv -q npz2pt`` child per trial (a real process:
 #: its own pid, killed by a real SIGKILL) so the trials do not pay the imports each time. Each
 #: child kills itself from a hook at one chosen moment: after the writer thread has written
-#: record K of the archive (K = 0 is data.pkl, then the tensors), as the fsynced temporary is
+#: record K of the archive (K = 0 is data.pkl, then the small records, then the tensors), as the fsynced temporary is
 #: about to be renamed into place, or just after the rename. No clock, no chance: every
 #: moment of the write is reached on any machine, however loaded.
 KILL_DRIVER = r"""
@@ -168,16 +168,18 @@ def die():
 def child(out, moment):
     pid = os.fork()
     if pid == 0:
-        if moment.startswith("record "):
-            k, real = int(moment.split()[1]), pt.PtStreamWriter._record
-            seen = []
-            def record(self, name, data):
-                got = real(self, name, data)
-                seen.append(name)
-                if len(seen) == k + 1:
-                    die()
-                return got
-            pt.PtStreamWriter._record = record
+        if moment.startswith("record "):  # small records go through _record, tensors through _stored
+            k, seen = int(moment.split()[1]), []
+            def counting(real):
+                def record(self, name, data):
+                    got = real(self, name, data)
+                    seen.append(name)
+                    if len(seen) == k + 1:
+                        die()
+                    return got
+                return record
+            pt.PtStreamWriter._record = counting(pt.PtStreamWriter._record)
+            pt.PtStreamWriter._stored = counting(pt.PtStreamWriter._stored)
         elif moment in ("before rename", "after rename"):
             real_replace = os.replace
             def replace(a, b):
