@@ -91,24 +91,29 @@ class PtStreamWriter(StreamWriter):
         self._record(".storage_alignment", str(ALIGNMENT).encode())
         self._record("byteorder", sys.byteorder.encode())
 
+    def _aligned_info(self, name: str, nbytes: int, crc: int) -> Tuple[zipfile.ZipInfo, bool]:
+        """A stored record's ``ZipInfo`` (and whether it needs zip64, zipfile's own rule stated up
+        front) for a local header written where the central directory would start, its extra
+        field padded so the data after it is aligned. ``FileHeader()`` is the exact bytes zipfile
+        writes, so its length (with a 4-byte pad field) fixes the padding."""
+        info = zipfile.ZipInfo(f"{ARCHIVE}/{name}")
+        info.compress_type = zipfile.ZIP_STORED
+        info.file_size = info.compress_size = nbytes
+        info.CRC = crc
+        zip64 = nbytes * 1.05 > zipfile.ZIP64_LIMIT
+        info.extra = struct.pack("<HH", _PAD_FIELD, 0)
+        pad = -(self._zip.start_dir + len(info.FileHeader(zip64))) % ALIGNMENT
+        info.extra = struct.pack("<HH", _PAD_FIELD, pad) + b"Z" * pad
+        return info, zip64
+
     def _record(self, name: str, data) -> Tuple[zipfile.ZipInfo, int]:
         """One stored record, its data starting on an ``ALIGNMENT`` boundary; returns its
         ``ZipInfo`` and where its data starts."""
         if isinstance(data, np.ndarray):  # raw bytes (bfloat16 has no buffer format)
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         buf = memoryview(data).cast("B")
-        info = zipfile.ZipInfo(f"{ARCHIVE}/{name}")
-        info.compress_type = zipfile.ZIP_STORED
-        info.file_size = buf.nbytes
-        info.CRC = info.compress_size = 0  # zipfile fills both in; FileHeader() reads them
-        zip64 = buf.nbytes * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule, stated up front
-        # The header is written where the central directory would start; pad its extra
-        # field so the data after it is aligned. FileHeader() is the exact bytes zipfile
-        # writes, so its length (with a 4-byte pad field) fixes the padding.
-        info.extra = struct.pack("<HH", _PAD_FIELD, 0)
-        start = self._zip.start_dir + len(info.FileHeader(zip64))
-        pad = -start % ALIGNMENT
-        info.extra = struct.pack("<HH", _PAD_FIELD, pad) + b"Z" * pad
+        info, zip64 = self._aligned_info(name, buf.nbytes, crc=0)  # zipfile fills the CRC in
+        info.compress_size = 0
         with self._zip.open(info, "w", force_zip64=zip64) as f:
             start = self._zip.fp.tell()
             if start % ALIGNMENT:
@@ -137,16 +142,8 @@ class PtStreamWriter(StreamWriter):
         written without zipfile's writer: the CRC-32 is known before the local header is written,
         so the header goes out once, complete, and the data after it in one write."""
         zf, buf = self._zip, memoryview(data)
-        info = zipfile.ZipInfo(f"{ARCHIVE}/{name}")
-        info.compress_type = zipfile.ZIP_STORED
-        info.file_size = info.compress_size = buf.nbytes
-        info.CRC = crc32(buf)
+        info, zip64 = self._aligned_info(name, buf.nbytes, crc=crc32(buf))
         info.external_attr = 0o600 << 16  # as zipfile's open(mode="w") sets it
-        zip64 = buf.nbytes * 1.05 > zipfile.ZIP64_LIMIT
-        info.extra = struct.pack("<HH", _PAD_FIELD, 0)
-        start = zf.start_dir + len(info.FileHeader(zip64))
-        pad = -start % ALIGNMENT
-        info.extra = struct.pack("<HH", _PAD_FIELD, pad) + b"Z" * pad
         zf.fp.seek(zf.start_dir)
         info.header_offset = zf.start_dir
         zf.fp.write(info.FileHeader(zip64))
