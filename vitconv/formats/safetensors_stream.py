@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -118,7 +118,6 @@ class SafetensorsStreamWriter(StreamWriter):
         self._handles: List = []
         self._writeback: List[Writeback] = []
         self._direct: List[Optional[direct_io.DirectAppender]] = []  # per shard, while it is written
-        self._last_of_shard = {len(group) - 1 + sum(len(g) for g in self.shards[:i]) for i, group in enumerate(self.shards)}
         self._index_tmp: Optional[Path] = None
         self._header_bytes: List[int] = []
 
@@ -146,7 +145,7 @@ class SafetensorsStreamWriter(StreamWriter):
         direct = self._direct[shard]
         if direct is not None:
             direct.write(a)
-            if index in self._last_of_shard:  # the shard's tail, now: its buffer is freed before the next
+            if index + 1 == len(self.specs) or self._shard_of[index + 1] != shard:  # the shard's tail, now
                 direct.close()
             return
         self._handles[shard].write(memoryview(a.reshape(-1).view(np.uint8)))  # bfloat16 has no buffer format
