@@ -63,8 +63,6 @@ def skip_unless_installed(what: str) -> None:
     """Skip for a missing third-party reference (vit-pytorch, timm: installed with ``--no-deps``
     by the README's test command). Under ``VITCONV_REQUIRE_REFERENCES=1``, which ``.ci/run``
     sets, a missing reference fails instead, so CI can never pass by skipping it."""
-    import os
-
     if os.environ.get("VITCONV_REQUIRE_REFERENCES") == "1":
         pytest.fail(f"{what} (VITCONV_REQUIRE_REFERENCES=1)", pytrace=False)
     pytest.skip(what, allow_module_level=True)
