@@ -72,12 +72,6 @@ class DirectAppender:
         self._fill = 0  # bytes staged in it
         self._offset = 0  # file offset of its first byte
         self._first = True  # the first write runs here: a refusal (EINVAL) turns O_DIRECT off
-        self.direct = self.fd is not None
-
-    @property
-    def written(self) -> int:
-        """Bytes given so far (the file's length once closed)."""
-        return self._offset + self._fill
 
     def write(self, data) -> int:
         src = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
@@ -138,7 +132,6 @@ class DirectAppender:
         if self.fd is not None:
             os.close(self.fd)
         self.fd = None
-        self.direct = False
 
     def close(self) -> None:
         """Write what is staged (padded to a whole block, then cut back) and let go of the buffers."""
