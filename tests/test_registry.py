@@ -184,7 +184,7 @@ def test_what_a_layout_accepts_reads_back_as_the_same_model(layout, container, v
     heads = layout.carry("num_heads")
     given = cfg.num_heads if heads.argument is not None and not heads.recorded(cfg, recorded) else None
     assert detect_layout(Probe(shapes, meta, config=config)) is layout
-    got = layout.infer(Probe(shapes, meta, None, given, config))
+    got = layout.read_config(Probe(shapes, meta, None, given, config))
     # a bare file does not record the layout's constructor arguments: its code's defaults return
     want = cfg
     for c in layout.carries:

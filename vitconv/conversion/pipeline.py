@@ -260,7 +260,7 @@ def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
         told = dict(options.overrides)
         arch = told.pop(ARCH, None)
         semantics, probe = _semantics(layout, probe, told, arch, path)
-        cfg = _override(layout.infer(probe), layout, probe, {**semantics.values, **told}, path)
+        cfg = _override(layout.read_config(probe), layout, probe, {**semantics.values, **told}, path)
         if layout.from_values is not None:  # a few values, not weights (DINOv3's rotary periods)
             cfg = layout.from_values(cfg, lambda k: source.get(prefix + k), where)
         contradictions = layout.contradictions(cfg, probe)
@@ -333,9 +333,7 @@ def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Opt
     open_fields = layout.assumed(blank)
     # the code fixes it: a value no file of the layout can change (no place for another, one value
     # only, or an argument the code hard-codes); otherwise, unless open, the tensors say it
-    fixed = [f.name for f in dataclasses.fields(ViTConfig) if f.name not in SHAPE_FIELDS and (
-        (c := layout.carry(f.name)) is None or (c.values is not None and len(c.values) == 1)
-        or c.hardcoded is not None)]
+    fixed = [f.name for f in dataclasses.fields(ViTConfig) if layout.declaration(f.name) in ("fixed", "default")]
     recorded = [c.field for c in layout.carries if c.key is not None and has_key(probe.config, c.key)]
     if not open_fields:
         if arch is not None:
@@ -344,11 +342,11 @@ def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Opt
                    **{f: "fixed" for f in fixed}, **{f: "config" for f in recorded}}
         return archs.Semantics(sources=sources), probe
     try:
-        shaped = layout.infer(probe)
+        shaped = layout.read_config(probe)
     except MappingError:
         if probe.num_heads is not None:
             raise
-        shaped = layout.infer(dataclasses.replace(probe, num_heads=1))  # the shapes, whatever the heads
+        shaped = layout.read_config(dataclasses.replace(probe, num_heads=1))  # the shapes, whatever the heads
     semantics = archs.resolve(layout.name, probe.shapes, shaped, open_fields, fixed, recorded, given,
                               probe.num_heads, arch, path, named=layout.names_arch(probe))
     for f in dataclasses.fields(ViTConfig):  # the rest the tensors say (their keys and shapes)

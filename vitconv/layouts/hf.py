@@ -88,6 +88,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
               "(interpolate_pos_encoding=True); the native resolution is unaffected", default="bicubic"),
         Carry("qkv_bias"), rep,
         Carry("classifier", values=("token",), why="Hugging Face ViT always classifies the class token"),
+        Carry("final_norm", values=("encoder",), why="Hugging Face ViT always has its final layernorm"),
         Carry("resnet_layers", values=(None,), why="ViTHybrid differs from Google's stem and is deprecated"),
     )
 

@@ -226,7 +226,7 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 for _name, (_type, _class, _prefix) in LAYOUTS.items():
     register(Layout(name=_name, target="hf" if _type == "beit" else "hf_data2vec_vision",
-                    description=f"Hugging Face {_class}", table=table(_name), detect=detect(_name),
+                    description=f"Hugging Face {_class}", write_rank=1, table=table(_name), detect=detect(_name),
                     infer=infer(_name), carries=carries(_name), containers=("dir",),
                     directory_config=hf_config(_name), directory_files=hf_files, preprocessing=HF_VIT,
                     restates=RESTATES, write_notes=write_notes,

@@ -97,6 +97,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
     )
     if siglip:
         return common + (Carry("class_token", values=(False,), why="SigLIP has no class token"),
+                         Carry("patch_bias", values=(True,), why="SigLIP's patch embedding has a bias"),
                          Carry("classifier", values=("map",), why="SigLIP pools with its attention head"))
     return common + (Carry("norm_pre", values=(True,), why="CLIP always has pre_layrnorm"),
                      Carry("patch_bias", values=(False,), why="CLIP's patch embedding has no bias"),

@@ -64,6 +64,7 @@ def carries() -> Tuple[Carry, ...]:
         Carry("pos_resize", hardcoded="transformers resizes SigLIP 2 position tables to every image's patch "
               "grid, bilinear with antialiasing: the table's own grid is unaffected", default="bilinear"),
         Carry("class_token", values=(False,), why="SigLIP 2 has no class token"),
+        Carry("patch_bias", values=(True,), why="SigLIP 2's patch embedding has a bias"),
         Carry("classifier", values=("map",), why="SigLIP 2 pools with its attention head"),
     )
 

@@ -75,6 +75,7 @@ CARRIES = (
           default="gelu"),
     Carry("norm_eps", hardcoded="its LayerNorms hard-code eps 1e-6: patch models/modeling.py", default=1e-6),
     Carry("classifier", values=("token",), why="jeonsworld always classifies the class token"),
+    Carry("final_norm", values=("encoder",), why="jeonsworld always has its encoder_norm"),
     Carry("qkv_bias"), Carry("resnet_layers"), Carry("resnet_width"),
     Carry("pos_resize", hardcoded="jeonsworld resizes position tables with Google's order-1 zoom (load_from); "
           "the native resolution is unaffected", default="zoom"),

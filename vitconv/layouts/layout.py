@@ -78,6 +78,9 @@ class Layout:
     carries: Tuple[Carry, ...] = ()
     containers: Tuple[str, ...] = ("safetensors", "pt")
     target: Optional[str] = None
+    #: Among the layouts of one ``--to`` name, lower ranks are tried first (BEiT's 1: a plain ViT is
+    #: written to the plain layout even where BEiT's could hold it too).
+    write_rank: int = 0
     #: The model's prefix among the keys (Google's ``opt/target/``), or a MappingError; keys
     #: outside it, and keys starting with one of ``ignore``, are left out (what they are:
     #: ``ignored_what``, said in the notes).
@@ -122,17 +125,62 @@ class Layout:
     def target_name(self) -> str:
         return self.target or self.name
 
+    def read_config(self, probe: Probe) -> ViTConfig:
+        """The architecture ``infer`` reads from ``probe``, held to the layout's declarations: a
+        value no row of this layout allows (:meth:`undeclared`) is refused, naming the field, never
+        passed on as if the layout's code computed it."""
+        cfg = self.infer(probe)
+        bad = self.undeclared(cfg)
+        if bad:
+            raise MappingError(f"not a model the {self.name} layout holds: {'; '.join(bad)}", probe.path)
+        return cfg
+
     def rules(self, cfg: ViTConfig) -> List[ExpandedRule]:
         return expand_rules(self.table(cfg), cfg)
 
     def carry(self, name: str) -> Optional[Carry]:
         return next((c for c in self.carries if c.field == name), None)
 
+    def declaration(self, name: str) -> str:
+        """How this layout declares the config field ``name``, read off its rows: ``"shape"`` (its
+        tensors' shapes hold it, :data:`~vitconv.config.SHAPE_FIELDS`), ``"held"`` (a :class:`Carry`
+        row that lets it vary), ``"fixed"`` (a row with one value, or code that fixes it where nothing
+        records it) or ``"default"`` (no row: it can only mean the config's default here)."""
+        if name in SHAPE_FIELDS:
+            return "shape"
+        c = self.carry(name)
+        if c is None:
+            return "default"
+        return "fixed" if c.hardcoded is not None or (c.values is not None and len(c.values) == 1) else "held"
+
+    def undeclared(self, cfg: ViTConfig) -> List[str]:
+        """Values of ``cfg`` its declarations do not allow (a field with no row away from the
+        default, or one outside its row's values), each naming the field and value: what a read
+        must never produce. :meth:`problems` says the same, and more, of a model to be written."""
+        return self._field_problems(cfg, None)
+
     def problems(self, cfg: ViTConfig, canonical: Iterable[str], recorded: bool) -> List[str]:
         """What this layout cannot express of ``cfg`` (a model with tensors ``canonical``),
         each naming the field and value; empty when it can. ``recorded``: the container
         keeps this layout's ``config.json`` (a model directory), so fields carried only
         there survive."""
+        out = self._field_problems(cfg, recorded)
+        if out:
+            return out
+        rows = {r.canonical for r in self.rules(cfg) if r.canonical}  # fills are not model tensors
+        names = list(canonical)
+        dropped = set(self.dropped(cfg))
+        missing = [n for n in names if n not in rows and n not in dropped]
+        extra = sorted(rows - set(names))
+        if missing:
+            out.append(f"no {self.name} row for {short_list(missing)}")
+        if extra:
+            out.append(f"the {self.name} layout always has {short_list(extra)}, which this model lacks")
+        return out
+
+    def _field_problems(self, cfg: ViTConfig, recorded: Optional[bool]) -> List[str]:
+        """The fields of ``cfg`` this layout's rows cannot hold; ``recorded`` None: only what the
+        declarations forbid outright (a read), else also what a container of this kind loses."""
         out = []
         for f in dataclasses.fields(ViTConfig):
             if f.name in SHAPE_FIELDS:
@@ -146,6 +194,8 @@ class Layout:
                                f"no place for it: it always means {f.default!r})")
             elif c.values is not None and value not in c.values:
                 out.append(f"{f.name}={value!r} ({c.why or 'it holds ' + ', '.join(map(repr, c.values))})")
+            elif recorded is None:
+                continue
             elif c.holds is not None and not c.holds(cfg):
                 out.append(f"{f.name}={value!r} ({c.why})")
             elif c.not_in_dir and recorded and value != f.default:
@@ -153,17 +203,6 @@ class Layout:
             elif (c.key is not None and not c.set_by_code and not c.recorded(cfg, recorded)
                   and value != c.default_for(cfg)):
                 out.append(f"{f.name}={value!r} (recorded only in config.json: write a model directory)")
-        if out:
-            return out
-        rows = {r.canonical for r in self.rules(cfg) if r.canonical}  # fills are not model tensors
-        names = list(canonical)
-        dropped = set(self.dropped(cfg))
-        missing = [n for n in names if n not in rows and n not in dropped]
-        extra = sorted(rows - set(names))
-        if missing:
-            out.append(f"no {self.name} row for {short_list(missing)}")
-        if extra:
-            out.append(f"the {self.name} layout always has {short_list(extra)}, which this model lacks")
         return out
 
     def dropped(self, cfg: ViTConfig) -> List[str]:
@@ -259,9 +298,29 @@ def has_key(config: Mapping[str, Any], key: str) -> bool:
 LAYOUTS: Dict[str, Layout] = {}
 
 
+def undeclared_conditions(layout: Layout, cfg: ViTConfig) -> List[str]:
+    """Fields the rows of ``layout``'s table for ``cfg`` are selected by that the layout has no
+    row for (declared default-only, so the condition could never change): a field it handles
+    without declaring, each as ``field (in the row for key)``. Training-only and storage-only
+    fields are the layout's own to leave out."""
+    out = []
+    for r in layout.table(cfg):
+        for part in r.when.parts:
+            f = part.field
+            if layout.declaration(f) == "default" and not (training_only(f) or storage_only(f)):
+                out.append(f"{f} (in the row for {r.source[0] if r.source else r.canonical})")
+    return sorted(set(out))
+
+
 def register(layout: Layout) -> Layout:
+    """Add ``layout`` to :data:`LAYOUTS`; a table that selects rows by a field the layout does not
+    declare fails here, when the package is imported."""
     if layout.name in LAYOUTS:
         raise ValueError(f"layout {layout.name!r} registered twice")
+    gaps = undeclared_conditions(layout, ViTConfig())
+    if gaps:
+        raise ValueError(f"layout {layout.name!r}: rows selected by fields it has no Carry row for: "
+                         + ", ".join(gaps))
     for c in layout.containers:
         if c not in CONTAINERS:
             raise ValueError(f"layout {layout.name!r}: unknown container {c!r}")
@@ -270,9 +329,9 @@ def register(layout: Layout) -> Layout:
 
 
 def targets() -> Dict[str, List[Layout]]:
-    """``--to`` name -> the layouts it may write, in registration order."""
+    """``--to`` name -> the layouts it may write, by ``write_rank``, then in registration order."""
     out: Dict[str, List[Layout]] = {}
-    for layout in LAYOUTS.values():
+    for layout in sorted(LAYOUTS.values(), key=lambda layout: layout.write_rank):
         out.setdefault(layout.target_name, []).append(layout)
     return out
 

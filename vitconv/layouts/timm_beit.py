@@ -159,7 +159,7 @@ def write_notes(cfg: ViTConfig) -> List[str]:
     return [f"timm: timm.models.beit.Beit({call}) computes the same function"]
 
 
-register(Layout(name="timm_beit", target="timm", description="timm Beit state dict (BEiT, BEiT-v2)", table=table,
+register(Layout(name="timm_beit", target="timm", write_rank=1, description="timm Beit state dict (BEiT, BEiT-v2)", table=table,
                 detect=detect, infer=infer, carries=CARRIES, write_notes=write_notes,
                 sources=lambda cfg: {"num_heads": "relative_position_bias_table [1]",
                                      "image_size": "relative_position_bias_table [0] ((2g-1)^2 + 3 rows) x patch",

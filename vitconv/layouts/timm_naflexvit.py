@@ -97,6 +97,10 @@ CARRIES = (
           why="timm ties the patch bias to pre_norm (bias = not pre_norm)"),
     Carry("head_bias", hardcoded="timm's head always has a bias: a bias-free head is written with a zero one, "
           "the same function", default=True),
+    # rows timm's table has and NaFlexVit's options could fill, which vitconv does not map for it yet
+    *(Carry(f, values=(v,), why=f"vitconv maps NaFlexVit with {f}={v!r} only so far")
+      for f, v in (("norm", "layernorm"), ("qk_norm", False), ("patch_embed_norm", False), ("proj_bias", True),
+                   ("mlp_bias", True))),
 )
 
 #: (key that shows it, the feature) for NaFlexVit configurations the canonical model does not compute

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vitconv import archs
-from vitconv.config import SHAPE_FIELDS, ViTConfig
+from vitconv.config import ViTConfig
 from vitconv.errors import BadInputError, MappingError, first_line
 from vitconv.formats.base import TensorSource
 from vitconv.formats.open import open_source, sniff
@@ -195,7 +195,7 @@ def _read(source: TensorSource, keys: Sequence[str], shapes: Dict[str, Tuple[int
             kept = [k for k in keys if k.startswith(prefix) and not k.startswith(layout.ignore or ("\0",))]
             inner = [k[len(prefix):] for k in kept]
             ignored = sorted(set(keys) - set(kept))
-            cfg = layout.infer(Probe.of(source, {k: shapes[prefix + k] for k in inner}))
+            cfg = layout.read_config(Probe.of(source, {k: shapes[prefix + k] for k in inner}))
             missing, unused = audit_report(layout.rules(cfg), inner)
             return layout, cfg, prefix, Audit(False, missing, unused, ignored, error.message), [], archs.Semantics()
         except MappingError as e:
@@ -232,10 +232,8 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
                 sources[c.field] = f"config.json {c.key.split('|')[0]}"
             elif c.hardcoded is not None:
                 sources[c.field] = f"{layout.name} code: {c.hardcoded}"
-        fixed = {c.field for c in layout.carries if c.values is not None and len(c.values) == 1}
-        carried = {c.field for c in layout.carries} - fixed
         for f in dataclasses.fields(ViTConfig):
-            if f.name not in carried and f.name not in sources and f.name not in SHAPE_FIELDS:
+            if layout.declaration(f.name) in ("fixed", "default") and f.name not in sources:
                 sources[f.name] = f"{layout.name} layout convention (not stored in the file)"
         if "num_heads" in assumed:
             sources.setdefault("head_dim", sources["num_heads"])

@@ -1,0 +1,92 @@
+"""A field declares itself once: each layout's :class:`Carry` rows say which config fields it
+holds, which it fixes and (by having no row) which can only mean the default there, and
+everything else is read off those rows. Two checks keep the declarations honest:
+
+- a table that selects rows by a field its layout does not declare is refused when the layout is
+  registered (the package import fails), and over every test variant here;
+- a read whose inferred architecture has a value no row allows is refused, naming the field,
+  instead of being passed on as if the layout's code computed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from test_registry import VARIANTS
+from vitconv.config import SHAPE_FIELDS, ViTConfig
+from vitconv.conversion.api import open_checkpoint
+from vitconv.errors import MappingError, VitconvError
+from vitconv.layouts import LAYOUTS, Probe
+from vitconv.layouts.layout import register, undeclared_conditions
+from vitconv.layouts.table import foreign_shapes
+from vitconv.model import parameter_shapes
+
+SMALL = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=96,
+                  num_classes=10)
+
+
+def _expressible(layout, cfg: ViTConfig) -> bool:
+    try:
+        return not layout.problems(cfg, parameter_shapes(cfg), True)
+    except (KeyError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_field_a_table_selects_rows_by_is_declared(name):
+    layout = LAYOUTS[name]
+    held = [cfg for cfg in VARIANTS.values() if _expressible(layout, cfg)] or [ViTConfig()]
+    for cfg in held:
+        assert undeclared_conditions(layout, cfg) == [], cfg.describe()
+
+
+def test_a_row_selected_by_an_undeclared_field_fails_registration():
+    timm = LAYOUTS["timm"]
+    without = dataclasses.replace(timm, name="timm_without_qk_norm",
+                                  carries=tuple(c for c in timm.carries if c.field != "qk_norm"))
+    with pytest.raises(ValueError, match=r"timm_without_qk_norm.*qk_norm \(in the row for blocks\.\{i\}\.attn\.q_norm"):
+        register(without)
+    assert "timm_without_qk_norm" not in LAYOUTS
+
+
+def test_declarations_are_what_the_rows_say():
+    hf, timm, jeons = LAYOUTS["hf"], LAYOUTS["timm"], LAYOUTS["jeonsworld"]
+    assert [hf.declaration(f) for f in ("width", "act", "classifier", "pos_resize", "rope")] == \
+        ["shape", "held", "fixed", "fixed", "default"]
+    assert timm.declaration("qk_norm") == "held" and jeons.declaration("final_norm") == "fixed"
+    kinds = {layout.declaration(f.name) for layout in LAYOUTS.values() for f in dataclasses.fields(ViTConfig)}
+    assert kinds == {"shape", "held", "fixed", "default"}
+    assert all(layout.declaration(f) == "shape" for layout in LAYOUTS.values() for f in SHAPE_FIELDS)
+
+
+def _shapes(layout: str, cfg: ViTConfig):
+    return foreign_shapes(LAYOUTS[layout].rules(cfg), parameter_shapes(cfg), cfg)
+
+
+def test_a_read_no_row_allows_is_refused_naming_the_field():
+    # Hugging Face ViT always has its final layernorm: the shapes alone would read as final_norm='none'
+    shapes = {k: v for k, v in _shapes("hf", SMALL).items() if not k.startswith("vit.layernorm.")}
+    probe = Probe(shapes, num_heads=2)
+    assert LAYOUTS["hf"].infer(probe).final_norm == "none"  # what the shapes alone say
+    with pytest.raises(MappingError, match=r"hf layout holds: final_norm='none' \(Hugging Face ViT always has "
+                                           r"its final layernorm\)"):
+        LAYOUTS["hf"].read_config(probe)
+    assert LAYOUTS["hf"].read_config(Probe(_shapes("hf", SMALL), num_heads=2)) == \
+        LAYOUTS["hf"].infer(Probe(_shapes("hf", SMALL), num_heads=2))
+
+
+def test_a_file_whose_layout_cannot_hold_it_is_refused_in_one_line(tmp_path):
+    shapes = {k: v for k, v in _shapes("jeonsworld", SMALL).items() if "encoder_norm" not in k}
+    path = tmp_path / "jeons.safetensors"
+    save_file({k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}, str(path))
+    with pytest.raises(VitconvError, match=r"jeonsworld layout holds: final_norm='none' \(jeonsworld always has "
+                                           r"its encoder_norm\)"):
+        open_checkpoint(path, num_heads=2)
+    out = subprocess.run([sys.executable, "-m", "vitconv", "inspect", str(path)], capture_output=True, text=True)
+    assert "final_norm='none'" in out.stdout + out.stderr and "Traceback" not in out.stderr
