@@ -11,6 +11,7 @@ everything else is read off those rows. Two checks keep the declarations honest:
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -90,3 +91,38 @@ def test_a_file_whose_layout_cannot_hold_it_is_refused_in_one_line(tmp_path):
         open_checkpoint(path, num_heads=2)
     out = subprocess.run([sys.executable, "-m", "vitconv", "inspect", str(path)], capture_output=True, text=True)
     assert "final_norm='none'" in out.stdout + out.stderr and "Traceback" not in out.stderr
+
+
+ROPE_AXIAL = VARIANTS["rope-axial ape"]
+
+
+def _eva_probe(model_args):
+    """A timm Eva directory's probe: the shapes of ``ROPE_AXIAL``, ``model_args`` in its config.json."""
+    config = {"architecture": "vit_small_patch16_rope_224", "model_args": model_args}
+    return Probe(_shapes("timm_eva", ROPE_AXIAL), config=config)
+
+
+def test_the_rotary_rows_name_the_constructor_arguments_once():
+    """timm Eva's rotary arguments are written from its Carry rows and read back by the same rows
+    (timm itself builds these directories in test_eva.py's round trips)."""
+    args = LAYOUTS["timm_eva"].directory_config(ROPE_AXIAL, None)["model_args"]
+    assert {k: args[k] for k in args if k.startswith("rope_") or k == "ref_feat_shape"} == dict(
+        rope_type="cat", rope_temperature=100.0, rope_rotate_half=False, rope_grid_offset=1.0,
+        rope_grid_indexing="xy", ref_feat_shape=None)
+    got = LAYOUTS["timm_eva"].read_config(_eva_probe({**args, "ref_feat_shape": 14}))
+    assert (got.rope, got.rope_theta, got.rope_half, got.rope_grid_offset, got.rope_indexing, got.rope_ref_grid) == \
+        ("cat", 100.0, False, 1.0, "xy", (14, 14))  # one size for both axes, as timm's to_2tuple
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("rope_grid_indexing", "zz", "rope_grid_indexing 'zz' is not one of 'ij', 'xy'"),
+    ("rope_temperature", "100", "rope_temperature '100' is not a number"),
+    ("rope_temperature", -1.0, "rope_temperature -1.0 is not a positive number"),
+    ("rope_rotate_half", 1, "rope_rotate_half 1 is not true or false"),
+    ("rope_grid_offset", None, "rope_grid_offset None is not a number"),
+    ("ref_feat_shape", [16, 16, 2], "ref_feat_shape [16, 16, 2] is not a list of 2 integers"),
+])
+def test_a_bad_rotary_argument_is_refused_naming_key_and_value(key, value, says):
+    args = {**LAYOUTS["timm_eva"].directory_config(ROPE_AXIAL, None)["model_args"], key: value}
+    with pytest.raises(MappingError, match=re.escape("config.json: " + says)):
+        LAYOUTS["timm_eva"].read_config(_eva_probe(args))

@@ -18,15 +18,17 @@ its table (:func:`vitconv.layouts.layout.Layout.problems`).
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vitconv.config import ViTConfig
+from vitconv.config import CHOICES, ViTConfig
 from vitconv.errors import MappingError
 from vitconv.layouts.transforms import LayoutOp
-from vitconv.config import CHOICES
 
 Shape = Tuple[int, ...]
 
@@ -180,6 +182,12 @@ class Carry:
     #: Why a model directory of this layout cannot hold a non-default value (its loader loses
     #: it), where a bare file can: said with the refusal.
     not_in_dir: str = ""
+    #: For which models ``key`` is written to the layout's config.json (and read back from it): the
+    #: rotary parameters only where the model rotates. Every model, by default.
+    written: Condition = ALWAYS
+    #: The layout's own spelling of a value where it differs from the config's (canonical value ->
+    #: the layout's, as its config.json and constructor argument say it); read back through its inverse.
+    spelling: Optional[Mapping[Any, Any]] = None
 
     def __post_init__(self) -> None:
         if self.argument is not None and not self.argument.isidentifier():
@@ -198,11 +206,87 @@ class Carry:
     def default_for(self, cfg: ViTConfig) -> Any:
         return self.default(cfg) if callable(self.default) else self.default
 
+    def spelled(self, cfg: ViTConfig) -> Any:
+        """``cfg``'s value of the field as the layout's config.json says it (a tuple as a list)."""
+        value = getattr(cfg, self.field)
+        value = (self.spelling or {}).get(value, value)
+        return list(value) if isinstance(value, tuple) else value
+
+    def decode(self, raw: Any, where: str, path: Optional[str]) -> Any:
+        """The config's value for ``raw``, as the layout's config.json has it at ``where``: its
+        spelling undone, then held to the field's type and choices and to ``values``; anything else
+        is a mapping error naming the key and the value."""
+        if self.spelling is not None:
+            raw = {v: k for k, v in self.spelling.items()}.get(raw, raw)
+        value, what = _typed(self.field, raw)
+        if what is None and self.values is not None and value not in self.values:
+            what = "one of " + ", ".join(map(repr, self.values))
+        if what is not None:
+            raise MappingError(f"config.json: {where} {raw!r} is not {what}", path)
+        return value
+
     def recorded(self, cfg: ViTConfig, has_config: bool) -> bool:
         """Whether a container with (``has_config``) or without the layout's config.json keeps
         this field's value for ``cfg``."""
         return (has_config and self.key is not None
                 and (self.records is None or getattr(cfg, self.field) in self.records))
+
+
+@lru_cache(maxsize=None)
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(ViTConfig)[name]
+
+
+def _typed(name: str, raw: Any) -> Tuple[Any, Optional[str]]:
+    """``(value, None)`` where JSON's ``raw`` is a value of the config field ``name`` (its type,
+    its choices), else ``(raw, what it should be)``."""
+    kind = _field_type(name)
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is Union:  # Optional[X]
+        if raw is None:
+            return None, None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if kind is bool:
+        return raw, None if type(raw) is bool else "true or false"
+    if kind is int:
+        return raw, None if type(raw) is int else "an integer"
+    if kind is float:
+        ok = type(raw) in (int, float) and math.isfinite(raw)
+        return (float(raw), None) if ok else (raw, "a number")
+    if kind is str:
+        choices = CHOICES.get(name)
+        if isinstance(raw, str) and (choices is None or raw in choices):
+            return raw, None
+        return raw, "one of " + ", ".join(map(repr, choices)) if choices else "a string"
+    if typing.get_origin(kind) is tuple:  # Tuple[int, int]: a list of that many integers
+        n = len(args) if Ellipsis not in args else None
+        if type(raw) is int and n is not None and n > 1:  # one size for every axis (timm's to_2tuple)
+            raw = [raw] * n
+        if isinstance(raw, (list, tuple)) and all(type(v) is int for v in raw) and n in (None, len(raw)):
+            return tuple(raw), None
+        return raw, f"a list of {n or 'some'} integers"
+    return raw, None
+
+
+def recorded_arguments(carries: Sequence[Carry], cfg: ViTConfig, under: str) -> Dict[str, Any]:
+    """The constructor arguments a layout's config.json records under ``under`` (timm's
+    ``model_args.``) for ``cfg``: each row whose key is there and whose ``written`` holds, its
+    value spelled the layout's way, in row order. The rows are the one place these keys are named."""
+    return {c.key[len(under):]: c.spelled(cfg) for c in carries
+            if c.key is not None and c.key.startswith(under) and c.written.holds(cfg)}
+
+
+def read_arguments(carries: Sequence[Carry], args: Mapping[str, Any], under: str,
+                   path: Optional[str]) -> Dict[str, Any]:
+    """The fields ``args`` (what a config.json holds under ``under``) records, by the same rows as
+    :func:`recorded_arguments`: field -> value, each decoded and checked (:meth:`Carry.decode`)."""
+    out = {}
+    for c in carries:
+        name = c.key[len(under):] if c.key is not None and c.key.startswith(under) else None
+        if name is not None and name in args:
+            out[c.field] = c.decode(args[name], name, path)
+    return out
 
 
 def _units(cfg: ViTConfig, projection_only: bool) -> Iterator[Dict[str, int]]:

@@ -26,7 +26,6 @@ with antialiasing) are the carries' arguments, which a timm directory's ``config
 from __future__ import annotations
 
 import math
-import re
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 

@@ -43,7 +43,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Usage
 from vitconv import archs
-from vitconv.layouts.table import Carry, Rule
+from vitconv.layouts.table import Carry, Rule, read_arguments, recorded_arguments
 from vitconv.layouts.inference import (build, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
                         timm_model_args, timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
@@ -141,6 +141,27 @@ def _theta(rope: str) -> float:
 #: LayerNorm epsilons a timm directory's architecture name can record (its norm_layer's)
 _ARCH_EPS = {1e-5: "vit_small_patch16_dinov3", 1e-6: "vit_small_patch16_rope_224"}
 
+_ROTATES = When("rope", "!=", "none")
+#: What DINOv3's rotary form fixes of the parameters EVA's varies.
+_DINOV3_FIXED = {"rope_half": True, "rope_grid_offset": 0, "rope_indexing": "ij"}
+#: The rotary fields: these rows are the one place their constructor arguments are named (read from a
+#: directory's ``model_args`` and written to it, in this order, only for a model that rotates). A bare
+#: file's reading (DINOv3's or none) spells them as the config does without them (``default``).
+ROTARY = (
+    Carry("rope", values=("none", "dinov3", "cat", "mixed"), key="model_args.rope_type", argument="rope_type",
+          default=_bare_rope, why="timm's Eva computes these rotary forms here", written=_ROTATES),
+    Carry("rope_theta", key="model_args.rope_temperature", argument="rope_temperature", default=100.0,
+          written=_ROTATES),
+    Carry("rope_half", key="model_args.rope_rotate_half", argument="rope_rotate_half", default=True,
+          written=_ROTATES),
+    Carry("rope_grid_offset", key="model_args.rope_grid_offset", argument="rope_grid_offset", default=0.0,
+          written=_ROTATES),
+    Carry("rope_indexing", key="model_args.rope_grid_indexing", argument="rope_grid_indexing", default="ij",
+          written=_ROTATES),
+    Carry("rope_ref_grid", key="model_args.ref_feat_shape", argument="ref_feat_shape", default=None,
+          written=When("rope", "==", "cat")),
+)
+
 CARRIES = (
     heads_carry("num_heads", "model_args.num_heads"),
     Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="timm Eva's attention width is the embedding width"),
@@ -174,14 +195,7 @@ CARRIES = (
           why="timm's Eva normalises a SwiGLU's hidden in its unpacked SwiGLU only (fc1_g/fc1_x)"),
     Carry("patch_bias", holds=lambda c: c.patch_bias != c.norm_pre,
           why="timm's Eva has a patch bias exactly when it has no pre-norm (use_pre_transformer_norm)"),
-    Carry("rope", values=("none", "dinov3", "cat", "mixed"), key="model_args.rope_type", argument="rope_type",
-          default=_bare_rope, why="timm's Eva computes these rotary forms here"),
-    # a bare file's reading (DINOv3's or none) spells the rest as the config does without them
-    Carry("rope_theta", key="model_args.rope_temperature", argument="rope_temperature", default=100.0),
-    Carry("rope_ref_grid", key="model_args.ref_feat_shape", argument="ref_feat_shape", default=None),
-    Carry("rope_grid_offset", key="model_args.rope_grid_offset", argument="rope_grid_offset", default=0.0),
-    Carry("rope_indexing", key="model_args.rope_grid_indexing", argument="rope_grid_indexing", default="ij"),
-    Carry("rope_half", key="model_args.rope_rotate_half", argument="rope_rotate_half", default=True),
+    *ROTARY,
 )
 
 #: Keys only the Eva class writes (its own LayerScale, bias and MLP names, rotary frequencies).
@@ -231,38 +245,24 @@ def _rope_args(args: Dict[str, Any], bare_rope: str, path: Optional[str]) -> Dic
     if rope not in ("dinov3", "cat", "mixed") or (rope == "mixed") != (bare_rope == "mixed"):
         raise MappingError(f"config.json: rope_type={rope!r}: vitconv computes timm Eva's 'dinov3', 'cat' and "
                            "'mixed' rotary forms only, 'mixed' with its rope.freqs", path)
+    said = read_arguments(ROTARY[1:], args, "model_args.", path)  # the parameters, each checked
     if rope == "mixed":  # learned frequencies: only the axis order is not in the tensor
-        indexing = args.get("rope_grid_indexing", "ij")
-        if indexing not in ("ij", "xy"):
-            raise MappingError(f"config.json: rope_grid_indexing {indexing!r} is not 'ij' or 'xy'", path)
-        return dict(rope="mixed", rope_indexing=indexing)
-    theta = args.get("rope_temperature", _theta(rope))
-    if type(theta) not in (int, float) or not (math.isfinite(theta) and theta > 0):
+        return dict(rope="mixed", rope_indexing=said.get("rope_indexing", "ij"))
+    theta = said.get("rope_theta", _theta(rope))
+    if theta <= 0:
         raise MappingError(f"config.json: rope_temperature {theta!r} is not a positive number", path)
-    out: Dict[str, Any] = dict(rope=rope, rope_theta=float(theta))
+    out: Dict[str, Any] = dict(rope=rope, rope_theta=theta)
     if rope == "dinov3":
-        for name, want in (("rope_rotate_half", True), ("rope_grid_offset", 0), ("rope_grid_indexing", "ij")):
-            if name in args and args[name] != want:
+        for c in ROTARY:
+            want = _DINOV3_FIXED.get(c.field, said.get(c.field))
+            if c.field in said and said[c.field] != want:
+                name = c.key.split(".")[-1]
                 raise MappingError(f"config.json: {name}={args[name]!r}: vitconv computes DINOv3's rotary form "
                                    f"with {name}={want!r} only", path)
         return out
-    ref = args.get("ref_feat_shape")
-    if type(ref) is int:
-        ref = [ref, ref]
-    if ref is not None and not (isinstance(ref, (list, tuple)) and len(ref) == 2
-                                and all(type(n) is int and n > 0 for n in ref)):
-        raise MappingError(f"config.json: ref_feat_shape {ref!r} is not two positive sizes", path)
-    offset = args.get("rope_grid_offset", 0.0)
-    if type(offset) not in (int, float) or not math.isfinite(offset):
-        raise MappingError(f"config.json: rope_grid_offset {offset!r} is not a number", path)
-    indexing = args.get("rope_grid_indexing", "ij")
-    if indexing not in ("ij", "xy"):
-        raise MappingError(f"config.json: rope_grid_indexing {indexing!r} is not 'ij' or 'xy'", path)
-    half = args.get("rope_rotate_half", False)
-    if type(half) is not bool:
-        raise MappingError(f"config.json: rope_rotate_half {half!r} is not true or false", path)
-    return dict(out, rope_ref_grid=tuple(ref) if ref is not None else None, rope_grid_offset=float(offset),
-                rope_indexing=indexing, rope_half=half)
+    # timm Eva's own defaults where a directory names the form but not a parameter
+    return dict(out, **{**dict(rope_ref_grid=None, rope_grid_offset=0.0, rope_indexing="ij", rope_half=False),
+                        **{k: v for k, v in said.items() if k != "rope_theta"}})
 
 
 def infer_config(probe: Probe) -> ViTConfig:
@@ -390,11 +390,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                               dynamic_img_size=True)
     if cfg.classifier == "map":  # AttentionPoolLatent: its MLP as wide as the blocks'
         kw.update(attn_pool_num_heads=cfg.pool_heads or cfg.num_heads, attn_pool_mlp_ratio=cfg.mlp_dim / cfg.width)
-    if cfg.rope != "none":
-        kw.update(rope_type=cfg.rope, rope_temperature=cfg.rope_theta, rope_rotate_half=cfg.rope_half,
-                  rope_grid_offset=cfg.rope_grid_offset, rope_grid_indexing=cfg.rope_indexing)
-        if cfg.rope == "cat":
-            kw.update(ref_feat_shape=list(cfg.rope_ref_grid) if cfg.rope_ref_grid is not None else None)
+    kw.update(recorded_arguments(ROTARY, cfg, "model_args."))
     if cfg.swiglu_unpacked:
         kw.update(swiglu_mlp=True, mlp_ratio=cfg.mlp_dim / cfg.width, swiglu_align_to=8 if cfg.mlp_dim % 8 == 0 else 1)
     else:  # GluMlp packs [gate; up] in fc1, mlp_ratio its full width (EVA-02's int(width * 4 * 2 / 3) * 2)
