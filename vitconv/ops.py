@@ -287,8 +287,6 @@ def _geometric_matrix(src: int, dst, same) -> "torch.Tensor":
 def geometric_resize_weights(grid: int, new_grid: Tuple[int, int]) -> Optional[Tuple["torch.Tensor", "torch.Tensor"]]:
     """The ``(rows, cols)`` matrices of timm's geometric resize of a ``grid`` table for
     ``new_grid`` (None where the grid is its own): one pair serves every table of a forward pass."""
-    import torch
-
     src, dst = 2 * grid - 1, (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
     if isinstance(dst[0], int) and isinstance(dst[1], int) and dst == (src, src):
         return None

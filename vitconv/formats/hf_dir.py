@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, List, Mapping
 
 from vitconv.errors import BadInputError
 from vitconv.formats.base import TensorSource

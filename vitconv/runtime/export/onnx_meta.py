@@ -47,7 +47,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -302,7 +302,6 @@ def block_outputs(model, depth: int) -> Boundaries:
     cross: List[List[str]] = [[] for _ in range(depth)]
     outputs: List[List[str]] = [[] for _ in range(depth)]
     users: Dict[str, int] = {}
-    seen_blocks = False
     for node in model.graph:
         i = _block(node)
         if i is None:
