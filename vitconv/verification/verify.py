@@ -44,7 +44,6 @@ import gc
 import json
 import math
 import os
-import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -53,15 +52,14 @@ import numpy as np
 
 from vitconv import archs
 from vitconv.config import SHAPE_FIELDS, ViTConfig
-from vitconv.errors import BadInputError, VerificationError, first_line
+from vitconv.errors import BadInputError, VerificationError
 from vitconv.verification.compare import (DEFAULT_SEED, DEFAULT_TOLERANCE, FP16_MIN_COSINE, CanonicalTensors,
                                           Comparison, check_rounded, compare,
                                           held_exactly, judge_rounded_output, nchw, rounding_note, seeded_images)
-from vitconv.verification.references.big_vision_numpy import BigVisionReference
-from vitconv.verification.references.library import LibraryReference, open_reference
+from vitconv.verification.references import table as references
+from vitconv.verification.references.library import LibraryReference
 from vitconv.conversion.pipeline import ARCH, left_open, open_checkpoint
 from vitconv.conversion.options import ReadOptions
-from vitconv.verification.references.google_numpy import GoogleViTReference
 from vitconv.runtime.runners import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 from vitconv.lazy import lazy_module
 
@@ -204,27 +202,12 @@ def stored_dtypes(source) -> str:
     return ", ".join(sorted(k for k in kinds if "float" in k)) or ", ".join(sorted(kinds))
 
 
-def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
-    p = Path(src)
-    if not p.exists():
-        raise BadInputError("no such file", p)
-    try:
-        return GoogleViTReference.from_npz(p, dtype=dtype)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise BadInputError(f"not a readable .npz ({first_line(e)})", p) from None
-    except (KeyError, ValueError) as e:
-        raise BadInputError(f"not a Google ViT checkpoint the reference understands "
-                            f"({type(e).__name__}: {e})", p) from None
-
-
 def reference_for(src: PathLike, ckpt, reference_dtype=np.float64):
-    """The reference for ``src`` (opened as ``ckpt``): the NumPy forward of Google's ``vit_jax``
-    or of big_vision for their ``.npz`` files, else the source library's own model."""
-    if ckpt.layout.name == "google":
-        return _open_reference(src, reference_dtype)
-    if ckpt.layout.name == "big_vision":
-        return BigVisionReference.from_npz(src, dtype=reference_dtype)
-    return open_reference(src, ckpt)
+    """The reference for ``src`` (opened as ``ckpt``), as the table of references
+    (:data:`vitconv.verification.references.table.REFERENCES`) opens it for the layout: the
+    NumPy forward of Google's ``vit_jax`` or of big_vision for their ``.npz`` files, else the
+    source library's own model."""
+    return references.opener(ckpt.layout.name)(src, ckpt, reference_dtype)
 
 
 # --------------------------------------------------------------------------- the entry point
