@@ -118,9 +118,11 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
     every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
     ``dtype``, and that float32 model is verified against the reference at the usual
     tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
-    num_heads, overrides, dtype = options.num_heads, dict(options.overrides), options.dtype
+    dtype = options.dtype
+    # what verify is told of the source: what a bare state dict cannot record
+    told_src = ReadOptions(num_heads=options.num_heads, overrides=options.overrides)
     # the source as the conversion read it, in its own dtype (the float32 side of a rounded proof)
-    as_read = ReadOptions(image_size=options.image_size, num_heads=num_heads, overrides=overrides)
+    as_read = dataclasses.replace(told_src, image_size=options.image_size)
     if options.patch_size is not None:
         raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
                            "source's own patch size")
@@ -138,7 +140,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         # every model here runs block by block from its files (one block's weights in memory)
         written = loading.StreamedModel(lambda: open_checkpoint(where, back_as, source=source))
         if dtype is None:
-            return verify(src, written, num_heads=num_heads, overrides=overrides)
+            return verify(src, written, told_src)
         images = seeded_nchw(DEFAULT_BATCH, written.config.image_size, written.config.in_chans)
         moved = _output(written, images)  # the rounded model, as users will run it
         model, said = prove_rounded(lambda: open_checkpoint(src, as_read),
@@ -149,7 +151,7 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         if source is not None:
             source.close()
     # the float32 weights, read as the written file is (its architecture)
-    report = verify(src, model, num_heads=num_heads, overrides=overrides)
+    report = verify(src, model, told_src)
     moved = judge_rounded_output(moved, _output(model, images), dtype=dtype)
     report.note = rounding_note(dtype, *said, moved)
     if not moved.ok:

@@ -211,29 +211,36 @@ def reference_for(src: PathLike, ckpt, reference_dtype=np.float64):
 
 
 # --------------------------------------------------------------------------- the entry point
-def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
+def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, options: ReadOptions = ReadOptions(), *,
            tolerance: float = DEFAULT_TOLERANCE, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
-           image_size: Optional[int] = None, inputs: Optional[np.ndarray] = None,
-           reference_dtype=np.float64, num_heads: Optional[int] = None,
-           overrides: Optional[Dict[str, Any]] = None) -> VerifyReport:
+           inputs: Optional[np.ndarray] = None, reference_dtype=np.float64, **given: Any) -> VerifyReport:
     """Compare ``src`` through its reference (Google ``.npz``: the NumPy reference; a
     library's layout: the library's model) with ``converted``.
 
-    ``converted``: ``None`` (convert ``src`` now, at ``image_size`` if given), a path
+    ``converted``: ``None`` (convert ``src`` now, at ``options.image_size`` if given), a path
     (vitconv ``.pt``/``.safetensors``, ``.onnx``, TorchScript), or an in-memory model
     (a canonical ``VisionTransformer`` is compared stage by stage; any other module on its
-    output only). ``inputs`` (NHWC float) replaces the seeded images. ``num_heads`` and
-    ``overrides`` say what a bare state dict does not record, as for ``convert`` (the library
-    reference is built with them); each goes to whichever of the two files leaves it open (a
-    bare converted file too), and is refused when both record it.
+    output only). ``inputs`` (NHWC float) replaces the seeded images.
+
+    ``options`` (:class:`~vitconv.conversion.options.ReadOptions`, varied by ``given``:
+    ``image_size=``, ``num_heads=``, ``overrides=``, as for ``open_checkpoint``): how the files
+    are read. ``image_size``: the resolution tested at; ``num_heads`` and ``overrides`` say what
+    a bare state dict does not record, as for ``convert`` (the library reference is built with
+    them); each goes to whichever of the two files leaves it open (a bare converted file too),
+    and is refused when both record it. A field that would change what the converted model
+    computes away from the source (``patch_size``, ``dtype``, ``num_classes``...) is refused:
+    the reference cannot follow it.
     Returns the report; it does not raise on disagreement (see :func:`check`)."""
+    options = replace(options, **given) if given else options
+    _refuse_unread(options)
+    image_size = options.image_size
     if not (tolerance > 0):
         raise BadInputError(f"tolerance must be positive, got {tolerance}")
     if batch <= 0:
         raise BadInputError(f"batch must be positive, got {batch}")
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
-    src_as, conv_as = _arguments(src, converted, num_heads, dict(overrides or {}))
+    src_as, conv_as = _arguments(src, converted, options)
     with open_checkpoint(src, src_as) as source:  # headers only
         scfg = source.config
         semantics = {f.name: {"value": getattr(source.source_config, f.name),
@@ -342,13 +349,27 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     return report
 
 
-def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]
-               ) -> Tuple[ReadOptions, ReadOptions]:
+#: The :class:`~vitconv.conversion.options.ReadOptions` fields ``verify`` reads with; any other
+#: (a resample, a cast, a new head, a required layout, labels) is refused, not silently dropped.
+VERIFY_FIELDS = ("image_size", "num_heads", "overrides")
+
+
+def _refuse_unread(options: ReadOptions) -> None:
+    """A one-line error naming the fields of ``options`` that ``verify`` does not read."""
+    unread = [f.name for f in fields(ReadOptions)
+              if f.name not in VERIFY_FIELDS and getattr(options, f.name) != getattr(ReadOptions(), f.name)]
+    if unread:
+        raise BadInputError(f"verify reads with {', '.join(VERIFY_FIELDS)} only, not {', '.join(unread)}: "
+                            "the reference computes the source as it is")
+
+
+def _arguments(src: PathLike, converted: Any, options: ReadOptions) -> Tuple[ReadOptions, ReadOptions]:
     """How each side is read: ``(the source's, the converted file's)`` ``num_heads`` and
-    ``overrides``, as :class:`~vitconv.conversion.options.ReadOptions`. Each goes
+    ``overrides`` of ``options``, as :class:`~vitconv.conversion.options.ReadOptions`. Each goes
     to the file(s) that leave it open (a bare state dict, source or converted, records neither
     heads nor GELU; the same model has the same). Given where both files record it, it is
     refused. ONNX, TorchScript and in-memory models take none."""
+    num_heads, overrides = options.num_heads, dict(options.overrides)
     if (num_heads is None and not overrides) or not isinstance(converted, (str, os.PathLike)) \
             or artifact_kind(converted) in ("onnx", "torchscript"):
         return ReadOptions(num_heads=num_heads, overrides=overrides), ReadOptions()
