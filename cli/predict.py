@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import click
 
+from vitconv.conversion.options import ReadOptions
 from vitconv.runtime.predict import display_name, open_predictor, predict as predict_images
 
 from .common import arch_option, labels_option, say, with_arch
@@ -34,8 +35,8 @@ def predict(ctx: click.Context, ckpt: Path, images: Tuple[Path, ...], top_k: int
       vitconv predict ViT-B_16.npz cat.jpg --labels imagenet-1k
       vitconv predict vit.onnx cat.jpg dog.png --top-k 3 --json
     """
-    model = open_predictor(ckpt, image_size=image_size, num_heads=num_heads, labels=labels,
-                           overrides=with_arch({}, arch))
+    model = open_predictor(ckpt, ReadOptions(image_size=image_size, num_heads=num_heads, labels=labels,
+                                             overrides=with_arch({}, arch)))
     results = predict_images(model, images, top_k=top_k)
     if as_json:
         click.echo(json.dumps({"model": display_name(ckpt), "runtime": model.runtime, "image_size": model.image_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from vitconv.conversion.options import ReadOptions
 from vitconv.errors import VerificationError
 from vitconv.formats.storage import local_input
 from vitconv.verification.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
@@ -54,10 +55,11 @@ def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float
       vitconv verify dinov2-small/ dinov2-small.safetensors
       vitconv verify s3://zoo/ViT-B_16.npz s3://zoo/b16.safetensors   # URLs, as for convert
     """
+    options = ReadOptions(image_size=image_size, num_heads=num_heads,
+                          overrides=with_arch(parse_overrides(overrides), arch))
     with local_input(src) as (local_src, _), local_input(converted or "") as (local_conv, _):
-        report = run_verify(local_src, local_conv if converted else None, tolerance=tolerance, batch=batch,
-                            seed=seed, image_size=image_size, num_heads=num_heads,
-                            overrides=with_arch(parse_overrides(overrides), arch))
+        report = run_verify(local_src, local_conv if converted else None, options, tolerance=tolerance,
+                            batch=batch, seed=seed)
     if as_json:
         click.echo(report.to_json())
     else:

@@ -21,9 +21,14 @@ from vitconv.formats.base import TensorSource
 
 def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
                     source: Optional[TensorSource] = None, **fields: Any) -> Checkpoint:
-    """:func:`vitconv.conversion.pipeline.open_checkpoint` with ``options`` varied by ``fields``
-    (``image_size=``, ``num_heads=``, ``overrides=``, ``require_layout=``, ``dtype=``,
-    ``patch_size=``, ``labels=``, ``num_classes=``)."""
+    """``path`` read as a :class:`~vitconv.conversion.pipeline.Checkpoint` (close it, or use it as
+    a context manager) by :func:`vitconv.conversion.pipeline.open_checkpoint`, with ``options``
+    varied by ``fields`` (``image_size=``, ``num_heads=``, ``overrides=``, ``require_layout=``,
+    ``dtype=``, ``patch_size=``, ``labels=``, ``num_classes=``: what each does is said there).
+
+    >>> with vitconv.open_checkpoint("ViT-B_16.npz", image_size=384) as ckpt:   # doctest: +SKIP
+    ...     print(ckpt.config.describe())
+    """
     return open_with(path, dataclasses.replace(options, **fields), source=source)
 
 

@@ -208,33 +208,40 @@ def left_open(path: PathLike) -> Set[str]:
 
 def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
                     source: Optional[TensorSource] = None) -> Checkpoint:
-    """Open ``path`` (or read through ``source``, which the caller then closes) as ``options`` say
-    (:class:`~vitconv.conversion.options.ReadOptions`), recognise its layout (which must be
-    one of ``require_layout``, when given), infer the architecture and audit the keys; optionally
-    retarget the resolution (``image_size``: the position table resized as Google's
-    ``load_pretrained`` does) and the weight dtype. Nothing beyond headers is read (but the few values a layout's
-    ``from_values`` reads: the original DINOv3's rotary periods).
+    """``path`` read as ``options`` say, returned as a :class:`Checkpoint` (close it, or use it as a
+    context manager): its layout recognised, its architecture inferred (``source_config`` as the
+    file holds it, ``config`` as it will be written), its keys audited against the canonical
+    model's shapes, and its tensors left in the file, read one at a time when asked. Nothing
+    beyond headers is read here (but the few values a layout's ``from_values`` reads: the
+    original DINOv3's rotary periods). ``source``, a :class:`~vitconv.formats.base.TensorSource`
+    already open, is read instead of opening ``path``, and stays the caller's to close. A file
+    that cannot be read so is a one-line :class:`~vitconv.errors.BadInputError` or
+    :class:`~vitconv.errors.MappingError` naming it.
 
-    ``num_heads`` is for layouts whose files do not record the head count (64-dim heads are
-    assumed otherwise); layouts that record it refuse it, and a file's own record must agree.
-    ``overrides`` (``--set act=quick_gelu``) likewise sets config fields the source does not
-    record; its key ``arch`` (``--arch vit_base_patch16_clip_224``) names the architecture
-    (:mod:`vitconv.archs`), which supplies every such field the others leave. Without it, the
-    fields are taken from the architectures whose keys and shapes fit the file when they all
-    agree, and the read is refused, naming them, when they do not;
-    record, the constructor arguments of its layout (timm's ``act_layer``, ``norm_layer``):
-    only those, and not where a ``config.json`` records them.
+    ``options`` (:class:`~vitconv.conversion.options.ReadOptions`):
 
-    ``num_classes`` replaces the classifier with a new zero-initialised one of that many
-    classes (0: none, the model returns its pooled features), and drops a ``pre_logits``
-    layer as vit_jax's ``load_pretrained`` does for a fine-tuning config without one.
-
-    ``labels`` names the classifier's outputs, over what the file records: a list, or what
-    :func:`vitconv.runtime.labels.load_labels` reads (``imagenet-1k``, ``imagenet-21k``, a file).
-
-    ``patch_size`` resamples the model to another patch size as FlexiViT does: the patch
-    kernel by its pseudo-inverse resize, the position table bilinearly to the new grid (at
-    ``image_size``, default the source's); the model then resizes that way at other sizes too."""
+    - ``require_layout``: the layout must be one of these names.
+    - ``num_heads``: for layouts whose files do not record the head count (64-dim heads are
+      assumed otherwise); layouts that record it refuse it, and a file's own record must agree.
+    - ``overrides`` (``--set act=quick_gelu``): config fields the file leaves to its code's
+      constructor (timm's ``act_layer``, ``norm_layer``), only those, and not where a
+      ``config.json`` records them. Its key ``arch`` (``--arch vit_base_patch16_clip_224``)
+      names the architecture (:mod:`vitconv.archs`), which supplies every such field the others
+      leave. Without it, those fields are taken from the architectures whose keys and shapes fit
+      the file when they all agree, and the read is refused, naming them, when they do not.
+      Where each field came from is the checkpoint's ``semantics``.
+    - ``image_size``: the position table resized to it as the source's family does (Google's
+      ``load_pretrained`` for its files); ``config`` says the new size, ``resized_from`` the grid read.
+    - ``patch_size``: the model resampled to another patch size as FlexiViT does (the patch
+      kernel by its pseudo-inverse resize, the position table bilinearly to the new grid at
+      ``image_size``, default the source's); the model then resizes that way at other sizes too.
+    - ``num_classes``: the classifier replaced by a new zero-initialised one of that many
+      classes (0: none, the model returns its pooled features), and a ``pre_logits`` layer
+      dropped as vit_jax's ``load_pretrained`` does for a fine-tuning config without one.
+    - ``dtype``: every tensor cast to it as it is read (one of :data:`DTYPES`).
+    - ``labels``: the classifier's outputs named, over what the file records: a list, or what
+      :func:`vitconv.runtime.labels.load_labels` reads (``imagenet-1k``, ``imagenet-21k``, a file);
+      with the preprocessing, the checkpoint's ``usage``."""
     image_size, patch_size, num_heads, dtype = options.image_size, options.patch_size, options.num_heads, options.dtype
     labels = load_labels(options.labels, path) if options.labels is not None else None
     if dtype is not None and dtype not in DTYPES:

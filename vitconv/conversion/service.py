@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,8 +38,8 @@ from vitconv.conversion.pipeline import (Checkpoint, ConversionReport, Hook, Pro
 from vitconv.runtime.predict import classifies
 from vitconv.layouts.layout import Layout
 from vitconv.formats.provenance import KEY_OF, Provenance
-from vitconv.verification.compare import judge_rounded_output, rounding_note, seeded_nchw
-from vitconv.verification.verify import DEFAULT_BATCH, VerifyReport, prove_rounded, rounded_stage, verify
+from vitconv.verification.compare import judge_rounded_output, rounding_note
+from vitconv.verification.verify import VerifyReport, prove_rounded, rounded_stage, verify
 from vitconv.lazy import lazy_module
 
 loading = lazy_module("vitconv.conversion.loading")  # torch, only to verify what was written
@@ -118,9 +118,11 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
     every tensor read back must equal, bit for bit, the float32 conversion's tensor rounded to
     ``dtype``, and that float32 model is verified against the reference at the usual
     tolerance (a looser tolerance on the rounded model would hide a wrong GELU or epsilon)."""
-    num_heads, overrides, dtype = options.num_heads, dict(options.overrides), options.dtype
+    dtype = options.dtype
+    # what verify is told of the source: what a bare state dict cannot record
+    told_src = ReadOptions(num_heads=options.num_heads, overrides=options.overrides)
     # the source as the conversion read it, in its own dtype (the float32 side of a rounded proof)
-    as_read = ReadOptions(image_size=options.image_size, num_heads=num_heads, overrides=overrides)
+    as_read = dataclasses.replace(told_src, image_size=options.image_size)
     if options.patch_size is not None:
         raise VitconvError("verify cannot check a --patch-size resample: the reference runs at the "
                            "source's own patch size")
@@ -138,23 +140,45 @@ def verify_written(src: PathLike, cfg: ViTConfig, layout: Layout, container: str
         # every model here runs block by block from its files (one block's weights in memory)
         written = loading.StreamedModel(lambda: open_checkpoint(where, back_as, source=source))
         if dtype is None:
-            return verify(src, written, num_heads=num_heads, overrides=overrides)
-        images = seeded_nchw(DEFAULT_BATCH, written.config.image_size, written.config.in_chans)
-        moved = _output(written, images)  # the rounded model, as users will run it
+            return verify(src, written, told_src)
         model, said = prove_rounded(lambda: open_checkpoint(src, as_read),
                                     lambda: open_checkpoint(where, back_as, source=source), dtype)
         if model is None:
             raise VerificationError(said)
+        # the float32 weights, read as the written file is (its architecture): verify runs them
+        # once, stage by stage, and that pass's output is the one the rounding is measured from
+        twin = _Kept(model)
+        report = verify(src, twin, told_src)
+        exact, images = twin.output()
+        rounded = _output(written, images)  # the rounded model, as users will run it, on the same images
     finally:
         if source is not None:
             source.close()
-    # the float32 weights, read as the written file is (its architecture)
-    report = verify(src, model, num_heads=num_heads, overrides=overrides)
-    moved = judge_rounded_output(moved, _output(model, images), dtype=dtype)
+    moved = judge_rounded_output(rounded, exact, dtype=dtype)
     report.note = rounding_note(dtype, *said, moved)
     if not moved.ok:
         report.stages.append(rounded_stage(dtype, moved))
     return report
+
+
+class _Kept:
+    """``model`` as ``verify`` runs it, keeping its one pass: the images (NCHW) and the final
+    output, so the float32 twin of a rounded file runs once, not once more for the rounding's
+    figure (each pass reads every block of the file again)."""
+
+    def __init__(self, model: Any):
+        self.model, self.config = model, model.config
+        self._kept: Optional[Tuple[Any, Any]] = None
+
+    def forward_stages(self, images: Any) -> Any:
+        stages = self.model.forward_stages(images)
+        self._kept = (images, stages["logits"] if "logits" in stages else stages["head_input"])
+        return stages
+
+    def output(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(its final output as float64, the NCHW images it ran on)`` of the pass ``verify`` ran."""
+        images, final = self._kept
+        return final.double().numpy(), images.numpy()
 
 
 def _output(model, nchw: np.ndarray) -> np.ndarray:

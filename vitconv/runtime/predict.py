@@ -11,12 +11,13 @@ Images are decoded by Pillow, with its decompression-bomb limit made an error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -73,20 +74,24 @@ class Predictor:
     source: str = ""  # the model file, for errors about what it computes
 
 
-def open_predictor(path: PathLike, image_size: Optional[int] = None, num_heads: Optional[int] = None,
-                   labels: Union[str, Sequence[str], None] = None,
-                   overrides: Optional[Dict[str, object]] = None) -> Predictor:
+def open_predictor(path: PathLike, options: ReadOptions = ReadOptions(), **given: Any) -> Predictor:
     """``path`` as a predictor: a checkpoint through the canonical model, an ``.onnx`` in
-    onnxruntime, a TorchScript module in torch (exports carry vitconv's metadata). ``overrides``:
-    what a bare state dict cannot record (``arch``, config fields), as for ``open_checkpoint``."""
+    onnxruntime, a TorchScript module in torch (exports carry vitconv's metadata).
+
+    ``options`` (:class:`~vitconv.conversion.options.ReadOptions`, varied by ``given``:
+    ``image_size=``, ``num_heads=``, ``labels=``, ``overrides=``, as for ``open_checkpoint``): a
+    checkpoint is read with them whole (``overrides``: what a bare state dict cannot record,
+    ``arch`` and config fields); an export records its architecture, and takes ``image_size``
+    and ``labels`` only."""
+    options = dataclasses.replace(options, **given) if given else options
+    image_size, labels = options.image_size, options.labels
     p = Path(path)
     require_input(p)
     kind = artifact_kind(p)
     if kind == "canonical":
         import torch
 
-        with open_checkpoint(p, ReadOptions(image_size=image_size, num_heads=num_heads, labels=labels,
-                                            overrides=overrides)) as ckpt:
+        with open_checkpoint(p, options) as ckpt:
             model, usage = loading.build_model(ckpt.config, ckpt.state_dict()), ckpt.usage
 
         def run(x: np.ndarray) -> np.ndarray:

@@ -34,8 +34,8 @@ import numpy as np
 from vitconv.errors import BadInputError, VerificationError, first_line
 from vitconv.formats.atomic import atomic_output, refuse_clobber, same_file
 from vitconv.formats.base import sha256_file
-from vitconv.verification.references.library import LAYOUTS as LIBRARY_LAYOUTS
 from vitconv.verification.references.library import LibraryMissing
+from vitconv.verification.references.table import has_reference
 from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.conversion.options import ReadOptions
 from vitconv.verification.verify import reference_for
@@ -191,7 +191,7 @@ def check_case(case: Mapping, directory: PathLike) -> CaseResult:
     ref = want_ref = None
     try:  # a reference that cannot run is a failure of the case, never a missing figure
         with open_checkpoint(ckpt, ReadOptions(overrides=told)) as c:
-            if c.layout.name in ("google", "big_vision") or c.layout.name in LIBRARY_LAYOUTS:
+            if has_reference(c.layout.name):
                 ref = reference_for(ckpt, c)
                 want_ref = ref.forward_stages(x)
     except LibraryMissing as e:  # an optional library: said, not failed

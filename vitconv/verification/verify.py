@@ -44,7 +44,6 @@ import gc
 import json
 import math
 import os
-import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -53,15 +52,14 @@ import numpy as np
 
 from vitconv import archs
 from vitconv.config import SHAPE_FIELDS, ViTConfig
-from vitconv.errors import BadInputError, VerificationError, first_line
+from vitconv.errors import BadInputError, VerificationError
 from vitconv.verification.compare import (DEFAULT_SEED, DEFAULT_TOLERANCE, FP16_MIN_COSINE, CanonicalTensors,
                                           Comparison, check_rounded, compare,
                                           held_exactly, judge_rounded_output, nchw, rounding_note, seeded_images)
-from vitconv.verification.references.big_vision_numpy import BigVisionReference
-from vitconv.verification.references.library import LibraryReference, open_reference
+from vitconv.verification.references import table as references
+from vitconv.verification.references.library import LibraryReference
 from vitconv.conversion.pipeline import ARCH, left_open, open_checkpoint
 from vitconv.conversion.options import ReadOptions
-from vitconv.verification.references.google_numpy import GoogleViTReference
 from vitconv.runtime.runners import OnnxRunner, TorchRunner, artifact_kind, load_torchscript, require_input
 from vitconv.lazy import lazy_module
 
@@ -204,53 +202,45 @@ def stored_dtypes(source) -> str:
     return ", ".join(sorted(k for k in kinds if "float" in k)) or ", ".join(sorted(kinds))
 
 
-def _open_reference(src: PathLike, dtype) -> GoogleViTReference:
-    p = Path(src)
-    if not p.exists():
-        raise BadInputError("no such file", p)
-    try:
-        return GoogleViTReference.from_npz(p, dtype=dtype)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise BadInputError(f"not a readable .npz ({first_line(e)})", p) from None
-    except (KeyError, ValueError) as e:
-        raise BadInputError(f"not a Google ViT checkpoint the reference understands "
-                            f"({type(e).__name__}: {e})", p) from None
-
-
 def reference_for(src: PathLike, ckpt, reference_dtype=np.float64):
-    """The reference for ``src`` (opened as ``ckpt``): the NumPy forward of Google's ``vit_jax``
-    or of big_vision for their ``.npz`` files, else the source library's own model."""
-    if ckpt.layout.name == "google":
-        return _open_reference(src, reference_dtype)
-    if ckpt.layout.name == "big_vision":
-        return BigVisionReference.from_npz(src, dtype=reference_dtype)
-    return open_reference(src, ckpt)
+    """The reference for ``src`` (opened as ``ckpt``), as the table of references
+    (:data:`vitconv.verification.references.table.REFERENCES`) opens it for the layout: the
+    NumPy forward of Google's ``vit_jax`` or of big_vision for their ``.npz`` files, else the
+    source library's own model."""
+    return references.opener(ckpt.layout.name)(src, ckpt, reference_dtype)
 
 
 # --------------------------------------------------------------------------- the entry point
-def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
+def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, options: ReadOptions = ReadOptions(), *,
            tolerance: float = DEFAULT_TOLERANCE, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
-           image_size: Optional[int] = None, inputs: Optional[np.ndarray] = None,
-           reference_dtype=np.float64, num_heads: Optional[int] = None,
-           overrides: Optional[Dict[str, Any]] = None) -> VerifyReport:
+           inputs: Optional[np.ndarray] = None, reference_dtype=np.float64, **given: Any) -> VerifyReport:
     """Compare ``src`` through its reference (Google ``.npz``: the NumPy reference; a
     library's layout: the library's model) with ``converted``.
 
-    ``converted``: ``None`` (convert ``src`` now, at ``image_size`` if given), a path
+    ``converted``: ``None`` (convert ``src`` now, at ``options.image_size`` if given), a path
     (vitconv ``.pt``/``.safetensors``, ``.onnx``, TorchScript), or an in-memory model
     (a canonical ``VisionTransformer`` is compared stage by stage; any other module on its
-    output only). ``inputs`` (NHWC float) replaces the seeded images. ``num_heads`` and
-    ``overrides`` say what a bare state dict does not record, as for ``convert`` (the library
-    reference is built with them); each goes to whichever of the two files leaves it open (a
-    bare converted file too), and is refused when both record it.
+    output only). ``inputs`` (NHWC float) replaces the seeded images.
+
+    ``options`` (:class:`~vitconv.conversion.options.ReadOptions`, varied by ``given``:
+    ``image_size=``, ``num_heads=``, ``overrides=``, as for ``open_checkpoint``): how the files
+    are read. ``image_size``: the resolution tested at; ``num_heads`` and ``overrides`` say what
+    a bare state dict does not record, as for ``convert`` (the library reference is built with
+    them); each goes to whichever of the two files leaves it open (a bare converted file too),
+    and is refused when both record it. A field that would change what the converted model
+    computes away from the source (``patch_size``, ``dtype``, ``num_classes``...) is refused:
+    the reference cannot follow it.
     Returns the report; it does not raise on disagreement (see :func:`check`)."""
+    options = replace(options, **given) if given else options
+    _refuse_unread(options)
+    image_size = options.image_size
     if not (tolerance > 0):
         raise BadInputError(f"tolerance must be positive, got {tolerance}")
     if batch <= 0:
         raise BadInputError(f"batch must be positive, got {batch}")
     if isinstance(converted, (str, os.PathLike)):  # before any work on the source
         require_input(Path(converted))
-    src_as, conv_as = _arguments(src, converted, num_heads, dict(overrides or {}))
+    src_as, conv_as = _arguments(src, converted, options)
     with open_checkpoint(src, src_as) as source:  # headers only
         scfg = source.config
         semantics = {f.name: {"value": getattr(source.source_config, f.name),
@@ -359,13 +349,27 @@ def verify(src: PathLike, converted: Union[PathLike, Any, None] = None, *,
     return report
 
 
-def _arguments(src: PathLike, converted: Any, num_heads: Optional[int], overrides: Dict[str, Any]
-               ) -> Tuple[ReadOptions, ReadOptions]:
+#: The :class:`~vitconv.conversion.options.ReadOptions` fields ``verify`` reads with; any other
+#: (a resample, a cast, a new head, a required layout, labels) is refused, not silently dropped.
+VERIFY_FIELDS = ("image_size", "num_heads", "overrides")
+
+
+def _refuse_unread(options: ReadOptions) -> None:
+    """A one-line error naming the fields of ``options`` that ``verify`` does not read."""
+    unread = [f.name for f in fields(ReadOptions)
+              if f.name not in VERIFY_FIELDS and getattr(options, f.name) != getattr(ReadOptions(), f.name)]
+    if unread:
+        raise BadInputError(f"verify reads with {', '.join(VERIFY_FIELDS)} only, not {', '.join(unread)}: "
+                            "the reference computes the source as it is")
+
+
+def _arguments(src: PathLike, converted: Any, options: ReadOptions) -> Tuple[ReadOptions, ReadOptions]:
     """How each side is read: ``(the source's, the converted file's)`` ``num_heads`` and
-    ``overrides``, as :class:`~vitconv.conversion.options.ReadOptions`. Each goes
+    ``overrides`` of ``options``, as :class:`~vitconv.conversion.options.ReadOptions`. Each goes
     to the file(s) that leave it open (a bare state dict, source or converted, records neither
     heads nor GELU; the same model has the same). Given where both files record it, it is
     refused. ONNX, TorchScript and in-memory models take none."""
+    num_heads, overrides = options.num_heads, dict(options.overrides)
     if (num_heads is None and not overrides) or not isinstance(converted, (str, os.PathLike)) \
             or artifact_kind(converted) in ("onnx", "torchscript"):
         return ReadOptions(num_heads=num_heads, overrides=overrides), ReadOptions()
