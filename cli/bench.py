@@ -14,7 +14,7 @@ from vitconv.tools.bench import RUNTIMES, bench_batch, bench_convert, bench_memo
 from vitconv.tools.device_bench import bench_device, format_rows
 from vitconv.tools.synthetic import make_synthetic, preset
 
-from .common import say
+from .common import image_size_option, json_option, say
 from vitconv.lazy import lazy_module
 
 canonical_model = lazy_module("vitconv.model")  # torch, for --device
@@ -33,7 +33,7 @@ def _ints(text: str) -> List[int]:
 @click.option("--runtime", "runtimes", default="torch,onnxruntime", show_default=True,
               help="Comma-separated: " + ", ".join(RUNTIMES) + ".")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--image-size", type=int, help="Benchmark at this resolution (position grid resized).")
+@image_size_option("Benchmark at this resolution (position grid resized).")
 @click.option("--threads", type=int, help="Threads for every runtime (default: torch's default).")
 @click.option("--iters", type=int, default=10, show_default=True, help="Timed iterations per runtime.")
 @click.option("--peak-tflops", type=float,
@@ -66,7 +66,7 @@ def _ints(text: str) -> List[int]:
 @click.option("--workers", "workers_list", default="1,2", show_default=True,
               help="With --zoo: comma-separated worker counts.")
 @click.option("--no-ray", is_flag=True, help="With --zoo: leave out the Ray-local run.")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@json_option("Print results as JSON.")
 @click.pass_context
 def bench(ctx: click.Context, models, runtimes: str, batches: str, image_size, threads, iters: int, peak_tflops,
           convert: bool, output_kind: str, repeats: int, workdir, device, dtypes: str, modes: str, memory: bool,

@@ -1,4 +1,6 @@
-"""Helpers the commands share: quiet-aware printing and aligned summaries."""
+"""Helpers the commands share: the options several commands take (each flag's name, type and
+parsing here once; its help, which says what it does for that command, from the command), quiet-
+aware printing and aligned summaries."""
 
 from __future__ import annotations
 
@@ -24,6 +26,33 @@ arch_option = click.option(
     help="The architecture a bare state dict is (a timm model name, open_clip:NAME, openai:NAME): "
          "what the file cannot record (activation, epsilon, heads) comes from it; its tensors must "
          "agree with it. Needed where the keys fit architectures that compute different functions.")
+
+
+def json_option(help: str = "Print a machine-readable report.") -> Callable:
+    """``--json`` (``as_json``): the command's report as JSON."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def image_size_option(help: str) -> Callable:
+    """``--image-size`` of the commands that read a model at another resolution."""
+    return click.option("--image-size", type=int, help=help)
+
+
+def num_heads_option(help: str) -> Callable:
+    """``--num-heads`` of the commands that read a bare state dict."""
+    return click.option("--num-heads", type=int, help=help)
+
+
+def set_option(help: str) -> Callable:
+    """``--set FIELD=VALUE`` (repeatable), handed to the command parsed: ``overrides``, a dict."""
+    return click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help=help,
+                        callback=lambda ctx, param, items: parse_overrides(items))
+
+
+#: ``--patch-size`` of the commands that write a model.
+patch_size_option = click.option(
+    "--patch-size", type=int, help="Resample to this patch size as FlexiViT does (the kernel by its "
+    "pseudo-inverse resize, the position table bilinearly).")
 
 
 def with_arch(overrides: Dict[str, object], arch: Optional[str]) -> Dict[str, object]:

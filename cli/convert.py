@@ -11,7 +11,8 @@ from vitconv.conversion.options import ConvertOptions
 from vitconv.conversion.pipeline import DTYPES
 from vitconv.conversion.targets import target_names
 
-from .common import arch_option, labels_option, num_classes_option, parse_overrides, progress_bar, summary, with_arch
+from .common import (arch_option, image_size_option, labels_option, num_classes_option, num_heads_option,
+                     patch_size_option, progress_bar, set_option, summary, with_arch)
 
 
 @click.command("convert")
@@ -19,15 +20,13 @@ from .common import arch_option, labels_option, num_classes_option, parse_overri
 @click.argument("dst")
 @click.option("--to", "to", type=click.Choice(target_names()), help="Target layout (default from DST: .npz -> "
               "Google, a directory -> hf, .pt/.safetensors -> canonical).")
-@click.option("--num-heads", type=int, help="Heads, where the source's shapes cannot say "
-              "(fused or per-matrix q/k/v; default assumes 64-dim heads).")
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="A config field the source does not record, e.g. --set act=quick_gelu --set "
-              "norm_eps=1e-5 for a bare OpenAI-CLIP-style timm state dict (repeatable).")
-@click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
-              "the way the source's library does.")
-@click.option("--patch-size", type=int, help="Resample to this patch size as FlexiViT does (the "
-              "kernel by its pseudo-inverse resize, the position table bilinearly).")
+@num_heads_option("Heads, where the source's shapes cannot say "
+                  "(fused or per-matrix q/k/v; default assumes 64-dim heads).")
+@set_option("A config field the source does not record, e.g. --set act=quick_gelu --set "
+            "norm_eps=1e-5 for a bare OpenAI-CLIP-style timm state dict (repeatable).")
+@image_size_option("Target resolution; resizes position embeddings "
+                   "the way the source's library does.")
+@patch_size_option
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: "
               "as read; bfloat16 sources are read as float32, exactly).")
 @arch_option
@@ -37,7 +36,7 @@ from .common import arch_option, labels_option, num_classes_option, parse_overri
               "reference before they are renamed into place: nothing appears unless they pass (exit 3).")
 @click.pass_context
 def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: int | None,
-            overrides: tuple, image_size: int | None, patch_size: int | None, dtype: str | None,
+            overrides: dict, image_size: int | None, patch_size: int | None, dtype: str | None,
             arch: str | None, labels: str | None, num_classes: int | None, check: bool) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
@@ -54,7 +53,7 @@ def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: i
     is streamed to a local temporary file once; the output is uploaded once complete.
     """
     options = ConvertOptions(to=to, num_heads=num_heads, image_size=image_size, patch_size=patch_size, dtype=dtype,
-                             overrides=with_arch(parse_overrides(overrides), arch), labels=labels,
+                             overrides=with_arch(overrides, arch), labels=labels,
                              num_classes=num_classes, command=cli_command(), verify=check)
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, options, progress=progress)

@@ -11,7 +11,7 @@ from vitconv.errors import VerificationError
 from vitconv.runtime.export import ExportPlan, default_output, run_export
 from vitconv.runtime.export.onnx import DEFAULT_OPSET
 
-from .common import arch_option, labels_option, say, summary, with_arch
+from .common import arch_option, image_size_option, labels_option, say, summary, with_arch
 
 
 def _target(flag: str, help_text: str):
@@ -34,8 +34,8 @@ def _target(flag: str, help_text: str):
               help="Accept any resolution divisible by the model's stride.")
 @click.option("--fp16", is_flag=True, help="float16 weights (ONNX: float32 I/O, norms and "
               "softmax kept float32; verified by top-1 agreement and cosine).")
-@click.option("--image-size", type=int, help="Convert to this resolution first (Google's "
-              "position-embedding resize, as npz2pt --image-size).")
+@image_size_option("Convert to this resolution first (Google's "
+                   "position-embedding resize, as npz2pt --image-size).")
 @click.option("--no-aoti", is_flag=True, help="--pt2: save the ExportedProgram instead of "
               "compiling an AOTInductor package (seconds instead of minutes).")
 @click.option("--shard-size", type=float, default=5.0, show_default=True,

@@ -10,7 +10,7 @@ import click
 from vitconv.verification import golden as lib
 from vitconv.errors import VerificationError
 
-from .common import arch_option, parse_overrides, say, with_arch
+from .common import arch_option, image_size_option, json_option, say, set_option, with_arch
 
 _dir_option = click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
                            default=Path("golden"), show_default=True, help="Golden directory (holds manifest.json).")
@@ -24,7 +24,7 @@ def golden() -> None:
 @golden.command("check")
 @_dir_option
 @click.argument("names", nargs=-1)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@json_option()
 @click.pass_context
 def check(ctx: click.Context, directory: Path, names: tuple, as_json: bool) -> None:
     """Run every case (or NAMES) through the converter and the NumPy reference and compare with
@@ -56,20 +56,19 @@ def check(ctx: click.Context, directory: Path, names: tuple, as_json: bool) -> N
 @click.option("--expected-posemb-resized", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--source", required=True, help="Provenance: which code, version and settings "
               "produced the expected outputs.")
-@click.option("--image-size", type=int, help="Resolution the case converts the checkpoint to.")
+@image_size_option("Resolution the case converts the checkpoint to.")
 @click.option("--tolerance", type=float, default=lib.DEFAULT_TOLERANCE, show_default=True,
               help="Max abs difference allowed.")
 @click.option("--issue", help="Tag recorded with the case (default 'added').")
 @click.option("--accept", is_flag=True, help="Replace an existing case of the same name.")
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="What a bare checkpoint cannot record and its keys leave open, recorded with the case.")
+@set_option("What a bare checkpoint cannot record and its keys leave open, recorded with the case.")
 @arch_option
 @_dir_option
 @click.pass_context
 def add(ctx: click.Context, name: str, checkpoint: Path, input_: Path, expected_logits: Path,
         expected_pooled: Path | None, expected_prelogits: Path | None,
         expected_posemb_resized: Path | None, source: str, image_size: int | None,
-        tolerance: float, issue: str | None, accept: bool, overrides: tuple, arch: str | None,
+        tolerance: float, issue: str | None, accept: bool, overrides: dict, arch: str | None,
         directory: Path) -> None:
     """Record a golden case: copy its files, write sha256 and provenance into the manifest.
 
@@ -81,7 +80,7 @@ def add(ctx: click.Context, name: str, checkpoint: Path, input_: Path, expected_
                 "prelogits": expected_prelogits, "posemb_resized": expected_posemb_resized}
     result = lib.add_case(name, checkpoint, input_, {k: v for k, v in expected.items() if v},
                           source, directory=directory, image_size=image_size, tolerance=tolerance,
-                          issue=issue, accept=accept, overrides=with_arch(parse_overrides(overrides), arch))
+                          issue=issue, accept=accept, overrides=with_arch(overrides, arch))
     figs = ", ".join(f"{f.engine} {f.what} {f.max_abs:.2g}" for f in result.figures if f.what != "top1")
     say(ctx, f"recorded  {name} in {directory / lib.MANIFEST}")
     say(ctx, f"figures   {figs}")

@@ -15,7 +15,7 @@ from vitconv.tools.inspection import format_text, inspect_path, read_pos_embed, 
 from vitconv.tools.plot import plot_posembed_similarity, posembed_cosine_grid, require_matplotlib
 from vitconv.formats.storage import local_input
 
-from .common import arch_option, say
+from .common import arch_option, json_option, say
 
 #: Hashing runs at roughly 0.5-1 GB/s; below this a bar would only flicker.
 _BAR_BYTES = 256 << 20
@@ -23,7 +23,7 @@ _BAR_BYTES = 256 << 20
 
 @click.command("inspect")
 @click.argument("src")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@json_option("Print the report as one JSON document.")
 @click.option("--plot-posembed", type=click.Path(dir_okay=False, path_type=Path),
               metavar="OUT.png", help="Also draw the cosine similarity of every patch's position "
               "embedding with every other (ViT paper, figure 7). Needs matplotlib "

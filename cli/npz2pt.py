@@ -10,16 +10,16 @@ from vitconv.conversion.service import cli_command, convert
 from vitconv.conversion.options import ConvertOptions
 from vitconv.conversion.pipeline import DTYPES
 
-from .common import arch_option, labels_option, num_classes_option, progress_bar, summary, with_arch
+from .common import (arch_option, image_size_option, labels_option, num_classes_option, patch_size_option,
+                     progress_bar, summary, with_arch)
 
 
 @click.command("npz2pt")
 @click.argument("src")
 @click.option("-o", "--output", help="Output path or URL; .pt (default, beside SRC) or .safetensors by extension.")
-@click.option("--image-size", type=int, help="Target resolution; resizes position embeddings "
-              "as Google's fine-tuning does (order-1 zoom, class token kept; sincos2d: generated).")
-@click.option("--patch-size", type=int, help="Resample to this patch size as FlexiViT does (the "
-              "kernel by its pseudo-inverse resize, the position table bilinearly).")
+@image_size_option("Target resolution; resizes position embeddings "
+                   "as Google's fine-tuning does (order-1 zoom, class token kept; sincos2d: generated).")
+@patch_size_option
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weights written as this dtype (default: as read; "
               "bfloat16 files are read as float32, exactly).")
 @labels_option

@@ -11,19 +11,20 @@ import click
 from vitconv.conversion.options import ReadOptions
 from vitconv.runtime.predict import display_name, open_predictor, predict as predict_images
 
-from .common import arch_option, labels_option, say, with_arch
+from .common import (arch_option, image_size_option, json_option, labels_option, num_heads_option, say,
+                     with_arch)
 
 
 @click.command("predict")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=int, default=5, show_default=True, help="Classes shown per image.")
-@click.option("--image-size", type=int, help="Run at this resolution (a checkpoint's position table is "
-              "resized its family's way).")
-@click.option("--num-heads", type=int, help="Heads, for a bare state dict that does not record them.")
+@image_size_option("Run at this resolution (a checkpoint's position table is "
+                   "resized its family's way).")
+@num_heads_option("Heads, for a bare state dict that does not record them.")
 @labels_option
 @arch_option
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON document.")
+@json_option("Print the predictions as one JSON document.")
 @click.pass_context
 def predict(ctx: click.Context, ckpt: Path, images: Tuple[Path, ...], top_k: int, image_size: Optional[int],
             num_heads: Optional[int], labels: Optional[str], arch: Optional[str], as_json: bool) -> None:

@@ -11,7 +11,7 @@ from vitconv.errors import VerificationError
 from vitconv.formats.storage import local_input
 from vitconv.verification.verify import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_TOLERANCE, verify as run_verify
 
-from .common import arch_option, parse_overrides, say, with_arch
+from .common import arch_option, image_size_option, json_option, num_heads_option, say, set_option, with_arch
 
 
 @click.command("verify")
@@ -19,21 +19,20 @@ from .common import arch_option, parse_overrides, say, with_arch
 @click.argument("converted", required=False)
 @click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
               help="Per stage: max abs error <= TOLERANCE x max(1, rms of the reference stage).")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@json_option()
 @click.option("--batch", type=int, default=DEFAULT_BATCH, show_default=True, help="Seeded images.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
               help="numpy.random.default_rng seed of the images.")
-@click.option("--image-size", type=int, help="Resolution to test at (default: the converted "
-              "model's; the reference resizes position embeddings its own way).")
-@click.option("--num-heads", type=int, help="Heads, where a bare state dict cannot say (as for convert); "
-              "for SRC, CONVERTED or both, whichever leaves them open.")
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="A config field a bare state dict does not record, as given to convert (repeatable); "
-                   "for SRC, CONVERTED or both, whichever leaves it open.")
+@image_size_option("Resolution to test at (default: the converted "
+                   "model's; the reference resizes position embeddings its own way).")
+@num_heads_option("Heads, where a bare state dict cannot say (as for convert); "
+                  "for SRC, CONVERTED or both, whichever leaves them open.")
+@set_option("A config field a bare state dict does not record, as given to convert (repeatable); "
+            "for SRC, CONVERTED or both, whichever leaves it open.")
 @arch_option
 @click.pass_context
 def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float, as_json: bool,
-           batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: tuple, arch: str | None) -> None:
+           batch: int, seed: int, image_size: int | None, num_heads: int | None, overrides: dict, arch: str | None) -> None:
     """Check CONVERTED against SRC, stage by stage, and name the first stage past tolerance.
     Exit 0 when within tolerance, 3 if not, or if the reference had to assume what SRC does not
     record and another known architecture with its keys computes otherwise (--arch names it).
@@ -56,7 +55,7 @@ def verify(ctx: click.Context, src: str, converted: str | None, tolerance: float
       vitconv verify s3://zoo/ViT-B_16.npz s3://zoo/b16.safetensors   # URLs, as for convert
     """
     options = ReadOptions(image_size=image_size, num_heads=num_heads,
-                          overrides=with_arch(parse_overrides(overrides), arch))
+                          overrides=with_arch(overrides, arch))
     with local_input(src) as (local_src, _), local_input(converted or "") as (local_conv, _):
         report = run_verify(local_src, local_conv if converted else None, options, tolerance=tolerance,
                             batch=batch, seed=seed)
