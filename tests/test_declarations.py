@@ -27,6 +27,7 @@ from vitconv.layouts import LAYOUTS, Probe
 from vitconv.layouts.layout import register, undeclared_conditions
 from vitconv.layouts.table import foreign_shapes
 from vitconv.model import parameter_shapes
+from vitconv.tools.inspection import _shape_sources
 
 SMALL = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=96,
                   num_classes=10)
@@ -126,3 +127,29 @@ def test_a_bad_rotary_argument_is_refused_naming_key_and_value(key, value, says)
     args = {**LAYOUTS["timm_eva"].directory_config(ROPE_AXIAL, None)["model_args"], key: value}
     with pytest.raises(MappingError, match=re.escape("config.json: " + says)):
         LAYOUTS["timm_eva"].read_config(_eva_probe(args))
+
+
+SIZES = ("width", "mlp_dim", "in_chans", "num_classes", "num_heads", "head_dim", "patch_size")
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_inspect_names_a_tensor_axis_that_holds_each_size(name):
+    """inspect's source of each size is read off the table (tools.inspection._shape_sources): the
+    named key is in the file and its axis holds the size (a multiple of it: packed SwiGLU, p*p*C; or a
+    part: DINOv3's head_dim / 4 rotary periods), and the blocks' count names blocks 0..depth-1."""
+    layout = LAYOUTS[name]
+    for cfg in [c for c in VARIANTS.values() if _expressible(layout, c)]:
+        said = _shape_sources(layout, cfg)
+        shapes = _shapes(name, cfg)
+        assert {"width", "depth", "mlp_dim", "in_chans", "patch_size"} <= set(said), said
+        for field in SIZES:
+            if field not in said or not getattr(cfg, field) or said[field].startswith("no "):
+                continue
+            key, axis = re.fullmatch(r"(\S+) \[(\d+)\]( .*)?", said[field]).group(1, 2)
+            held, size = shapes[key][int(axis)], getattr(cfg, field)  # a multiple, or a part (rotary periods)
+            assert held % size == 0 or size % held == 0, (field, said[field], shapes[key])
+        if not cfg.scan:  # blocks 0..depth-1 are there, and no more
+            block = said["depth"].removeprefix("count of ").split(" ")[0]
+            held = [any(k.startswith(re.sub(r"(?<![A-Za-z])N(?![A-Za-z])", str(i), block)) for k in shapes)
+                    for i in range(cfg.depth + 1)]
+            assert held == [True] * cfg.depth + [False], said["depth"]

@@ -154,19 +154,14 @@ def read_notes(cfg, probe: Probe) -> List[str]:
 
 
 def inference_sources(cfg) -> Dict[str, str]:
-    a0, b0 = _A.format(i=0), _B.format(i=0)
-    return {
+    return {  # the sizes' tensors inspect reads off the table
         "depth": "count of Transformer/encoderblock_N" + (" (stacked: Transformer/encoderblock [0])"
                                                           if cfg.scan else ""),
-        "width": "embedding/kernel [3]", "patch_size": "embedding/kernel [0]", "in_chans": "embedding/kernel [2]",
-        "num_heads": a0 + "query/kernel [1]", "head_dim": a0 + "query/kernel [2]",
-        "mlp_dim": b0 + "MlpBlock_0/Dense_0/kernel [1]",
         "classifier": "cls (tok), MAPHead_0/probe (map), else gap",
         "class_token": "presence of cls",
         "representation_size": "pre_logits/kernel [1]" if cfg.representation_size else "no pre_logits",
-        "num_classes": "head/kernel [1]" if cfg.num_classes else "no head",
-        "image_size": ("pos_embedding [1] (grid x patch)" if cfg.pos_resize != "sincos2d"
-                       else f"not recorded (sincos2d): {SINCOS_IMAGE_SIZE} px unless --image-size"),
+        **({} if cfg.pos_resize != "sincos2d" else
+           {"image_size": f"not recorded (sincos2d): {SINCOS_IMAGE_SIZE} px unless --image-size"}),
         "pos_resize": "no pos_embedding: sincos2d" if cfg.pos_resize == "sincos2d" else "pos_embedding: learned",
         "scan": "Transformer/encoderblock/ (stacked)" if cfg.scan else "Transformer/encoderblock_N/",
     }

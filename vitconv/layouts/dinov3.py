@@ -281,7 +281,6 @@ def sources(cfg: ViTConfig) -> dict:
             "key_bias": "attn.qkv.bias_mask (masks the key third)", "qkv_bias": "attn.qkv.bias",
             "proj_bias": "attn.proj.bias", "mlp_bias": "mlp.fc2.bias or mlp.w3.bias", "layer_scale": "ls1.gamma", "num_reg_tokens": "storage_tokens [1]",
             "image_size": "assumed: DINOv3's pretraining size (no position table records one)",
-            "width": "patch_embed.proj.weight [0]", "patch_size": "patch_embed.proj.weight [2]",
             "mlp": "mlp.w1/w2/w3 (SwiGLU) or mlp.fc1/fc2", "abs_pos_embed": "no pos_embed"}
 
 

@@ -140,20 +140,11 @@ def infer_config(probe: Probe):
 
 def inference_sources(cfg) -> Dict[str, str]:
     """Which tensor (and axis) each inferred value was read from, for ``inspect``."""
-    a0, b0 = _A.format(i=0), _B.format(i=0)
-    src = {
-        "depth": "count of Transformer/encoderblock_N",
-        "width": "embedding/kernel [3]",
-        "patch_size": "embedding/kernel [0]",
-        "in_chans": "conv_root/kernel [2]" if cfg.resnet_layers else "embedding/kernel [2]",
-        "num_heads": a0 + "query/kernel [1]",
-        "head_dim": a0 + "query/kernel [2]",
-        "mlp_dim": b0 + "MlpBlock_3/Dense_0/kernel [1]",
+    a0 = _A.format(i=0)
+    src = {  # the sizes' tensors inspect reads off the table
         "classifier": "presence of cls",
         "class_token": "presence of cls",
         "representation_size": "pre_logits/kernel [1]" if cfg.representation_size else "no pre_logits",
-        "num_classes": "head/kernel [1]" if cfg.num_classes else "no head",
-        "image_size": "Transformer/posembed_input/pos_embedding [1] (grid x stride)",
         "qkv_bias": "presence of " + a0 + "query/bias",
     }
     if cfg.resnet_layers:

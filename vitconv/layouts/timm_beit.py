@@ -161,6 +161,5 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="timm_beit", target="timm", write_rank=1, description="timm Beit state dict (BEiT, BEiT-v2)", table=table,
                 detect=detect, infer=infer, carries=CARRIES, write_notes=write_notes,
-                sources=lambda cfg: {"num_heads": "relative_position_bias_table [1]",
-                                     "image_size": "relative_position_bias_table [0] ((2g-1)^2 + 3 rows) x patch",
+                sources=lambda cfg: {"image_size": "relative_position_bias_table [0] ((2g-1)^2 + 3 rows) x patch",
                                      "classifier": "fc_norm (mean of the patch tokens), else the class token"}))

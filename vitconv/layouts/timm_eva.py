@@ -430,9 +430,7 @@ def sources(cfg: ViTConfig) -> Dict[str, str]:
     return {"mlp": "mlp.fc1_g/fc1_x (SwiGLU) or mlp.fc1", "qkv_bias": "attn.q_bias and attn.v_bias, or attn.qkv.bias",
             "key_bias": "attn.qkv.bias (AttentionRope), else none: Eva's k_bias is a zero buffer",
             "abs_pos_embed": "pos_embed", "layer_scale": "gamma_1/gamma_2", "norm_pre": "norm_pre",
-            "num_reg_tokens": "reg_token [1]", "width": "patch_embed.proj.weight [0]",
-            "patch_size": "patch_embed.proj.weight [2]", "mlp_dim": "blocks.0.mlp.fc2.weight [1]",
-            "final_norm": "norm (encoder) or fc_norm (pooled)"}
+            "num_reg_tokens": "reg_token [1]", "final_norm": "norm (encoder) or fc_norm (pooled)"}
 
 
 register(Layout(name="timm_eva", target="timm", description="timm Eva state dict (DINOv3, EVA, the *_rope_* ViTs: rope_type 'dinov3'/'cat')",

@@ -228,8 +228,6 @@ register(Layout(name="timm_naflexvit", description="timm NaFlexVit state dict (n
                 restates=("num_classes", "model_args.num_classes", "model_args.embed_dim", "model_args.depth",
                           "model_args.patch_size", "model_args.in_chans"),
                 loads_with={"dir": "timm.create_model('local-dir:{path}', pretrained=True)"},
-                sources=lambda cfg: {"image_size": "embeds.pos_embed [1] (grid x patch)",
-                                     "patch_size": "embeds.proj.weight [1] (p*p*C columns)",
-                                     "width": "embeds.proj.weight [0]", "mlp_dim": "blocks.0.mlp.fc2.weight [1]",
+                sources=lambda cfg: {"patch_size": "embeds.proj.weight [1] (p*p*C columns)",
                                      "classifier": "attn_pool (map), fc_norm or no cls_token (avg), "
                                                    "else the class token"}))

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,14 +26,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vitconv import archs
-from vitconv.config import ViTConfig
+from vitconv.config import ViTConfig, parameter_shapes
 from vitconv.errors import BadInputError, MappingError, first_line
 from vitconv.formats.base import TensorSource
 from vitconv.formats.open import open_source, sniff
 from vitconv.conversion.pipeline import open_checkpoint
 from vitconv.conversion.options import ReadOptions
 from vitconv.layouts import LAYOUTS, Layout, Probe, detect_layout
-from vitconv.layouts.table import audit_report
+from vitconv.layouts.table import audit_report, foreign_shapes
 from vitconv.layouts.layout import has_key
 from vitconv.layouts.canonical import CONFIG_KEY
 
@@ -214,7 +215,7 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
         sources: Dict[str, str] = {}
         fallback = f"{CONFIG_KEY} metadata"
     else:
-        sources = {**_row_sources(layout, cfg), **layout.sources(cfg)}
+        sources = {**_row_sources(layout, cfg), **_shape_sources(layout, cfg), **layout.sources(cfg)}
         fallback = f"{layout.name} layout: inferred from tensor shapes"
         assumed = layout.assumed(probe)
         for c in layout.carries:
@@ -244,6 +245,56 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
     rows = [(n, getattr(cfg, n), sources.get(n, fallback)) for n in names]
     rows.append(("grid_size", cfg.grid_size, f"image_size / stride {cfg.total_stride}"))
     return rows
+
+
+def _varied(cfg: ViTConfig) -> List[Tuple[str, ViTConfig]]:
+    """``(field, cfg with only that size changed)``: heads and head size traded so the attention
+    width stays (which tensor shows the split, if any), the patch with the image (the grid stays)."""
+    out = [(f, cfg.replace(**{f: 2 * getattr(cfg, f)})) for f in ("width", "depth", "mlp_dim", "image_size")]
+    out += [("in_chans", cfg.replace(in_chans=cfg.in_chans + 1)),
+            ("num_classes", cfg.replace(num_classes=cfg.num_classes + 1)),
+            ("patch_size", cfg.replace(patch_size=2 * cfg.patch_size, image_size=2 * cfg.image_size)),
+            ("num_heads", cfg.replace(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2)),
+            ("head_dim", cfg.replace(num_heads=cfg.num_heads // 2, head_dim=2 * cfg.head_dim))]
+    return out
+
+
+def _shape_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
+    """Which tensor, and which axis, holds each size, read off the layout's table: the first of its
+    keys whose shape changes when only that size does (for the head split, the axis that changes
+    as the field does); the blocks' count from the table's first block row; a head that is not
+    there as its absence. A size no key shows (heads in a fused projection) is not claimed here."""
+    def shapes(c: ViTConfig) -> Dict[str, Tuple[int, ...]]:
+        return foreign_shapes(layout.rules(c), parameter_shapes(c), c)
+
+    base, out = shapes(cfg), {}
+    block = next((r.source[0] for r in layout.table(cfg) if r.scope == "block" and r.source and r.when.holds(cfg)),
+                 None)
+    for name, other in _varied(cfg):
+        try:
+            now = shapes(other)
+        except (ValueError, KeyError, ZeroDivisionError):
+            continue  # not a model this table describes (an odd head split)
+        ratio = getattr(other, name) / getattr(cfg, name) if getattr(cfg, name) else None
+        for key, shape in base.items():
+            if key not in now or len(now[key]) != len(shape) or now[key] == shape:
+                continue
+            axes = [i for i, (a, b) in enumerate(zip(shape, now[key])) if a != b]
+            if name in ("num_heads", "head_dim"):  # the one axis that scales as the field does
+                axes = [i for i in axes if now[key][i] == shape[i] * ratio]
+                if not axes:
+                    continue
+            out[name] = f"{key} [{axes[0]}]" + (f" (grid x {cfg.total_stride})" if name == "image_size" else "")
+            break
+        else:
+            new = next((k for k in now if k not in base), None)
+            if name == "depth" and block is not None:
+                out[name] = "count of " + block.replace("{i}", "N")
+            elif name == "depth" and new is not None:  # a table of concrete names: the new block's index
+                out[name] = "count of " + re.sub(rf"(?<=[._/]){cfg.depth}(?=[._/])", "N", new, count=1)
+            elif name == "num_classes" and not cfg.num_classes and new is not None:
+                out[name] = f"no {new}"
+    return out
 
 
 def _row_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
