@@ -262,8 +262,8 @@ def _varied(cfg: ViTConfig) -> List[Tuple[str, ViTConfig]]:
 def _shape_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
     """Which tensor, and which axis, holds each size, read off the layout's table: the first of its
     keys whose shape changes when only that size does (for the head split, the axis that changes
-    as the field does); the blocks' count from the table's first block row; a head that is not
-    there as its absence. A size no key shows (heads in a fused projection) is not claimed here."""
+    as the field does); the blocks' count from the table's first block row. A size no key shows
+    (heads in a fused projection, a head that is not there) is not claimed here."""
     def shapes(c: ViTConfig) -> Dict[str, Tuple[int, ...]]:
         return foreign_shapes(layout.rules(c), parameter_shapes(c), c)
 
@@ -286,14 +286,12 @@ def _shape_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
                     continue
             out[name] = f"{key} [{axes[0]}]" + (f" (grid x {cfg.total_stride})" if name == "image_size" else "")
             break
-        else:
+        else:  # no shape changed: more blocks (a head where there is none is the rows' absence of it)
             new = next((k for k in now if k not in base), None)
             if name == "depth" and block is not None:
                 out[name] = "count of " + block.replace("{i}", "N")
             elif name == "depth" and new is not None:  # a table of concrete names: the new block's index
                 out[name] = "count of " + re.sub(rf"(?<=[._/]){cfg.depth}(?=[._/])", "N", new, count=1)
-            elif name == "num_classes" and not cfg.num_classes and new is not None:
-                out[name] = f"no {new}"
     return out
 
 
