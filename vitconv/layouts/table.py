@@ -182,7 +182,7 @@ class Carry:
     #: Why a model directory of this layout cannot hold a non-default value (its loader loses
     #: it), where a bare file can: said with the refusal.
     not_in_dir: str = ""
-    #: For which models ``key`` is written to the layout's config.json (and read back from it): the
+    #: For which models ``key`` is written to the layout's config.json (read back wherever it is): the
     #: rotary parameters only where the model rotates. Every model, by default.
     written: Condition = ALWAYS
     #: The layout's own spelling of a value where it differs from the config's (canonical value ->
