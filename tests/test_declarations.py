@@ -153,3 +153,17 @@ def test_inspect_names_a_tensor_axis_that_holds_each_size(name):
             held = [any(k.startswith(re.sub(r"(?<![A-Za-z])N(?![A-Za-z])", str(i), block)) for k in shapes)
                     for i in range(cfg.depth + 1)]
             assert held == [True] * cfg.depth + [False], said["depth"]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_inspect_reads_the_sizes_of_a_one_head_model(name):
+    """One head cannot be halved: the head split is still found where a tensor shows it (Google's
+    per-head query kernel), and nothing else is claimed or fails (the README's one-head models)."""
+    layout = LAYOUTS[name]
+    for cfg in [c for c in VARIANTS.values() if _expressible(layout, c)]:
+        one = cfg.replace(num_heads=1, head_dim=cfg.attn_dim)
+        if not _expressible(layout, one):
+            continue
+        said = _shape_sources(layout, one)
+        if name in ("google", "big_vision"):
+            assert said["num_heads"].endswith("query/kernel [1]") and said["head_dim"].endswith("query/kernel [2]")

@@ -247,15 +247,16 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
     return rows
 
 
-def _varied(cfg: ViTConfig) -> List[Tuple[str, ViTConfig]]:
-    """``(field, cfg with only that size changed)``: heads and head size traded so the attention
-    width stays (which tensor shows the split, if any), the patch with the image (the grid stays)."""
-    out = [(f, cfg.replace(**{f: 2 * getattr(cfg, f)})) for f in ("width", "depth", "mlp_dim", "image_size")]
-    out += [("in_chans", cfg.replace(in_chans=cfg.in_chans + 1)),
-            ("num_classes", cfg.replace(num_classes=cfg.num_classes + 1)),
-            ("patch_size", cfg.replace(patch_size=2 * cfg.patch_size, image_size=2 * cfg.image_size)),
-            ("num_heads", cfg.replace(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2)),
-            ("head_dim", cfg.replace(num_heads=cfg.num_heads // 2, head_dim=2 * cfg.head_dim))]
+def _varied(cfg: ViTConfig) -> List[Tuple[str, Dict[str, Any]]]:
+    """``(field, the change that varies only that size)``: twice the heads of half the size, so the
+    attention width stays (which tensor shows the split, if any: the axis that doubles holds the
+    heads, the one that halves the head size), the patch with the image (the grid stays). A change
+    the config refuses (an odd head size) is skipped by the caller."""
+    out = [(f, {f: 2 * getattr(cfg, f)}) for f in ("width", "depth", "mlp_dim", "image_size")]
+    out += [("in_chans", dict(in_chans=cfg.in_chans + 1)), ("num_classes", dict(num_classes=cfg.num_classes + 1)),
+            ("patch_size", dict(patch_size=2 * cfg.patch_size, image_size=2 * cfg.image_size)),
+            ("num_heads", dict(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2)),
+            ("head_dim", dict(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2))]
     return out
 
 
@@ -270,11 +271,12 @@ def _shape_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
     base, out = shapes(cfg), {}
     block = next((r.source[0] for r in layout.table(cfg) if r.scope == "block" and r.source and r.when.holds(cfg)),
                  None)
-    for name, other in _varied(cfg):
+    for name, change in _varied(cfg):
         try:
+            other = cfg.replace(**change)
             now = shapes(other)
         except (ValueError, KeyError, ZeroDivisionError):
-            continue  # not a model this table describes (an odd head split)
+            continue  # not a model the config or this table describes (one head, an odd split)
         ratio = getattr(other, name) / getattr(cfg, name) if getattr(cfg, name) else None
         for key, shape in base.items():
             if key not in now or len(now[key]) != len(shape) or now[key] == shape:
