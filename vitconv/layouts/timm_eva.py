@@ -254,15 +254,14 @@ def _rope_args(args: Dict[str, Any], bare_rope: str, path: Optional[str]) -> Dic
     out: Dict[str, Any] = dict(rope=rope, rope_theta=theta)
     if rope == "dinov3":
         for c in ROTARY:
-            want = _DINOV3_FIXED.get(c.field, said.get(c.field))
-            if c.field in said and said[c.field] != want:
+            want = _DINOV3_FIXED.get(c.field)
+            if c.field in _DINOV3_FIXED and c.field in said and said[c.field] != want:
                 name = c.key.split(".")[-1]
                 raise MappingError(f"config.json: {name}={args[name]!r}: vitconv computes DINOv3's rotary form "
                                    f"with {name}={want!r} only", path)
         return out
     # timm Eva's own defaults where a directory names the form but not a parameter
-    return dict(out, **{**dict(rope_ref_grid=None, rope_grid_offset=0.0, rope_indexing="ij", rope_half=False),
-                        **{k: v for k, v in said.items() if k != "rope_theta"}})
+    return {**dict(rope_ref_grid=None, rope_grid_offset=0.0, rope_indexing="ij", rope_half=False), **said, **out}
 
 
 def infer_config(probe: Probe) -> ViTConfig:

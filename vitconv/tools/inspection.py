@@ -247,16 +247,16 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
     return rows
 
 
-def _varied(cfg: ViTConfig) -> List[Tuple[str, Dict[str, Any]]]:
-    """``(field, the change that varies only that size)``: twice the heads of half the size, so the
-    attention width stays (which tensor shows the split, if any: the axis that doubles holds the
-    heads, the one that halves the head size), the patch with the image (the grid stays). A change
-    the config refuses (an odd head size) is skipped by the caller."""
-    out = [(f, {f: 2 * getattr(cfg, f)}) for f in ("width", "depth", "mlp_dim", "image_size")]
-    out += [("in_chans", dict(in_chans=cfg.in_chans + 1)), ("num_classes", dict(num_classes=cfg.num_classes + 1)),
-            ("patch_size", dict(patch_size=2 * cfg.patch_size, image_size=2 * cfg.image_size)),
-            ("num_heads", dict(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2)),
-            ("head_dim", dict(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2))]
+def _varied(cfg: ViTConfig) -> List[Tuple[Tuple[str, ...], Dict[str, Any]]]:
+    """``(fields, the change that varies only those sizes)``: one trade of twice the heads of half the
+    size for both, so the attention width stays (which tensor shows the split, if any: the axis
+    that doubles holds the heads, the one that halves the head size), the patch with the image (the
+    grid stays). A change the config refuses (an odd head size) is skipped by the caller."""
+    out = [((f,), {f: 2 * getattr(cfg, f)}) for f in ("width", "depth", "mlp_dim", "image_size")]
+    out += [(("in_chans",), dict(in_chans=cfg.in_chans + 1)),
+            (("num_classes",), dict(num_classes=cfg.num_classes + 1)),
+            (("patch_size",), dict(patch_size=2 * cfg.patch_size, image_size=2 * cfg.image_size)),
+            (("num_heads", "head_dim"), dict(num_heads=2 * cfg.num_heads, head_dim=cfg.head_dim // 2))]
     return out
 
 
@@ -271,29 +271,30 @@ def _shape_sources(layout: Layout, cfg: ViTConfig) -> Dict[str, str]:
     base, out = shapes(cfg), {}
     block = next((r.source[0] for r in layout.table(cfg) if r.scope == "block" and r.source and r.when.holds(cfg)),
                  None)
-    for name, change in _varied(cfg):
+    for names, change in _varied(cfg):
         try:
             other = cfg.replace(**change)
             now = shapes(other)
         except (ValueError, KeyError, ZeroDivisionError):
             continue  # not a model the config or this table describes (one head, an odd split)
-        ratio = getattr(other, name) / getattr(cfg, name) if getattr(cfg, name) else None
-        for key, shape in base.items():
-            if key not in now or len(now[key]) != len(shape) or now[key] == shape:
-                continue
-            axes = [i for i, (a, b) in enumerate(zip(shape, now[key])) if a != b]
-            if name in ("num_heads", "head_dim"):  # the one axis that scales as the field does
-                axes = [i for i in axes if now[key][i] == shape[i] * ratio]
-                if not axes:
+        for name in names:
+            ratio = getattr(other, name) / getattr(cfg, name) if getattr(cfg, name) else None
+            for key, shape in base.items():
+                if key not in now or len(now[key]) != len(shape) or now[key] == shape:
                     continue
-            out[name] = f"{key} [{axes[0]}]" + (f" (grid x {cfg.total_stride})" if name == "image_size" else "")
-            break
-        else:  # no shape changed: more blocks (a head where there is none is the rows' absence of it)
-            new = next((k for k in now if k not in base), None)
-            if name == "depth" and block is not None:
-                out[name] = "count of " + block.replace("{i}", "N")
-            elif name == "depth" and new is not None:  # a table of concrete names: the new block's index
-                out[name] = "count of " + re.sub(rf"(?<=[._/]){cfg.depth}(?=[._/])", "N", new, count=1)
+                axes = [i for i, (a, b) in enumerate(zip(shape, now[key])) if a != b]
+                if len(names) > 1:  # a trade of two sizes: the one axis that scales as this field does
+                    axes = [i for i in axes if now[key][i] == shape[i] * ratio]
+                    if not axes:
+                        continue
+                out[name] = f"{key} [{axes[0]}]" + (f" (grid x {cfg.total_stride})" if name == "image_size" else "")
+                break
+            else:  # no shape changed: more blocks (a head where there is none is the rows' absence of it)
+                new = next((k for k in now if k not in base), None)
+                if name == "depth" and block is not None:
+                    out[name] = "count of " + block.replace("{i}", "N")
+                elif name == "depth" and new is not None:  # a table of concrete names: the new block's index
+                    out[name] = "count of " + re.sub(rf"(?<=[._/]){cfg.depth}(?=[._/])", "N", new, count=1)
     return out
 
 
