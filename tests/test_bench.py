@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import py_compile
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from conftest import golden_path
-from vitconv.tools.bench import bench_convert, bench_runtimes
+from vitconv.tools.bench import bench_convert, bench_runtimes, bytecode_cached
 
 
 def test_bench_runtimes_torch_and_ort():
@@ -51,6 +52,18 @@ def test_bench_convert_measures_both(tmp_path):
     assert math.isclose(s["process_best_ratio"], walls["process"] / walls["floor-process"])
     assert s["process_peak_rss_mib"] > 0 and s["floor_process_peak_rss_mib"] > 0
     assert list(tmp_path.iterdir()) == []  # outputs cleaned up
+
+
+def test_bytecode_cached_sees_missing_and_stale_bytecode(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    mod = tmp_path / "pkg" / "mod.py"
+    mod.write_text("X = 1\n")
+    assert not bytecode_cached([tmp_path])  # never compiled
+    py_compile.compile(str(mod), doraise=True)
+    assert bytecode_cached([tmp_path])
+    later = mod.stat().st_mtime + 10
+    os.utime(mod, (later, later))  # the source edited after it was compiled
+    assert not bytecode_cached([tmp_path])
 
 
 def test_cli_bench_json():
