@@ -232,7 +232,10 @@ def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool
                          f"{s['process_best_s']:.2f} s vs {s['floor_process_best_s']:.2f} s "
                          f"({s['process_best_ratio']:.2f}x); CPU {s['process_cpu_s']:.2f} s vs "
                          f"{s['floor_process_cpu_s']:.2f} s; peak RSS {s['process_peak_rss_mib']:.0f} MiB vs "
-                         f"{s['floor_process_peak_rss_mib']:.0f} MiB; " + (
+                         f"{s['floor_process_peak_rss_mib']:.0f} MiB; with --no-source-hash "
+                         f"{s['process_unhashed_wall_s']:.2f} s ({s['process_unhashed_wall_ratio']:.2f}x, geometric "
+                         f"mean {s['process_unhashed_pair_ratio_geomean']:.2f}x; best "
+                         f"{s['process_unhashed_best_ratio']:.2f}x), CPU {s['process_unhashed_cpu_s']:.2f} s; " + (
                              "vitconv's bytecode cached, as an installed vitconv's is" if s["bytecode_cached"] else
                              "vitconv's bytecode NOT cached: each run compiled its modules, which an installed "
                              "vitconv does not (python -m compileall vitconv cli)"))

@@ -12,7 +12,7 @@ from vitconv.conversion.pipeline import DTYPES
 from vitconv.conversion.targets import target_names
 
 from .common import (arch_option, image_size_option, labels_option, num_classes_option, num_heads_option,
-                     patch_size_option, progress_bar, set_option, summary, with_arch)
+                     no_source_hash_option, patch_size_option, progress_bar, set_option, summary, with_arch)
 
 
 @click.command("convert")
@@ -34,10 +34,12 @@ from .common import (arch_option, image_size_option, labels_option, num_classes_
 @num_classes_option
 @click.option("--verify", "check", is_flag=True, help="Verify the written files against the source's "
               "reference before they are renamed into place: nothing appears unless they pass (exit 3).")
+@no_source_hash_option
 @click.pass_context
 def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: int | None,
             overrides: dict, image_size: int | None, patch_size: int | None, dtype: str | None,
-            arch: str | None, labels: str | None, num_classes: int | None, check: bool) -> None:
+            arch: str | None, labels: str | None, num_classes: int | None, check: bool,
+            hash_source: bool) -> None:
     """Convert a ViT checkpoint between layouts: Google .npz, canonical, timm, Hugging Face,
     jeonsworld, vit-pytorch. The source layout and architecture are read off the tensors.
 
@@ -54,7 +56,8 @@ def convert(ctx: click.Context, src: str, dst: str, to: str | None, num_heads: i
     """
     options = ConvertOptions(to=to, num_heads=num_heads, image_size=image_size, patch_size=patch_size, dtype=dtype,
                              overrides=with_arch(overrides, arch), labels=labels,
-                             num_classes=num_classes, command=cli_command(), verify=check)
+                             num_classes=num_classes, command=cli_command(), verify=check,
+                             hash_source=hash_source)
     with progress_bar(ctx, "converting") as progress:
         report = convert_any(src, dst, options, progress=progress)
     summary(ctx, report.rows())

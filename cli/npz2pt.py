@@ -10,8 +10,8 @@ from vitconv.conversion.service import cli_command, convert
 from vitconv.conversion.options import ConvertOptions
 from vitconv.conversion.pipeline import DTYPES
 
-from .common import (arch_option, image_size_option, labels_option, num_classes_option, patch_size_option,
-                     progress_bar, summary, with_arch)
+from .common import (arch_option, image_size_option, labels_option, no_source_hash_option, num_classes_option,
+                     patch_size_option, progress_bar, summary, with_arch)
 
 
 @click.command("npz2pt")
@@ -25,10 +25,11 @@ from .common import (arch_option, image_size_option, labels_option, num_classes_
 @labels_option
 @num_classes_option
 @arch_option
+@no_source_hash_option
 @click.pass_context
 def npz2pt(ctx: click.Context, src: str, output: str | None, image_size: int | None,
            patch_size: int | None, dtype: str | None, labels: str | None, num_classes: int | None,
-           arch: str | None) -> None:
+           arch: str | None, hash_source: bool) -> None:
     """Convert a Google JAX/Flax ViT .npz (vit_jax or big_vision: SigLIP, FlexiViT, ...) into
     the canonical PyTorch ViT.
 
@@ -47,7 +48,8 @@ def npz2pt(ctx: click.Context, src: str, output: str | None, image_size: int | N
     out = output or head + sep + str(Path(name).with_suffix(".pt"))
     options = ConvertOptions(image_size=image_size, require_layout=("google", "big_vision"), dtype=dtype,
                              patch_size=patch_size, labels=labels, num_classes=num_classes,
-                             overrides=with_arch({}, arch), command=cli_command())
+                             overrides=with_arch({}, arch), command=cli_command(),
+                             hash_source=hash_source)
     with progress_bar(ctx, "converting") as progress:
         report = convert(src, out, options, progress=progress)
     summary(ctx, report.rows())

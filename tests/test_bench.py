@@ -34,7 +34,7 @@ def test_bench_convert_measures_both(tmp_path):
     src = golden_path("jax/tiny_gap_p8_32.npz")
     res = bench_convert(src, "safetensors", repeats=1, workdir=tmp_path, warmup=False)
     modes = sorted(m.mode for m in res.measurements)
-    assert modes == ["floor", "floor-process", "process", "stream"]
+    assert modes == ["floor", "floor-process", "process", "process-unhashed", "stream"]
     data_bytes = sum(np.load(src)[k].nbytes for k in np.load(src).files)
     floor = next(m for m in res.measurements if m.mode == "floor")
     assert floor.bytes == data_bytes  # the floor wrote every member's bytes once
@@ -50,6 +50,7 @@ def test_bench_convert_measures_both(tmp_path):
     walls = {m.mode: m.wall_s for m in res.measurements}
     assert math.isclose(s["best_ratio"], walls["stream"] / walls["floor"])
     assert math.isclose(s["process_best_ratio"], walls["process"] / walls["floor-process"])
+    assert math.isclose(s["process_unhashed_best_ratio"], walls["process-unhashed"] / walls["floor-process"])
     assert s["process_peak_rss_mib"] > 0 and s["floor_process_peak_rss_mib"] > 0
     assert list(tmp_path.iterdir()) == []  # outputs cleaned up
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -49,6 +50,27 @@ def test_safetensors_output_with_resize(tmp_path):
     with torch.no_grad():
         logits = vitconv.load(out)(golden_input(case)).numpy()
     assert np.abs(logits - golden_expected(case, "logits")).max() <= 2e-5
+
+
+@pytest.mark.parametrize("convert_args", [["npz2pt", "{src}", "-o", "{out}"], ["convert", "{src}", "{out}"]])
+def test_no_source_hash_names_the_source_without_a_digest(tmp_path, convert_args):
+    from safetensors import safe_open
+
+    src = golden_path("jax/tiny_token_p8_32.npz")
+    metas = {}
+    for flags in ([], ["--no-source-hash"]):
+        out = tmp_path / f"vit{len(flags)}.safetensors"
+        r = run(*[a.format(src=src, out=out) for a in convert_args], *flags)
+        assert r.exit_code == 0, r.output
+        with safe_open(str(out), "pt") as f:
+            metas[bool(flags)] = f.metadata()
+    # hashed as sha256sum hashes it, by default
+    assert metas[False]["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert "source_sha256" not in metas[True]
+    assert metas[True]["source"] == metas[False]["source"] == src.name
+    # nothing else differs: the weights' bytes and every other key
+    assert {k: v for k, v in metas[False].items() if k != "source_sha256"} == metas[True]
+    assert ((tmp_path / "vit0.safetensors").read_bytes()[-4096:] == (tmp_path / "vit1.safetensors").read_bytes()[-4096:])
 
 
 def test_python_dash_m_is_the_same_cli():

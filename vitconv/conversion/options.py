@@ -63,7 +63,8 @@ class ConvertOptions(ReadOptions):
 
     ``to``: the target layout (default from the destination's name); ``shard_bytes``: the most a
     ``.safetensors`` file holds before it is sharded; ``hash_source=False`` skips the source's
-    SHA-256, and ``source_sha256`` gives it when already known; ``metadata``: more provenance
+    SHA-256 (the outputs then record none: ``--no-source-hash``), and ``source_sha256`` gives it
+    when already known; ``metadata``: more provenance
     (a :class:`~vitconv.formats.provenance.Provenance`, or strings, held as a Provenance);
     ``verify``: nothing is renamed into place unless the written files, read back, compute what
     the source computes; ``command``: the command line recorded in a model card."""

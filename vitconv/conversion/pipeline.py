@@ -831,7 +831,7 @@ def convert(src: PathLike, dst: PathLike, options: ConvertOptions = ConvertOptio
         # what the source's own provenance hands on (a vitconv output's architecture, keys a
         # newer vitconv recorded), then this write's
         extra = Provenance.from_metadata(ckpt.source.metadata).carried().updated(Provenance(
-            source_sha256=digest if hash_source else None, source=src.name if hash_source else None,
+            source_sha256=digest if hash_source else None, source=src.name,
             version=__version__, arch=ckpt.semantics.arch)).updated(options.metadata)
         specs = ckpt.specs()
         checked: List[Any] = []

@@ -17,8 +17,8 @@ on another day or machine:
   child's ``VmHWM``; one process per measurement, so peaks do not carry over). Twice: timed
   inside the child, after its imports ("stream" against "floor"), and as the user waits for
   it, the whole process from its start to its exit (``vitconv -q npz2pt SRC -o DST``, the
-  source hashed as the command always does, against :data:`FLOOR_SCRIPT` run the same way:
-  "process" against "floor-process").
+  source hashed as the command does by default, and the same with ``--no-source-hash``, against
+  :data:`FLOOR_SCRIPT` run the same way: "process" and "process-unhashed" against "floor-process").
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- conversion
 @dataclass
 class ConvertMeasurement:
-    mode: str  # "stream", "floor", "process", "floor-process"; "verify", "onnx" (bench_memory)
+    mode: str  # "stream", "floor", "process", "process-unhashed", "floor-process"; "verify", "onnx" (bench_memory)
     wall_s: float
     peak_rss_mib: float  # VmHWM of the child process
     base_rss_mib: float  # VmRSS after imports, before any work
@@ -285,7 +285,7 @@ class ConvertBench:
         s = {"source": self.source, "source_mib": self.source_bytes / 2**20, "output": self.output_kind,
              "repeats": self.repeats, "bytecode_cached": self.bytecode_cached}
         walls = {}
-        for mode in ("floor", "stream", "floor-process", "process"):
+        for mode in ("floor", "stream", "floor-process", "process", "process-unhashed"):
             ms = [m for m in self.measurements if m.mode == mode]
             if not ms:
                 continue
@@ -301,7 +301,8 @@ class ConvertBench:
             s[f"{key}_cpu_s"] = statistics.median(m.cpu_s for m in ms)
         # Each side against its own floor: inside the process (imports excluded) and the whole
         # process as the user waits for it.
-        for ratio, (work, floor) in (("", ("stream", "floor")), ("process_", ("process", "floor_process"))):
+        for ratio, (work, floor) in (("", ("stream", "floor")), ("process_", ("process", "floor_process")),
+                                     ("process_unhashed_", ("process_unhashed", "floor_process"))):
             if f"{work}_wall_s" not in s:
                 continue
             s[f"{ratio}wall_ratio"] = s[f"{work}_wall_s"] / s[f"{floor}_wall_s"]
@@ -311,7 +312,7 @@ class ConvertBench:
             s[f"{ratio}cpu_ratio"] = s[f"{work}_cpu_s"] / s[f"{floor}_cpu_s"]
             # Floor and work alternate, so each repeat's pair saw the same machine load: the
             # spread of per-pair ratios says how much of the median ratio is noise.
-            pairs = [b / a for a, b in zip(walls[floor.replace("_", "-")], walls[work])]
+            pairs = [b / a for a, b in zip(walls[floor.replace("_", "-")], walls[work.replace("_", "-")])]
             s[f"{ratio}pair_ratios"] = pairs
             s[f"{ratio}pair_ratio_median"] = statistics.median(pairs)
             # On this VM the second run of a pair is often slower, whichever it is, and which
@@ -461,12 +462,13 @@ print(json.dumps({"wall_s": time.perf_counter() - t0, "rc": os.waitstatus_to_exi
 
 
 def measure_process(mode: str, src: os.PathLike | str, dst: os.PathLike | str) -> ConvertMeasurement:
-    """Run the whole command (``process``: ``vitconv -q npz2pt SRC -o DST``; ``floor-process``:
-    :data:`FLOOR_SCRIPT`) and measure it from the outside (:data:`LAUNCHER_SCRIPT`): wall from
+    """Run the whole command (``process``: ``vitconv -q npz2pt SRC -o DST``; ``process-unhashed``:
+    the same with ``--no-source-hash``; ``floor-process``: :data:`FLOOR_SCRIPT`) and measure it from the outside (:data:`LAUNCHER_SCRIPT`): wall from
     its start to its exit, its peak RSS and CPU time."""
     src, dst = os.fspath(src), os.fspath(dst)
     argv = ([sys.executable, "-c", FLOOR_SCRIPT, src, dst] if mode == "floor-process"
-            else [*vitconv_command(), "-q", "npz2pt", src, "-o", dst])
+            else [*vitconv_command(), "-q", "npz2pt", src, "-o", dst]
+            + (["--no-source-hash"] if mode == "process-unhashed" else []))
     proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER_SCRIPT, *argv], capture_output=True, text=True)
     try:
         got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -483,7 +485,7 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
                   warmup: bool = True, whole_process: bool = True,
                   progress: Optional[Callable[[ConvertMeasurement], None]] = None) -> ConvertBench:
     """Time ``convert`` of ``src`` and the I/O floor, in the process ("stream", "floor") and,
-    with ``whole_process``, as whole commands ("process", "floor-process": see
+    with ``whole_process``, as whole commands ("process", "process-unhashed", "floor-process": see
     :func:`measure_process`), alternating (and alternating which goes first), ``repeats``
     times each after one untimed warm-up of each (so all see the source in the page cache).
 
@@ -494,8 +496,8 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
     src = Path(src)
     work = Path(workdir) if workdir else src.parent
     outs = {mode: work / f".vitconv-bench-{os.getpid()}-{mode}.{output_kind}"
-            for mode in ("floor", "stream", "floor-process", "process")}
-    modes = [("floor", "stream"), ("floor-process", "process")][: 2 if whole_process else 1]
+            for mode in ("floor", "stream", "floor-process", "process", "process-unhashed")}
+    modes = [("floor", "stream"), ("floor-process", "process", "process-unhashed")][: 2 if whole_process else 1]
     bench = ConvertBench(str(src), src.stat().st_size, output_kind, repeats,
                          bytecode_cached=bytecode_cached() if whole_process else None)
     try:
@@ -504,13 +506,13 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
             # Which side goes first alternates: on this VM the second run of a pair was
             # systematically slower (up to 4x on L/16, whichever side it was), and a fixed
             # order would hand that penalty to one side every time.
-            for pair in modes:
-                for mode in (pair if i % 2 else pair[::-1]):
+            for group in modes:
+                for mode in (group if i % 2 else group[::-1]):
                     dst = outs[mode]
                     if dst.exists():
                         dst.unlink()
                     os.sync()
-                    m = (measure_process(mode, src, dst) if mode in ("process", "floor-process")
+                    m = (measure_process(mode, src, dst) if mode in ("process", "process-unhashed", "floor-process")
                          else measure_child(mode, src, dst, hash_source))
                     if i > 0:
                         bench.measurements.append(m)
