@@ -124,3 +124,19 @@ def test_conversion_and_the_cli_start_without_torch():
     assert {"vitconv", "vitconv.conversion.pipeline", "vitconv.conversion.service", "vitconv.layouts.layout",
             "vitconv.verification.verify", "_vitconv_cli.main", "_vitconv_cli.convert", "_vitconv_cli.npz2pt",
             "_vitconv_cli.inspect"} <= light
+
+
+def test_the_cli_sets_openblas_spin_before_numpy_loads():
+    """cli/main.py sets OPENBLAS_THREAD_TIMEOUT for OpenBLAS to read when numpy loads: so numpy
+    must not be loaded yet when it is set; a user's own value is kept."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, sys; import _vitconv_cli.main; "
+             "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], 'numpy' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    for given, expected in ((None, "4 False"), ("12", "12 False")):
+        run_env = env if given is None else {**env, "OPENBLAS_THREAD_TIMEOUT": given}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
