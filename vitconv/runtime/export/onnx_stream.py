@@ -13,12 +13,12 @@ into the ``.onnx`` itself or, above protobuf's 2 GB limit, into an external data
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
-from unittest import mock
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
@@ -79,6 +79,17 @@ def skeleton(model) -> Skeleton:
     return Skeleton(proto, weights)
 
 
+@contextlib.contextmanager
+def _replaced(module, name: str, value) -> Iterator[None]:
+    """``module.name`` is ``value`` inside the block, and what it was again after (as on an error)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def to_fp16(proto, keep_fp32):
     """``onnxruntime.transformers.float16.convert_float_to_float16`` on ``proto`` (a skeleton's
     or a whole model's): float32 inputs and outputs, the ops ``keep_fp32`` and the converter's
@@ -96,7 +107,7 @@ def to_fp16(proto, keep_fp32):
 
     del proto.graph.value_info[:]  # stale value_info conflicts with the converter's shape inference
     shape_only = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))  # noqa: E731
-    with warnings.catch_warnings(), mock.patch.object(float16, "make_value_info_from_tensor", shape_only):
+    with warnings.catch_warnings(), _replaced(float16, "make_value_info_from_tensor", shape_only):
         warnings.simplefilter("ignore")
         half = float16.convert_float_to_float16(
             proto, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep_fp32))
