@@ -42,7 +42,8 @@ def _ints(text: str) -> List[int]:
 @click.option("--convert", "convert", is_flag=True,
               help="Benchmark conversion instead: MODELS are .npz files or presets (B/16, L/16, H/14 ...) "
                    "generated as synthetic checkpoints; conversion against the read+write I/O floor, timed "
-                   "inside the process and as whole commands (vitconv npz2pt against a floor script).")
+                   "inside the process and as whole commands (vitconv npz2pt against two floor scripts: the copy "
+                   "written through the page cache and past it, as vitconv writes).")
 @click.option("--to", "output_kind", type=click.Choice(["safetensors", "pt"]), default="safetensors",
               show_default=True, help="With --convert: output format.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="With --convert or --zoo: runs of each.")
@@ -239,5 +240,12 @@ def _convert(ctx, models, output_kind: str, repeats: int, workdir, as_json: bool
                              "vitconv's bytecode cached, as an installed vitconv's is" if s["bytecode_cached"] else
                              "vitconv's bytecode NOT cached: each run compiled its modules, which an installed "
                              "vitconv does not (python -m compileall vitconv cli)"))
+                faster = "direct" if s["floor_direct_wall_s"] < s["floor_process_wall_s"] else "buffered"
+                say(ctx, f"{m}: against the floor written as vitconv writes (O_DIRECT): floor "
+                         f"{s['floor_direct_wall_s']:.2f} s (best {s['floor_direct_best_s']:.2f} s); npz2pt "
+                         f"{s['process_direct_wall_ratio']:.2f}x (geometric mean "
+                         f"{s['process_direct_pair_ratio_geomean']:.2f}x), --no-source-hash "
+                         f"{s['process_unhashed_direct_wall_ratio']:.2f}x (geometric mean "
+                         f"{s['process_unhashed_direct_pair_ratio_geomean']:.2f}x); the faster floor this run: {faster}")
     if as_json:
         click.echo(json.dumps(out, indent=2))

@@ -3,17 +3,20 @@ a shared machine are noise; the numbers that can be checked are checked (outputs
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import os
 import py_compile
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from conftest import golden_path
-from vitconv.tools.bench import bench_convert, bench_runtimes, bytecode_cached
+from vitconv.tools.bench import FLOOR_DIRECT_SCRIPT, FLOOR_SCRIPT, bench_convert, bench_runtimes, bytecode_cached
 
 
 def test_bench_runtimes_torch_and_ort():
@@ -34,12 +37,13 @@ def test_bench_convert_measures_both(tmp_path):
     src = golden_path("jax/tiny_gap_p8_32.npz")
     res = bench_convert(src, "safetensors", repeats=1, workdir=tmp_path, warmup=False)
     modes = sorted(m.mode for m in res.measurements)
-    assert modes == ["floor", "floor-process", "process", "process-unhashed", "stream"]
+    assert modes == ["floor", "floor-direct", "floor-process", "process", "process-unhashed", "stream"]
     data_bytes = sum(np.load(src)[k].nbytes for k in np.load(src).files)
     floor = next(m for m in res.measurements if m.mode == "floor")
     assert floor.bytes == data_bytes  # the floor wrote every member's bytes once
-    floor_process = next(m for m in res.measurements if m.mode == "floor-process")
-    assert floor_process.bytes == src.stat().st_size  # the whole file, copied once
+    for mode in ("floor-process", "floor-direct"):
+        floor_process = next(m for m in res.measurements if m.mode == mode)
+        assert floor_process.bytes == src.stat().st_size, mode  # the whole file, copied once
     s = res.summary()
     assert s["stream_peak_rss_mib"] >= s["stream_base_rss_mib"] > 0
     # CPU time of the work only (imports excluded): positive, and no more than wall time
@@ -51,8 +55,22 @@ def test_bench_convert_measures_both(tmp_path):
     assert math.isclose(s["best_ratio"], walls["stream"] / walls["floor"])
     assert math.isclose(s["process_best_ratio"], walls["process"] / walls["floor-process"])
     assert math.isclose(s["process_unhashed_best_ratio"], walls["process-unhashed"] / walls["floor-process"])
+    assert math.isclose(s["process_direct_best_ratio"], walls["process"] / walls["floor-direct"])
+    assert math.isclose(s["process_unhashed_direct_best_ratio"], walls["process-unhashed"] / walls["floor-direct"])
     assert s["process_peak_rss_mib"] > 0 and s["floor_process_peak_rss_mib"] > 0
     assert list(tmp_path.iterdir()) == []  # outputs cleaned up
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4097, (8 << 20) * 2 + 12345])
+def test_floor_scripts_copy_the_file_exactly(tmp_path, size):
+    # Both floors must write what they read, byte for byte, whatever the size's alignment: the
+    # direct one pads its last block and cuts the file back.
+    src = tmp_path / "src.bin"
+    src.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+    for name, script in (("buffered", FLOOR_SCRIPT), ("direct", FLOOR_DIRECT_SCRIPT)):
+        dst = tmp_path / f"{name}.bin"
+        subprocess.run([sys.executable, "-c", script, str(src), str(dst)], check=True)
+        assert filecmp.cmp(src, dst, shallow=False), name
 
 
 def test_bytecode_cached_sees_missing_and_stale_bytecode(tmp_path):

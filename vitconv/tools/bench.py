@@ -18,7 +18,9 @@ on another day or machine:
   inside the child, after its imports ("stream" against "floor"), and as the user waits for
   it, the whole process from its start to its exit (``vitconv -q npz2pt SRC -o DST``, the
   source hashed as the command does by default, and the same with ``--no-source-hash``, against
-  :data:`FLOOR_SCRIPT` run the same way: "process" and "process-unhashed" against "floor-process").
+  :data:`FLOOR_SCRIPT` run the same way: "process" and "process-unhashed" against "floor-process"),
+  and against the same copy written as vitconv writes large outputs, past the page cache
+  (:data:`FLOOR_DIRECT_SCRIPT`, "floor-direct").
 """
 
 from __future__ import annotations
@@ -261,9 +263,17 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- conversion
+#: Whole commands timed from outside (:func:`measure_process`): the two floor scripts, then
+#: ``vitconv npz2pt`` with and without the source's hash. One repeat runs them in this order or
+#: the reverse.
+PROCESS_MODES = ("floor-process", "floor-direct", "process", "process-unhashed")
+#: Every mode of :func:`bench_convert`: the in-process pair (imports excluded), then the whole commands.
+CONVERT_MODES = ("floor", "stream") + PROCESS_MODES
+
+
 @dataclass
 class ConvertMeasurement:
-    mode: str  # "stream", "floor", "process", "process-unhashed", "floor-process"; "verify", "onnx" (bench_memory)
+    mode: str  # one of CONVERT_MODES; "verify", "onnx" (bench_memory)
     wall_s: float
     peak_rss_mib: float  # VmHWM of the child process
     base_rss_mib: float  # VmRSS after imports, before any work
@@ -285,7 +295,7 @@ class ConvertBench:
         s = {"source": self.source, "source_mib": self.source_bytes / 2**20, "output": self.output_kind,
              "repeats": self.repeats, "bytecode_cached": self.bytecode_cached}
         walls = {}
-        for mode in ("floor", "stream", "floor-process", "process", "process-unhashed"):
+        for mode in CONVERT_MODES:
             ms = [m for m in self.measurements if m.mode == mode]
             if not ms:
                 continue
@@ -302,7 +312,9 @@ class ConvertBench:
         # Each side against its own floor: inside the process (imports excluded) and the whole
         # process as the user waits for it.
         for ratio, (work, floor) in (("", ("stream", "floor")), ("process_", ("process", "floor_process")),
-                                     ("process_unhashed_", ("process_unhashed", "floor_process"))):
+                                     ("process_unhashed_", ("process_unhashed", "floor_process")),
+                                     ("process_direct_", ("process", "floor_direct")),
+                                     ("process_unhashed_direct_", ("process_unhashed", "floor_direct"))):
             if f"{work}_wall_s" not in s:
                 continue
             s[f"{ratio}wall_ratio"] = s[f"{work}_wall_s"] / s[f"{floor}_wall_s"]
@@ -417,6 +429,63 @@ with open(sys.argv[1], "rb", buffering=0) as src, open(sys.argv[2], "wb", buffer
 """
 
 
+#: The same copy written as vitconv writes its large outputs (:mod:`vitconv.formats.direct_io`):
+#: past the page cache (``O_DIRECT``), from four page-aligned 8 MiB buffers that a thread writes in
+#: order while the next ones fill, the tail padded to a whole block and the file cut back to its
+#: length, then fsynced; where the file system refuses ``O_DIRECT`` (or the system has none), the
+#: same writes go through the page cache, as vitconv's then do. Standard library only. Why a second
+#: floor: on a VM whose free memory the host takes back (free page reporting, as on the machine
+#: BENCHMARKS.md was measured on), a buffered gigabyte written into fresh page cache can spend
+#: 5-20 s in the kernel where a direct write does not, and on other days the buffered copy is the
+#: faster one. Which floor is lower depends on the machine's state, so a run times both.
+FLOOR_DIRECT_SCRIPT = """
+import errno, fcntl, mmap, os, queue, sys, threading
+SIZE, ALIGN = 8 << 20, 4096
+free, full = queue.Queue(), queue.Queue()
+for _ in range(4):
+    free.put(mmap.mmap(-1, SIZE))
+flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+try:
+    fd = os.open(sys.argv[2], flags | getattr(os, "O_DIRECT", 0), 0o644)
+except OSError:
+    fd = os.open(sys.argv[2], flags, 0o644)
+def write():
+    done = 0
+    try:
+        while (item := full.get()) is not None:
+            buf, n = item
+            view = memoryview(buf)[: -(-n // ALIGN) * ALIGN]
+            try:
+                os.pwrite(fd, view, done)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+                os.pwrite(fd, view, done)
+            done += n
+            free.put(buf)
+        os.ftruncate(fd, done)
+        os.fsync(fd)
+    except BaseException as e:
+        print(e, file=sys.stderr)
+        os._exit(1)
+writer = threading.Thread(target=write)
+writer.start()
+with open(sys.argv[1], "rb", buffering=0) as src:
+    while True:
+        buf = free.get()
+        n = src.readinto(buf)
+        while n and n < SIZE and (more := src.readinto(memoryview(buf)[n:])):
+            n += more
+        if not n:
+            break
+        full.put((buf, n))
+full.put(None)
+writer.join()
+os.close(fd)
+"""
+
+
 def bytecode_cached(roots: Optional[Sequence[Path]] = None) -> bool:
     """Whether every module of vitconv and of its command line (or under ``roots``) has cached
     bytecode no older than its source, for this interpreter. Why it is reported beside the whole-process figures:
@@ -463,10 +532,12 @@ print(json.dumps({"wall_s": time.perf_counter() - t0, "rc": os.waitstatus_to_exi
 
 def measure_process(mode: str, src: os.PathLike | str, dst: os.PathLike | str) -> ConvertMeasurement:
     """Run the whole command (``process``: ``vitconv -q npz2pt SRC -o DST``; ``process-unhashed``:
-    the same with ``--no-source-hash``; ``floor-process``: :data:`FLOOR_SCRIPT`) and measure it from the outside (:data:`LAUNCHER_SCRIPT`): wall from
+    the same with ``--no-source-hash``; ``floor-process``: :data:`FLOOR_SCRIPT`; ``floor-direct``:
+    :data:`FLOOR_DIRECT_SCRIPT`) and measure it from the outside (:data:`LAUNCHER_SCRIPT`): wall from
     its start to its exit, its peak RSS and CPU time."""
     src, dst = os.fspath(src), os.fspath(dst)
-    argv = ([sys.executable, "-c", FLOOR_SCRIPT, src, dst] if mode == "floor-process"
+    floors = {"floor-process": FLOOR_SCRIPT, "floor-direct": FLOOR_DIRECT_SCRIPT}
+    argv = ([sys.executable, "-c", floors[mode], src, dst] if mode in floors
             else [*vitconv_command(), "-q", "npz2pt", src, "-o", dst]
             + (["--no-source-hash"] if mode == "process-unhashed" else []))
     proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER_SCRIPT, *argv], capture_output=True, text=True)
@@ -485,7 +556,7 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
                   warmup: bool = True, whole_process: bool = True,
                   progress: Optional[Callable[[ConvertMeasurement], None]] = None) -> ConvertBench:
     """Time ``convert`` of ``src`` and the I/O floor, in the process ("stream", "floor") and,
-    with ``whole_process``, as whole commands ("process", "process-unhashed", "floor-process": see
+    with ``whole_process``, as whole commands (:data:`PROCESS_MODES`: see
     :func:`measure_process`), alternating (and alternating which goes first), ``repeats``
     times each after one untimed warm-up of each (so all see the source in the page cache).
 
@@ -495,9 +566,8 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
     to neither side."""
     src = Path(src)
     work = Path(workdir) if workdir else src.parent
-    outs = {mode: work / f".vitconv-bench-{os.getpid()}-{mode}.{output_kind}"
-            for mode in ("floor", "stream", "floor-process", "process", "process-unhashed")}
-    modes = [("floor", "stream"), ("floor-process", "process", "process-unhashed")][: 2 if whole_process else 1]
+    outs = {mode: work / f".vitconv-bench-{os.getpid()}-{mode}.{output_kind}" for mode in CONVERT_MODES}
+    modes = [("floor", "stream"), PROCESS_MODES][: 2 if whole_process else 1]
     bench = ConvertBench(str(src), src.stat().st_size, output_kind, repeats,
                          bytecode_cached=bytecode_cached() if whole_process else None)
     try:
@@ -512,7 +582,7 @@ def bench_convert(src: os.PathLike | str, output_kind: str = "safetensors", repe
                     if dst.exists():
                         dst.unlink()
                     os.sync()
-                    m = (measure_process(mode, src, dst) if mode in ("process", "process-unhashed", "floor-process")
+                    m = (measure_process(mode, src, dst) if mode in PROCESS_MODES
                          else measure_child(mode, src, dst, hash_source))
                     if i > 0:
                         bench.measurements.append(m)
