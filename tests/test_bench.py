@@ -73,6 +73,13 @@ def test_floor_scripts_copy_the_file_exactly(tmp_path, size):
         assert filecmp.cmp(src, dst, shallow=False), name
 
 
+def test_floor_scripts_fail_rather_than_hang_on_a_missing_source(tmp_path):
+    for script in (FLOOR_SCRIPT, FLOOR_DIRECT_SCRIPT):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "absent.npz"), str(tmp_path / "out")],
+                              capture_output=True, timeout=60)
+        assert proc.returncode != 0
+
+
 def test_bytecode_cached_sees_missing_and_stale_bytecode(tmp_path):
     (tmp_path / "pkg").mkdir()
     mod = tmp_path / "pkg" / "mod.py"

@@ -469,7 +469,7 @@ def write():
     except BaseException as e:
         print(e, file=sys.stderr)
         os._exit(1)
-writer = threading.Thread(target=write)
+writer = threading.Thread(target=write, daemon=True)  # a failed read must not leave it waiting
 writer.start()
 with open(sys.argv[1], "rb", buffering=0) as src:
     while True:
