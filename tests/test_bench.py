@@ -42,8 +42,8 @@ def test_bench_convert_measures_both(tmp_path):
     floor = next(m for m in res.measurements if m.mode == "floor")
     assert floor.bytes == data_bytes  # the floor wrote every member's bytes once
     for mode in ("floor-process", "floor-direct"):
-        floor_process = next(m for m in res.measurements if m.mode == mode)
-        assert floor_process.bytes == src.stat().st_size, mode  # the whole file, copied once
+        copy = next(m for m in res.measurements if m.mode == mode)
+        assert copy.bytes == src.stat().st_size, mode  # the whole file, copied once
     s = res.summary()
     assert s["stream_peak_rss_mib"] >= s["stream_base_rss_mib"] > 0
     # CPU time of the work only (imports excluded): positive, and no more than wall time

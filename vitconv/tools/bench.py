@@ -46,6 +46,7 @@ from vitconv.errors import BadInputError, first_line
 from vitconv.runtime.export import ExportPlan, run_export
 from vitconv.runtime.export.common import export_ready
 from vitconv.runtime.export.onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, dynamic_shapes, example_input, quiet_exporter
+from vitconv.formats import direct_io
 from vitconv.formats.atomic import atomic_output
 from vitconv.formats.npz import NpzSource
 from vitconv.formats.writeback import Writeback
@@ -430,19 +431,20 @@ with open(sys.argv[1], "rb", buffering=0) as src, open(sys.argv[2], "wb", buffer
 
 
 #: The same copy written as vitconv writes its large outputs (:mod:`vitconv.formats.direct_io`):
-#: past the page cache (``O_DIRECT``), from four page-aligned 8 MiB buffers that a thread writes in
-#: order while the next ones fill, the tail padded to a whole block and the file cut back to its
+#: past the page cache (``O_DIRECT``), from page-aligned staging buffers that a thread writes in
+#: order while the next ones fill (their size, count and alignment are ``direct_io``'s own), the tail padded to a whole block and the file cut back to its
 #: length, then fsynced; where the file system refuses ``O_DIRECT`` (or the system has none), the
 #: same writes go through the page cache, as vitconv's then do. Standard library only. Why a second
 #: floor: on a VM whose free memory the host takes back (free page reporting, as on the machine
 #: BENCHMARKS.md was measured on), a buffered gigabyte written into fresh page cache can spend
 #: 5-20 s in the kernel where a direct write does not, and on other days the buffered copy is the
 #: faster one. Which floor is lower depends on the machine's state, so a run times both.
-FLOOR_DIRECT_SCRIPT = """
+FLOOR_DIRECT_SCRIPT = f"""
+SIZE, ALIGN, BUFFERS = {direct_io.STAGING_BYTES}, {direct_io.ALIGN}, {direct_io.BUFFERS}
+""" + """
 import errno, fcntl, mmap, os, queue, sys, threading
-SIZE, ALIGN = 8 << 20, 4096
 free, full = queue.Queue(), queue.Queue()
-for _ in range(4):
+for _ in range(BUFFERS):
     free.put(mmap.mmap(-1, SIZE))
 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 try:
