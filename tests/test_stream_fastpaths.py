@@ -113,6 +113,49 @@ def test_stored_members_read_exactly_like_np_load(tmp_path):
         assert s.get("f").flags.f_contiguous  # the member's own order, as np.load gives it
 
 
+def _npz_of_npy(members) -> bytes:
+    """A stored ``.npz`` whose members are the given raw ``.npy`` bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, raw in members.items():
+            zf.writestr(name + ".npy", raw)
+    return buf.getvalue()
+
+
+def _npy(a, version) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, version=version)
+    return buf.getvalue()
+
+
+def test_stored_headers_of_every_version_and_length_read_as_np_load(tmp_path):
+    """Stored members' headers are read with a pread or two, not through zipfile: version 1,
+    2 and 3 headers, and one longer than the first read (a many-axis shape), give what
+    ``np.load`` gives."""
+    long_shape = np.arange(2.0, dtype=np.float32).reshape((1,) * 60 + (2,))
+    members = {"v1": _npy(RNG.standard_normal((5, 3)).astype(np.float32), (1, 0)),
+               "v2": _npy(RNG.standard_normal((4,)).astype(np.float32), (2, 0)),
+               "v3": _npy(RNG.standard_normal((2, 2)).astype(np.float32), (3, 0)),
+               "long": _npy(long_shape, (1, 0))}
+    assert len(members["long"]) - long_shape.nbytes > 256  # past the first read
+    p = tmp_path / "h.npz"
+    p.write_bytes(_npz_of_npy(members))
+    with NpzSource(p) as s, np.load(p, allow_pickle=False) as ref:
+        for k in members:
+            assert s.shape(k) == ref[k].shape
+            np.testing.assert_array_equal(s.get(k), ref[k])
+
+
+def test_stored_header_claiming_more_than_its_member_is_refused(tmp_path):
+    raw = bytearray(_npy(np.zeros(4, np.float32), (1, 0)))
+    raw[8:10] = (4000).to_bytes(2, "little")  # the header's length, past the member's end
+    p = tmp_path / "long.npz"
+    p.write_bytes(_npz_of_npy({"w": bytes(raw)}))
+    with NpzSource(p) as s:
+        with pytest.raises(BadInputError, match="'w' is not a valid .npy array"):
+            s.shape("w")
+
+
 def test_corrupt_stored_member_is_refused_by_crc(tmp_path):
     a = RNG.standard_normal((128, 64)).astype(np.float32)
     raw = bytearray(_npz_bytes({"w": a}))

@@ -15,6 +15,7 @@ a third of the time of a streaming conversion's reads.
 from __future__ import annotations
 
 import contextlib
+import io
 import mmap
 import os
 import stat
@@ -35,6 +36,11 @@ from vitconv.formats.writeback import Writeback
 #: How big_vision (and any writer without a bfloat16 dtype, e.g. numpy with ``ml_dtypes``) stores
 #: bfloat16 in an ``.npy``: a 2-byte void, the raw bits. Read as bfloat16, widened exactly.
 BF16_VOID = np.dtype("V2")
+
+#: Bytes first read for a stored member's ``.npy`` header: numpy writes 128 for a ViT's
+#: tensors; a longer one is read again whole, up to :data:`HEADER_MAX` (numpy refuses headers
+#: over 10,000 bytes as unsafe to parse, so a longer read would only be refused later).
+HEADER_READ, HEADER_MAX = 256, 16 << 10
 
 
 
@@ -64,6 +70,7 @@ class NpzSource(TensorSource):
             self._members[key] = info
         self._headers: Dict[str, Tuple[Tuple[int, ...], np.dtype, bool]] = {}
         self._header_len: Dict[str, int] = {}
+        self._start: Dict[str, int] = {}  # stored members: where the .npy header begins
         st = os.fstat(self._zip.fp.fileno())
         self._size, self._regular = st.st_size, stat.S_ISREG(st.st_mode)  # mapped only if regular
 
@@ -72,15 +79,20 @@ class NpzSource(TensorSource):
 
     def _header(self, key: str) -> Tuple[Tuple[int, ...], np.dtype, bool]:
         if key not in self._headers:
+            info = self._members[key]
             try:
-                with self._zip.open(self._members[key]) as f:
+                if self._stored(key, info):  # a pread or two, not zipfile's open, seek and five reads
+                    f = io.BytesIO(self._stored_header(key, info))
+                else:
+                    f = self._zip.open(info)
+                with f:
                     version = np.lib.format.read_magic(f)
                     if version == (1, 0):
                         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
                     else:
                         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                     header_len = f.tell()
-            except KeyError:
+            except (KeyError, BadInputError):
                 raise
             except Exception as e:  # zlib/zip/format errors all mean the same to the user
                 raise BadInputError(f"member {key!r} is not a valid .npy array ({first_line(e)})",
@@ -99,6 +111,23 @@ class NpzSource(TensorSource):
             self._headers[key] = (shape, dtype, fortran)
             self._header_len[key] = header_len
         return self._headers[key]
+
+    def _stored_header(self, key: str, info: zipfile.ZipInfo) -> bytes:
+        """A stored member's ``.npy`` header bytes (magic, version, length, text), read past
+        its local file header; never more than the member holds, so a header that claims more
+        reads short and fails to parse, as through ``zipfile``."""
+        start = self._member_start(key, info)
+        fd = self._zip.fp.fileno()
+        head = os.pread(fd, min(HEADER_READ, info.file_size), start)
+        if head[6:7] == b"\x01" and len(head) >= 10:  # version 1: a 2-byte length, else 4
+            need = 10 + struct.unpack("<H", head[8:10])[0]
+        elif len(head) >= 12:
+            need = 12 + struct.unpack("<I", head[8:12])[0]
+        else:
+            return head
+        if need > len(head):
+            head = os.pread(fd, min(need, info.file_size, HEADER_MAX), start)
+        return head
 
     def shape(self, key: str) -> Tuple[int, ...]:
         return self._header(key)[0]
@@ -163,12 +192,16 @@ class NpzSource(TensorSource):
 
     def _member_start(self, key: str, info: zipfile.ZipInfo) -> int:
         """Where a stored member's bytes (its ``.npy`` header first) begin: past its local file
-        header, whose name and extra field lengths may differ from the central directory's."""
+        header, whose name and extra field lengths may differ from the central directory's
+        (read once per member: the header's read and the data's share it)."""
+        if key in self._start:
+            return self._start[key]
         local = os.pread(self._zip.fp.fileno(), 30, info.header_offset)
         if len(local) != 30 or local[:4] != b"PK\x03\x04":
             raise BadInputError(f"member {key!r}: bad local file header", self.path)
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return info.header_offset + 30 + name_len + extra_len
+        self._start[key] = info.header_offset + 30 + name_len + extra_len
+        return self._start[key]
 
     def _read_stored(self, key: str, info: zipfile.ZipInfo, shape: Tuple[int, ...], dtype: np.dtype,
                      fortran: bool) -> np.ndarray:
