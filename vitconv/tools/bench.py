@@ -432,9 +432,10 @@ with open(sys.argv[1], "rb", buffering=0) as src, open(sys.argv[2], "wb", buffer
 
 #: The same copy written as vitconv writes its large outputs (:mod:`vitconv.formats.direct_io`):
 #: past the page cache (``O_DIRECT``), from page-aligned staging buffers that a thread writes in
-#: order while the next ones fill (their size, count and alignment are ``direct_io``'s own), the tail padded to a whole block and the file cut back to its
-#: length, then fsynced; where the file system refuses ``O_DIRECT`` (or the system has none), the
-#: same writes go through the page cache, as vitconv's then do. Standard library only. Why a second
+#: order while the next ones fill (their size, count and alignment are ``direct_io``'s own), the
+#: tail padded to a whole block and the file cut back to its length, then fsynced; where the file
+#: system refuses ``O_DIRECT`` (or the system has none), the same writes go through the page cache,
+#: as vitconv's then do. Standard library only. Why a second
 #: floor: on a VM whose free memory the host takes back (free page reporting, as on the machine
 #: BENCHMARKS.md was measured on), a buffered gigabyte written into fresh page cache can spend
 #: 5-20 s in the kernel where a direct write does not, and on other days the buffered copy is the
