@@ -125,6 +125,31 @@ HF_VARIANTS = {
 }
 
 
+def test_a_bare_hf_dinov3_file_says_what_it_assumed_and_takes_what_it_cannot_say(tmp_path):
+    """DINOv3ViTModel's weights without their config.json record neither the head count nor the
+    activation, epsilon or rotary base (the 7B model's gated MLP with SiLU): a read says each value
+    it took from DINOv3ViTConfig's defaults, computes something else with them, and given the
+    model's own (--num-heads, --set) computes what transformers does."""
+    extra = dict(use_gated_mlp=True, hidden_act="silu", intermediate_size=96, layer_norm_eps=1e-2, rope_theta=7.0)
+    model = _seed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**{**HF, **extra})))
+    model.save_pretrained(tmp_path / "src")
+    bare = tmp_path / "model.safetensors"
+    bare.write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    with open_checkpoint(bare) as c:
+        assert (c.config.num_heads, c.config.act, c.config.norm_eps, c.config.rope_theta) == (1, "gelu", 1e-5, 100.0)
+        said = " ".join(c.notes)
+        assert "heads: 1 x 64 assumed" in said, c.notes
+        assert "act='gelu', norm_eps=1e-05, rope_theta=100.0 assumed: the hf_dinov3 code's defaults" in said, c.notes
+    with torch.no_grad():
+        want = model(pixel_values=images(32, 48)).pooler_output
+        convert(bare, tmp_path / "assumed.safetensors")
+        assert (load(tmp_path / "assumed.safetensors")(images(32, 48)) - want).abs().max() > 1e-2
+        told = ConvertOptions(num_heads=2, overrides={"act": "silu", "norm_eps": 1e-2, "rope_theta": 7.0})
+        report = convert(bare, tmp_path / "told.safetensors", told)
+        assert not any("assumed" in n for n in report.notes), report.notes
+        close_to(load(tmp_path / "told.safetensors")(images(32, 48)), want)
+
+
 @pytest.mark.parametrize("name", sorted(HF_VARIANTS))
 def test_hf_dinov3_reads_at_any_size_and_writes_back(name, tmp_path):
     extra, expect = HF_VARIANTS[name]

@@ -18,12 +18,12 @@ the encoder one, patch LayerNorms, an attention width other than the hidden size
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import HF_VIT, Usage
-from vitconv.layouts.table import Carry, Rule
+from vitconv.layouts.table import ABSENT, Carry, Rule, found_at, lookup
 from vitconv.layouts.transforms import IDENTITY, QKV_CONCAT
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, heads_from_attn_dim, need
 from vitconv.layouts.layout import Layout, Probe, register
@@ -34,7 +34,22 @@ PREFIX = {"hf": "vit.", "hf_model": ""}
 #: canonical act -> transformers ``hidden_act`` (``gelu_pytorch_tanh`` is F.gelu(approximate='tanh')).
 ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "relu": "relu",
              "silu": "silu"}
-HF_TO_ACT = {**{v: k for k, v in ACT_TO_HF.items()}, "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+#: transformers' other names for the tanh GELU (the same formula), read, never written.
+ACT_ALIASES = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def act_carry(default: Any, key: str = "hidden_act", **more: Any) -> Carry:
+    """``act`` as a transformers config.json records it (``hidden_act``, in transformers' names),
+    the model class's ``default`` where nothing does."""
+    return Carry("act", values=tuple(ACT_TO_HF), key=key, argument="hidden_act", default=default,
+                 spelling=ACT_TO_HF, aliases=ACT_ALIASES, **more)
+
+
+def eps_carry(default: float, key: str = "layer_norm_eps") -> Carry:
+    """``norm_eps`` as a transformers config.json records it (``key``: ``layer_norm_eps`` or
+    ``rms_norm_eps``), the model class's ``default`` where nothing does."""
+    return Carry("norm_eps", key=key, argument=key.split("|")[0], default=default,
+                 check=("a small non-negative number", lambda v: 0 <= v < 1))
 
 
 @lru_cache(maxsize=None)
@@ -82,8 +97,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         heads_carry("num_attention_heads", "num_attention_heads"),
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width,
               why="Hugging Face's attention width is the hidden size"),
-        Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="gelu"),
-        Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-12),
+        act_carry("gelu"),
+        eps_carry(1e-12),
         Carry("pos_resize", hardcoded="transformers resizes position tables bicubic without antialiasing "
               "(interpolate_pos_encoding=True); the native resolution is unaffected", default="bicubic"),
         Carry("qkv_bias"), rep,
@@ -101,22 +116,19 @@ def detect(layout: str):
                           and (k in probe.shapes or q not in probe.shapes))  # BEiT: a query bias, no key bias
 
 
-def semantics(hc: dict, probe: Probe, attn_dim: int, act: str, eps: float) -> Tuple[int, int, str, float]:
-    """``(heads, head_dim, act, norm_eps)`` from a transformers ``config.json`` (``hc``), each value
-    checked, with the model class's defaults (``act``, ``eps``) where it says nothing: what every
-    Hugging Face layout reads the same way."""
-    recorded = hc.get("num_attention_heads")
-    if "num_attention_heads" in hc and type(recorded) is not int:
-        raise MappingError(f"config.json: num_attention_heads {recorded!r} is not an integer", probe.path)
-    heads, head_dim = heads_from_attn_dim(attn_dim, probe, recorded)
-    hidden_act = hc.get("hidden_act", act)
-    if hidden_act not in HF_TO_ACT:
-        raise MappingError(f"hidden_act {hidden_act!r} is not one vitconv implements ({sorted(HF_TO_ACT)})",
-                           probe.path)
-    eps = hc.get("layer_norm_eps", eps)
-    if type(eps) not in (int, float) or not 0 <= eps < 1:
-        raise MappingError(f"config.json: layer_norm_eps {eps!r} is not a small non-negative number", probe.path)
-    return heads, head_dim, HF_TO_ACT[hidden_act], float(eps)
+def semantics(doc: Mapping[str, Any], probe: Probe, attn_dim: int,
+              carries: Sequence[Carry]) -> Tuple[int, int, str, float]:
+    """``(heads, head_dim, act, norm_eps)`` of a transformers model, read through its layout's rows
+    (``carries``): what ``doc`` (its config.json, or the vision tower's part of one) records at
+    each row's key, checked, else the model class's default there (:meth:`Carry.read`). What every
+    Hugging Face layout reads the same way; the rows are the one place its keys and defaults are said."""
+    rows = {c.field: c for c in carries}
+    key = rows["num_heads"].key
+    recorded = lookup(doc, key)
+    if recorded is not ABSENT and type(recorded) is not int:
+        raise MappingError(f"config.json: {found_at(doc, key)} {recorded!r} is not an integer", probe.path)
+    heads, head_dim = heads_from_attn_dim(attn_dim, probe, None if recorded is ABSENT else recorded)
+    return heads, head_dim, rows["act"].read(doc, probe.path), rows["norm_eps"].read(doc, probe.path)
 
 
 def infer(layout: str):
@@ -130,7 +142,7 @@ def infer(layout: str):
         emb = need(shapes, p + "embeddings.patch_embeddings.projection.weight", layout, path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, p + "encoder.layer.0.attention.attention.query.weight", layout, path)
-        heads, head_dim, act, eps = semantics(hc, probe, q[0], "gelu", 1e-12)
+        heads, head_dim, act, eps = semantics(hc, probe, q[0], carries(layout))
         pos = need(shapes, p + "embeddings.position_embeddings", layout, path)
         if p + "embeddings.cls_token" not in shapes:
             raise MappingError("no embeddings.cls_token: Hugging Face ViT always has one", path)

@@ -32,7 +32,7 @@ from vitconv.errors import MappingError
 from vitconv.ops import posemb_sincos_2d_aimv2
 from vitconv.runtime.preprocess import CLIP, Usage
 from vitconv.layouts.table import Carry, Rule
-from vitconv.layouts.hf import ACT_TO_HF, hf_files, semantics
+from vitconv.layouts.hf import ACT_TO_HF, act_carry, eps_carry, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import BATCH_AXIS, GLU_CONCAT, IDENTITY, QKV_CONCAT, Q_KV_CONCAT, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
@@ -84,8 +84,8 @@ def _table() -> Tuple[Rule, ...]:
 CARRIES = (
     heads_carry("num_attention_heads", "num_attention_heads"),
     Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="Aimv2's attention width is the hidden size"),
-    Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="silu"),
-    Carry("norm_eps", key="rms_norm_eps", argument="rms_norm_eps", default=1e-5),
+    act_carry("silu"),
+    eps_carry(1e-5, "rms_norm_eps"),
     Carry("norm", values=("rmsnorm",), why="every norm of Aimv2 is Aimv2RMSNorm"),
     Carry("mlp", values=("swiglu",), why="Aimv2's MLP is down(act(gate) * up)"),
     # swiglu_unpacked: no row, a storage field: gate_proj and up_proj are always apart here
@@ -129,10 +129,7 @@ def infer(probe: Probe) -> ViTConfig:
     emb = need(shapes, _E + "patch_embed.weight", "hf_aimv2", path)
     width, in_chans, patch = emb[0], emb[1], emb[2]
     q = need(shapes, _A.format(i=0) + "q_proj.weight", "hf_aimv2", path)
-    heads, head_dim, act, _ = semantics(hc, probe, q[0], "silu", 1e-5)
-    eps = hc.get("rms_norm_eps", 1e-5)
-    if type(eps) not in (int, float) or not 0 <= eps < 1:
-        raise MappingError(f"config.json: rms_norm_eps {eps!r} is not a small non-negative number", path)
+    heads, head_dim, act, eps = semantics(hc, probe, q[0], CARRIES)
     if native:  # the table is generated for the grid: only config.json says the resolution
         size = hc.get("image_size")
         size = size[0] if isinstance(size, list) and len(size) == 2 and size[0] == size[1] else size

@@ -33,7 +33,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import HF_VIT, Usage
 from vitconv.layouts.table import Carry, Rule
-from vitconv.layouts.hf import ACT_TO_HF, hf_files, semantics
+from vitconv.layouts.hf import ACT_TO_HF, act_carry, eps_carry, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, need
 from vitconv.layouts.transforms import IDENTITY, Q_V_BIAS, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
@@ -93,8 +93,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
     return (
         Carry("num_heads", key="num_attention_heads"),  # and every relative table's columns
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="BEiT's attention width is the hidden size"),
-        Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act", default="gelu"),
-        Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-12),
+        act_carry("gelu"),
+        eps_carry(1e-12),
         Carry("pos_resize", hardcoded="transformers resizes the absolute table bicubic without antialiasing at "
               "another grid: the native resolution is unaffected",
               default=lambda c: "bicubic" if c.abs_pos_embed else "zoom"),  # no table: the one spelling
@@ -159,7 +159,7 @@ def infer(layout: str):
                 raise MappingError(f"config.json says {hc['num_attention_heads']!r} heads, but {key} holds "
                                    f"{table_heads}", path)
             hc = {**hc, "num_attention_heads": table_heads}
-        heads, head_dim, act, eps = semantics(hc, probe, q[0], "gelu", 1e-12)
+        heads, head_dim, act, eps = semantics(hc, probe, q[0], carries(layout))
         abs_pos = e + "position_embeddings" in shapes
         if abs_pos:
             g = grid_from_tokens(shapes[e + "position_embeddings"][1], 1, e + "position_embeddings", path)

@@ -28,7 +28,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import CLIP, SIGLIP, Usage
 from vitconv.layouts.table import Carry, Rule
-from vitconv.layouts.hf import ACT_TO_HF, RESTATES, hf_files, semantics
+from vitconv.layouts.hf import ACT_TO_HF, RESTATES, act_carry, eps_carry, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import BATCH_AXIS, IDENTITY, QKV_CONCAT, VECTOR_TOKEN
 from vitconv.layouts.layout import Layout, Probe, register
@@ -89,9 +89,8 @@ def carries(layout: str) -> Tuple[Carry, ...]:
     common = (
         heads_carry("num_attention_heads", key("num_attention_heads")),
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="the attention width is the hidden size"),
-        Carry("act", values=tuple(ACT_TO_HF), key=key("hidden_act"), argument="hidden_act",
-              default="gelu_tanh" if siglip else "quick_gelu"),
-        Carry("norm_eps", key=key("layer_norm_eps"), argument="layer_norm_eps", default=1e-6 if siglip else 1e-5),
+        act_carry("gelu_tanh" if siglip else "quick_gelu", key("hidden_act")),
+        eps_carry(1e-6 if siglip else 1e-5, key("layer_norm_eps")),
         Carry("pos_resize", hardcoded="transformers resizes position tables bicubic without antialiasing "
               "(interpolate_pos_encoding=True): the native resolution is unaffected", default="bicubic"),
     )
@@ -153,8 +152,7 @@ def infer(layout: str):
             raise MappingError(f"{e}patch_embedding.weight must be a square (out, in, k, k) kernel, got {emb}", path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, b + "self_attn.q_proj.weight", layout, path)
-        heads, head_dim, act, eps = semantics(vc, probe, q[0], "gelu_pytorch_tanh" if siglip else "quick_gelu",
-                                              1e-6 if siglip else 1e-5)
+        heads, head_dim, act, eps = semantics(vc, probe, q[0], carries(layout))
         pos = need(shapes, e + "position_embedding.weight", layout, path)
         g = grid_from_tokens(pos[0], 0 if siglip else 1, e + "position_embedding.weight", path)
         proj = shapes.get("visual_projection.weight") if layout == "hf_clip_proj" else None

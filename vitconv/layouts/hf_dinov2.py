@@ -27,7 +27,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import DINOV2, Usage
 from vitconv.layouts.table import Carry, Rule, fill
-from vitconv.layouts.hf import ACT_TO_HF, RESTATES, hf_files, semantics
+from vitconv.layouts.hf import ACT_TO_HF, RESTATES, act_carry, eps_carry, hf_files, semantics
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import IDENTITY, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
@@ -88,10 +88,9 @@ def carries(layout: str) -> Tuple[Carry, ...]:
     return (
         heads_carry("num_attention_heads", "num_attention_heads"),
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="DINOv2's attention width is the hidden size"),
-        Carry("act", values=tuple(ACT_TO_HF), key="hidden_act", argument="hidden_act",
-              default=lambda c: "silu" if c.mlp == "swiglu" else "gelu",
-              holds=lambda c: c.mlp != "swiglu" or c.act == "silu", why="transformers' SwiGLU gate is SiLU"),
-        Carry("norm_eps", key="layer_norm_eps", argument="layer_norm_eps", default=1e-6),
+        act_carry(lambda c: "silu" if c.mlp == "swiglu" else "gelu",
+                  holds=lambda c: c.mlp != "swiglu" or c.act == "silu", why="transformers' SwiGLU gate is SiLU"),
+        eps_carry(1e-6),
         Carry("qkv_bias"),
         Carry("mlp", holds=lambda c: mlp_ratio(c) is not None,
               why="config.json's integer mlp_ratio cannot give this MLP width"),
@@ -131,7 +130,7 @@ def infer(layout: str):
         emb = need(shapes, _E + "patch_embeddings.projection.weight", layout, path)
         width, in_chans, patch = emb[0], emb[1], emb[2]
         q = need(shapes, _A.format(i=0) + "query.weight", layout, path)
-        heads, head_dim, act, eps = semantics(hc, probe, q[0], "gelu", 1e-6)
+        heads, head_dim, act, eps = semantics(hc, probe, q[0], carries(layout))
         swiglu = _B.format(i=0) + "mlp.weights_in.weight" in shapes
         fc2 = need(shapes, _B.format(i=0) + ("mlp.weights_out.weight" if swiglu else "mlp.fc2.weight"), layout, path)
         regs = shapes[_E + "register_tokens"][1] if _E + "register_tokens" in shapes else 0

@@ -16,6 +16,9 @@ follow ``query_bias``/``key_bias``/``value_bias`` (DINOv3: query and value only,
 the gated MLP is ``down(act(gate(x)) * up(x))``, canonical ``fc1`` = [gate; up].
 ``mask_token`` is read by masked training only; the model always has one, written as zeros
 where the canonical model has none. ``register_tokens`` exists, empty, with no registers.
+A weights file without its config.json records neither the heads nor ``hidden_act``,
+``layer_norm_eps`` and ``rope_theta``: it is read with ``DINOv3ViTConfig``'s defaults (64-dim
+heads, GELU, 1e-5, 100), each named in a note, and ``--num-heads``/``--set`` say the model's own.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, Usage
 from vitconv.layouts.table import Carry, Rule, fill
-from vitconv.layouts.hf import ACT_TO_HF, hf_files, semantics
-from vitconv.layouts.inference import build, config_json, count_blocks, need
+from vitconv.layouts.hf import ACT_TO_HF, act_carry, eps_carry, hf_files, semantics
+from vitconv.layouts.inference import build, config_json, count_blocks, heads_carry, need
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_V_BIAS, QKV_CONCAT, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.table import PLAIN_MLP, SWIGLU, When
@@ -92,19 +95,23 @@ def _table() -> Tuple[Rule, ...]:
     )
 
 
+#: Where ``DINOv3ViTConfig`` holds each field; the heads, activation, epsilon and rotary base are its
+#: constructor arguments (with its defaults), which a weights file without config.json does not record.
 CARRIES = (
-    Carry("num_heads", key="num_attention_heads"),
+    heads_carry("num_attention_heads", "num_attention_heads"),
     Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="DINOv3's attention width is the hidden size"),
-    Carry("act", values=tuple(ACT_TO_HF), key="hidden_act"),
-    Carry("norm_eps", key="layer_norm_eps"),
+    act_carry("gelu"),
+    eps_carry(1e-5),
     Carry("qkv_bias"), Carry("key_bias"), Carry("mlp"), Carry("num_reg_tokens"),
     Carry("layer_scale", values=(True,), why="Hugging Face DINOv3 always has layer_scale1/2"),
     Carry("mask_token", hardcoded="DINOv3ViTModel always has a mask_token (masked training only): written as zeros",
           default=True),
     Carry("abs_pos_embed", values=(False,), why="DINOv3's positions are rotary only"),
     Carry("rope", values=("dinov3",), why="DINOv3ViTModel always rotates its patch tokens"),
-    Carry("rope_theta", key="rope_theta"),
+    Carry("rope_theta", key="rope_theta", argument="rope_theta", default=100.0,
+          check=("a positive number", lambda v: v > 0)),
 )
+_ROPE_THETA = CARRIES[-1]
 
 
 def detect(probe: Probe) -> bool:
@@ -124,7 +131,7 @@ def infer_config(probe: Probe) -> ViTConfig:
                            f"got {emb}", path)
     width, in_chans, patch = emb[0], emb[1], emb[2]
     q = need(shapes, _A.format(i=0) + "q_proj.weight", "hf_dinov3", path)
-    heads, head_dim, act, eps = semantics(hc, probe, q[0], "gelu", 1e-5)
+    heads, head_dim, act, eps = semantics(hc, probe, q[0], CARRIES)
     has = {n: _A.format(i=0) + f"{n}_proj.bias" in shapes for n in "qkvo"}
     if has["q"] != has["v"] or (has["k"] and not has["q"]):
         raise MappingError("query and value biases must come together (the canonical qkv bias holds the key's "
@@ -136,9 +143,7 @@ def infer_config(probe: Probe) -> ViTConfig:
     gated = _B.format(i=0) + "mlp.gate_proj.weight" in shapes
     down = need(shapes, _B.format(i=0) + "mlp.down_proj.weight", "hf_dinov3", path)
     reg = need(shapes, _E + "register_tokens", "hf_dinov3", path)
-    theta = hc.get("rope_theta", 100.0)
-    if type(theta) not in (int, float) or not theta > 0:
-        raise MappingError(f"config.json: rope_theta {theta!r} is not a positive number", path)
+    theta = _ROPE_THETA.read(hc, path)
     size = hc.get("image_size", 224)
     if type(size) is not int or size <= 0 or size % patch:  # only the rotary grid's default: any size runs
         size = patch * max(224 // patch, 1)

@@ -34,7 +34,7 @@ from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import PIL_RESAMPLE, SIGLIP, Usage
 from vitconv.layouts.table import Carry, Rule
-from vitconv.layouts.hf import ACT_TO_HF, RESTATES, semantics
+from vitconv.layouts.hf import ACT_TO_HF, RESTATES, act_carry, eps_carry, semantics
 from vitconv.layouts.hf_clip import VISION, _table as _siglip_table, _vision_config
 from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need, patch_from_columns
 from vitconv.layouts.transforms import PATCH_LINEAR
@@ -59,8 +59,8 @@ def carries() -> Tuple[Carry, ...]:
     return (
         heads_carry("num_attention_heads", key("num_attention_heads")),
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="the attention width is the hidden size"),
-        Carry("act", values=tuple(ACT_TO_HF), key=key("hidden_act"), argument="hidden_act", default="gelu_tanh"),
-        Carry("norm_eps", key=key("layer_norm_eps"), argument="layer_norm_eps", default=1e-6),
+        act_carry("gelu_tanh", key("hidden_act")),
+        eps_carry(1e-6, key("layer_norm_eps")),
         Carry("pos_resize", hardcoded="transformers resizes SigLIP 2 position tables to every image's patch "
               "grid, bilinear with antialiasing: the table's own grid is unaffected", default="bilinear"),
         Carry("class_token", values=(False,), why="SigLIP 2 has no class token"),
@@ -97,7 +97,7 @@ def infer(probe: Probe) -> ViTConfig:
     patch, in_chans = patch_from_columns(emb[1], vc.get("patch_size"), vc.get("num_channels"),
                                          e + "patch_embedding.weight", path, DEFAULT_CHANNELS)
     q = need(shapes, b + "self_attn.q_proj.weight", "hf_siglip2", path)
-    heads, head_dim, act, eps = semantics(vc, probe, q[0], "gelu_pytorch_tanh", 1e-6)
+    heads, head_dim, act, eps = semantics(vc, probe, q[0], carries())
     pos = need(shapes, e + "position_embedding.weight", "hf_siglip2", path)
     if len(pos) != 2:
         raise MappingError(f"{e}position_embedding.weight must be (num_patches, hidden), got {pos}", path)

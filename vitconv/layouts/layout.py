@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from vitconv.config import SHAPE_FIELDS, ViTConfig, describe_field, storage_only, training_only
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Preprocessing, Usage
-from vitconv.layouts.table import Carry, ExpandedRule, Rule, expand_rules, short_list
+from vitconv.layouts.table import ABSENT, Carry, ExpandedRule, Rule, expand_rules, found_at, lookup, short_list
 from vitconv.layouts.unsupported import unsupported_feature
 from vitconv.formats.provenance import CONFIG_KEY
 from vitconv.formats.base import TensorSource
@@ -261,38 +261,18 @@ class Layout:
         written = self.directory_config(cfg, None)
         out = []
         for key in self.restates:
-            have, want = _lookup(root, key), _lookup(written, key)
-            if have is _ABSENT or want is _ABSENT:
+            have, want = lookup(root, key), lookup(written, key)
+            if have is ABSENT or want is ABSENT:
                 continue
             if have != want or isinstance(have, bool) != isinstance(want, bool):
-                out.append(f"{_found_at(root, key)}={json.dumps(have)[:40]} (the weights: {json.dumps(want)})")
+                out.append(f"{found_at(root, key)}={json.dumps(have)[:40]} (the weights: {json.dumps(want)})")
         return out
-
-
-_ABSENT = object()
-
-
-def _lookup(root: object, key: str) -> object:
-    """The value at dotted ``key`` (first of its ``|`` alternatives found) in a JSON document."""
-    for alternative in key.split("|"):
-        node = root
-        for part in alternative.split("."):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            return node
-    return _ABSENT
-
-
-def _found_at(root: object, key: str) -> str:
-    return next(a for a in key.split("|") if _lookup(root, a) is not _ABSENT)
 
 
 def has_key(config: Mapping[str, Any], key: str) -> bool:
     """Whether the ``config.json`` a source carries (:attr:`Probe.config`) holds ``key``
     (dotted: ``model_args.x``; alternatives joined by ``|``: ``hidden_act|vision_config.hidden_act``)."""
-    return _lookup(config, key) is not _ABSENT
+    return lookup(config, key) is not ABSENT
 
 
 LAYOUTS: Dict[str, Layout] = {}

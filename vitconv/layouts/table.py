@@ -188,6 +188,11 @@ class Carry:
     #: The layout's own spelling of a value where it differs from the config's (canonical value ->
     #: the layout's, as its config.json and constructor argument say it); read back through its inverse.
     spelling: Optional[Mapping[Any, Any]] = None
+    #: Other spellings its config.json may use for a value (the layout's -> the config's), read
+    #: but never written: transformers' ``gelu_new`` is the tanh GELU it writes ``gelu_pytorch_tanh``.
+    aliases: Optional[Mapping[Any, Any]] = None
+    #: What a recorded value must also be, beyond its type: ``(in words, test)``.
+    check: Optional[Tuple[str, Callable[[Any], bool]]] = None
 
     def __post_init__(self) -> None:
         if self.argument is not None and not self.argument.isidentifier():
@@ -214,16 +219,32 @@ class Carry:
 
     def decode(self, raw: Any, where: str, path: Optional[str]) -> Any:
         """The config's value for ``raw``, as the layout's config.json has it at ``where``: its
-        spelling undone, then held to the field's type and choices and to ``values``; anything else
-        is a mapping error naming the key and the value."""
-        if self.spelling is not None:
-            raw = {v: k for k, v in self.spelling.items()}.get(raw, raw)
-        value, what = _typed(self.field, raw)
+        spelling undone, then held to the field's type and choices, to ``values`` and to
+        ``check``; anything else is a mapping error naming the key, the value and what it may be
+        (in the layout's spelling)."""
+        read_as = {**{v: k for k, v in (self.spelling or {}).items()}, **(self.aliases or {})}
+        known = not read_as or (_hashable(raw) and raw in read_as)  # a spelled field: its spellings only
+        value, what = _typed(self.field, read_as[raw] if read_as and known else raw)
         if what is None and self.values is not None and value not in self.values:
             what = "one of " + ", ".join(map(repr, self.values))
+        if read_as and (what is not None or not known):
+            what = "one of " + ", ".join(repr(k) for k, v in read_as.items() if self.values is None or v in self.values)
+        if self.check is not None and (what is not None or not self.check[1](value)):
+            what = self.check[0]
         if what is not None:
             raise MappingError(f"config.json: {where} {raw!r} is not {what}", path)
         return value
+
+    def read(self, doc: Mapping[str, Any], path: Optional[str], like: Optional[ViTConfig] = None) -> Any:
+        """The value ``doc`` (a config.json) records at ``key``, decoded (:meth:`decode`), else the
+        code's default: what a reader of this layout gets. ``like``: the config so far, for a
+        default that depends on it (the plain ViT's where not given)."""
+        raw = lookup(doc, self.key) if self.key is not None else ABSENT
+        if raw is not ABSENT:
+            return self.decode(raw, found_at(doc, self.key), path)
+        if not self.set_by_code:
+            raise AssertionError(f"Carry({self.field!r}) has no default to read")
+        return self.default_for(like if like is not None else ViTConfig())
 
     def recorded(self, cfg: ViTConfig, has_config: bool) -> bool:
         """Whether a container with (``has_config``) or without the layout's config.json keeps
@@ -232,9 +253,35 @@ class Carry:
                 and (self.records is None or getattr(cfg, self.field) in self.records))
 
 
+#: What :func:`lookup` returns for a key a document does not hold (JSON's null is ``None``).
+ABSENT = object()
+
+
+def lookup(root: object, key: str) -> object:
+    """The value at dotted ``key`` (first of its ``|`` alternatives found) in a JSON document."""
+    for alternative in key.split("|"):
+        node = root
+        for part in alternative.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    return ABSENT
+
+
+def found_at(root: object, key: str) -> str:
+    """Which of ``key``'s ``|`` alternatives ``root`` holds (the first)."""
+    return next(a for a in key.split("|") if lookup(root, a) is not ABSENT)
+
+
 @lru_cache(maxsize=None)
 def _field_type(name: str) -> Any:
     return typing.get_type_hints(ViTConfig)[name]
+
+
+def _hashable(raw: Any) -> bool:
+    return not isinstance(raw, (dict, list))
 
 
 def _typed(name: str, raw: Any) -> Tuple[Any, Optional[str]]:
