@@ -20,7 +20,7 @@ from vitconv.tools.synthetic import PRESETS
 #: Fields that change what the model computes but no tensor's shape.
 NO_SHAPE = {"norm_eps", "act", "pos_resize", "rel_pos_resize", "scan", "resnet_gn_eps", "resnet_ws_eps", "key_bias",
             "rope_theta", "swiglu_unpacked", "rope_periods", "rope_ref_grid", "rope_grid_offset", "rope_indexing",
-            "rope_half", "qkv_unfused", "pool_heads"}
+            "rope_half", "qkv_unfused", "pool_heads", "map_prefix"}
 
 #: One strategy per field that can change a shape; a field missing here and from NO_SHAPE fails
 #: test_every_field_is_swept, so a new model feature cannot slip past the comparison.

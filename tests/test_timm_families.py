@@ -8,6 +8,7 @@ rebuilds it with ``create_model``."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -43,6 +44,11 @@ FAMILIES = {
     "vit_so400m_patch14_siglip_224": (dict(), dict(act="gelu"), dict(classifier="map", mlp_dim=478)),
     "vit_base_patch16_224 avg": (dict(global_pool="avg", num_classes=10), {}, dict(
         class_token=True, classifier="gap", final_norm="pooled")),
+    # timm's attention pool leaves the registers out (pool_include_prefix=False) unless told
+    "vit_so150m_patch16_reg4_map_256": (dict(num_classes=10), {}, dict(classifier="map", num_reg_tokens=4,
+                                                                      map_prefix=False)),
+    "vit_so150m_patch16_reg4_map_256 include": (dict(num_classes=10, pool_include_prefix=True), dict(map_prefix=True),
+                                                dict(classifier="map", map_prefix=True)),
 }
 
 
@@ -84,6 +90,54 @@ def test_timm_family_reads_writes_and_rebuilds(name, tmp_path):
         _close(built(_x()), want)
     with open_checkpoint(tmp_path / "tdir") as again:
         assert again.config == report.config
+
+
+def _timm_dir(path, arch: str, model_args: dict, model) -> None:
+    """A timm directory as ``push_to_hf_hub`` writes one: config.json names the architecture
+    and records the constructor arguments, beside the weights."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": model.num_classes,
+                                                  "model_args": model_args}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+
+
+NAFLEX = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, pos_embed_grid_size=(4, 4), num_classes=5)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(attn_pool_num_heads=4), dict(reg_tokens=0, attn_pool_num_heads=4),
+                                   dict(class_token=True, pool_include_prefix=True)])
+def test_naflexvit_attention_pool_as_its_config_says(extra, tmp_path):
+    """NaFlexVit's attention pool (naflexvit_base_patch16_map: one register token) attends to the
+    patches only unless pool_include_prefix, with attn_pool_num_heads heads where given: a timm
+    directory's config.json says both, and the canonical model computes what timm does."""
+    model = seeded(timm.create_model("naflexvit_base_patch16_map", pretrained=False, **NAFLEX, **extra), scale=0.2)
+    _timm_dir(tmp_path / "src", "naflexvit_base_patch16_map", {**NAFLEX, "pos_embed_grid_size": [4, 4], **extra}, model)
+    report = convert(tmp_path / "src", tmp_path / "c.safetensors")
+    assert report.config.pool_heads == extra.get("attn_pool_num_heads", 0)
+    assert report.config.map_prefix == (extra.get("pool_include_prefix", False) or not report.config.num_prefix_tokens)
+    with torch.no_grad():
+        _close(load(tmp_path / "c.safetensors")(_x()), model(_x()))
+    convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm_naflexvit"))
+    built = timm.create_model(f"local-dir:{tmp_path / 'tdir'}", pretrained=True).eval()
+    with torch.no_grad():
+        _close(built(_x()), model(_x()))
+
+
+@pytest.mark.parametrize("arch,args,says", [
+    ("vit_base_patch16_224", dict(global_pool="avgmax"), "global_pool 'avgmax': vitconv computes 'token', 'avg', 'map'"),
+    ("vit_base_patch16_224", dict(global_pool="avg", reg_tokens=2, pool_include_prefix=True),
+     "pool_include_prefix=True with global_pool='avg' (the mean over the prefix tokens too)"),
+    ("naflexvit_base_patch16_gap", dict(class_token=True, pool_include_prefix=True, pos_embed_grid_size=(4, 4)),
+     "pool_include_prefix=True with global_pool='avg'"),
+])
+def test_a_pooling_vitconv_does_not_compute_is_refused_by_name(arch, args, says, tmp_path):
+    """timm's other poolings (avgmax, max, a mean over the prefix tokens too) recorded in a
+    directory's config.json: refused in one line naming the argument, never read as plain avg."""
+    kw = {**SMALL, **args}
+    model = timm.create_model(arch, pretrained=False, **kw)
+    _timm_dir(tmp_path / "src", arch, {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}, model)
+    with pytest.raises(MappingError, match=re.escape(says)):
+        convert(tmp_path / "src", tmp_path / "c.safetensors")
 
 
 def test_bare_clip_state_dict_needs_its_epsilon_and_says_so(tmp_path):

@@ -269,6 +269,11 @@ class ViTConfig:
     #: The attention-pooling head's own head count (timm ``attn_pool_num_heads``: Perception Encoder's
     #: core tower pools with 8 heads whatever the blocks have); 0: the blocks' ``num_heads``.
     pool_heads: int = _field(0, "the attention-pooling head's own head count")
+    #: Whether the attention-pooling head attends to the prefix tokens (class, registers) as well as
+    #: the patches: Perception Encoder's does (timm Eva); timm's ``VisionTransformer`` and ``NaFlexVit``
+    #: leave them out unless ``pool_include_prefix=True`` (``vit_so150m_patch16_reg4_map_256``,
+    #: ``naflexvit_base_patch16_map``).
+    map_prefix: bool = _field(True, "the attention-pooling head attends to the prefix tokens too")
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -291,6 +296,8 @@ class ViTConfig:
             object.__setattr__(self, "pool_heads", 0)  # no pooling head, or the blocks' count; one spelling
         elif self.pool_heads < 0 or (self.pool_heads and self.width % self.pool_heads):
             raise ValueError(f"pool_heads {self.pool_heads} does not divide the width {self.width}")
+        if self.classifier != "map" or not self.num_prefix_tokens:
+            object.__setattr__(self, "map_prefix", True)  # no pooling head, or nothing to leave out; one spelling
         if self.patch_norm and self.patch_embed_norm:
             raise ValueError("patch_norm already normalises the patch embeddings (patch_norm_post): "
                              "patch_embed_norm is for a model without vit-pytorch's pair")
@@ -488,6 +495,8 @@ class ViTConfig:
             extras.append(f"{self.pool_head} pooling head")
         if self.pool_heads:
             extras.append(f"{self.pool_heads}-head pooling")
+        if not self.map_prefix:
+            extras.append("prefix tokens not pooled")
         if not (self.proj_bias and self.mlp_bias):
             extras.append("bias-free " + " and ".join(n for n, b in (("attention projection", self.proj_bias),
                                                                        ("MLP", self.mlp_bias)) if not b))

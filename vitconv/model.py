@@ -574,8 +574,9 @@ class VisionTransformer(nn.Module):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``token``: the class token; ``gap``: the mean of the patch tokens (Google pools after
         the encoder norm; with ``final_norm='pooled'`` the norm is applied after pooling);
-        ``map``: the attention-pooling head over every token. A distilled model pools both
-        prefix tokens, ``(B, 2, width)``: one per head."""
+        ``map``: the attention-pooling head over every token, or over the patch tokens only
+        (``map_prefix=False``). A distilled model pools both prefix tokens, ``(B, 2, width)``: one
+        per head."""
         cfg = self.config
         if cfg.distilled:
             return tokens[:, :2]
@@ -584,7 +585,7 @@ class VisionTransformer(nn.Module):
         elif cfg.classifier == "gap":
             pooled = tokens[:, cfg.num_prefix_tokens:].mean(dim=1)
         else:
-            pooled = self.attn_pool(tokens)
+            pooled = self.attn_pool(tokens if cfg.map_prefix else tokens[:, cfg.num_prefix_tokens:])
         if cfg.final_norm == "pooled":
             pooled = self.norm(pooled)
         return pooled

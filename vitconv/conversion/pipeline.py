@@ -273,6 +273,9 @@ def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
         contradictions = layout.contradictions(cfg, probe)
         if contradictions:
             raise MappingError("config.json contradicts the weights: " + short_list(contradictions, 4), path)
+        for name, came in list(semantics.sources.items()):  # nothing to assume where no other value is possible
+            if came in ("assumed", "default") and name != "num_heads" and not _can_differ(cfg, name):
+                semantics.sources[name] = "fixed"
         if stacked:
             cfg = cfg.replace(scan=True)
         # (a corrupt file is named as such above, before a layout complaint below)
@@ -350,10 +353,13 @@ def _semantics(layout: Layout, probe: Probe, given: Dict[str, object], arch: Opt
         return archs.Semantics(sources=sources), probe
     try:
         shaped = layout.read_config(probe)
-    except MappingError:
+    except MappingError as e:
         if probe.num_heads is not None:
             raise
-        shaped = layout.read_config(dataclasses.replace(probe, num_heads=1))  # the shapes, whatever the heads
+        try:
+            shaped = layout.read_config(dataclasses.replace(probe, num_heads=1))  # the shapes, whatever the heads
+        except MappingError:
+            raise e from None  # not the heads: the file's own problem, not the retry's
     semantics = archs.resolve(layout.name, probe.shapes, shaped, open_fields, fixed, recorded, given,
                               probe.num_heads, arch, path, named=layout.names_arch(probe))
     for f in dataclasses.fields(ViTConfig):  # the rest the tensors say (their keys and shapes)
@@ -413,6 +419,20 @@ def _usage(layout: Layout, metadata: Dict[str, str], documents: Mapping[str, Map
     return Usage(pre or layout.preprocessing or preprocess.TIMM_DEFAULT, tuple(names) if names else None)
 
 
+def _can_differ(cfg: ViTConfig, name: str) -> bool:
+    """Whether another value of the field ``name`` would make another model of ``cfg``: not one the
+    config spells one way for this model (``map_prefix`` without an attention-pooling head or
+    prefix tokens, ``pool_heads`` without a pooling head), which no file needs to say."""
+    value = getattr(cfg, name)
+    other = (not value) if type(value) is bool else (value + 1 if type(value) is int else None)
+    if other is None:
+        return True
+    try:
+        return getattr(cfg.replace(**{name: other}), name) != value
+    except (TypeError, ValueError):
+        return True
+
+
 def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
     """What a user must know about this read: assumptions, what was left out, resizing."""
     cfg, layout = ckpt.source_config, ckpt.layout
@@ -439,8 +459,9 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
                      f"({len(names)}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
     rest = [f for f in by.get("assumed", []) + by.get("default", []) if f != "num_heads"]
     if rest:
+        contested = [f for f in rest if sem.sources[f] == "assumed" and f in archs.FIELDS]  # the table says so
         notes.append(f"{said(rest)} assumed: the {layout.name} code's defaults, which the file does not record"
-                     + ("" if not by.get("assumed") else " and other architectures with these keys do not share "
+                     + ("" if not contested else " and other architectures with these keys do not share "
                         "(name it with --arch, or --set)"))
     notes += layout.read_notes(cfg, probe)
     if ckpt.usage.labels is None and suggest(cfg.num_classes):

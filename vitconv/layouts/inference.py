@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from vitconv.config import ViTConfig
 from vitconv.errors import MappingError
-from vitconv.layouts.table import Carry
+from vitconv.layouts.table import Carry, When
 from vitconv.layouts.layout import Probe
 
 Shapes = Dict[str, Tuple[int, ...]]
@@ -99,6 +99,37 @@ def timm_recorded_heads(args: Dict[str, Any], path: Optional[str]) -> Optional[i
     if recorded is not None and type(recorded) is not int:
         raise MappingError(f"config.json: num_heads {recorded!r} is not an integer", path)
     return recorded
+
+
+#: timm's ``VisionTransformer`` and ``NaFlexVit``: whether pooling takes the prefix tokens too
+#: (``pool_include_prefix``, default False), recorded for attention-pooling models only: with
+#: ``global_pool='avg'`` it would make the mean include them, which the canonical model does not.
+TIMM_MAP_PREFIX = Carry("map_prefix", key="model_args.pool_include_prefix", argument="pool_include_prefix",
+                        default=lambda c: c.classifier != "map" or not c.num_prefix_tokens,
+                        written=When("classifier", "==", "map"))
+#: timm's pooling types vitconv computes (``global_pool``; '' returns every token, 'avgmax' and
+#: 'max' reduce otherwise).
+TIMM_POOLS = {"token": "token", "avg": "gap", "map": "map"}
+
+
+def timm_map_prefix(args: Mapping[str, Any], classifier: str, prefix: int, path: Optional[str]) -> bool:
+    """``map_prefix`` of a timm model whose tensors show ``classifier`` and ``prefix`` prefix
+    tokens, from its ``model_args`` (``global_pool``, ``pool_include_prefix``; timm's defaults where
+    they are silent); a pooling vitconv does not compute is refused, naming the argument."""
+    pool = args.get("global_pool")
+    if pool is not None and (not isinstance(pool, str) or pool not in TIMM_POOLS):
+        raise MappingError(f"config.json: global_pool {pool!r}: vitconv computes "
+                           f"{', '.join(map(repr, TIMM_POOLS))} pooling", path)
+    if pool is not None and TIMM_POOLS[pool] != classifier and (pool == "map" or classifier == "map"):
+        raise MappingError(f"config.json says global_pool={pool!r} but the weights "
+                           f"{'have' if classifier == 'map' else 'lack'} an attention-pooling head", path)
+    include = False
+    if "pool_include_prefix" in args:
+        include = TIMM_MAP_PREFIX.decode(args["pool_include_prefix"], "model_args.pool_include_prefix", path)
+    if include and prefix and classifier == "gap":
+        raise MappingError("config.json: pool_include_prefix=True with global_pool='avg' (the mean over the "
+                           "prefix tokens too): vitconv does not compute this pooling yet", path)
+    return include or classifier != "map" or not prefix
 
 
 def timm_named_arch(probe: Probe) -> Optional[str]:

@@ -9,7 +9,8 @@ without prefix rows, the prefix tokens concatenated after it is added), ``pre_no
 ``global_pool`` 'token' / 'avg' (the mean of the patch tokens, registers and class token left
 out, normalised after pooling with ``fc_norm``, or before it with ``fc_norm=False``) / 'map'
 (``attn_pool``: ``latent``, ``q`` and ``kv`` ([k; v]) that the canonical ``qkv`` holds as
-[q; k; v], ``proj``, ``norm``, ``mlp``), DeiT's ``dist_token`` and ``head_dist`` (logits are
+[q; k; v], ``proj``, ``norm``, ``mlp``; over the patch tokens only unless ``pool_include_prefix``,
+canonical ``map_prefix``), DeiT's ``dist_token`` and ``head_dist`` (logits are
 the mean of both heads in eval mode), the ``pre_logits.fc`` (Linear + Tanh) of timm < 0.9, and
 AIMv2's (``aimv2_*``): ``norm_layer=RmsNorm`` (a weight-only norm everywhere, qk-norm and the
 pooling head's included), ``proj_bias=False`` (no attention-projection or MLP biases: timm ties
@@ -20,11 +21,14 @@ the two), ``embed_norm_layer`` (``patch_embed.norm``, before the table is added)
 A bare state dict records none of the constructor's semantic arguments: the heads, the
 activation, the epsilon and how the table is resized at another resolution (timm: bicubic
 with antialiasing) are the carries' arguments, which a timm directory's ``config.json`` keeps
-(``model_args``). Refused on reading, naming the reason: timm's hybrid backbones.
+(``model_args``). Refused on reading, naming the reason: timm's hybrid backbones, and the
+poolings the canonical model does not compute (``global_pool`` 'avgmax', 'max' or '', a mean
+that includes the prefix tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,8 +38,9 @@ from vitconv.config import ACTIVATIONS, ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.table import Carry, Rule, fill
-from vitconv.layouts.inference import (build, config_json, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
-                        timm_model_args, timm_named_arch, timm_recorded_heads)
+from vitconv.layouts.inference import (TIMM_MAP_PREFIX, build, config_json, count_blocks, heads_carry, heads_from_attn_dim,
+                                       need, timm_directory_config, timm_map_prefix, timm_model_args, timm_named_arch,
+                                       timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.table import ALWAYS, FINAL_NORM, LAYERNORM, MAP, When
@@ -136,6 +141,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
         Carry("head_bias", hardcoded="timm's head always has a bias: a bias-free head (CLIP's proj) is "
               "written with a zero one, the same function", default=True),
         Carry("resnet_layers", values=(None,), why="timm's hybrid backbone has other names and semantics"),
+        dataclasses.replace(TIMM_MAP_PREFIX, key=key("pool_include_prefix")),
     )
 
 
@@ -203,6 +209,7 @@ def infer(layout: str):
             classifier = "token"
         pos = need(shapes, pos_key, layout, path)
         prefix = int(token) + int(distilled) + regs
+        map_prefix = timm_map_prefix(args, classifier, prefix, path)
         if len(pos) != 3 or pos[0] != 1:
             raise MappingError(f"{pos_key} must be (1, tokens, width), got {pos}", path)
         no_embed_class = args.get("no_embed_class")
@@ -251,7 +258,8 @@ def infer(layout: str):
                      proj_bias=not depth or _B.format(i=0) + "attn.proj.bias" in shapes,
                      mlp_bias=not depth or _B.format(i=0) + "mlp.fc2.bias" in shapes,
                      patch_embed_norm="patch_embed.norm.weight" in shapes,
-                     qk_norm=_B.format(i=0) + "attn.q_norm.weight" in shapes, swiglu_unpacked=unpacked)
+                     qk_norm=_B.format(i=0) + "attn.q_norm.weight" in shapes, swiglu_unpacked=unpacked,
+                     map_prefix=map_prefix)
     return infer_config
 
 
@@ -285,6 +293,8 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
         kw["fc_norm"] = cfg.final_norm == "pooled"
     if cfg.num_reg_tokens:
         kw["reg_tokens"] = cfg.num_reg_tokens
+    if cfg.classifier == "map":
+        kw[TIMM_MAP_PREFIX.argument] = cfg.map_prefix
     if cfg.pos_embed_prefix == "none":
         kw["no_embed_class"] = True
     kw["pre_norm"] = cfg.norm_pre  # explicit: the CLIP architectures default to True

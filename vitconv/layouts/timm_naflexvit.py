@@ -36,8 +36,9 @@ from vitconv.config import ACTIVATIONS, ViTConfig
 from vitconv.errors import MappingError
 from vitconv.layouts.table import Carry, Rule
 from vitconv.runtime.preprocess import Usage
-from vitconv.layouts.inference import (build, count_blocks, heads_carry, heads_from_attn_dim, need, patch_from_columns,
-                        timm_directory_config, timm_model_args, timm_named_arch, timm_recorded_heads)
+from vitconv.layouts.inference import (TIMM_MAP_PREFIX, build, count_blocks, heads_carry, heads_from_attn_dim, need,
+                                       patch_from_columns, timm_directory_config, timm_map_prefix, timm_model_args,
+                                       timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import IDENTITY, PATCH_LINEAR, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.timm import _table as _timm_table
@@ -90,6 +91,9 @@ CARRIES = (
           argument="pos_embed_interp_mode", default="bicubic_aa",
           why="NaFlexVit resizes its grid bicubic or bilinear, antialiased"),
     Carry("classifier"), Carry("class_token"), Carry("final_norm"), Carry("qkv_bias"), Carry("layer_scale"),
+    TIMM_MAP_PREFIX,
+    Carry("pool_heads", key="model_args.attn_pool_num_heads", argument="attn_pool_num_heads", default=0,
+          written=When("classifier", "==", "map")),
     Carry("num_reg_tokens"), Carry("norm_pre"),
     Carry("pos_embed_prefix", holds=lambda c: c.num_pos_prefix == 0,
           why="NaFlexVit's position grid never covers the prefix tokens"),
@@ -156,6 +160,9 @@ def infer(probe: Probe) -> ViTConfig:
     regs = reg[1] if reg is not None and len(reg) == 3 else 0
     fc_norm, attn_pool = "fc_norm.weight" in shapes, "attn_pool.latent" in shapes
     classifier = "map" if attn_pool else ("gap" if fc_norm or not token else "token")
+    pool_heads = args.get("attn_pool_num_heads") or 0
+    if type(pool_heads) is not int or pool_heads < 0:
+        raise MappingError(f"config.json: attn_pool_num_heads {pool_heads!r} is not a head count", path)
     fc2 = need(shapes, "blocks.0.mlp.fc2.weight", "timm_naflexvit", path)
     head = shapes.get("head.weight")
     return build(probe, image_size=pos[1] * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
@@ -164,7 +171,8 @@ def infer(probe: Probe) -> ViTConfig:
                  norm_eps=1e-6, act=act, layer_scale="blocks.0.ls1.gamma" in shapes, num_reg_tokens=regs,
                  final_norm="pooled" if fc_norm else ("encoder" if "norm.weight" in shapes else "none"),
                  pos_embed_prefix="none", norm_pre="norm_pre.weight" in shapes,
-                 patch_bias=_E + "proj.bias" in shapes, pos_resize=INTERP[interp])
+                 patch_bias=_E + "proj.bias" in shapes, pos_resize=INTERP[interp], pool_heads=pool_heads,
+                 map_prefix=timm_map_prefix(args, classifier, int(token) + regs, path))
 
 
 def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
@@ -191,7 +199,8 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                 pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
                 global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
                 fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
-                act_layer=cfg.act)
+                act_layer=cfg.act, **({TIMM_MAP_PREFIX.argument: cfg.map_prefix, "attn_pool_num_heads": cfg.pool_heads or None}
+                                      if cfg.classifier == "map" else {}))
 
 
 def architecture(cfg: ViTConfig) -> str:
