@@ -12,6 +12,7 @@ offset, axis order and layout) comes from the architectures whose keys fit, or `
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -120,6 +121,23 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
                    for n in c.notes), c.notes
     with open_checkpoint(tmp_path / "s.safetensors", ReadOptions(overrides={"rope_theta": 10.0})) as c:
         assert c.config.rope_theta == 10.0
+
+
+@pytest.mark.parametrize("name,args", [("vit_small_patch16_rope_224", dict(rope_temperature=7.0)),
+                                       ("eva02_tiny_patch14_224", dict(rope_temperature=7.0, ref_feat_shape=[3, 3]))])
+def test_a_directory_that_names_its_architecture_keeps_its_own_rotary_arguments(name, args, tmp_path):
+    """A timm directory whose config.json names the architecture and records some rotary arguments
+    but not ``rope_type`` (as timm writes only what differs): the form comes from the named
+    architecture, the arguments it records from model_args, never the architecture's defaults."""
+    model_args = {**{k: v for k, v in SMALL.items() if k != "dynamic_img_size"}, **args}
+    model = _seed(timm.create_model(name, pretrained=False, **SMALL, **args))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"architecture": name, "model_args": model_args}))
+    save_state(model, tmp_path / "src" / "model.safetensors")
+    report = convert(tmp_path / "src", tmp_path / "c.safetensors")
+    assert (report.config.rope, report.config.rope_theta) == ("cat", 7.0)
+    with torch.no_grad():
+        close_to(load(tmp_path / "c.safetensors")(images(32, 32)), model(images(32, 32)))
 
 
 @pytest.mark.parametrize("arch,kw,what", [

@@ -311,6 +311,10 @@ def infer_config(probe: Probe) -> ViTConfig:
     qkv_bias = key_bias or ("blocks.0.attn.q_proj.bias" if unfused else "blocks.0.attn.q_bias") in shapes
     bare = "mixed" if "rope.freqs" in shapes else \
         "dinov3" if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias) else "none"
+    named = archs.table().get(timm_named_arch(probe) or "")
+    if named is not None and named.layout == "timm_eva" and "mixed" not in (bare, named.value("rope")) \
+            and named.says("rope"):  # a directory naming its architecture: the form its config.json leaves out
+        bare = named.value("rope")
     rope = _rope_args(args, bare, path)
     freqs = shapes.get("rope.freqs")
     if freqs is not None and tuple(freqs) != (2, depth, heads, head_dim // 2):
@@ -325,7 +329,6 @@ def infer_config(probe: Probe) -> ViTConfig:
         raise MappingError(f"config.json: attn_pool_num_heads {pool_heads!r} is not a positive integer", path)
     final = "pooled" if "fc_norm.weight" in shapes else ("encoder" if "norm.weight" in shapes else "none")
     head = shapes.get("head.weight")
-    named = archs.table().get(timm_named_arch(probe) or "")
     eps = named.norm_eps if named is not None and named.layout == "timm_eva" and named.norm_eps else \
         (1e-5 if _dinov3_form(class_token, regs, layer_scale, table is not None, key_bias) else 1e-6)
     size = args.get("img_size")
