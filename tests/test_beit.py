@@ -249,6 +249,27 @@ def test_hf_beit_reads_resizes_and_writes_back(name, tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_bare_hf_beit_file_without_relative_tables_says_its_heads_are_assumed(tmp_path):
+    """BeitModel's weights alone: the relative tables record the head count (a column per head);
+    with an absolute table only nothing does, so a read says the 64-dim heads it assumed and takes
+    --num-heads; with tables --num-heads must agree with them."""
+    model = seeded(transformers.BeitModel(transformers.BeitConfig(**HF_SMALL, use_absolute_position_embeddings=True)))
+    model.save_pretrained(tmp_path / "src")
+    bare = tmp_path / "model.safetensors"
+    bare.write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    with open_checkpoint(bare) as c:
+        assert c.config.num_heads == 1 and any("heads: 1 x 64 assumed" in n for n in c.notes), c.notes
+    convert(bare, tmp_path / "c.safetensors", ConvertOptions(num_heads=2))
+    with torch.no_grad():
+        close_to(load(tmp_path / "c.safetensors")(_x(32)), model(pixel_values=_x(32)).pooler_output)
+    tables = seeded(transformers.BeitModel(transformers.BeitConfig(**HF_SMALL, use_relative_position_bias=True)))
+    tables.save_pretrained(tmp_path / "rel")
+    with open_checkpoint(tmp_path / "rel" / "model.safetensors") as c:
+        assert c.config.num_heads == 2 and not any("heads" in n for n in c.notes), c.notes
+    with pytest.raises(MappingError, match="num_heads=3, but the checkpoint records 2 heads"):
+        open_checkpoint(tmp_path / "rel" / "model.safetensors", ReadOptions(num_heads=3))
+
+
 def test_timm_beit_and_hf_beit_convert_into_each_other(tmp_path):
     """timm's BEiT written as a Hugging Face directory computes timm's logits in transformers
     (config.json carries timm's epsilon and exact GELU; transformers' defaults would be 1e-12);

@@ -34,7 +34,7 @@ from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import HF_VIT, Usage
 from vitconv.layouts.table import Carry, Rule
 from vitconv.layouts.hf import ACT_TO_HF, act_carry, eps_carry, hf_files, semantics
-from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, need
+from vitconv.layouts.inference import build, config_json, count_blocks, grid_from_tokens, heads_carry, need
 from vitconv.layouts.transforms import IDENTITY, Q_V_BIAS, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.timm_beit import TABLE, grid_from_table
@@ -91,7 +91,8 @@ def _table(layout: str, pooled: bool) -> Tuple[Rule, ...]:
 
 def carries(layout: str) -> Tuple[Carry, ...]:
     return (
-        Carry("num_heads", key="num_attention_heads"),  # and every relative table's columns
+        heads_carry("num_attention_heads", "num_attention_heads",  # and every relative table's columns
+                    shaped=lambda shapes: any(k.endswith(_REL) for k in shapes)),
         Carry("head_dim", holds=lambda c: c.attn_dim == c.width, why="BEiT's attention width is the hidden size"),
         act_carry("gelu"),
         eps_carry(1e-12),

@@ -23,10 +23,11 @@ Shapes = Dict[str, Tuple[int, ...]]
 DEFAULT_HEAD_DIM = 64
 
 
-def heads_carry(argument: Optional[str], key: Optional[str] = None) -> Carry:
+def heads_carry(argument: Optional[str], key: Optional[str] = None, **more: Any) -> Carry:
     """``num_heads`` where the weights do not record it: 64-dim heads assumed."""
     return Carry("num_heads", key=key, argument=argument,
-                 default=lambda cfg: cfg.attn_dim // DEFAULT_HEAD_DIM if cfg.attn_dim % DEFAULT_HEAD_DIM == 0 else None)
+                 default=lambda cfg: cfg.attn_dim // DEFAULT_HEAD_DIM if cfg.attn_dim % DEFAULT_HEAD_DIM == 0 else None,
+                 **more)
 
 
 def count_blocks(shapes: Shapes, pattern: str, what: str, path: Optional[str]) -> int:

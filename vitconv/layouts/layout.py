@@ -248,6 +248,8 @@ class Layout:
                 continue
             if c.field == "num_heads" and probe.num_heads is not None:
                 continue
+            if c.shaped is not None and c.shaped(probe.shapes):
+                continue
             out.append(c.field)
         return out
 

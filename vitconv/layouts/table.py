@@ -193,6 +193,9 @@ class Carry:
     aliases: Optional[Mapping[Any, Any]] = None
     #: What a recorded value must also be, beyond its type: ``(in words, test)``.
     check: Optional[Tuple[str, Callable[[Any], bool]]] = None
+    #: Whether a file's tensors (key -> shape) record the value, so that nothing is assumed where
+    #: its config.json is absent: BEiT's relative position tables have a column per head.
+    shaped: Optional[Callable[[Mapping[str, Tuple[int, ...]]], bool]] = None
 
     def __post_init__(self) -> None:
         if self.argument is not None and not self.argument.isidentifier():
