@@ -139,3 +139,24 @@ def test_what_hugging_face_cannot_hold_is_refused_by_name(tmp_path):
     with pytest.raises(MappingError, match="classifier='gap'"):
         convert(gap, tmp_path / "x", ConvertOptions(to="hf"))
 
+
+
+def test_a_bare_vit_model_with_a_pooler_says_its_activation_is_assumed(tmp_path):
+    """ViTModel's pooler is tanh(Dense(class token)) unless config.json's pooler_act says
+    otherwise; its weights alone cannot say, so a read names the tanh it assumed (and a directory
+    recording another is refused)."""
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+               patch_size=8)
+    model = seeded(transformers.ViTModel(transformers.ViTConfig(**cfg, pooler_act="relu")))
+    model.save_pretrained(tmp_path / "src")
+    bare = tmp_path / "model.safetensors"
+    bare.write_bytes((tmp_path / "src" / "model.safetensors").read_bytes())
+    with open_checkpoint(bare) as c:
+        assert c.config.representation_size == 64
+        assert any(n.startswith("pooler_act='tanh' assumed") for n in c.notes), c.notes
+    with pytest.raises(MappingError, match="pooler_act 'relu'"):
+        open_checkpoint(tmp_path / "src")
+    tanh = seeded(transformers.ViTModel(transformers.ViTConfig(**cfg)))
+    tanh.save_pretrained(tmp_path / "tanh")
+    with open_checkpoint(tmp_path / "tanh") as c:
+        assert not any("pooler_act" in n for n in c.notes), c.notes

@@ -194,6 +194,15 @@ RESTATES = ("hidden_size", "num_hidden_layers", "intermediate_size", "image_size
             "qkv_bias", "pooler_output_size")
 
 
+def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
+    """A bare ViTModel's pooler: its activation (``pooler_act``) is not in the weights; tanh is
+    transformers' default and the one vitconv computes (Google's ``pre_logits``)."""
+    if cfg.representation_size and "pooler_act" not in config_json(probe):
+        return ["pooler_act='tanh' assumed: transformers' default, which the file does not record "
+                "(a ViTModel whose pooler uses another is not one vitconv computes)"]
+    return []
+
+
 def write_notes(cfg: ViTConfig) -> List[str]:
     notes = [f"config.json: hidden_act {ACT_TO_HF[cfg.act]!r}, layer_norm_eps {cfg.norm_eps:g} "
              "(Hugging Face's defaults are 'gelu' and 1e-12)"]
@@ -208,6 +217,6 @@ for _name, _description, _class in (("hf", "Hugging Face ViTForImageClassificati
                                     ("hf_model", "Hugging Face ViTModel (no classifier)", "ViTModel")):
     register(Layout(name=_name, target="hf", description=_description, table=lambda cfg, p=PREFIX[_name]: _table(p),
                     detect=detect(_name), infer=infer(_name), carries=carries(_name), containers=("dir",),
-                    directory_config=hf_config, write_notes=write_notes, restates=RESTATES,
+                    directory_config=hf_config, write_notes=write_notes, read_notes=read_notes, restates=RESTATES,
                     directory_files=hf_files, preprocessing=HF_VIT,
                     loads_with={"dir": f"transformers.{_class}.from_pretrained('{{path}}')"}))
