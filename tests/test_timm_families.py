@@ -104,17 +104,24 @@ def _timm_dir(path, arch: str, model_args: dict, model) -> None:
 NAFLEX = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, pos_embed_grid_size=(4, 4), num_classes=5)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(attn_pool_num_heads=4), dict(reg_tokens=0, attn_pool_num_heads=4),
-                                   dict(class_token=True, pool_include_prefix=True)])
-def test_naflexvit_attention_pool_as_its_config_says(extra, tmp_path):
+@pytest.mark.parametrize("arch,extra", [("naflexvit_base_patch16_map", dict()),
+                                        ("naflexvit_base_patch16_map", dict(attn_pool_num_heads=4)),
+                                        ("naflexvit_base_patch16_map", dict(reg_tokens=0, attn_pool_num_heads=4)),
+                                        ("naflexvit_base_patch16_map", dict(class_token=True, pool_include_prefix=True)),
+                                        ("naflexvit_base_patch16_gap", dict(act_layer="gelu_tanh"))])
+def test_naflexvit_directory_pools_as_its_config_says(arch, extra, tmp_path):
     """NaFlexVit's attention pool (naflexvit_base_patch16_map: one register token) attends to the
     patches only unless pool_include_prefix, with attn_pool_num_heads heads where given: a timm
-    directory's config.json says both, and the canonical model computes what timm does."""
-    model = seeded(timm.create_model("naflexvit_base_patch16_map", pretrained=False, **NAFLEX, **extra), scale=0.2)
-    _timm_dir(tmp_path / "src", "naflexvit_base_patch16_map", {**NAFLEX, "pos_embed_grid_size": [4, 4], **extra}, model)
+    directory's config.json says both, and the canonical model computes what timm does. A directory
+    that names its architecture is read as that one, not refused for the keys' other fits (the
+    aspect-preserving *_par_gap)."""
+    model = seeded(timm.create_model(arch, pretrained=False, **NAFLEX, **extra), scale=0.2)
+    _timm_dir(tmp_path / "src", arch, {**NAFLEX, "pos_embed_grid_size": [4, 4], **extra}, model)
     report = convert(tmp_path / "src", tmp_path / "c.safetensors")
     assert report.config.pool_heads == extra.get("attn_pool_num_heads", 0)
-    assert report.config.map_prefix == (extra.get("pool_include_prefix", False) or not report.config.num_prefix_tokens)
+    pooled = report.config
+    assert pooled.map_prefix == (extra.get("pool_include_prefix", False) or not pooled.num_prefix_tokens
+                                 or pooled.classifier != "map")
     with torch.no_grad():
         _close(load(tmp_path / "c.safetensors")(_x()), model(_x()))
     convert(tmp_path / "c.safetensors", tmp_path / "tdir", ConvertOptions(to="timm_naflexvit"))

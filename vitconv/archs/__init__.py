@@ -251,6 +251,8 @@ def resolve(layout: str, keys: Iterable[str], cfg: ViTConfig, open_fields: Seque
         undecided = [f for f in undecided if f not in sem.values]
     else:
         candidates, by_shape = fitting(layout, keys, cfg)
+        if sem.arch is not None:  # the file's config names its architecture: not one of the others
+            candidates = [a for a in candidates if a.name == sem.arch] or candidates
         told = {**{f: tuple(v) if isinstance(v, list) else v for f, v in given.items()},  # JSON lists: tuples
                 **({"num_heads": num_heads} if num_heads is not None else {})}
         agreeing = [a for a in candidates if all(a.value(f) == v for f, v in told.items()
