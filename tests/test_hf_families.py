@@ -22,6 +22,7 @@ from vitconv.conversion.loading import load
 from vitconv.errors import MappingError
 from vitconv.conversion.pipeline import convert, open_checkpoint
 from vitconv.conversion.options import ConvertOptions
+from vitconv.verification.verify import verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -104,6 +105,8 @@ def test_a_two_tower_checkpoint_converts_its_vision_tower(two_tower, tmp_path):
         want = model.get_image_features(pixel_values=_x(32))
         want = getattr(want, "pooler_output", want)
         _close(load(tmp_path / "v.safetensors")(_x(32)), want)
+    # verify's reference: the vision class, built with the projection width the two-tower config holds
+    assert verify(tmp_path / "full", tmp_path / "v.safetensors").ok
 
 
 def test_timm_and_hf_siglip_convert_into_each_other(tmp_path):

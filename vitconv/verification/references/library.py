@@ -352,6 +352,8 @@ def _hugging_face(src, ckpt: Checkpoint, directory: bool, stream: bool) -> Libra
     # BEiT's model classes: with the pooler exactly where the file has its norm (a mean-pooling
     # model without one has no final norm: from_pretrained would make a fresh one)
     pooler = {"add_pooling_layer": cfg.final_norm != "none"} if cls in ("BeitModel", "Data2VecVisionModel") else {}
+    if layout == "hf_clip_proj":  # a CLIPModel's config.json holds projection_dim outside its vision_config
+        pooler["projection_dim"] = cfg.num_classes
     model, streamed = _from_pretrained(transformers, cls, src, ckpt, stream, **pooler)
     own = cfg.image_size  # DINOv2 always resizes its table; the others when asked to; Aimv2 never (a native
     # one generates its table for any grid)
