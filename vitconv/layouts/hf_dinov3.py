@@ -111,7 +111,7 @@ CARRIES = (
     Carry("rope_theta", key="rope_theta", argument="rope_theta", default=100.0,
           check=("a positive number", lambda v: v > 0)),
 )
-_ROPE_THETA = CARRIES[-1]
+_ROPE_THETA = next(c for c in CARRIES if c.field == "rope_theta")
 
 
 def detect(probe: Probe) -> bool:

@@ -192,6 +192,7 @@ def mlp_ratio(cfg: ViTConfig) -> float:
 def model_args(cfg: ViTConfig) -> Dict[str, Any]:
     """``NaFlexVitCfg`` fields (and ``in_chans``, ``num_classes``) under which timm's NaFlexVit
     computes what the canonical model does; each is set, whatever the architecture's defaults."""
+    pool = {TIMM_MAP_PREFIX.argument: cfg.map_prefix, "attn_pool_num_heads": cfg.pool_heads or None}
     return dict(patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
                 embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=mlp_ratio(cfg),
                 qkv_bias=cfg.qkv_bias, init_values=1e-5 if cfg.layer_scale else None, class_token=cfg.class_token,
@@ -199,8 +200,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                 pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
                 global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
                 fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
-                act_layer=cfg.act, **({TIMM_MAP_PREFIX.argument: cfg.map_prefix, "attn_pool_num_heads": cfg.pool_heads or None}
-                                      if cfg.classifier == "map" else {}))
+                act_layer=cfg.act, **(pool if cfg.classifier == "map" else {}))
 
 
 def architecture(cfg: ViTConfig) -> str:

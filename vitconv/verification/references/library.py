@@ -33,7 +33,7 @@ from vitconv.conversion.pipeline import Checkpoint
 from vitconv.layouts import timm_eva
 from vitconv.layouts.timm import architecture, model_args
 from vitconv.layouts.timm_beit import model_args as beit_args
-from vitconv.layouts.timm_naflexvit import INTERP
+from vitconv.layouts.timm_naflexvit import model_args as naflex_args
 from vitconv.formats.hf_dir import CONFIG_JSON
 from vitconv.formats.open import open_source
 
@@ -430,14 +430,9 @@ def _naflexvit(src, ckpt: Checkpoint, directory: bool, stream: bool) -> LibraryR
     import torch
     from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
 
-    nf = NaFlexVitCfg(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-                      mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
-                      init_values=1.0 if cfg.layer_scale else None, class_token=cfg.class_token,
-                      reg_tokens=cfg.num_reg_tokens, pos_embed_grid_size=(cfg.grid_size, cfg.grid_size),
-                      pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
-                      global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
-                      fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
-                      act_layer=cfg.act, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in naflex_args(cfg).items()
+            if k not in ("in_chans", "num_classes")}  # what a timm directory of it would record
+    nf = NaFlexVitCfg(**args, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps))
     model, streamed = _built(lambda: NaFlexVit(nf, in_chans=cfg.in_chans, num_classes=cfg.num_classes), ckpt, src,
                              stream)
     return LibraryReference("timm NaFlexVit, built with the arguments vitconv read (the file records none)", cfg,
