@@ -127,7 +127,7 @@ HF_VARIANTS = {
 
 def test_a_bare_hf_dinov3_file_says_what_it_assumed_and_takes_what_it_cannot_say(tmp_path):
     """DINOv3ViTModel's weights without their config.json record neither the head count nor the
-    activation, epsilon or rotary base (the 7B model's gated MLP with SiLU): a read says each value
+    activation, epsilon or rotary base (here a gated MLP with SiLU): a read says each value
     it took from DINOv3ViTConfig's defaults, computes something else with them, and given the
     model's own (--num-heads, --set) computes what transformers does."""
     extra = dict(use_gated_mlp=True, hidden_act="silu", intermediate_size=96, layer_norm_eps=1e-2, rope_theta=7.0)
