@@ -215,8 +215,9 @@ def test_pre_logits_is_refused_where_timm_would_drop_it(tmp_path):
 
 def test_verify_builds_naflexvit_with_its_pooling_for_a_bare_file(tmp_path):
     """verify's reference for a bare NaFlexVit file is timm's NaFlexVit built with what vitconv
-    read, its pooling included (the register token left out, the pool's own heads): it computes
-    the timm model's function, and the converted file agrees with it stage by stage."""
+    read, its pooling included (the register token left out, as every architecture with these keys
+    does: vitconv/archs/table.json; the pool's own heads, told): it computes the timm model's
+    function, and the converted file agrees with it stage by stage."""
     from vitconv.verification.references.library import open_reference
     from vitconv.verification.verify import seeded_images, verify
 
@@ -224,10 +225,12 @@ def test_verify_builds_naflexvit_with_its_pooling_for_a_bare_file(tmp_path):
                                      attn_pool_num_heads=4), scale=0.2)
     bare = tmp_path / "t.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
-    told = dict(num_heads=2, overrides={"pool_heads": 4, "map_prefix": False, "pos_resize": "bicubic_aa"})
+    told = dict(num_heads=2, overrides={"pool_heads": 4, "pos_resize": "bicubic_aa"})
     convert(bare, tmp_path / "c.safetensors", ConvertOptions(**told))
     report = verify(bare, tmp_path / "c.safetensors", **told)
     assert report.ok and "NaFlexVit" in report.reference, report.lines()
+    # the architectures whose keys fit (naflexvit_base_patch16_map) leave the register token out
+    assert report.semantics["map_prefix"] == {"value": False, "from": "table"}, report.semantics
     images = seeded_images(2, 32, 3, 0)
     with open_checkpoint(bare, ReadOptions(**told)) as ckpt:
         got = open_reference(bare, ckpt).forward_stages(images)["logits"]

@@ -25,7 +25,7 @@ from vitconv.errors import BadInputError, MappingError
 
 TABLE = Path(__file__).with_name("table.json")
 #: The config fields a table row supplies to a file that leaves them open.
-FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm", "pos_resize", "rope_theta", "rope",
+FIELDS = ("act", "norm_eps", "num_heads", "classifier", "final_norm", "pos_resize", "map_prefix", "rope_theta", "rope",
           "rope_ref_grid", "rope_grid_offset", "rope_indexing", "rope_half", "pool_heads")
 #: The fields only a timm Eva row records: its rotary form and parameters (where vitconv computes
 #: them) and its attention pool's head count
@@ -65,6 +65,9 @@ class Arch:
     rope_theta: Optional[float] = None  # the rotary base (timm Eva's rope_temperature), where vitconv computes it
     #: the rest of a timm Eva's rotary parameters (:data:`ROPE_FIELDS`), where vitconv computes them
     rope: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: whether its attention pool attends to the prefix tokens, where it has both (timm's
+    #: ``pool_include_prefix``; None: no pool, no prefix token, or timm Eva's, which always does)
+    map_prefix: Optional[bool] = None
 
 
     def math(self, fields: Sequence[str]) -> Tuple[Any, ...]:
@@ -81,7 +84,8 @@ class Arch:
             value = self.rope.get(name)
             return tuple(value) if isinstance(value, list) else value
         return {"act": self.act, "norm_eps": self.norm_eps, "num_heads": self.heads, "classifier": self.classifier,
-                "final_norm": self.final_norm, "pos_resize": self.pos_resize, "rope_theta": self.rope_theta}[name]
+                "final_norm": self.final_norm, "pos_resize": self.pos_resize, "rope_theta": self.rope_theta,
+                "map_prefix": self.map_prefix}[name]
 
 
 @lru_cache(maxsize=1)
@@ -96,7 +100,7 @@ def table() -> Dict[str, Arch]:
                               tuple(r.get("features") or ()), sigs[r["sig"]] if "sig" in r else None, r.get("why", ""),
                               bool(r.get("swiglu")), r.get("classifier"), r.get("final_norm"),
                               r.get("pos_resize"), r.get("rope_theta"),
-                              {f: r[f] for f in ROPE_FIELDS if f in r})
+                              {f: r[f] for f in ROPE_FIELDS if f in r}, r.get("map_prefix"))
     return out
 
 

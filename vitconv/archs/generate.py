@@ -249,15 +249,17 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         eva = type(model).__name__ == "Eva"  # its own layout, with what a bare file cannot say of it
         rope = eva_rope(model) or {}
         extra: Dict[str, Any] = {}
+        pool = getattr(model, "attn_pool", None)
         if naflex:
             grid = embed.pos_embed_grid_size if embed.pos_embed_type == "learned" else None
             extra = {"layout": "timm_naflexvit", "image_size": int(grid[0] * patch[0]) if grid else None,
                      "features": sorted(set(_features(model, b) + _naflex_features(embed))),
                      "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
         elif eva:
-            pool = getattr(model, "attn_pool", None)
             extra = {**rope, "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool),
                      "pool_heads": int(pool.num_heads) if pool is not None and pool.num_heads != attn.num_heads else 0}
+        if pool is not None and getattr(model, "num_prefix_tokens", 0) and not eva:  # Eva's pool takes them all
+            extra["map_prefix"] = bool(model.pool_include_prefix)
         rows.append({
             **extra, "name": name, "source": "timm",
             "layout": "timm_eva" if eva else ("timm_beit" if type(model).__name__ == "Beit" else "timm"),
