@@ -128,11 +128,16 @@ def test_dinov2_with_registers_needs_class_only_rows_which_timm_lacks(tmp_path):
     vitconv does not fold: the refusal names the field."""
     model = seeded(_dinov2())
     sd = model.state_dict()
+    torch.save(sd, tmp_path / "plain.pth")
     sd["register_tokens"] = torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(3))
     torch.save(sd, tmp_path / "reg.pth")
     with open_checkpoint(tmp_path / "reg.pth") as c:
         assert c.config.num_reg_tokens == 4 and c.config.pos_embed_prefix == "class"
         assert c.config.pos_resize == "bicubic_aa"
+        # the released *_reg models' resize, which the constructor's defaults do not give: said
+        assert any(n.startswith("pos_resize='bicubic_aa' assumed at other resolutions") for n in c.notes), c.notes
+    with open_checkpoint(tmp_path / "plain.pth") as c:
+        assert not any("pos_resize" in n for n in c.notes), c.notes
     with pytest.raises(MappingError, match="pos_embed_prefix='class'"):
         convert(tmp_path / "reg.pth", tmp_path / "t.safetensors", ConvertOptions(to="timm"))
     assert convert(tmp_path / "reg.pth", tmp_path / "hf").target_layout == "hf_dinov2_reg"

@@ -97,6 +97,16 @@ def infer_config(probe: Probe) -> ViTConfig:
                  mlp="swiglu" if swiglu else "mlp", pos_resize="bicubic_aa" if regs else "dinov2")
 
 
+def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
+    """A register model's resize at another resolution is the released ``*_reg`` backbones': the
+    file cannot say it, and ``DinoVisionTransformer``'s own defaults resize otherwise."""
+    if not cfg.num_reg_tokens:
+        return []
+    return ["pos_resize='bicubic_aa' assumed at other resolutions: the released *_reg backbones' "
+            "interpolate_antialias=True, interpolate_offset=0.0 (DinoVisionTransformer's defaults, False and "
+            "0.1, resize otherwise); the native resolution is unaffected"]
+
+
 def write_notes(cfg: ViTConfig) -> List[str]:
     args = [f"img_size={cfg.image_size}", f"patch_size={cfg.patch_size}", f"embed_dim={cfg.width}",
             f"depth={cfg.depth}", f"num_heads={cfg.num_heads}",
@@ -110,4 +120,4 @@ def write_notes(cfg: ViTConfig) -> List[str]:
 
 register(Layout(name="dinov2", description="original DINOv2 torch-hub backbone (DinoVisionTransformer)",
                 table=lambda cfg: _table(), detect=detect, infer=infer_config, carries=CARRIES,
-                write_notes=write_notes, preprocessing=DINOV2))
+                write_notes=write_notes, read_notes=read_notes, preprocessing=DINOV2))
