@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from vitconv.archs import TABLE, signature
+from vitconv.layouts.inference import TIMM_POOLS
 #: timm modules whose models are read (the others have keys vitconv's layouts never match).
 TIMM_MODULES = ("vision_transformer", "deit", "eva", "naflexvit", "beit")
 #: NaFlexVit's ``pos_embed_interp_mode`` (antialiased, corners not aligned) -> ``pos_resize``
@@ -256,7 +257,7 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                      "features": sorted(set(_features(model, b) + _naflex_features(embed))),
                      "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
         elif eva:
-            extra = {**rope, "classifier": {"avg": "gap", "token": "token"}.get(model.global_pool, model.global_pool),
+            extra = {**rope, "classifier": TIMM_POOLS.get(model.global_pool, model.global_pool),
                      "pool_heads": int(pool.num_heads) if pool is not None and pool.num_heads != attn.num_heads else 0}
         if pool is not None and getattr(model, "num_prefix_tokens", 0) and not eva:  # Eva's pool takes them all
             extra["map_prefix"] = bool(model.pool_include_prefix)

@@ -111,6 +111,8 @@ TIMM_MAP_PREFIX = Carry("map_prefix", key="model_args.pool_include_prefix", argu
 #: timm's pooling types vitconv computes (``global_pool``; '' returns every token, 'avgmax' and
 #: 'max' reduce otherwise).
 TIMM_POOLS = {"token": "token", "avg": "gap", "map": "map"}
+#: canonical classifier -> the ``global_pool`` timm's constructors take for it.
+TIMM_GLOBAL_POOL = {v: k for k, v in TIMM_POOLS.items()}
 
 
 def timm_map_prefix(args: Mapping[str, Any], classifier: str, prefix: int, path: Optional[str]) -> bool:

@@ -38,9 +38,9 @@ from vitconv.config import ACTIVATIONS, ViTConfig
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.table import Carry, Rule, fill
-from vitconv.layouts.inference import (TIMM_MAP_PREFIX, build, config_json, count_blocks, heads_carry, heads_from_attn_dim,
-                                       need, timm_directory_config, timm_map_prefix, timm_model_args, timm_named_arch,
-                                       timm_recorded_heads)
+from vitconv.layouts.inference import (TIMM_GLOBAL_POOL, TIMM_MAP_PREFIX, build, config_json, count_blocks,
+                                       heads_carry, heads_from_attn_dim, need, timm_directory_config, timm_map_prefix,
+                                       timm_model_args, timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.table import ALWAYS, FINAL_NORM, LAYERNORM, MAP, When
@@ -286,14 +286,14 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                               # timm's SwiGLU makes each of fc1_g, fc1_x int(width * mlp_ratio) wide
                               mlp_ratio=(cfg.mlp_dim if cfg.swiglu_unpacked else cfg.mlp_in_dim) / cfg.width,
                               qkv_bias=cfg.qkv_bias, act_layer=cfg.act)
-    kw["global_pool"] = {"token": "token", "gap": "avg", "map": "map"}[cfg.classifier]
+    kw["global_pool"] = TIMM_GLOBAL_POOL[cfg.classifier]
     if not cfg.class_token:
         kw["class_token"] = False
     if cfg.classifier == "gap":
         kw["fc_norm"] = cfg.final_norm == "pooled"
     if cfg.num_reg_tokens:
         kw["reg_tokens"] = cfg.num_reg_tokens
-    if cfg.classifier == "map":
+    if TIMM_MAP_PREFIX.written.holds(cfg):
         kw[TIMM_MAP_PREFIX.argument] = cfg.map_prefix
     if cfg.pos_embed_prefix == "none":
         kw["no_embed_class"] = True

@@ -44,8 +44,9 @@ from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Usage
 from vitconv import archs
 from vitconv.layouts.table import Carry, Rule, read_arguments, recorded_arguments
-from vitconv.layouts.inference import (build, count_blocks, heads_carry, heads_from_attn_dim, need, timm_directory_config,
-                        timm_model_args, timm_named_arch, timm_recorded_heads)
+from vitconv.layouts.inference import (TIMM_GLOBAL_POOL, TIMM_POOLS, build, count_blocks, heads_carry,
+                                       heads_from_attn_dim, need, timm_directory_config, timm_model_args,
+                                       timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT, Q_V_BIAS, QKV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.table import ALWAYS, FINAL_NORM, MAP, When
@@ -321,7 +322,7 @@ def infer_config(probe: Probe) -> ViTConfig:
         raise MappingError(f"rope.freqs {tuple(freqs)} is not (2, depth {depth}, heads {heads}, head_dim/2 "
                            f"{head_dim // 2})", path)
     pool = "map" if _P + "latent" in shapes else args.get("global_pool", "avg")
-    if pool not in ("avg", "token", "map"):
+    if pool not in TIMM_POOLS:
         raise MappingError(f"config.json: global_pool {pool!r}: the canonical model pools 'avg', 'token' or "
                            "'map'", path)
     pool_heads = args.get("attn_pool_num_heads") if pool == "map" else None
@@ -338,7 +339,7 @@ def infer_config(probe: Probe) -> ViTConfig:
         size = patch * max(224 // patch, 1)
     return build(probe, image_size=size,
                  patch_size=patch, in_chans=in_chans, width=width, depth=depth, num_heads=heads, head_dim=head_dim,
-                 mlp_dim=fc2[1], classifier={"avg": "gap"}.get(pool, pool), pool_heads=pool_heads or 0, num_classes=head[0] if head else 0,
+                 mlp_dim=fc2[1], classifier=TIMM_POOLS[pool], pool_heads=pool_heads or 0, num_classes=head[0] if head else 0,
                  qkv_bias=qkv_bias, key_bias=key_bias or not qkv_bias, norm_eps=eps,
                  act="silu" if swiglu else "gelu", final_norm=final, layer_scale=layer_scale,
                  class_token=class_token, num_reg_tokens=regs, mlp="swiglu" if swiglu else "mlp",
@@ -382,7 +383,7 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                               num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, qkv_fused=not cfg.qkv_unfused,
                               attn_type="rope" if cfg.qkv_bias and cfg.key_bias else "eva",
                               init_values=1e-5 if cfg.layer_scale else None,
-                              global_pool={"gap": "avg"}.get(cfg.classifier, cfg.classifier),
+                              global_pool=TIMM_GLOBAL_POOL[cfg.classifier],
                               use_fc_norm=cfg.final_norm == "pooled",
                               use_post_transformer_norm=cfg.final_norm == "encoder",
                               use_pre_transformer_norm=cfg.norm_pre, class_token=cfg.class_token,

@@ -36,9 +36,9 @@ from vitconv.config import ACTIVATIONS, ViTConfig
 from vitconv.errors import MappingError
 from vitconv.layouts.table import Carry, Rule
 from vitconv.runtime.preprocess import Usage
-from vitconv.layouts.inference import (TIMM_MAP_PREFIX, build, count_blocks, heads_carry, heads_from_attn_dim, need,
-                                       patch_from_columns, timm_directory_config, timm_map_prefix, timm_model_args,
-                                       timm_named_arch, timm_recorded_heads)
+from vitconv.layouts.inference import (TIMM_GLOBAL_POOL, TIMM_MAP_PREFIX, build, count_blocks, heads_carry,
+                                       heads_from_attn_dim, need, patch_from_columns, timm_directory_config,
+                                       timm_map_prefix, timm_model_args, timm_named_arch, timm_recorded_heads)
 from vitconv.layouts.transforms import IDENTITY, PATCH_LINEAR, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.timm import _table as _timm_table
@@ -198,9 +198,9 @@ def model_args(cfg: ViTConfig) -> Dict[str, Any]:
                 qkv_bias=cfg.qkv_bias, init_values=1e-5 if cfg.layer_scale else None, class_token=cfg.class_token,
                 reg_tokens=cfg.num_reg_tokens, pos_embed_grid_size=[cfg.grid_size, cfg.grid_size],
                 pos_embed_interp_mode={v: k for k, v in INTERP.items()}[cfg.pos_resize],
-                global_pool={"token": "token", "gap": "avg", "map": "map"}[cfg.classifier],
+                global_pool=TIMM_GLOBAL_POOL[cfg.classifier],
                 fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", pre_norm=cfg.norm_pre,
-                act_layer=cfg.act, **(pool if cfg.classifier == "map" else {}))
+                act_layer=cfg.act, **(pool if TIMM_MAP_PREFIX.written.holds(cfg) else {}))
 
 
 def architecture(cfg: ViTConfig) -> str:
