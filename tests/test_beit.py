@@ -145,7 +145,7 @@ def test_a_bare_timm_beit_state_dict_says_what_it_assumes(tmp_path):
     with open_checkpoint(tmp_path / "m.safetensors") as c:
         assert c.config.norm_eps == 1e-6
         # said, with the timm architectures whose keys fit (every one of them 1e-6)
-        assert any("norm_eps=1e-06: what every architecture whose keys and shapes fit computes (7: beit_base"
+        assert any("norm_eps=1e-06: what every architecture with these keys computes (7: beit_base"
                    in n for n in c.notes), c.notes
     with torch.no_grad():
         want = model(_x(32))

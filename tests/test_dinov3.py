@@ -228,7 +228,7 @@ def test_a_bare_state_dict_says_where_its_rotary_parameters_came_from(tmp_path):
         assert (c.config.rope, c.config.rope_theta, c.config.norm_eps) == ("dinov3", 100.0, 1e-5)
         said = " ".join(c.notes)
         assert "classifier='gap', norm_eps=1e-05, pool_heads=0, rope='dinov3', " in said, c.notes
-        assert "rope_theta=100.0: what every architecture whose keys and shapes fit computes" in said, c.notes
+        assert "rope_theta=100.0: what every architecture with these keys computes" in said, c.notes
         assert "native size 224 is assumed" in said, c.notes
     with open_checkpoint(tmp_path / "s.safetensors", ReadOptions(overrides={"rope_theta": 1000.0})) as c:
         assert c.config.rope_theta == 1000.0

@@ -44,6 +44,10 @@ FAMILIES = {
     "vit_so400m_patch14_siglip_224": (dict(), dict(act="gelu"), dict(classifier="map", mlp_dim=478)),
     "vit_base_patch16_224 avg": (dict(global_pool="avg", num_classes=10), {}, dict(
         class_token=True, classifier="gap", final_norm="pooled")),
+    # a class token without fc_norm: the keys of global_pool='token', which only the argument tells apart
+    "vit_base_patch16_224 avg no fc_norm": (dict(global_pool="avg", fc_norm=False, num_classes=10),
+                                            dict(classifier="gap"),
+                                            dict(class_token=True, classifier="gap", final_norm="encoder")),
     # timm's attention pool leaves the registers out (pool_include_prefix=False) unless told
     "vit_so150m_patch16_reg4_map_256": (dict(num_classes=10), {}, dict(classifier="map", num_reg_tokens=4,
                                                                       map_prefix=False)),
@@ -108,7 +112,9 @@ NAFLEX = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, pos
                                         ("naflexvit_base_patch16_map", dict(attn_pool_num_heads=4)),
                                         ("naflexvit_base_patch16_map", dict(reg_tokens=0, attn_pool_num_heads=4)),
                                         ("naflexvit_base_patch16_map", dict(class_token=True, pool_include_prefix=True)),
-                                        ("naflexvit_base_patch16_gap", dict(act_layer="gelu_tanh"))])
+                                        ("naflexvit_base_patch16_gap", dict(act_layer="gelu_tanh")),
+                                        # the keys of token pooling: only global_pool says it
+                                        ("naflexvit_base_patch16_gap", dict(class_token=True, fc_norm=False))])
 def test_naflexvit_directory_pools_as_its_config_says(arch, extra, tmp_path):
     """NaFlexVit's attention pool (naflexvit_base_patch16_map: one register token) attends to the
     patches only unless pool_include_prefix, with attn_pool_num_heads heads where given: a timm
@@ -136,10 +142,14 @@ def test_naflexvit_directory_pools_as_its_config_says(arch, extra, tmp_path):
      "pool_include_prefix=True with global_pool='avg' (the mean over the prefix tokens too)"),
     ("naflexvit_base_patch16_gap", dict(class_token=True, pool_include_prefix=True, pos_embed_grid_size=(4, 4)),
      "pool_include_prefix=True with global_pool='avg'"),
+    # the class token normalised after pooling: fc_norm's keys are read as a mean's
+    ("vit_base_patch16_224", dict(global_pool="token", fc_norm=True),
+     "global_pool='token' but the weights have fc_norm, which vitconv reads with global_pool='avg' only"),
 ])
 def test_a_pooling_vitconv_does_not_compute_is_refused_by_name(arch, args, says, tmp_path):
-    """timm's other poolings (avgmax, max, a mean over the prefix tokens too) recorded in a
-    directory's config.json: refused in one line naming the argument, never read as plain avg."""
+    """timm's other poolings (avgmax, max, a mean over the prefix tokens too, the class token
+    normalised after pooling) recorded in a directory's config.json: refused in one line naming the
+    argument, never read as plain avg."""
     kw = {**SMALL, **args}
     model = timm.create_model(arch, pretrained=False, **kw)
     _timm_dir(tmp_path / "src", arch, {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}, model)
@@ -160,13 +170,44 @@ def test_bare_clip_state_dict_needs_its_epsilon_and_says_so(tmp_path):
         open_checkpoint(tmp_path / "clip.safetensors")
     with open_checkpoint(tmp_path / "clip.safetensors", ReadOptions(overrides={"act": "quick_gelu"})) as c:
         assert (c.config.act, c.config.norm_eps) == ("quick_gelu", 1e-5)
-        assert any("norm_eps=1e-05: what every architecture whose keys and shapes fit computes" in n
+        assert any("norm_eps=1e-05: what every architecture with these keys computes" in n
                    for n in c.notes), c.notes
     with torch.no_grad():
         wrong = load(tmp_path / "clip.safetensors", act="gelu", norm_eps=1e-6)(_x())
         assert (wrong - model(_x())).abs().max().item() > 1e-3
         right = load(tmp_path / "clip.safetensors", **unsaid)(_x())
         _close(right, model(_x()))
+
+
+def test_bare_file_names_the_pooling_its_keys_leave_open(tmp_path):
+    """A class token and no fc_norm are the keys of global_pool='token' and of 'avg' with
+    fc_norm=False alike. Every timm architecture with those keys pools the class token, so a bare
+    file reads as token pooling and the note names it; an avg-pooled one is then far off timm,
+    and told --set classifier=gap it matches; written back as a bare file, the note says the argument
+    in timm's spelling. Its directory records global_pool and reads as gap
+    with no note. A file whose tensors show the pooling (fc_norm) names none."""
+    extra, unsaid, _ = FAMILIES["vit_base_patch16_224 avg no fc_norm"]
+    model = _build("vit_base_patch16_224 avg no fc_norm", extra)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "avg.safetensors"))
+    with open_checkpoint(tmp_path / "avg.safetensors") as c:
+        assert c.config.classifier == "token"
+        assert any("classifier='token'" in n and "what every architecture with these keys computes" in n
+                   and "none has this file's sizes" in n for n in c.notes), c.notes
+    with torch.no_grad():
+        want = model(_x())
+        assert (load(tmp_path / "avg.safetensors")(_x()) - want).abs().max().item() > 1e-2
+        _close(load(tmp_path / "avg.safetensors", **unsaid)(_x()), want)
+    convert(tmp_path / "avg.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides=unsaid))
+    back = convert(tmp_path / "c.safetensors", tmp_path / "back.safetensors", ConvertOptions(to="timm"))
+    assert "classifier='gap' is not recorded in a bare timm state dict: pass global_pool='avg'" in back.notes
+    _timm_dir(tmp_path / "dir", "vit_base_patch16_224", {**SMALL, **extra}, model)
+    with open_checkpoint(tmp_path / "dir") as c:
+        assert c.config.classifier == "gap"
+        assert not any("classifier" in n for n in c.notes), c.notes
+    shown = _build("vit_base_patch16_224 avg", FAMILIES["vit_base_patch16_224 avg"][0])
+    save_file({k: v.contiguous() for k, v in shown.state_dict().items()}, str(tmp_path / "fc.safetensors"))
+    with open_checkpoint(tmp_path / "fc.safetensors") as c:
+        assert c.config.classifier == "gap" and not any("classifier" in n for n in c.notes), c.notes
 
 
 def test_set_refuses_fields_the_file_records(tmp_path):

@@ -169,7 +169,7 @@ def test_inspect_says_where_heads_and_activation_come_from(tmp_path):
     _save(model, tmp_path / "t.safetensors")
     bare = {a["name"]: a for a in inspect_checkpoint(tmp_path / "t.safetensors").to_dict()["architecture"]}
     assert bare["num_heads"]["source"].startswith("assumed: 64-dim heads")
-    assert bare["act"]["source"].startswith("the architecture table: every architecture whose keys and shapes fit")
+    assert bare["act"]["source"].startswith("the architecture table: every architecture with these keys")
     convert(golden_path(CASES["tiny_token_p8_32"]["checkpoint"]), tmp_path / "tdir", ConvertOptions(to="timm"))
     rows = {a["name"]: a for a in inspect_checkpoint(tmp_path / "tdir").to_dict()["architecture"]}
     assert rows["num_heads"]["value"] == 3 and rows["num_heads"]["source"] == "config.json model_args.num_heads"

@@ -59,7 +59,7 @@ class Arch:
     keys: Optional[FrozenSet[str]] = None  # the key signature (None: always read with a config)
     why: str = ""  # a hand-written row: why
     swiglu: bool = False  # fc1 holds gate and up (timm SwiGLUPacked)
-    classifier: Optional[str] = None  # where the file's keys cannot say (OpenCLIP pool_type)
+    classifier: Optional[str] = None  # the pooling (OpenCLIP's pool_type, timm's global_pool)
     final_norm: Optional[str] = None  # likewise (OpenCLIP final_ln_after_pool)
     pos_resize: Optional[str] = None  # where the layout's code takes it as an argument (timm NaFlexVit)
     rope_theta: Optional[float] = None  # the rotary base (timm Eva's rope_temperature), where vitconv computes it
@@ -160,12 +160,24 @@ def fitting(layout: str, keys: Iterable[str], cfg: ViTConfig) -> Tuple[List[Arch
 class Semantics:
     """What a read decided for the fields a file leaves open: the values to set (``values``),
     where each semantic field came from (``sources``: field -> a :data:`SOURCES` tag), the
-    architecture named (``arch``) and the fitting candidates (``candidates``)."""
+    architecture named (``arch``) and the fitting candidates (``candidates``, ``by_shape``)."""
 
     values: Dict[str, Any] = field(default_factory=dict)
     sources: Dict[str, str] = field(default_factory=dict)
     arch: Optional[str] = None
     candidates: List[str] = field(default_factory=list)
+    #: whether the candidates have the file's width, patch and MLP size too, not only its keys
+    by_shape: bool = True
+
+    @property
+    def fit(self) -> str:
+        """How the candidates fit the file, in words."""
+        return "whose keys and shapes fit" if self.by_shape else "with these keys"
+
+    @property
+    def caveat(self) -> str:
+        """What a value from candidates that fit by keys alone cannot promise ('' where the shapes fit)."""
+        return "" if self.by_shape else "; none has this file's sizes, and a model of its own may differ"
 
     @property
     def assumed(self) -> List[str]:
@@ -262,7 +274,7 @@ def resolve(layout: str, keys: Iterable[str], cfg: ViTConfig, open_fields: Seque
         agreeing = [a for a in candidates if all(a.value(f) == v for f, v in told.items()
                                                  if f in FIELDS and (f != "num_heads" or by_shape))]
         candidates = agreeing or candidates
-        sem.candidates = sorted(a.name for a in candidates)
+        sem.candidates, sem.by_shape = sorted(a.name for a in candidates), by_shape
         fields = [f for f in undecided if (f != "num_heads" or by_shape)
                   and any(a.says(f) for a in candidates)]
         why = ambiguity(candidates, fields) if candidates else None

@@ -255,10 +255,13 @@ def timm_rows(names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             grid = embed.pos_embed_grid_size if embed.pos_embed_type == "learned" else None
             extra = {"layout": "timm_naflexvit", "image_size": int(grid[0] * patch[0]) if grid else None,
                      "features": sorted(set(_features(model, b) + _naflex_features(embed))),
-                     "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode)}
+                     "pos_resize": NAFLEX_RESIZES.get(embed.pos_embed_interp_mode),
+                     "classifier": TIMM_POOLS.get(model.global_pool, model.global_pool)}
         elif eva:
             extra = {**rope, "classifier": TIMM_POOLS.get(model.global_pool, model.global_pool),
                      "pool_heads": int(pool.num_heads) if pool is not None and pool.num_heads != attn.num_heads else 0}
+        elif type(model).__name__ != "Beit":  # with a class token and no fc_norm, only this says 'token' or 'avg'
+            extra = {"classifier": TIMM_POOLS.get(model.global_pool, model.global_pool)}
         if pool is not None and getattr(model, "num_prefix_tokens", 0) and not eva:  # Eva's pool takes them all
             extra["map_prefix"] = bool(model.pool_include_prefix)
         rows.append({

@@ -455,8 +455,8 @@ def _read_notes(ckpt: Checkpoint, probe: Probe) -> List[str]:
         notes.append(f"read as --arch {sem.arch}")
     if "table" in by:
         names = sem.candidates
-        notes.append(f"{said(by['table'])}: what every architecture whose keys and shapes fit computes "
-                     f"({len(names)}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+        notes.append(f"{said(by['table'])}: what every architecture {sem.fit} computes "
+                     f"({len(names)}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''}){sem.caveat}")
     rest = [f for f in by.get("assumed", []) + by.get("default", []) if f != "num_heads"]
     if rest:
         contested = [f for f in rest if sem.sources[f] == "assumed" and f in archs.FIELDS]  # the table says so

@@ -115,17 +115,50 @@ TIMM_POOLS = {"token": "token", "avg": "gap", "map": "map"}
 TIMM_GLOBAL_POOL = {v: k for k, v in TIMM_POOLS.items()}
 
 
-def timm_map_prefix(args: Mapping[str, Any], classifier: str, prefix: int, path: Optional[str]) -> bool:
-    """``map_prefix`` of a timm model whose tensors show ``classifier`` and ``prefix`` prefix
-    tokens, from its ``model_args`` (``global_pool``, ``pool_include_prefix``; timm's defaults where
-    they are silent); a pooling vitconv does not compute is refused, naming the argument."""
+def _timm_pool_implied(cfg: ViTConfig) -> str:
+    """The pooling timm's defaults give a model with ``cfg``'s tensors: what they show, else
+    ``global_pool='token'``."""
+    shown = cfg.classifier == "map" or not cfg.class_token or cfg.final_norm == "pooled"
+    return cfg.classifier if shown else "token"
+
+
+def timm_pool_carry(cls_key: str, key: Optional[str]) -> Carry:
+    """timm's ``global_pool`` (``VisionTransformer``, ``NaFlexVit``; ``cls_key``: where the class
+    token is). The tensors show an attention pool, a mean where there is no class token, and a
+    mean normalised after pooling (``fc_norm``); a class token without ``fc_norm`` is 'token' or
+    'avg' with ``fc_norm=False``, which only the argument says (``key``: a directory's ``model_args``)."""
+    return Carry("classifier", values=tuple(TIMM_GLOBAL_POOL), key=key, argument="global_pool",
+                 default=_timm_pool_implied, spelling=TIMM_GLOBAL_POOL,
+                 shaped=lambda shapes: (cls_key not in shapes or "fc_norm.weight" in shapes
+                                        or "attn_pool.latent" in shapes))
+
+
+def timm_pooling(shapes: Mapping[str, Tuple[int, ...]], args: Mapping[str, Any], cls_key: str,
+                 path: Optional[str]) -> str:
+    """The canonical classifier of a timm file (see :func:`timm_pool_carry`): what its tensors
+    show, else its ``model_args``' ``global_pool``, else timm's 'token'. A ``global_pool`` the
+    tensors contradict, or one vitconv does not compute, is refused naming it."""
     pool = args.get("global_pool")
     if pool is not None and (not isinstance(pool, str) or pool not in TIMM_POOLS):
         raise MappingError(f"config.json: global_pool {pool!r}: vitconv computes "
                            f"{', '.join(map(repr, TIMM_POOLS))} pooling", path)
-    if pool is not None and TIMM_POOLS[pool] != classifier and (pool == "map" or classifier == "map"):
-        raise MappingError(f"config.json says global_pool={pool!r} but the weights "
-                           f"{'have' if classifier == 'map' else 'lack'} an attention-pooling head", path)
+    if "attn_pool.latent" in shapes:
+        classifier, shown = "map", "have an attention-pooling head"
+    elif "fc_norm.weight" in shapes:  # timm's fc_norm=True with 'token' pools first: not read yet
+        classifier, shown = "gap", "have fc_norm, which vitconv reads with global_pool='avg' only"
+    elif cls_key not in shapes:
+        classifier, shown = "gap", "have no class token"
+    else:
+        classifier, shown = (TIMM_POOLS[pool] if pool else "token"), "lack an attention-pooling head"
+    if pool is not None and TIMM_POOLS[pool] != classifier:
+        raise MappingError(f"config.json says global_pool={pool!r} but the weights {shown}", path)
+    return classifier
+
+
+def timm_map_prefix(args: Mapping[str, Any], classifier: str, prefix: int, path: Optional[str]) -> bool:
+    """``map_prefix`` of a timm model whose tensors show ``classifier`` (:func:`timm_pooling`) and
+    ``prefix`` prefix tokens, from its ``model_args`` (``pool_include_prefix``; timm's default
+    where it is silent); a mean over the prefix tokens too is refused, naming the argument."""
     include = False
     if "pool_include_prefix" in args:
         include = TIMM_MAP_PREFIX.decode(args["pool_include_prefix"], "model_args.pool_include_prefix", path)

@@ -224,7 +224,7 @@ class Layout:
             if c.hardcoded is not None:  # code that fixes the value: what to do about it
                 out.append(f"{c.field}={value!r}, but the {self.name} code assumes {default!r}: {c.hardcoded}")
                 continue
-            how = f"pass {c.argument}={value!r}"
+            how = f"pass {c.argument}={(c.spelling or {}).get(value, value)!r}"  # as the code spells it
             if c.field == "num_heads":  # vitconv itself assumes 64-dim heads when reading
                 how += f", and --num-heads {value} when vitconv reads the file"
             out.append(f"{c.field}={value!r} is not recorded in a bare {self.name} state dict: {how}")

@@ -19,8 +19,8 @@ the two), ``embed_norm_layer`` (``patch_embed.norm``, before the table is added)
 ``fc1``); and ``qk_norm=True`` (``attn.q_norm``/``k_norm``: the model's norm over each head).
 
 A bare state dict records none of the constructor's semantic arguments: the heads, the
-activation, the epsilon and how the table is resized at another resolution (timm: bicubic
-with antialiasing) are the carries' arguments, which a timm directory's ``config.json`` keeps
+activation, the epsilon, how the table is resized at another resolution (timm: bicubic
+with antialiasing) and, for a class token without ``fc_norm``, the pooling are the carries' arguments, which a timm directory's ``config.json`` keeps
 (``model_args``). Refused on reading, naming the reason: timm's hybrid backbones, and the
 poolings the canonical model does not compute (``global_pool`` 'avgmax', 'max' or '', a mean
 that includes the prefix tokens).
@@ -40,7 +40,8 @@ from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.table import Carry, Rule, fill
 from vitconv.layouts.inference import (TIMM_GLOBAL_POOL, TIMM_MAP_PREFIX, build, config_json, count_blocks,
                                        heads_carry, heads_from_attn_dim, need, timm_directory_config, timm_map_prefix,
-                                       timm_model_args, timm_named_arch, timm_recorded_heads)
+                                       timm_model_args, timm_named_arch, timm_pool_carry, timm_pooling,
+                                       timm_recorded_heads)
 from vitconv.layouts.transforms import GLU_CONCAT, IDENTITY, Q_KV_CONCAT
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.table import ALWAYS, FINAL_NORM, LAYERNORM, MAP, When
@@ -124,7 +125,7 @@ def carries(layout: str) -> Tuple[Carry, ...]:
               argument="norm_layer", default=1e-6),
         Carry("pos_resize", hardcoded="timm resizes position tables bicubic with antialiasing "
               "(resample_abs_pos_embed): the native resolution is unaffected", default="bicubic_aa"),
-        Carry("classifier"), Carry("class_token"), Carry("final_norm"),
+        timm_pool_carry("cls_token", key("global_pool")), Carry("class_token"), Carry("final_norm"),
         Carry("representation_size", not_in_dir="timm's create_model(pretrained=True) drops pre_logits "
               "without a word, and its model has no such layer: the output would change"),
         Carry("qkv_bias"), Carry("distilled"), Carry("layer_scale"), Carry("num_reg_tokens"),
@@ -200,13 +201,8 @@ def infer(layout: str):
             raise MappingError("dist_token without cls_token: DeiT has both", path)
         if "head_dist.weight" in shapes and not distilled:
             raise MappingError("head_dist without dist_token", path)
-        fc_norm, attn_pool = "fc_norm.weight" in shapes, _P + "latent" in shapes
-        if attn_pool:
-            classifier = "map"
-        elif fc_norm or not token or args.get("global_pool") == "avg":
-            classifier = "gap"  # timm 'avg': the patch tokens' mean
-        else:
-            classifier = "token"
+        fc_norm = "fc_norm.weight" in shapes
+        classifier = timm_pooling(shapes, args, "cls_token", path)
         pos = need(shapes, pos_key, layout, path)
         prefix = int(token) + int(distilled) + regs
         map_prefix = timm_map_prefix(args, classifier, prefix, path)

@@ -38,7 +38,8 @@ from vitconv.layouts.table import Carry, Rule
 from vitconv.runtime.preprocess import Usage
 from vitconv.layouts.inference import (TIMM_GLOBAL_POOL, TIMM_MAP_PREFIX, build, count_blocks, heads_carry,
                                        heads_from_attn_dim, need, patch_from_columns, timm_directory_config,
-                                       timm_map_prefix, timm_model_args, timm_named_arch, timm_recorded_heads)
+                                       timm_map_prefix, timm_model_args, timm_named_arch, timm_pool_carry,
+                                       timm_pooling, timm_recorded_heads)
 from vitconv.layouts.transforms import IDENTITY, PATCH_LINEAR, LayoutOp
 from vitconv.layouts.layout import Layout, Probe, register
 from vitconv.layouts.timm import _table as _timm_table
@@ -90,7 +91,7 @@ CARRIES = (
     Carry("pos_resize", values=tuple(INTERP.values()), key="model_args.pos_embed_interp_mode",
           argument="pos_embed_interp_mode", default="bicubic_aa",
           why="NaFlexVit resizes its grid bicubic or bilinear, antialiased"),
-    Carry("classifier"), Carry("class_token"), Carry("final_norm"), Carry("qkv_bias"), Carry("layer_scale"),
+    timm_pool_carry(_E + "cls_token", "model_args.global_pool"), Carry("class_token"), Carry("final_norm"), Carry("qkv_bias"), Carry("layer_scale"),
     TIMM_MAP_PREFIX,
     Carry("pool_heads", key="model_args.attn_pool_num_heads", argument="attn_pool_num_heads", default=0,
           written=When("classifier", "==", "map")),
@@ -158,8 +159,8 @@ def infer(probe: Probe) -> ViTConfig:
     token = _E + "cls_token" in shapes
     reg = shapes.get(_E + "reg_token")
     regs = reg[1] if reg is not None and len(reg) == 3 else 0
-    fc_norm, attn_pool = "fc_norm.weight" in shapes, "attn_pool.latent" in shapes
-    classifier = "map" if attn_pool else ("gap" if fc_norm or not token else "token")
+    fc_norm = "fc_norm.weight" in shapes
+    classifier = timm_pooling(shapes, args, _E + "cls_token", path)
     pool_heads = args.get("attn_pool_num_heads") or 0
     if type(pool_heads) is not int or pool_heads < 0:
         raise MappingError(f"config.json: attn_pool_num_heads {pool_heads!r} is not a head count", path)

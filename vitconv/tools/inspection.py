@@ -222,8 +222,8 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
             told = (semantics.sources.get(c.field) if semantics else None) or "assumed"
             if c.field in assumed and told not in ("assumed", "default"):
                 sources[c.field] = (f"--arch {semantics.arch}" if told == "--arch" else
-                                    f"the architecture table: every architecture whose keys and shapes fit "
-                                    f"({len(semantics.candidates)}) has it" if told == "table" else told)
+                                    f"the architecture table: every architecture {semantics.fit} "
+                                    f"({len(semantics.candidates)}) has it{semantics.caveat}" if told == "table" else told)
             elif c.field in assumed:
                 sources[c.field] = (f"assumed: {'64-dim heads' if c.field == 'num_heads' else layout.name + ' default'}"
                                     f" (not stored in the file; {'--num-heads' if c.field == 'num_heads' else c.argument})")
