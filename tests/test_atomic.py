@@ -72,6 +72,30 @@ def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["m.pt", live.name, other.name, user.name])
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_an_input_named_like_a_stale_temporary_is_never_removed(suffix, tmp_path):
+    """A killed run's leftover converted again, to the output it was meant for: the input is
+    read, so it is not taken for a stale temporary (the writer used to delete it before reading
+    it, or after, leaving no input); a real leftover beside it still goes."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    made = tmp_path / f"made{suffix}"
+    if suffix == ".npz":
+        made.write_bytes(golden_path("jax/tiny_token_p8_32.npz").read_bytes())
+    else:
+        assert CliRunner().invoke(main, ["-q", "convert", str(golden_path("jax/tiny_token_p8_32.npz")),
+                                         str(made)]).exit_code == 0
+    src = tmp_path / f".m.safetensors.{dead.pid}.abcdefgh.tmp"
+    os.rename(made, src)
+    before = src.read_bytes()
+    leftover = tmp_path / f".m.safetensors.{dead.pid}.zyxwvut_.tmp"
+    leftover.write_bytes(b"half")
+    result = CliRunner().invoke(main, ["-q", "convert", str(src), str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert src.read_bytes() == before and (tmp_path / "m.safetensors").is_file()
+    assert not leftover.exists()
+
+
 def test_sigterm_unwinds_and_cleans_up(tmp_path):
     """The CLI turns SIGTERM into an exception, so the temp file goes as on Ctrl-C."""
     script = (

@@ -5,7 +5,8 @@ Temporary names are hidden and say whose they are: ``.{name}.{pid}.{random}.tmp`
 ``{suffix}`` instead of ``.tmp`` where a library picks its format by extension). A
 process killed with SIGKILL (or a power cut) cannot remove its own temporary file, so
 the next write to the same target removes those whose process no longer runs on this
-machine; a live writer's file is never touched. SIGTERM and Ctrl-C unwind normally
+machine; a live writer's file is never touched, nor one this process reads (an input the
+user named so, :func:`reading`). SIGTERM and Ctrl-C unwind normally
 (the CLI turns SIGTERM into an exception), so they clean up after themselves.
 """
 
@@ -21,7 +22,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Iterator, List, Sequence, Set, Tuple
 
 from vitconv.errors import OutputError
 
@@ -62,8 +63,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: What this process reads (device, inode): never removed as a stale temporary, whatever its name.
+_READING: Set[Tuple[int, int]] = set()
+
+
+def reading(path: os.PathLike | str) -> None:
+    """Say that this process reads ``path`` (a file or directory): an input named like a
+    temporary of an output (``.out.safetensors.999.abcdefgh.tmp``, a killed run's leftover the user
+    converts again) is then never taken for a stale one and removed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    _READING.add((st.st_dev, st.st_ino))
+
+
+def _read_here(path: Path) -> bool:
+    for look in (os.lstat, os.stat):
+        try:
+            st = look(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in _READING:
+            return True
+    return False
+
+
 def stale_temporaries(path: os.PathLike | str) -> List[Path]:
-    """Temporary files for ``path`` left by writers that no longer run (POSIX only)."""
+    """Temporary files for ``path`` left by writers that no longer run (POSIX only), less
+    anything this process reads (:func:`reading`)."""
     final = Path(path)
     directory = final.parent if str(final.parent) else Path(".")
     pattern = _tmp_pattern(final)
@@ -76,7 +104,7 @@ def stale_temporaries(path: os.PathLike | str) -> List[Path]:
     stale = []
     for name in names:
         m = pattern.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not _pid_alive(int(m.group(1))) and not _read_here(directory / name):
             stale.append(directory / name)
     return stale
 

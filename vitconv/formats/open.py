@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from vitconv.errors import BadInputError, first_line
+from vitconv.formats.atomic import reading
 from vitconv.formats.base import TensorSource
 from vitconv.formats.hf_dir import open_hf_dir
 from vitconv.formats.npz import NpzSource
@@ -30,6 +31,7 @@ def sniff(path: Path) -> str:
     """Format of ``path`` by its first bytes: ``zip`` (npz or torch zip), ``safetensors``,
     ``pickle`` (legacy torch), ``onnx``, ``dir``, ``index`` (a shard index); raises
     :class:`BadInputError` otherwise."""
+    reading(path)  # an input is never removed as an output's stale temporary
     if path.is_dir():
         return "dir"
     if not path.exists():
