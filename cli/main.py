@@ -126,7 +126,7 @@ class VitconvGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             text, code = failure(e)  # the text a batch row's failure has too
-            if isinstance(e, MemoryError):
+            if isinstance(e, MemoryError) or code == 2:  # not vitconv's bug: no traceback to offer
                 click.secho(f"vitconv: error: {text}", fg="red", err=True)
             else:
                 click.secho(f"vitconv: {text} (run with --debug for a traceback)", fg="red", err=True)

@@ -158,8 +158,47 @@ def _index_cycle(d: Path) -> Path:
     return _index(d, "a.safetensors.index.json", {"cls_token": "b.safetensors.index.json"})
 
 
+def _stored_as(d: Path, name: str, dtype: str) -> Path:
+    """The golden model with its head kernel stored as ``dtype``: nothing a writer takes."""
+    a = _golden()
+    a["head/kernel"] = np.full(a["head/kernel"].shape, "ab", "U2") if dtype == "U2" else a["head/kernel"].astype(dtype)
+    return _savez(d / f"{name}.npz", a)
+
+
+def _shape_past_int64(d: Path) -> Path:
+    """A member whose dimensions pass 2**63 while their product is 0 (the size check passes)."""
+    p = d / "past_int64.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        for k, v in _golden().items():
+            z.writestr(f"{k}.npy", _npy_header((2 ** 64, 2 ** 64, 0)) if k == "cls" else _npy(v))
+    return p
+
+
+def _preprocessor(d: Path, name: str, **values) -> Path:
+    """The golden model as a Hugging Face directory whose preprocessor_config.json has ``values``."""
+    out = _hf(d, name, lambda t: t)
+    doc = json.loads((out / "preprocessor_config.json").read_text())
+    doc.update(values)
+    (out / "preprocessor_config.json").write_text(json.dumps(doc).replace('"@@"', "1" + "0" * 400))
+    return out
+
+
 #: name -> (builder, words the one-line error must contain)
 CORPUS: Dict[str, Tuple[Callable[[Path], Path], str]] = {
+    # weights no writer takes: refused naming the key before any header is laid out
+    "dtype_text": (lambda d: _stored_as(d, "text", "U2"), "head/kernel has dtype <U2, expected floating point"),
+    "dtype_complex": (lambda d: _stored_as(d, "complex", "complex64"), "head/kernel has dtype complex64"),
+    "dtype_longdouble": (lambda d: _stored_as(d, "longdouble", "longdouble"), "expected floating point (float16"),
+    "shape_past_int64": (_shape_past_int64, "cls (18446744073709551616, 18446744073709551616, 0)"),
+    "preprocessor_zero_edge": (lambda d: _preprocessor(d, "zero_edge", do_center_crop=True,
+                                                       size={"shortest_edge": 0}, crop_size={"height": 32}),
+                               "preprocessor_config.json: unusable values (float division by zero)"),
+    "preprocessor_resample_list": (lambda d: _preprocessor(d, "resample_list", resample=[2]),
+                                   "resample [2] is not a PIL filter number"),
+    "preprocessor_400_digits": (lambda d: _preprocessor(d, "digits", image_mean=["@@", 0, 0]),
+                                "preprocessor_config.json: unusable values"),
+    "index_long_shard": (lambda d: _index(d, "long.safetensors.index.json", {"cls_token": "a" * 300 + ".safetensors"}),
+                         "named by the index is missing"),
     "forged_optimizer_member": (forged_optimizer_member, "declares float32(1099511627776,)"),
     "duplicate_member": (duplicate_member, "member 'cls' appears twice"),
     "npy_file": (npy_file, "not a checkpoint vitconv can read"),
@@ -257,6 +296,129 @@ def test_hostile_inputs_one_line_exit_2_bounded(corpus, tmp_path):
             failures.append(f"{name} {command}: exit {code}, stderr {stderr[-400:]!r}")
     assert not failures, "\n".join(failures)
     assert {n: _fingerprint(p) for n, p in corpus.items()} == before  # inputs untouched
+
+
+def _onnx_external(p: Path, location: str) -> Path:
+    """A one-node graph whose initializer's data lies in an external file named ``location``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = numpy_helper.from_array(np.zeros(4, np.float32), "w")
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", location
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)], "g",
+                              [x], [y], initializer=[t])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    p.write_bytes(model.SerializeToString())
+    return p
+
+
+def _tiff(p: Path, **save) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((23, 31, 3)) * 255).astype("uint8")).save(buf, "TIFF", **save)
+    return buf.getvalue()
+
+
+def _bad_huffman(p: Path) -> Path:
+    """A JPEG-compressed TIFF whose Huffman table is bogus: libtiff and libjpeg say so on fd 2."""
+    raw = bytearray(_tiff(p, compression="jpeg"))
+    raw[raw.index(b"\xff\xc4") + 4] = 0x7F  # the first DHT's class and id: none such
+    p.write_bytes(raw)
+    return p
+
+
+def _other_commands(d: Path) -> List[Tuple[str, List[object], str, str]]:
+    """``(case, args, name the line must show, words it must contain)`` for the commands
+    beyond inspect, convert and verify, each input made here."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "gray").save(d / "img.png")
+    golden_dir = d / "golden_bad"
+    golden_dir.mkdir()
+    (golden_dir / "manifest.json").write_text(json.dumps({"cases": [{"name": "a"}]}))
+    nested_dir = d / "golden_nested"
+    nested_dir.mkdir()
+    (nested_dir / "manifest.json").write_text(NESTED)
+    np.savez(d / "input.npz", x=np.zeros((1, 32, 32, 3), np.float32))
+    np.save(d / "logits.npy", np.zeros((1, 10), np.float32))
+    (d / "huge.npy").write_bytes(_npy_header((1 << 40,)) + bytes(64))
+    (d / "nested.jsonl").write_text(NESTED + "\n")
+    (d / "nested_set.jsonl").write_text(json.dumps({"src": str(GOLDEN), "dst": str(d / "o.safetensors"),
+                                                    "set": "act=" + "[" * 100_000}) + "\n")
+    (d / "wide.csv").write_text("src,dst\n" + "a" * 200_000 + ",o.safetensors\n")
+    long = d / ("a" * 300 + ".npz")
+    add = ["golden", "add", "c1", GOLDEN, "--expected-logits", d / "logits.npy", "--source", "t",
+           "--dir", d / "golden_new"]
+    return [
+        ("onnx_nul_location", ["verify", GOLDEN, _onnx_external(d / "nul.onnx", "w\x00.bin")], "nul.onnx",
+         "external data 'w\\x00.bin' is not a usable file name"),
+        ("onnx_long_location", ["predict", _onnx_external(d / "long.onnx", "a" * 5000), d / "img.png"], "long.onnx",
+         "is not a usable file name"),
+        ("tiff_bad_huffman", ["predict", GOLDEN, _bad_huffman(d / "huffman.tif")], "huffman.tif",
+         "image data is unreadable"),
+        ("golden_case_schema", ["golden", "check", "--dir", golden_dir], "manifest.json",
+         "case 1: 'checkpoint' missing or not a string"),
+        ("golden_nested", ["golden", "check", "--dir", nested_dir], "manifest.json", "nested deeper"),
+        ("golden_npz_input", [*add, "--input", d / "input.npz"], "input.npz", "an .npz archive, not one array"),
+        ("golden_forged_npy", [*add, "--input", d / "huge.npy"], "huge.npy", "not a readable .npy array"),
+        ("batch_nested_line", ["batch", d / "nested.jsonl"], "nested.jsonl", "nested deeper"),
+        ("batch_nested_set", ["batch", d / "nested_set.jsonl"], "nested_set.jsonl", "nested deeper"),
+        ("batch_wide_csv_field", ["batch", d / "wide.csv"], "wide.csv", "not CSV (field larger than field limit"),
+        ("name_too_long", ["inspect", long], "in/" + "a" * 40, "file name too long"),
+        ("image_size_1e30", ["convert", GOLDEN, d / "o.safetensors", "--image-size", 10 ** 30], GOLDEN.name,
+         "up to 8192"),
+        ("url_refused", ["convert", GOLDEN, "ftp://127.0.0.1:1/o.safetensors"], "ftp://127.0.0.1:1/o.safetensors",
+         "cannot connect"),
+    ]
+
+
+def test_other_commands_one_line_exit_2_bounded(tmp_path):
+    """predict, golden and batch on broken inputs, names the file system refuses, an
+    --image-size past any model and a URL nothing answers: each one stderr line (a C decoder's
+    own complaints on fd 2 included) naming the file, exit 2, never an internal error."""
+    d = tmp_path / "in"
+    d.mkdir()
+    cases = _other_commands(d)
+    before = _fingerprint(d)
+    results = _run([{"args": args} for _, args, _, _ in cases], tmp_path)
+    failures = []
+    for (case, _, shown, words), (code, _, stderr) in zip(cases, results):
+        lines = stderr.splitlines()
+        if not (code == 2 and len(lines) == 1 and lines[0].startswith("vitconv: error: ")
+                and shown in lines[0] and words in lines[0]):
+            failures.append(f"{case}: exit {code}, stderr {stderr[-300:]!r}")
+    assert not failures, "\n".join(failures)
+    assert _fingerprint(d) == before
+    assert not (d / "golden_new").exists() and not (d / "o.safetensors").exists()
+
+
+def test_odd_images_predict_quietly_within_the_limits(tmp_path):
+    """Legal, if odd: a TIFF whose EXIF block is corrupt (Pillow warns) and a 9400 px square
+    16-bit PNG, 172 KB on disk. Both predict with nothing on stderr under the 2 GiB limit; the
+    16-bit one is scaled to 8 bits a band at a time (it needed 2.5 GB as float64)."""
+    raw = bytearray(_tiff(tmp_path / "x.tif"))
+    raw[9] = 130  # the first directory's entry count: past the file, as EXIF data
+    (tmp_path / "exif.tif").write_bytes(raw)
+    side = 9400
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows = zlib.compress(b"".join(b"\0" + bytes(2 * side) for _ in range(side)), 9)
+    (tmp_path / "grey16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0,
+                                                                                        0, 0, 0))
+                                          + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    results = _run([{"args": ["predict", GOLDEN, tmp_path / "exif.tif"]},
+                    {"args": ["predict", GOLDEN, tmp_path / "grey16.png"]}], tmp_path)
+    for code, stdout, stderr in results:
+        assert code == 0 and stderr == "" and stdout, (code, stderr)
 
 
 def test_verify_checks_its_second_argument_before_any_work(corpus, tmp_path):

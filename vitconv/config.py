@@ -107,6 +107,10 @@ POOL_HEADS = ("siglip", "aimv2")
 #: ("pooled", timm's ``fc_norm``). For a class-token model the two are the same function
 #: (a LayerNorm acts on each token alone), and the config says "encoder" for both.
 FINAL_NORMS = ("encoder", "pooled", "none")
+#: Largest image side vitconv builds or feeds a model at (``--image-size``, an artifact's input
+#: dims, its metadata): a ViT at 8192 px has 262,144 patches of 16 px; a size past it is a typo,
+#: forged or broken, and would only exhaust memory.
+MAX_IMAGE_SIZE = 8192
 #: The values each text field may take (checked on construction, and by rule conditions).
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "classifier": CLASSIFIERS, "act": ACTIVATIONS, "final_norm": FINAL_NORMS, "pos_embed_prefix": POS_EMBED_PREFIXES,
@@ -657,6 +661,8 @@ def parse_settings(items: "typing.Iterable[str]") -> dict:
             raise ValueError(f"{item!r} is not FIELD=VALUE")
         try:
             out[name.strip()] = json.loads(value)
+        except RecursionError:
+            raise ValueError(f"{name.strip()}: the value is nested deeper than JSON's parser goes") from None
         except ValueError:
             out[name.strip()] = value
     return out

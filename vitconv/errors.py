@@ -12,6 +12,7 @@ the length.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Optional
 
@@ -50,11 +51,15 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 def failure(exc: BaseException) -> "tuple[str, int]":
     """``(one-line message, exit code)`` for an exception, as the CLI prints it: a
-    :class:`VitconvError` its own; out of memory; anything else an internal error (exit 1)."""
+    :class:`VitconvError` its own; out of memory; a file name the system refuses as too long (exit 2);
+    anything else an internal error (exit 1)."""
     if isinstance(exc, VitconvError):
         return str(exc), exc.exit_code
     if isinstance(exc, MemoryError):
         return "out of memory", 1
+    if (isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+            and isinstance(exc.filename, (str, bytes, os.PathLike))):  # a path given, or one a file names
+        return f"{one_line(os.fsdecode(exc.filename), 120)}: file name too long", 2
     return f"internal error: {type(exc).__name__}: {first_line(exc, 300)}", 1
 
 

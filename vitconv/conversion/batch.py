@@ -34,7 +34,7 @@ from vitconv.formats import storage
 from vitconv.conversion.service import convert
 from vitconv.conversion.options import ConvertOptions
 from vitconv.config import parse_settings
-from vitconv.errors import BadInputError, OutputError, VitconvError, failure, one_line
+from vitconv.errors import BadInputError, OutputError, VitconvError, failure, first_line, one_line
 from vitconv.formats.atomic import atomic_output, check_writable
 from vitconv.formats.base import sha256_file
 from vitconv.formats.open import open_source
@@ -170,16 +170,21 @@ def read_manifest(path: PathLike) -> List[Row]:
         if unknown:
             raise BadInputError(f"line 1: unknown column(s) {', '.join(map(repr, unknown))} "
                                 f"(known: {', '.join(COLUMNS)})", p)
-        for rec in reader:
-            if None in rec:
-                raise BadInputError(f"line {reader.line_num}: more fields than the header names", p)
-            raw_rows.append((reader.line_num, rec))
+        try:
+            for rec in reader:
+                if None in rec:
+                    raise BadInputError(f"line {reader.line_num}: more fields than the header names", p)
+                raw_rows.append((reader.line_num, rec))
+        except csv.Error as e:  # a field past csv's limit (131,072 characters), a NUL
+            raise BadInputError(f"line {reader.line_num}: not CSV ({first_line(e)})", p) from None
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
                 rec = json.loads(line)
+            except RecursionError:
+                raise BadInputError(f"line {n}: not usable JSON (nested deeper than the parser's limit)", p) from None
             except ValueError as e:
                 raise BadInputError(f"line {n}: not JSON ({one_line(str(e), 80)}); a manifest is JSON Lines, "
                                     "or CSV named .csv", p) from None
@@ -531,7 +536,7 @@ def previous_rows(report: Optional[PathLike]) -> Dict[str, Dict[str, Any]]:
     try:
         doc = json.loads(Path(report).read_text(encoding="utf-8"))
         return {r["dst"]: r for r in doc.get("rows", []) if isinstance(r, dict) and "dst" in r}
-    except (ValueError, OSError, AttributeError, TypeError):
+    except (ValueError, OSError, AttributeError, TypeError, RecursionError):
         return {}
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from vitconv import __version__, archs
 from vitconv.runtime import preprocess
-from vitconv.config import SHAPE_FIELDS, ViTConfig, parameter_shapes
+from vitconv.config import MAX_IMAGE_SIZE, SHAPE_FIELDS, ViTConfig, parameter_shapes
 from vitconv.errors import BadInputError, MappingError, OutputError, first_line
 from vitconv.formats.atomic import atomic_directory, atomic_output, check_writable, refuse_clobber
 from vitconv.formats.base import Deferred, TensorSource, TensorSpec, numpy_dtype, resolve, sha256_file
@@ -68,6 +68,8 @@ RESIZE_WORDS = {"zoom": "Google's order-1 zoom", "bicubic": "bicubic, as transfo
                 "sincos2d_aimv2": "AIMv2's native sin-cos table generated for the new grid"}
 #: Weight dtypes an output may be cast to (``dtype=``): exact where the source has it already.
 DTYPES = ("float32", "float16", "bfloat16")
+#: The dtypes a source's weights may be stored in: every writer takes them.
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: The canonical modules a new classifier replaces (``num_classes=``): the head, DeiT's
 #: distillation head, and Google's ``pre_logits``, which vit_jax drops when fine-tuning.
 HEAD_MODULES = ("head", "head_dist", "pre_logits")
@@ -155,8 +157,9 @@ class Checkpoint:
                                                     lambda k: src.nbytes(prefix + k))).get
             for name, t in map_to_canonical(rules, get, self.source_config,
                                             parameter_shapes(self.source_config), self.path):
-                if not np.issubdtype(t.dtype, np.floating):
-                    raise MappingError(f"{name} has dtype {t.dtype}, expected floating point", self.path)
+                if t.dtype.name not in WEIGHT_DTYPES:
+                    raise MappingError(f"{name} has dtype {t.dtype}, expected floating point "
+                                       f"({', '.join(WEIGHT_DTYPES)})", self.path)
                 if check_finite and not all_finite(t):
                     raise MappingError(f"{name} contains NaN or Inf values", self.path)
                 if name == "pos_embed" and self.resized_from is not None:  # the source family's own way
@@ -289,15 +292,20 @@ def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
                                 path) from None
         rules = layout.rules(cfg)
         audit(rules, probe.shapes, canonical, cfg, where)
+        for k in (k for r in rules if r.canonical for k in r.source):  # before a writer lays out a header
+            stored = np.dtype(source.dtype(prefix + k))
+            if stored.name not in WEIGHT_DTYPES:
+                raise MappingError(f"{prefix + k} has dtype {stored}, expected floating point "
+                                   f"({', '.join(WEIGHT_DTYPES)})", path)
         ckpt = Checkpoint(where, layout, cfg, cfg, source, prefix, rules,
                           ignored=sorted(set(keys) - set(kept)),
                           dtype=numpy_dtype(dtype) if dtype else None, owns_source=opened)
         if patch_size is not None and patch_size != cfg.patch_size:
             _repatch(ckpt, patch_size, image_size or cfg.image_size, path)
         elif image_size is not None and image_size != cfg.image_size:
-            if image_size <= 0 or image_size % cfg.total_stride:
+            if not 0 < image_size <= MAX_IMAGE_SIZE or image_size % cfg.total_stride:
                 raise BadInputError(f"--image-size {image_size} is not a positive multiple of the "
-                                    f"model's stride {cfg.total_stride}", path)
+                                    f"model's stride {cfg.total_stride} up to {MAX_IMAGE_SIZE}", path)
             ckpt.resized_from, ckpt.config = cfg.grid_size, cfg.replace(image_size=image_size)
         ckpt.overridden = tuple(told)
         ckpt.semantics = semantics
@@ -319,6 +327,8 @@ def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
 def _repatch(ckpt: Checkpoint, patch_size: int, image_size: int, path: PathLike) -> None:
     """FlexiViT's resample to ``patch_size`` at ``image_size`` (see :func:`open_checkpoint`)."""
     cfg = ckpt.source_config
+    if not 0 < image_size <= MAX_IMAGE_SIZE:
+        raise BadInputError(f"--image-size {image_size} is not a positive size up to {MAX_IMAGE_SIZE}", path)
     if patch_size <= 0 or image_size % patch_size:
         raise BadInputError(f"--patch-size {patch_size} does not divide the image size {image_size}", path)
     if cfg.resnet_layers is not None or cfg.patch_norm:

@@ -23,6 +23,15 @@ from vitconv.formats.base import TensorSource
 from vitconv.formats.json_doc import read_json
 
 
+def _is_file(p: Path) -> bool:
+    """``p.is_file()``, False for a name the file system refuses (past 255 bytes: Python 3.11
+    raises there)."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 class ShardedSource(TensorSource):
     """``open_shard`` opens one shard file (:func:`vitconv.formats.open.open_source`)."""
 
@@ -44,7 +53,7 @@ class ShardedSource(TensorSource):
         self._where: Dict[str, str] = dict(weight_map)
         self._shards: Dict[str, TensorSource] = {}
         names = sorted(set(weight_map.values()))
-        absent = [n for n in names if not (idx.parent / n).is_file()]
+        absent = [n for n in names if not _is_file(idx.parent / n)]
         if absent:
             raise BadInputError(f"shard {absent[0]} named by the index is missing"
                                 + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""), idx)

@@ -87,6 +87,9 @@ def filesystem(url: str, timeout: Optional[float] = None):
                             url) from None
     except ValueError as e:  # unknown protocol
         raise BadInputError(f"not a URL fsspec knows ({first_line(e)})", url) from None
+    except OSError as e:  # filesystems that connect when made (ftp://): a host that does not resolve
+        raise (_remote_error(e, url) if _timed_out(e) else
+               BadInputError(f"cannot connect ({type(e).__name__}: {first_line(e)})", url)) from None
 
 
 def _timed_out(e: Optional[BaseException]) -> bool:

@@ -11,13 +11,15 @@ Images are decoded by Pillow, with its decompression-bomb limit made an error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -155,7 +157,8 @@ def read_image(path: PathLike):
     if p.is_dir():
         raise BadInputError("is a directory, not an image", p)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _decoders_quiet():
+            warnings.simplefilter("ignore")  # Pillow's word on corrupt metadata: the one line below says it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p, formats=IMAGE_FORMATS) as img:
                 img.load()
@@ -168,6 +171,30 @@ def read_image(path: PathLike):
         raise BadInputError(f"image data is unreadable ({first_line(e)})", p) from None
 
 
+@contextlib.contextmanager
+def _decoders_quiet() -> Iterator[None]:
+    """Standard error closed to the C decoders Pillow calls (libtiff and libjpeg write their
+    complaints to file descriptor 2 themselves): a corrupt image is one line, the error raised."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no standard error to quieten
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+#: Rows of a 16-bit image scaled to 8 bits at a time (a bound on the temporary's size).
+_ROWS = 256
+
+
 def to_rgb8(img, where: Optional[PathLike] = None):
     """``img`` as the 8-bit RGB image its 8-bit twin would be: 16-bit grey (``I;16*``, and
     ``I``, which Pillow uses for 16-bit PNGs) scaled by 255/65535 (Pillow's own conversion
@@ -178,10 +205,14 @@ def to_rgb8(img, where: Optional[PathLike] = None):
 
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
-        v = np.asarray(img, dtype=np.float64)
+        v = np.asarray(img)  # uint16 or int32, not float64: a 9400 px square is 177 MB, not 707 MB
         if mode == "I" and (v.min(initial=0) < 0 or v.max(initial=0) > 65535):
             raise BadInputError(f"{mode} image with values outside 0..65535: its range is unknown", where)
-        return Image.fromarray(np.rint(v / 257.0).astype(np.uint8), "L").convert("RGB")
+        out = np.empty(v.shape, np.uint8)
+        for i in range(0, v.shape[0], _ROWS):  # round(v / 257), exact in integers: v / 257 is never k + 1/2
+            out[i:i + _ROWS] = (v[i:i + _ROWS].astype(np.int64) + 128) // 257
+        del v
+        return Image.fromarray(out, "L").convert("RGB")
     if mode == "F":
         raise BadInputError("floating-point image (mode F): its value range is not recorded; save it as "
                             "8- or 16-bit", where)

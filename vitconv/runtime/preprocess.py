@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from vitconv.errors import BadInputError
+from vitconv.errors import BadInputError, first_line
 from vitconv.formats.json_doc import parse_json
 from vitconv.runtime.labels import to_metadata
 from vitconv.formats.provenance import Provenance
@@ -145,8 +145,8 @@ def from_json(text: str, where: Optional[os.PathLike | str] = None) -> Preproces
     d = parse_json(text, "vitconv_preprocessing metadata", where)
     try:
         return Preprocessing(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-    except (TypeError, KeyError, ValueError) as e:
-        raise BadInputError(f"invalid vitconv_preprocessing metadata ({e})", where) from None
+    except (TypeError, KeyError, ValueError, ArithmeticError) as e:
+        raise BadInputError(f"invalid vitconv_preprocessing metadata ({first_line(e)})", where) from None
 
 
 def from_timm_cfg(d: Dict[str, Any], where: Optional[os.PathLike | str] = None) -> Preprocessing:
@@ -156,15 +156,18 @@ def from_timm_cfg(d: Dict[str, Any], where: Optional[os.PathLike | str] = None) 
         return Preprocessing(tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]),
                              d.get("interpolation", "bicubic"), "squash" if squash else "shortest",
                              1.0 if squash else float(d.get("crop_pct", 0.875)), "the source's pretrained_cfg")
-    except (TypeError, ValueError, KeyError) as e:
-        raise BadInputError(f"config.json: pretrained_cfg preprocessing is unusable ({e})", where) from None
+    except (TypeError, ValueError, KeyError, ArithmeticError) as e:
+        raise BadInputError(f"config.json: pretrained_cfg preprocessing is unusable ({first_line(e)})", where) from None
 
 
 def from_hf_processor(d: object, where: Optional[os.PathLike | str] = None) -> Optional[Preprocessing]:
     """A source directory's ``preprocessor_config.json``, when it says enough; None otherwise."""
     if not isinstance(d, dict) or "image_mean" not in d or "image_std" not in d:
         return None
-    interpolation = {v: k for k, v in PIL_RESAMPLE.items()}.get(d.get("resample"), "bicubic")
+    resample = d.get("resample")
+    if resample is not None and type(resample) is not int:
+        raise BadInputError(f"preprocessor_config.json: resample {str(resample)[:40]} is not a PIL filter number", where)
+    interpolation = {v: k for k, v in PIL_RESAMPLE.items()}.get(resample, "bicubic")
     size, crop = d.get("size") or {}, d.get("crop_size") or {}
     try:
         if d.get("do_center_crop") and isinstance(size, dict) and "shortest_edge" in size:
@@ -174,8 +177,8 @@ def from_hf_processor(d: object, where: Optional[os.PathLike | str] = None) -> O
             resize, crop_pct = "squash", 1.0
         return Preprocessing(tuple(float(x) for x in d["image_mean"]), tuple(float(x) for x in d["image_std"]),
                              interpolation, resize, min(crop_pct, 1.0), "the source's preprocessor_config.json")
-    except (TypeError, ValueError, KeyError) as e:
-        raise BadInputError(f"preprocessor_config.json: unusable values ({e})", where) from None
+    except (TypeError, ValueError, KeyError, ArithmeticError) as e:  # a zero or a 400-digit size, too
+        raise BadInputError(f"preprocessor_config.json: unusable values ({first_line(e)})", where) from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
+from vitconv.config import MAX_IMAGE_SIZE
 from vitconv.errors import BadInputError, first_line
 from vitconv.formats.json_doc import parse_json
 
@@ -47,10 +48,6 @@ def artifact_kind(path: PathLike) -> str:
     return "canonical"
 
 
-#: Largest image side ``predict`` and ``verify`` will feed a model: a ViT at 8192 px has 262,144
-#: patches of 16 px; a file claiming more (its input dims, its metadata) is forged or broken,
-#: and would only exhaust memory.
-MAX_IMAGE_SIZE = 8192
 
 
 def _elem_type(code: int) -> str:
@@ -84,15 +81,22 @@ def check_onnx_file(path: Path):
             offset, length = int(info.get("offset") or 0), int(info.get("length") or 0)
         except ValueError:
             raise BadInputError(f"initializer {t.name!r}: external data offset/length are not integers", path) from None
-        if not where or os.path.isabs(where) or not data.resolve().is_relative_to(folder):
+        try:  # a name the file system refuses (a NUL, past 255 bytes) is the graph's problem too
+            beside = bool(where) and not os.path.isabs(where) and data.resolve().is_relative_to(folder)
+            kind = "file" if data.is_file() else ("other" if data.exists() else None)
+            size = data.stat().st_size if kind == "file" else 0
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"initializer {t.name!r}: external data {where[:60]!r} is not a usable file name "
+                                f"({first_line(e)})", path) from None
+        if not beside:
             raise BadInputError(f"initializer {t.name!r}: external data {where!r} is not a file beside the graph",
                                 path)
-        if not data.is_file():
-            what = "does not exist" if not data.exists() else "is not a regular file"
+        if kind != "file":
+            what = "does not exist" if kind is None else "is not a regular file"
             raise BadInputError(f"initializer {t.name!r}: external data {where} {what}", path)
-        if offset < 0 or length < 0 or offset + length > data.stat().st_size:
+        if offset < 0 or length < 0 or offset + length > size:
             raise BadInputError(f"initializer {t.name!r}: external data range {offset}+{length} lies outside "
-                                f"{where} ({data.stat().st_size:,} bytes)", path)
+                                f"{where} ({size:,} bytes)", path)
     return model
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def inspect_checkpoint(path: os.PathLike | str, progress: Progress = None,
         dtypes = _dtypes(source, p, kind)
         layout, cfg, prefix, audit, notes, semantics = _read(source, keys, shapes, arch)
         model_keys = [k for k in keys if k.startswith(prefix)]
-        num_params = int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in model_keys))
+        num_params = sum(math.prod(shapes[k]) for k in model_keys)  # Python ints: a lying header cannot wrap
         probe = Probe.of(source, {k[len(prefix):]: shapes[k] for k in model_keys})
         rows = architecture_rows(cfg, layout, probe, semantics) if cfg is not None else []
         candidates = semantics.candidates
@@ -347,7 +348,7 @@ def inspect_onnx(path: os.PathLike | str, progress: Progress = None, top: int = 
 
     params, dtypes, external = 0, collections.Counter(), False
     for t in g.initializer:
-        params += int(np.prod(list(t.dims), dtype=np.int64))
+        params += math.prod(t.dims)
         dtypes[_onnx_dtype(t.data_type)] += 1
         external |= t.data_location == onnx.TensorProto.EXTERNAL
     ops = collections.Counter(n.op_type for n in g.node)

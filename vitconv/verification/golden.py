@@ -34,6 +34,7 @@ import numpy as np
 from vitconv.errors import BadInputError, VerificationError, first_line
 from vitconv.formats.atomic import atomic_output, refuse_clobber, same_file
 from vitconv.formats.base import sha256_file
+from vitconv.formats.json_doc import parse_json
 from vitconv.verification.references.library import LibraryMissing
 from vitconv.verification.references.table import has_reference
 from vitconv.conversion.pipeline import open_checkpoint
@@ -125,12 +126,43 @@ def load_manifest(directory: PathLike) -> dict:
     if not path.exists():
         raise BadInputError("no golden manifest here", path)
     try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"unreadable manifest ({e})", path) from None
+        text = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"unreadable manifest ({first_line(e)})", path) from None
+    m = parse_json(text, "the manifest", path)
     if not isinstance(m, dict) or not isinstance(m.get("cases"), list):
         raise BadInputError("manifest has no 'cases' list", path)
+    for i, case in enumerate(m["cases"]):
+        wrong = _case_problem(case)
+        if wrong:
+            raise BadInputError(f"case {i + 1}: {wrong}", path)
     return m
+
+
+#: What a case must hold (the checks read these), and the type of each.
+_CASE_KEYS = {"name": str, "checkpoint": str, "input": str, "expected": dict}
+#: What a case may hold besides, and its type (None: JSON null allowed).
+_CASE_OPTIONAL = {"tolerance": dict, "sha256": dict, "set": dict, "top1": list, "image_size": int,
+                  "input_layout": str}
+
+
+def _case_problem(case: object) -> Optional[str]:
+    """What is wrong with one manifest case, in words (None: nothing)."""
+    if not isinstance(case, dict):
+        return "not a JSON object"
+    for key, kind in _CASE_KEYS.items():
+        if not isinstance(case.get(key), kind):
+            return f"{key!r} missing or not a {'string' if kind is str else 'JSON object'}"
+    for key, kind in _CASE_OPTIONAL.items():
+        if case.get(key) is not None and (not isinstance(case[key], kind) or isinstance(case[key], bool)):
+            return f"{key!r} is not a {kind.__name__}"
+    files = [*case["expected"].values(), *(case.get("sha256") or {}).values()]
+    if not all(isinstance(v, str) for v in files):
+        return "'expected' and 'sha256' map names to strings"
+    bound = (case.get("tolerance") or {}).get("max_abs", DEFAULT_TOLERANCE)
+    if type(bound) not in (int, float) or not bound >= 0:
+        return "tolerance 'max_abs' is not a non-negative number"
+    return None
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
@@ -147,9 +179,13 @@ def _input_nhwc(path: Path) -> np.ndarray:
 
 
 def _load_expected(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    try:  # mapped first: a header that claims more than the file holds is refused before a byte is read
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(a, np.ndarray):  # an .npz archive
+            a.close()
+            raise ValueError("an .npz archive, not one array")
+        return np.array(a)
+    except (OSError, ValueError, MemoryError) as e:
         raise BadInputError(f"not a readable .npy array ({first_line(e)})", path) from None
 
 
