@@ -218,9 +218,11 @@ def test_hybrid_is_refused_by_the_streamed_path(tmp_path):
 
 
 #: timm families whose blocks read what the embedding computes from the grid: DINOv3's rotary
-#: angles, BEiT's relative-position bias index (seeded, saved as timm files)
+#: angles, BEiT's relative-position bias index; and EVA-02's SwiGLU, whose fc1 halves the
+#: optimizer folds into a Split with no name scope (seeded, saved as timm files)
 FAMILIES = {"vit_small_patch16_dinov3": dict(embed_dim=128, num_heads=2),
-            "beit_base_patch16_224": dict(embed_dim=64, num_heads=2, num_classes=10)}
+            "beit_base_patch16_224": dict(embed_dim=64, num_heads=2, num_classes=10),
+            "eva02_tiny_patch14_224": dict(embed_dim=128, num_heads=2, num_classes=10)}
 
 
 @pytest.mark.parametrize("arch", sorted(FAMILIES))

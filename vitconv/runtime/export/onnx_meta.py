@@ -297,17 +297,33 @@ class Boundaries:
     infos: List[object] = field(default_factory=list)
 
 
+def _blocks(model) -> Dict[int, Optional[int]]:
+    """Each node's block (by ``id``): its name scope (:func:`_block`); for a node the optimizer
+    made with no scope at all (the ``Split`` a SwiGLU's ``chunk`` folds to), the block every value
+    it reads comes from, where that is one block. Nodes come in topological order."""
+    where: Dict[int, Optional[int]] = {}
+    for node in model.graph:
+        i = _block(node)
+        if i is None and not (hasattr(node, "metadata_props") and node.metadata_props.get(_SCOPES)):
+            made = {where.get(id(v.producer())) for v in node.inputs if v is not None and v.producer() is not None}
+            made.discard(None)
+            i = made.pop() if len(made) == 1 else None
+        where[id(node)] = i
+    return where
+
+
 def block_outputs(model, depth: int) -> Boundaries:
     """The :class:`Boundaries` of the onnx_ir ``model``, read off its nodes' name scopes."""
     cross: List[List[str]] = [[] for _ in range(depth)]
     outputs: List[List[str]] = [[] for _ in range(depth)]
     users: Dict[str, int] = {}
+    where = _blocks(model)
     for node in model.graph:
-        i = _block(node)
+        i = where[id(node)]
         if i is None:
             continue
         for o in node.outputs:
-            later = [_block(u) for u, _ in o.uses() if _block(u) != i]
+            later = [where.get(id(u)) for u, _ in o.uses() if where.get(id(u)) != i]
             if o.is_graph_output() or later:
                 cross[i].append(o.name)
                 users[o.name] = min(depth if b is None else b for b in later) if later else depth
