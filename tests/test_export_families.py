@@ -72,3 +72,48 @@ def test_original_dinov2_refuses_dynamic_size_in_one_line(tmp_path):
                                   "--dynamic-size"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "scale_factor (g + 0.1) / M" in r.stderr
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_fp16_onnx_keeps_the_rotary_angles_float32(tmp_path):
+    """--fp16 rounds the weights and activations, not the rotary angles: every Sin and Cos reads
+    angles computed in float32 from the patch indices, with no float16 value on the way (timm and
+    the canonical model compute them in float32; at a 48 x 48 grid the angles reach 47 rad, where
+    float16's spacing is 1/32 rad). The graph check is what fails on a float16 angle; on this
+    one-block model the error that makes is below the weights' own rounding, so the figure after
+    it is a bound (the graph as close to the float32 model as the weights rounded to float16)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from vitconv.conversion.loading import load
+
+    timm = import_timm()
+    model = seeded(timm.create_model("vit_small_patch16_rope_ape_224", pretrained=False,
+                                     **{**SMALL, "depth": 1}), scale=0.2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors")
+    (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "h.onnx", fp16=True,
+                                                                  dynamic_size=True))
+    assert result.ok
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "h.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    made = {o: n for n in graph.node for o in n.output}
+    angles = [n for n in graph.node if n.op_type in ("Sin", "Cos")]
+    assert angles
+    todo, seen = list(angles), set()
+    while todo:  # back from each angle op to the integer indices
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        floats = [i for i in node.input if types.get(i) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        assert all(types[i] == onnx.TensorProto.FLOAT for i in floats), (node.op_type, node.name, floats)
+        todo += [made[i] for i in floats if i in made]
+    x = (torch.rand(4, 3, 384, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    with torch.no_grad():
+        want = load(tmp_path / "c.safetensors")(x).numpy()
+        rounded = load(tmp_path / "c.safetensors").half().float()(x).numpy()  # the weights' own rounding
+    got = ort.InferenceSession(str(tmp_path / "h.onnx")).run(None, {"pixel_values": x.numpy()})[0]
+    floor = np.abs(rounded - want).mean()
+    assert np.abs(got - want).mean() <= 1.5 * floor, (np.abs(got - want).mean(), floor)

@@ -58,7 +58,8 @@ from vitconv.runtime.export.common import (EXAMPLE_BATCH, FP32_ATOL, Check, Expo
 DEFAULT_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 #: Ops kept in float32 in ``--fp16`` exports: normalisation statistics, softmax, reductions,
-#: x**3 of the tanh GELU (opset < 20) and the position-table resize.
+#: x**3 of the tanh GELU (opset < 20) and the position-table resize; and, whatever their op,
+#: the nodes that compute rotary and sin-cos angles (:func:`onnx_stream.geometry_nodes`).
 FP16_KEEP_FP32 = ["LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax",
                   "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "Pow", "Resize", "Sqrt"]
 
@@ -121,7 +122,7 @@ def export_metadata(cfg, usage: Optional[Usage], *, opset: int, batch: Optional[
         "image_size": str(cfg.image_size),
         "dynamic_axes": json.dumps({"batch": batch is None, "height_width": dynamic_size,
                                     "size_multiple_of": cfg.total_stride}),
-        "precision": "float16 (float32 I/O, norms/softmax/reductions float32)" if fp16 else "float32",
+        "precision": "float16 (float32 I/O, norms/softmax/reductions and rotary angles float32)" if fp16 else "float32",
         "opset": str(opset),
         **Provenance(source_sha256=source_sha256).metadata(),
     }

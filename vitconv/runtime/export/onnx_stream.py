@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -90,10 +90,39 @@ def _replaced(module, name: str, value) -> Iterator[None]:
         setattr(module, name, saved)
 
 
+#: Ops whose argument is an angle: a float16 angle is off by up to 2**-11 of itself, a phase
+#: error that grows with the grid (a rotary embedding's, a generated sin-cos table's).
+ANGLE_OPS = ("Sin", "Cos")
+
+
+def geometry_nodes(graph, data_input: str) -> List[str]:
+    """The names of the nodes that compute an angle (:data:`ANGLE_OPS`) from the grid alone, and
+    of every node before them that does not read the pixel values (positions, frequencies,
+    their products): kept float32 in a float16 graph, as the libraries compute them. A value
+    depends on the pixels where any input does, except through ``Shape``/``Size`` (a shape
+    is integers whatever the pixels)."""
+    tainted = {data_input}
+    producer = {}
+    for node in graph.node:  # topological order
+        for o in node.output:
+            producer[o] = node
+        if node.op_type not in ("Shape", "Size") and any(i in tainted for i in node.input):
+            tainted.update(node.output)
+    keep, todo = set(), [n for n in graph.node if n.op_type in ANGLE_OPS and not set(n.input) & tainted]
+    while todo:
+        node = todo.pop()
+        if node.name in keep:
+            continue
+        keep.add(node.name)
+        todo += [producer[i] for i in node.input if i in producer and i not in tainted]
+    return sorted(keep)
+
+
 def to_fp16(proto, keep_fp32):
     """``onnxruntime.transformers.float16.convert_float_to_float16`` on ``proto`` (a skeleton's
-    or a whole model's): float32 inputs and outputs, the ops ``keep_fp32`` and the converter's
-    default block list kept float32, then nodes re-sorted (the converter appends its casts).
+    or a whole model's): float32 inputs and outputs, the ops ``keep_fp32``, the converter's
+    default block list and the angles' nodes (:func:`geometry_nodes`) kept float32, then nodes
+    re-sorted (the converter appends its casts).
 
     A placeholder's type becomes float16 where the converter would convert its data; its
     data is converted at :func:`write` with the converter's own rounding and clamping
@@ -110,10 +139,34 @@ def to_fp16(proto, keep_fp32):
     with warnings.catch_warnings(), _replaced(float16, "make_value_info_from_tensor", shape_only):
         warnings.simplefilter("ignore")
         half = float16.convert_float_to_float16(
-            proto, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep_fp32))
+            proto, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep_fp32),
+            node_block_list=geometry_nodes(proto.graph, proto.graph.input[0].name))
     model = onnx_ir.from_proto(half)
+    _skip_round_trips(model.graph)
     model.graph.sort()
     return onnx_ir.to_proto(model)
+
+
+def _skip_round_trips(graph) -> None:
+    """Where the converter put a float32 -> float16 -> float32 pair of Casts between two nodes it
+    keeps float32 (it casts every kept node's output to float16, and back for the next one), the
+    reader takes the float32 value itself: kept nodes compute in float32 from end to end (the
+    angles of :func:`geometry_nodes`), never through a float16 rounding on the way."""
+    import onnx_ir as ir
+
+    for node in list(graph):
+        if node.op_type != "Cast" or node.attributes["to"].as_int() != ir.DataType.FLOAT:
+            continue
+        first = node.inputs[0].producer()
+        if first is None or first.op_type != "Cast" or first.attributes["to"].as_int() != ir.DataType.FLOAT16:
+            continue
+        original = first.inputs[0]
+        if original.dtype != ir.DataType.FLOAT or node.outputs[0].is_graph_output():
+            continue
+        node.outputs[0].replace_all_uses_with(original)
+        graph.remove(node, safe=True)
+        if not first.outputs[0].uses() and not first.outputs[0].is_graph_output():
+            graph.remove(first, safe=True)
 
 
 def write(skel: Skeleton, path, data_path: Optional[os.PathLike] = None):
