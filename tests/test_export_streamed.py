@@ -253,6 +253,31 @@ def test_rotary_and_relative_bias_families_stream_to_the_same_file(tmp_path, arc
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
 
 
+def test_relative_bias_family_streams_with_dynamic_size(tmp_path):
+    """timm BEiT with --dynamic-size: the graph resizes its relative tables to the input's grid
+    (timm's geometric resize, unrolled in torch ops). Streamed, it is the whole-model export's
+    file, and runs as it at a size neither saw (the resize's bisection bounds were literals,
+    lifted out of the traced graph as constants the checkpoint does not hold, and refused)."""
+    import safetensors.torch
+
+    from conftest import seeded
+    from timm_import import import_timm
+
+    timm = import_timm()
+    arch = "beit_base_patch16_224"
+    model = seeded(timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, depth=2, **FAMILIES[arch]))
+    src = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    streamed = run_export(src, ExportPlan(onnx=tmp_path / "s.onnx", streamed=True, dynamic_size=True,
+                                          blocks_per_part=1))[0]
+    run_export(src, ExportPlan(onnx=tmp_path / "w.onnx", streamed=False, dynamic_size=True))
+    assert streamed.ok
+    s, w = onnx.load(str(tmp_path / "s.onnx")), onnx.load(str(tmp_path / "w.onnx"))
+    assert _canonical(s) == _canonical(w)
+    x = _inputs(48)
+    assert np.array_equal(_run(tmp_path / "s.onnx", x), _run(tmp_path / "w.onnx", x))
+
+
 def test_cli_streamed_and_whole_flags(monkeypatch, tmp_path):
     """``--streamed`` asks for the streamed path, ``--whole`` for the whole-model one even where
     the environment forces streaming."""

@@ -233,14 +233,15 @@ def geometric_offsets(src: int, dst) -> "torch.Tensor":
 
     half = src // 2
     goal = torch.floor(_size_tensor(dst) / 2)
-    lo, hi = torch.tensor(_BISECT_LO, dtype=torch.float64), torch.tensor(_BISECT_HI, dtype=torch.float64)
+    # made from goal, not torch.tensor: a literal would be a constant lifted out of the traced graph
+    lo, hi = torch.full_like(goal, _BISECT_LO), torch.full_like(goal, _BISECT_HI)
     q = lo
     for _ in range(_BISECT_STEPS):
         q = (lo + hi) / 2.0
         over = (1.0 - q ** half) / (1.0 - q) > goal
         lo, hi = torch.where(over, lo, q), torch.where(over, q, hi)
-    side = torch.cumsum(q ** torch.arange(half, dtype=torch.float64), dim=0)  # 1, 1 + q, 1 + q + q^2, ...
-    return torch.cat([-side.flip(0), torch.zeros(1, dtype=torch.float64), side]).float()
+    side = torch.cumsum(q ** torch.arange(half, dtype=torch.float64, device=goal.device), dim=0)  # 1, 1 + q, ...
+    return torch.cat([-side.flip(0), torch.zeros(1, dtype=torch.float64, device=goal.device), side]).float()
 
 
 def _size_tensor(n) -> "torch.Tensor":
