@@ -119,6 +119,7 @@ def test_a_bare_state_dict_takes_its_rotation_from_the_architectures_that_fit(tm
         assert (c.config.rope, c.config.rope_theta, c.config.rope_indexing) == ("cat", 100.0, "xy")
         assert any("rope_indexing='xy'" in n and "every architecture with these keys" in n
                    for n in c.notes), c.notes
+        assert any("the native size 224 is assumed: timm's default img_size" in n for n in c.notes), c.notes
     with open_checkpoint(tmp_path / "s.safetensors", ReadOptions(overrides={"rope_theta": 10.0})) as c:
         assert c.config.rope_theta == 10.0
 

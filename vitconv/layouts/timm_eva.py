@@ -424,7 +424,7 @@ def read_notes(cfg: ViTConfig, probe: Probe) -> List[str]:
         return [] if cfg.rope == "none" else [f"RoPE {cfg.rope} (theta {cfg.rope_theta:g}) computed from the grid "
                                               "at any input size"]
     said = "config.json's img_size" if isinstance(timm_model_args(probe).get("img_size"), int) else \
-        "assumed: DINOv3's pretraining size (no position table records it)"
+        "assumed: timm's default img_size 224, rounded down to a multiple of the patch (no position table records it)"
     return [f"RoPE {cfg.rope} (theta {cfg.rope_theta:g}) computed from the grid at any input size; the native "
             f"size {cfg.image_size} is {said}: --image-size sets another"]
 
