@@ -34,6 +34,7 @@ def test_timm_family_exports_to_onnx_with_dynamic_size(arch, unsaid, tmp_path):
     convert(tmp_path / "t.safetensors", tmp_path / "c.safetensors", ConvertOptions(overrides=unsaid))
     (result,) = run_export(tmp_path / "c.safetensors", ExportPlan(onnx=tmp_path / "m.onnx", dynamic_size=True))
     assert result.ok and {p.size for p in result.parity} == {32, 40, 56}
+    assert "position table at other sizes: bicubic with antialiasing, as timm" in result.notes, result.notes
     assert max(p.max_abs for p in result.parity) <= 1e-4
     if arch.endswith("reg4_dinov2"):  # the graph follows timm at an unseen size, not just itself
         import onnxruntime as ort

@@ -17,7 +17,7 @@ from vitconv.errors import BadInputError, VerificationError
 from vitconv.formats.atomic import check_writable, refuse_clobber
 from vitconv.formats.base import sha256_file
 from vitconv.formats.safetensors_stream import DEFAULT_SHARD_BYTES
-from vitconv.conversion.pipeline import open_checkpoint
+from vitconv.conversion.pipeline import RESIZE_WORDS, open_checkpoint
 from vitconv.conversion.options import ConvertOptions, ReadOptions
 from vitconv.runtime.export.common import Check, ExportResult, Parity, PathLike, Reference, check_plan, export_ready
 from vitconv.runtime.export.onnx import DEFAULT_OPSET, export_metadata, export_onnx
@@ -163,7 +163,18 @@ def run_export_streamed(src: PathLike, plan: ExportPlan, cfg: ViTConfig, usage, 
     result = export_onnx_streamed(open_ckpt, plan.onnx, streamed_stages(src, plan, cfg.image_size), checks,
                                   opset=plan.opset, batch=plan.batch, dynamic_size=plan.dynamic_size,
                                   fp16=plan.fp16, meta=meta, blocks_per_part=k)
-    return [result]
+    return _say_resize([result], plan, cfg)
+
+
+def _say_resize(results: List[ExportResult], plan: ExportPlan, cfg: ViTConfig) -> List[ExportResult]:
+    """A --dynamic-size artifact's note: how it resizes its position table at other sizes, in the
+    words of the family whose way it is (a model whose own library never resizes, as transformers'
+    AIMv2 with a learned table, thus says whose way it follows)."""
+    if plan.dynamic_size and cfg.abs_pos_embed:
+        for r in results:
+            if r.kind != "safetensors":
+                r.notes.append(f"position table at other sizes: {RESIZE_WORDS[cfg.pos_resize]}")
+    return results
 
 
 def default_output(src: PathLike, kind: str) -> Path:
@@ -276,4 +287,4 @@ def run_export(src: PathLike, plan: ExportPlan,
         err = VerificationError("; ".join(str(f) for f in failures))
         err.results = results  # type: ignore[attr-defined]
         raise err
-    return results
+    return _say_resize(results, plan, cfg)
