@@ -412,9 +412,8 @@ def test_odd_images_predict_quietly_within_the_limits(tmp_path):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     rows = zlib.compress(b"".join(b"\0" + bytes(2 * side) for _ in range(side)), 9)
-    (tmp_path / "grey16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0,
-                                                                                        0, 0, 0))
-                                          + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))  # 16-bit grey
+    (tmp_path / "grey16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
     results = _run([{"args": ["predict", GOLDEN, tmp_path / "exif.tif"]},
                     {"args": ["predict", GOLDEN, tmp_path / "grey16.png"]}], tmp_path)
     for code, stdout, stderr in results:

@@ -20,10 +20,11 @@ the two), ``embed_norm_layer`` (``patch_embed.norm``, before the table is added)
 
 A bare state dict records none of the constructor's semantic arguments: the heads, the
 activation, the epsilon, how the table is resized at another resolution (timm: bicubic
-with antialiasing) and, for a class token without ``fc_norm``, the pooling are the carries' arguments, which a timm directory's ``config.json`` keeps
-(``model_args``). Refused on reading, naming the reason: timm's hybrid backbones, and the
-poolings the canonical model does not compute (``global_pool`` 'avgmax', 'max' or '', a mean
-that includes the prefix tokens).
+with antialiasing) and, for a class token without ``fc_norm``, the pooling are the carries'
+arguments, which a timm directory's ``config.json`` keeps (``model_args``). Refused on reading,
+naming the reason: timm's hybrid backbones, and the poolings the canonical model does not
+compute (``global_pool`` 'avgmax', 'max' or '', a mean that includes the prefix tokens, the
+class token normalised after pooling).
 """
 
 from __future__ import annotations

@@ -222,9 +222,9 @@ def architecture_rows(cfg: ViTConfig, layout: Layout, probe: Probe,
         for c in layout.carries:
             told = (semantics.sources.get(c.field) if semantics else None) or "assumed"
             if c.field in assumed and told not in ("assumed", "default"):
-                sources[c.field] = (f"--arch {semantics.arch}" if told == "--arch" else
-                                    f"the architecture table: every architecture {semantics.fit} "
-                                    f"({len(semantics.candidates)}) has it{semantics.caveat}" if told == "table" else told)
+                table = (f"the architecture table: every architecture {semantics.fit} "
+                         f"({len(semantics.candidates)}) has it{semantics.caveat}")
+                sources[c.field] = f"--arch {semantics.arch}" if told == "--arch" else table if told == "table" else told
             elif c.field in assumed:
                 sources[c.field] = (f"assumed: {'64-dim heads' if c.field == 'num_heads' else layout.name + ' default'}"
                                     f" (not stored in the file; {'--num-heads' if c.field == 'num_heads' else c.argument})")
