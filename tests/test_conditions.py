@@ -110,3 +110,20 @@ def test_hardcoded_values_are_said_not_passed():
     assert "act='gelu_tanh' is not recorded in a bare timm state dict: pass act_layer='gelu_tanh'" in \
         timm.argument_notes(cfg, recorded=False)
     assert timm.arguments(cfg, recorded=False)["act"] == "gelu_tanh"
+
+
+def test_a_value_the_tensors_show_is_neither_noted_nor_told():
+    """timm's pooling is an argument only where the tensors leave it open (a class token without
+    fc_norm): a mean without a class token, or normalised by fc_norm, is shown by the keys, so
+    a reader of the bare file is not told it (it would be refused as a field the file records);
+    an avg-pooled model with a class token and no fc_norm is told, in timm's spelling."""
+    timm = LAYOUTS["timm"]
+    shown = [_CFG.replace(class_token=False, classifier="gap"),
+             _CFG.replace(classifier="gap", final_norm="pooled")]
+    for cfg in shown:
+        assert "classifier" not in timm.arguments(cfg, recorded=False)
+        assert not any(n.startswith("classifier=") for n in timm.argument_notes(cfg, recorded=False))
+    open_ = _CFG.replace(classifier="gap", final_norm="encoder")
+    assert timm.arguments(open_, recorded=False)["classifier"] == "gap"
+    assert "classifier='gap' is not recorded in a bare timm state dict: pass global_pool='avg'" in \
+        timm.argument_notes(open_, recorded=False)

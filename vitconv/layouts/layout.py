@@ -17,10 +17,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from vitconv.config import SHAPE_FIELDS, ViTConfig, describe_field, storage_only, training_only
+from vitconv.config import SHAPE_FIELDS, ViTConfig, describe_field, parameter_shapes, storage_only, training_only
 from vitconv.errors import MappingError
 from vitconv.runtime.preprocess import Preprocessing, Usage
-from vitconv.layouts.table import ABSENT, Carry, ExpandedRule, Rule, expand_rules, found_at, lookup, short_list
+from vitconv.layouts.table import (ABSENT, Carry, ExpandedRule, Rule, expand_rules, foreign_shapes, found_at, lookup,
+                                   short_list)
 from vitconv.layouts.unsupported import unsupported_feature
 from vitconv.formats.provenance import CONFIG_KEY
 from vitconv.formats.base import TensorSource
@@ -211,12 +212,20 @@ class Layout:
         return [t for f in dataclasses.fields(ViTConfig) if getattr(cfg, f.name) and self.carry(f.name) is None
                 for t in training_only(f.name)]
 
+    def shows(self, c: Carry, cfg: ViTConfig) -> bool:
+        """Whether this layout's file of ``cfg`` holds ``c``'s value in its tensors' keys and
+        shapes (:attr:`Carry.shaped`: timm's pooling where fc_norm or no class token shows it),
+        so that no reader needs telling."""
+        if c.shaped is None:
+            return False
+        return c.shaped(foreign_shapes(self.rules(cfg), parameter_shapes(cfg), cfg))
+
     def argument_notes(self, cfg: ViTConfig, recorded: bool) -> List[str]:
         """Constructor arguments the layout's code needs for this model, where the file does
         not record them (a bare state dict): the value and the argument that sets it."""
         out = []
         for c in self.carries:
-            if not c.set_by_code or c.recorded(cfg, recorded):
+            if not c.set_by_code or c.recorded(cfg, recorded) or self.shows(c, cfg):
                 continue
             value, default = getattr(cfg, c.field), c.default_for(cfg)
             if value == default:
@@ -235,7 +244,7 @@ class Layout:
         field the container does not record (``recorded``: it has the layout's config.json)
         that the layout's code takes as a constructor argument, with ``cfg``'s value."""
         return {c.field: getattr(cfg, c.field) for c in self.carries
-                if c.argument is not None and not c.recorded(cfg, recorded)}
+                if c.argument is not None and not c.recorded(cfg, recorded) and not self.shows(c, cfg)}
 
     def assumed(self, probe: Probe) -> List[str]:
         """Fields a read took from the layout's conventions because the source does not
