@@ -354,6 +354,7 @@ def _other_commands(d: Path) -> List[Tuple[str, List[object], str, str]]:
                                                     "set": "act=" + "[" * 100_000}) + "\n")
     (d / "wide.csv").write_text("src,dst\n" + "a" * 200_000 + ",o.safetensors\n")
     long = d / ("a" * 300 + ".npz")
+    (d / "empty.onnx").write_bytes(b"")
     add = ["golden", "add", "c1", GOLDEN, "--expected-logits", d / "logits.npy", "--source", "t",
            "--dir", d / "golden_new"]
     return [
@@ -361,6 +362,7 @@ def _other_commands(d: Path) -> List[Tuple[str, List[object], str, str]]:
          "external data 'w\\x00.bin' is not a usable file name"),
         ("onnx_long_location", ["predict", _onnx_external(d / "long.onnx", "a" * 5000), d / "img.png"], "long.onnx",
          "is not a usable file name"),
+        ("onnx_empty", ["inspect", d / "empty.onnx"], "empty.onnx", "not an ONNX model: it holds no graph"),
         ("tiff_bad_huffman", ["predict", GOLDEN, _bad_huffman(d / "huffman.tif")], "huffman.tif",
          "image data is unreadable"),
         ("golden_case_schema", ["golden", "check", "--dir", golden_dir], "manifest.json",

@@ -97,3 +97,20 @@ def test_a_pt_records_every_key_a_safetensors_header_records(tmp_path):
     assert json.loads(st.pop("vitconv_config")) == torch.load(tmp_path / "m.pt", weights_only=True)["config"]
     assert pt == st
     assert {k: pt[k] for k in ("vitconv_verified", *extra)} == {"vitconv_verified": "true", **extra}
+
+
+def test_recorded_class_names_that_do_not_fit_the_head_are_left_out_and_said(tmp_path):
+    """Names a file records for another number of classes (2 for a 10-class head) are not
+    written on, nor guessed at: left out, and the read says so (it used to say nothing)."""
+    from safetensors.numpy import load_file, save_file
+
+    convert(SRC, tmp_path / "a.safetensors", ConvertOptions(labels=tuple(f"c{i}" for i in range(10))))
+    meta = _header(tmp_path / "a.safetensors")
+    assert json.loads(meta[KEY_OF["labels"]]) == [f"c{i}" for i in range(10)]
+    meta[KEY_OF["labels"]] = json.dumps(["cat", "dog"])
+    save_file(load_file(tmp_path / "a.safetensors"), tmp_path / "b.safetensors", metadata=meta)
+    report = convert(tmp_path / "b.safetensors", tmp_path / "c.safetensors")
+    assert "the file's 2 class names do not fit its 10 classes: left out (name them with --labels)" in report.notes
+    assert KEY_OF["labels"] not in _header(tmp_path / "c.safetensors")
+    kept = convert(tmp_path / "a.safetensors", tmp_path / "d.safetensors")
+    assert not any("class names do not fit" in n for n in kept.notes)

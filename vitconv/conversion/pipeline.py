@@ -315,8 +315,11 @@ def open_checkpoint(path: PathLike, options: ReadOptions = ReadOptions(), *,
                 raise BadInputError(f"--num-classes must be 0 or more, got {num_classes}", path)
             ckpt.new_head = True
             ckpt.config = ckpt.config.replace(num_classes=num_classes, representation_size=None, head_bias=True)
-        ckpt.usage = _usage(layout, probe.metadata, source.documents, ckpt.config, labels, path)
+        ckpt.usage, unfit = _usage(layout, probe.metadata, source.documents, ckpt.config, labels, path)
         ckpt.notes = _read_notes(ckpt, probe)
+        if unfit and not ckpt.new_head:  # (a replaced head's classes are new: its old names go unsaid)
+            ckpt.notes.append(f"the file's {unfit} class names do not fit its {ckpt.config.num_classes} classes: "
+                              "left out (name them with --labels)")
     except BaseException:
         if opened:
             source.close()
@@ -400,11 +403,11 @@ def _override(cfg: ViTConfig, layout: Layout, probe: Probe, overrides: Dict[str,
 
 
 def _usage(layout: Layout, metadata: Dict[str, str], documents: Mapping[str, Mapping[str, Any]], cfg: ViTConfig,
-           given: Optional[Sequence[str]], path: PathLike) -> Usage:
+           given: Optional[Sequence[str]], path: PathLike) -> Tuple[Usage, int]:
     """The model's preprocessing and class names: vitconv's own metadata, else what a model
     directory records (its ``documents``: ``preprocessor_config.json``, ``config.json``'s
     ``id2label`` or timm's ``pretrained_cfg``), else the layout's family; ``given`` labels win
-    over recorded ones."""
+    over recorded ones. And how many recorded names were left out for not fitting the head (0: none)."""
     hc = documents.get(CONFIG_JSON, {})
     timm_cfg = hc.get("pretrained_cfg") if isinstance(hc.get("pretrained_cfg"), dict) else {}
     pre, own = None, Provenance.from_metadata(metadata)
@@ -424,9 +427,10 @@ def _usage(layout: Layout, metadata: Dict[str, str], documents: Mapping[str, Map
         names = from_id2label(hc["id2label"], path)
     elif isinstance(timm_cfg.get("label_names"), list):
         names = [str(n) for n in timm_cfg["label_names"]]
+    unfit = 0
     if names is not None and len(names) != cfg.num_classes:
-        names = None  # the file's own names do not fit its head: not guessed at
-    return Usage(pre or layout.preprocessing or preprocess.TIMM_DEFAULT, tuple(names) if names else None)
+        names, unfit = None, len(names)  # the file's own names do not fit its head: not guessed at
+    return Usage(pre or layout.preprocessing or preprocess.TIMM_DEFAULT, tuple(names) if names else None), unfit
 
 
 def _can_differ(cfg: ViTConfig, name: str) -> bool:

@@ -336,6 +336,8 @@ def inspect_onnx(path: os.PathLike | str, progress: Progress = None, top: int = 
     except Exception as e:
         raise BadInputError(f"not a readable ONNX model ({first_line(e)})", p) from None
     g = model.graph
+    if not g.node and not g.input:  # what onnx.load makes of an empty file: a model of defaults
+        raise BadInputError("not an ONNX model: it holds no graph", p)
     init_names = {t.name for t in g.initializer}
 
     def value_info(v) -> Dict[str, Any]:
