@@ -157,9 +157,6 @@ class Checkpoint:
                                                     lambda k: src.nbytes(prefix + k))).get
             for name, t in map_to_canonical(rules, get, self.source_config,
                                             parameter_shapes(self.source_config), self.path):
-                if t.dtype.name not in WEIGHT_DTYPES:
-                    raise MappingError(f"{name} has dtype {t.dtype}, expected floating point "
-                                       f"({', '.join(WEIGHT_DTYPES)})", self.path)
                 if check_finite and not all_finite(t):
                     raise MappingError(f"{name} contains NaN or Inf values", self.path)
                 if name == "pos_embed" and self.resized_from is not None:  # the source family's own way

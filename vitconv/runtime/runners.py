@@ -48,8 +48,6 @@ def artifact_kind(path: PathLike) -> str:
     return "canonical"
 
 
-
-
 def _elem_type(code: int) -> str:
     import onnx
 
